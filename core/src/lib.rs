@@ -1,0 +1,21 @@
+//! The real NSX-T / Kubernetes integration: everything that runs in production and, unchanged,
+//! inside the deterministic simulation.
+//!
+//! This crate has no fakes and no I/O of its own beyond the ports it is handed (an HTTP
+//! connector, a clock through tokio, a seeded random source).
+//!
+//! Layout:
+//! - [`nsx`]: the NSX Manager API model (serde types with the API's exact field names), the
+//!   error body, and the production HTTP client with NSX's retry, auth and pagination rules.
+//! - [`rng`]: the small seeded random source every component takes instead of OS randomness.
+//!
+//! ```
+//! use nsx_core::nsx::model::{LogicalSwitch, Tag};
+//! let ls: LogicalSwitch = serde_json::from_str(
+//!     r#"{"transport_zone_id": "tz-1", "admin_state": "UP", "tags": [{"scope": "ncp/cluster", "tag": "k8s-a"}]}"#,
+//! ).unwrap();
+//! assert_eq!(ls.meta.tags.as_deref(), Some(&[Tag::new("ncp/cluster", "k8s-a")][..]));
+//! ```
+
+pub mod nsx;
+pub mod rng;
