@@ -6,7 +6,7 @@
 
 /// Deterministic random numbers from a seed. Cheap to clone, so a component can fork a child
 /// stream (`fork`) without disturbing its parent's sequence more than one draw.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SeededRng {
     state: u64,
 }

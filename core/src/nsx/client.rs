@@ -104,7 +104,7 @@ pub enum NsxError {
     Api {
         op: String,
         status: u16,
-        body: ErrorBody,
+        body: Box<ErrorBody>,
     },
     #[error("failed to {op}: transport error")]
     Transport {
@@ -437,14 +437,15 @@ where
         let mut relogged = false;
         loop {
             attempt += 1;
-            if matches!(self.config.auth, Auth::Session { .. }) && lock(&self.session).is_none() {
-                if let Err(e) = self.login().await {
-                    if e.is_retryable() && attempt < self.config.max_attempts {
-                        self.note_retry(op, attempt, &e).await;
-                        continue;
-                    }
-                    return Err(e);
+            if matches!(self.config.auth, Auth::Session { .. })
+                && lock(&self.session).is_none()
+                && let Err(e) = self.login().await
+            {
+                if e.is_retryable() && attempt < self.config.max_attempts {
+                    self.note_retry(op, attempt, &e).await;
+                    continue;
                 }
+                return Err(e);
             }
             let req = self.build(op, method, path, body.clone())?;
             let err = match self.send_once(op, req).await {
@@ -517,7 +518,9 @@ where
             b = b.header("X-Allow-Overwrite", "true");
         }
         if let Some(s) = lock(&self.session).clone() {
-            b = b.header(header::COOKIE, s.cookie).header("X-XSRF-TOKEN", s.xsrf);
+            b = b
+                .header(header::COOKIE, s.cookie)
+                .header("X-XSRF-TOKEN", s.xsrf);
         }
         b.body(Full::new(body)).map_err(|e| NsxError::BadRequest {
             op: op.to_string(),
@@ -551,10 +554,14 @@ where
         }
         let timeout = Duration::from_millis(self.config.request_timeout_ms);
         let exchange = async {
-            let resp = self.http.request(req).await.map_err(|e| NsxError::Transport {
-                op: op.to_string(),
-                source: Box::new(e),
-            })?;
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| NsxError::Transport {
+                    op: op.to_string(),
+                    source: Box::new(e),
+                })?;
             let (parts, body) = resp.into_parts();
             let body = body
                 .collect()
@@ -598,7 +605,7 @@ fn api_error(op: &str, answer: &Answer) -> NsxError {
     NsxError::Api {
         op: op.to_string(),
         status: answer.status.as_u16(),
-        body,
+        body: Box::new(body),
     }
 }
 
@@ -650,7 +657,7 @@ mod tests {
         let e = |status, code| NsxError::Api {
             op: "x".into(),
             status,
-            body: ErrorBody::new(status, code, "m", "msg"),
+            body: Box::new(ErrorBody::new(status, code, "m", "msg")),
         };
         assert!(e(429, 102).is_retryable());
         assert!(e(503, 503).is_retryable());

@@ -24,7 +24,12 @@ pub struct ErrorBody {
 
 impl ErrorBody {
     /// A body for `status` with NSX's reason phrase spelling (`BAD_REQUEST`, `NOT_FOUND`, ...).
-    pub fn new(status: u16, error_code: i64, module_name: &str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: u16,
+        error_code: i64,
+        module_name: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             http_status: http_status_name(status).to_string(),
             error_code: Some(error_code),

@@ -1,0 +1,984 @@
+//! The HTTP face of the fake: what happens to a request before and after the store.
+//!
+//! Order of work for one request (each step can answer on its own):
+//! 1. `/fake-admin/...` goes to the admin API (no NSX auth: it is the harness's back door).
+//! 2. `POST /api/session/create` checks the form credentials and answers with a `JSESSIONID`
+//!    cookie and an `X-XSRF-TOKEN` header.
+//! 3. Authentication: a `JSESSIONID` cookie must name a live session and come with its XSRF
+//!    token (403, error_code 98 otherwise); else HTTP basic (403, error_code 403).
+//! 4. Authorization: an `auditor` may only read.
+//! 5. Admission: the client's request rate (token bucket, 429 with error_code "102"), its
+//!    requests in flight and everyone's (503), then the injected fault rules.
+//! 6. Latency: the configured delay, on tokio time (simulated under turmoil), holding the
+//!    in-flight slot as a slow real manager would.
+//! 7. The store, under one lock: dispatch, flush to the search index, save the state file
+//!    (atomically) after a successful write, log the request.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{Request, State};
+use axum::response::Response;
+use base64::Engine;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use nsx_core::nsx::ErrorBody;
+use nsx_core::rng::SeededRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::bootstrap::{self, Bootstrap, BootstrapConfig};
+use crate::dispatch::{self, ApiRequest, ApiResponse, is_write, parse_query};
+use crate::error;
+use crate::store::{Ctx, Store, StoreConfig};
+
+const MAX_BODY_BYTES: usize = 64 << 20;
+const LOG_CAPACITY: usize = 200_000;
+
+/// Where the fake's time comes from, in milliseconds since the Unix epoch.
+///
+/// The store never reads a clock itself; the simulation passes turmoil's simulated time, the
+/// standalone binary the wall clock, tests whatever they like.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl Clock {
+    pub fn new(f: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// `epoch_ms` plus tokio time elapsed since this call (paused and simulated in tests).
+    pub fn tokio_since(epoch_ms: i64) -> Self {
+        let start = tokio::time::Instant::now();
+        Self::new(move || epoch_ms + start.elapsed().as_millis() as i64)
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({} ms)", self.now_ms())
+    }
+}
+
+/// An account. `enterprise_admin` may do anything (and override protected objects with
+/// `X-Allow-Overwrite`), `auditor` only read. Objects created by a `protected_principal` (a
+/// principal identity such as NCP's) are PROTECTED.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub password: String,
+    pub role: String,
+    #[serde(default)]
+    pub protected_principal: bool,
+}
+
+impl User {
+    pub fn new(name: &str, password: &str, role: &str) -> Self {
+        Self {
+            name: name.into(),
+            password: password.into(),
+            role: role.into(),
+            protected_principal: false,
+        }
+    }
+}
+
+/// An injected failure: requests matching `method` (any if None) and `path` (a prefix; any if
+/// None) are answered with `status` and `error_code` with probability `rate`, at most
+/// `remaining` times.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultRule {
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    pub status: u16,
+    #[serde(default)]
+    pub error_code: Option<i64>,
+    #[serde(default = "one")]
+    pub rate: f64,
+    #[serde(default)]
+    pub remaining: Option<u64>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// One line of the request log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestLogEntry {
+    pub seq: u64,
+    pub time_ms: i64,
+    pub user: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// Totals since start (or the last reset).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub total: u64,
+    pub writes: u64,
+    pub by_status: BTreeMap<u16, u64>,
+}
+
+/// Everything needed to build a manager.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub store: StoreConfig,
+    /// Admin objects to pre-create; `None` leaves only the system objects.
+    pub bootstrap: Option<BootstrapConfig>,
+    pub users: Vec<User>,
+    pub latency_ms: u64,
+    pub clock: Clock,
+    /// Keep the store in this file across restarts (standalone binary).
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreConfig::default(),
+            bootstrap: Some(BootstrapConfig::default()),
+            users: vec![
+                User::new("admin", "admin", "enterprise_admin"),
+                User::new("audit", "audit", "auditor"),
+            ],
+            latency_ms: 0,
+            clock: Clock::tokio_since(1_767_225_600_000),
+            state_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    user: String,
+    xsrf: String,
+    last_used_ms: i64,
+}
+
+/// What the state file holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Persisted {
+    version: u32,
+    store: Store,
+    users: BTreeMap<String, User>,
+    bootstrap: Option<Bootstrap>,
+}
+
+struct Inner {
+    store: Store,
+    bootstrap: Option<Bootstrap>,
+    users: BTreeMap<String, User>,
+    sessions: BTreeMap<String, Session>,
+    faults: Vec<FaultRule>,
+    latency_ms: u64,
+    in_flight: BTreeMap<String, u32>,
+    global_in_flight: u32,
+    buckets: BTreeMap<String, (f64, i64)>,
+    log: VecDeque<RequestLogEntry>,
+    log_seq: u64,
+    counters: Counters,
+    rng: SeededRng,
+    clock: Clock,
+    state_file: Option<PathBuf>,
+    initial: ManagerConfig,
+}
+
+/// A handle on one fake manager. Clones share it; the data lives as long as any handle, so a
+/// simulated manager host can restart and find its database again.
+#[derive(Clone)]
+pub struct FakeNsxManager {
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// Admin-side answer for the harness.
+type AdminResult = Result<Value, (u16, String)>;
+
+impl FakeNsxManager {
+    /// A fresh manager: system objects plus the configured bootstrap.
+    ///
+    /// # Panics
+    /// If the bootstrap config is invalid (a programmer error in the caller's config); use
+    /// [`FakeNsxManager::try_new`] for configs from users.
+    pub fn new(config: ManagerConfig) -> Self {
+        match Self::try_new(config) {
+            Ok(m) => m,
+            Err(e) => panic!("invalid fake NSX manager config: {e}"),
+        }
+    }
+
+    pub fn try_new(config: ManagerConfig) -> Result<Self, String> {
+        let (store, bootstrap) = fresh_store(&config)?;
+        Ok(Self::from_parts(config, store, bootstrap))
+    }
+
+    /// Loads the state file if it exists (the data of a previous run), else starts fresh and
+    /// writes it.
+    pub fn open(config: ManagerConfig) -> Result<Self, String> {
+        let Some(path) = config.state_file.clone() else {
+            return Self::try_new(config);
+        };
+        if path.exists() {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+            let mut p: Persisted = serde_json::from_str(&text)
+                .map_err(|e| format!("failed to parse state file {}: {e}", path.display()))?;
+            if p.version != 1 {
+                return Err(format!(
+                    "state file {} has version {}, expected 1",
+                    path.display(),
+                    p.version
+                ));
+            }
+            p.store.rebuild_index(config.clock.now_ms());
+            let m = Self::from_parts(config, p.store, p.bootstrap);
+            m.lock().users = p.users;
+            return Ok(m);
+        }
+        let m = Self::try_new(config)?;
+        m.lock()
+            .save()
+            .map_err(|e| format!("failed to write state file: {e}"))?;
+        Ok(m)
+    }
+
+    fn from_parts(config: ManagerConfig, store: Store, bootstrap: Option<Bootstrap>) -> Self {
+        let users = config
+            .users
+            .iter()
+            .map(|u| (u.name.clone(), u.clone()))
+            .collect();
+        let inner = Inner {
+            rng: SeededRng::new(config.store.seed ^ 0x5eed_fa17),
+            store,
+            bootstrap,
+            users,
+            sessions: BTreeMap::new(),
+            faults: Vec::new(),
+            latency_ms: config.latency_ms,
+            in_flight: BTreeMap::new(),
+            global_in_flight: 0,
+            buckets: BTreeMap::new(),
+            log: VecDeque::new(),
+            log_seq: 0,
+            counters: Counters::default(),
+            clock: config.clock.clone(),
+            state_file: config.state_file.clone(),
+            initial: config,
+        };
+        Self {
+            inner: Arc::new(Mutex::new(inner)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every critical section below leaves the data consistent before anything can panic.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The axum app serving the NSX API and the admin API.
+    pub fn router(&self) -> Router {
+        Router::new().fallback(handle).with_state(self.clone())
+    }
+
+    /// The ids of the bootstrap objects.
+    pub fn bootstrap(&self) -> Option<Bootstrap> {
+        self.lock().bootstrap.clone()
+    }
+
+    /// Reads the store.
+    pub fn with_store<R>(&self, f: impl FnOnce(&Store) -> R) -> R {
+        f(&self.lock().store)
+    }
+
+    /// Changes the store directly, as an admin in the UI would (the change is indexed).
+    pub fn with_store_mut<R>(&self, f: impl FnOnce(&mut Store, &Ctx) -> R) -> R {
+        let mut g = self.lock();
+        let now = g.clock.now_ms();
+        let ctx = Ctx::admin(now);
+        let r = f(&mut g.store, &ctx);
+        g.store.flush_index(now);
+        r
+    }
+
+    /// Serves one API request as `admin`, without HTTP, limits or faults.
+    pub fn call_as_admin(&self, req: ApiRequest<'_>) -> ApiResponse {
+        let mut g = self.lock();
+        let now = g.clock.now_ms();
+        let r = dispatch::dispatch(&mut g.store, &Ctx::admin(now), &req);
+        g.store.flush_index(now);
+        r
+    }
+
+    /// The manager process restarts: sessions, in-flight counts and rate buckets are gone; the
+    /// database stays, as a real manager's does.
+    pub fn restart(&self) {
+        let mut g = self.lock();
+        g.sessions.clear();
+        g.in_flight.clear();
+        g.global_in_flight = 0;
+        g.buckets.clear();
+    }
+
+    pub fn set_latency_ms(&self, ms: u64) {
+        self.lock().latency_ms = ms;
+    }
+
+    pub fn set_search_lag_ms(&self, ms: i64) {
+        self.lock().store.config.search_lag_ms = ms;
+    }
+
+    pub fn set_rate_limit(&self, per_second: u32) {
+        self.lock().store.config.api_service.client_api_rate_limit = per_second;
+    }
+
+    pub fn set_concurrency_limit(&self, per_client: u32) {
+        self.lock()
+            .store
+            .config
+            .api_service
+            .client_api_concurrency_limit = per_client;
+    }
+
+    pub fn add_fault(&self, rule: FaultRule) {
+        self.lock().faults.push(rule);
+    }
+
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
+    pub fn add_user(&self, user: User) {
+        self.lock().users.insert(user.name.clone(), user);
+    }
+
+    /// Expires every session now (clients must log in again: 403 error_code 98).
+    pub fn expire_sessions(&self) {
+        let mut g = self.lock();
+        for s in g.sessions.values_mut() {
+            s.last_used_ms = i64::MIN / 2;
+        }
+    }
+
+    /// The request log after sequence number `since`.
+    pub fn requests_since(&self, since: u64) -> Vec<RequestLogEntry> {
+        self.lock()
+            .log
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.lock().counters.clone()
+    }
+
+    /// The full JSON dump of the database (the admin API's `/fake-admin/state`).
+    pub fn state_json(&self) -> Value {
+        serde_json::to_value(&self.lock().store).unwrap_or(Value::Null)
+    }
+
+    fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(String, String)],
+        body: &[u8],
+    ) -> AdminResult {
+        let parse = || -> Result<Value, (u16, String)> {
+            if body.is_empty() {
+                return Ok(json!({}));
+            }
+            serde_json::from_slice(body).map_err(|e| (400, format!("invalid JSON body: {e}")))
+        };
+        match (method, path) {
+            ("GET", "/fake-admin/state") => Ok(self.state_json()),
+            ("GET", "/fake-admin/bootstrap") => {
+                Ok(serde_json::to_value(self.bootstrap()).unwrap_or(Value::Null))
+            }
+            ("POST", "/fake-admin/reset") => {
+                let mut g = self.lock();
+                let (store, boot) = fresh_store(&g.initial).map_err(|e| (400, e))?;
+                g.store = store;
+                g.bootstrap = boot;
+                g.faults.clear();
+                g.sessions.clear();
+                g.log.clear();
+                g.counters = Counters::default();
+                g.save().map_err(|e| (500, e))?;
+                Ok(json!({"reset": true}))
+            }
+            ("POST", "/fake-admin/restart") => {
+                self.restart();
+                Ok(json!({"restarted": true}))
+            }
+            ("GET", "/fake-admin/requests") => {
+                let since = query
+                    .iter()
+                    .find(|(k, _)| k == "since")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                Ok(json!({"entries": self.requests_since(since), "counters": self.counters()}))
+            }
+            ("GET", "/fake-admin/config") => Ok(self.admin_config()),
+            ("PUT", "/fake-admin/config") => {
+                let v = parse()?;
+                {
+                    let mut g = self.lock();
+                    let get = |k: &str| v.get(k).and_then(Value::as_u64);
+                    if let Some(x) = get("latency_ms") {
+                        g.latency_ms = x;
+                    }
+                    if let Some(x) = get("search_lag_ms") {
+                        g.store.config.search_lag_ms = x as i64;
+                    }
+                    if let Some(x) = get("rate_limit") {
+                        g.store.config.api_service.client_api_rate_limit = x as u32;
+                    }
+                    if let Some(x) = get("concurrency_limit") {
+                        g.store.config.api_service.client_api_concurrency_limit = x as u32;
+                    }
+                    if let Some(x) = get("global_concurrency_limit") {
+                        g.store.config.api_service.global_api_concurrency_limit = x as u32;
+                    }
+                    if let Some(x) = get("stale_revision_error_code") {
+                        g.store.config.stale_revision_error_code = x as i64;
+                    }
+                }
+                Ok(self.admin_config())
+            }
+            ("GET", "/fake-admin/faults") => Ok(json!({"faults": self.lock().faults})),
+            ("POST", "/fake-admin/faults") => {
+                let rule: FaultRule = serde_json::from_value(parse()?)
+                    .map_err(|e| (400, format!("invalid fault rule: {e}")))?;
+                if !(0.0..=1.0).contains(&rule.rate) || !(400..=599).contains(&rule.status) {
+                    return Err((400, "rate must be in [0, 1] and status in 400-599".into()));
+                }
+                self.add_fault(rule);
+                Ok(json!({"faults": self.lock().faults}))
+            }
+            ("DELETE", "/fake-admin/faults") => {
+                self.clear_faults();
+                Ok(json!({"faults": []}))
+            }
+            ("POST", "/fake-admin/users") => {
+                let user: User = serde_json::from_value(parse()?)
+                    .map_err(|e| (400, format!("invalid user: {e}")))?;
+                self.add_user(user);
+                Ok(json!({"users": self.lock().users.keys().collect::<Vec<_>>()}))
+            }
+            ("POST", "/fake-admin/expire-sessions") => {
+                self.expire_sessions();
+                Ok(json!({"expired": true}))
+            }
+            ("GET", "/fake-admin/invariants") => {
+                let r = self.lock().store.check_invariants();
+                Ok(json!({"ok": r.is_ok(), "violation": r.err()}))
+            }
+            _ => Err((404, format!("no admin endpoint {method} {path}"))),
+        }
+    }
+
+    fn admin_config(&self) -> Value {
+        let g = self.lock();
+        json!({
+            "latency_ms": g.latency_ms,
+            "search_lag_ms": g.store.config.search_lag_ms,
+            "rate_limit": g.store.config.api_service.client_api_rate_limit,
+            "concurrency_limit": g.store.config.api_service.client_api_concurrency_limit,
+            "global_concurrency_limit": g.store.config.api_service.global_api_concurrency_limit,
+            "stale_revision_error_code": g.store.config.stale_revision_error_code,
+            "search_pending": g.store.search_pending(),
+            "objects": g.store.len(),
+        })
+    }
+}
+
+fn fresh_store(config: &ManagerConfig) -> Result<(Store, Option<Bootstrap>), String> {
+    let mut store = Store::new(config.store.clone());
+    let now = config.clock.now_ms();
+    let ctx = Ctx::admin(now);
+    let section = bootstrap::system_objects(&mut store, &ctx);
+    let boot = match &config.bootstrap {
+        Some(b) => Some(bootstrap::run(&mut store, &ctx, b, section)?),
+        None => None,
+    };
+    // Bootstrap objects are searchable at once, as on a manager that has been up for a while.
+    store.flush_index(now - config.store.search_lag_ms.max(0));
+    Ok((store, boot))
+}
+
+impl Inner {
+    /// Writes the state file atomically: a temporary file, fsync, rename, fsync of the folder.
+    /// A crash at any point leaves either the old or the new state.
+    fn save(&self) -> Result<(), String> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let p = Persisted {
+            version: 1,
+            store: self.store.clone(),
+            users: self.users.clone(),
+            bootstrap: self.bootstrap.clone(),
+        };
+        let text = serde_json::to_vec(&p).map_err(|e| e.to_string())?;
+        write_atomically(path, &text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn log(&mut self, user: &str, method: &str, path: &str, status: u16) {
+        self.log_seq += 1;
+        let entry = RequestLogEntry {
+            seq: self.log_seq,
+            time_ms: self.clock.now_ms(),
+            user: user.to_string(),
+            method: method.to_string(),
+            path: path.to_string(),
+            status,
+        };
+        if self.log.len() == LOG_CAPACITY {
+            self.log.pop_front();
+        }
+        self.log.push_back(entry);
+        self.counters.total += 1;
+        if is_write(method) {
+            self.counters.writes += 1;
+        }
+        *self.counters.by_status.entry(status).or_default() += 1;
+    }
+
+    /// Token bucket per client: capacity and refill = the rate limit per second.
+    fn take_token(&mut self, user: &str) -> bool {
+        let rate = self.store.config.api_service.client_api_rate_limit;
+        if rate == 0 {
+            return true;
+        }
+        let now = self.clock.now_ms();
+        let cap = f64::from(rate);
+        let (tokens, last) = self.buckets.get(user).copied().unwrap_or((cap, now));
+        let refilled = (tokens + (now - last).max(0) as f64 * cap / 1000.0).min(cap);
+        if refilled >= 1.0 {
+            self.buckets.insert(user.to_string(), (refilled - 1.0, now));
+            true
+        } else {
+            self.buckets.insert(user.to_string(), (refilled, now));
+            false
+        }
+    }
+
+    fn matching_fault(&mut self, method: &str, path: &str) -> Option<FaultRule> {
+        let mut hit = None;
+        for i in 0..self.faults.len() {
+            let f = &self.faults[i];
+            let applies = f
+                .method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method))
+                && f.path.as_deref().is_none_or(|p| path.starts_with(p));
+            if !applies {
+                continue;
+            }
+            let rate = f.rate;
+            if self.rng.next_f64() < rate {
+                hit = Some(i);
+                break;
+            }
+        }
+        let i = hit?;
+        let rule = self.faults[i].clone();
+        if let Some(n) = &mut self.faults[i].remaining {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.faults.remove(i);
+            }
+        }
+        Some(rule)
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The authenticated caller.
+struct Principal {
+    user: String,
+    role: String,
+    protected_principal: bool,
+}
+
+fn error_response(status: u16, body: &ErrorBody) -> Response {
+    json_response(
+        status,
+        Some(serde_json::to_value(body).unwrap_or(Value::Null)),
+        HeaderMap::new(),
+    )
+}
+
+fn json_response(status: u16, body: Option<Value>, headers: HeaderMap) -> Response {
+    let mut r = match body {
+        Some(v) => Response::new(Body::from(serde_json::to_vec(&v).unwrap_or_default())),
+        None => Response::new(Body::empty()),
+    };
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().extend(headers);
+    r
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+fn bad_credentials() -> ErrorBody {
+    ErrorBody::new(
+        403,
+        error::BAD_CREDENTIALS,
+        "common-services",
+        "The credentials were incorrect or the account specified has been locked.",
+    )
+}
+
+impl FakeNsxManager {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ErrorBody> {
+        let mut g = self.lock();
+        let now = g.clock.now_ms();
+        if let Some(sid) = cookie(headers, "JSESSIONID") {
+            let timeout_ms = i64::from(g.store.config.api_service.session_timeout) * 1000;
+            let xsrf = headers
+                .get("x-xsrf-token")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let valid = g
+                .sessions
+                .get(&sid)
+                .filter(|s| now - s.last_used_ms <= timeout_ms && s.xsrf == xsrf)
+                .map(|s| s.user.clone());
+            return match valid.and_then(|u| g.users.get(&u).cloned()) {
+                Some(u) => {
+                    if let Some(s) = g.sessions.get_mut(&sid) {
+                        s.last_used_ms = now;
+                    }
+                    Ok(Principal {
+                        user: u.name,
+                        role: u.role,
+                        protected_principal: u.protected_principal,
+                    })
+                }
+                None => {
+                    g.sessions.remove(&sid);
+                    Err(ErrorBody::new(
+                        403,
+                        error::SESSION_EXPIRED,
+                        "common-services",
+                        "Bad XSRF token or session expired.",
+                    ))
+                }
+            };
+        }
+        match basic_credentials(headers) {
+            Some((u, p)) => match g.users.get(&u) {
+                Some(user) if user.password == p => Ok(Principal {
+                    user: user.name.clone(),
+                    role: user.role.clone(),
+                    protected_principal: user.protected_principal,
+                }),
+                _ => Err(bad_credentials()),
+            },
+            None => Err(bad_credentials()),
+        }
+    }
+
+    fn session_create(&self, body: &[u8]) -> Response {
+        let form = parse_query(&String::from_utf8_lossy(body));
+        let field = |k: &str| {
+            form.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let (user, password) = (field("j_username"), field("j_password"));
+        let mut g = self.lock();
+        let status = match g.users.get(&user) {
+            Some(u) if u.password == password => 200,
+            _ => 403,
+        };
+        g.log(&user, "POST", "/api/session/create", status);
+        if status != 200 {
+            drop(g);
+            return error_response(403, &bad_credentials());
+        }
+        let sid = format!("{:016x}{:016x}", g.rng.next_u64(), g.rng.next_u64());
+        let xsrf = g.rng.uuid();
+        let now = g.clock.now_ms();
+        g.sessions.insert(
+            sid.clone(),
+            Session {
+                user,
+                xsrf: xsrf.clone(),
+                last_used_ms: now,
+            },
+        );
+        drop(g);
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&format!("JSESSIONID={sid}; Path=/; Secure; HttpOnly"))
+        {
+            h.insert(header::SET_COOKIE, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&xsrf) {
+            h.insert("x-xsrf-token", v);
+        }
+        json_response(200, None, h)
+    }
+}
+
+/// Decrements the in-flight counts when a request ends, however it ends.
+struct InFlight {
+    nsx: FakeNsxManager,
+    user: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut g = self.nsx.lock();
+        if let Some(n) = g.in_flight.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+        }
+        g.global_in_flight = g.global_in_flight.saturating_sub(1);
+    }
+}
+
+async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.as_str().to_string();
+    let path = parts.uri.path().to_string();
+    let raw_query = parts.uri.query().unwrap_or("").to_string();
+    let query = parse_query(&raw_query);
+    let full_path = if raw_query.is_empty() {
+        path.clone()
+    } else {
+        format!("{path}?{raw_query}")
+    };
+    let bytes = match to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let b = ErrorBody::new(
+                400,
+                error::INVALID_JSON,
+                "common-services",
+                format!("failed to read the request body: {e}"),
+            );
+            return error_response(400, &b);
+        }
+    };
+    if path.starts_with("/fake-admin/") {
+        return match nsx.admin(&method, &path, &query, &bytes) {
+            Ok(v) => json_response(200, Some(v), HeaderMap::new()),
+            Err((status, msg)) => {
+                json_response(status, Some(json!({"error": msg})), HeaderMap::new())
+            }
+        };
+    }
+    if path == "/api/session/create" && method == "POST" {
+        return nsx.session_create(&bytes);
+    }
+    if path == "/api/session/destroy" && method == "POST" {
+        if let Some(sid) = cookie(&parts.headers, "JSESSIONID") {
+            nsx.lock().sessions.remove(&sid);
+        }
+        return json_response(200, None, HeaderMap::new());
+    }
+    let principal = match nsx.authenticate(&parts.headers) {
+        Ok(p) => p,
+        Err(body) => {
+            nsx.lock().log("", &method, &full_path, 403);
+            return error_response(403, &body);
+        }
+    };
+    if principal.role == "auditor" && is_write(&method) {
+        nsx.lock().log(&principal.user, &method, &full_path, 403);
+        let b = ErrorBody::new(
+            403,
+            error::PERMISSION_DENIED,
+            "common-services",
+            format!(
+                "The user '{}' does not have permission to perform {method} on {path}.",
+                principal.user
+            ),
+        );
+        return error_response(403, &b);
+    }
+    let admitted = admit(&nsx, &principal, &method, &path, &full_path);
+    let _guard = match admitted {
+        Ok(g) => g,
+        Err(resp) => return resp,
+    };
+    let latency = nsx.lock().latency_ms;
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let allow_overwrite = parts
+        .headers
+        .get("x-allow-overwrite")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let resp = {
+        let mut g = nsx.lock();
+        let now = g.clock.now_ms();
+        let ctx = Ctx {
+            user: principal.user.clone(),
+            superuser: principal.role == "enterprise_admin",
+            protected_principal: principal.protected_principal,
+            allow_overwrite,
+            now_ms: now,
+        };
+        let r = dispatch::dispatch(
+            &mut g.store,
+            &ctx,
+            &ApiRequest {
+                method: &method,
+                path: &path,
+                query: &query,
+                body: &bytes,
+            },
+        );
+        g.store.flush_index(now);
+        let mut r = r;
+        if is_write(&method)
+            && r.status < 400
+            && let Err(e) = g.save()
+        {
+            tracing::error!(error = %e, "failed to save the state file");
+            r = ApiResponse {
+                status: 500,
+                body: serde_json::to_value(ErrorBody::new(
+                    500,
+                    100,
+                    "common-services",
+                    format!("failed to persist: {e}"),
+                ))
+                .ok(),
+            };
+        }
+        g.log(&principal.user, &method, &full_path, r.status);
+        r
+    };
+    json_response(resp.status, resp.body, HeaderMap::new())
+}
+
+/// Rate limit, concurrency limits and injected faults; on success the in-flight guard.
+fn admit(
+    nsx: &FakeNsxManager,
+    p: &Principal,
+    method: &str,
+    path: &str,
+    full_path: &str,
+) -> Result<InFlight, Response> {
+    let mut g = nsx.lock();
+    if !g.take_token(&p.user) {
+        g.log(&p.user, method, full_path, 429);
+        let rate = g.store.config.api_service.client_api_rate_limit;
+        // The real 429 body carries error_code as a string.
+        let body = json!({
+            "httpStatus": "TOO_MANY_REQUESTS",
+            "error_code": error::RATE_LIMIT.to_string(),
+            "module_name": "common-services",
+            "error_message": format!("Client '{}' exceeded request rate of {rate} per second", p.user),
+        });
+        return Err(json_response(429, Some(body), HeaderMap::new()));
+    }
+    let limits = g.store.config.api_service.clone();
+    let mine = g.in_flight.get(&p.user).copied().unwrap_or(0);
+    let over_client =
+        limits.client_api_concurrency_limit > 0 && mine >= limits.client_api_concurrency_limit;
+    let over_global = limits.global_api_concurrency_limit > 0
+        && g.global_in_flight >= limits.global_api_concurrency_limit;
+    if over_client || over_global {
+        g.log(&p.user, method, full_path, 503);
+        let which = if over_client {
+            format!("client '{}'", p.user)
+        } else {
+            "all clients".to_string()
+        };
+        let b = ErrorBody::new(
+            503,
+            error::TOO_MANY_IN_FLIGHT,
+            "common-services",
+            format!("The concurrency limit for {which} has been reached. Retry later."),
+        );
+        return Err(error_response(503, &b));
+    }
+    if let Some(f) = g.matching_fault(method, path) {
+        g.log(&p.user, method, full_path, f.status);
+        let b = ErrorBody::new(
+            f.status,
+            f.error_code.unwrap_or(i64::from(f.status)),
+            "common-services",
+            f.message
+                .clone()
+                .unwrap_or_else(|| format!("Injected fault: {} for {method} {path}", f.status)),
+        );
+        return Err(error_response(f.status, &b));
+    }
+    *g.in_flight.entry(p.user.clone()).or_default() += 1;
+    g.global_in_flight += 1;
+    drop(g);
+    Ok(InFlight {
+        nsx: nsx.clone(),
+        user: p.user.clone(),
+    })
+}
