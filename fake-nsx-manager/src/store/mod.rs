@@ -341,8 +341,14 @@ impl Store {
     ) -> ApiResult<Value> {
         let mut doc = kind.validate(body)?;
         self.check_common(&doc)?;
+        // The id is drawn from a copy of the generators: a rejected create must not advance them.
+        let (rng, rule_id) = (self.rng.clone(), self.next_rule_id);
         let id = self.new_id(kind);
-        self.on_create(ctx, kind, &id, &mut doc, parent)?;
+        if let Err(e) = self.on_create(ctx, kind, &id, &mut doc, parent) {
+            self.rng = rng;
+            self.next_rule_id = rule_id;
+            return Err(e);
+        }
         self.insert_new(ctx, kind, &id, doc, parent);
         Ok(Value::Object(self.render(&id)))
     }
