@@ -81,6 +81,7 @@ fn cluster_setups(args: &Args) -> anyhow::Result<Vec<ClusterSetup>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

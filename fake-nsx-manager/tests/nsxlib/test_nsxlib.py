@@ -1,0 +1,215 @@
+"""vmware-nsxlib (the Python NSX client NCP is built on) against the standalone fake.
+
+Run by .ci/run: builds `fake-nsx-manager`, starts it on a free loopback port and drives it
+through nsxlib's own resource classes. FAKE_NSX_BIN names the binary.
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+from vmware_nsxlib import v3
+from vmware_nsxlib.v3 import config, exceptions, nsx_constants
+
+CLUSTER_TAG = [{"scope": "ncp/cluster", "tag": "k8s-a"}]
+
+
+@pytest.fixture(scope="module")
+def manager():
+    binary = os.environ.get("FAKE_NSX_BIN", "target/debug/fake-nsx-manager")
+    proc = subprocess.Popen(
+        [binary, "--listen", "127.0.0.1:0", "--rate-limit", "0", "--seed", "11"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    match = re.search(r"http://\S+", line)
+    assert match, f"the fake did not announce its address: {line!r}"
+    yield match.group(0)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def nsxlib(manager):
+    cfg = config.NsxLibConfig(
+        nsx_api_managers=[manager],
+        username="admin",
+        password="admin",
+        insecure=True,
+        max_attempts=3,
+        http_timeout=5,
+        http_read_timeout=10,
+    )
+    return v3.NsxLib(cfg)
+
+
+def by_tag(lib, resource_type, tags=CLUSTER_TAG):
+    return lib.search_by_tags(tags=tags, resource_type=resource_type)["results"]
+
+
+def test_version_health_and_bootstrap_objects(nsxlib):
+    assert nsxlib.get_version().startswith("2.4")
+    tzs = by_tag(nsxlib, "TransportZone")
+    assert len(tzs) == 1 and tzs[0]["transport_type"] == "OVERLAY"
+    t0s = [r for r in by_tag(nsxlib, "LogicalRouter") if r["router_type"] == "TIER0"]
+    assert len(t0s) == 1
+    nodes = nsxlib.search_by_tags(tags=[{"scope": "ncp/node_name", "tag": "node-1"}], resource_type="LogicalPort")
+    assert nodes["result_count"] == 1
+
+
+def test_logical_switch_crud_and_stale_revision(nsxlib):
+    tz = by_tag(nsxlib, "TransportZone")[0]["id"]
+    ls = nsxlib.logical_switch.create("k8s-a-shop", tz, CLUSTER_TAG)
+    assert ls["_revision"] == 0 and ls["replication_mode"] == "MTEP"
+    got = nsxlib.logical_switch.get(ls["id"])
+    assert got["display_name"] == "k8s-a-shop"
+    updated = nsxlib.logical_switch.update(ls["id"], name="k8s-a-shop2")
+    assert updated["_revision"] == 1
+    stale = dict(got)
+    stale["display_name"] = "lost update"
+    with pytest.raises(exceptions.StaleRevision):
+        nsxlib.client.update("logical-switches/%s" % ls["id"], stale)
+    nsxlib.logical_switch.delete(ls["id"])
+    with pytest.raises(exceptions.ResourceNotFound):
+        nsxlib.logical_switch.get(ls["id"])
+
+
+def test_container_port_with_allocated_addresses(nsxlib):
+    tz = by_tag(nsxlib, "TransportZone")[0]["id"]
+    pool = nsxlib.ip_pool.create(
+        "10.30.0.0/24",
+        allocation_ranges=[{"start": "10.30.0.2", "end": "10.30.0.254"}],
+        display_name="k8s-a-ns",
+        gateway_ip="10.30.0.1",
+        tags=CLUSTER_TAG,
+    )
+    ls = nsxlib.logical_switch.create("k8s-a-ns", tz, CLUSTER_TAG, ip_pool_id=pool["id"])
+    node_vif = nsxlib.search_by_tags(tags=[{"scope": "ncp/node_name", "tag": "node-1"}], resource_type="LogicalPort")["results"][0]["attachment"]["id"]
+    port = nsxlib.logical_port.create(
+        ls["id"],
+        "container-1",
+        tags=CLUSTER_TAG + [{"scope": "ncp/pod", "tag": "web-1"}],
+        parent_vif_id=node_vif,
+        traffic_tag=101,
+        vif_type=nsx_constants.VIF_TYPE_CHILD,
+        app_id="shop/web-1",
+        allocate_addresses="Both",
+    )
+    assert port["attachment"]["context"]["traffic_tag"] == 101
+    state = nsxlib.client.get("logical-ports/%s/state" % port["id"])
+    binding = state["realized_bindings"][0]["binding"]
+    assert binding["ip_address"] == "10.30.0.2"
+    assert binding["mac_address"].startswith("02:50:56")
+    found = nsxlib.search_by_tags(tags=[{"scope": "ncp/pod", "tag": "web-1"}], resource_type="LogicalPort")
+    assert [r["id"] for r in found["results"]] == [port["id"]]
+    nsxlib.logical_port.delete(port["id"])
+    nsxlib.logical_switch.delete(ls["id"])
+    nsxlib.ip_pool.delete(pool["id"])
+
+
+def test_tier1_router_linked_to_tier0_with_downlink_and_snat(nsxlib):
+    tz = by_tag(nsxlib, "TransportZone")[0]["id"]
+    t0 = [r for r in by_tag(nsxlib, "LogicalRouter") if r["router_type"] == "TIER0"][0]["id"]
+    t1 = nsxlib.logical_router.create("k8s-a-shop", CLUSTER_TAG)
+    assert t1["router_type"] == "TIER1"
+    nsxlib.router.add_router_link_port(t1["id"], t0, tags=CLUSTER_TAG)
+    t1_ports = nsxlib.client.get("logical-router-ports?logical_router_id=%s" % t1["id"])["results"]
+    assert [p["resource_type"] for p in t1_ports] == ["LogicalRouterLinkPortOnTIER1"]
+    t0_port = nsxlib.client.get("logical-router-ports/%s" % t1_ports[0]["linked_logical_router_port_id"]["target_id"])
+    assert t0_port["linked_logical_router_port_id"] == t1_ports[0]["id"]
+    ls = nsxlib.logical_switch.create("k8s-a-shop", tz, CLUSTER_TAG)
+    lsp = nsxlib.logical_port.create(ls["id"], None, attachment_type=None, tags=CLUSTER_TAG)
+    nsxlib.logical_router_port.create(
+        t1["id"], "downlink", CLUSTER_TAG, nsx_constants.LROUTERPORT_DOWNLINK, lsp["id"],
+        [{"ip_addresses": ["10.31.0.1"], "prefix_length": 24}],
+    )
+    dl = nsxlib.logical_router_port.get_by_lswitch_id(ls["id"])
+    assert dl["resource_type"] == "LogicalRouterDownLinkPort"
+    nsxlib.router.update_advertisement(t1["id"], advertise_route_nat=True, advertise_route_connected=True)
+    adv = nsxlib.client.get("logical-routers/%s/routing/advertisement" % t1["id"])
+    assert adv["advertise_nsx_connected_routes"] is True and adv["_revision"] == 1
+    rule = nsxlib.logical_router.add_nat_rule(t0, "SNAT", "192.0.2.10", source_net="10.31.0.0/24", tags=CLUSTER_TAG)
+    assert rule["rule_priority"] == 1024
+    nsxlib.logical_router.delete_nat_rule(t0, rule["id"])
+    nsxlib.logical_router_port.delete(dl["id"])
+    nsxlib.router.remove_router_link_port(t1["id"], t0)
+    nsxlib.logical_port.delete(lsp["id"])
+    nsxlib.logical_switch.delete(ls["id"])
+    nsxlib.logical_router.delete(t1["id"])
+
+
+def test_ip_pool_allocate_and_release(nsxlib):
+    pool = nsxlib.ip_pool.create("192.0.2.0/29", allocation_ranges=[{"start": "192.0.2.2", "end": "192.0.2.3"}], tags=CLUSTER_TAG)
+    a = nsxlib.ip_pool.allocate(pool["id"])
+    b = nsxlib.ip_pool.allocate(pool["id"])
+    assert {a["allocation_id"], b["allocation_id"]} == {"192.0.2.2", "192.0.2.3"}
+    with pytest.raises(exceptions.ManagerError):
+        nsxlib.ip_pool.allocate(pool["id"])
+    nsxlib.ip_pool.release(pool["id"], a["allocation_id"])
+    assert nsxlib.ip_pool.get(pool["id"])["pool_usage"]["allocated_ids"] == 1
+    nsxlib.ip_pool.delete(pool["id"], force=True)
+
+
+def test_nsgroups_ipsets_and_firewall_sections_with_rules(nsxlib):
+    expr = nsxlib.ns_group.get_port_tag_expression("ncp/project", "shop")
+    group = nsxlib.ns_group.create("k8s-a-shop", "pods of shop", CLUSTER_TAG, membership_criteria=[expr])
+    ipset = nsxlib.ip_set.create("k8s-a-block", ip_addresses=["203.0.113.0/24"], tags=CLUSTER_TAG)
+    nsxlib.ip_set.update(ipset["id"], ip_addresses=["203.0.113.0/24", "198.18.0.1"])
+    nsxlib.ns_group.add_members(group["id"], nsx_constants.IP_SET, [ipset["id"]])
+    assert len(nsxlib.ns_group.read(group["id"])["members"]) == 1
+    section = nsxlib.firewall_section.create_empty(
+        "k8s-a-shop-np", "allow", applied_tos=[group["id"]],
+        tags=CLUSTER_TAG, operation=nsx_constants.FW_INSERT_TOP,
+    )
+    rule = nsxlib.firewall_section.get_rule_dict(
+        "ir-allow", sources=[nsxlib.firewall_section.get_ip_cidr_reference("10.0.0.0/8", nsx_constants.IPV4)],
+        destinations=[nsxlib.firewall_section.get_nsgroup_reference(group["id"])], action=nsx_constants.FW_ACTION_ALLOW,
+    )
+    added = nsxlib.firewall_section.add_rule(rule, section["id"])
+    more = nsxlib.firewall_section.add_rules([dict(rule, display_name="ir-2"), dict(rule, display_name="ir-3")], section["id"])
+    assert len(more["rules"]) == 2
+    rules = nsxlib.firewall_section.get_rules(section["id"])["results"]
+    assert [r["display_name"] for r in rules] == ["ir-allow", "ir-2", "ir-3"]
+    assert nsxlib.firewall_section.read(section["id"])["rule_count"] == 3
+    nsxlib.firewall_section.delete_rule(section["id"], added["id"])
+    with_rules = nsxlib.firewall_section.create_with_rules(
+        "k8s-a-shop-isolation", "deny", applied_tos=[nsxlib.firewall_section.get_nsgroup_reference(group["id"])],
+        tags=CLUSTER_TAG, rules=[nsxlib.firewall_section.get_rule_dict("deny-all", action=nsx_constants.FW_ACTION_DROP)],
+    )
+    assert with_rules["rule_count"] == 1
+    sections = [s["display_name"] for s in nsxlib.firewall_section.list()]
+    assert sections[0] == "k8s-a-shop-np" and sections[-1] == "Default Layer3 Section"
+    nsxlib.firewall_section.delete(with_rules["id"])
+    nsxlib.firewall_section.delete(section["id"])
+    nsxlib.ns_group.remove_member(group["id"], nsx_constants.IP_SET, ipset["id"])
+    nsxlib.ns_group.delete(group["id"])
+    nsxlib.ip_set.delete(ipset["id"])
+
+
+def test_load_balancer_service_virtual_server_and_pool(nsxlib):
+    t1 = nsxlib.logical_router.create("k8s-a-lb", CLUSTER_TAG)
+    profiles = nsxlib.load_balancer.application_profile.list()["results"]
+    tcp = [p for p in profiles if p["resource_type"] == "LbFastTcpProfile"][0]["id"]
+    pool = nsxlib.load_balancer.pool.create(display_name="k8s-a-shop-web", tags=CLUSTER_TAG, members=[{"ip_address": "10.4.0.10", "port": "8080"}])
+    nsxlib.load_balancer.pool.update_pool_with_members(
+        pool["id"], [{"ip_address": "10.4.0.10", "port": "8080"}, {"ip_address": "10.4.0.11", "port": "8080"}]
+    )
+    assert len(nsxlib.load_balancer.pool.get(pool["id"])["members"]) == 2
+    vs = nsxlib.load_balancer.virtual_server.create(
+        display_name="k8s-a-shop-web-80", tags=CLUSTER_TAG, ip_address="198.51.100.5", port="80",
+        ip_protocol="TCP", application_profile_id=tcp, pool_id=pool["id"],
+    )
+    svc = nsxlib.load_balancer.service.create(
+        display_name="k8s-a-lb", tags=CLUSTER_TAG, size="SMALL",
+        attachment={"target_type": "LogicalRouter", "target_id": t1["id"]}, virtual_server_ids=[vs["id"]],
+    )
+    assert svc["virtual_server_ids"] == [vs["id"]]
+    with pytest.raises(exceptions.ManagerError):
+        nsxlib.load_balancer.pool.delete(pool["id"])
+    nsxlib.load_balancer.service.delete(svc["id"])
+    nsxlib.load_balancer.virtual_server.delete(vs["id"])
+    nsxlib.load_balancer.pool.delete(pool["id"])
+    nsxlib.logical_router.delete(t1["id"])
