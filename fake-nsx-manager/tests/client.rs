@@ -29,7 +29,10 @@ fn client(url: &str, auth: Auth) -> NsxClient<HttpConnector> {
 }
 
 fn basic() -> Auth {
-    Auth::Basic { user: "admin".into(), password: "admin".into() }
+    Auth::Basic {
+        user: "admin".into(),
+        password: "admin".into(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,12 +52,18 @@ async fn typed_create_get_update_delete_round_trip() {
     let got: LogicalSwitch = c.get(&format!("logical-switches/{id}")).await.unwrap();
     assert_eq!(got, created);
     let renamed: LogicalSwitch = c
-        .update_with(&format!("logical-switches/{id}"), |s: &mut LogicalSwitch| s.meta.display_name = Some("renamed".into()))
+        .update_with(
+            &format!("logical-switches/{id}"),
+            |s: &mut LogicalSwitch| s.meta.display_name = Some("renamed".into()),
+        )
         .await
         .unwrap();
     assert_eq!(renamed.meta.revision, Some(1));
     c.delete(&format!("logical-switches/{id}")).await.unwrap();
-    let err = c.get::<LogicalSwitch>(&format!("logical-switches/{id}")).await.unwrap_err();
+    let err = c
+        .get::<LogicalSwitch>(&format!("logical-switches/{id}"))
+        .await
+        .unwrap_err();
     assert!(err.is_not_found(), "{err}");
     assert_eq!(err.error_code(), Some(202));
     assert!(!err.is_retryable());
@@ -66,7 +75,13 @@ async fn update_with_rereads_and_reapplies_after_a_concurrent_change() {
     let url = serve(&nsx).await;
     let c = Arc::new(client(&url, basic()));
     let tz = nsx.bootstrap().unwrap().transport_zone;
-    let created: Value = c.create("logical-switches", &json!({"transport_zone_id": tz, "admin_state": "UP"})).await.unwrap();
+    let created: Value = c
+        .create(
+            "logical-switches",
+            &json!({"transport_zone_id": tz, "admin_state": "UP"}),
+        )
+        .await
+        .unwrap();
     let path = format!("logical-switches/{}", created["id"].as_str().unwrap());
     // Eight writers each add their own tag by read-modify-write: all eight must land.
     let mut tasks = Vec::new();
@@ -90,7 +105,10 @@ async fn update_with_rereads_and_reapplies_after_a_concurrent_change() {
     let done: LogicalSwitch = c.get(&path).await.unwrap();
     assert_eq!(done.meta.tags.unwrap().len(), 8);
     assert_eq!(done.meta.revision, Some(8));
-    assert!(nsx.counters().by_status.get(&412).copied().unwrap_or(0) > 0, "the writers did collide");
+    assert!(
+        nsx.counters().by_status.get(&412).copied().unwrap_or(0) > 0,
+        "the writers did collide"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,10 +125,25 @@ async fn list_all_and_search_all_follow_cursors() {
     }
     let all: Vec<Value> = c.list_all("ns-groups").await.unwrap();
     assert_eq!(all.len(), 120, "NSGroups come 50 a page");
-    let found = c.search_all(&search::by_tags(Some("NSGroup"), &[Tag::new("ncp/cluster", "k8s-b")])).await.unwrap();
+    let found = c
+        .search_all(&search::by_tags(
+            Some("NSGroup"),
+            &[Tag::new("ncp/cluster", "k8s-b")],
+        ))
+        .await
+        .unwrap();
     assert_eq!(found.len(), 120);
-    let pages = nsx.requests_since(0).iter().filter(|e| e.path.starts_with("/api/v1/ns-groups") && e.method == "GET").count();
-    let paths: Vec<String> = nsx.requests_since(0).iter().filter(|e| e.path.starts_with("/api/v1/ns-groups") && e.method == "GET").map(|e| format!("{} {}", e.path, e.status)).collect();
+    let pages = nsx
+        .requests_since(0)
+        .iter()
+        .filter(|e| e.path.starts_with("/api/v1/ns-groups") && e.method == "GET")
+        .count();
+    let paths: Vec<String> = nsx
+        .requests_since(0)
+        .iter()
+        .filter(|e| e.path.starts_with("/api/v1/ns-groups") && e.method == "GET")
+        .map(|e| format!("{} {}", e.path, e.status))
+        .collect();
     assert_eq!(pages, 3, "{paths:?}");
 }
 
@@ -120,21 +153,43 @@ async fn throttling_and_overload_are_retried_with_backoff_but_validation_errors_
     let url = serve(&nsx).await;
     let c = client(&url, basic());
     for (status, code) in [(429, 102), (503, 503), (500, 607)] {
-        nsx.add_fault(FaultRule { method: None, path: Some("/api/v1/ip-sets".into()), status, error_code: Some(code), rate: 1.0, remaining: Some(3), message: None });
+        nsx.add_fault(FaultRule {
+            method: None,
+            path: Some("/api/v1/ip-sets".into()),
+            status,
+            error_code: Some(code),
+            rate: 1.0,
+            remaining: Some(3),
+            message: None,
+        });
     }
     let before = c.stats();
-    let v: Value = c.create("ip-sets", &json!({"ip_addresses": ["10.0.0.1"]})).await.unwrap();
+    let v: Value = c
+        .create("ip-sets", &json!({"ip_addresses": ["10.0.0.1"]}))
+        .await
+        .unwrap();
     assert!(v["id"].is_string());
     let s = c.stats();
     assert_eq!(s.retries - before.retries, 9);
     assert_eq!(s.by_status.get(&429), Some(&3));
     assert_eq!(s.by_status.get(&503), Some(&3));
     assert_eq!(s.by_status.get(&500), Some(&3));
-    let err = c.create::<_, Value>("ip-sets", &json!({"ip_addresses": ["bogus"]})).await.unwrap_err();
+    let err = c
+        .create::<_, Value>("ip-sets", &json!({"ip_addresses": ["bogus"]}))
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), Some(400));
     assert_eq!(c.stats().retries, s.retries, "a 400 is not retried");
     // A fault that never heals exhausts the attempts and surfaces the last error.
-    nsx.add_fault(FaultRule { method: Some("GET".into()), path: Some("/api/v1/ip-sets".into()), status: 503, error_code: None, rate: 1.0, remaining: None, message: None });
+    nsx.add_fault(FaultRule {
+        method: Some("GET".into()),
+        path: Some("/api/v1/ip-sets".into()),
+        status: 503,
+        error_code: None,
+        rate: 1.0,
+        remaining: None,
+        message: None,
+    });
     let err = c.get::<Value>("ip-sets").await.unwrap_err();
     assert_eq!(err.status(), Some(503));
     assert!(err.is_retryable());
@@ -144,14 +199,26 @@ async fn throttling_and_overload_are_retried_with_backoff_but_validation_errors_
 async fn session_auth_logs_in_once_and_again_after_expiry() {
     let nsx = FakeNsxManager::new(ManagerConfig::default());
     let url = serve(&nsx).await;
-    let c = client(&url, Auth::Session { user: "admin".into(), password: "admin".into() });
+    let c = client(
+        &url,
+        Auth::Session {
+            user: "admin".into(),
+            password: "admin".into(),
+        },
+    );
     let _: Value = c.get("logical-switches").await.unwrap();
     let _: Value = c.get("logical-routers").await.unwrap();
     assert_eq!(c.stats().sessions_created, 1);
     nsx.expire_sessions();
     let _: Value = c.get("logical-switches").await.unwrap();
     assert_eq!(c.stats().sessions_created, 2);
-    let bad = client(&url, Auth::Session { user: "admin".into(), password: "wrong".into() });
+    let bad = client(
+        &url,
+        Auth::Session {
+            user: "admin".into(),
+            password: "wrong".into(),
+        },
+    );
     let err = bad.get::<Value>("logical-switches").await.unwrap_err();
     assert_eq!(err.status(), Some(403));
 }
