@@ -1,1 +1,178 @@
-fn main() {}
+//! `nsx-sim`: runs the deterministic harness.
+//!
+//! Today it runs the NSX spine (the fake manager and the production client under faults) over a
+//! range of seeds; the scenario engine (`run`, `check`, `dump`, `trace` on scenario files, see
+//! SCENARIOS.md) builds on the same spine.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use fake_nsx_manager::FaultRule;
+use nsx_sim::spine::{self, Fault, ScheduledFault, SpineConfig};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Deterministic simulation of the NSX-T / Kubernetes integration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the NSX spine: the fake manager and the production NSX client under faults.
+    Spine {
+        /// One seed.
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// A range of seeds, `A..B` (B excluded) or `A..=B`.
+        #[arg(long)]
+        seeds: Option<String>,
+        /// Which fault schedule to apply.
+        #[arg(long, value_enum, default_value_t = Schedule::Storm)]
+        faults: Schedule,
+        #[arg(long, default_value_t = 3)]
+        namespaces: usize,
+        #[arg(long, default_value_t = 4)]
+        ports: usize,
+        /// Print one JSON object instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON report to this file.
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+        /// Print the full event trace of each run.
+        #[arg(long)]
+        print_trace: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Schedule {
+    /// No faults.
+    None,
+    /// 503 storm on ports, partition, manager restart, added latency, then healing.
+    Storm,
+}
+
+fn parse_seeds(seed: Option<u64>, seeds: Option<&str>) -> anyhow::Result<Vec<u64>> {
+    match (seed, seeds) {
+        (Some(s), _) => Ok(vec![s]),
+        (None, None) => Ok(vec![1]),
+        (None, Some(r)) => {
+            let (a, b, inclusive) = if let Some((a, b)) = r.split_once("..=") {
+                (a, b, true)
+            } else if let Some((a, b)) = r.split_once("..") {
+                (a, b, false)
+            } else {
+                bail!("--seeds takes A..B or A..=B, got {r}");
+            };
+            let a: u64 = a.trim().parse().with_context(|| format!("bad start in --seeds {r}"))?;
+            let b: u64 = b.trim().parse().with_context(|| format!("bad end in --seeds {r}"))?;
+            let end = if inclusive { b.saturating_add(1) } else { b };
+            if end <= a {
+                bail!("--seeds {r} is empty");
+            }
+            Ok((a..end).collect())
+        }
+    }
+}
+
+fn schedule(s: Schedule) -> Vec<ScheduledFault> {
+    let at = |at_ms, fault| ScheduledFault { at_ms, fault };
+    match s {
+        Schedule::None => Vec::new(),
+        Schedule::Storm => vec![
+            at(0, Fault::NsxErrors(FaultRule { method: None, path: Some("/api/v1/logical-ports".into()), status: 503, error_code: None, rate: 0.3, remaining: None, message: None })),
+            at(40, Fault::Partition),
+            at(12_000, Fault::Repair),
+            at(12_500, Fault::RestartManager),
+            at(13_000, Fault::LinkLatency { ms: 30 }),
+            at(20_000, Fault::ClearNsxErrors),
+        ],
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("nsx-sim: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<bool> {
+    let cli = Cli::parse();
+    let Command::Spine { seed, seeds, faults, namespaces, ports, json, report, print_trace } = cli.command;
+    let seeds = parse_seeds(seed, seeds.as_deref())?;
+    let terminal = std::io::stderr().is_terminal();
+    let mut results = Vec::new();
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for (i, s) in seeds.iter().enumerate() {
+        let mut cfg = SpineConfig::new(*s);
+        cfg.namespaces = namespaces;
+        cfg.ports_per_namespace = ports;
+        cfg.faults = schedule(faults);
+        // Wall time is measured for the report only; nothing in the simulation reads it.
+        let started = std::time::Instant::now();
+        let r = spine::run(&cfg);
+        let wall_ms = started.elapsed().as_millis() as u64;
+        let ok = r.finished && r.duplicates.is_empty() && r.invariants.is_ok();
+        if ok { passed += 1 } else { failed += 1 }
+        if terminal && !json {
+            eprint!("\r[{}/{}] seed {s}", i + 1, seeds.len());
+        }
+        if print_trace {
+            for l in &r.trace {
+                println!("{l}");
+            }
+        }
+        let message = if ok {
+            None
+        } else {
+            Some(format!(
+                "{}{}{}",
+                r.error.clone().unwrap_or_default(),
+                if r.duplicates.is_empty() { String::new() } else { format!(" duplicates {:?}", r.duplicates) },
+                r.invariants.clone().err().map(|e| format!(" invariant: {e}")).unwrap_or_default()
+            ))
+        };
+        results.push(json!({
+            "seed": s, "passed": ok, "message": message,
+            "sim_time_ms": r.sim_time_ms, "wall_ms": wall_ms,
+            "nsx_requests": {"total": r.manager.total, "writes": r.manager.writes, "by_status": r.manager.by_status},
+            "client": r.client, "objects": r.objects, "trace_hash": format!("{:016x}", r.trace_hash),
+        }));
+        if !json {
+            let ratio = if wall_ms == 0 { "inf".to_string() } else { format!("{:.0}x", r.sim_time_ms as f64 / wall_ms as f64) };
+            let line = format!(
+                "seed {s:>4}  {}  sim {:>7} ms  wall {:>5} ms  ({ratio})  nsx requests {:>4} (writes {:>3})  retries {:>3}  trace {:016x}",
+                if ok { "PASS" } else { "FAIL" },
+                r.sim_time_ms, wall_ms, r.manager.total, r.manager.writes, r.client.retries, r.trace_hash
+            );
+            if terminal {
+                eprint!("\r");
+            }
+            println!("{line}");
+            if let Some(m) = &message {
+                println!("  {m}");
+                println!("  replay: cargo run --release -p nsx-sim -- spine --seed {s} --faults {:?} --print-trace", faults);
+            }
+        }
+    }
+    let out = json!({"scenarios": [{"name": "nsx-spine", "file": null, "seeds": results}], "passed": passed, "failed": failed});
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{passed} passed, {failed} failed");
+    }
+    if let Some(path) = report {
+        std::fs::write(&path, serde_json::to_vec_pretty(&out)?).with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(failed == 0)
+}
