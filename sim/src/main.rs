@@ -14,7 +14,10 @@ use nsx_sim::spine::{self, Fault, ScheduledFault, SpineConfig};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Deterministic simulation of the NSX-T / Kubernetes integration")]
+#[command(
+    version,
+    about = "Deterministic simulation of the NSX-T / Kubernetes integration"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -69,8 +72,14 @@ fn parse_seeds(seed: Option<u64>, seeds: Option<&str>) -> anyhow::Result<Vec<u64
             } else {
                 bail!("--seeds takes A..B or A..=B, got {r}");
             };
-            let a: u64 = a.trim().parse().with_context(|| format!("bad start in --seeds {r}"))?;
-            let b: u64 = b.trim().parse().with_context(|| format!("bad end in --seeds {r}"))?;
+            let a: u64 = a
+                .trim()
+                .parse()
+                .with_context(|| format!("bad start in --seeds {r}"))?;
+            let b: u64 = b
+                .trim()
+                .parse()
+                .with_context(|| format!("bad end in --seeds {r}"))?;
             let end = if inclusive { b.saturating_add(1) } else { b };
             if end <= a {
                 bail!("--seeds {r} is empty");
@@ -85,7 +94,18 @@ fn schedule(s: Schedule) -> Vec<ScheduledFault> {
     match s {
         Schedule::None => Vec::new(),
         Schedule::Storm => vec![
-            at(0, Fault::NsxErrors(FaultRule { method: None, path: Some("/api/v1/logical-ports".into()), status: 503, error_code: None, rate: 0.3, remaining: None, message: None })),
+            at(
+                0,
+                Fault::NsxErrors(FaultRule {
+                    method: None,
+                    path: Some("/api/v1/logical-ports".into()),
+                    status: 503,
+                    error_code: None,
+                    rate: 0.3,
+                    remaining: None,
+                    message: None,
+                }),
+            ),
             at(40, Fault::Partition),
             at(12_000, Fault::Repair),
             at(12_500, Fault::RestartManager),
@@ -108,7 +128,16 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<bool> {
     let cli = Cli::parse();
-    let Command::Spine { seed, seeds, faults, namespaces, ports, json, report, print_trace } = cli.command;
+    let Command::Spine {
+        seed,
+        seeds,
+        faults,
+        namespaces,
+        ports,
+        json,
+        report,
+        print_trace,
+    } = cli.command;
     let seeds = parse_seeds(seed, seeds.as_deref())?;
     let terminal = std::io::stderr().is_terminal();
     let mut results = Vec::new();
@@ -123,7 +152,11 @@ fn run() -> anyhow::Result<bool> {
         let r = spine::run(&cfg);
         let wall_ms = started.elapsed().as_millis() as u64;
         let ok = r.finished && r.duplicates.is_empty() && r.invariants.is_ok();
-        if ok { passed += 1 } else { failed += 1 }
+        if ok {
+            passed += 1
+        } else {
+            failed += 1
+        }
         if terminal && !json {
             eprint!("\r[{}/{}] seed {s}", i + 1, seeds.len());
         }
@@ -138,8 +171,16 @@ fn run() -> anyhow::Result<bool> {
             Some(format!(
                 "{}{}{}",
                 r.error.clone().unwrap_or_default(),
-                if r.duplicates.is_empty() { String::new() } else { format!(" duplicates {:?}", r.duplicates) },
-                r.invariants.clone().err().map(|e| format!(" invariant: {e}")).unwrap_or_default()
+                if r.duplicates.is_empty() {
+                    String::new()
+                } else {
+                    format!(" duplicates {:?}", r.duplicates)
+                },
+                r.invariants
+                    .clone()
+                    .err()
+                    .map(|e| format!(" invariant: {e}"))
+                    .unwrap_or_default()
             ))
         };
         results.push(json!({
@@ -149,11 +190,20 @@ fn run() -> anyhow::Result<bool> {
             "client": r.client, "objects": r.objects, "trace_hash": format!("{:016x}", r.trace_hash),
         }));
         if !json {
-            let ratio = if wall_ms == 0 { "inf".to_string() } else { format!("{:.0}x", r.sim_time_ms as f64 / wall_ms as f64) };
+            let ratio = if wall_ms == 0 {
+                "inf".to_string()
+            } else {
+                format!("{:.0}x", r.sim_time_ms as f64 / wall_ms as f64)
+            };
             let line = format!(
                 "seed {s:>4}  {}  sim {:>7} ms  wall {:>5} ms  ({ratio})  nsx requests {:>4} (writes {:>3})  retries {:>3}  trace {:016x}",
                 if ok { "PASS" } else { "FAIL" },
-                r.sim_time_ms, wall_ms, r.manager.total, r.manager.writes, r.client.retries, r.trace_hash
+                r.sim_time_ms,
+                wall_ms,
+                r.manager.total,
+                r.manager.writes,
+                r.client.retries,
+                r.trace_hash
             );
             if terminal {
                 eprint!("\r");
@@ -161,7 +211,10 @@ fn run() -> anyhow::Result<bool> {
             println!("{line}");
             if let Some(m) = &message {
                 println!("  {m}");
-                println!("  replay: cargo run --release -p nsx-sim -- spine --seed {s} --faults {:?} --print-trace", faults);
+                println!(
+                    "  replay: cargo run --release -p nsx-sim -- spine --seed {s} --faults {:?} --print-trace",
+                    faults
+                );
             }
         }
     }
@@ -172,7 +225,8 @@ fn run() -> anyhow::Result<bool> {
         println!("{passed} passed, {failed} failed");
     }
     if let Some(path) = report {
-        std::fs::write(&path, serde_json::to_vec_pretty(&out)?).with_context(|| format!("failed to write {}", path.display()))?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("failed to write {}", path.display()))?;
     }
     Ok(failed == 0)
 }

@@ -22,6 +22,21 @@ pub struct PortAlloc {
     pub mac: Option<String>,
 }
 
+/// The key of a port's client-set attachment in the VIF index (`type:id`); router attachments
+/// are set by the manager and not indexed.
+pub(super) fn vif_key(o: &Obj) -> Option<String> {
+    if o.kind != Kind::LogicalPort {
+        return None;
+    }
+    let a = o.doc.get("attachment")?;
+    let t = a
+        .get("attachment_type")
+        .and_then(Value::as_str)
+        .unwrap_or("VIF");
+    let id = a.get("id").and_then(Value::as_str)?;
+    (t != "LOGICALROUTER").then(|| format!("{t}:{id}"))
+}
+
 fn str_at<'a>(doc: &'a Map<String, Value>, path: &[&str]) -> Option<&'a str> {
     let mut v = doc.get(path[0])?;
     for k in &path[1..] {
@@ -173,14 +188,8 @@ impl Store {
             }
         }
         // A VIF id belongs to one port.
-        for other in self.ids_of(Kind::LogicalPort) {
-            if other == port_id {
-                continue;
-            }
-            let o = &self.objects[other];
-            if str_at(&o.doc, &["attachment", "id"]) == Some(att_id)
-                && str_at(&o.doc, &["attachment", "attachment_type"]).unwrap_or("VIF") == att_type
-            {
+        if let Some(other) = self.vif_index.get(&format!("{att_type}:{att_id}")) {
+            if other != port_id {
                 return Err(ApiError::validation(format!(
                     "attachment {att_type} {att_id} is already attached to logical port {other}"
                 )));
@@ -251,6 +260,7 @@ impl Store {
                 .insert(addr, port_id.to_string());
             entry.pool_id = Some(pool.clone());
             entry.ip = Some(addr);
+            self.ip_hint.insert(pool.clone(), addr.saturating_add(1));
             self.dirty.insert(pool);
         }
         if mac {
@@ -272,6 +282,7 @@ impl Store {
             if let Some(m) = self.ip_alloc.get_mut(&pool) {
                 m.remove(&ip);
             }
+            self.lower_hint(&pool, ip);
             self.dirty.insert(pool);
         }
     }
@@ -308,6 +319,7 @@ impl Store {
                     if let Some(m) = self.ip_alloc.get_mut(pool) {
                         m.remove(&ip);
                     }
+                    self.lower_hint(pool, ip);
                     self.dirty.insert(pool.clone());
                 }
                 keep.ip = None;

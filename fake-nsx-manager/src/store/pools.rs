@@ -227,6 +227,10 @@ impl Store {
             }
         }
         doc.remove("pool_usage");
+        if let Some(id) = own {
+            // The ranges may change: scan from the start next time.
+            self.ip_hint.remove(id);
+        }
         Ok(())
     }
 
@@ -277,11 +281,19 @@ impl Store {
         let obj = self.objects.get(pool_id)?;
         let (ranges, gateways) = pool_ranges(&obj.doc);
         let empty = Default::default();
+        let hint = self.ip_hint.get(pool_id).copied().unwrap_or(0);
         ipam::first_free(
-            &ranges,
+            &from_hint(&ranges, hint),
             self.ip_alloc.get(pool_id).unwrap_or(&empty),
             &gateways,
         )
+    }
+
+    /// A released address may be below the hint: move the hint down to it.
+    pub(super) fn lower_hint(&mut self, pool: &str, ip: u32) {
+        if let Some(h) = self.ip_hint.get_mut(pool) {
+            *h = (*h).min(ip);
+        }
     }
 
     fn alloc_ranges(&self, kind: Kind, id: &str) -> ApiResult<(Vec<Range>, Vec<u32>)> {
@@ -322,7 +334,19 @@ impl Store {
                 }
                 ip
             }
-            None => ipam::first_free(&ranges, allocated, &reserved).ok_or_else(|| {
+            None => {
+                let hint = self.ip_hint.get(id).copied().unwrap_or(0);
+                let from: Vec<Range> = ranges
+                    .iter()
+                    .filter(|r| r.end >= hint)
+                    .map(|r| Range {
+                        start: r.start.max(hint),
+                        end: r.end,
+                    })
+                    .collect();
+                ipam::first_free(&from, allocated, &reserved)
+            }
+            .ok_or_else(|| {
                 ApiError::bad_request(
                     error::POOL_EXHAUSTED,
                     "id-allocation-service",
@@ -361,6 +385,7 @@ impl Store {
                 if let Some(a) = self.ip_alloc.get_mut(id) {
                     a.remove(&ip);
                 }
+                self.lower_hint(id, ip);
                 self.dirty.insert(id.to_string());
                 Ok(())
             }
@@ -412,6 +437,23 @@ impl Store {
                 }
             }
         }
+        for (pool, hint) in &self.ip_hint {
+            let Some(obj) = self.objects.get(pool) else {
+                return Err(format!("free hint for missing pool {pool}"));
+            };
+            let (ranges, gateways) = pool_ranges(&obj.doc);
+            let empty = Default::default();
+            let allocated = self.ip_alloc.get(pool).unwrap_or(&empty);
+            if let Some(free) = ipam::first_free(&ranges, allocated, &gateways) {
+                if free < *hint {
+                    return Err(format!(
+                        "pool {pool}: {} is free below the hint {}",
+                        ipam::ip_to_string(free),
+                        ipam::ip_to_string(*hint)
+                    ));
+                }
+            }
+        }
         let mut macs = std::collections::BTreeSet::new();
         for (port, a) in &self.port_alloc {
             if self.objects.get(port).map(|o| o.kind) != Some(Kind::LogicalPort) {
@@ -448,6 +490,18 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The parts of `ranges` at or above `hint`.
+fn from_hint(ranges: &[Range], hint: u32) -> Vec<Range> {
+    ranges
+        .iter()
+        .filter(|r| r.end >= hint)
+        .map(|r| Range {
+            start: r.start.max(hint),
+            end: r.end,
+        })
+        .collect()
 }
 
 /// All allocation ranges of a pool's subnets, and the gateways (never handed out).
