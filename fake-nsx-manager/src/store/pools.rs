@@ -262,6 +262,7 @@ impl Store {
         self.port_alloc
             .retain(|_, a| a.ip.is_some() || a.mac.is_some());
         self.ip_alloc.remove(id);
+        self.ip_hint.remove(id);
         self.remove(id);
         Ok(())
     }

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test suite, runnable on a fresh machine: installs the Python side (vmware-nsxlib, the
+# client library NCP is built on, and pytest) into .venv, then runs every Rust test, which
+# includes the nsxlib suite against the standalone fake.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check 'vmware-nsxlib==19.4.3' 'pytest>=7'
+cargo test --workspace "$@"
