@@ -8,6 +8,7 @@
 //! - [`server`]: the HTTP face: authentication (basic and session), users and roles, rate and
 //!   concurrency limits, injected faults and latency, the request log, the admin API.
 //! - [`bootstrap`]: what an NSX admin creates before NCP starts.
+//! - [`tls`]: TLS for the standalone binary.
 //! - [`search`], [`ipam`], [`kind`], [`error`]: the query language and index, IPv4
 //!   arithmetic, the kind table, error bodies.
 //!
@@ -31,6 +32,7 @@ pub mod kind;
 pub mod search;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use bootstrap::{Bootstrap, BootstrapConfig};
 pub use server::{Clock, FakeNsxManager, FaultRule, ManagerConfig, RequestLogEntry, User};

@@ -55,6 +55,12 @@ struct Args {
     /// Requests in flight per client (503 beyond); 0 = none.
     #[arg(long, default_value_t = 40)]
     concurrency_limit: u32,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 fn cluster_setups(args: &Args) -> anyhow::Result<Vec<ClusterSetup>> {
@@ -117,14 +123,29 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let local = listener.local_addr()?;
-    tracing::info!(address = %local, "fake NSX manager listening");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(fake_nsx_manager::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(address = %local, scheme, "fake NSX manager listening");
     // Scripts wait for this line.
-    println!("listening on http://{local}");
-    axum::serve(listener, nsx.router())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("server failed")?;
+    println!("listening on {scheme}://{local}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    match tls {
+        Some(config) => {
+            tokio::select! {
+                r = fake_nsx_manager::tls::serve(listener, nsx.router(), config) => r.context("server failed")?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        None => axum::serve(listener, nsx.router())
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("server failed")?,
+    }
     Ok(())
 }

@@ -41,9 +41,11 @@ async fn typed_create_get_update_delete_round_trip() {
     let url = serve(&nsx).await;
     let c = client(&url, basic());
     let tz = nsx.bootstrap().unwrap().transport_zone;
-    let mut ls = LogicalSwitch::default();
-    ls.transport_zone_id = Some(tz);
-    ls.admin_state = Some("UP".into());
+    let mut ls = LogicalSwitch {
+        transport_zone_id: Some(tz),
+        admin_state: Some("UP".into()),
+        ..Default::default()
+    };
     ls.meta.tags = Some(vec![Tag::new("ncp/cluster", "k8s-a")]);
     let created: LogicalSwitch = c.create("logical-switches", &ls).await.unwrap();
     let id = created.meta.id.clone().unwrap();

@@ -188,12 +188,12 @@ impl Store {
             }
         }
         // A VIF id belongs to one port.
-        if let Some(other) = self.vif_index.get(&format!("{att_type}:{att_id}")) {
-            if other != port_id {
-                return Err(ApiError::validation(format!(
-                    "attachment {att_type} {att_id} is already attached to logical port {other}"
-                )));
-            }
+        if let Some(other) = self.vif_index.get(&format!("{att_type}:{att_id}"))
+            && other != port_id
+        {
+            return Err(ApiError::validation(format!(
+                "attachment {att_type} {att_id} is already attached to logical port {other}"
+            )));
         }
         Ok(())
     }

@@ -445,14 +445,14 @@ impl Store {
             let (ranges, gateways) = pool_ranges(&obj.doc);
             let empty = Default::default();
             let allocated = self.ip_alloc.get(pool).unwrap_or(&empty);
-            if let Some(free) = ipam::first_free(&ranges, allocated, &gateways) {
-                if free < *hint {
-                    return Err(format!(
-                        "pool {pool}: {} is free below the hint {}",
-                        ipam::ip_to_string(free),
-                        ipam::ip_to_string(*hint)
-                    ));
-                }
+            if let Some(free) = ipam::first_free(&ranges, allocated, &gateways)
+                && free < *hint
+            {
+                return Err(format!(
+                    "pool {pool}: {} is free below the hint {}",
+                    ipam::ip_to_string(free),
+                    ipam::ip_to_string(*hint)
+                ));
             }
         }
         let mut macs = std::collections::BTreeSet::new();
