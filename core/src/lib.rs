@@ -7,6 +7,8 @@
 //! Layout:
 //! - [`nsx`]: the NSX Manager API model (serde types with the API's exact field names), the
 //!   error body, and the production HTTP client with NSX's retry, auth and pagination rules.
+//! - [`k8s`]: the controller's view of the cluster.
+//! - [`ncp`]: NCP: desired NSX state, observation by tags, planning, applying.
 //! - [`rng`]: the small seeded random source every component takes instead of OS randomness.
 //!
 //! ```
@@ -17,5 +19,7 @@
 //! assert_eq!(ls.meta.tags.as_deref(), Some(&[Tag::new("ncp/cluster", "k8s-a")][..]));
 //! ```
 
+pub mod k8s;
+pub mod ncp;
 pub mod nsx;
 pub mod rng;

@@ -1,0 +1,346 @@
+//! Executes a plan with the NSX client, resolving references as objects come into being.
+//!
+//! Creates render their body at the moment they run, from the observed objects and those the
+//! plan has created so far, so a child gets its parent's id even when the parent was created a
+//! moment ago. Updates are read-modify-write on the fields NCP owns ([`NsxClient::update_with`]
+//! re-reads on 412). Deletes treat 404 as done. The first error stops the plan: the caller
+//! observes again and plans anew, which is always safe because planning is idempotent.
+//!
+//! Multi-request steps are ordered so that a crash between their requests is repaired by the
+//! next plan: a tier-1 router is created without its route-advertisement marker tag, then the
+//! advertisement is written, then the tag; a SNAT address is allocated, then the rule carrying
+//! it in `ncp/snat_ip` is created (an allocation without a rule is released by a later plan).
+//!
+//! `write_budget` stops the applier right after that many writes, as a crash would; tests use it
+//! to crash NCP after every write of a scenario.
+
+use std::collections::BTreeMap;
+
+use http::Method;
+use hyper_util::client::legacy::connect::Connect;
+use serde_json::{Value, json};
+
+use super::desired::{Collection, Detail, Key, Spec};
+use super::infra::Infra;
+use super::naming::scope;
+use super::observe::Observed;
+use super::plan::{ADVERTISED, Missing, Op, Plan, render, tag_of};
+use crate::nsx::{NsxClient, NsxError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("failed to {op}")]
+    Nsx {
+        op: String,
+        #[source]
+        source: NsxError,
+    },
+    #[error("failed to render {key:?}: {missing:?} does not exist")]
+    Unresolved { key: Key, missing: Key },
+    #[error("stopped after the write budget of {writes} writes")]
+    BudgetSpent { writes: usize },
+    #[error("failed to {op}: the SNAT pool is not configured")]
+    NoSnatPool { op: String },
+}
+
+impl ApplyError {
+    /// Whether a later attempt can succeed without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApplyError::Nsx { source, .. } => source.is_retryable() || source.is_stale_revision(),
+            ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } => true,
+            ApplyError::NoSnatPool { .. } => false,
+        }
+    }
+}
+
+/// What a pod's port was given: written into the pod annotation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PodNetwork {
+    pub logical_port_id: String,
+    pub ip: String,
+    pub mac: String,
+    pub vlan: u16,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ApplyReport {
+    pub writes: usize,
+    pub ops_done: usize,
+    /// Pod UID -> its network, for ports created by this plan.
+    pub pod_networks: BTreeMap<String, PodNetwork>,
+}
+
+pub struct Applier<'a, C> {
+    client: &'a NsxClient<C>,
+    infra: &'a Infra,
+    /// Writes left before the simulated crash; `None` = no limit.
+    pub write_budget: Option<usize>,
+    resolved: BTreeMap<Key, Value>,
+    report: ApplyReport,
+}
+
+fn path(collection: Collection, infra: &Infra) -> String {
+    match collection {
+        Collection::BlockSubnet => "pools/ip-subnets".into(),
+        Collection::IpPool => "pools/ip-pools".into(),
+        Collection::LogicalSwitch => "logical-switches".into(),
+        Collection::LogicalRouter => "logical-routers".into(),
+        Collection::LogicalRouterPort => "logical-router-ports".into(),
+        Collection::LogicalPort => "logical-ports".into(),
+        Collection::NatRule => format!("logical-routers/{}/nat/rules", infra.tier0),
+    }
+}
+
+fn delete_query(collection: Collection) -> &'static str {
+    match collection {
+        Collection::LogicalPort => "?detach=true",
+        Collection::LogicalSwitch => "?cascade=true&detach=true",
+        Collection::LogicalRouter | Collection::LogicalRouterPort | Collection::IpPool => {
+            "?force=true"
+        }
+        Collection::BlockSubnet | Collection::NatRule => "",
+    }
+}
+
+impl<'a, C> Applier<'a, C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    pub fn new(client: &'a NsxClient<C>, infra: &'a Infra, observed: &Observed) -> Self {
+        let resolved = observed
+            .objects
+            .iter()
+            .filter_map(|(k, v)| v.first().map(|d| (k.clone(), d.clone())))
+            .collect();
+        Self {
+            client,
+            infra,
+            write_budget: None,
+            resolved,
+            report: ApplyReport::default(),
+        }
+    }
+
+    /// Runs the plan to its end or to the first error.
+    pub async fn apply(mut self, plan: &Plan) -> Result<ApplyReport, (ApplyError, ApplyReport)> {
+        for op in &plan.ops {
+            if let Err(e) = self.run(op).await {
+                return Err((e, self.report));
+            }
+            self.report.ops_done += 1;
+        }
+        Ok(self.report)
+    }
+
+    async fn write(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ApplyError> {
+        if self.write_budget == Some(0) {
+            return Err(ApplyError::BudgetSpent {
+                writes: self.report.writes,
+            });
+        }
+        let op = format!("{method} {path}");
+        let r = self.client.call(method, path, body).await;
+        // A write that reached the server counts, whatever the answer.
+        self.report.writes += 1;
+        if let Some(b) = &mut self.write_budget {
+            *b -= 1;
+        }
+        r.map_err(|source| ApplyError::Nsx { op, source })
+    }
+
+    fn render(&self, key: &Key, spec: &Spec, snat_ip: Option<&str>) -> Result<Value, ApplyError> {
+        render(key, spec, self.infra, &self.resolved, snat_ip).map_err(|Missing(m)| {
+            ApplyError::Unresolved {
+                key: key.clone(),
+                missing: m,
+            }
+        })
+    }
+
+    async fn run(&mut self, op: &Op) -> Result<(), ApplyError> {
+        match op {
+            Op::Delete { key, doc } => self.delete(key, doc).await,
+            Op::ReleaseSnatIp { pool, ip } => self.release(pool, ip).await,
+            Op::Create { key, spec } => self.create(key, spec).await,
+            Op::Update { key, id, spec } => self.update(key, id, spec).await,
+        }
+    }
+
+    async fn delete(&mut self, key: &Key, doc: &Value) -> Result<(), ApplyError> {
+        let id = doc["id"].as_str().unwrap_or_default();
+        let p = format!(
+            "{}/{id}{}",
+            path(key.collection(), self.infra),
+            delete_query(key.collection())
+        );
+        match self.write(Method::DELETE, &p, None).await {
+            Ok(_) => {}
+            Err(ApplyError::Nsx { source, .. })
+                if source.is_not_found()
+                    || (key.collection() == Collection::NatRule
+                        && source.status() == Some(400)) => {}
+            Err(e) => return Err(e),
+        }
+        if self.resolved.get(key).is_some_and(|d| d["id"] == id) {
+            self.resolved.remove(key);
+        }
+        if let (Key::Snat(_), Some(ip), Some(pool)) = (
+            key,
+            tag_of(doc, scope::SNAT_IP),
+            self.infra.snat_pool.clone(),
+        ) {
+            let ip = ip.to_string();
+            self.release(&pool, &ip).await?;
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self, pool: &str, ip: &str) -> Result<(), ApplyError> {
+        let p = format!("pools/ip-pools/{pool}?action=RELEASE");
+        match self
+            .write(Method::POST, &p, Some(json!({"allocation_id": ip})))
+            .await
+        {
+            // Already released: done.
+            Err(ApplyError::Nsx { source, .. })
+                if source.status() == Some(400) || source.is_not_found() =>
+            {
+                Ok(())
+            }
+            r => r.map(|_| ()),
+        }
+    }
+
+    async fn create(&mut self, key: &Key, spec: &Spec) -> Result<(), ApplyError> {
+        let collection = key.collection();
+        let mut snat_ip = None;
+        if let Key::Snat(_) = key {
+            let pool = self
+                .infra
+                .snat_pool
+                .clone()
+                .ok_or_else(|| ApplyError::NoSnatPool {
+                    op: format!("create {key:?}"),
+                })?;
+            // Check the rule can be rendered before taking an address.
+            self.render(key, spec, Some("0.0.0.0"))?;
+            let a = self
+                .write(
+                    Method::POST,
+                    &format!("pools/ip-pools/{pool}?action=ALLOCATE"),
+                    Some(json!({"allocation_id": null})),
+                )
+                .await?;
+            snat_ip = a["allocation_id"].as_str().map(str::to_string);
+        }
+        let mut body = self.render(key, spec, snat_ip.as_deref())?;
+        if let Key::Tier1(_) = key {
+            // Without the marker: it is added once the advertisement is written.
+            if let Some(tags) = body["tags"].as_array_mut() {
+                tags.retain(|t| t["scope"] != ADVERTISED.0);
+            }
+        }
+        let created = self
+            .write(Method::POST, &path(collection, self.infra), Some(body))
+            .await?;
+        self.resolved.insert(key.clone(), created.clone());
+        match (key, &spec.detail) {
+            (Key::Tier1(_), _) => {
+                // Advertisement, then the marker tag: the update path does both.
+                let id = created["id"].as_str().unwrap_or_default().to_string();
+                self.update(key, &id, spec).await?;
+            }
+            (Key::PodPort(pod), Detail::PodPort { vlan, .. }) => {
+                let id = created["id"].as_str().unwrap_or_default().to_string();
+                let state: Value = self
+                    .client
+                    .get(&format!("logical-ports/{id}/state"))
+                    .await
+                    .map_err(|source| ApplyError::Nsx {
+                        op: format!("GET logical-ports/{id}/state"),
+                        source,
+                    })?;
+                let b = &state["realized_bindings"][0]["binding"];
+                self.report.pod_networks.insert(
+                    pod.clone(),
+                    PodNetwork {
+                        logical_port_id: id,
+                        ip: b["ip_address"].as_str().unwrap_or_default().to_string(),
+                        mac: b["mac_address"].as_str().unwrap_or_default().to_string(),
+                        vlan: vlan.unwrap_or(0),
+                    },
+                );
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Turns on route advertisement of a tier-1 router (connected and NAT routes).
+    async fn write_advertisement(&mut self, id: &str) -> Result<(), ApplyError> {
+        let adv_path = format!("logical-routers/{id}/routing/advertisement");
+        let mut adv: Value =
+            self.client
+                .get(&adv_path)
+                .await
+                .map_err(|source| ApplyError::Nsx {
+                    op: format!("GET {adv_path}"),
+                    source,
+                })?;
+        adv["enabled"] = json!(true);
+        adv["advertise_nsx_connected_routes"] = json!(true);
+        adv["advertise_nat_routes"] = json!(true);
+        self.write(Method::PUT, &adv_path, Some(adv))
+            .await
+            .map(|_| ())
+    }
+
+    async fn update(&mut self, key: &Key, id: &str, spec: &Spec) -> Result<(), ApplyError> {
+        let p = format!("{}/{id}", path(key.collection(), self.infra));
+        let current = self.resolved.get(key).cloned();
+        if let Key::Tier1(_) = key {
+            if !current
+                .as_ref()
+                .is_some_and(|d| tag_of(d, ADVERTISED.0).is_some())
+            {
+                self.write_advertisement(id).await?;
+            }
+        }
+        let snat_ip = current
+            .as_ref()
+            .and_then(|d| d["translated_network"].as_str())
+            .map(str::to_string);
+        let want = self.render(key, spec, snat_ip.as_deref())?;
+        if self.write_budget == Some(0) {
+            return Err(ApplyError::BudgetSpent {
+                writes: self.report.writes,
+            });
+        }
+        let r = self
+            .client
+            .update_with::<Value, _>(&p, |doc| {
+                for (k, v) in want.as_object().into_iter().flatten() {
+                    if k != "resource_type" {
+                        doc[k] = v.clone();
+                    }
+                }
+            })
+            .await;
+        self.report.writes += 1;
+        if let Some(b) = &mut self.write_budget {
+            *b -= 1;
+        }
+        let updated = r.map_err(|source| ApplyError::Nsx {
+            op: format!("PUT {p}"),
+            source,
+        })?;
+        self.resolved.insert(key.clone(), updated);
+        Ok(())
+    }
+}

@@ -1,0 +1,362 @@
+//! What NSX should hold for a cluster: a pure function of the cluster view and the config.
+//!
+//! Every NCP object has a stable identity, its [`Key`]: the Kubernetes UID of its owner and the
+//! part it plays. The identity is written into the object's tags (`ncp/project_uid`,
+//! `ncp/pod_uid`, `ncp/role`), so after a restart NCP finds its objects again by reading tags,
+//! and a namespace or pod recreated under the same name (a new UID) gets new objects rather
+//! than the old network config.
+//!
+//! Per namespace (not being deleted): a block subnet carved from the container IP block, an IP
+//! pool over it, a logical switch using the pool, a tier-1 router linked to the tier-0 (a link
+//! port on each side), a switch port and a downlink router port joining switch and router, and,
+//! unless the namespace opts out with `ncp/no_snat: "true"`, a SNAT rule on the tier-0 that
+//! translates the namespace subnet to an address from the external pool.
+//!
+//! Per pod (scheduled, not host-network, not finished, not being deleted): a logical port on
+//! its namespace's switch, attached as a CHILD VIF of its node's VIF with a VLAN unique under
+//! that parent (chosen by the planner, which knows the VLANs in use), addresses allocated by
+//! NSX, labels as tags.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+use super::naming::{self, VERSION, scope, tag};
+use crate::k8s::{ClusterView, annotation};
+use crate::nsx::model::Tag;
+
+/// The identity of an NCP object: the UID of its Kubernetes owner and its role.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Subnet(String),
+    Pool(String),
+    Switch(String),
+    Tier1(String),
+    T0Link(String),
+    T1Link(String),
+    DownlinkSwitchPort(String),
+    Downlink(String),
+    Snat(String),
+    PodPort(String),
+}
+
+/// The NSX collections NCP's objects live in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Collection {
+    BlockSubnet,
+    IpPool,
+    LogicalSwitch,
+    LogicalRouter,
+    LogicalRouterPort,
+    LogicalPort,
+    NatRule,
+}
+
+impl Key {
+    pub fn owner_uid(&self) -> &str {
+        match self {
+            Key::Subnet(u)
+            | Key::Pool(u)
+            | Key::Switch(u)
+            | Key::Tier1(u)
+            | Key::T0Link(u)
+            | Key::T1Link(u)
+            | Key::DownlinkSwitchPort(u)
+            | Key::Downlink(u)
+            | Key::Snat(u)
+            | Key::PodPort(u) => u,
+        }
+    }
+
+    pub fn collection(&self) -> Collection {
+        match self {
+            Key::Subnet(_) => Collection::BlockSubnet,
+            Key::Pool(_) => Collection::IpPool,
+            Key::Switch(_) => Collection::LogicalSwitch,
+            Key::Tier1(_) => Collection::LogicalRouter,
+            Key::T0Link(_) | Key::T1Link(_) | Key::Downlink(_) => Collection::LogicalRouterPort,
+            Key::DownlinkSwitchPort(_) | Key::PodPort(_) => Collection::LogicalPort,
+            Key::Snat(_) => Collection::NatRule,
+        }
+    }
+
+    /// Parents before children: the order of creation. Deletion runs it backwards.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Key::Subnet(_) | Key::Tier1(_) | Key::T0Link(_) => 0,
+            Key::Pool(_) | Key::T1Link(_) | Key::Snat(_) => 1,
+            Key::Switch(_) => 2,
+            Key::DownlinkSwitchPort(_) | Key::PodPort(_) => 3,
+            Key::Downlink(_) => 4,
+        }
+    }
+
+    /// The objects whose ids or server-assigned fields this one's body needs. A pod port
+    /// depends on its namespace's switch, found through `ns_uid`.
+    pub fn deps(&self, pod_namespace_uid: Option<&str>) -> Vec<Key> {
+        let ns = |u: &str| u.to_string();
+        match self {
+            Key::Subnet(_) | Key::Tier1(_) | Key::T0Link(_) => vec![],
+            Key::Pool(u) | Key::Snat(u) => vec![Key::Subnet(ns(u))],
+            Key::Switch(u) => vec![Key::Pool(ns(u))],
+            Key::T1Link(u) => vec![Key::Tier1(ns(u)), Key::T0Link(ns(u))],
+            Key::DownlinkSwitchPort(u) => vec![Key::Switch(ns(u))],
+            Key::Downlink(u) => vec![
+                Key::Tier1(ns(u)),
+                Key::DownlinkSwitchPort(ns(u)),
+                Key::Subnet(ns(u)),
+            ],
+            Key::PodPort(_) => pod_namespace_uid
+                .map(|u| vec![Key::Switch(u.to_string())])
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What one object should look like, before server-assigned values are known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub display_name: String,
+    pub tags: Vec<Tag>,
+    pub detail: Detail,
+}
+
+/// The kind-specific part of a [`Spec`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Detail {
+    Subnet {
+        size: u64,
+    },
+    Pool,
+    Switch,
+    Tier1,
+    T0Link,
+    T1Link,
+    DownlinkSwitchPort,
+    Downlink,
+    Snat,
+    PodPort {
+        namespace_uid: String,
+        node: String,
+        app_id: String,
+        attachment_id: String,
+        /// Chosen by the planner (kept from the observed port, or the lowest free on the node).
+        vlan: Option<u16>,
+    },
+}
+
+/// Desired NSX state: every object by identity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    pub objects: BTreeMap<Key, Spec>,
+}
+
+fn ns_tags(cluster: &str, ns: &Namespace) -> Vec<Tag> {
+    vec![
+        tag(scope::CLUSTER, cluster),
+        tag(scope::VERSION, VERSION),
+        tag(scope::PROJECT, ns.metadata.name.as_deref().unwrap_or("")),
+        tag(scope::PROJECT_UID, ns.metadata.uid.as_deref().unwrap_or("")),
+    ]
+}
+
+/// Whether a pod needs a logical port.
+pub fn pod_is_wired(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    let scheduled = spec
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|n| !n.is_empty());
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let finished = matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded") | Some("Failed")
+    );
+    scheduled
+        && !host_network
+        && !finished
+        && pod.metadata.deletion_timestamp.is_none()
+        && pod.metadata.uid.is_some()
+}
+
+/// The desired state of the cluster's NSX objects.
+pub fn desired(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Desired {
+    let mut objects = BTreeMap::new();
+    let size = 1u64 << (32 - u32::from(subnet_prefix.min(32)));
+    let mut live_ns: BTreeMap<&str, &Namespace> = BTreeMap::new();
+    for (name, ns) in &view.namespaces {
+        let Some(uid) = ns.metadata.uid.as_deref() else {
+            continue;
+        };
+        if ns.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        live_ns.insert(name.as_str(), ns);
+        let tags = ns_tags(cluster, ns);
+        let dn = naming::name(cluster, &[name]);
+        let spec = |detail: Detail, tags: Vec<Tag>, dn: String| Spec {
+            display_name: dn,
+            tags,
+            detail,
+        };
+        let u = uid.to_string();
+        objects.insert(
+            Key::Subnet(u.clone()),
+            spec(Detail::Subnet { size }, tags.clone(), dn.clone()),
+        );
+        objects.insert(
+            Key::Pool(u.clone()),
+            spec(Detail::Pool, tags.clone(), dn.clone()),
+        );
+        objects.insert(
+            Key::Switch(u.clone()),
+            spec(Detail::Switch, tags.clone(), dn.clone()),
+        );
+        objects.insert(
+            Key::Tier1(u.clone()),
+            spec(Detail::Tier1, tags.clone(), dn.clone()),
+        );
+        objects.insert(
+            Key::T0Link(u.clone()),
+            spec(
+                Detail::T0Link,
+                tags.clone(),
+                naming::name(cluster, &[name, "t0-link"]),
+            ),
+        );
+        objects.insert(
+            Key::T1Link(u.clone()),
+            spec(
+                Detail::T1Link,
+                tags.clone(),
+                naming::name(cluster, &[name, "t1-link"]),
+            ),
+        );
+        let mut port_tags = tags.clone();
+        port_tags.push(tag(scope::ROLE, "downlink"));
+        objects.insert(
+            Key::DownlinkSwitchPort(u.clone()),
+            spec(
+                Detail::DownlinkSwitchPort,
+                port_tags,
+                naming::name(cluster, &[name, "downlink"]),
+            ),
+        );
+        objects.insert(
+            Key::Downlink(u.clone()),
+            spec(
+                Detail::Downlink,
+                tags.clone(),
+                naming::name(cluster, &[name, "downlink"]),
+            ),
+        );
+        let no_snat = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotation::NO_SNAT))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        if !no_snat {
+            objects.insert(
+                Key::Snat(u.clone()),
+                spec(
+                    Detail::Snat,
+                    tags.clone(),
+                    naming::name(cluster, &[name, "snat"]),
+                ),
+            );
+        }
+    }
+    for ((ns_name, pod_name), pod) in &view.pods {
+        let Some(ns) = live_ns.get(ns_name.as_str()) else {
+            continue;
+        };
+        if !pod_is_wired(pod) {
+            continue;
+        }
+        let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+        let mut tags = ns_tags(cluster, ns);
+        tags.push(tag(scope::POD, pod_name));
+        tags.push(tag(scope::POD_UID, &pod_uid));
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        for (k, v) in labels.iter().take(naming::TAGS_MAX - tags.len()) {
+            tags.push(tag(k, v));
+        }
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        objects.insert(
+            Key::PodPort(pod_uid.clone()),
+            Spec {
+                display_name: naming::name(cluster, &[ns_name, pod_name]),
+                tags,
+                detail: Detail::PodPort {
+                    namespace_uid: ns.metadata.uid.clone().unwrap_or_default(),
+                    node,
+                    app_id: format!("{ns_name}/{pod_name}"),
+                    attachment_id: pod_uid,
+                    vlan: None,
+                },
+            },
+        );
+    }
+    Desired { objects }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::fixture;
+
+    #[test]
+    fn a_namespace_gets_its_full_set_and_pods_get_ports() {
+        let mut v = ClusterView::default();
+        v.add_namespace(fixture::namespace("shop", "ns-1"));
+        v.add_pod(fixture::pod(
+            "shop",
+            "web-1",
+            "p-1",
+            "node-1",
+            &[("app", "web")],
+        ));
+        let d = desired(&v, "k8s-a", 24);
+        assert_eq!(d.objects.len(), 10);
+        let port = &d.objects[&Key::PodPort("p-1".into())];
+        assert_eq!(port.display_name, "k8s-a-shop-web-1");
+        assert!(port.tags.contains(&Tag::new("app", "web")));
+        assert!(port.tags.contains(&Tag::new("ncp/pod_uid", "p-1")));
+        assert!(matches!(
+            &d.objects[&Key::Subnet("ns-1".into())].detail,
+            Detail::Subnet { size: 256 }
+        ));
+    }
+
+    #[test]
+    fn no_snat_deleting_namespaces_host_network_and_unscheduled_pods() {
+        let mut v = ClusterView::default();
+        let mut ns = fixture::namespace("quiet", "ns-2");
+        ns.metadata.annotations =
+            Some([(annotation::NO_SNAT.to_string(), "true".to_string())].into());
+        v.add_namespace(ns);
+        let mut gone = fixture::namespace("gone", "ns-3");
+        gone.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+        );
+        v.add_namespace(gone);
+        let mut host = fixture::pod("quiet", "h", "p-h", "node-1", &[]);
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        v.add_pod(host);
+        v.add_pod(fixture::pod("quiet", "u", "p-u", "", &[]));
+        v.add_pod(fixture::pod("gone", "x", "p-x", "node-1", &[]));
+        let d = desired(&v, "k8s-a", 24);
+        assert!(!d.objects.contains_key(&Key::Snat("ns-2".into())));
+        assert!(d.objects.contains_key(&Key::Switch("ns-2".into())));
+        assert!(
+            d.objects.keys().all(|k| k.owner_uid() == "ns-2"),
+            "{:?}",
+            d.objects.keys()
+        );
+        assert_eq!(d.objects.len(), 8);
+    }
+}

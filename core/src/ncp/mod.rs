@@ -1,0 +1,21 @@
+//! NCP: turns namespaces and pods into NSX objects.
+//!
+//! Layout:
+//! - [`config`]: `ncp.ini`.
+//! - [`naming`]: names and tags within NSX's limits.
+//! - [`desired`]: the pure function from the cluster view to the NSX objects that should exist.
+//! - [`observe`]: what NSX holds under this cluster's tag, classified by identity.
+//! - [`plan`]: the pure diff of desired against observed: an ordered list of operations.
+//! - [`apply`]: executes a plan with the NSX client.
+//! - [`reconcile`]: one pass of observe, plan, apply.
+//! - [`infra`]: the admin-created objects NCP builds on (transport zone, tier-0, block, pools,
+//!   node VIFs), found by config or tag.
+
+pub mod apply;
+pub mod config;
+pub mod desired;
+pub mod infra;
+pub mod naming;
+pub mod observe;
+pub mod plan;
+pub mod reconcile;

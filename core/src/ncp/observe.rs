@@ -1,0 +1,135 @@
+//! What NSX holds for this cluster: every object tagged `ncp/cluster=<cluster>` that carries an
+//! NCP identity (`ncp/project_uid`, `ncp/pod_uid`), classified by [`Key`].
+//!
+//! Discovery reads the list endpoints, which are consistent, not the search API, which lags
+//! behind writes: an object created just before a crash must be found after the restart, or it
+//! would be created twice. A list costs one call per page of 1,000, so a restart reads
+//! `objects / 1000` pages per collection. Objects tagged with the cluster but without an NCP
+//! identity are the admin's (node ports, the tier-0, the block) and are never touched.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hyper_util::client::legacy::connect::Connect;
+use serde_json::Value;
+
+use super::desired::Key;
+use super::infra::{Infra, has_tag};
+use super::naming::scope;
+use crate::nsx::{NsxClient, NsxError};
+
+/// NCP's objects in NSX, by identity. More than one document under a key is a duplicate (a
+/// create whose answer was lost and that was repeated); the first is the oldest.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub objects: BTreeMap<Key, Vec<Value>>,
+    /// Addresses allocated through the API in the SNAT pool.
+    pub snat_allocations: BTreeSet<String>,
+    /// NSX calls the observation took.
+    pub calls: usize,
+}
+
+fn tag_value<'a>(doc: &'a Value, scope_name: &str) -> Option<&'a str> {
+    doc.get("tags")?
+        .as_array()?
+        .iter()
+        .find(|t| t["scope"] == scope_name)?
+        .get("tag")?
+        .as_str()
+}
+
+/// The identity of one NSX document, if it is one of this cluster's NCP objects.
+pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
+    if !has_tag(doc, scope::CLUSTER, cluster) {
+        return None;
+    }
+    let rt = doc.get("resource_type")?.as_str()?;
+    if let Some(pod) = tag_value(doc, scope::POD_UID) {
+        return (rt == "LogicalPort").then(|| Key::PodPort(pod.to_string()));
+    }
+    let ns = tag_value(doc, scope::PROJECT_UID)?.to_string();
+    Some(match rt {
+        "IpBlockSubnet" => Key::Subnet(ns),
+        "IpPool" => Key::Pool(ns),
+        "LogicalSwitch" => Key::Switch(ns),
+        "LogicalRouter" if doc["router_type"] == "TIER1" => Key::Tier1(ns),
+        "LogicalRouterLinkPortOnTIER0" => Key::T0Link(ns),
+        "LogicalRouterLinkPortOnTIER1" => Key::T1Link(ns),
+        "LogicalRouterDownLinkPort" => Key::Downlink(ns),
+        "LogicalPort" if tag_value(doc, scope::ROLE) == Some("downlink") => {
+            Key::DownlinkSwitchPort(ns)
+        }
+        "NatRule" => Key::Snat(ns),
+        _ => return None,
+    })
+}
+
+impl Observed {
+    /// Classifies documents (any order) into an observation.
+    pub fn from_docs(docs: impl IntoIterator<Item = Value>, cluster: &str) -> Self {
+        let mut objects: BTreeMap<Key, Vec<Value>> = BTreeMap::new();
+        for d in docs {
+            if let Some(k) = classify(&d, cluster) {
+                objects.entry(k).or_default().push(d);
+            }
+        }
+        for docs in objects.values_mut() {
+            docs.sort_by(|a, b| {
+                let key = |d: &Value| {
+                    (
+                        d["_create_time"].as_i64().unwrap_or(0),
+                        d["id"].as_str().unwrap_or("").to_string(),
+                    )
+                };
+                key(a).cmp(&key(b))
+            });
+        }
+        Self {
+            objects,
+            snat_allocations: BTreeSet::new(),
+            calls: 0,
+        }
+    }
+
+    /// The kept (oldest) document of a key.
+    pub fn get(&self, key: &Key) -> Option<&Value> {
+        self.objects.get(key).and_then(|v| v.first())
+    }
+}
+
+/// Reads everything NCP owns from NSX.
+pub async fn observe<C>(
+    client: &NsxClient<C>,
+    cluster: &str,
+    infra: &Infra,
+) -> Result<Observed, NsxError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let before = client.stats().requests;
+    let mut docs: Vec<Value> = Vec::new();
+    for path in [
+        format!("pools/ip-subnets?block_id={}", infra.ip_block),
+        "pools/ip-pools".to_string(),
+        "logical-switches".to_string(),
+        "logical-routers?router_type=TIER1".to_string(),
+        "logical-router-ports".to_string(),
+        "logical-ports".to_string(),
+        format!("logical-routers/{}/nat/rules", infra.tier0),
+    ] {
+        docs.extend(client.list_all::<Value>(&path).await?);
+    }
+    let mut observed = Observed::from_docs(docs, cluster);
+    if let Some(pool) = &infra.snat_pool {
+        let a: Value = client
+            .get(&format!("pools/ip-pools/{pool}/allocations"))
+            .await?;
+        observed.snat_allocations = a["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["allocation_id"].as_str().map(str::to_string))
+            .collect();
+    }
+    observed.calls = (client.stats().requests - before) as usize;
+    Ok(observed)
+}

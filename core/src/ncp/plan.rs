@@ -1,0 +1,465 @@
+//! The plan: what to do to NSX so that it holds the desired state. Pure: desired, observed and
+//! the admin infra in, an ordered list of operations out; no I/O, no clock, no randomness.
+//!
+//! **What it decides, per identity**
+//! - observed but not desired: delete (garbage collection, also of what vanished while NCP was
+//!   down); observed more than once: keep the oldest, delete the others (duplicates);
+//! - desired but not observed: create;
+//! - both: compare the fields NCP owns (name, tags, and the kind's own fields). A difference in
+//!   a field NSX lets change is an update; in an immutable field (a port's switch, a router
+//!   port's links) a replacement (delete, then create). An object whose parent is being
+//!   created is replaced too: it points at the parent's old id.
+//! - a pod's VLAN: kept from its observed port; a new port gets the lowest VLAN (1-4093) not used
+//!   under its node's VIF by any observed port, not even one about to be deleted, so that a
+//!   failed delete can never leave two pods on one VLAN.
+//! - SNAT addresses allocated in the external pool that no kept SNAT rule carries are released
+//!   (an allocation whose rule was never created because NCP crashed in between).
+//!
+//! **Order**: deletes first, children before parents (router downlinks, ports, link ports,
+//! routers, switches, pools, subnets), then creates and updates, parents before children.
+//! A converged cluster plans no operation at all.
+//!
+//! **Cost**: linear in the number of objects, with map lookups; no NSX call.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Value, json};
+
+use super::desired::{Desired, Detail, Key, Spec};
+use super::infra::Infra;
+use super::naming::scope;
+use super::observe::Observed;
+use crate::nsx::model::Tag;
+
+/// Tag marking a tier-1 router whose route advertisement NCP has configured. A router is
+/// created without it and gets it after the advertisement is written, so a crash in between is
+/// seen as drift and repaired.
+pub const ADVERTISED: (&str, &str) = ("ncp/route_adv", "connected,nat");
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Create {
+        key: Key,
+        spec: Spec,
+    },
+    Update {
+        key: Key,
+        id: String,
+        spec: Spec,
+    },
+    Delete {
+        key: Key,
+        doc: Value,
+    },
+    /// Release an address of the SNAT pool that no rule uses.
+    ReleaseSnatIp {
+        pool: String,
+        ip: String,
+    },
+}
+
+/// A desired object that cannot be realized now, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unrealizable {
+    pub key: Key,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub unrealizable: Vec<Unrealizable>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Operations that write to NSX (every op does; creates of tier-1 routers and SNAT rules
+    /// take more than one request).
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+/// A dependency that has no object yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Missing(pub Key);
+
+fn id<'a>(resolved: &'a BTreeMap<Key, Value>, key: &Key) -> Result<&'a str, Missing> {
+    resolved
+        .get(key)
+        .and_then(|d| d["id"].as_str())
+        .ok_or_else(|| Missing(key.clone()))
+}
+
+/// Network, gateway, first and last pool address and prefix of a namespace subnet.
+pub fn subnet_layout(cidr: &str) -> Option<(u32, u32, u32, u32, u8)> {
+    let (ip, prefix) = cidr.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 30)?;
+    let net = u32::from(ip.parse::<std::net::Ipv4Addr>().ok()?);
+    let last = net | (u32::MAX >> prefix);
+    Some((net, net + 1, net + 2, last - 1, prefix))
+}
+
+fn ip(n: u32) -> String {
+    std::net::Ipv4Addr::from(n).to_string()
+}
+
+fn tags_json(tags: &[Tag]) -> Value {
+    serde_json::to_value(tags).unwrap_or(Value::Null)
+}
+
+/// The body NCP writes for `key`, with references resolved from `resolved` (observed and
+/// already created objects). `snat_ip` is the translated address of a SNAT rule.
+pub fn render(
+    key: &Key,
+    spec: &Spec,
+    infra: &Infra,
+    resolved: &BTreeMap<Key, Value>,
+    snat_ip: Option<&str>,
+) -> Result<Value, Missing> {
+    let ns = key.owner_uid().to_string();
+    let subnet_cidr = |u: &str| -> Result<String, Missing> {
+        let k = Key::Subnet(u.to_string());
+        resolved
+            .get(&k)
+            .and_then(|d| d["cidr"].as_str())
+            .map(str::to_string)
+            .ok_or(Missing(k))
+    };
+    let mut tags = spec.tags.clone();
+    let mut body = match &spec.detail {
+        Detail::Subnet { size } => {
+            json!({"resource_type": "IpBlockSubnet", "block_id": infra.ip_block, "size": size})
+        }
+        Detail::Pool => {
+            let cidr = subnet_cidr(&ns)?;
+            let (_, gw, first, last, _) =
+                subnet_layout(&cidr).ok_or_else(|| Missing(Key::Subnet(ns.clone())))?;
+            tags.push(Tag::new(scope::SUBNET, cidr.clone()));
+            tags.push(Tag::new(
+                scope::SUBNET_ID,
+                id(resolved, &Key::Subnet(ns.clone()))?,
+            ));
+            json!({"resource_type": "IpPool", "subnets": [{"cidr": cidr, "gateway_ip": ip(gw), "allocation_ranges": [{"start": ip(first), "end": ip(last)}]}]})
+        }
+        Detail::Switch => {
+            json!({"resource_type": "LogicalSwitch", "transport_zone_id": infra.transport_zone, "admin_state": "UP",
+            "replication_mode": "MTEP", "ip_pool_id": id(resolved, &Key::Pool(ns.clone()))?})
+        }
+        Detail::Tier1 => {
+            tags.push(Tag::new(ADVERTISED.0, ADVERTISED.1));
+            json!({"resource_type": "LogicalRouter", "router_type": "TIER1"})
+        }
+        Detail::T0Link => {
+            json!({"resource_type": "LogicalRouterLinkPortOnTIER0", "logical_router_id": infra.tier0})
+        }
+        Detail::T1Link => {
+            json!({"resource_type": "LogicalRouterLinkPortOnTIER1", "logical_router_id": id(resolved, &Key::Tier1(ns.clone()))?,
+            "linked_logical_router_port_id": {"target_id": id(resolved, &Key::T0Link(ns.clone()))?}})
+        }
+        Detail::DownlinkSwitchPort => {
+            json!({"resource_type": "LogicalPort", "logical_switch_id": id(resolved, &Key::Switch(ns.clone()))?, "admin_state": "UP"})
+        }
+        Detail::Downlink => {
+            let cidr = subnet_cidr(&ns)?;
+            let (_, gw, _, _, prefix) =
+                subnet_layout(&cidr).ok_or_else(|| Missing(Key::Subnet(ns.clone())))?;
+            json!({"resource_type": "LogicalRouterDownLinkPort", "logical_router_id": id(resolved, &Key::Tier1(ns.clone()))?,
+                "linked_logical_switch_port_id": {"target_id": id(resolved, &Key::DownlinkSwitchPort(ns.clone()))?},
+                "subnets": [{"ip_addresses": [ip(gw)], "prefix_length": prefix}]})
+        }
+        Detail::Snat => {
+            let cidr = subnet_cidr(&ns)?;
+            let translated = snat_ip.unwrap_or("");
+            tags.push(Tag::new(scope::SNAT_IP, translated));
+            if let Some(pool) = &infra.snat_pool {
+                tags.push(Tag::new(scope::EXTPOOL_ID, pool.clone()));
+            }
+            json!({"resource_type": "NatRule", "action": "SNAT", "match_source_network": cidr, "translated_network": translated, "enabled": true})
+        }
+        Detail::PodPort {
+            namespace_uid,
+            node,
+            app_id,
+            attachment_id,
+            vlan,
+        } => {
+            let parent = infra
+                .node_vifs
+                .get(node)
+                .ok_or_else(|| Missing(key.clone()))?;
+            json!({"resource_type": "LogicalPort", "logical_switch_id": id(resolved, &Key::Switch(namespace_uid.clone()))?, "admin_state": "UP",
+                "attachment": {"attachment_type": "VIF", "id": attachment_id, "context": {"resource_type": "VifAttachmentContext",
+                    "vif_type": "CHILD", "parent_vif_id": parent, "traffic_tag": vlan.unwrap_or(0), "app_id": app_id, "allocate_addresses": "Both"}}})
+        }
+    };
+    body["display_name"] = json!(spec.display_name);
+    body["tags"] = tags_json(&tags);
+    Ok(body)
+}
+
+/// Fields NCP owns beyond name and tags: (changeable, immutable), as dotted paths.
+fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
+    match key {
+        Key::Subnet(_) => (&[], &["block_id", "size"]),
+        Key::Pool(_) => (&["subnets"], &[]),
+        Key::Switch(_) => (&["ip_pool_id", "admin_state"], &["transport_zone_id"]),
+        Key::Tier1(_) => (&[], &["router_type"]),
+        Key::T0Link(_) => (&[], &["logical_router_id"]),
+        Key::T1Link(_) => (
+            &[],
+            &[
+                "logical_router_id",
+                "linked_logical_router_port_id.target_id",
+            ],
+        ),
+        Key::DownlinkSwitchPort(_) => (&["admin_state"], &["logical_switch_id"]),
+        Key::Downlink(_) => (
+            &["subnets"],
+            &[
+                "logical_router_id",
+                "linked_logical_switch_port_id.target_id",
+            ],
+        ),
+        Key::Snat(_) => (&["action", "match_source_network", "enabled"], &[]),
+        Key::PodPort(_) => (
+            &[
+                "admin_state",
+                "attachment.id",
+                "attachment.context.vif_type",
+                "attachment.context.parent_vif_id",
+                "attachment.context.app_id",
+                "attachment.context.allocate_addresses",
+                "attachment.context.traffic_tag",
+            ],
+            &["logical_switch_id"],
+        ),
+    }
+}
+
+fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+fn tag_set(v: &Value) -> BTreeSet<(String, String)> {
+    v["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| {
+            (
+                t["scope"].as_str().unwrap_or("").to_string(),
+                t["tag"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// How an observed object differs from what NCP wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drift {
+    None,
+    Update,
+    Replace,
+}
+
+/// Compares NCP's fields of `want` (a rendered body) with `have` (the observed document).
+pub fn drift(key: &Key, want: &Value, have: &Value) -> Drift {
+    let (changeable, immutable) = owned(key);
+    if immutable.iter().any(|p| at(want, p) != at(have, p)) {
+        return Drift::Replace;
+    }
+    let differs = want["display_name"] != have["display_name"]
+        || tag_set(want) != tag_set(have)
+        || changeable.iter().any(|p| at(want, p) != at(have, p));
+    if differs { Drift::Update } else { Drift::None }
+}
+
+/// The value of a tag on a document.
+pub fn tag_of<'a>(doc: &'a Value, scope_name: &str) -> Option<&'a str> {
+    doc["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["scope"] == scope_name)?["tag"]
+        .as_str()
+}
+
+/// Plans the operations that take NSX from `observed` to `desired`.
+pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
+    let mut deletes: Vec<(Key, Value)> = Vec::new();
+    let mut upserts: Vec<Op> = Vec::new();
+    let mut unrealizable = Vec::new();
+    for (key, docs) in &observed.objects {
+        let wanted = desired.objects.contains_key(key);
+        for (i, d) in docs.iter().enumerate() {
+            if !wanted || i > 0 {
+                deletes.push((key.clone(), d.clone()));
+            }
+        }
+    }
+    let kept: BTreeMap<Key, Value> = observed
+        .objects
+        .iter()
+        .filter(|(k, _)| desired.objects.contains_key(k))
+        .filter_map(|(k, v)| v.first().map(|d| (k.clone(), d.clone())))
+        .collect();
+    // VLANs in use under each parent VIF, by every observed port (kept, duplicate or doomed).
+    let mut vlans: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    for (key, docs) in &observed.objects {
+        if matches!(key, Key::PodPort(_)) {
+            for d in docs {
+                if let (Some(p), Some(t)) = (
+                    at(d, "attachment.context.parent_vif_id").and_then(Value::as_str),
+                    at(d, "attachment.context.traffic_tag").and_then(Value::as_i64),
+                ) {
+                    vlans.entry(p.to_string()).or_default().insert(t);
+                }
+            }
+        }
+    }
+    let mut keys: Vec<&Key> = desired.objects.keys().collect();
+    keys.sort_by_key(|k| (k.rank(), (*k).clone()));
+    let mut created: BTreeSet<Key> = BTreeSet::new();
+    let mut skipped: BTreeSet<Key> = BTreeSet::new();
+    for key in keys {
+        let mut spec = desired.objects[key].clone();
+        let ns_uid = match &spec.detail {
+            Detail::PodPort { namespace_uid, .. } => Some(namespace_uid.clone()),
+            _ => None,
+        };
+        let deps = key.deps(ns_uid.as_deref());
+        if let Some(d) = deps
+            .iter()
+            .find(|d| skipped.contains(d) || !desired.objects.contains_key(d))
+        {
+            unrealizable.push(Unrealizable {
+                key: key.clone(),
+                reason: format!("depends on {d:?}, which cannot be realized"),
+            });
+            skipped.insert(key.clone());
+            continue;
+        }
+        let have = kept.get(key);
+        if let Detail::PodPort { node, vlan, .. } = &mut spec.detail {
+            let Some(parent) = infra.node_vifs.get(node) else {
+                unrealizable.push(Unrealizable {
+                    key: key.clone(),
+                    reason: format!("node {node:?} has no VIF tagged ncp/node_name"),
+                });
+                skipped.insert(key.clone());
+                continue;
+            };
+            let observed_tag = have
+                .and_then(|d| at(d, "attachment.context.traffic_tag"))
+                .and_then(Value::as_i64);
+            let chosen = match observed_tag {
+                Some(t) if (1..=4093).contains(&t) => Some(t),
+                _ => {
+                    let used = vlans.entry(parent.clone()).or_default();
+                    let free = (1..=4093).find(|v| !used.contains(v));
+                    if let Some(v) = free {
+                        used.insert(v);
+                    }
+                    free
+                }
+            };
+            match chosen {
+                Some(t) => *vlan = Some(t as u16),
+                None => {
+                    unrealizable.push(Unrealizable {
+                        key: key.clone(),
+                        reason: format!("no free VLAN under {parent}"),
+                    });
+                    skipped.insert(key.clone());
+                    continue;
+                }
+            }
+        }
+        let parent_recreated = deps.iter().any(|d| created.contains(d));
+        match have {
+            None => {
+                created.insert(key.clone());
+                upserts.push(Op::Create {
+                    key: key.clone(),
+                    spec,
+                });
+            }
+            Some(doc) if parent_recreated => {
+                deletes.push((key.clone(), doc.clone()));
+                created.insert(key.clone());
+                upserts.push(Op::Create {
+                    key: key.clone(),
+                    spec,
+                });
+            }
+            Some(doc) => {
+                let snat_ip = doc["translated_network"].as_str().filter(|s| !s.is_empty());
+                let d = match render(key, &spec, infra, &kept, snat_ip) {
+                    Ok(want) => drift(key, &want, doc),
+                    // A dependency exists but lacks what we need (a subnet without a cidr).
+                    Err(_) => Drift::Replace,
+                };
+                let id = doc["id"].as_str().unwrap_or_default().to_string();
+                match d {
+                    Drift::None => {}
+                    Drift::Update => upserts.push(Op::Update {
+                        key: key.clone(),
+                        id,
+                        spec,
+                    }),
+                    Drift::Replace => {
+                        deletes.push((key.clone(), doc.clone()));
+                        created.insert(key.clone());
+                        upserts.push(Op::Create {
+                            key: key.clone(),
+                            spec,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let mut ops: Vec<Op> = Vec::new();
+    deletes.sort_by(|a, b| {
+        (std::cmp::Reverse(a.0.rank()), &a.0, a.1["id"].as_str()).cmp(&(
+            std::cmp::Reverse(b.0.rank()),
+            &b.0,
+            b.1["id"].as_str(),
+        ))
+    });
+    let mut released: BTreeSet<String> = BTreeSet::new();
+    for (key, doc) in deletes {
+        if matches!(key, Key::Snat(_)) {
+            if let Some(ip) = tag_of(&doc, scope::SNAT_IP) {
+                released.insert(ip.to_string());
+            }
+        }
+        ops.push(Op::Delete { key, doc });
+    }
+    if let Some(pool) = &infra.snat_pool {
+        let in_use: BTreeSet<&str> = kept
+            .iter()
+            .filter(|(k, d)| {
+                matches!(k, Key::Snat(_))
+                    && !ops
+                        .iter()
+                        .any(|o| matches!(o, Op::Delete { doc, .. } if doc["id"] == d["id"]))
+            })
+            .filter_map(|(_, d)| tag_of(d, scope::SNAT_IP))
+            .collect();
+        for a in &observed.snat_allocations {
+            if !in_use.contains(a.as_str()) && !released.contains(a) {
+                ops.push(Op::ReleaseSnatIp {
+                    pool: pool.clone(),
+                    ip: a.clone(),
+                });
+            }
+        }
+    }
+    ops.extend(upserts);
+    Plan { ops, unrealizable }
+}

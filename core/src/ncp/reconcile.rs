@@ -1,0 +1,75 @@
+//! One reconcile pass: observe NSX, plan against the desired state, apply.
+
+use hyper_util::client::legacy::connect::Connect;
+
+use super::apply::{Applier, ApplyError, ApplyReport};
+use super::desired::desired;
+use super::infra::Infra;
+use super::observe::observe;
+use super::plan::{Plan, plan};
+use crate::k8s::ClusterView;
+use crate::nsx::{NsxClient, NsxError};
+
+/// What a pass did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub plan: Plan,
+    pub report: ApplyReport,
+    /// NSX calls spent observing.
+    pub observe_calls: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("failed to observe NSX")]
+    Observe(#[source] NsxError),
+    #[error("failed to apply the plan after {} writes", report.writes)]
+    Apply {
+        #[source]
+        source: ApplyError,
+        report: ApplyReport,
+        plan: Plan,
+    },
+}
+
+impl ReconcileError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ReconcileError::Observe(e) => e.is_retryable(),
+            ReconcileError::Apply { source, .. } => source.is_retryable(),
+        }
+    }
+}
+
+/// Observe, plan, apply. `write_budget` simulates a crash after that many writes.
+pub async fn reconcile_once<C>(
+    client: &NsxClient<C>,
+    cluster: &str,
+    subnet_prefix: u8,
+    infra: &Infra,
+    view: &ClusterView,
+    write_budget: Option<usize>,
+) -> Result<Outcome, ReconcileError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let observed = observe(client, cluster, infra)
+        .await
+        .map_err(ReconcileError::Observe)?;
+    let want = desired(view, cluster, subnet_prefix);
+    let plan = plan(&want, &observed, infra);
+    let mut applier = Applier::new(client, infra, &observed);
+    applier.write_budget = write_budget;
+    match applier.apply(&plan).await {
+        Ok(report) => Ok(Outcome {
+            plan,
+            report,
+            observe_calls: observed.calls,
+        }),
+        Err((source, report)) => Err(ReconcileError::Apply {
+            source,
+            report,
+            plan,
+        }),
+    }
+}

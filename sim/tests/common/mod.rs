@@ -1,0 +1,155 @@
+//! NCP against the fake NSX manager over loopback TCP.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use fake_nsx_manager::bootstrap::{BootstrapConfig, ClusterSetup};
+use fake_nsx_manager::{FakeNsxManager, ManagerConfig};
+use hyper_util::client::legacy::connect::HttpConnector;
+use nsx_core::k8s::{ClusterView, fixture};
+use nsx_core::ncp::config::NcpConfig;
+use nsx_core::ncp::infra::{Infra, discover};
+use nsx_core::ncp::observe::{Observed, observe};
+use nsx_core::ncp::reconcile::{Outcome, ReconcileError, reconcile_once};
+use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
+use serde_json::Value;
+
+pub type Client = NsxClient<HttpConnector>;
+
+pub struct World {
+    pub nsx: FakeNsxManager,
+    pub url: String,
+}
+
+impl World {
+    pub async fn new(clusters: &[&str]) -> Self {
+        let setups = clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut s = ClusterSetup::new(c, 3);
+                s.container_block = format!("10.{}.0.0/16", 4 + i);
+                s.snat_pool = format!("192.0.{}.0/24", 2 + i);
+                s.lb_pool = format!("198.51.{}.0/24", 100 + i);
+                s.node_cidr = format!("172.16.{i}.0/24");
+                s
+            })
+            .collect();
+        let mut config = ManagerConfig {
+            bootstrap: Some(BootstrapConfig { clusters: setups }),
+            ..Default::default()
+        };
+        config.store.api_service.client_api_rate_limit = 0;
+        let nsx = FakeNsxManager::new(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = nsx.router();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { nsx, url }
+    }
+
+    /// A fresh NCP process: a new client (no session, no memory).
+    pub fn client(&self) -> Client {
+        let mut cfg = ClientConfig::new(
+            &self.url,
+            Auth::Basic {
+                user: "admin".into(),
+                password: "admin".into(),
+            },
+        );
+        cfg.rate_limit_per_second = 0;
+        cfg.backoff_base_ms = 1;
+        cfg.backoff_max_ms = 5;
+        NsxClient::new(HttpConnector::new(), cfg)
+    }
+
+    pub fn ncp_config(&self, cluster: &str) -> NcpConfig {
+        let boot = self.nsx.bootstrap().unwrap();
+        let mut c = NcpConfig::for_cluster(cluster);
+        c.external_ip_pools = vec![boot.clusters[cluster].snat_pool.clone()];
+        c.external_ip_pools_lb = vec![boot.clusters[cluster].lb_pool.clone()];
+        c
+    }
+
+    pub async fn infra(&self, cluster: &str) -> Infra {
+        discover(&self.client(), &self.ncp_config(cluster))
+            .await
+            .unwrap()
+    }
+
+    pub async fn reconcile(
+        &self,
+        cluster: &str,
+        view: &ClusterView,
+        budget: Option<usize>,
+    ) -> Result<Outcome, ReconcileError> {
+        let client = self.client();
+        let infra = self.infra(cluster).await;
+        reconcile_once(&client, cluster, 24, &infra, view, budget).await
+    }
+
+    pub async fn observe(&self, cluster: &str) -> Observed {
+        observe(&self.client(), cluster, &self.infra(cluster).await)
+            .await
+            .unwrap()
+    }
+
+    pub fn invariants(&self) {
+        self.nsx
+            .with_store(|s| s.check_invariants())
+            .unwrap_or_else(|e| panic!("fake NSX invariant: {e}"));
+    }
+
+    /// Every document of the store, by id.
+    pub fn docs(&self) -> BTreeMap<String, Value> {
+        self.nsx.with_store(|s| {
+            s.objects()
+                .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
+                .collect()
+        })
+    }
+
+    pub fn allocations(&self, pool: &str) -> Vec<String> {
+        let r = self
+            .nsx
+            .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+                method: "GET",
+                path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
+                query: &[],
+                body: b"",
+            });
+        r.body.unwrap()["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["allocation_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// `namespaces` namespaces `ns-i` with `pods` pods each, spread over node-1..node-3.
+pub fn view(namespaces: usize, pods: usize) -> ClusterView {
+    view_with_uids("", namespaces, pods)
+}
+
+/// The same, with UIDs prefixed (UIDs are unique across clusters, as real ones are).
+pub fn view_with_uids(prefix: &str, namespaces: usize, pods: usize) -> ClusterView {
+    let mut v = ClusterView::default();
+    for n in 0..namespaces {
+        v.add_namespace(fixture::namespace(
+            &format!("ns-{n}"),
+            &format!("{prefix}uid-ns-{n}"),
+        ));
+        for p in 0..pods {
+            let node = format!("node-{}", (n * pods + p) % 3 + 1);
+            v.add_pod(fixture::pod(
+                &format!("ns-{n}"),
+                &format!("pod-{p}"),
+                &format!("{prefix}uid-{n}-{p}"),
+                &node,
+                &[("app", "web")],
+            ));
+        }
+    }
+    v
+}

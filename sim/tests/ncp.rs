@@ -1,0 +1,389 @@
+//! NCP's reconcile core against the fake NSX manager: what namespaces and pods become, restart
+//! safety, garbage collection, self-healing, isolation between clusters, and a crash after every
+//! single write of a scenario.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{World, view, view_with_uids};
+use nsx_core::k8s::fixture;
+use nsx_core::ncp::desired::Key;
+use serde_json::Value;
+
+fn tag<'a>(d: &'a Value, scope: &str) -> Option<&'a str> {
+    d["tags"].as_array()?.iter().find(|t| t["scope"] == scope)?["tag"].as_str()
+}
+
+/// NCP's objects of a cluster, by resource type.
+fn counts(w: &World, cluster: &str) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for d in w.docs().values() {
+        let ours = d["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["scope"] == "ncp/cluster" && t["tag"] == cluster);
+        if ours && (tag(d, "ncp/project_uid").is_some() || tag(d, "ncp/pod_uid").is_some()) {
+            *c.entry(d["resource_type"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    c
+}
+
+fn expected(namespaces: usize, pods: usize) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    if namespaces > 0 {
+        for t in [
+            "IpBlockSubnet",
+            "IpPool",
+            "LogicalSwitch",
+            "LogicalRouter",
+            "LogicalRouterLinkPortOnTIER0",
+            "LogicalRouterLinkPortOnTIER1",
+            "LogicalRouterDownLinkPort",
+            "NatRule",
+        ] {
+            c.insert(t.to_string(), namespaces);
+        }
+        c.insert("LogicalPort".to_string(), namespaces + namespaces * pods);
+    }
+    c
+}
+
+#[track_caller]
+fn assert_no_duplicates(o: &nsx_core::ncp::observe::Observed) {
+    let dups: Vec<&Key> = o
+        .objects
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(dups.is_empty(), "duplicates: {dups:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_and_pods_become_linked_nsx_objects() {
+    let w = World::new(&["k8s-a"]).await;
+    let v = view(2, 3);
+    let out = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert!(
+        out.plan.unrealizable.is_empty(),
+        "{:?}",
+        out.plan.unrealizable
+    );
+    assert_eq!(counts(&w, "k8s-a"), expected(2, 3));
+    w.invariants();
+    let o = w.observe("k8s-a").await;
+    let infra = w.infra("k8s-a").await;
+    for n in 0..2 {
+        let u = format!("uid-ns-{n}");
+        let subnet = o.get(&Key::Subnet(u.clone())).unwrap();
+        assert_eq!(subnet["size"], 256);
+        let cidr = subnet["cidr"].as_str().unwrap();
+        let switch = o.get(&Key::Switch(u.clone())).unwrap();
+        let pool = o.get(&Key::Pool(u.clone())).unwrap();
+        assert_eq!(switch["ip_pool_id"], pool["id"]);
+        assert_eq!(pool["subnets"][0]["cidr"], cidr);
+        assert_eq!(switch["display_name"], format!("k8s-a-ns-{n}"));
+        let t1 = o.get(&Key::Tier1(u.clone())).unwrap();
+        let t1link = o.get(&Key::T1Link(u.clone())).unwrap();
+        let t0link = o.get(&Key::T0Link(u.clone())).unwrap();
+        assert_eq!(t1link["logical_router_id"], t1["id"]);
+        assert_eq!(t0link["linked_logical_router_port_id"], t1link["id"]);
+        assert_eq!(t0link["logical_router_id"], infra.tier0.as_str());
+        let dsp = o.get(&Key::DownlinkSwitchPort(u.clone())).unwrap();
+        let downlink = o.get(&Key::Downlink(u.clone())).unwrap();
+        assert_eq!(
+            dsp["attachment"]["id"], downlink["id"],
+            "the downlink attaches the switch port"
+        );
+        let adv = w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+            method: "GET",
+            path: &format!(
+                "/api/v1/logical-routers/{}/routing/advertisement",
+                t1["id"].as_str().unwrap()
+            ),
+            query: &[],
+            body: b"",
+        });
+        assert_eq!(adv.body.unwrap()["advertise_nsx_connected_routes"], true);
+        let snat = o.get(&Key::Snat(u.clone())).unwrap();
+        assert_eq!(snat["match_source_network"], cidr);
+        let ip = snat["translated_network"].as_str().unwrap();
+        assert_eq!(tag(snat, "ncp/snat_ip"), Some(ip));
+        assert!(
+            w.allocations(infra.snat_pool.as_ref().unwrap())
+                .contains(&ip.to_string())
+        );
+    }
+    // Pods: a CHILD VIF of their node's VIF, VLANs unique per node, addresses from the subnet.
+    let mut vlans: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    for n in 0..2 {
+        for p in 0..3 {
+            let port = o.get(&Key::PodPort(format!("uid-{n}-{p}"))).unwrap();
+            let ctx = &port["attachment"]["context"];
+            assert_eq!(ctx["vif_type"], "CHILD");
+            let parent = ctx["parent_vif_id"].as_str().unwrap().to_string();
+            assert!(infra.node_vifs.values().any(|v| *v == parent));
+            assert!(
+                vlans
+                    .entry(parent)
+                    .or_default()
+                    .insert(ctx["traffic_tag"].as_i64().unwrap()),
+                "VLAN reused on one node"
+            );
+            assert_eq!(tag(port, "app"), Some("web"));
+            let net = &out.report.pod_networks[&format!("uid-{n}-{p}")];
+            let cidr = o.get(&Key::Subnet(format!("uid-ns-{n}"))).unwrap()["cidr"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let prefix = cidr.rsplit_once('.').unwrap().0;
+            assert!(net.ip.starts_with(prefix), "{} not in {cidr}", net.ip);
+            assert!(!net.ip.ends_with(".1"), "never the gateway");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_converged_cluster_restarts_with_zero_writes() {
+    let w = World::new(&["k8s-a"]).await;
+    let v = view(3, 4);
+    w.reconcile("k8s-a", &v, None).await.unwrap();
+    let before = w.nsx.counters();
+    let again = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert!(again.plan.is_empty(), "{:?}", again.plan.ops);
+    assert_eq!(again.report.writes, 0);
+    let after = w.nsx.counters();
+    assert_eq!(after.writes, before.writes, "a restart must not write");
+    assert!(
+        again.observe_calls <= 8,
+        "observation took {} calls",
+        again.observe_calls
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_namespaces_and_pods_removes_everything_and_releases_addresses() {
+    let w = World::new(&["k8s-a"]).await;
+    let infra = w.infra("k8s-a").await;
+    let snat_pool = infra.snat_pool.clone().unwrap();
+    let mut v = view(2, 2);
+    w.reconcile("k8s-a", &v, None).await.unwrap();
+    v.pods.remove(&("ns-0".to_string(), "pod-0".to_string()));
+    w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert_eq!(counts(&w, "k8s-a")["LogicalPort"], 2 + 3);
+    v.namespaces.remove("ns-1");
+    w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert_eq!(counts(&w, "k8s-a"), expected(1, 1));
+    assert_eq!(w.allocations(&snat_pool).len(), 1);
+    let mut empty = v.clone();
+    empty.namespaces.clear();
+    empty.pods.clear();
+    w.reconcile("k8s-a", &empty, None).await.unwrap();
+    assert!(counts(&w, "k8s-a").is_empty(), "{:?}", counts(&w, "k8s-a"));
+    assert!(w.allocations(&snat_pool).is_empty());
+    // Nothing of the admin's is gone: the block, pools, node ports, the tier-0.
+    let boot = w.nsx.bootstrap().unwrap();
+    let docs = w.docs();
+    for id in [
+        &boot.tier0_router,
+        &boot.transport_zone,
+        &boot.clusters["k8s-a"].ip_block,
+        &snat_pool,
+    ] {
+        assert!(docs.contains_key(id), "admin object {id} was deleted");
+    }
+    assert_eq!(
+        docs.values()
+            .filter(|d| d["resource_type"] == "IpBlockSubnet")
+            .count(),
+        0
+    );
+    w.invariants();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_changed_or_deleted_by_an_admin_are_put_back() {
+    let w = World::new(&["k8s-a"]).await;
+    let v = view(1, 2);
+    w.reconcile("k8s-a", &v, None).await.unwrap();
+    let o = w.observe("k8s-a").await;
+    let port = o.get(&Key::PodPort("uid-0-0".into())).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let switch = o.get(&Key::Switch("uid-ns-0".into())).unwrap().clone();
+    let snat = o.get(&Key::Snat("uid-ns-0".into())).unwrap().clone();
+    w.nsx.with_store_mut(|s, ctx| {
+        s.delete(
+            ctx,
+            fake_nsx_manager::kind::Kind::LogicalPort,
+            &port,
+            fake_nsx_manager::store::DeleteFlags {
+                detach: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut doc = switch.clone();
+        doc["display_name"] = "renamed-by-admin".into();
+        doc["tags"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|t| t["scope"] != "ncp/version");
+        s.update(
+            ctx,
+            fake_nsx_manager::kind::Kind::LogicalSwitch,
+            switch["id"].as_str().unwrap(),
+            &doc,
+        )
+        .unwrap();
+        s.delete(
+            ctx,
+            fake_nsx_manager::kind::Kind::NatRule,
+            snat["id"].as_str().unwrap(),
+            Default::default(),
+        )
+        .unwrap();
+    });
+    let out = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert_eq!(out.plan.ops.len(), 4, "{:#?}", out.plan.ops);
+    let o = w.observe("k8s-a").await;
+    assert_eq!(
+        o.get(&Key::Switch("uid-ns-0".into())).unwrap()["display_name"],
+        "k8s-a-ns-0"
+    );
+    assert!(o.get(&Key::PodPort("uid-0-0".into())).is_some());
+    assert!(o.get(&Key::Snat("uid-ns-0".into())).is_some());
+    // The rule's old address was released when it went (by the plan), the new one is allocated.
+    let pool = w.infra("k8s-a").await.snat_pool.unwrap();
+    assert_eq!(w.allocations(&pool).len(), 1);
+    assert!(
+        w.reconcile("k8s-a", &v, None)
+            .await
+            .unwrap()
+            .plan
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_on_one_manager_never_touch_each_other() {
+    let w = World::new(&["k8s-a", "k8s-b"]).await;
+    w.reconcile("k8s-b", &view_with_uids("b-", 2, 2), None)
+        .await
+        .unwrap();
+    let b_before: BTreeMap<String, Value> = w
+        .docs()
+        .into_iter()
+        .filter(|(_, d)| tag(d, "ncp/cluster") == Some("k8s-b"))
+        .collect();
+    w.reconcile("k8s-a", &view(3, 1), None).await.unwrap();
+    w.reconcile("k8s-a", &nsx_core::k8s::ClusterView::default(), None)
+        .await
+        .unwrap();
+    let b_after: BTreeMap<String, Value> = w
+        .docs()
+        .into_iter()
+        .filter(|(_, d)| tag(d, "ncp/cluster") == Some("k8s-b"))
+        .collect();
+    assert_eq!(b_before, b_after, "cluster A changed cluster B's objects");
+    assert_eq!(counts(&w, "k8s-b"), expected(2, 2));
+    assert!(counts(&w, "k8s-a").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_recreated_under_the_same_name_while_ncp_was_down_gets_a_new_port() {
+    let w = World::new(&["k8s-a"]).await;
+    let mut v = view(1, 1);
+    w.reconcile("k8s-a", &v, None).await.unwrap();
+    let old = w
+        .observe("k8s-a")
+        .await
+        .get(&Key::PodPort("uid-0-0".into()))
+        .unwrap()["id"]
+        .clone();
+    v.add_pod(fixture::pod("ns-0", "pod-0", "uid-0-0-new", "node-1", &[]));
+    w.reconcile("k8s-a", &v, None).await.unwrap();
+    let o = w.observe("k8s-a").await;
+    assert!(o.get(&Key::PodPort("uid-0-0".into())).is_none());
+    assert_ne!(
+        o.get(&Key::PodPort("uid-0-0-new".into())).unwrap()["id"],
+        old
+    );
+}
+
+/// Runs `from` to convergence, then crashes NCP right after write N of the change to `to`,
+/// restarts it and checks it converges to `to` with nothing duplicated or leaked.
+async fn crash_sweep(
+    from: nsx_core::k8s::ClusterView,
+    to: nsx_core::k8s::ClusterView,
+    ns: usize,
+    pods: usize,
+) {
+    let clean = World::new(&["k8s-a"]).await;
+    clean.reconcile("k8s-a", &from, None).await.unwrap();
+    let total = clean
+        .reconcile("k8s-a", &to, None)
+        .await
+        .unwrap()
+        .report
+        .writes;
+    assert!(total > 5, "the scenario should write something: {total}");
+    for n in 0..total {
+        let w = World::new(&["k8s-a"]).await;
+        w.reconcile("k8s-a", &from, None).await.unwrap();
+        let crashed = w.reconcile("k8s-a", &to, Some(n)).await;
+        assert!(
+            crashed.is_err(),
+            "budget {n} of {total} did not stop the plan"
+        );
+        // NCP restarts with empty memory and converges.
+        let after = w
+            .reconcile("k8s-a", &to, None)
+            .await
+            .unwrap_or_else(|e| panic!("after a crash at write {n}: {e:?}"));
+        assert!(
+            after.report.writes <= total + 3,
+            "write {n}: recovery wrote {} (clean run {total})",
+            after.report.writes
+        );
+        let o = w.observe("k8s-a").await;
+        assert_no_duplicates(&o);
+        assert_eq!(
+            counts(&w, "k8s-a"),
+            expected(ns, pods),
+            "after a crash at write {n}"
+        );
+        let pool = w.infra("k8s-a").await.snat_pool.unwrap();
+        assert_eq!(
+            w.allocations(&pool).len(),
+            ns,
+            "SNAT addresses leaked after a crash at write {n}"
+        );
+        w.invariants();
+        let again = w.reconcile("k8s-a", &to, None).await.unwrap();
+        assert!(
+            again.plan.is_empty(),
+            "not converged after a crash at write {n}: {:?}",
+            again.plan.ops
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_write_of_a_creation_converges_without_duplicates_or_leaks() {
+    crash_sweep(nsx_core::k8s::ClusterView::default(), view(2, 2), 2, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_write_of_a_deletion_converges_without_leaks() {
+    let mut to = view(2, 2);
+    to.namespaces.remove("ns-1");
+    to.pods.retain(|(ns, _), _| ns != "ns-1");
+    to.pods.remove(&("ns-0".to_string(), "pod-1".to_string()));
+    crash_sweep(view(2, 2), to, 1, 1).await;
+}
