@@ -1,0 +1,271 @@
+//! For random cluster states and random NSX starting states (another converged cluster state,
+//! then objects deleted, renamed, duplicated by an admin and SNAT addresses leaked), one
+//! reconcile pass reaches exactly the desired state, and planning again yields no operation.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::World;
+use nsx_core::k8s::{ClusterView, annotation, fixture};
+use nsx_core::ncp::desired::{Key, desired};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+#[derive(Debug, Clone)]
+struct NsGen {
+    no_snat: bool,
+    pods: Vec<(u8, bool)>, // (node 0..3 where 3 has no VIF, label)
+}
+
+fn cluster() -> impl Strategy<Value = Vec<NsGen>> {
+    proptest::collection::vec(
+        (
+            any::<bool>(),
+            proptest::collection::vec((0u8..4, any::<bool>()), 0..4),
+        )
+            .prop_map(|(no_snat, pods)| NsGen { no_snat, pods }),
+        0..4,
+    )
+}
+
+fn to_view(spec: &[NsGen], generation: u8) -> ClusterView {
+    let mut v = ClusterView::default();
+    for (n, ns) in spec.iter().enumerate() {
+        let mut nsobj = fixture::namespace(&format!("ns-{n}"), &format!("uid-ns-{n}"));
+        if ns.no_snat {
+            nsobj.metadata.annotations =
+                Some([(annotation::NO_SNAT.to_string(), "true".to_string())].into());
+        }
+        v.add_namespace(nsobj);
+        for (p, (node, label)) in ns.pods.iter().enumerate() {
+            let labels: &[(&str, &str)] = if *label { &[("app", "web")] } else { &[] };
+            // Even-numbered pods can be the same pod in start and target (same UID); odd ones are
+            // recreated (a new UID). A pod never changes nodes, so the node is part of its UID.
+            let uid = format!(
+                "uid-{n}-{p}-g{}-n{node}",
+                if p % 2 == 0 { 0 } else { generation }
+            );
+            v.add_pod(fixture::pod(
+                &format!("ns-{n}"),
+                &format!("pod-{p}"),
+                &uid,
+                &format!("node-{}", node + 1),
+                labels,
+            ));
+        }
+    }
+    v
+}
+
+#[derive(Debug, Clone)]
+enum Damage {
+    DeleteOne(usize),
+    Rename(usize),
+    DuplicatePort(usize),
+    LeakSnatIp,
+}
+
+fn damage() -> impl Strategy<Value = Vec<Damage>> {
+    proptest::collection::vec(
+        prop_oneof![
+            (0usize..64).prop_map(Damage::DeleteOne),
+            (0usize..64).prop_map(Damage::Rename),
+            (0usize..64).prop_map(Damage::DuplicatePort),
+            Just(Damage::LeakSnatIp),
+        ],
+        0..5,
+    )
+}
+
+fn ncp_docs(w: &World) -> Vec<Value> {
+    w.docs()
+        .into_values()
+        .filter(|d| nsx_core::ncp::observe::classify(d, "k8s-a").is_some())
+        .collect()
+}
+
+fn apply_damage(w: &World, damage: &[Damage], snat_pool: &str) {
+    use fake_nsx_manager::dispatch::ApiRequest;
+    for d in damage {
+        let docs = ncp_docs(w);
+        if docs.is_empty() && !matches!(d, Damage::LeakSnatIp) {
+            continue;
+        }
+        match d {
+            Damage::DeleteOne(i) => {
+                let doc = &docs[i % docs.len()];
+                let rt = doc["resource_type"].as_str().unwrap_or("");
+                let id = doc["id"].as_str().unwrap_or("");
+                let path = match rt {
+                    "NatRule" => format!(
+                        "/api/v1/logical-routers/{}/nat/rules/{id}",
+                        doc["logical_router_id"].as_str().unwrap_or("")
+                    ),
+                    "IpBlockSubnet" => format!("/api/v1/pools/ip-subnets/{id}"),
+                    "IpPool" => format!("/api/v1/pools/ip-pools/{id}"),
+                    "LogicalSwitch" => format!("/api/v1/logical-switches/{id}"),
+                    "LogicalRouter" => format!("/api/v1/logical-routers/{id}"),
+                    "LogicalPort" => format!("/api/v1/logical-ports/{id}"),
+                    _ => format!("/api/v1/logical-router-ports/{id}"),
+                };
+                // An admin deleting by hand: some deletes are refused by NSX, which is fine.
+                let q = [
+                    ("detach".to_string(), "true".to_string()),
+                    ("cascade".to_string(), "true".to_string()),
+                    ("force".to_string(), "true".to_string()),
+                ];
+                w.nsx.call_as_admin(ApiRequest {
+                    method: "DELETE",
+                    path: &path,
+                    query: &q,
+                    body: b"",
+                });
+            }
+            Damage::Rename(i) => {
+                let doc = &docs[i % docs.len()];
+                w.nsx.with_store_mut(|s, ctx| {
+                    if let Some(o) = s.object(doc["id"].as_str().unwrap_or("")) {
+                        let kind = o.kind;
+                        let mut body = Value::Object(o.doc.clone());
+                        body["display_name"] = json!("renamed by admin");
+                        let _ = s.update(ctx, kind, doc["id"].as_str().unwrap_or(""), &body);
+                    }
+                });
+            }
+            Damage::DuplicatePort(i) => {
+                let ports: Vec<&Value> = docs
+                    .iter()
+                    .filter(|d| {
+                        nsx_core::ncp::observe::classify(d, "k8s-a")
+                            .is_some_and(|k| matches!(k, Key::PodPort(_)))
+                    })
+                    .collect();
+                if let Some(p) = ports.get(i % ports.len().max(1)) {
+                    // A lost answer to a create, repeated: a second port with the same identity.
+                    let mut copy = (*p).clone();
+                    for k in [
+                        "id",
+                        "_revision",
+                        "_create_time",
+                        "_create_user",
+                        "_last_modified_time",
+                        "_last_modified_user",
+                        "_protection",
+                        "_system_owned",
+                    ] {
+                        copy.as_object_mut().unwrap().remove(k);
+                    }
+                    copy["attachment"]["id"] = json!(format!(
+                        "{}-dup",
+                        p["attachment"]["id"].as_str().unwrap_or("")
+                    ));
+                    let body = serde_json::to_vec(&copy).unwrap();
+                    w.nsx.call_as_admin(ApiRequest {
+                        method: "POST",
+                        path: "/api/v1/logical-ports",
+                        query: &[],
+                        body: &body,
+                    });
+                }
+            }
+            Damage::LeakSnatIp => {
+                let path = format!("/api/v1/pools/ip-pools/{snat_pool}");
+                let q = [("action".to_string(), "ALLOCATE".to_string())];
+                w.nsx.call_as_admin(ApiRequest {
+                    method: "POST",
+                    path: &path,
+                    query: &q,
+                    body: b"{\"allocation_id\": null}",
+                });
+            }
+        }
+    }
+}
+
+fn expected_counts(view: &ClusterView, node_vifs: usize) -> BTreeMap<Key, usize> {
+    let want = desired(view, "k8s-a", 24);
+    want.objects
+        .into_iter()
+        .filter(|(k, spec)| match &spec.detail {
+            nsx_core::ncp::desired::Detail::PodPort { node, .. } => {
+                let n: usize = node.trim_start_matches("node-").parse().unwrap_or(99);
+                let _ = k;
+                n <= node_vifs
+            }
+            _ => true,
+        })
+        .map(|(k, _)| (k, 1))
+        .collect()
+}
+
+fn run_case(
+    start: Vec<NsGen>,
+    damage: Vec<Damage>,
+    target: Vec<NsGen>,
+) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let w = World::new(&["k8s-a"]).await;
+        let infra = w.infra("k8s-a").await;
+        let snat_pool = infra.snat_pool.clone().unwrap();
+        let start_view = to_view(&start, 1);
+        w.reconcile("k8s-a", &start_view, None)
+            .await
+            .map_err(|e| TestCaseError::fail(format!("start: {e:?}")))?;
+        apply_damage(&w, &damage, &snat_pool);
+        let target_view = to_view(&target, 2);
+        let out = w
+            .reconcile("k8s-a", &target_view, None)
+            .await
+            .map_err(|e| TestCaseError::fail(format!("target: {e:?}")))?;
+        let o = w.observe("k8s-a").await;
+        let got: BTreeMap<Key, usize> = o
+            .objects
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len()))
+            .collect();
+        prop_assert_eq!(
+            got,
+            expected_counts(&target_view, 3),
+            "unrealizable: {:?}",
+            out.plan.unrealizable
+        );
+        let snat_rules = o
+            .objects
+            .keys()
+            .filter(|k| matches!(k, Key::Snat(_)))
+            .count();
+        prop_assert_eq!(
+            w.allocations(&snat_pool).len(),
+            snat_rules,
+            "SNAT allocations leaked"
+        );
+        w.nsx
+            .with_store(|s| s.check_invariants())
+            .map_err(TestCaseError::fail)?;
+        let again = w
+            .reconcile("k8s-a", &target_view, None)
+            .await
+            .map_err(|e| TestCaseError::fail(format!("again: {e:?}")))?;
+        prop_assert!(
+            again.plan.is_empty(),
+            "a converged state planned {:?}",
+            again.plan.ops
+        );
+        Ok(())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn one_pass_reaches_the_desired_state_from_any_start(start in cluster(), damage in damage(), target in cluster()) {
+        run_case(start, damage, target)?;
+    }
+}
