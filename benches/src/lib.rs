@@ -70,3 +70,84 @@ pub fn created(r: &ApiResponse) -> String {
         _ => panic!("fixture request failed: {} {:?}", r.status, r.body),
     }
 }
+
+/// A cluster of `pods` pods, 10 per namespace, over three nodes.
+pub fn cluster_view(pods: usize) -> nsx_core::k8s::ClusterView {
+    use nsx_core::k8s::fixture;
+    let mut v = nsx_core::k8s::ClusterView::default();
+    for n in 0..pods.div_ceil(10) {
+        v.add_namespace(fixture::namespace(
+            &format!("ns-{n}"),
+            &format!("uid-ns-{n}"),
+        ));
+    }
+    for i in 0..pods {
+        let n = i / 10;
+        v.add_pod(fixture::pod(
+            &format!("ns-{n}"),
+            &format!("pod-{i}"),
+            &format!("uid-pod-{i}"),
+            &format!("node-{}", i % 3 + 1),
+            &[("app", "web"), ("tier", "front")],
+        ));
+    }
+    v
+}
+
+/// Infra ids for the pure NCP benchmarks.
+pub fn infra() -> nsx_core::ncp::infra::Infra {
+    nsx_core::ncp::infra::Infra {
+        transport_zone: "tz".into(),
+        tier0: "t0".into(),
+        ip_block: "block".into(),
+        snat_pool: Some("snat".into()),
+        node_vifs: (1..=3)
+            .map(|i| (format!("node-{i}"), format!("vif-{i}")))
+            .collect(),
+    }
+}
+
+/// What NSX holds once `view` is realized: every created object as the manager would return it,
+/// built by playing the creation plan against an in-memory id and subnet allocator.
+pub fn converged_observation(
+    view: &nsx_core::k8s::ClusterView,
+    infra: &nsx_core::ncp::infra::Infra,
+) -> nsx_core::ncp::observe::Observed {
+    use std::collections::BTreeMap;
+
+    use nsx_core::ncp::desired::{Key, desired};
+    use nsx_core::ncp::observe::Observed;
+    use nsx_core::ncp::plan::{Op, plan, render};
+
+    let want = desired(view, "k8s-a", 24);
+    let creation = plan(&want, &Observed::default(), infra);
+    let mut resolved: BTreeMap<Key, Value> = BTreeMap::new();
+    let mut allocations = std::collections::BTreeSet::new();
+    let mut subnets = 0u32;
+    for (n, op) in creation.ops.iter().enumerate() {
+        let Op::Create { key, spec } = op else {
+            panic!("a creation plan only creates: {op:?}")
+        };
+        let snat_ip =
+            matches!(key, Key::Snat(_)).then(|| format!("192.0.{}.{}", n / 250, n % 250 + 1));
+        let mut doc = render(key, spec, infra, &resolved, snat_ip.as_deref())
+            .expect("dependencies come first");
+        doc["id"] = json!(format!("id-{n}"));
+        doc["_create_time"] = json!(n);
+        doc["_revision"] = json!(0);
+        if let Key::Subnet(_) = key {
+            doc["cidr"] = json!(format!("10.{}.{}.0/24", 4 + subnets / 256, subnets % 256));
+            subnets += 1;
+        }
+        if let Key::T0Link(_) = key {
+            doc["linked_logical_router_port_id"] = json!("set-by-nsx");
+        }
+        if let Some(ip) = snat_ip {
+            allocations.insert(ip);
+        }
+        resolved.insert(key.clone(), doc);
+    }
+    let mut observed = Observed::from_docs(resolved.into_values(), "k8s-a");
+    observed.snat_allocations = allocations;
+    observed
+}

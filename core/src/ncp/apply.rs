@@ -304,13 +304,12 @@ where
     async fn update(&mut self, key: &Key, id: &str, spec: &Spec) -> Result<(), ApplyError> {
         let p = format!("{}/{id}", path(key.collection(), self.infra));
         let current = self.resolved.get(key).cloned();
-        if let Key::Tier1(_) = key {
-            if !current
+        if let Key::Tier1(_) = key
+            && current
                 .as_ref()
-                .is_some_and(|d| tag_of(d, ADVERTISED.0).is_some())
-            {
-                self.write_advertisement(id).await?;
-            }
+                .is_none_or(|d| tag_of(d, ADVERTISED.0).is_none())
+        {
+            self.write_advertisement(id).await?;
         }
         let snat_ip = current
             .as_ref()

@@ -230,19 +230,18 @@ impl NcpConfig {
             section: "coe",
             key: "cluster",
         })?;
-        if let Some(e) = get("coe", "cluster") {
-            if cluster.len() > 40
+        if let Some(e) = get("coe", "cluster")
+            && (cluster.len() > 40
                 || !cluster
                     .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-            {
-                return Err(invalid(
-                    "coe",
-                    "cluster",
-                    e,
-                    "use at most 40 letters, digits, '-', '_' or '.'",
-                ));
-            }
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+        {
+            return Err(invalid(
+                "coe",
+                "cluster",
+                e,
+                "use at most 40 letters, digits, '-', '_' or '.'",
+            ));
         }
         let managers = list("nsx_v3", "nsx_api_managers");
         if managers.is_empty() {

@@ -1,7 +1,7 @@
 //! NCP: turns namespaces and pods into NSX objects.
 //!
 //! Layout:
-//! - [`config`]: `ncp.ini`.
+//! - [`config`]: reading `ncp.ini`, NCP's configuration file.
 //! - [`naming`]: names and tags within NSX's limits.
 //! - [`desired`]: the pure function from the cluster view to the NSX objects that should exist.
 //! - [`observe`]: what NSX holds under this cluster's tag, classified by identity.

@@ -88,9 +88,27 @@ impl Plan {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Missing(pub Key);
 
-fn id<'a>(resolved: &'a BTreeMap<Key, Value>, key: &Key) -> Result<&'a str, Missing> {
+/// Where [`render`] finds the objects a body refers to: the planner passes borrowed observed
+/// documents, the applier its own map of observed and created ones.
+pub trait Resolve {
+    fn resolve(&self, key: &Key) -> Option<&Value>;
+}
+
+impl Resolve for BTreeMap<Key, Value> {
+    fn resolve(&self, key: &Key) -> Option<&Value> {
+        self.get(key)
+    }
+}
+
+impl Resolve for BTreeMap<Key, &Value> {
+    fn resolve(&self, key: &Key) -> Option<&Value> {
+        self.get(key).copied()
+    }
+}
+
+fn id<'a, R: Resolve + ?Sized>(resolved: &'a R, key: &Key) -> Result<&'a str, Missing> {
     resolved
-        .get(key)
+        .resolve(key)
         .and_then(|d| d["id"].as_str())
         .ok_or_else(|| Missing(key.clone()))
 }
@@ -114,18 +132,18 @@ fn tags_json(tags: &[Tag]) -> Value {
 
 /// The body NCP writes for `key`, with references resolved from `resolved` (observed and
 /// already created objects). `snat_ip` is the translated address of a SNAT rule.
-pub fn render(
+pub fn render<R: Resolve + ?Sized>(
     key: &Key,
     spec: &Spec,
     infra: &Infra,
-    resolved: &BTreeMap<Key, Value>,
+    resolved: &R,
     snat_ip: Option<&str>,
 ) -> Result<Value, Missing> {
     let ns = key.owner_uid().to_string();
     let subnet_cidr = |u: &str| -> Result<String, Missing> {
         let k = Key::Subnet(u.to_string());
         resolved
-            .get(&k)
+            .resolve(&k)
             .and_then(|d| d["cidr"].as_str())
             .map(str::to_string)
             .ok_or(Missing(k))
@@ -301,11 +319,11 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
             }
         }
     }
-    let kept: BTreeMap<Key, Value> = observed
+    let kept: BTreeMap<Key, &Value> = observed
         .objects
         .iter()
         .filter(|(k, _)| desired.objects.contains_key(k))
-        .filter_map(|(k, v)| v.first().map(|d| (k.clone(), d.clone())))
+        .filter_map(|(k, v)| v.first().map(|d| (k.clone(), d)))
         .collect();
     // VLANs in use under each parent VIF, by every observed port (kept, duplicate or doomed).
     let mut vlans: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
@@ -389,7 +407,7 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 });
             }
             Some(doc) if parent_recreated => {
-                deletes.push((key.clone(), doc.clone()));
+                deletes.push((key.clone(), (*doc).clone()));
                 created.insert(key.clone());
                 upserts.push(Op::Create {
                     key: key.clone(),
@@ -412,7 +430,7 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                         spec,
                     }),
                     Drift::Replace => {
-                        deletes.push((key.clone(), doc.clone()));
+                        deletes.push((key.clone(), (*doc).clone()));
                         created.insert(key.clone());
                         upserts.push(Op::Create {
                             key: key.clone(),
@@ -433,10 +451,10 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
     });
     let mut released: BTreeSet<String> = BTreeSet::new();
     for (key, doc) in deletes {
-        if matches!(key, Key::Snat(_)) {
-            if let Some(ip) = tag_of(&doc, scope::SNAT_IP) {
-                released.insert(ip.to_string());
-            }
+        if matches!(key, Key::Snat(_))
+            && let Some(ip) = tag_of(&doc, scope::SNAT_IP)
+        {
+            released.insert(ip.to_string());
         }
         ops.push(Op::Delete { key, doc });
     }
