@@ -5,6 +5,7 @@
 //! - [`net`]: HTTP over turmoil TCP (a connector for the production client, an accept loop for
 //!   axum apps).
 //! - [`trace`]: the run's event trace and its stable hash.
+//! - [`apiserver`]: a fake kube-apiserver that kube-rs works against unchanged.
 //! - [`spine`]: the NSX spine: fake manager, a controller host with the production client,
 //!   scheduled faults (partition, hold, latency, manager restart, injected NSX errors).
 //!
@@ -14,6 +15,7 @@
 //! println!("trace hash {:016x}", report.trace_hash);
 //! ```
 
+pub mod apiserver;
 pub mod net;
 pub mod spine;
 pub mod trace;

@@ -94,3 +94,15 @@ pub async fn serve(port: u16, app: axum::Router) -> turmoil::Result {
         });
     }
 }
+
+/// A kube-rs `Client` for `base` (`http://apiserver:6443`) over turmoil TCP: the same client,
+/// watchers and patch calls as in production, only the connector differs.
+pub fn kube_client(base: &str) -> Result<kube::Client, http::uri::InvalidUri> {
+    let base: Uri = base.parse()?;
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, kube::client::Body>(TurmoilConnector);
+    let svc = tower::ServiceBuilder::new()
+        .layer(kube::client::middleware::BaseUriLayer::new(base))
+        .service(http);
+    Ok(kube::Client::new(svc, "default"))
+}
