@@ -129,6 +129,7 @@ pub struct RequestLogEntry {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
     pub total: u64,
+    /// Non-GET requests to `/api/v1` (session logins are not writes).
     pub writes: u64,
     pub by_status: BTreeMap<u16, u64>,
 }
@@ -554,7 +555,8 @@ impl Inner {
         }
         self.log.push_back(entry);
         self.counters.total += 1;
-        if is_write(method) {
+        // A write changes the API's objects; logging in and out does not.
+        if is_write(method) && path.starts_with("/api/v1/") {
             self.counters.writes += 1;
         }
         *self.counters.by_status.entry(status).or_default() += 1;

@@ -506,13 +506,12 @@ impl ApiServer {
                 }
             },
         };
-        if let Some(ns) = ns {
-            if !g
+        if let Some(ns) = ns
+            && !g
                 .objects
                 .contains_key(&("namespaces", String::new(), ns.to_string()))
-            {
-                return Err(ApiError::not_found("namespaces", ns));
-            }
+        {
+            return Err(ApiError::not_found("namespaces", ns));
         }
         let key = (def.plural, ns.unwrap_or("").to_string(), name.clone());
         if g.objects.contains_key(&key) {
@@ -604,17 +603,17 @@ impl ApiServer {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(def.plural, name))?;
-        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str() {
-            if rv != cur["metadata"]["resourceVersion"].as_str().unwrap_or("") {
-                return Err(ApiError::new(
-                    409,
-                    "Conflict",
-                    format!(
-                        "Operation cannot be fulfilled on {} \"{name}\": the object has been modified",
-                        def.plural
-                    ),
-                ));
-            }
+        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
+            && rv != cur["metadata"]["resourceVersion"].as_str().unwrap_or("")
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the object has been modified",
+                    def.plural
+                ),
+            ));
         }
         let mut next = cur.clone();
         match sub {

@@ -69,6 +69,8 @@ pub struct ApplyReport {
     pub ops_done: usize,
     /// Pod UID -> its network, for ports created by this plan.
     pub pod_networks: BTreeMap<String, PodNetwork>,
+    /// NCP's objects as they stand after the plan (observed, plus created, minus deleted).
+    pub realized: BTreeMap<Key, Value>,
 }
 
 pub struct Applier<'a, C> {
@@ -126,10 +128,12 @@ where
     pub async fn apply(mut self, plan: &Plan) -> Result<ApplyReport, (ApplyError, ApplyReport)> {
         for op in &plan.ops {
             if let Err(e) = self.run(op).await {
+                self.report.realized = self.resolved;
                 return Err((e, self.report));
             }
             self.report.ops_done += 1;
         }
+        self.report.realized = self.resolved;
         Ok(self.report)
     }
 

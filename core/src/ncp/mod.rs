@@ -7,12 +7,14 @@
 //! - [`observe`]: what NSX holds under this cluster's tag, classified by identity.
 //! - [`plan`]: the pure diff of desired against observed: an ordered list of operations.
 //! - [`apply`]: executes a plan with the NSX client.
+//! - [`controller`]: watches, reflector stores, the reconcile loop, annotation write-back.
 //! - [`reconcile`]: one pass of observe, plan, apply.
 //! - [`infra`]: the admin-created objects NCP builds on (transport zone, tier-0, block, pools,
 //!   node VIFs), found by config or tag.
 
 pub mod apply;
 pub mod config;
+pub mod controller;
 pub mod desired;
 pub mod infra;
 pub mod naming;

@@ -1,0 +1,341 @@
+//! The NCP controller: Kubernetes watches in, NSX objects and annotations out.
+//!
+//! Layered like kube-runtime: `watcher` -> reflector stores (one per kind) -> a change signal;
+//! the reconcile loop waits for the stores to be ready, finds the admin infra, then on every
+//! change (after a short debounce, to fold bursts) and on a periodic resync runs one
+//! observe-plan-apply pass over the whole cluster and writes back what Kubernetes must know:
+//! each pod's network (`ncp/network`: ip/prefix, mac, gateway, vlan, logical port) which the
+//! node agent waits for, and each namespace's subnet and SNAT address. Annotations are patched
+//! only when they differ, so a restart of a converged cluster writes nothing anywhere.
+//!
+//! Errors are not fatal: a failed pass is retried with exponential backoff (bounded), and the
+//! next pass re-observes NSX, so nothing is assumed about how far the failed one got.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hyper_util::client::legacy::connect::Connect;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use super::config::NcpConfig;
+use super::desired::Key;
+use super::infra::{Infra, discover};
+use super::plan::subnet_layout;
+use super::reconcile::{Outcome, reconcile_once};
+use crate::k8s::{ClusterView, annotation};
+use crate::nsx::NsxClient;
+
+/// Timing of the loop.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub debounce: Duration,
+    pub resync: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(100),
+            resync: Duration::from_secs(300),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one pass did, for logs, traces and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassEvent {
+    Converged {
+        ops: usize,
+        writes: usize,
+        annotations: usize,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Reflector stores of everything NCP reads.
+#[derive(Clone)]
+pub struct Stores {
+    pub namespaces: Store<Namespace>,
+    pub pods: Store<Pod>,
+    pub nodes: Store<Node>,
+}
+
+impl Stores {
+    pub fn view(&self) -> ClusterView {
+        let mut v = ClusterView::default();
+        for n in self.namespaces.state() {
+            v.add_namespace((*n).clone());
+        }
+        for p in self.pods.state() {
+            v.add_pod((*p).clone());
+        }
+        for n in self.nodes.state() {
+            v.add_node((*n).clone());
+        }
+        v
+    }
+
+    async fn ready(&self) {
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+        let _ = self.nodes.wait_until_ready().await;
+    }
+}
+
+/// Starts the watches; every change notifies `changed`. The tasks run until the runtime ends.
+pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
+    fn spawn_kind<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+    where
+        K: kube::Resource
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    {
+        let (reader, writer) = reflector::store();
+        let stream = reflector::reflector(
+            writer,
+            watcher::watcher(api, watcher::Config::default()).default_backoff(),
+        );
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    tracing::debug!(error = %e, "watch error; the watcher recovers by itself");
+                }
+                changed.notify_one();
+            }
+        });
+        reader
+    }
+    Stores {
+        namespaces: spawn_kind(Api::<Namespace>::all(kube.clone()), changed.clone()),
+        pods: spawn_kind(Api::<Pod>::all(kube.clone()), changed.clone()),
+        nodes: spawn_kind(Api::<Node>::all(kube), changed),
+    }
+}
+
+/// The annotation a pod gets: what the node agent needs to wire it.
+pub fn pod_network_annotation(
+    ip: &str,
+    mac: &str,
+    vlan: u64,
+    cidr: &str,
+    port_id: &str,
+) -> Option<String> {
+    let (_, gw, _, _, prefix) = subnet_layout(cidr)?;
+    Some(
+        json!({"ip": format!("{ip}/{prefix}"), "mac": mac, "gateway": std::net::Ipv4Addr::from(gw).to_string(), "vlan": vlan, "logical_port_id": port_id})
+            .to_string(),
+    )
+}
+
+fn annotations_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> BTreeMap<String, String> {
+    meta.annotations.clone().unwrap_or_default()
+}
+
+/// Writes the annotations that differ; returns how many objects were patched.
+async fn write_back<C>(
+    kube: &kube::Client,
+    nsx: &NsxClient<C>,
+    view: &ClusterView,
+    outcome: &Outcome,
+) -> Result<usize, String>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let realized = &outcome.report.realized;
+    let mut patched = 0;
+    for (name, ns) in &view.namespaces {
+        let Some(uid) = ns.metadata.uid.clone() else {
+            continue;
+        };
+        let current = annotations_of(&ns.metadata);
+        let mut want = BTreeMap::new();
+        if let Some(cidr) = realized
+            .get(&Key::Subnet(uid.clone()))
+            .and_then(|d| d["cidr"].as_str())
+        {
+            want.insert(annotation::SUBNET.to_string(), cidr.to_string());
+        }
+        if let Some(ip) = realized
+            .get(&Key::Snat(uid.clone()))
+            .and_then(|d| d["translated_network"].as_str())
+        {
+            want.insert(annotation::SNAT_IP.to_string(), ip.to_string());
+        }
+        if want.iter().any(|(k, v)| current.get(k) != Some(v)) {
+            let api: Api<Namespace> = Api::all(kube.clone());
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": want}})),
+            )
+            .await
+            .map_err(|e| format!("failed to annotate namespace {name}: {e}"))?;
+            patched += 1;
+        }
+    }
+    for ((ns_name, pod_name), pod) in &view.pods {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            continue;
+        };
+        let Some(port) = realized.get(&Key::PodPort(uid.clone())) else {
+            continue;
+        };
+        let Some(ns_uid) = view
+            .namespaces
+            .get(ns_name)
+            .and_then(|n| n.metadata.uid.clone())
+        else {
+            continue;
+        };
+        let Some(cidr) = realized
+            .get(&Key::Subnet(ns_uid))
+            .and_then(|d| d["cidr"].as_str())
+        else {
+            continue;
+        };
+        let port_id = port["id"].as_str().unwrap_or_default();
+        let current = annotations_of(&pod.metadata)
+            .get(annotation::POD_NETWORK)
+            .cloned();
+        if current
+            .as_deref()
+            .and_then(|c| serde_json::from_str::<Value>(c).ok())
+            .is_some_and(|c| c["logical_port_id"] == port_id)
+        {
+            continue;
+        }
+        let vlan = port["attachment"]["context"]["traffic_tag"]
+            .as_u64()
+            .unwrap_or(0);
+        let (ip, mac) = match outcome.report.pod_networks.get(&uid) {
+            Some(n) => (n.ip.clone(), n.mac.clone()),
+            None => {
+                // A port created by an earlier pass whose annotation never made it.
+                let state: Value = nsx
+                    .get(&format!("logical-ports/{port_id}/state"))
+                    .await
+                    .map_err(|e| format!("failed to read the state of port {port_id}: {e}"))?;
+                let b = &state["realized_bindings"][0]["binding"];
+                (
+                    b["ip_address"].as_str().unwrap_or_default().to_string(),
+                    b["mac_address"].as_str().unwrap_or_default().to_string(),
+                )
+            }
+        };
+        if ip.is_empty() {
+            continue;
+        }
+        let Some(value) = pod_network_annotation(&ip, &mac, vlan, cidr, port_id) else {
+            continue;
+        };
+        let api: Api<Pod> = Api::namespaced(kube.clone(), ns_name);
+        match api
+            .patch(
+                pod_name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {annotation::POD_NETWORK: value}}}),
+                ),
+            )
+            .await
+        {
+            Ok(_) => patched += 1,
+            // The pod went away meanwhile: the next pass cleans up its port.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(format!("failed to annotate pod {ns_name}/{pod_name}: {e}")),
+        }
+    }
+    Ok(patched)
+}
+
+/// Runs NCP until the task is dropped. `on_pass` sees every pass (tracing, tests).
+pub async fn run<C>(
+    kube: kube::Client,
+    nsx: Arc<NsxClient<C>>,
+    config: NcpConfig,
+    timing: LoopConfig,
+    mut on_pass: impl FnMut(&PassEvent),
+) where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let changed = Arc::new(Notify::new());
+    let stores = start_watches(kube.clone(), changed.clone());
+    stores.ready().await;
+    let mut backoff = timing.backoff_min;
+    let infra: Infra = loop {
+        match discover(&nsx, &config).await {
+            Ok(i) => break i,
+            Err(e) => {
+                on_pass(&PassEvent::Failed {
+                    error: format!("{e}"),
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(timing.backoff_max);
+            }
+        }
+    };
+    backoff = timing.backoff_min;
+    loop {
+        let view = stores.view();
+        let result = reconcile_once(
+            &nsx,
+            &config.cluster,
+            config.subnet_prefix,
+            &infra,
+            &view,
+            None,
+        )
+        .await;
+        let event = match result {
+            Ok(outcome) => match write_back(&kube, &nsx, &view, &outcome).await {
+                Ok(annotations) => PassEvent::Converged {
+                    ops: outcome.plan.len(),
+                    writes: outcome.report.writes,
+                    annotations,
+                },
+                Err(error) => PassEvent::Failed { error },
+            },
+            Err(e) => PassEvent::Failed {
+                error: format!(
+                    "{e}: {:?}",
+                    std::error::Error::source(&e).map(|s| s.to_string())
+                ),
+            },
+        };
+        on_pass(&event);
+        match event {
+            PassEvent::Failed { .. } => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(timing.backoff_max);
+            }
+            PassEvent::Converged { .. } => {
+                backoff = timing.backoff_min;
+                tokio::select! {
+                    _ = changed.notified() => tokio::time::sleep(timing.debounce).await,
+                    _ = tokio::time::sleep(timing.resync) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! NCP end to end on turmoil: the real controller (kube-rs watches, reflector stores, the
+//! reconcile loop, annotation write-back) against the fake kube-apiserver and the fake NSX
+//! manager, on three simulated hosts.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_nsx_manager::{Clock, FakeNsxManager, ManagerConfig};
+use nsx_core::ncp::config::NcpConfig;
+use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
+use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
+use nsx_sim::apiserver::ApiServer;
+use nsx_sim::net::{TurmoilConnector, kube_client, serve};
+use serde_json::{Value, json};
+
+const EPOCH_MS: i64 = 1_767_225_600_000;
+
+struct World {
+    sim: turmoil::Sim<'static>,
+    api: ApiServer,
+    nsx: FakeNsxManager,
+    passes: Rc<RefCell<Vec<PassEvent>>>,
+}
+
+fn sim_clock() -> i64 {
+    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as i64)
+}
+
+fn world(seed: u64) -> World {
+    let api = ApiServer::new(seed, sim_clock);
+    let mut mc = ManagerConfig {
+        clock: Clock::new(sim_clock),
+        ..Default::default()
+    };
+    mc.store.seed = seed;
+    mc.store.search_lag_ms = 500;
+    let nsx = FakeNsxManager::new(mc);
+    let boot = nsx.bootstrap().unwrap();
+    let mut sim = turmoil::Builder::new()
+        .epoch(std::time::UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
+        .rng_seed(seed)
+        .tick_duration(Duration::from_millis(5))
+        .simulation_duration(Duration::from_secs(3600))
+        .build();
+    let a = api.clone();
+    sim.host("apiserver", move || {
+        let a = a.clone();
+        async move { serve(6443, a.router()).await }
+    });
+    let n = nsx.clone();
+    sim.host("nsx-manager", move || {
+        let n = n.clone();
+        async move {
+            n.restart();
+            serve(80, n.router()).await
+        }
+    });
+    let passes: Rc<RefCell<Vec<PassEvent>>> = Rc::default();
+    let p = passes.clone();
+    let snat = boot.clusters["k8s-a"].snat_pool.clone();
+    sim.host("ncp", move || {
+        let p = p.clone();
+        let snat = snat.clone();
+        async move {
+            let kube = kube_client("http://apiserver:6443")?;
+            let mut cc = ClientConfig::new(
+                "http://nsx-manager:80",
+                Auth::Session {
+                    user: "admin".into(),
+                    password: "admin".into(),
+                },
+            );
+            cc.seed = 7;
+            let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
+            let mut config = NcpConfig::for_cluster("k8s-a");
+            config.external_ip_pools = vec![snat];
+            controller::run(kube, nsx, config, LoopConfig::default(), move |e| {
+                p.borrow_mut().push(e.clone())
+            })
+            .await;
+            Ok(())
+        }
+    });
+    World {
+        sim,
+        api,
+        nsx,
+        passes,
+    }
+}
+
+impl World {
+    fn run_for(&mut self, ms: u64) {
+        let until = self.sim.elapsed() + Duration::from_millis(ms);
+        while self.sim.elapsed() < until {
+            self.sim.step().unwrap();
+        }
+    }
+
+    fn apply(&self, v: Value) {
+        self.api.apply(v).unwrap();
+    }
+
+    fn pod_annotation(&self, ns: &str, name: &str) -> Option<Value> {
+        let p = self.api.get("pods", ns, name)?;
+        p["metadata"]["annotations"]["ncp/network"]
+            .as_str()
+            .and_then(|s| serde_json::from_str(s).ok())
+    }
+
+    fn ncp_objects(&self) -> usize {
+        self.nsx.with_store(|s| {
+            s.objects()
+                .filter(|(_, o)| {
+                    nsx_core::ncp::observe::classify(&Value::Object(o.doc.clone()), "k8s-a")
+                        .is_some()
+                })
+                .count()
+        })
+    }
+}
+
+fn node(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+}
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+}
+fn pod(ns: &str, name: &str, node: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}})
+}
+
+#[test]
+fn pods_get_their_network_and_a_restarted_ncp_writes_nothing() {
+    let mut w = world(3);
+    for n in ["node-1", "node-2", "node-3"] {
+        w.apply(node(n));
+    }
+    w.apply(namespace("shop"));
+    w.apply(namespace("db"));
+    w.apply(pod("shop", "web-1", "node-1"));
+    w.apply(pod("shop", "web-2", "node-2"));
+    w.apply(pod("db", "pg-1", "node-1"));
+    w.run_for(5_000);
+    assert!(
+        matches!(w.passes.borrow().last(), Some(PassEvent::Converged { .. })),
+        "{:?}",
+        w.passes.borrow()
+    );
+    assert_eq!(
+        w.ncp_objects(),
+        2 * 9 + 3,
+        "9 objects per namespace, one port per pod"
+    );
+    let shop = w.api.get("namespaces", "", "shop").unwrap();
+    let subnet = shop["metadata"]["annotations"]["ncp/subnet-0"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        shop["metadata"]["annotations"]["ncp/snat_ip"]
+            .as_str()
+            .unwrap()
+            .starts_with("192.0.2.")
+    );
+    let net = w.pod_annotation("shop", "web-1").expect("web-1 annotated");
+    let prefix = subnet.rsplit_once('.').unwrap().0;
+    assert!(
+        net["ip"].as_str().unwrap().starts_with(prefix)
+            && net["ip"].as_str().unwrap().ends_with("/24"),
+        "{net} not in {subnet}"
+    );
+    assert_eq!(net["gateway"], format!("{prefix}.1"));
+    assert!(net["vlan"].as_u64().unwrap() >= 1);
+    let web2 = w.pod_annotation("shop", "web-2").unwrap();
+    assert_ne!(net["ip"], web2["ip"]);
+    // A pod added later is wired by the next pass.
+    w.apply(pod("shop", "web-3", "node-3"));
+    w.run_for(2_000);
+    assert!(w.pod_annotation("shop", "web-3").is_some());
+    // NCP restarts with empty memory: no NSX write, no Kubernetes write.
+    let writes = w.nsx.counters().writes;
+    let patches = w
+        .api
+        .request_counts()
+        .get("PATCH pods")
+        .copied()
+        .unwrap_or(0);
+    w.sim.bounce("ncp");
+    w.run_for(5_000);
+    assert_eq!(
+        w.nsx.counters().writes - writes,
+        0,
+        "{:?}",
+        w.nsx
+            .requests_since(0)
+            .iter()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        w.api
+            .request_counts()
+            .get("PATCH pods")
+            .copied()
+            .unwrap_or(0),
+        patches
+    );
+    // Deleting a namespace removes its NSX objects.
+    w.api.delete("namespaces", "", "db").unwrap();
+    w.run_for(3_000);
+    assert_eq!(w.ncp_objects(), 9 + 3, "{:?}", w.passes.borrow().last());
+    w.nsx.with_store(|s| s.check_invariants()).unwrap();
+}
+
+#[test]
+fn dropped_watches_and_a_410_relist_lose_no_change() {
+    let mut w = world(4);
+    w.apply(node("node-1"));
+    w.apply(namespace("shop"));
+    w.run_for(3_000);
+    w.api.drop_watches();
+    w.apply(pod("shop", "a", "node-1"));
+    w.run_for(3_000);
+    assert!(w.pod_annotation("shop", "a").is_some());
+    w.api.expire_history();
+    w.apply(pod("shop", "b", "node-1"));
+    w.run_for(5_000);
+    assert!(
+        w.pod_annotation("shop", "b").is_some(),
+        "{:?}",
+        w.passes.borrow()
+    );
+    w.api.duplicate_next_events(5);
+    w.api.delete("pods", "shop", "a").unwrap();
+    w.run_for(3_000);
+    assert_eq!(w.ncp_objects(), 9 + 1);
+}
