@@ -387,3 +387,60 @@ async fn a_crash_after_any_write_of_a_deletion_converges_without_leaks() {
     to.pods.remove(&("ns-0".to_string(), "pod-1".to_string()));
     crash_sweep(view(2, 2), to, 1, 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_snat_pool_fails_only_the_snat_rules_and_heals_when_addresses_free_up() {
+    let w = World::new(&["k8s-a"]).await;
+    let pool = w.infra("k8s-a").await.snat_pool.unwrap();
+    // Someone else took every address of the SNAT pool.
+    let mut taken = Vec::new();
+    loop {
+        let r = w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+            method: "POST",
+            path: &format!("/api/v1/pools/ip-pools/{pool}"),
+            query: &[("action".into(), "ALLOCATE".into())],
+            body: b"{}",
+        });
+        match r.body.as_ref().and_then(|b| b["allocation_id"].as_str()) {
+            Some(ip) if r.status == 200 => taken.push(ip.to_string()),
+            _ => break,
+        }
+    }
+    let v = view(2, 2);
+    let out = w.reconcile("k8s-a", &v, None).await.unwrap();
+    let failed: Vec<&Key> = out.report.failed.keys().collect();
+    assert_eq!(
+        failed,
+        [&Key::Snat("uid-ns-0".into()), &Key::Snat("uid-ns-1".into())],
+        "{:?}",
+        out.report.failed
+    );
+    assert!(
+        out.report.failed.values().all(|m| m.contains("5109")),
+        "{:?}",
+        out.report.failed
+    );
+    let c = counts(&w, "k8s-a");
+    assert_eq!(
+        c.get("LogicalPort"),
+        Some(&6),
+        "pods are wired despite the SNAT failure"
+    );
+    assert_eq!(c.get("NatRule"), None);
+    // Release two addresses: the next pass creates the rules.
+    for ip in &taken[..2] {
+        w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+            method: "POST",
+            path: &format!("/api/v1/pools/ip-pools/{pool}"),
+            query: &[("action".into(), "RELEASE".into())],
+            body: format!("{{\"allocation_id\": \"{ip}\"}}").as_bytes(),
+        });
+    }
+    let healed = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert!(
+        healed.report.failed.is_empty(),
+        "{:?}",
+        healed.report.failed
+    );
+    assert_eq!(counts(&w, "k8s-a"), expected(2, 2));
+}

@@ -240,3 +240,42 @@ fn dropped_watches_and_a_410_relist_lose_no_change() {
     w.run_for(3_000);
     assert_eq!(w.ncp_objects(), 9 + 1);
 }
+
+#[test]
+fn what_nsx_refuses_is_reported_as_a_warning_event_once() {
+    let mut w = world(5);
+    let boot = w.nsx.bootstrap().unwrap();
+    let pool = boot.clusters["k8s-a"].snat_pool.clone();
+    // Another team holds every address of the SNAT pool.
+    loop {
+        let r = w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+            method: "POST",
+            path: &format!("/api/v1/pools/ip-pools/{pool}"),
+            query: &[("action".into(), "ALLOCATE".into())],
+            body: b"{}",
+        });
+        if r.status != 200 {
+            break;
+        }
+    }
+    w.apply(node("node-1"));
+    w.apply(namespace("shop"));
+    w.apply(pod("shop", "web-1", "node-1"));
+    w.run_for(10_000);
+    assert!(
+        w.pod_annotation("shop", "web-1").is_some(),
+        "the pod is wired despite the SNAT failure"
+    );
+    let events = w.api.list("events");
+    let warnings: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "NSXRealizationFailed")
+        .collect();
+    assert_eq!(warnings.len(), 1, "one Event, not one per pass: {events:?}");
+    assert_eq!(warnings[0]["involvedObject"]["kind"], "Namespace");
+    assert!(
+        warnings[0]["message"].as_str().unwrap().contains("5109"),
+        "{}",
+        warnings[0]["message"]
+    );
+}

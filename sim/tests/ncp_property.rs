@@ -63,7 +63,10 @@ enum Damage {
     DeleteOne(usize),
     Rename(usize),
     DuplicatePort(usize),
-    LeakSnatIp,
+    /// An address NCP allocated before crashing (tagged) or someone else's (untagged).
+    LeakSnatIp {
+        ncp: bool,
+    },
 }
 
 fn damage() -> impl Strategy<Value = Vec<Damage>> {
@@ -72,7 +75,7 @@ fn damage() -> impl Strategy<Value = Vec<Damage>> {
             (0usize..64).prop_map(Damage::DeleteOne),
             (0usize..64).prop_map(Damage::Rename),
             (0usize..64).prop_map(Damage::DuplicatePort),
-            Just(Damage::LeakSnatIp),
+            any::<bool>().prop_map(|ncp| Damage::LeakSnatIp { ncp }),
         ],
         0..5,
     )
@@ -89,7 +92,7 @@ fn apply_damage(w: &World, damage: &[Damage], snat_pool: &str) {
     use fake_nsx_manager::dispatch::ApiRequest;
     for d in damage {
         let docs = ncp_docs(w);
-        if docs.is_empty() && !matches!(d, Damage::LeakSnatIp) {
+        if docs.is_empty() && !matches!(d, Damage::LeakSnatIp { .. }) {
             continue;
         }
         match d {
@@ -169,14 +172,20 @@ fn apply_damage(w: &World, damage: &[Damage], snat_pool: &str) {
                     });
                 }
             }
-            Damage::LeakSnatIp => {
+            Damage::LeakSnatIp { ncp } => {
                 let path = format!("/api/v1/pools/ip-pools/{snat_pool}");
                 let q = [("action".to_string(), "ALLOCATE".to_string())];
+                let body = if *ncp {
+                    json!({"allocation_id": null, "tags": [{"scope": "ncp/cluster", "tag": "k8s-a"}, {"scope": "ncp/project_uid", "tag": "gone"}]})
+                } else {
+                    json!({"allocation_id": null})
+                };
+                let bytes = serde_json::to_vec(&body).unwrap();
                 w.nsx.call_as_admin(ApiRequest {
                     method: "POST",
                     path: &path,
                     query: &q,
-                    body: b"{\"allocation_id\": null}",
+                    body: &bytes,
                 });
             }
         }
@@ -209,7 +218,9 @@ fn run_case(
         .enable_all()
         .build()
         .unwrap();
+    let damage2 = damage.clone();
     rt.block_on(async move {
+        let damage = damage2;
         let w = World::new(&["k8s-a"]).await;
         let infra = w.infra("k8s-a").await;
         let snat_pool = infra.snat_pool.clone().unwrap();
@@ -240,10 +251,19 @@ fn run_case(
             .keys()
             .filter(|k| matches!(k, Key::Snat(_)))
             .count();
+        let foreign = damage
+            .iter()
+            .filter(|d| matches!(d, Damage::LeakSnatIp { ncp: false }))
+            .count();
+        prop_assert_eq!(
+            o.snat_allocations.len(),
+            snat_rules,
+            "NCP's SNAT allocations leaked"
+        );
         prop_assert_eq!(
             w.allocations(&snat_pool).len(),
-            snat_rules,
-            "SNAT allocations leaked"
+            snat_rules + foreign,
+            "someone else's allocation was released"
         );
         w.nsx
             .with_store(|s| s.check_invariants())

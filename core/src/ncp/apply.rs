@@ -71,6 +71,10 @@ pub struct ApplyReport {
     pub pod_networks: BTreeMap<String, PodNetwork>,
     /// NCP's objects as they stand after the plan (observed, plus created, minus deleted).
     pub realized: BTreeMap<Key, Value>,
+    /// Objects NSX refused for good (a 4xx that retrying cannot fix: an exhausted pool, a
+    /// validation error), and those skipped because they depend on one. The rest of the plan
+    /// went ahead: one bad namespace must not hold up the others.
+    pub failed: BTreeMap<Key, String>,
 }
 
 pub struct Applier<'a, C> {
@@ -80,6 +84,41 @@ pub struct Applier<'a, C> {
     pub write_budget: Option<usize>,
     resolved: BTreeMap<Key, Value>,
     report: ApplyReport,
+}
+
+fn tag_value<'s>(spec: &'s Spec, scope_name: &str) -> &'s str {
+    spec.tags
+        .iter()
+        .find(|t| t.scope == scope_name)
+        .map_or("", |t| t.tag.as_str())
+}
+
+/// The object an operation is about.
+fn op_key(op: &Op) -> Option<&Key> {
+    match op {
+        Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => Some(key),
+        Op::ReleaseSnatIp { .. } => None,
+    }
+}
+
+/// An error that retrying the same request cannot fix (a 4xx other than conflicts and
+/// throttling): the object is reported and the plan goes on.
+fn is_permanent(e: &ApplyError) -> bool {
+    match e {
+        ApplyError::Nsx { source, .. } => {
+            matches!(source.status(), Some(400..=499))
+                && !source.is_retryable()
+                && !source.is_stale_revision()
+        }
+        ApplyError::NoSnatPool { .. } => true,
+        ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } => false,
+    }
+}
+
+fn source_text(e: &ApplyError) -> String {
+    std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_default()
 }
 
 fn path(collection: Collection, infra: &Infra) -> String {
@@ -127,11 +166,39 @@ where
     /// Runs the plan to its end or to the first error.
     pub async fn apply(mut self, plan: &Plan) -> Result<ApplyReport, (ApplyError, ApplyReport)> {
         for op in &plan.ops {
-            if let Err(e) = self.run(op).await {
-                self.report.realized = self.resolved;
-                return Err((e, self.report));
+            if let Some(key) = op_key(op) {
+                let ns_uid = match op {
+                    Op::Create { spec, .. } | Op::Update { spec, .. } => match &spec.detail {
+                        Detail::PodPort { namespace_uid, .. } => Some(namespace_uid.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(dep) = key
+                    .deps(ns_uid.as_deref())
+                    .into_iter()
+                    .find(|d| self.report.failed.contains_key(d))
+                {
+                    self.report
+                        .failed
+                        .insert(key.clone(), format!("depends on {dep:?}, which failed"));
+                    continue;
+                }
             }
-            self.report.ops_done += 1;
+            match self.run(op).await {
+                Ok(()) => self.report.ops_done += 1,
+                Err(e) if is_permanent(&e) && op_key(op).is_some() => {
+                    let key = op_key(op).cloned().expect("checked above");
+                    tracing::warn!(?key, error = %e, "NSX refused an object; going on with the rest");
+                    self.report
+                        .failed
+                        .insert(key, format!("{e}: {}", source_text(&e)));
+                }
+                Err(e) => {
+                    self.report.realized = self.resolved;
+                    return Err((e, self.report));
+                }
+            }
         }
         self.report.realized = self.resolved;
         Ok(self.report)
@@ -234,11 +301,15 @@ where
                 })?;
             // Check the rule can be rendered before taking an address.
             self.render(key, spec, Some("0.0.0.0"))?;
+            // Tagged, so that only NCP's own allocations are ever released as leaks.
+            let body = json!({"allocation_id": null, "display_name": spec.display_name, "tags": [
+                {"scope": scope::CLUSTER, "tag": tag_value(spec, scope::CLUSTER)},
+                {"scope": scope::PROJECT_UID, "tag": key.owner_uid()}]});
             let a = self
                 .write(
                     Method::POST,
                     &format!("pools/ip-pools/{pool}?action=ALLOCATE"),
-                    Some(json!({"allocation_id": null})),
+                    Some(body),
                 )
                 .await?;
             snat_ip = a["allocation_id"].as_str().map(str::to_string);

@@ -55,10 +55,12 @@ impl Default for LoopConfig {
 /// What one pass did, for logs, traces and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PassEvent {
+    /// The pass ran to its end; `failed` objects were refused by NSX (an Event says why).
     Converged {
         ops: usize,
         writes: usize,
         annotations: usize,
+        failed: usize,
     },
     Failed {
         error: String,
@@ -269,6 +271,62 @@ where
     Ok(patched)
 }
 
+/// Posts a Warning Event on the Kubernetes owner of each object NSX refused, once per distinct
+/// message (`reported` remembers what was said).
+async fn report_failures(
+    kube: &kube::Client,
+    view: &ClusterView,
+    failed: &BTreeMap<Key, String>,
+    reported: &mut BTreeMap<Key, String>,
+) {
+    reported.retain(|k, _| failed.contains_key(k));
+    for (key, message) in failed {
+        if reported.get(key) == Some(message) {
+            continue;
+        }
+        let uid = key.owner_uid();
+        let owner = view
+            .namespaces
+            .values()
+            .find(|n| n.metadata.uid.as_deref() == Some(uid))
+            .map(|n| {
+                (
+                    "Namespace",
+                    n.metadata.name.clone().unwrap_or_default(),
+                    n.metadata.name.clone().unwrap_or_default(),
+                )
+            })
+            .or_else(|| {
+                view.pods
+                    .iter()
+                    .find(|(_, p)| p.metadata.uid.as_deref() == Some(uid))
+                    .map(|((ns, name), _)| ("Pod", ns.clone(), name.clone()))
+            });
+        let Some((kind, ns, name)) = owner else {
+            continue;
+        };
+        let event = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": format!("{name}.ncp-"), "namespace": ns},
+            "involvedObject": {"kind": kind, "name": name, "namespace": if kind == "Pod" { Some(ns.clone()) } else { None }, "uid": uid},
+            "reason": "NSXRealizationFailed",
+            "message": format!("{key:?}: {message}"),
+            "type": "Warning",
+            "source": {"component": "ncp"},
+        });
+        let Ok(event) = serde_json::from_value::<k8s_openapi::api::core::v1::Event>(event) else {
+            continue;
+        };
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(kube.clone(), &ns);
+        match api.create(&Default::default(), &event).await {
+            Ok(_) => {
+                reported.insert(key.clone(), message.clone());
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to post an Event"),
+        }
+    }
+}
+
 /// Runs NCP until the task is dropped. `on_pass` sees every pass (tracing, tests).
 pub async fn run<C>(
     kube: kube::Client,
@@ -296,6 +354,7 @@ pub async fn run<C>(
         }
     };
     backoff = timing.backoff_min;
+    let mut reported = BTreeMap::new();
     loop {
         let view = stores.view();
         let result = reconcile_once(
@@ -309,11 +368,15 @@ pub async fn run<C>(
         .await;
         let event = match result {
             Ok(outcome) => match write_back(&kube, &nsx, &view, &outcome).await {
-                Ok(annotations) => PassEvent::Converged {
-                    ops: outcome.plan.len(),
-                    writes: outcome.report.writes,
-                    annotations,
-                },
+                Ok(annotations) => {
+                    report_failures(&kube, &view, &outcome.report.failed, &mut reported).await;
+                    PassEvent::Converged {
+                        ops: outcome.plan.len(),
+                        writes: outcome.report.writes,
+                        annotations,
+                        failed: outcome.report.failed.len(),
+                    }
+                }
                 Err(error) => PassEvent::Failed { error },
             },
             Err(e) => PassEvent::Failed {
@@ -329,11 +392,20 @@ pub async fn run<C>(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(timing.backoff_max);
             }
-            PassEvent::Converged { .. } => {
-                backoff = timing.backoff_min;
+            PassEvent::Converged { failed, .. } => {
+                // Refused objects are retried on backoff (an exhausted pool may free up);
+                // otherwise wait for a change or the periodic resync.
+                let wait = if failed > 0 {
+                    let w = backoff;
+                    backoff = (backoff * 2).min(timing.backoff_max);
+                    w
+                } else {
+                    backoff = timing.backoff_min;
+                    timing.resync
+                };
                 tokio::select! {
                     _ = changed.notified() => tokio::time::sleep(timing.debounce).await,
-                    _ = tokio::time::sleep(timing.resync) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         }

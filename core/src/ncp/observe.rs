@@ -22,7 +22,7 @@ use crate::nsx::{NsxClient, NsxError};
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
     pub objects: BTreeMap<Key, Vec<Value>>,
-    /// Addresses allocated through the API in the SNAT pool.
+    /// Addresses NCP allocated (tagged `ncp/cluster`) in the SNAT pool.
     pub snat_allocations: BTreeSet<String>,
     /// NSX calls the observation took.
     pub calls: usize,
@@ -123,10 +123,12 @@ where
         let a: Value = client
             .get(&format!("pools/ip-pools/{pool}/allocations"))
             .await?;
+        // Only allocations NCP made (tagged with the cluster) are NCP's to release.
         observed.snat_allocations = a["results"]
             .as_array()
             .into_iter()
             .flatten()
+            .filter(|r| has_tag(r, scope::CLUSTER, cluster))
             .filter_map(|r| r["allocation_id"].as_str().map(str::to_string))
             .collect();
     }

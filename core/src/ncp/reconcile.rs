@@ -19,7 +19,7 @@ pub struct Outcome {
     pub observe_calls: usize,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum ReconcileError {
     #[error("failed to observe NSX")]
     Observe(#[source] NsxError),
@@ -71,5 +71,30 @@ where
             report,
             plan,
         }),
+    }
+}
+
+/// Short on purpose: the plan of a large cluster is megabytes; say what failed and where.
+impl std::fmt::Debug for ReconcileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReconcileError::Observe(e) => write!(
+                f,
+                "Observe({e}: {:?})",
+                std::error::Error::source(e).map(|s| s.to_string())
+            ),
+            ReconcileError::Apply {
+                source,
+                report,
+                plan,
+            } => write!(
+                f,
+                "Apply({source}: {:?}; after {} of {} operations, {} writes)",
+                std::error::Error::source(source).map(|s| s.to_string()),
+                report.ops_done,
+                plan.ops.len(),
+                report.writes
+            ),
+        }
     }
 }

@@ -244,6 +244,9 @@ pub struct Store {
     /// of a walk over every allocation. Derived state: 0 (scan from the start) is always safe.
     #[serde(default)]
     ip_hint: BTreeMap<String, u32>,
+    /// `display_name` and `tags` an API allocation was made with, per pool and address.
+    #[serde(default)]
+    alloc_meta: BTreeMap<String, BTreeMap<u32, Value>>,
     /// VIF attachment id -> logical port: the uniqueness check without a scan of every port.
     #[serde(skip)]
     vif_index: BTreeMap<String, String>,
@@ -271,6 +274,7 @@ impl Store {
             block_subnets: BTreeMap::new(),
             advertisement: BTreeMap::new(),
             ip_hint: BTreeMap::new(),
+            alloc_meta: BTreeMap::new(),
             vif_index: BTreeMap::new(),
             next_mac: 1,
             next_vni: 67_584,

@@ -263,6 +263,7 @@ impl Store {
             .retain(|_, a| a.ip.is_some() || a.mac.is_some());
         self.ip_alloc.remove(id);
         self.ip_hint.remove(id);
+        self.alloc_meta.remove(id);
         self.remove(id);
         Ok(())
     }
@@ -310,6 +311,18 @@ impl Store {
         let obj = self.expect(kind, id)?.clone();
         self.check_writable(ctx, &obj)?;
         let (ranges, reserved) = self.alloc_ranges(kind, id)?;
+        if let Some(t) = body.get("tags").filter(|t| !t.is_null()) {
+            let ok = t.as_array().is_some_and(|a| {
+                a.iter().all(|x| {
+                    x.is_object()
+                        && x.get("scope").is_none_or(Value::is_string)
+                        && x.get("tag").is_none_or(Value::is_string)
+                })
+            });
+            if !ok {
+                return Err(ApiError::validation("tags must be a list of {scope, tag}"));
+            }
+        }
         let wanted = body
             .get("allocation_id")
             .and_then(Value::as_str)
@@ -359,6 +372,19 @@ impl Store {
             .entry(id.to_string())
             .or_default()
             .insert(addr, API_OWNER.into());
+        let mut meta = serde_json::Map::new();
+        if let Some(n) = body.get("display_name").and_then(Value::as_str) {
+            meta.insert("display_name".into(), json!(n));
+        }
+        if let Some(t) = body.get("tags").filter(|t| !t.is_null()) {
+            meta.insert("tags".into(), t.clone());
+        }
+        if !meta.is_empty() {
+            self.alloc_meta
+                .entry(id.to_string())
+                .or_default()
+                .insert(addr, Value::Object(meta));
+        }
         self.dirty.insert(id.to_string());
         Ok(json!({"allocation_id": ipam::ip_to_string(addr)}))
     }
@@ -387,6 +413,9 @@ impl Store {
                     a.remove(&ip);
                 }
                 self.lower_hint(id, ip);
+                if let Some(m) = self.alloc_meta.get_mut(id) {
+                    m.remove(&ip);
+                }
                 self.dirty.insert(id.to_string());
                 Ok(())
             }
@@ -401,7 +430,15 @@ impl Store {
             .get(id)
             .into_iter()
             .flat_map(|a| a.keys())
-            .map(|ip| json!({"allocation_id": ipam::ip_to_string(*ip)}))
+            .map(|ip| {
+                let mut r = json!({"allocation_id": ipam::ip_to_string(*ip)});
+                if let Some(Value::Object(meta)) = self.alloc_meta.get(id).and_then(|m| m.get(ip)) {
+                    for (k, v) in meta {
+                        r[k] = v.clone();
+                    }
+                }
+                r
+            })
             .collect();
         Ok(json!({"result_count": results.len(), "results": results}))
     }
@@ -435,6 +472,22 @@ impl Store {
                             ipam::ip_to_string(*ip)
                         ));
                     }
+                }
+            }
+        }
+        for (pool, metas) in &self.alloc_meta {
+            for ip in metas.keys() {
+                if self
+                    .ip_alloc
+                    .get(pool)
+                    .and_then(|a| a.get(ip))
+                    .map(String::as_str)
+                    != Some(API_OWNER)
+                {
+                    return Err(format!(
+                        "pool {pool}: allocation tags for {}, which is not an API allocation",
+                        ipam::ip_to_string(*ip)
+                    ));
                 }
             }
         }

@@ -28,8 +28,8 @@ impl World {
             .enumerate()
             .map(|(i, c)| {
                 let mut s = ClusterSetup::new(c, 3);
-                s.container_block = format!("10.{}.0.0/16", 4 + i);
-                s.snat_pool = format!("192.0.{}.0/24", 2 + i);
+                s.container_block = format!("10.{}.0.0/14", 4 * (i + 1));
+                s.snat_pool = format!("100.64.{}.0/22", 4 * i);
                 s.lb_pool = format!("198.51.{}.0/24", 100 + i);
                 s.node_cidr = format!("172.16.{i}.0/24");
                 s
