@@ -76,7 +76,7 @@ fn world(seed: u64) -> World {
             let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
             let mut config = NcpConfig::for_cluster("k8s-a");
             config.external_ip_pools = vec![snat];
-            controller::run(kube, nsx, config, LoopConfig::default(), move |e| {
+            controller::run(kube, nsx, config, LoopConfig::default(), None, move |e| {
                 p.borrow_mut().push(e.clone())
             })
             .await;

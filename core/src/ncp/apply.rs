@@ -15,6 +15,7 @@
 //! to crash NCP after every write of a scenario.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use http::Method;
 use hyper_util::client::legacy::connect::Connect;
@@ -39,6 +40,8 @@ pub enum ApplyError {
     Unresolved { key: Key, missing: Key },
     #[error("stopped after the write budget of {writes} writes")]
     BudgetSpent { writes: usize },
+    #[error("stopped: this replica is no longer the leader")]
+    Fenced,
     #[error("failed to {op}: the SNAT pool is not configured")]
     NoSnatPool { op: String },
 }
@@ -49,7 +52,7 @@ impl ApplyError {
         match self {
             ApplyError::Nsx { source, .. } => source.is_retryable() || source.is_stale_revision(),
             ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } => true,
-            ApplyError::NoSnatPool { .. } => false,
+            ApplyError::NoSnatPool { .. } | ApplyError::Fenced => false,
         }
     }
 }
@@ -82,6 +85,8 @@ pub struct Applier<'a, C> {
     infra: &'a Infra,
     /// Writes left before the simulated crash; `None` = no limit.
     pub write_budget: Option<usize>,
+    /// Checked before every write: a replica that lost the lease stops at once.
+    pub fence: Option<Arc<super::leader::Fence>>,
     resolved: BTreeMap<Key, Value>,
     report: ApplyReport,
 }
@@ -111,7 +116,9 @@ fn is_permanent(e: &ApplyError) -> bool {
                 && !source.is_stale_revision()
         }
         ApplyError::NoSnatPool { .. } => true,
-        ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } => false,
+        ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } | ApplyError::Fenced => {
+            false
+        }
     }
 }
 
@@ -158,6 +165,7 @@ where
             client,
             infra,
             write_budget: None,
+            fence: None,
             resolved,
             report: ApplyReport::default(),
         }
@@ -204,12 +212,20 @@ where
         Ok(self.report)
     }
 
+    fn check_fence(&self) -> Result<(), ApplyError> {
+        match &self.fence {
+            Some(f) if !f.allows_writes() => Err(ApplyError::Fenced),
+            _ => Ok(()),
+        }
+    }
+
     async fn write(
         &mut self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ApplyError> {
+        self.check_fence()?;
         if self.write_budget == Some(0) {
             return Err(ApplyError::BudgetSpent {
                 writes: self.report.writes,
@@ -396,6 +412,7 @@ where
                 writes: self.report.writes,
             });
         }
+        self.check_fence()?;
         let r = self
             .client
             .update_with::<Value, _>(&p, |doc| {

@@ -27,8 +27,9 @@ use tokio::sync::Notify;
 use super::config::NcpConfig;
 use super::desired::Key;
 use super::infra::{Infra, discover};
+use super::leader::{Elector, Fence, LeaderConfig, Leadership, run_elected};
 use super::plan::subnet_layout;
-use super::reconcile::{Outcome, reconcile_once};
+use super::reconcile::{Outcome, WriteGate, reconcile_once};
 use crate::k8s::{ClusterView, annotation};
 use crate::nsx::NsxClient;
 
@@ -55,6 +56,8 @@ impl Default for LoopConfig {
 /// What one pass did, for logs, traces and tests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PassEvent {
+    /// This replica became leader or stopped being one (HA only).
+    Leadership(Leadership),
     /// The pass ran to its end; `failed` objects were refused by NSX (an Event says why).
     Converged {
         ops: usize,
@@ -67,12 +70,24 @@ pub enum PassEvent {
     },
 }
 
+/// Aborts the watch tasks when the last handle goes (a leadership term ends).
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// Reflector stores of everything NCP reads.
 #[derive(Clone)]
 pub struct Stores {
     pub namespaces: Store<Namespace>,
     pub pods: Store<Pod>,
     pub nodes: Store<Node>,
+    _tasks: Arc<Tasks>,
 }
 
 impl Stores {
@@ -99,7 +114,11 @@ impl Stores {
 
 /// Starts the watches; every change notifies `changed`. The tasks run until the runtime ends.
 pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
-    fn spawn_kind<K>(api: Api<K>, changed: Arc<Notify>) -> Store<K>
+    fn spawn_kind<K>(
+        api: Api<K>,
+        changed: Arc<Notify>,
+        tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) -> Store<K>
     where
         K: kube::Resource
             + Clone
@@ -115,7 +134,7 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
             writer,
             watcher::watcher(api, watcher::Config::default()).default_backoff(),
         );
-        tokio::spawn(async move {
+        let handle = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 if let Err(e) = event {
@@ -124,12 +143,22 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
                 changed.notify_one();
             }
         });
+        tasks.push(handle);
         reader
     }
+    let mut tasks = Vec::new();
+    let namespaces = spawn_kind(
+        Api::<Namespace>::all(kube.clone()),
+        changed.clone(),
+        &mut tasks,
+    );
+    let pods = spawn_kind(Api::<Pod>::all(kube.clone()), changed.clone(), &mut tasks);
+    let nodes = spawn_kind(Api::<Node>::all(kube), changed, &mut tasks);
     Stores {
-        namespaces: spawn_kind(Api::<Namespace>::all(kube.clone()), changed.clone()),
-        pods: spawn_kind(Api::<Pod>::all(kube.clone()), changed.clone()),
-        nodes: spawn_kind(Api::<Node>::all(kube), changed),
+        namespaces,
+        pods,
+        nodes,
+        _tasks: Arc::new(Tasks(tasks)),
     }
 }
 
@@ -160,12 +189,14 @@ async fn write_back<C>(
     nsx: &NsxClient<C>,
     view: &ClusterView,
     outcome: &Outcome,
+    fence: Option<&Fence>,
 ) -> Result<usize, String>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
     let realized = &outcome.report.realized;
     let mut patched = 0;
+    let allowed = || fence.is_none_or(Fence::allows_writes);
     for (name, ns) in &view.namespaces {
         let Some(uid) = ns.metadata.uid.clone() else {
             continue;
@@ -185,6 +216,9 @@ where
             want.insert(annotation::SNAT_IP.to_string(), ip.to_string());
         }
         if want.iter().any(|(k, v)| current.get(k) != Some(v)) {
+            if !allowed() {
+                return Err("no longer the leader".into());
+            }
             let api: Api<Namespace> = Api::all(kube.clone());
             api.patch(
                 name,
@@ -251,6 +285,9 @@ where
         let Some(value) = pod_network_annotation(&ip, &mac, vlan, cidr, port_id) else {
             continue;
         };
+        if !allowed() {
+            return Err("no longer the leader".into());
+        }
         let api: Api<Pod> = Api::namespaced(kube.clone(), ns_name);
         match api
             .patch(
@@ -333,6 +370,7 @@ pub async fn run<C>(
     nsx: Arc<NsxClient<C>>,
     config: NcpConfig,
     timing: LoopConfig,
+    fence: Option<Arc<Fence>>,
     mut on_pass: impl FnMut(&PassEvent),
 ) where
     C: Connect + Clone + Send + Sync + 'static,
@@ -357,19 +395,25 @@ pub async fn run<C>(
     let mut reported = BTreeMap::new();
     loop {
         let view = stores.view();
+        let gate = WriteGate {
+            write_budget: None,
+            fence: fence.clone(),
+        };
         let result = reconcile_once(
             &nsx,
             &config.cluster,
             config.subnet_prefix,
             &infra,
             &view,
-            None,
+            &gate,
         )
         .await;
         let event = match result {
-            Ok(outcome) => match write_back(&kube, &nsx, &view, &outcome).await {
+            Ok(outcome) => match write_back(&kube, &nsx, &view, &outcome, fence.as_deref()).await {
                 Ok(annotations) => {
-                    report_failures(&kube, &view, &outcome.report.failed, &mut reported).await;
+                    if fence.as_deref().is_none_or(Fence::allows_writes) {
+                        report_failures(&kube, &view, &outcome.report.failed, &mut reported).await;
+                    }
                     PassEvent::Converged {
                         ops: outcome.plan.len(),
                         writes: outcome.report.writes,
@@ -388,7 +432,7 @@ pub async fn run<C>(
         };
         on_pass(&event);
         match event {
-            PassEvent::Failed { .. } => {
+            PassEvent::Failed { .. } | PassEvent::Leadership(_) => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(timing.backoff_max);
             }
@@ -410,4 +454,37 @@ pub async fn run<C>(
             }
         }
     }
+}
+
+/// Runs NCP as one of several replicas: the controller runs only while this replica holds the
+/// Lease, and every write it makes is fenced (see [`super::leader`]).
+pub async fn run_ha<C>(
+    kube: kube::Client,
+    nsx: Arc<NsxClient<C>>,
+    config: NcpConfig,
+    timing: LoopConfig,
+    leader: LeaderConfig,
+    now_ms: Arc<dyn Fn() -> i64 + Send + Sync>,
+    on_pass: impl FnMut(&PassEvent),
+) where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let on_pass = std::cell::RefCell::new(on_pass);
+    let elector = Elector::new(kube.clone(), leader, now_ms);
+    run_elected(
+        elector,
+        |l| (on_pass.borrow_mut())(&PassEvent::Leadership(l)),
+        |fence| {
+            let (kube, nsx, config, timing) =
+                (kube.clone(), nsx.clone(), config.clone(), timing.clone());
+            let on_pass = &on_pass;
+            async move {
+                run(kube, nsx, config, timing, Some(fence), |e| {
+                    (on_pass.borrow_mut())(e)
+                })
+                .await
+            }
+        },
+    )
+    .await;
 }

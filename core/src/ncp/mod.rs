@@ -9,6 +9,7 @@
 //! - [`apply`]: executes a plan with the NSX client.
 //! - [`controller`]: watches, reflector stores, the reconcile loop, annotation write-back.
 //! - [`reconcile`]: one pass of observe, plan, apply.
+//! - [`leader`]: leader election on a Lease, with fencing.
 //! - [`infra`]: the admin-created objects NCP builds on (transport zone, tier-0, block, pools,
 //!   node VIFs), found by config or tag.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod controller;
 pub mod desired;
 pub mod infra;
+pub mod leader;
 pub mod naming;
 pub mod observe;
 pub mod plan;

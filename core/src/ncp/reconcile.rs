@@ -41,14 +41,32 @@ impl ReconcileError {
     }
 }
 
-/// Observe, plan, apply. `write_budget` simulates a crash after that many writes.
+/// How a pass may write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteGate {
+    /// Stop after this many writes, as a crash would (tests).
+    pub write_budget: Option<usize>,
+    /// Stop as soon as this replica is no longer the leader.
+    pub fence: Option<std::sync::Arc<super::leader::Fence>>,
+}
+
+impl WriteGate {
+    pub fn budget(writes: Option<usize>) -> Self {
+        Self {
+            write_budget: writes,
+            fence: None,
+        }
+    }
+}
+
+/// Observe, plan, apply.
 pub async fn reconcile_once<C>(
     client: &NsxClient<C>,
     cluster: &str,
     subnet_prefix: u8,
     infra: &Infra,
     view: &ClusterView,
-    write_budget: Option<usize>,
+    gate: &WriteGate,
 ) -> Result<Outcome, ReconcileError>
 where
     C: Connect + Clone + Send + Sync + 'static,
@@ -59,7 +77,8 @@ where
     let want = desired(view, cluster, subnet_prefix);
     let plan = plan(&want, &observed, infra);
     let mut applier = Applier::new(client, infra, &observed);
-    applier.write_budget = write_budget;
+    applier.write_budget = gate.write_budget;
+    applier.fence = gate.fence.clone();
     match applier.apply(&plan).await {
         Ok(report) => Ok(Outcome {
             plan,

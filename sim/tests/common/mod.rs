@@ -85,7 +85,15 @@ impl World {
     ) -> Result<Outcome, ReconcileError> {
         let client = self.client();
         let infra = self.infra(cluster).await;
-        reconcile_once(&client, cluster, 24, &infra, view, budget).await
+        reconcile_once(
+            &client,
+            cluster,
+            24,
+            &infra,
+            view,
+            &nsx_core::ncp::reconcile::WriteGate::budget(budget),
+        )
+        .await
     }
 
     pub async fn observe(&self, cluster: &str) -> Observed {
