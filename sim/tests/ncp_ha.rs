@@ -129,7 +129,7 @@ fn a_partitioned_leader_is_fenced_before_the_other_replica_takes_over() {
         w.dedup();
         w
     };
-    assert_eq!(writers(0), [leader.clone()], "only the leader writes");
+    assert_eq!(writers(0), vec![leader.clone()], "only the leader writes");
     let annotated =
         api.get("pods", "shop", "web-1").unwrap()["metadata"]["annotations"]["ncp/network"]
             .is_string();
