@@ -139,6 +139,8 @@ struct Inner {
     clock: Arc<dyn Fn() -> i64 + Send + Sync>,
     /// Requests served, by method and resource: the report reads it.
     pub requests: BTreeMap<String, u64>,
+    /// Every request: simulated time, method, path and query, status; bounded.
+    log: VecDeque<String>,
 }
 
 /// A handle on the fake apiserver; clones share it.
@@ -338,6 +340,7 @@ impl ApiServer {
                 epoch_ms: 0,
                 clock: Arc::new(clock),
                 requests: BTreeMap::new(),
+                log: VecDeque::new(),
             })),
             changes,
             generation: Arc::new(generation),
@@ -724,6 +727,20 @@ impl ApiServer {
         *self.lock().requests.entry(key).or_default() += 1;
     }
 
+    fn log_request(&self, line: String) {
+        let mut g = self.lock();
+        let ms = (g.clock)() + g.epoch_ms;
+        if g.log.len() >= 100_000 {
+            g.log.pop_front();
+        }
+        g.log.push_back(format!("{ms} {line}"));
+    }
+
+    /// The request log (`<epoch ms> <METHOD> <path?query> -> <status>`), oldest first.
+    pub fn request_log(&self) -> Vec<String> {
+        self.lock().log.iter().cloned().collect()
+    }
+
     /// A watch stream: history after `rv` (or every current object as ADDED), then live changes.
     fn watch(&self, def: ResourceDef, ns: Option<String>, q: Query) -> Response {
         let mut live = self.changes.subscribe();
@@ -797,6 +814,7 @@ impl ApiServer {
             let mut next_bookmark = tokio::time::Instant::now() + interval;
             loop {
                 tokio::select! {
+                biased;
                     _ = tokio::time::sleep_until(deadline) => return,
                     r = gen_rx.changed() => {
                         if r.is_err() || *gen_rx.borrow() != start_gen {
@@ -864,6 +882,14 @@ fn err(e: ApiError) -> Response {
 }
 
 async fn handle(State(api): State<ApiServer>, req: Request) -> Response {
+    let method = req.method().to_string();
+    let target = req.uri().to_string();
+    let resp = serve_request(&api, req).await;
+    api.log_request(format!("{method} {target} -> {}", resp.status().as_u16()));
+    resp
+}
+
+async fn serve_request(api: &ApiServer, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let q = Query(fake_nsx_manager::dispatch::parse_query(

@@ -6,6 +6,7 @@
 //!   axum apps).
 //! - [`trace`]: the run's event trace and its stable hash.
 //! - [`apiserver`]: a fake kube-apiserver that kube-rs works against unchanged.
+//! - [`ncp_world`]: the whole NCP stack (apiserver, NSX manager, NCP replicas) under faults.
 //! - [`spine`]: the NSX spine: fake manager, a controller host with the production client,
 //!   scheduled faults (partition, hold, latency, manager restart, injected NSX errors).
 //!
@@ -16,6 +17,7 @@
 //! ```
 
 pub mod apiserver;
+pub mod ncp_world;
 pub mod net;
 pub mod spine;
 pub mod trace;

@@ -25,6 +25,27 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the whole NCP stack (fake kube-apiserver, fake NSX manager, NCP) under a storm of
+    /// faults and check it converges: every pod wired, nothing duplicated or leaked.
+    Ncp {
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// A range of seeds, `A..B` (B excluded) or `A..=B`.
+        #[arg(long)]
+        seeds: Option<String>,
+        /// NCP replicas: 1, or 2 for leader election.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// No faults, only the workload.
+        #[arg(long)]
+        calm: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+        #[arg(long)]
+        print_trace: bool,
+    },
     /// Run the NSX spine: the fake manager and the production NSX client under faults.
     Spine {
         /// One seed.
@@ -128,16 +149,45 @@ fn main() -> ExitCode {
 
 fn run() -> anyhow::Result<bool> {
     let cli = Cli::parse();
-    let Command::Spine {
-        seed,
-        seeds,
-        faults,
-        namespaces,
-        ports,
-        json,
-        report,
-        print_trace,
-    } = cli.command;
+    let (seed, seeds, faults, namespaces, ports, json, report, print_trace) = match cli.command {
+        Command::Ncp {
+            seed,
+            seeds,
+            replicas,
+            calm,
+            json,
+            report,
+            print_trace,
+        } => {
+            return run_ncp(
+                parse_seeds(seed, seeds.as_deref())?,
+                replicas,
+                calm,
+                json,
+                report,
+                print_trace,
+            );
+        }
+        Command::Spine {
+            seed,
+            seeds,
+            faults,
+            namespaces,
+            ports,
+            json,
+            report,
+            print_trace,
+        } => (
+            seed,
+            seeds,
+            faults,
+            namespaces,
+            ports,
+            json,
+            report,
+            print_trace,
+        ),
+    };
     let seeds = parse_seeds(seed, seeds.as_deref())?;
     let terminal = std::io::stderr().is_terminal();
     let mut results = Vec::new();
@@ -219,6 +269,95 @@ fn run() -> anyhow::Result<bool> {
         }
     }
     let out = json!({"scenarios": [{"name": "nsx-spine", "file": null, "seeds": results}], "passed": passed, "failed": failed});
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{passed} passed, {failed} failed");
+    }
+    if let Some(path) = report {
+        std::fs::write(&path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    Ok(failed == 0)
+}
+
+fn run_ncp(
+    seeds: Vec<u64>,
+    replicas: usize,
+    calm: bool,
+    json: bool,
+    report: Option<std::path::PathBuf>,
+    print_trace: bool,
+) -> anyhow::Result<bool> {
+    use nsx_sim::ncp_world::{NcpWorldConfig, run as run_world};
+    if !(1..=2).contains(&replicas) {
+        bail!("--replicas must be 1 or 2, got {replicas}");
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let (mut passed, mut failed) = (0usize, 0usize);
+    let mut results = Vec::new();
+    for (i, s) in seeds.iter().enumerate() {
+        let cfg = if calm {
+            NcpWorldConfig {
+                replicas,
+                ..NcpWorldConfig::new(*s)
+            }
+        } else {
+            NcpWorldConfig::storm(*s, replicas)
+        };
+        if terminal && !json {
+            eprint!("\r[{}/{}] seed {s}", i + 1, seeds.len());
+        }
+        // Wall time is measured for the report only; nothing in the simulation reads it.
+        let started = std::time::Instant::now();
+        let r = run_world(&cfg);
+        let wall_ms = started.elapsed().as_millis() as u64;
+        if r.converged {
+            passed += 1
+        } else {
+            failed += 1
+        }
+        if print_trace {
+            for l in &r.trace {
+                println!("{l}");
+            }
+        }
+        results.push(json!({
+            "seed": s, "passed": r.converged, "message": r.error, "sim_time_ms": r.sim_time_ms, "wall_ms": wall_ms,
+            "converged_at_ms": r.converged_at_ms, "pods": r.pods, "passes": r.passes,
+            "nsx_requests": {"total": r.nsx.total, "writes": r.nsx.writes, "by_status": r.nsx.by_status},
+            "apiserver_requests": r.apiserver_requests, "trace_hash": format!("{:016x}", r.trace_hash),
+        }));
+        if !json {
+            if terminal {
+                eprint!("\r");
+            }
+            let ratio = if wall_ms == 0 {
+                "inf".to_string()
+            } else {
+                format!("{:.0}x", r.sim_time_ms as f64 / wall_ms as f64)
+            };
+            println!(
+                "seed {s:>4}  {}  converged at {:>6} ms  sim {:>6} ms  wall {:>5} ms  ({ratio})  pods {:>3}  nsx requests {:>5} (writes {:>4})  trace {:016x}",
+                if r.converged { "PASS" } else { "FAIL" },
+                r.converged_at_ms.map_or("-".to_string(), |m| m.to_string()),
+                r.sim_time_ms,
+                wall_ms,
+                r.pods,
+                r.nsx.total,
+                r.nsx.writes,
+                r.trace_hash
+            );
+            if let Some(e) = &r.error {
+                println!("  {e}");
+                println!(
+                    "  replay: cargo run --release -p nsx-sim -- ncp --seed {s} --replicas {replicas}{} --print-trace",
+                    if calm { " --calm" } else { "" }
+                );
+            }
+        }
+    }
+    let out = json!({"scenarios": [{"name": format!("ncp-storm-{replicas}-replica"), "file": null, "seeds": results}], "passed": passed, "failed": failed});
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -70,6 +70,38 @@ pub enum PassEvent {
     },
 }
 
+/// Watch-retry backoff: exponential from 800 ms to 30 s with jitter from a seeded source.
+/// kube-runtime's default draws its jitter from the OS, which would make a simulated run
+/// unrepeatable after the first watch error.
+pub struct WatchBackoff {
+    next_ms: u64,
+    rng: crate::rng::SeededRng,
+}
+
+impl WatchBackoff {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            next_ms: 800,
+            rng: crate::rng::SeededRng::new(seed),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next_ms;
+        self.next_ms = (self.next_ms * 2).min(30_000);
+        Some(Duration::from_millis(self.rng.range_u64(base / 2, base)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next_ms = 800;
+    }
+}
+
 /// Aborts the watch tasks when the last handle goes (a leadership term ends).
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
 
@@ -130,9 +162,11 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
         let (reader, writer) = reflector::store();
+        // Seeded jitter: kube-runtime's default backoff draws from the OS.
+        let seed = super::naming::stable_hash(std::any::type_name::<K>());
         let stream = reflector::reflector(
             writer,
-            watcher::watcher(api, watcher::Config::default()).default_backoff(),
+            watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::new(seed)),
         );
         let handle = tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
@@ -448,6 +482,7 @@ pub async fn run<C>(
                     timing.resync
                 };
                 tokio::select! {
+                biased;
                     _ = changed.notified() => tokio::time::sleep(timing.debounce).await,
                     _ = tokio::time::sleep(wait) => {}
                 }

@@ -235,6 +235,7 @@ pub async fn run_elected<F, Fut>(
             }
         };
         tokio::select! {
+                biased;
             _ = renew => {}
             _ = work(elector.fence.clone()) => {}
         }

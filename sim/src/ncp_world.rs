@@ -1,0 +1,576 @@
+//! The whole NCP stack on turmoil: the fake kube-apiserver, the fake NSX manager and NCP
+//! (one replica, or two with leader election), a workload of namespaces and pods, faults on a
+//! schedule, and a liveness check that the system converges once they stop.
+//!
+//! Convergence means: NSX holds exactly the objects `desired()` computes from what the
+//! apiserver holds (one each, nothing extra), every namespace is annotated with its subnet and
+//! SNAT address, every pod with a network whose address lies in its namespace's subnet, NCP's
+//! SNAT allocations match its SNAT rules, and every invariant of the fake NSX store holds.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fake_nsx_manager::server::Counters;
+use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig, User};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use nsx_core::k8s::ClusterView;
+use nsx_core::ncp::config::NcpConfig;
+use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
+use nsx_core::ncp::desired::{Key, desired};
+use nsx_core::ncp::leader::LeaderConfig;
+use nsx_core::ncp::observe::{Observed, classify};
+use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::apiserver::ApiServer;
+use crate::net::{TurmoilConnector, kube_client, serve};
+use crate::spine::EPOCH_MS;
+use crate::trace::Trace;
+
+/// Something that happens at a point in simulated time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NcpFault {
+    NsxErrors(FaultRule),
+    ClearNsxErrors,
+    RestartNsx,
+    CrashNcp(usize),
+    StartNcp(usize),
+    /// The apiserver drops every watch connection.
+    DropWatches,
+    /// The apiserver forgets its history: every watcher gets 410 and relists.
+    ExpireWatchHistory,
+    PartitionNcpFromNsx(usize),
+    RepairNcpFromNsx(usize),
+    PartitionNcpFromApiserver(usize),
+    RepairNcpFromApiserver(usize),
+    AddPods {
+        namespace: usize,
+        count: usize,
+    },
+    DeleteNamespace(usize),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduled {
+    pub at_ms: u64,
+    pub fault: NcpFault,
+}
+
+#[derive(Debug, Clone)]
+pub struct NcpWorldConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    pub namespaces: usize,
+    pub pods_per_namespace: usize,
+    /// 1, or 2 for leader election.
+    pub replicas: usize,
+    pub tick_ms: u64,
+    /// Give up if not converged this long after the last fault.
+    pub converge_within_ms: u64,
+    pub faults: Vec<Scheduled>,
+}
+
+impl NcpWorldConfig {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            nodes: 3,
+            namespaces: 3,
+            pods_per_namespace: 4,
+            replicas: 1,
+            tick_ms: 5,
+            converge_within_ms: 120_000,
+            faults: Vec::new(),
+        }
+    }
+
+    /// A storm: NSX 503s, dropped watches, a manager restart, an NCP crash, a 410 relist,
+    /// new pods and a namespace deleted during it; all at seed-chosen times.
+    pub fn storm(seed: u64, replicas: usize) -> Self {
+        let mut rng = nsx_core::rng::SeededRng::new(seed ^ 0x5707);
+        let mut at = |lo: u64, hi: u64| rng.range_u64(lo, hi);
+        let mut faults = vec![
+            Scheduled {
+                at_ms: at(500, 1_500),
+                fault: NcpFault::NsxErrors(FaultRule {
+                    method: None,
+                    path: Some("/api/v1/logical-ports".into()),
+                    status: 503,
+                    error_code: None,
+                    rate: 0.3,
+                    remaining: None,
+                    message: None,
+                }),
+            },
+            Scheduled {
+                at_ms: at(1_000, 3_000),
+                fault: NcpFault::DropWatches,
+            },
+            Scheduled {
+                at_ms: at(2_000, 4_000),
+                fault: NcpFault::AddPods {
+                    namespace: 0,
+                    count: 3,
+                },
+            },
+            Scheduled {
+                at_ms: at(4_000, 6_000),
+                fault: NcpFault::RestartNsx,
+            },
+            Scheduled {
+                at_ms: at(6_000, 7_000),
+                fault: NcpFault::CrashNcp(0),
+            },
+            Scheduled {
+                at_ms: at(7_000, 8_000),
+                fault: NcpFault::DeleteNamespace(1),
+            },
+            Scheduled {
+                at_ms: at(8_000, 9_000),
+                fault: NcpFault::StartNcp(0),
+            },
+            Scheduled {
+                at_ms: at(9_000, 10_000),
+                fault: NcpFault::ExpireWatchHistory,
+            },
+            Scheduled {
+                at_ms: at(10_000, 11_000),
+                fault: NcpFault::AddPods {
+                    namespace: 2,
+                    count: 2,
+                },
+            },
+            Scheduled {
+                at_ms: 12_000,
+                fault: NcpFault::ClearNsxErrors,
+            },
+        ];
+        if replicas > 1 {
+            faults.push(Scheduled {
+                at_ms: at(13_000, 14_000),
+                fault: NcpFault::PartitionNcpFromApiserver(1),
+            });
+            faults.push(Scheduled {
+                at_ms: 40_000,
+                fault: NcpFault::RepairNcpFromApiserver(1),
+            });
+        }
+        Self {
+            replicas,
+            faults,
+            ..Self::new(seed)
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct NcpReport {
+    pub seed: u64,
+    pub converged: bool,
+    pub error: Option<String>,
+    pub sim_time_ms: u64,
+    /// When the check first passed after the last fault.
+    pub converged_at_ms: Option<u64>,
+    pub trace_hash: u64,
+    #[serde(skip)]
+    pub trace: Vec<String>,
+    pub nsx: Counters,
+    pub apiserver_requests: BTreeMap<String, u64>,
+    pub passes: usize,
+    pub pods: usize,
+}
+
+fn replica_name(i: usize) -> String {
+    format!("ncp-{i}")
+}
+
+fn sim_clock() -> i64 {
+    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as i64)
+}
+
+struct World {
+    sim: turmoil::Sim<'static>,
+    api: ApiServer,
+    nsx: FakeNsxManager,
+    trace: Trace,
+    passes: Rc<RefCell<usize>>,
+    next_pod: usize,
+}
+
+fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
+    let mut v = ClusterView::default();
+    for o in api.list("namespaces") {
+        v.add_namespace(serde_json::from_value::<Namespace>(o).map_err(|e| e.to_string())?);
+    }
+    for o in api.list("pods") {
+        v.add_pod(serde_json::from_value::<Pod>(o).map_err(|e| e.to_string())?);
+    }
+    for o in api.list("nodes") {
+        v.add_node(serde_json::from_value::<Node>(o).map_err(|e| e.to_string())?);
+    }
+    Ok(v)
+}
+
+impl World {
+    fn new(cfg: &NcpWorldConfig) -> Self {
+        let trace = Trace::default();
+        let api = ApiServer::new(cfg.seed, sim_clock);
+        let mut mc = ManagerConfig {
+            clock: Clock::new(sim_clock),
+            ..Default::default()
+        };
+        mc.store.seed = cfg.seed;
+        mc.store.search_lag_ms = 500;
+        mc.latency_ms = 2;
+        let mut setup = fake_nsx_manager::bootstrap::ClusterSetup::new("k8s-a", cfg.nodes);
+        setup.container_block = "10.4.0.0/16".into();
+        mc.bootstrap = Some(fake_nsx_manager::BootstrapConfig {
+            clusters: vec![setup],
+        });
+        let nsx = FakeNsxManager::new(mc);
+        let snat = nsx.bootstrap().expect("bootstrapped").clusters["k8s-a"]
+            .snat_pool
+            .clone();
+        let mut sim = turmoil::Builder::new()
+            .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
+            .rng_seed(cfg.seed)
+            .tick_duration(Duration::from_millis(cfg.tick_ms))
+            .simulation_duration(Duration::from_secs(24 * 3600))
+            .max_message_latency(Duration::from_millis(3))
+            .build();
+        let a = api.clone();
+        sim.host("apiserver", move || {
+            let a = a.clone();
+            async move { serve(6443, a.router()).await }
+        });
+        let (n, t) = (nsx.clone(), trace.clone());
+        sim.host("nsx-manager", move || {
+            let (n, t) = (n.clone(), t.clone());
+            async move {
+                n.restart();
+                t.record("nsx-manager", "started");
+                serve(80, n.router()).await
+            }
+        });
+        let passes: Rc<RefCell<usize>> = Rc::default();
+        for i in 0..cfg.replicas {
+            let name = replica_name(i);
+            nsx.add_user(User::new(&name, "pw", "enterprise_admin"));
+            let (t, p, snat, ha) = (
+                trace.clone(),
+                passes.clone(),
+                snat.clone(),
+                cfg.replicas > 1,
+            );
+            let seed = cfg.seed;
+            sim.host(name.as_str(), move || {
+                let (t, p, snat, name) = (t.clone(), p.clone(), snat.clone(), replica_name(i));
+                async move {
+                    t.record(&name, "started");
+                    let kube = kube_client("http://apiserver:6443")?;
+                    let mut cc = ClientConfig::new(
+                        "http://nsx-manager:80",
+                        Auth::Session {
+                            user: name.clone(),
+                            password: "pw".into(),
+                        },
+                    );
+                    cc.seed = seed.wrapping_add(i as u64);
+                    cc.request_timeout_ms = 5_000;
+                    let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
+                    let mut config = NcpConfig::for_cluster("k8s-a");
+                    config.external_ip_pools = vec![snat];
+                    let timing = LoopConfig {
+                        resync: Duration::from_secs(30),
+                        ..LoopConfig::default()
+                    };
+                    let on_pass = {
+                        let name = name.clone();
+                        move |e: &PassEvent| {
+                            *p.borrow_mut() += 1;
+                            t.record(&name, format!("{e:?}"));
+                        }
+                    };
+                    if ha {
+                        controller::run_ha(
+                            kube,
+                            nsx,
+                            config,
+                            timing,
+                            LeaderConfig::new("k8s-a", &name),
+                            Arc::new(sim_clock),
+                            on_pass,
+                        )
+                        .await;
+                    } else {
+                        controller::run(kube, nsx, config, timing, None, on_pass).await;
+                    }
+                    Ok(())
+                }
+            });
+        }
+        Self {
+            sim,
+            api,
+            nsx,
+            trace,
+            passes,
+            next_pod: 0,
+        }
+    }
+
+    fn apply(&self, v: Value) {
+        if let Err(e) = self.api.apply(v.clone()) {
+            panic!("workload object rejected: {e}: {v}");
+        }
+    }
+
+    fn add_pods(&mut self, cfg: &NcpWorldConfig, ns: usize, count: usize) {
+        for _ in 0..count {
+            let i = self.next_pod;
+            self.next_pod += 1;
+            let node = format!("node-{}", i % cfg.nodes + 1);
+            self.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("pod-{i}"), "namespace": format!("ns-{ns}"), "labels": {"app": format!("app-{}", i % 3)}},
+                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}}));
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.sim.elapsed().as_millis() as u64
+    }
+
+    fn fault(&mut self, cfg: &NcpWorldConfig, f: &NcpFault) {
+        self.trace
+            .record_at(u128::from(self.now_ms()), "runner", format!("fault {f:?}"));
+        match f {
+            NcpFault::NsxErrors(rule) => self.nsx.add_fault(rule.clone()),
+            NcpFault::ClearNsxErrors => self.nsx.clear_faults(),
+            NcpFault::RestartNsx => self.sim.bounce("nsx-manager"),
+            NcpFault::CrashNcp(i) => self.sim.crash(replica_name(*i)),
+            NcpFault::StartNcp(i) => self.sim.bounce(replica_name(*i)),
+            NcpFault::DropWatches => self.api.drop_watches(),
+            NcpFault::ExpireWatchHistory => self.api.expire_history(),
+            NcpFault::PartitionNcpFromNsx(i) => self.sim.partition(replica_name(*i), "nsx-manager"),
+            NcpFault::RepairNcpFromNsx(i) => self.sim.repair(replica_name(*i), "nsx-manager"),
+            NcpFault::PartitionNcpFromApiserver(i) => {
+                self.sim.partition(replica_name(*i), "apiserver")
+            }
+            NcpFault::RepairNcpFromApiserver(i) => self.sim.repair(replica_name(*i), "apiserver"),
+            NcpFault::AddPods { namespace, count } => self.add_pods(cfg, *namespace, *count),
+            NcpFault::DeleteNamespace(i) => {
+                let _ = self.api.delete("namespaces", "", &format!("ns-{i}"));
+            }
+        }
+    }
+
+    /// The liveness check; `Err` says the first thing that is not there yet.
+    fn check(&self) -> Result<(), String> {
+        let view = view_from(&self.api)?;
+        let want = desired(&view, "k8s-a", 24);
+        let docs: Vec<Value> = self.nsx.with_store(|s| {
+            s.objects()
+                .map(|(_, o)| Value::Object(o.doc.clone()))
+                .collect()
+        });
+        let observed = Observed::from_docs(docs.clone(), "k8s-a");
+        for key in want.objects.keys() {
+            match observed.objects.get(key).map(Vec::len) {
+                Some(1) => {}
+                Some(n) => return Err(format!("{key:?} exists {n} times")),
+                None => return Err(format!("{key:?} is missing")),
+            }
+        }
+        if let Some(extra) = observed
+            .objects
+            .keys()
+            .find(|k| !want.objects.contains_key(k))
+        {
+            return Err(format!("{extra:?} should be gone"));
+        }
+        for (name, ns) in &view.namespaces {
+            let Some(uid) = ns.metadata.uid.clone() else {
+                continue;
+            };
+            if !want.objects.contains_key(&Key::Subnet(uid.clone())) {
+                continue;
+            }
+            let ann = ns.metadata.annotations.clone().unwrap_or_default();
+            let cidr = observed
+                .get(&Key::Subnet(uid.clone()))
+                .and_then(|d| d["cidr"].as_str())
+                .unwrap_or("");
+            if ann
+                .get(nsx_core::k8s::annotation::SUBNET)
+                .map(String::as_str)
+                != Some(cidr)
+            {
+                return Err(format!(
+                    "namespace {name}: subnet annotation {:?}, NSX has {cidr}",
+                    ann.get(nsx_core::k8s::annotation::SUBNET)
+                ));
+            }
+        }
+        for ((ns, name), pod) in &view.pods {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let Some(port) = observed.get(&Key::PodPort(uid)) else {
+                continue;
+            };
+            let ann = pod.metadata.annotations.clone().unwrap_or_default();
+            let net: Value = ann
+                .get(nsx_core::k8s::annotation::POD_NETWORK)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .ok_or(format!("pod {ns}/{name} has no network annotation"))?;
+            if net["logical_port_id"] != port["id"] {
+                return Err(format!(
+                    "pod {ns}/{name}: annotation names port {}, NSX has {}",
+                    net["logical_port_id"], port["id"]
+                ));
+            }
+            let subnet = view
+                .namespaces
+                .get(ns)
+                .and_then(|n| n.metadata.annotations.clone())
+                .and_then(|a| a.get(nsx_core::k8s::annotation::SUBNET).cloned())
+                .unwrap_or_default();
+            let prefix = subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or("?");
+            if !net["ip"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("{prefix}."))
+            {
+                return Err(format!("pod {ns}/{name}: {} is not in {subnet}", net["ip"]));
+            }
+        }
+        let snat_rules = observed
+            .objects
+            .keys()
+            .filter(|k| matches!(k, Key::Snat(_)))
+            .count();
+        let boot = self.nsx.bootstrap().ok_or("no bootstrap")?;
+        let pool = &boot.clusters["k8s-a"].snat_pool;
+        let r = self
+            .nsx
+            .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+                method: "GET",
+                path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
+                query: &[],
+                body: b"",
+            });
+        let ours = r.body.unwrap_or_default()["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a.to_string().contains("k8s-a"))
+            .count();
+        if ours != snat_rules {
+            return Err(format!(
+                "{ours} SNAT allocations for {snat_rules} SNAT rules"
+            ));
+        }
+        self.nsx.with_store(|s| s.check_invariants())?;
+        let strays = docs
+            .iter()
+            .filter(|d| d.to_string().contains("ncp/pod_uid") && classify(d, "k8s-a").is_none())
+            .count();
+        if strays > 0 {
+            return Err(format!("{strays} pod ports not classified"));
+        }
+        Ok(())
+    }
+}
+
+/// Runs one world to convergence (or the limit).
+pub fn run(cfg: &NcpWorldConfig) -> NcpReport {
+    let mut w = World::new(cfg);
+    w.trace.record_at(
+        0,
+        "runner",
+        format!(
+            "options seed={} nodes={} namespaces={} pods/ns={} replicas={} faults={:?}",
+            cfg.seed, cfg.nodes, cfg.namespaces, cfg.pods_per_namespace, cfg.replicas, cfg.faults
+        ),
+    );
+    w.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-system"}}));
+    for n in 1..=cfg.nodes {
+        w.apply(
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{n}")}}),
+        );
+    }
+    for ns in 0..cfg.namespaces {
+        w.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{ns}")}}));
+        w.add_pods(cfg, ns, cfg.pods_per_namespace);
+    }
+    let mut faults = cfg.faults.clone();
+    faults.sort_by_key(|f| f.at_ms);
+    let last_fault = faults.last().map_or(0, |f| f.at_ms);
+    let deadline = last_fault + cfg.converge_within_ms;
+    let mut next = 0;
+    let mut next_check = last_fault + 1_000;
+    let mut converged_at = None;
+    let mut error = None;
+    let mut last_check = String::new();
+    while converged_at.is_none() {
+        let now = w.now_ms();
+        while next < faults.len() && faults[next].at_ms <= now {
+            let f = faults[next].fault.clone();
+            w.fault(cfg, &f);
+            next += 1;
+        }
+        if now >= next_check && next == faults.len() {
+            next_check = now + 1_000;
+            match w.check() {
+                Ok(()) => converged_at = Some(now),
+                Err(e) => last_check = e,
+            }
+        }
+        if converged_at.is_some() {
+            break;
+        }
+        if now > deadline {
+            error = Some(format!(
+                "not converged {} ms after the last fault: {last_check}",
+                cfg.converge_within_ms
+            ));
+            break;
+        }
+        if let Err(e) = w.sim.step() {
+            error = Some(format!("simulation failed: {e}"));
+            break;
+        }
+    }
+    for line in w.api.request_log() {
+        if let Some((ms, rest)) = line.split_once(' ') {
+            let ms: i64 = ms.parse().unwrap_or(EPOCH_MS);
+            w.trace
+                .record_at((ms - EPOCH_MS).max(0) as u128, "apiserver", rest);
+        }
+    }
+    for e in w.nsx.requests_since(0) {
+        w.trace.record_at(
+            (e.time_ms - EPOCH_MS).max(0) as u128,
+            "nsx-manager",
+            format!("{} {} {} -> {}", e.user, e.method, e.path, e.status),
+        );
+    }
+    let lines = w.trace.lines();
+    let pods = w.api.list("pods").len();
+    let passes = *w.passes.borrow();
+    NcpReport {
+        seed: cfg.seed,
+        converged: converged_at.is_some(),
+        error,
+        sim_time_ms: w.now_ms(),
+        converged_at_ms: converged_at,
+        trace_hash: crate::trace::hash_lines(&lines),
+        trace: lines,
+        nsx: w.nsx.counters(),
+        apiserver_requests: w.api.request_counts(),
+        passes,
+        pods,
+    }
+}
