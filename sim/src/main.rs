@@ -9,8 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use fake_nsx_manager::FaultRule;
-use nsx_sim::spine::{self, Fault, ScheduledFault, SpineConfig};
+use nsx_sim::spine::{self, ScheduledFault, SpineConfig};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -111,28 +110,9 @@ fn parse_seeds(seed: Option<u64>, seeds: Option<&str>) -> anyhow::Result<Vec<u64
 }
 
 fn schedule(s: Schedule) -> Vec<ScheduledFault> {
-    let at = |at_ms, fault| ScheduledFault { at_ms, fault };
     match s {
         Schedule::None => Vec::new(),
-        Schedule::Storm => vec![
-            at(
-                0,
-                Fault::NsxErrors(FaultRule {
-                    method: None,
-                    path: Some("/api/v1/logical-ports".into()),
-                    status: 503,
-                    error_code: None,
-                    rate: 0.3,
-                    remaining: None,
-                    message: None,
-                }),
-            ),
-            at(40, Fault::Partition),
-            at(12_000, Fault::Repair),
-            at(12_500, Fault::RestartManager),
-            at(13_000, Fault::LinkLatency { ms: 30 }),
-            at(20_000, Fault::ClearNsxErrors),
-        ],
+        Schedule::Storm => spine::storm_faults(),
     }
 }
 

@@ -65,6 +65,31 @@ pub struct ScheduledFault {
     pub fault: Fault,
 }
 
+/// The default fault schedule: 30 % 503s on ports, a partition from 40 ms to 12 s, a manager
+/// restart, 30 ms of link latency, then the errors clear.
+pub fn storm_faults() -> Vec<ScheduledFault> {
+    let at = |at_ms, fault| ScheduledFault { at_ms, fault };
+    vec![
+        at(
+            0,
+            Fault::NsxErrors(FaultRule {
+                method: None,
+                path: Some("/api/v1/logical-ports".into()),
+                status: 503,
+                error_code: None,
+                rate: 0.3,
+                remaining: None,
+                message: None,
+            }),
+        ),
+        at(40, Fault::Partition),
+        at(12_000, Fault::Repair),
+        at(12_500, Fault::RestartManager),
+        at(13_000, Fault::LinkLatency { ms: 30 }),
+        at(20_000, Fault::ClearNsxErrors),
+    ]
+}
+
 /// Options of one spine run; everything random derives from `seed`.
 #[derive(Debug, Clone)]
 pub struct SpineConfig {

@@ -34,27 +34,10 @@ fn assert_converged(r: &SpineReport, cfg: &SpineConfig) {
 }
 
 fn stormy(seed: u64) -> SpineConfig {
-    let mut cfg = SpineConfig::new(seed);
-    cfg.faults = vec![
-        at(
-            0,
-            Fault::NsxErrors(FaultRule {
-                method: None,
-                path: Some("/api/v1/logical-ports".into()),
-                status: 503,
-                error_code: None,
-                rate: 0.3,
-                remaining: None,
-                message: None,
-            }),
-        ),
-        at(40, Fault::Partition),
-        at(12_000, Fault::Repair),
-        at(12_500, Fault::RestartManager),
-        at(13_000, Fault::LinkLatency { ms: 30 }),
-        at(20_000, Fault::ClearNsxErrors),
-    ];
-    cfg
+    SpineConfig {
+        faults: spine::storm_faults(),
+        ..SpineConfig::new(seed)
+    }
 }
 
 #[test]

@@ -174,19 +174,8 @@ impl Store {
         add: bool,
         body: &Value,
     ) -> ApiResult<Value> {
-        let current = self.expect(Kind::NsGroup, id)?.clone();
-        self.check_writable(ctx, &current)?;
-        let given = body
-            .get("members")
-            .and_then(Value::as_array)
-            .cloned()
-            .ok_or_else(|| ApiError::validation("required property members is missing"))?;
-        let mut members = current
-            .doc
-            .get("members")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let (current, given, mut members) =
+            self.member_action_inputs(ctx, Kind::NsGroup, id, body)?;
         let key = |m: &Value| {
             (
                 m.get("target_type")
@@ -278,27 +267,7 @@ impl Store {
     }
 
     pub(super) fn grouping_delete(&mut self, id: &str, flags: DeleteFlags) -> ApiResult<()> {
-        let users: Vec<String> = self
-            .referrers(id)
-            .iter()
-            .filter_map(|o| o.str("id").map(str::to_string))
-            .collect();
-        if !users.is_empty() && !flags.force {
-            let kind = self
-                .objects
-                .get(id)
-                .map(|o| o.resource_type().to_string())
-                .unwrap_or_default();
-            return Err(ApiError::in_use(
-                "nsgroup",
-                format!(
-                    "{kind} {id} is referenced by {}. Remove the references or use force=true.",
-                    users.join(", ")
-                ),
-            ));
-        }
-        self.remove(id);
-        Ok(())
+        self.delete_unless_referenced(id, "nsgroup", flags.force)
     }
 
     fn tag_matches(&self, obj_id: &str, expr: &Value) -> bool {

@@ -185,24 +185,7 @@ impl Store {
     }
 
     pub(super) fn lb_delete(&mut self, id: &str) -> ApiResult<()> {
-        let users: Vec<String> = self
-            .referrers(id)
-            .iter()
-            .filter_map(|o| o.str("id").map(str::to_string))
-            .collect();
-        if !users.is_empty() {
-            let kind = self
-                .objects
-                .get(id)
-                .map(|o| o.resource_type().to_string())
-                .unwrap_or_default();
-            return Err(ApiError::in_use(
-                "LoadBalancer",
-                format!("{kind} {id} is used by {}.", users.join(", ")),
-            ));
-        }
-        self.remove(id);
-        Ok(())
+        self.delete_unless_referenced(id, "LoadBalancer", false)
     }
 
     /// `POST /loadbalancer/pools/{id}?action=ADD_MEMBERS|REMOVE_MEMBERS|UPDATE_MEMBERS`.
@@ -213,19 +196,8 @@ impl Store {
         action: &str,
         body: &Value,
     ) -> ApiResult<Value> {
-        let current = self.expect(Kind::LbPool, id)?.clone();
-        self.check_writable(ctx, &current)?;
-        let given = body
-            .get("members")
-            .and_then(Value::as_array)
-            .cloned()
-            .ok_or_else(|| ApiError::validation("required property members is missing"))?;
-        let mut members = current
-            .doc
-            .get("members")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+        let (current, given, mut members) =
+            self.member_action_inputs(ctx, Kind::LbPool, id, body)?;
         for m in &given {
             check_member(m)?;
         }

@@ -589,6 +589,57 @@ impl Store {
         self.index.pending_len()
     }
 
+    /// The common start of a member action (`ADD_MEMBERS` and friends): the object, writable
+    /// by this caller, the `members` the body gives and the ones it has.
+    fn member_action_inputs(
+        &self,
+        ctx: &Ctx,
+        kind: Kind,
+        id: &str,
+        body: &Value,
+    ) -> ApiResult<(Obj, Vec<Value>, Vec<Value>)> {
+        let current = self.expect(kind, id)?.clone();
+        self.check_writable(ctx, &current)?;
+        let given = body
+            .get("members")
+            .and_then(Value::as_array)
+            .cloned()
+            .ok_or_else(|| ApiError::validation("required property members is missing"))?;
+        let members = current
+            .doc
+            .get("members")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        Ok((current, given, members))
+    }
+
+    /// Deletes an object no other object refers to (`force` ignores the references, as NSX's
+    /// `force=true` does).
+    fn delete_unless_referenced(&mut self, id: &str, module: &str, force: bool) -> ApiResult<()> {
+        let users: Vec<String> = self
+            .referrers(id)
+            .iter()
+            .filter_map(|o| o.str("id").map(str::to_string))
+            .collect();
+        if !users.is_empty() && !force {
+            let kind = self
+                .objects
+                .get(id)
+                .map(|o| o.resource_type().to_string())
+                .unwrap_or_default();
+            return Err(ApiError::in_use(
+                module,
+                format!(
+                    "{kind} {id} is referenced by {}. Remove the references first.",
+                    users.join(", ")
+                ),
+            ));
+        }
+        self.remove(id);
+        Ok(())
+    }
+
     // ----- shared checks -----------------------------------------------------------------
 
     fn expect(&self, kind: Kind, id: &str) -> ApiResult<&Obj> {
