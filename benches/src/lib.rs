@@ -101,6 +101,9 @@ pub fn infra() -> nsx_core::ncp::infra::Infra {
         tier0: "t0".into(),
         ip_block: "block".into(),
         snat_pool: Some("snat".into()),
+        lb_pool: Some("lb".into()),
+        lb_tcp_profile: Some("tcp".into()),
+        lb_udp_profile: Some("udp".into()),
         node_vifs: (1..=3)
             .map(|i| (format!("node-{i}"), format!("vif-{i}")))
             .collect(),

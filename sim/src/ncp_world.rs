@@ -15,7 +15,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fake_nsx_manager::server::Counters;
 use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig, User};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nsx_core::k8s::ClusterView;
 use nsx_core::ncp::config::NcpConfig;
 use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
@@ -213,6 +214,14 @@ fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
     for o in api.list("nodes") {
         v.add_node(serde_json::from_value::<Node>(o).map_err(|e| e.to_string())?);
     }
+    for o in api.list("services") {
+        v.add_service(serde_json::from_value::<Service>(o).map_err(|e| e.to_string())?);
+    }
+    for o in api.list("endpointslices") {
+        v.add_endpoint_slice(
+            serde_json::from_value::<EndpointSlice>(o).map_err(|e| e.to_string())?,
+        );
+    }
     Ok(v)
 }
 
@@ -233,9 +242,11 @@ impl World {
             clusters: vec![setup],
         });
         let nsx = FakeNsxManager::new(mc);
-        let snat = nsx.bootstrap().expect("bootstrapped").clusters["k8s-a"]
-            .snat_pool
-            .clone();
+        let boot = nsx.bootstrap().expect("bootstrapped");
+        let (snat, lb) = (
+            boot.clusters["k8s-a"].snat_pool.clone(),
+            boot.clusters["k8s-a"].lb_pool.clone(),
+        );
         let mut sim = turmoil::Builder::new()
             .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
             .rng_seed(cfg.seed)
@@ -261,15 +272,22 @@ impl World {
         for i in 0..cfg.replicas {
             let name = replica_name(i);
             nsx.add_user(User::new(&name, "pw", "enterprise_admin"));
-            let (t, p, snat, ha) = (
+            let (t, p, snat, lb, ha) = (
                 trace.clone(),
                 passes.clone(),
                 snat.clone(),
+                lb.clone(),
                 cfg.replicas > 1,
             );
             let seed = cfg.seed;
             sim.host(name.as_str(), move || {
-                let (t, p, snat, name) = (t.clone(), p.clone(), snat.clone(), replica_name(i));
+                let (t, p, snat, lb, name) = (
+                    t.clone(),
+                    p.clone(),
+                    snat.clone(),
+                    lb.clone(),
+                    replica_name(i),
+                );
                 async move {
                     t.record(&name, "started");
                     let kube = kube_client("http://apiserver:6443")?;
@@ -285,6 +303,7 @@ impl World {
                     let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
                     let mut config = NcpConfig::for_cluster("k8s-a");
                     config.external_ip_pools = vec![snat];
+                    config.external_ip_pools_lb = vec![lb];
                     let timing = LoopConfig {
                         resync: Duration::from_secs(30),
                         ..LoopConfig::default()
@@ -446,6 +465,23 @@ impl World {
                 return Err(format!("pod {ns}/{name}: {} is not in {subnet}", net["ip"]));
             }
         }
+        for ((ns, name), svc) in &view.services {
+            let uid = svc.metadata.uid.clone().unwrap_or_default();
+            let Some(vs) = observed.objects.iter().find(|(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{uid}/")))).and_then(|(_, d)| d.first()) else { continue };
+            let ingress = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|l| l.ingress.as_ref())
+                .and_then(|i| i.first())
+                .and_then(|i| i.ip.clone());
+            if ingress.as_deref() != vs["ip_address"].as_str() {
+                return Err(format!(
+                    "service {ns}/{name}: status shows {ingress:?}, the VIP is {}",
+                    vs["ip_address"]
+                ));
+            }
+        }
         let snat_rules = observed
             .objects
             .keys()
@@ -504,6 +540,14 @@ pub fn run(cfg: &NcpWorldConfig) -> NcpReport {
     for ns in 0..cfg.namespaces {
         w.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{ns}")}}));
         w.add_pods(cfg, ns, cfg.pods_per_namespace);
+    }
+    if cfg.namespaces > 0 {
+        // A LoadBalancer service with its endpoints (until the harness runs an endpoints
+        // controller, the slice is written by hand).
+        w.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "front", "namespace": "ns-0"},
+            "spec": {"type": "LoadBalancer", "selector": {"app": "app-0"}, "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}}));
+        w.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "front-1", "namespace": "ns-0", "labels": {"kubernetes.io/service-name": "front"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": [{"addresses": ["10.4.0.10"], "conditions": {"ready": true}}]}));
     }
     let mut faults = cfg.faults.clone();
     faults.sort_by_key(|f| f.at_ms);

@@ -158,8 +158,8 @@ async fn a_converged_cluster_restarts_with_zero_writes() {
     assert_eq!(again.report.writes, 0);
     let after = w.nsx.counters();
     assert_eq!(after.writes, before.writes, "a restart must not write");
-    assert!(
-        again.observe_calls <= 8,
+    // One list per collection (10, each empty one included) and two allocation reads.
+    assert!(again.observe_calls <= 12,
         "observation took {} calls",
         again.observe_calls
     );
@@ -443,4 +443,214 @@ async fn an_exhausted_snat_pool_fails_only_the_snat_rules_and_heals_when_address
         healed.report.failed
     );
     assert_eq!(counts(&w, "k8s-a"), expected(2, 2));
+}
+
+fn lb_service(
+    ns: &str,
+    name: &str,
+    uid: &str,
+    ports: &[(&str, i32)],
+) -> k8s_openapi::api::core::v1::Service {
+    let ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|(n, p)| serde_json::json!({"name": n, "port": p, "protocol": "TCP"}))
+        .collect();
+    serde_json::from_value(serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns, "uid": uid},
+        "spec": {"type": "LoadBalancer", "ports": ports}})).unwrap()
+}
+
+fn slice(
+    ns: &str,
+    svc: &str,
+    ports: &[(&str, i32)],
+    endpoints: &[(&str, bool)],
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|(n, p)| serde_json::json!({"name": n, "port": p, "protocol": "TCP"}))
+        .collect();
+    let eps: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(a, ready)| serde_json::json!({"addresses": [a], "conditions": {"ready": ready}}))
+        .collect();
+    serde_json::from_value(serde_json::json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{svc}-abc"), "namespace": ns, "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4", "ports": ports, "endpoints": eps})).unwrap()
+}
+
+fn lb_docs(w: &World) -> Vec<Value> {
+    w.docs()
+        .into_values()
+        .filter(|d| {
+            matches!(
+                d["resource_type"].as_str(),
+                Some("LbService" | "LbVirtualServer" | "LbPool")
+            ) && tag(d, "ncp/cluster") == Some("k8s-a")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_services_get_a_vip_virtual_servers_and_pools_that_follow_endpoints() {
+    let w = World::new(&["k8s-a"]).await;
+    let infra = w.infra("k8s-a").await;
+    let lb_pool = infra.lb_pool.clone().expect("LB pool configured");
+    let mut v = view(1, 1);
+    v.add_service(lb_service(
+        "ns-0",
+        "web",
+        "svc-1",
+        &[("http", 80), ("https", 443)],
+    ));
+    v.add_endpoint_slice(slice(
+        "ns-0",
+        "web",
+        &[("http", 8080), ("https", 8443)],
+        &[("10.4.0.5", true), ("10.4.0.6", true), ("10.4.0.7", false)],
+    ));
+    let out = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert!(out.report.failed.is_empty(), "{:?}", out.report.failed);
+    let o = w.observe("k8s-a").await;
+    let lb = o.get(&Key::LbService("k8s-a".into())).expect("LB service");
+    let t1 = o.get(&Key::LbTier1("k8s-a".into())).unwrap();
+    assert_eq!(lb["attachment"]["target_id"], t1["id"]);
+    assert_eq!(lb["virtual_server_ids"].as_array().unwrap().len(), 2);
+    let http = o.get(&Key::LbVirtualServer("svc-1/http".into())).unwrap();
+    let https = o.get(&Key::LbVirtualServer("svc-1/https".into())).unwrap();
+    assert_eq!(
+        http["ip_address"], https["ip_address"],
+        "one VIP per service"
+    );
+    assert_eq!(http["port"], "80");
+    let vip = http["ip_address"].as_str().unwrap().to_string();
+    assert!(vip.starts_with("198.51."), "{vip}");
+    assert_eq!(w.allocations(&lb_pool), vec![vip.clone()]);
+    let pool = o.get(&Key::LbPool("svc-1/http".into())).unwrap();
+    assert_eq!(http["pool_id"], pool["id"]);
+    let members: Vec<String> = pool["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            format!(
+                "{}:{}",
+                m["ip_address"].as_str().unwrap(),
+                m["port"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        members,
+        ["10.4.0.5:8080", "10.4.0.6:8080"],
+        "only ready endpoints"
+    );
+    assert!(
+        w.reconcile("k8s-a", &v, None)
+            .await
+            .unwrap()
+            .plan
+            .is_empty()
+    );
+    // Endpoints change: the pool follows.
+    v.endpoint_slices.clear();
+    v.add_endpoint_slice(slice(
+        "ns-0",
+        "web",
+        &[("http", 8080), ("https", 8443)],
+        &[("10.4.0.7", true)],
+    ));
+    let out = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert_eq!(out.plan.ops.len(), 2, "{:?}", out.plan.ops);
+    let o = w.observe("k8s-a").await;
+    assert_eq!(
+        o.get(&Key::LbPool("svc-1/http".into())).unwrap()["members"][0]["ip_address"],
+        "10.4.0.7"
+    );
+    // A port goes away: the LB service drops its virtual server first, then it is deleted.
+    v.services.clear();
+    v.add_service(lb_service("ns-0", "web", "svc-1", &[("http", 80)]));
+    let out = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert!(out.report.failed.is_empty(), "{:?}", out.report.failed);
+    assert_eq!(lb_docs(&w).len(), 3);
+    assert!(
+        w.reconcile("k8s-a", &v, None)
+            .await
+            .unwrap()
+            .plan
+            .is_empty()
+    );
+    // The service goes: everything LB goes, and its VIP is released.
+    v.services.clear();
+    let out = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert!(out.report.failed.is_empty(), "{:?}", out.report.failed);
+    assert!(lb_docs(&w).is_empty(), "{:?}", lb_docs(&w));
+    assert!(w.allocations(&lb_pool).is_empty());
+    assert!(
+        w.observe("k8s-a")
+            .await
+            .get(&Key::LbTier1("k8s-a".into()))
+            .is_none()
+    );
+    w.invariants();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_write_of_a_load_balancer_change_converges_without_leaks() {
+    let with_lb = |ports: &[(&str, i32)]| {
+        let mut v = view(1, 1);
+        v.add_service(lb_service("ns-0", "web", "svc-1", ports));
+        v.add_endpoint_slice(slice(
+            "ns-0",
+            "web",
+            &[("http", 8080), ("https", 8443)],
+            &[("10.4.0.5", true)],
+        ));
+        v
+    };
+    for (from, to) in [
+        (view(1, 1), with_lb(&[("http", 80), ("https", 443)])),
+        (
+            with_lb(&[("http", 80), ("https", 443)]),
+            with_lb(&[("http", 80)]),
+        ),
+        (with_lb(&[("http", 80)]), view(1, 1)),
+    ] {
+        let clean = World::new(&["k8s-a"]).await;
+        clean.reconcile("k8s-a", &from, None).await.unwrap();
+        let total = clean
+            .reconcile("k8s-a", &to, None)
+            .await
+            .unwrap()
+            .report
+            .writes;
+        for n in 0..total {
+            let w = World::new(&["k8s-a"]).await;
+            w.reconcile("k8s-a", &from, None).await.unwrap();
+            assert!(w.reconcile("k8s-a", &to, Some(n)).await.is_err());
+            let after = w.reconcile("k8s-a", &to, None).await.unwrap();
+            assert!(
+                after.report.failed.is_empty(),
+                "crash at {n}: {:?}",
+                after.report.failed
+            );
+            let o = w.observe("k8s-a").await;
+            assert_no_duplicates(&o);
+            let lb_pool = w.infra("k8s-a").await.lb_pool.unwrap();
+            let services = usize::from(!to.services.is_empty());
+            assert_eq!(
+                w.allocations(&lb_pool).len(),
+                services,
+                "VIP leaked after a crash at write {n}"
+            );
+            assert!(
+                w.reconcile("k8s-a", &to, None)
+                    .await
+                    .unwrap()
+                    .plan
+                    .is_empty(),
+                "crash at {n}"
+            );
+            w.invariants();
+        }
+    }
 }

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// Annotations NCP reads and writes.
 pub mod annotation {
@@ -26,6 +27,8 @@ pub struct ClusterView {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<(String, String), Pod>,
     pub nodes: BTreeMap<String, Node>,
+    pub services: BTreeMap<(String, String), Service>,
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
 }
 
 impl ClusterView {
@@ -40,6 +43,22 @@ impl ClusterView {
             pod.metadata.name.clone().unwrap_or_default(),
         );
         self.pods.insert(key, pod);
+    }
+
+    pub fn add_service(&mut self, svc: Service) {
+        let key = (
+            svc.metadata.namespace.clone().unwrap_or_default(),
+            svc.metadata.name.clone().unwrap_or_default(),
+        );
+        self.services.insert(key, svc);
+    }
+
+    pub fn add_endpoint_slice(&mut self, slice: EndpointSlice) {
+        let key = (
+            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.name.clone().unwrap_or_default(),
+        );
+        self.endpoint_slices.insert(key, slice);
     }
 
     pub fn add_node(&mut self, node: Node) {

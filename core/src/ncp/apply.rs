@@ -42,7 +42,7 @@ pub enum ApplyError {
     BudgetSpent { writes: usize },
     #[error("stopped: this replica is no longer the leader")]
     Fenced,
-    #[error("failed to {op}: the SNAT pool is not configured")]
+    #[error("failed to {op}: the external IP pool for it is not configured")]
     NoSnatPool { op: String },
 }
 
@@ -85,6 +85,8 @@ pub struct Applier<'a, C> {
     infra: &'a Infra,
     /// Writes left before the simulated crash; `None` = no limit.
     pub write_budget: Option<usize>,
+    /// LoadBalancer VIPs by service uid: observed, or allocated by this plan.
+    vips: BTreeMap<String, String>,
     /// Checked before every write: a replica that lost the lease stops at once.
     pub fence: Option<Arc<super::leader::Fence>>,
     resolved: BTreeMap<Key, Value>,
@@ -102,7 +104,7 @@ fn tag_value<'s>(spec: &'s Spec, scope_name: &str) -> &'s str {
 fn op_key(op: &Op) -> Option<&Key> {
     match op {
         Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => Some(key),
-        Op::ReleaseSnatIp { .. } => None,
+        Op::ReleaseIp { .. } => None,
     }
 }
 
@@ -137,6 +139,9 @@ fn path(collection: Collection, infra: &Infra) -> String {
         Collection::LogicalRouterPort => "logical-router-ports".into(),
         Collection::LogicalPort => "logical-ports".into(),
         Collection::NatRule => format!("logical-routers/{}/nat/rules", infra.tier0),
+        Collection::LbService => "loadbalancer/services".into(),
+        Collection::LbVirtualServer => "loadbalancer/virtual-servers".into(),
+        Collection::LbPool => "loadbalancer/pools".into(),
     }
 }
 
@@ -147,7 +152,11 @@ fn delete_query(collection: Collection) -> &'static str {
         Collection::LogicalRouter | Collection::LogicalRouterPort | Collection::IpPool => {
             "?force=true"
         }
-        Collection::BlockSubnet | Collection::NatRule => "",
+        Collection::BlockSubnet
+        | Collection::NatRule
+        | Collection::LbService
+        | Collection::LbVirtualServer
+        | Collection::LbPool => "",
     }
 }
 
@@ -166,6 +175,7 @@ where
             infra,
             write_budget: None,
             fence: None,
+            vips: observed.lb_vips.clone(),
             resolved,
             report: ApplyReport::default(),
         }
@@ -253,7 +263,7 @@ where
     async fn run(&mut self, op: &Op) -> Result<(), ApplyError> {
         match op {
             Op::Delete { key, doc } => self.delete(key, doc).await,
-            Op::ReleaseSnatIp { pool, ip } => self.release(pool, ip).await,
+            Op::ReleaseIp { pool, ip } => self.release(pool, ip).await,
             Op::Create { key, spec } => self.create(key, spec).await,
             Op::Update { key, id, spec } => self.update(key, id, spec).await,
         }
@@ -330,8 +340,13 @@ where
                 .await?;
             snat_ip = a["allocation_id"].as_str().map(str::to_string);
         }
+        if let (Key::LbVirtualServer(_), Detail::LbVirtualServer { service_uid, .. }) =
+            (key, &spec.detail)
+        {
+            snat_ip = Some(self.vip(key, spec, service_uid).await?);
+        }
         let mut body = self.render(key, spec, snat_ip.as_deref())?;
-        if let Key::Tier1(_) = key {
+        if let Key::Tier1(_) | Key::LbTier1(_) = key {
             // Without the marker: it is added once the advertisement is written.
             if let Some(tags) = body["tags"].as_array_mut() {
                 tags.retain(|t| t["scope"] != ADVERTISED.0);
@@ -342,7 +357,7 @@ where
             .await?;
         self.resolved.insert(key.clone(), created.clone());
         match (key, &spec.detail) {
-            (Key::Tier1(_), _) => {
+            (Key::Tier1(_) | Key::LbTier1(_), _) => {
                 // Advertisement, then the marker tag: the update path does both.
                 let id = created["id"].as_str().unwrap_or_default().to_string();
                 self.update(key, &id, spec).await?;
@@ -373,6 +388,39 @@ where
         Ok(())
     }
 
+    /// The VIP of a LoadBalancer service: the one it has, or a new one from the LB pool,
+    /// tagged so that it is found (and released) by service.
+    async fn vip(
+        &mut self,
+        key: &Key,
+        spec: &Spec,
+        service_uid: &str,
+    ) -> Result<String, ApplyError> {
+        if let Some(ip) = self.vips.get(service_uid) {
+            return Ok(ip.clone());
+        }
+        let pool = self
+            .infra
+            .lb_pool
+            .clone()
+            .ok_or_else(|| ApplyError::NoSnatPool {
+                op: format!("allocate a VIP for {key:?}"),
+            })?;
+        let body = json!({"allocation_id": null, "display_name": spec.display_name, "tags": [
+            {"scope": scope::CLUSTER, "tag": tag_value(spec, scope::CLUSTER)},
+            {"scope": scope::SERVICE_UID, "tag": service_uid}]});
+        let a = self
+            .write(
+                Method::POST,
+                &format!("pools/ip-pools/{pool}?action=ALLOCATE"),
+                Some(body),
+            )
+            .await?;
+        let ip = a["allocation_id"].as_str().unwrap_or_default().to_string();
+        self.vips.insert(service_uid.to_string(), ip.clone());
+        Ok(ip)
+    }
+
     /// Turns on route advertisement of a tier-1 router (connected and NAT routes).
     async fn write_advertisement(&mut self, id: &str) -> Result<(), ApplyError> {
         let adv_path = format!("logical-routers/{id}/routing/advertisement");
@@ -387,6 +435,7 @@ where
         adv["enabled"] = json!(true);
         adv["advertise_nsx_connected_routes"] = json!(true);
         adv["advertise_nat_routes"] = json!(true);
+        adv["advertise_lb_vip"] = json!(true);
         self.write(Method::PUT, &adv_path, Some(adv))
             .await
             .map(|_| ())
@@ -404,7 +453,11 @@ where
         }
         let snat_ip = current
             .as_ref()
-            .and_then(|d| d["translated_network"].as_str())
+            .and_then(|d| {
+                d["translated_network"]
+                    .as_str()
+                    .or(d["ip_address"].as_str())
+            })
             .map(str::to_string);
         let want = self.render(key, spec, snat_ip.as_deref())?;
         if self.write_budget == Some(0) {

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hyper_util::client::legacy::connect::Connect;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -119,6 +120,8 @@ pub struct Stores {
     pub namespaces: Store<Namespace>,
     pub pods: Store<Pod>,
     pub nodes: Store<Node>,
+    pub services: Store<Service>,
+    pub endpoint_slices: Store<EndpointSlice>,
     _tasks: Arc<Tasks>,
 }
 
@@ -134,6 +137,12 @@ impl Stores {
         for n in self.nodes.state() {
             v.add_node((*n).clone());
         }
+        for s in self.services.state() {
+            v.add_service((*s).clone());
+        }
+        for e in self.endpoint_slices.state() {
+            v.add_endpoint_slice((*e).clone());
+        }
         v
     }
 
@@ -141,6 +150,8 @@ impl Stores {
         let _ = self.namespaces.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
         let _ = self.nodes.wait_until_ready().await;
+        let _ = self.services.wait_until_ready().await;
+        let _ = self.endpoint_slices.wait_until_ready().await;
     }
 }
 
@@ -187,11 +198,19 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
         &mut tasks,
     );
     let pods = spawn_kind(Api::<Pod>::all(kube.clone()), changed.clone(), &mut tasks);
-    let nodes = spawn_kind(Api::<Node>::all(kube), changed, &mut tasks);
+    let nodes = spawn_kind(Api::<Node>::all(kube.clone()), changed.clone(), &mut tasks);
+    let services = spawn_kind(
+        Api::<Service>::all(kube.clone()),
+        changed.clone(),
+        &mut tasks,
+    );
+    let endpoint_slices = spawn_kind(Api::<EndpointSlice>::all(kube), changed, &mut tasks);
     Stores {
         namespaces,
         pods,
         nodes,
+        services,
+        endpoint_slices,
         _tasks: Arc::new(Tasks(tasks)),
     }
 }
@@ -262,6 +281,48 @@ where
             .await
             .map_err(|e| format!("failed to annotate namespace {name}: {e}"))?;
             patched += 1;
+        }
+    }
+    for ((ns_name, svc_name), svc) in &view.services {
+        let Some(uid) = svc.metadata.uid.clone() else {
+            continue;
+        };
+        let vip = realized
+            .iter()
+            .find(
+                |(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{uid}/"))),
+            )
+            .and_then(|(_, d)| d["ip_address"].as_str());
+        let Some(vip) = vip else { continue };
+        let current = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref())
+            .and_then(|i| i.first())
+            .and_then(|i| i.ip.clone());
+        if current.as_deref() == Some(vip) {
+            continue;
+        }
+        if !allowed() {
+            return Err("no longer the leader".into());
+        }
+        let api: Api<Service> = Api::namespaced(kube.clone(), ns_name);
+        match api
+            .patch_status(
+                svc_name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": vip}]}}})),
+            )
+            .await
+        {
+            Ok(_) => patched += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(format!(
+                    "failed to set the VIP of service {ns_name}/{svc_name}: {e}"
+                ));
+            }
         }
     }
     for ((ns_name, pod_name), pod) in &view.pods {

@@ -38,6 +38,15 @@ pub enum Key {
     Downlink(String),
     Snat(String),
     PodPort(String),
+    /// The cluster's load-balancer tier-1, its links to the tier-0 and its LB service; the
+    /// owner is the cluster name.
+    LbTier1(String),
+    LbT0Link(String),
+    LbT1Link(String),
+    LbService(String),
+    /// Per LoadBalancer service port: `<service uid>/<port name or number>`.
+    LbPool(String),
+    LbVirtualServer(String),
 }
 
 /// The NSX collections NCP's objects live in.
@@ -50,6 +59,9 @@ pub enum Collection {
     LogicalRouterPort,
     LogicalPort,
     NatRule,
+    LbService,
+    LbVirtualServer,
+    LbPool,
 }
 
 impl Key {
@@ -64,7 +76,13 @@ impl Key {
             | Key::DownlinkSwitchPort(u)
             | Key::Downlink(u)
             | Key::Snat(u)
-            | Key::PodPort(u) => u,
+            | Key::PodPort(u)
+            | Key::LbTier1(u)
+            | Key::LbT0Link(u)
+            | Key::LbT1Link(u)
+            | Key::LbService(u)
+            | Key::LbPool(u)
+            | Key::LbVirtualServer(u) => u,
         }
     }
 
@@ -77,6 +95,11 @@ impl Key {
             Key::T0Link(_) | Key::T1Link(_) | Key::Downlink(_) => Collection::LogicalRouterPort,
             Key::DownlinkSwitchPort(_) | Key::PodPort(_) => Collection::LogicalPort,
             Key::Snat(_) => Collection::NatRule,
+            Key::LbTier1(_) => Collection::LogicalRouter,
+            Key::LbT0Link(_) | Key::LbT1Link(_) => Collection::LogicalRouterPort,
+            Key::LbService(_) => Collection::LbService,
+            Key::LbPool(_) => Collection::LbPool,
+            Key::LbVirtualServer(_) => Collection::LbVirtualServer,
         }
     }
 
@@ -88,6 +111,10 @@ impl Key {
             Key::Switch(_) => 2,
             Key::DownlinkSwitchPort(_) | Key::PodPort(_) => 3,
             Key::Downlink(_) => 4,
+            Key::LbTier1(_) | Key::LbT0Link(_) | Key::LbPool(_) => 0,
+            Key::LbT1Link(_) | Key::LbVirtualServer(_) => 1,
+            // After its virtual servers; deleted first, so nothing it names is gone before it.
+            Key::LbService(_) => 5,
         }
     }
 
@@ -109,6 +136,10 @@ impl Key {
             Key::PodPort(_) => pod_namespace_uid
                 .map(|u| vec![Key::Switch(u.to_string())])
                 .unwrap_or_default(),
+            Key::LbTier1(_) | Key::LbT0Link(_) | Key::LbPool(_) => vec![],
+            Key::LbT1Link(c) => vec![Key::LbTier1(ns(c)), Key::LbT0Link(ns(c))],
+            Key::LbVirtualServer(k) => vec![Key::LbPool(ns(k))],
+            Key::LbService(c) => vec![Key::LbTier1(ns(c))],
         }
     }
 }
@@ -142,6 +173,21 @@ pub enum Detail {
         attachment_id: String,
         /// Chosen by the planner (kept from the observed port, or the lowest free on the node).
         vlan: Option<u16>,
+    },
+    LbTier1,
+    LbT0Link,
+    LbT1Link,
+    LbService {
+        virtual_servers: Vec<Key>,
+    },
+    /// Members as (address, port), sorted.
+    LbPool {
+        members: Vec<(String, i32)>,
+    },
+    LbVirtualServer {
+        service_uid: String,
+        port: i32,
+        protocol: String,
     },
 }
 
@@ -301,7 +347,128 @@ pub fn desired(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Desired 
             },
         );
     }
+    load_balancers(view, cluster, &live_ns, &mut objects);
     Desired { objects }
+}
+
+/// Service and endpoint labels and tags.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The objects LoadBalancer services need: one LB tier-1 and LB service per cluster, and per
+/// service port a pool of the service's ready endpoints and a virtual server on the service VIP.
+fn load_balancers(
+    view: &ClusterView,
+    cluster: &str,
+    live_ns: &BTreeMap<&str, &Namespace>,
+    objects: &mut BTreeMap<Key, Spec>,
+) {
+    let cluster_tags = vec![
+        tag(scope::CLUSTER, cluster),
+        tag(scope::VERSION, VERSION),
+        tag(scope::ROLE, "lb"),
+    ];
+    let mut any = false;
+    for ((ns_name, svc_name), svc) in &view.services {
+        let Some(ns) = live_ns.get(ns_name.as_str()) else {
+            continue;
+        };
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        if spec.type_.as_deref() != Some("LoadBalancer")
+            || svc.metadata.deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        let Some(svc_uid) = svc.metadata.uid.clone() else {
+            continue;
+        };
+        any = true;
+        for port in spec.ports.iter().flatten() {
+            let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+            if protocol != "TCP" && protocol != "UDP" {
+                continue;
+            }
+            let port_id = port
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| port.port.to_string());
+            let key = format!("{svc_uid}/{port_id}");
+            let mut tags = ns_tags(cluster, ns);
+            tags.push(tag(scope::SERVICE, &format!("{ns_name}/{svc_name}")));
+            tags.push(tag(scope::SERVICE_UID, &svc_uid));
+            tags.push(tag(scope::SERVICE_PORT, &port_id));
+            let mut members: Vec<(String, i32)> = Vec::new();
+            for ((slice_ns, _), slice) in &view.endpoint_slices {
+                let owner = slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL));
+                if slice_ns != ns_name || owner != Some(svc_name) {
+                    continue;
+                }
+                let slice_port = slice.ports.iter().flatten().find(|p| {
+                    p.name.clone().unwrap_or_default() == port.name.clone().unwrap_or_default()
+                });
+                let Some(target) = slice_port.and_then(|p| p.port) else {
+                    continue;
+                };
+                for ep in &slice.endpoints {
+                    if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                        continue;
+                    }
+                    for a in &ep.addresses {
+                        members.push((a.clone(), target));
+                    }
+                }
+            }
+            members.sort();
+            members.dedup();
+            let dn = naming::name(cluster, &[ns_name, svc_name, &port_id]);
+            objects.insert(
+                Key::LbPool(key.clone()),
+                Spec {
+                    display_name: dn.clone(),
+                    tags: tags.clone(),
+                    detail: Detail::LbPool { members },
+                },
+            );
+            objects.insert(
+                Key::LbVirtualServer(key),
+                Spec {
+                    display_name: dn,
+                    tags,
+                    detail: Detail::LbVirtualServer {
+                        service_uid: svc_uid.clone(),
+                        port: port.port,
+                        protocol,
+                    },
+                },
+            );
+        }
+    }
+    if any {
+        let virtual_servers: Vec<Key> = objects
+            .keys()
+            .filter(|k| matches!(k, Key::LbVirtualServer(_)))
+            .cloned()
+            .collect();
+        let c = cluster.to_string();
+        let spec = |detail: Detail, suffix: &str| Spec {
+            display_name: naming::name(cluster, &["lb", suffix]),
+            tags: cluster_tags.clone(),
+            detail,
+        };
+        objects.insert(Key::LbTier1(c.clone()), spec(Detail::LbTier1, "t1"));
+        objects.insert(Key::LbT0Link(c.clone()), spec(Detail::LbT0Link, "t0-link"));
+        objects.insert(Key::LbT1Link(c.clone()), spec(Detail::LbT1Link, "t1-link"));
+        objects.insert(
+            Key::LbService(c),
+            spec(Detail::LbService { virtual_servers }, "service"),
+        );
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,11 @@ pub struct Infra {
     pub tier0: String,
     pub ip_block: String,
     pub snat_pool: Option<String>,
+    /// The pool LoadBalancer VIPs come from (`external_ip_pools_lb`).
+    pub lb_pool: Option<String>,
+    /// The default fast TCP and UDP application profiles virtual servers use.
+    pub lb_tcp_profile: Option<String>,
+    pub lb_udp_profile: Option<String>,
     /// Node name -> the VIF id of the node VM's port (the parent of its pods' CHILD VIFs).
     pub node_vifs: BTreeMap<String, String>,
 }
@@ -146,11 +151,30 @@ where
             node_vifs.insert(node.to_string(), vif.to_string());
         }
     }
+    let lb_pool = match cfg.external_ip_pools_lb.first() {
+        Some(w) => Some(pick("LB IP pool", &pools, Some(w), cluster, |_| true)?),
+        None => None,
+    };
+    let profiles = list(
+        "LB application profiles",
+        "loadbalancer/application-profiles",
+    )
+    .await?;
+    let profile = |rt: &str| {
+        profiles
+            .iter()
+            .find(|p| p["resource_type"] == rt)
+            .and_then(|p| p["id"].as_str())
+            .map(str::to_string)
+    };
     Ok(Infra {
         transport_zone,
         tier0,
         ip_block,
         snat_pool,
+        lb_pool,
+        lb_tcp_profile: profile("LbFastTcpProfile"),
+        lb_udp_profile: profile("LbFastUdpProfile"),
         node_vifs,
     })
 }

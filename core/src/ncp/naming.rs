@@ -28,6 +28,9 @@ pub mod scope {
     pub const EXTERNAL: &str = "ncp/external";
     pub const NO_SNAT: &str = "ncp/no_snat";
     pub const SHARED: &str = "ncp/shared_resource";
+    pub const SERVICE: &str = "ncp/service";
+    pub const SERVICE_UID: &str = "ncp/service_uid";
+    pub const SERVICE_PORT: &str = "ncp/service_port";
     /// Which of a namespace's objects this is, where the resource type alone does not say
     /// (the switch port a downlink attaches to). Ours, not NCP's.
     pub const ROLE: &str = "ncp/role";

@@ -22,6 +22,8 @@ use crate::nsx::{NsxClient, NsxError};
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
     pub objects: BTreeMap<Key, Vec<Value>>,
+    /// LoadBalancer VIPs NCP allocated in the LB pool: service uid -> address.
+    pub lb_vips: BTreeMap<String, String>,
     /// Addresses NCP allocated (tagged `ncp/cluster`) in the SNAT pool.
     pub snat_allocations: BTreeSet<String>,
     /// NSX calls the observation took.
@@ -43,6 +45,27 @@ pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
         return None;
     }
     let rt = doc.get("resource_type")?.as_str()?;
+    if tag_value(doc, scope::ROLE) == Some("lb") {
+        let c = cluster.to_string();
+        return match rt {
+            "LogicalRouter" => Some(Key::LbTier1(c)),
+            "LogicalRouterLinkPortOnTIER0" => Some(Key::LbT0Link(c)),
+            "LogicalRouterLinkPortOnTIER1" => Some(Key::LbT1Link(c)),
+            "LbService" => Some(Key::LbService(c)),
+            _ => None,
+        };
+    }
+    if let (Some(svc), Some(port)) = (
+        tag_value(doc, scope::SERVICE_UID),
+        tag_value(doc, scope::SERVICE_PORT),
+    ) {
+        let k = format!("{svc}/{port}");
+        return match rt {
+            "LbPool" => Some(Key::LbPool(k)),
+            "LbVirtualServer" => Some(Key::LbVirtualServer(k)),
+            _ => None,
+        };
+    }
     if let Some(pod) = tag_value(doc, scope::POD_UID) {
         return (rt == "LogicalPort").then(|| Key::PodPort(pod.to_string()));
     }
@@ -86,6 +109,7 @@ impl Observed {
         Self {
             objects,
             snat_allocations: BTreeSet::new(),
+            lb_vips: BTreeMap::new(),
             calls: 0,
         }
     }
@@ -115,6 +139,9 @@ where
         "logical-router-ports".to_string(),
         "logical-ports".to_string(),
         format!("logical-routers/{}/nat/rules", infra.tier0),
+        "loadbalancer/services".to_string(),
+        "loadbalancer/virtual-servers".to_string(),
+        "loadbalancer/pools".to_string(),
     ] {
         docs.extend(client.list_all::<Value>(&path).await?);
     }
@@ -131,6 +158,24 @@ where
             .filter(|r| has_tag(r, scope::CLUSTER, cluster))
             .filter_map(|r| r["allocation_id"].as_str().map(str::to_string))
             .collect();
+    }
+    if let Some(pool) = &infra.lb_pool {
+        let a: Value = client
+            .get(&format!("pools/ip-pools/{pool}/allocations"))
+            .await?;
+        for r in a["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| has_tag(r, scope::CLUSTER, cluster))
+        {
+            if let (Some(svc), Some(ip)) = (
+                tag_value(r, scope::SERVICE_UID),
+                r["allocation_id"].as_str(),
+            ) {
+                observed.lb_vips.insert(svc.to_string(), ip.to_string());
+            }
+        }
     }
     observed.calls = (client.stats().requests - before) as usize;
     Ok(observed)

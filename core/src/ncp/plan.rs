@@ -52,8 +52,9 @@ pub enum Op {
         key: Key,
         doc: Value,
     },
-    /// Release an address of the SNAT pool that no rule uses.
-    ReleaseSnatIp {
+    /// Release an address NCP allocated that nothing uses any more (a SNAT address without its
+    /// rule, a LoadBalancer VIP whose service is gone).
+    ReleaseIp {
         pool: String,
         ip: String,
     },
@@ -150,6 +151,45 @@ pub fn render<R: Resolve + ?Sized>(
     };
     let mut tags = spec.tags.clone();
     let mut body = match &spec.detail {
+        Detail::LbTier1 => {
+            tags.push(Tag::new(ADVERTISED.0, ADVERTISED.1));
+            json!({"resource_type": "LogicalRouter", "router_type": "TIER1"})
+        }
+        Detail::LbT0Link => {
+            json!({"resource_type": "LogicalRouterLinkPortOnTIER0", "logical_router_id": infra.tier0})
+        }
+        Detail::LbT1Link => {
+            json!({"resource_type": "LogicalRouterLinkPortOnTIER1", "logical_router_id": id(resolved, &Key::LbTier1(ns.clone()))?,
+            "linked_logical_router_port_id": {"target_id": id(resolved, &Key::LbT0Link(ns.clone()))?}})
+        }
+        Detail::LbService { virtual_servers } => {
+            // Only the virtual servers that exist now: before new ones are created and after
+            // old ones are gone, the applier updates the list again.
+            let ids: Vec<&str> = virtual_servers
+                .iter()
+                .filter_map(|k| resolved.resolve(k).and_then(|d| d["id"].as_str()))
+                .collect();
+            json!({"resource_type": "LbService", "attachment": {"target_type": "LogicalRouter", "target_id": id(resolved, &Key::LbTier1(ns.clone()))?},
+                "virtual_server_ids": ids, "size": "SMALL", "enabled": true})
+        }
+        Detail::LbPool { members } => {
+            let m: Vec<Value> = members
+                .iter()
+                .map(|(ip, port)| json!({"ip_address": ip, "port": port.to_string()}))
+                .collect();
+            json!({"resource_type": "LbPool", "algorithm": "ROUND_ROBIN", "members": m})
+        }
+        Detail::LbVirtualServer { port, protocol, .. } => {
+            let profile = if protocol == "UDP" {
+                &infra.lb_udp_profile
+            } else {
+                &infra.lb_tcp_profile
+            };
+            let profile = profile.as_deref().ok_or_else(|| Missing(key.clone()))?;
+            let vip = snat_ip.ok_or_else(|| Missing(key.clone()))?;
+            json!({"resource_type": "LbVirtualServer", "ip_address": vip, "port": port.to_string(), "ip_protocol": protocol,
+                "application_profile_id": profile, "pool_id": id(resolved, &Key::LbPool(key.owner_uid().to_string()))?, "enabled": true})
+        }
         Detail::Subnet { size } => {
             json!({"resource_type": "IpBlockSubnet", "block_id": infra.ip_block, "size": size})
         }
@@ -223,6 +263,27 @@ pub fn render<R: Resolve + ?Sized>(
 /// Fields NCP owns beyond name and tags: (changeable, immutable), as dotted paths.
 fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
     match key {
+        Key::LbTier1(_) => (&[], &["router_type"]),
+        Key::LbT0Link(_) => (&[], &["logical_router_id"]),
+        Key::LbT1Link(_) => (
+            &[],
+            &[
+                "logical_router_id",
+                "linked_logical_router_port_id.target_id",
+            ],
+        ),
+        Key::LbService(_) => (&["enabled"], &["attachment.target_id"]),
+        Key::LbPool(_) => (&["algorithm"], &[]),
+        Key::LbVirtualServer(_) => (
+            &[
+                "port",
+                "ip_protocol",
+                "pool_id",
+                "application_profile_id",
+                "enabled",
+            ],
+            &[],
+        ),
         Key::Subnet(_) => (&[], &["block_id", "size"]),
         Key::Pool(_) => (&["subnets"], &[]),
         Key::Switch(_) => (&["ip_pool_id", "admin_state"], &["transport_zone_id"]),
@@ -291,7 +352,33 @@ pub fn drift(key: &Key, want: &Value, have: &Value) -> Drift {
     if immutable.iter().any(|p| at(want, p) != at(have, p)) {
         return Drift::Replace;
     }
-    let differs = want["display_name"] != have["display_name"]
+    // Lists the manager fills in (pool members get weights and states) or keeps in its own
+    // order compare as sets of what NCP owns.
+    let set_of = |v: &Value, path: &str, f: &dyn Fn(&Value) -> String| -> BTreeSet<String> {
+        at(v, path)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(f)
+            .collect()
+    };
+    let member = |m: &Value| {
+        format!(
+            "{}:{}",
+            m["ip_address"].as_str().unwrap_or(""),
+            m["port"].as_str().unwrap_or("")
+        )
+    };
+    let plain = |m: &Value| m.as_str().unwrap_or("").to_string();
+    let lists_differ = match key {
+        Key::LbPool(_) => set_of(want, "members", &member) != set_of(have, "members", &member),
+        Key::LbService(_) => {
+            set_of(want, "virtual_server_ids", &plain) != set_of(have, "virtual_server_ids", &plain)
+        }
+        _ => false,
+    };
+    let differs = lists_differ
+        || want["display_name"] != have["display_name"]
         || tag_set(want) != tag_set(have)
         || changeable.iter().any(|p| at(want, p) != at(have, p));
     if differs { Drift::Update } else { Drift::None }
@@ -415,7 +502,11 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 });
             }
             Some(doc) => {
-                let snat_ip = doc["translated_network"].as_str().filter(|s| !s.is_empty());
+                let snat_ip = match key {
+                    Key::LbVirtualServer(_) => doc["ip_address"].as_str(),
+                    _ => doc["translated_network"].as_str(),
+                }
+                .filter(|s| !s.is_empty());
                 let d = match render(key, &spec, infra, &kept, snat_ip) {
                     Ok(want) => drift(key, &want, doc),
                     // A dependency exists but lacks what we need (a subnet without a cidr).
@@ -471,9 +562,77 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
             .collect();
         for a in &observed.snat_allocations {
             if !in_use.contains(a.as_str()) && !released.contains(a) {
-                ops.push(Op::ReleaseSnatIp {
+                ops.push(Op::ReleaseIp {
                     pool: pool.clone(),
                     ip: a.clone(),
+                });
+            }
+        }
+    }
+    // The LB service lists its virtual servers: it must drop the doomed ones before they are
+    // deleted, and take the new ones after they are created.
+    if let Some((lb_key, lb_doc)) = kept.iter().find(|(k, _)| matches!(k, Key::LbService(_))) {
+        let lb_id = lb_doc["id"].as_str().unwrap_or_default().to_string();
+        let spec = desired.objects[lb_key].clone();
+        let vs_deleted = ops.iter().any(|o| {
+            matches!(
+                o,
+                Op::Delete {
+                    key: Key::LbVirtualServer(_),
+                    ..
+                }
+            )
+        });
+        let vs_created = upserts.iter().any(|o| {
+            matches!(
+                o,
+                Op::Create {
+                    key: Key::LbVirtualServer(_),
+                    ..
+                }
+            )
+        });
+        let already = upserts.iter().any(|o| {
+            matches!(
+                o,
+                Op::Update {
+                    key: Key::LbService(_),
+                    ..
+                } | Op::Create {
+                    key: Key::LbService(_),
+                    ..
+                }
+            )
+        });
+        if vs_deleted {
+            ops.insert(
+                0,
+                Op::Update {
+                    key: lb_key.clone(),
+                    id: lb_id.clone(),
+                    spec: spec.clone(),
+                },
+            );
+        }
+        if vs_created && !already {
+            upserts.push(Op::Update {
+                key: lb_key.clone(),
+                id: lb_id,
+                spec,
+            });
+        }
+    }
+    // VIPs of services that no longer need one.
+    if let Some(pool) = &infra.lb_pool {
+        for (svc, ip) in &observed.lb_vips {
+            let wanted = desired
+                .objects
+                .keys()
+                .any(|k| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{svc}/"))));
+            if !wanted {
+                ops.push(Op::ReleaseIp {
+                    pool: pool.clone(),
+                    ip: ip.clone(),
                 });
             }
         }
