@@ -159,7 +159,8 @@ async fn a_converged_cluster_restarts_with_zero_writes() {
     let after = w.nsx.counters();
     assert_eq!(after.writes, before.writes, "a restart must not write");
     // One list per collection (10, each empty one included) and two allocation reads.
-    assert!(again.observe_calls <= 12,
+    assert!(
+        again.observe_calls <= 12,
         "observation took {} calls",
         again.observe_calls
     );
