@@ -136,29 +136,11 @@ impl Store {
         own: Option<&str>,
         doc: &mut Map<String, Value>,
     ) -> ApiResult<()> {
-        let members = doc
-            .get("members")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        if members.len() > 500 {
-            return Err(ApiError::validation(
-                "members: size must be between 0 and 500",
-            ));
-        }
+        let members = super::bounded_list(doc, "members", 500)?;
         for m in &members {
             self.check_member(own, m)?;
         }
-        let criteria = doc
-            .get("membership_criteria")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        if criteria.len() > 5 {
-            return Err(ApiError::validation(
-                "membership_criteria: size must be between 0 and 5",
-            ));
-        }
+        let criteria = super::bounded_list(doc, "membership_criteria", 5)?;
         for c in &criteria {
             Self::check_criterion(c, 0)?;
         }
@@ -448,16 +430,7 @@ impl Store {
 }
 
 pub(super) fn ipset_check(doc: &mut Map<String, Value>) -> ApiResult<()> {
-    let list = doc
-        .get("ip_addresses")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    if list.len() > 4000 {
-        return Err(ApiError::validation(
-            "ip_addresses: size must be between 0 and 4000",
-        ));
-    }
+    let list = super::bounded_list(doc, "ip_addresses", 4000)?;
     for a in list {
         let text = a.as_str().unwrap_or("");
         ipam::parse_ip_element(text)

@@ -992,6 +992,25 @@ impl Store {
     }
 }
 
+/// A list field of a body, checked against NSX's size limit for it (absent = empty).
+pub(crate) fn bounded_list(
+    doc: &Map<String, Value>,
+    field: &str,
+    max: usize,
+) -> ApiResult<Vec<Value>> {
+    let list = doc
+        .get(field)
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if list.len() > max {
+        return Err(ApiError::validation(format!(
+            "{field}: size must be between 0 and {max}"
+        )));
+    }
+    Ok(list)
+}
+
 /// Whether a document refers to `id` in a reference field (`*_id`, `target_id`, `value` of a
 /// member expression, `*_ids` lists).
 fn references(v: &Value, id: &str) -> bool {

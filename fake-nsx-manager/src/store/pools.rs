@@ -156,16 +156,7 @@ impl Store {
         own: Option<&str>,
         doc: &mut Map<String, Value>,
     ) -> ApiResult<()> {
-        let subnets = doc
-            .get("subnets")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        if subnets.len() > 5 {
-            return Err(ApiError::validation(
-                "subnets: size must be between 0 and 5",
-            ));
-        }
+        let subnets = super::bounded_list(doc, "subnets", 5)?;
         for s in &subnets {
             let cidr_text = s.get("cidr").and_then(Value::as_str).unwrap_or("");
             let cidr = Cidr::parse_strict(cidr_text)
