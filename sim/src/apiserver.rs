@@ -135,10 +135,9 @@ struct Inner {
     compacted_rv: u64,
     rng: SeededRng,
     duplicate_next: usize,
-    epoch_ms: i64,
     clock: Arc<dyn Fn() -> i64 + Send + Sync>,
     /// Requests served, by method and resource: the report reads it.
-    pub requests: BTreeMap<String, u64>,
+    requests: BTreeMap<String, u64>,
     /// Every request: simulated time, method, path and query, status; bounded.
     log: VecDeque<String>,
 }
@@ -337,7 +336,6 @@ impl ApiServer {
                 compacted_rv: 0,
                 rng: SeededRng::new(seed),
                 duplicate_next: 0,
-                epoch_ms: 0,
                 clock: Arc::new(clock),
                 requests: BTreeMap::new(),
                 log: VecDeque::new(),
@@ -525,7 +523,7 @@ impl ApiServer {
             ));
         }
         g.rv += 1;
-        let now = (g.clock)() + g.epoch_ms;
+        let now = (g.clock)();
         let uid = g.rng.uuid();
         let m = obj["metadata"]
             .as_object_mut()
@@ -729,7 +727,7 @@ impl ApiServer {
 
     fn log_request(&self, line: String) {
         let mut g = self.lock();
-        let ms = (g.clock)() + g.epoch_ms;
+        let ms = (g.clock)();
         if g.log.len() >= 100_000 {
             g.log.pop_front();
         }
