@@ -9,7 +9,7 @@
 //! Multi-request steps are ordered so that a crash between their requests is repaired by the
 //! next plan: a tier-1 router is created without its route-advertisement marker tag, then the
 //! advertisement is written, then the tag; a SNAT address is allocated, then the rule carrying
-//! it in `ncp/snat_ip` is created (an allocation without a rule is released by a later plan).
+//! it in `ncp/address` is created (an allocation without a rule is released by a later plan).
 //!
 //! `write_budget` stops the applier right after that many writes, as a crash would; tests use it
 //! to crash NCP after every write of a scenario.
@@ -251,8 +251,8 @@ where
         r.map_err(|source| ApplyError::Nsx { op, source })
     }
 
-    fn render(&self, key: &Key, spec: &Spec, snat_ip: Option<&str>) -> Result<Value, ApplyError> {
-        render(key, spec, self.infra, &self.resolved, snat_ip).map_err(|Missing(m)| {
+    fn render(&self, key: &Key, spec: &Spec, address: Option<&str>) -> Result<Value, ApplyError> {
+        render(key, spec, self.infra, &self.resolved, address).map_err(|Missing(m)| {
             ApplyError::Unresolved {
                 key: key.clone(),
                 missing: m,
@@ -316,7 +316,7 @@ where
 
     async fn create(&mut self, key: &Key, spec: &Spec) -> Result<(), ApplyError> {
         let collection = key.collection();
-        let mut snat_ip = None;
+        let mut address = None;
         if let Key::Snat(_) = key {
             let pool = self
                 .infra
@@ -338,14 +338,14 @@ where
                     Some(body),
                 )
                 .await?;
-            snat_ip = a["allocation_id"].as_str().map(str::to_string);
+            address = a["allocation_id"].as_str().map(str::to_string);
         }
         if let (Key::LbVirtualServer(_), Detail::LbVirtualServer { service_uid, .. }) =
             (key, &spec.detail)
         {
-            snat_ip = Some(self.vip(key, spec, service_uid).await?);
+            address = Some(self.vip(key, spec, service_uid).await?);
         }
-        let mut body = self.render(key, spec, snat_ip.as_deref())?;
+        let mut body = self.render(key, spec, address.as_deref())?;
         if let Key::Tier1(_) | Key::LbTier1(_) = key {
             // Without the marker: it is added once the advertisement is written.
             if let Some(tags) = body["tags"].as_array_mut() {
@@ -451,7 +451,7 @@ where
         {
             self.write_advertisement(id).await?;
         }
-        let snat_ip = current
+        let address = current
             .as_ref()
             .and_then(|d| {
                 d["translated_network"]
@@ -459,7 +459,7 @@ where
                     .or(d["ip_address"].as_str())
             })
             .map(str::to_string);
-        let want = self.render(key, spec, snat_ip.as_deref())?;
+        let want = self.render(key, spec, address.as_deref())?;
         if self.write_budget == Some(0) {
             return Err(ApplyError::BudgetSpent {
                 writes: self.report.writes,

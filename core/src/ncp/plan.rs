@@ -132,13 +132,14 @@ fn tags_json(tags: &[Tag]) -> Value {
 }
 
 /// The body NCP writes for `key`, with references resolved from `resolved` (observed and
-/// already created objects). `snat_ip` is the translated address of a SNAT rule.
+/// already created objects). `address` is the address NCP allocated for it: the translated
+/// address of a SNAT rule, the VIP of a virtual server.
 pub fn render<R: Resolve + ?Sized>(
     key: &Key,
     spec: &Spec,
     infra: &Infra,
     resolved: &R,
-    snat_ip: Option<&str>,
+    address: Option<&str>,
 ) -> Result<Value, Missing> {
     let ns = key.owner_uid().to_string();
     let subnet_cidr = |u: &str| -> Result<String, Missing> {
@@ -186,7 +187,7 @@ pub fn render<R: Resolve + ?Sized>(
                 &infra.lb_tcp_profile
             };
             let profile = profile.as_deref().ok_or_else(|| Missing(key.clone()))?;
-            let vip = snat_ip.ok_or_else(|| Missing(key.clone()))?;
+            let vip = address.ok_or_else(|| Missing(key.clone()))?;
             json!({"resource_type": "LbVirtualServer", "ip_address": vip, "port": port.to_string(), "ip_protocol": protocol,
                 "application_profile_id": profile, "pool_id": id(resolved, &Key::LbPool(key.owner_uid().to_string()))?, "enabled": true})
         }
@@ -232,7 +233,7 @@ pub fn render<R: Resolve + ?Sized>(
         }
         Detail::Snat => {
             let cidr = subnet_cidr(&ns)?;
-            let translated = snat_ip.unwrap_or("");
+            let translated = address.unwrap_or("");
             tags.push(Tag::new(scope::SNAT_IP, translated));
             if let Some(pool) = &infra.snat_pool {
                 tags.push(Tag::new(scope::EXTPOOL_ID, pool.clone()));
@@ -502,12 +503,12 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 });
             }
             Some(doc) => {
-                let snat_ip = match key {
+                let address = match key {
                     Key::LbVirtualServer(_) => doc["ip_address"].as_str(),
                     _ => doc["translated_network"].as_str(),
                 }
                 .filter(|s| !s.is_empty());
-                let d = match render(key, &spec, infra, &kept, snat_ip) {
+                let d = match render(key, &spec, infra, &kept, address) {
                     Ok(want) => drift(key, &want, doc),
                     // A dependency exists but lacks what we need (a subnet without a cidr).
                     Err(_) => Drift::Replace,
