@@ -43,7 +43,7 @@ pub enum ApplyError {
     #[error("stopped: this replica is no longer the leader")]
     Fenced,
     #[error("failed to {op}: the external IP pool for it is not configured")]
-    NoSnatPool { op: String },
+    NoPool { op: String },
 }
 
 impl ApplyError {
@@ -52,7 +52,7 @@ impl ApplyError {
         match self {
             ApplyError::Nsx { source, .. } => source.is_retryable() || source.is_stale_revision(),
             ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } => true,
-            ApplyError::NoSnatPool { .. } | ApplyError::Fenced => false,
+            ApplyError::NoPool { .. } | ApplyError::Fenced => false,
         }
     }
 }
@@ -117,7 +117,7 @@ fn is_permanent(e: &ApplyError) -> bool {
                 && !source.is_retryable()
                 && !source.is_stale_revision()
         }
-        ApplyError::NoSnatPool { .. } => true,
+        ApplyError::NoPool { .. } => true,
         ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } | ApplyError::Fenced => {
             false
         }
@@ -318,27 +318,13 @@ where
         let collection = key.collection();
         let mut address = None;
         if let Key::Snat(_) = key {
-            let pool = self
-                .infra
-                .snat_pool
-                .clone()
-                .ok_or_else(|| ApplyError::NoSnatPool {
-                    op: format!("create {key:?}"),
-                })?;
             // Check the rule can be rendered before taking an address.
             self.render(key, spec, Some("0.0.0.0"))?;
-            // Tagged, so that only NCP's own allocations are ever released as leaks.
-            let body = json!({"allocation_id": null, "display_name": spec.display_name, "tags": [
-                {"scope": scope::CLUSTER, "tag": tag_value(spec, scope::CLUSTER)},
-                {"scope": scope::PROJECT_UID, "tag": key.owner_uid()}]});
-            let a = self
-                .write(
-                    Method::POST,
-                    &format!("pools/ip-pools/{pool}?action=ALLOCATE"),
-                    Some(body),
-                )
-                .await?;
-            address = a["allocation_id"].as_str().map(str::to_string);
+            let pool = self.infra.snat_pool.clone();
+            address = Some(
+                self.allocate_tagged(pool, key, spec, scope::PROJECT_UID, key.owner_uid())
+                    .await?,
+            );
         }
         if let (Key::LbVirtualServer(_), Detail::LbVirtualServer { service_uid, .. }) =
             (key, &spec.detail)
@@ -388,6 +374,32 @@ where
         Ok(())
     }
 
+    /// Allocates an address from `pool`, tagged with the cluster and its owner (`owner_scope`
+    /// = `owner`), so that only NCP's own allocations are ever found and released as leaks.
+    async fn allocate_tagged(
+        &mut self,
+        pool: Option<String>,
+        key: &Key,
+        spec: &Spec,
+        owner_scope: &str,
+        owner: &str,
+    ) -> Result<String, ApplyError> {
+        let pool = pool.ok_or_else(|| ApplyError::NoPool {
+            op: format!("allocate an address for {key:?}"),
+        })?;
+        let body = json!({"allocation_id": null, "display_name": spec.display_name, "tags": [
+            {"scope": scope::CLUSTER, "tag": tag_value(spec, scope::CLUSTER)},
+            {"scope": owner_scope, "tag": owner}]});
+        let a = self
+            .write(
+                Method::POST,
+                &format!("pools/ip-pools/{pool}?action=ALLOCATE"),
+                Some(body),
+            )
+            .await?;
+        Ok(a["allocation_id"].as_str().unwrap_or_default().to_string())
+    }
+
     /// The VIP of a LoadBalancer service: the one it has, or a new one from the LB pool,
     /// tagged so that it is found (and released) by service.
     async fn vip(
@@ -399,24 +411,10 @@ where
         if let Some(ip) = self.vips.get(service_uid) {
             return Ok(ip.clone());
         }
-        let pool = self
-            .infra
-            .lb_pool
-            .clone()
-            .ok_or_else(|| ApplyError::NoSnatPool {
-                op: format!("allocate a VIP for {key:?}"),
-            })?;
-        let body = json!({"allocation_id": null, "display_name": spec.display_name, "tags": [
-            {"scope": scope::CLUSTER, "tag": tag_value(spec, scope::CLUSTER)},
-            {"scope": scope::SERVICE_UID, "tag": service_uid}]});
-        let a = self
-            .write(
-                Method::POST,
-                &format!("pools/ip-pools/{pool}?action=ALLOCATE"),
-                Some(body),
-            )
+        let pool = self.infra.lb_pool.clone();
+        let ip = self
+            .allocate_tagged(pool, key, spec, scope::SERVICE_UID, service_uid)
             .await?;
-        let ip = a["allocation_id"].as_str().unwrap_or_default().to_string();
         self.vips.insert(service_uid.to_string(), ip.clone());
         Ok(ip)
     }
