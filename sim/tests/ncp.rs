@@ -44,6 +44,7 @@ fn expected(namespaces: usize, pods: usize) -> BTreeMap<String, usize> {
             "LogicalRouterLinkPortOnTIER1",
             "LogicalRouterDownLinkPort",
             "NatRule",
+            "NSGroup",
         ] {
             c.insert(t.to_string(), namespaces);
         }
@@ -158,9 +159,9 @@ async fn a_converged_cluster_restarts_with_zero_writes() {
     assert_eq!(again.report.writes, 0);
     let after = w.nsx.counters();
     assert_eq!(after.writes, before.writes, "a restart must not write");
-    // One list per collection (10, each empty one included) and two allocation reads.
+    // One list per collection (13, each empty one included) and two allocation reads.
     assert!(
-        again.observe_calls <= 12,
+        again.observe_calls <= 15,
         "observation took {} calls",
         again.observe_calls
     );

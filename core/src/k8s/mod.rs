@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+pub mod selector;
 
 /// Annotations NCP reads and writes.
 pub mod annotation {
@@ -29,6 +32,7 @@ pub struct ClusterView {
     pub nodes: BTreeMap<String, Node>,
     pub services: BTreeMap<(String, String), Service>,
     pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
 }
 
 impl ClusterView {
@@ -59,6 +63,14 @@ impl ClusterView {
             slice.metadata.name.clone().unwrap_or_default(),
         );
         self.endpoint_slices.insert(key, slice);
+    }
+
+    pub fn add_network_policy(&mut self, np: NetworkPolicy) {
+        let key = (
+            np.metadata.namespace.clone().unwrap_or_default(),
+            np.metadata.name.clone().unwrap_or_default(),
+        );
+        self.network_policies.insert(key, np);
     }
 
     pub fn add_node(&mut self, node: Node) {

@@ -142,6 +142,9 @@ fn path(collection: Collection, infra: &Infra) -> String {
         Collection::LbService => "loadbalancer/services".into(),
         Collection::LbVirtualServer => "loadbalancer/virtual-servers".into(),
         Collection::LbPool => "loadbalancer/pools".into(),
+        Collection::NsGroup => "ns-groups".into(),
+        Collection::IpSet => "ip-sets".into(),
+        Collection::FirewallSection => "firewall/sections".into(),
     }
 }
 
@@ -152,7 +155,10 @@ fn delete_query(collection: Collection) -> &'static str {
         Collection::LogicalRouter | Collection::LogicalRouterPort | Collection::IpPool => {
             "?force=true"
         }
+        Collection::FirewallSection => "?cascade=true",
         Collection::BlockSubnet
+        | Collection::NsGroup
+        | Collection::IpSet
         | Collection::NatRule
         | Collection::LbService
         | Collection::LbVirtualServer
@@ -185,15 +191,12 @@ where
     pub async fn apply(mut self, plan: &Plan) -> Result<ApplyReport, (ApplyError, ApplyReport)> {
         for op in &plan.ops {
             if let Some(key) = op_key(op) {
-                let ns_uid = match op {
-                    Op::Create { spec, .. } | Op::Update { spec, .. } => match &spec.detail {
-                        Detail::PodPort { namespace_uid, .. } => Some(namespace_uid.clone()),
-                        _ => None,
-                    },
+                let detail = match op {
+                    Op::Create { spec, .. } | Op::Update { spec, .. } => Some(&spec.detail),
                     _ => None,
                 };
                 if let Some(dep) = key
-                    .deps(ns_uid.as_deref())
+                    .deps(detail)
                     .into_iter()
                     .find(|d| self.report.failed.contains_key(d))
                 {
@@ -338,9 +341,11 @@ where
                 tags.retain(|t| t["scope"] != ADVERTISED.0);
             }
         }
-        let created = self
-            .write(Method::POST, &path(collection, self.infra), Some(body))
-            .await?;
+        let target = match self.section_placement(key, spec) {
+            Some(query) => format!("{}{query}", path(collection, self.infra)),
+            None => path(collection, self.infra),
+        };
+        let created = self.write(Method::POST, &target, Some(body)).await?;
         self.resolved.insert(key.clone(), created.clone());
         match (key, &spec.detail) {
             (Key::Tier1(_) | Key::LbTier1(_), _) => {
@@ -372,6 +377,79 @@ where
             _ => {}
         }
         Ok(())
+    }
+
+    /// Where a new firewall section goes: markers at the top of the firewall (the bottom one
+    /// right after the top one), allow sections right after the top marker, isolation sections
+    /// right before the bottom marker. `None` for other objects.
+    fn section_placement(&self, key: &Key, spec: &Spec) -> Option<String> {
+        let id_of = |k: &Key| {
+            self.resolved
+                .get(k)
+                .and_then(|d| d["id"].as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let c = key.owner_uid().to_string();
+        Some(match key {
+            Key::FwMarkerTop(_) => "?operation=insert_top".into(),
+            Key::FwMarkerBottom(_) => {
+                format!("?operation=insert_after&id={}", id_of(&Key::FwMarkerTop(c)))
+            }
+            Key::AllowSection(_) | Key::IsolationSection(_) => {
+                let Detail::Section { marker, .. } = &spec.detail else {
+                    return None;
+                };
+                let op = match marker {
+                    Key::FwMarkerTop(_) => "insert_after",
+                    _ => "insert_before",
+                };
+                format!(
+                    "?action=create_with_rules&operation={op}&id={}",
+                    id_of(marker)
+                )
+            }
+            _ => return None,
+        })
+    }
+
+    /// Replaces a section's rules with `want`'s (`update_with_rules`, which needs the section's
+    /// current `_revision`; a concurrent change of the section answers 409 or 412, and the read
+    /// and write are repeated).
+    async fn update_section(&mut self, key: &Key, id: &str, want: Value) -> Result<(), ApplyError> {
+        let p = format!("firewall/sections/{id}");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let current: Value = self
+                .client
+                .get(&p)
+                .await
+                .map_err(|source| ApplyError::Nsx {
+                    op: format!("GET {p}"),
+                    source,
+                })?;
+            let mut body = want.clone();
+            body["_revision"] = current["_revision"].clone();
+            body["id"] = json!(id);
+            match self
+                .write(
+                    Method::POST,
+                    &format!("{p}?action=update_with_rules"),
+                    Some(body),
+                )
+                .await
+            {
+                Ok(updated) => {
+                    self.resolved.insert(key.clone(), updated);
+                    return Ok(());
+                }
+                Err(ApplyError::Nsx { source, .. })
+                    if (source.is_stale_revision() || source.status() == Some(409))
+                        && tries < 5 => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Allocates an address from `pool`, tagged with the cluster and its owner (`owner_scope`
@@ -458,6 +536,9 @@ where
             })
             .map(str::to_string);
         let want = self.render(key, spec, address.as_deref())?;
+        if let Key::AllowSection(_) | Key::IsolationSection(_) = key {
+            return self.update_section(key, id, want).await;
+        }
         if self.write_budget == Some(0) {
             return Err(ApplyError::BudgetSpent {
                 writes: self.report.writes,

@@ -19,6 +19,7 @@ use futures::StreamExt;
 use hyper_util::client::legacy::connect::Connect;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -122,6 +123,7 @@ pub struct Stores {
     pub nodes: Store<Node>,
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
+    pub network_policies: Store<NetworkPolicy>,
     _tasks: Arc<Tasks>,
 }
 
@@ -143,6 +145,9 @@ impl Stores {
         for e in self.endpoint_slices.state() {
             v.add_endpoint_slice((*e).clone());
         }
+        for p in self.network_policies.state() {
+            v.add_network_policy((*p).clone());
+        }
         v
     }
 
@@ -152,6 +157,7 @@ impl Stores {
         let _ = self.nodes.wait_until_ready().await;
         let _ = self.services.wait_until_ready().await;
         let _ = self.endpoint_slices.wait_until_ready().await;
+        let _ = self.network_policies.wait_until_ready().await;
     }
 }
 
@@ -204,13 +210,19 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
         changed.clone(),
         &mut tasks,
     );
-    let endpoint_slices = spawn_kind(Api::<EndpointSlice>::all(kube), changed, &mut tasks);
+    let endpoint_slices = spawn_kind(
+        Api::<EndpointSlice>::all(kube.clone()),
+        changed.clone(),
+        &mut tasks,
+    );
+    let network_policies = spawn_kind(Api::<NetworkPolicy>::all(kube), changed, &mut tasks);
     Stores {
         namespaces,
         pods,
         nodes,
         services,
         endpoint_slices,
+        network_policies,
         _tasks: Arc::new(Tasks(tasks)),
     }
 }
@@ -410,13 +422,15 @@ async fn report_failures(
     view: &ClusterView,
     failed: &BTreeMap<Key, String>,
     reported: &mut BTreeMap<Key, String>,
+    reason: &str,
 ) {
     reported.retain(|k, _| failed.contains_key(k));
     for (key, message) in failed {
         if reported.get(key) == Some(message) {
             continue;
         }
-        let uid = key.owner_uid();
+        // Per-policy and per-service-port keys are `<owner uid>/<part>`.
+        let uid = key.owner_uid().split('/').next().unwrap_or_default();
         let owner = view
             .namespaces
             .values()
@@ -433,6 +447,18 @@ async fn report_failures(
                     .iter()
                     .find(|(_, p)| p.metadata.uid.as_deref() == Some(uid))
                     .map(|((ns, name), _)| ("Pod", ns.clone(), name.clone()))
+            })
+            .or_else(|| {
+                view.network_policies
+                    .iter()
+                    .find(|(_, p)| p.metadata.uid.as_deref() == Some(uid))
+                    .map(|((ns, name), _)| ("NetworkPolicy", ns.clone(), name.clone()))
+            })
+            .or_else(|| {
+                view.services
+                    .iter()
+                    .find(|(_, s)| s.metadata.uid.as_deref() == Some(uid))
+                    .map(|((ns, name), _)| ("Service", ns.clone(), name.clone()))
             });
         let Some((kind, ns, name)) = owner else {
             continue;
@@ -440,8 +466,8 @@ async fn report_failures(
         let event = json!({
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": format!("{name}.ncp-"), "namespace": ns},
-            "involvedObject": {"kind": kind, "name": name, "namespace": if kind == "Pod" { Some(ns.clone()) } else { None }, "uid": uid},
-            "reason": "NSXRealizationFailed",
+            "involvedObject": {"kind": kind, "name": name, "namespace": if kind == "Namespace" { None } else { Some(ns.clone()) }, "uid": uid},
+            "reason": reason,
             "message": format!("{key:?}: {message}"),
             "type": "Warning",
             "source": {"component": "ncp"},
@@ -488,6 +514,7 @@ pub async fn run<C>(
     };
     backoff = timing.backoff_min;
     let mut reported = BTreeMap::new();
+    let mut reported_problems = BTreeMap::new();
     loop {
         let view = stores.view();
         let gate = WriteGate {
@@ -507,7 +534,32 @@ pub async fn run<C>(
             Ok(outcome) => match write_back(&kube, &nsx, &view, &outcome, fence.as_deref()).await {
                 Ok(annotations) => {
                     if fence.as_deref().is_none_or(Fence::allows_writes) {
-                        report_failures(&kube, &view, &outcome.report.failed, &mut reported).await;
+                        report_failures(
+                            &kube,
+                            &view,
+                            &outcome.report.failed,
+                            &mut reported,
+                            "NSXRealizationFailed",
+                        )
+                        .await;
+                        let mut problems: BTreeMap<Key, String> = BTreeMap::new();
+                        for p in &outcome.problems {
+                            let m = problems
+                                .entry(Key::AllowSection(p.uid.clone()))
+                                .or_default();
+                            if !m.is_empty() {
+                                m.push_str("; ");
+                            }
+                            m.push_str(&p.message);
+                        }
+                        report_failures(
+                            &kube,
+                            &view,
+                            &problems,
+                            &mut reported_problems,
+                            "NetworkPolicyNotExact",
+                        )
+                        .await;
                     }
                     PassEvent::Converged {
                         ops: outcome.plan.len(),

@@ -47,6 +47,20 @@ pub enum Key {
     /// Per LoadBalancer service port: `<service uid>/<port name or number>`.
     LbPool(String),
     LbVirtualServer(String),
+    /// A namespace's NSGroup: every pod port of the namespace.
+    NsGroup(String),
+    /// NetworkPolicy objects, owned by `<policy uid>/<role>`: `applied` (the pods the policy
+    /// selects), `in<i>-<j>` / `eg<i>-<j>` (peer j of ingress or egress rule i).
+    PolicyGroup(String),
+    PolicyIpSet(String),
+    /// The policy's allow section (its rules) and isolation section (drop what no policy
+    /// allows), by policy uid.
+    AllowSection(String),
+    IsolationSection(String),
+    /// The cluster's two marker sections: allow sections go right below the top one,
+    /// isolation sections right above the bottom one, so every allow precedes every drop.
+    FwMarkerTop(String),
+    FwMarkerBottom(String),
 }
 
 /// The NSX collections NCP's objects live in.
@@ -62,6 +76,9 @@ pub enum Collection {
     LbService,
     LbVirtualServer,
     LbPool,
+    NsGroup,
+    IpSet,
+    FirewallSection,
 }
 
 impl Key {
@@ -82,7 +99,14 @@ impl Key {
             | Key::LbT1Link(u)
             | Key::LbService(u)
             | Key::LbPool(u)
-            | Key::LbVirtualServer(u) => u,
+            | Key::LbVirtualServer(u)
+            | Key::NsGroup(u)
+            | Key::PolicyGroup(u)
+            | Key::PolicyIpSet(u)
+            | Key::AllowSection(u)
+            | Key::IsolationSection(u)
+            | Key::FwMarkerTop(u)
+            | Key::FwMarkerBottom(u) => u,
         }
     }
 
@@ -100,6 +124,12 @@ impl Key {
             Key::LbService(_) => Collection::LbService,
             Key::LbPool(_) => Collection::LbPool,
             Key::LbVirtualServer(_) => Collection::LbVirtualServer,
+            Key::NsGroup(_) | Key::PolicyGroup(_) => Collection::NsGroup,
+            Key::PolicyIpSet(_) => Collection::IpSet,
+            Key::AllowSection(_)
+            | Key::IsolationSection(_)
+            | Key::FwMarkerTop(_)
+            | Key::FwMarkerBottom(_) => Collection::FirewallSection,
         }
     }
 
@@ -115,13 +145,24 @@ impl Key {
             Key::LbT1Link(_) | Key::LbVirtualServer(_) => 1,
             // After its virtual servers; deleted first, so nothing it names is gone before it.
             Key::LbService(_) => 5,
+            // Groups after the ports they may list; sections after everything they name, and
+            // deleted before it.
+            Key::PolicyIpSet(_) | Key::NsGroup(_) => 0,
+            Key::PolicyGroup(_) | Key::FwMarkerTop(_) => 6,
+            Key::FwMarkerBottom(_) => 7,
+            Key::AllowSection(_) | Key::IsolationSection(_) => 8,
         }
     }
 
     /// The objects whose ids or server-assigned fields this one's body needs. A pod port
-    /// depends on its namespace's switch, found through `ns_uid`.
-    pub fn deps(&self, pod_namespace_uid: Option<&str>) -> Vec<Key> {
+    /// depends on its namespace's switch and a section on the groups its rules name, both
+    /// found in `detail` (absent for a delete, which needs none).
+    pub fn deps(&self, detail: Option<&Detail>) -> Vec<Key> {
         let ns = |u: &str| u.to_string();
+        let pod_namespace_uid = match detail {
+            Some(Detail::PodPort { namespace_uid, .. }) => Some(namespace_uid.as_str()),
+            _ => None,
+        };
         match self {
             Key::Subnet(_) | Key::Tier1(_) | Key::T0Link(_) => vec![],
             Key::Pool(u) | Key::Snat(u) => vec![Key::Subnet(ns(u))],
@@ -140,6 +181,24 @@ impl Key {
             Key::LbT1Link(c) => vec![Key::LbTier1(ns(c)), Key::LbT0Link(ns(c))],
             Key::LbVirtualServer(k) => vec![Key::LbPool(ns(k))],
             Key::LbService(c) => vec![Key::LbTier1(ns(c))],
+            Key::NsGroup(_) | Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::FwMarkerTop(_) => {
+                vec![]
+            }
+            Key::FwMarkerBottom(c) => vec![Key::FwMarkerTop(ns(c))],
+            Key::AllowSection(_) | Key::IsolationSection(_) => match detail {
+                Some(Detail::Section { marker, rules, .. }) => {
+                    let mut d: Vec<Key> = vec![marker.clone()];
+                    for r in rules {
+                        d.extend(r.sources.iter().cloned());
+                        d.extend(r.destinations.iter().cloned());
+                        d.push(r.applied_to.clone());
+                    }
+                    d.sort();
+                    d.dedup();
+                    d
+                }
+                _ => vec![],
+            },
         }
     }
 }
@@ -189,15 +248,31 @@ pub enum Detail {
         port: i32,
         protocol: String,
     },
+    /// An NSGroup (a namespace's or a policy's).
+    Group {
+        selection: super::policy::Selection,
+    },
+    IpSet {
+        addresses: Vec<String>,
+    },
+    Marker,
+    /// A firewall section with its rules; `marker` is the section it is placed against.
+    Section {
+        marker: Key,
+        rules: Vec<super::policy::RuleSpec>,
+    },
 }
 
 /// Desired NSX state: every object by identity.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
     pub objects: BTreeMap<Key, Spec>,
+    /// What in the cluster cannot be realized as asked (a policy NSX cannot express
+    /// exactly), by the object NCP reports it on.
+    pub problems: Vec<super::policy::Problem>,
 }
 
-fn ns_tags(cluster: &str, ns: &Namespace) -> Vec<Tag> {
+pub(super) fn ns_tags(cluster: &str, ns: &Namespace) -> Vec<Tag> {
     vec![
         tag(scope::CLUSTER, cluster),
         tag(scope::VERSION, VERSION),
@@ -348,7 +423,8 @@ pub fn desired(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Desired 
         );
     }
     load_balancers(view, cluster, &live_ns, &mut objects);
-    Desired { objects }
+    let problems = super::policy::policies(view, cluster, &live_ns, &mut objects);
+    Desired { objects, problems }
 }
 
 /// Service and endpoint labels and tags.
@@ -488,7 +564,9 @@ mod tests {
             &[("app", "web")],
         ));
         let d = desired(&v, "k8s-a", 24);
-        assert_eq!(d.objects.len(), 10);
+        // 9 per namespace (with its NSGroup) and one port.
+        assert_eq!(d.objects.len(), 11);
+        assert!(d.objects.contains_key(&Key::NsGroup("ns-1".into())));
         let port = &d.objects[&Key::PodPort("p-1".into())];
         assert_eq!(port.display_name, "k8s-a-shop-web-1");
         assert!(port.tags.contains(&Tag::new("app", "web")));
@@ -524,6 +602,6 @@ mod tests {
             "{:?}",
             d.objects.keys()
         );
-        assert_eq!(d.objects.len(), 8);
+        assert_eq!(d.objects.len(), 9);
     }
 }

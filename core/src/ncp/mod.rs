@@ -6,6 +6,7 @@
 //! - [`desired`]: the pure function from the cluster view to the NSX objects that should exist.
 //! - [`observe`]: what NSX holds under this cluster's tag, classified by identity.
 //! - [`plan`]: the pure diff of desired against observed: an ordered list of operations.
+//! - [`policy`]: NetworkPolicy as NSGroups, IPSets and firewall sections.
 //! - [`apply`]: executes a plan with the NSX client.
 //! - [`controller`]: watches, reflector stores, the reconcile loop, annotation write-back.
 //! - [`reconcile`]: one pass of observe, plan, apply.
@@ -22,4 +23,5 @@ pub mod leader;
 pub mod naming;
 pub mod observe;
 pub mod plan;
+pub mod policy;
 pub mod reconcile;

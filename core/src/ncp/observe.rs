@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::desired::Key;
 use super::infra::{Infra, has_tag};
 use super::naming::scope;
+use super::policy::{FW_SECT_TYPE, POLICY_UID};
 use crate::nsx::{NsxClient, NsxError};
 
 /// NCP's objects in NSX, by identity. More than one document under a key is a duplicate (a
@@ -66,6 +67,25 @@ pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
             _ => None,
         };
     }
+    if rt == "FirewallSection" {
+        let c = cluster.to_string();
+        let policy = tag_value(doc, POLICY_UID).map(str::to_string);
+        return match (tag_value(doc, FW_SECT_TYPE)?, policy) {
+            ("marker_top", _) => Some(Key::FwMarkerTop(c)),
+            ("marker_bottom", _) => Some(Key::FwMarkerBottom(c)),
+            ("allow", Some(p)) => Some(Key::AllowSection(p)),
+            ("isolation", Some(p)) => Some(Key::IsolationSection(p)),
+            _ => None,
+        };
+    }
+    if let (Some(policy), Some(role)) = (tag_value(doc, POLICY_UID), tag_value(doc, scope::ROLE)) {
+        let k = format!("{policy}/{role}");
+        return match rt {
+            "NSGroup" => Some(Key::PolicyGroup(k)),
+            "IPSet" => Some(Key::PolicyIpSet(k)),
+            _ => None,
+        };
+    }
     if let Some(pod) = tag_value(doc, scope::POD_UID) {
         return (rt == "LogicalPort").then(|| Key::PodPort(pod.to_string()));
     }
@@ -82,6 +102,7 @@ pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
             Key::DownlinkSwitchPort(ns)
         }
         "NatRule" => Key::Snat(ns),
+        "NSGroup" if tag_value(doc, scope::ROLE) == Some("ns") => Key::NsGroup(ns),
         _ => return None,
     })
 }
@@ -142,8 +163,26 @@ where
         "loadbalancer/services".to_string(),
         "loadbalancer/virtual-servers".to_string(),
         "loadbalancer/pools".to_string(),
+        "ns-groups".to_string(),
+        "ip-sets".to_string(),
+        "firewall/sections".to_string(),
     ] {
         docs.extend(client.list_all::<Value>(&path).await?);
+    }
+    // A policy section's rules are part of what NCP owns: one read per section.
+    for d in &mut docs {
+        if d["resource_type"] == "FirewallSection"
+            && matches!(
+                classify(d, cluster),
+                Some(Key::AllowSection(_) | Key::IsolationSection(_))
+            )
+        {
+            let id = d["id"].as_str().unwrap_or_default().to_string();
+            let rules = client
+                .list_all::<Value>(&format!("firewall/sections/{id}/rules"))
+                .await?;
+            d["rules"] = Value::Array(rules);
+        }
     }
     let mut observed = Observed::from_docs(docs, cluster);
     if let Some(pool) = &infra.snat_pool {

@@ -27,8 +27,9 @@ use serde_json::{Value, json};
 
 use super::desired::{Desired, Detail, Key, Spec};
 use super::infra::Infra;
-use super::naming::scope;
+use super::naming::{self, scope};
 use super::observe::Observed;
+use super::policy::{RuleSpec, Selection, ServiceSpec};
 use crate::nsx::model::Tag;
 
 /// Tag marking a tier-1 router whose route advertisement NCP has configured. A router is
@@ -152,6 +153,20 @@ pub fn render<R: Resolve + ?Sized>(
     };
     let mut tags = spec.tags.clone();
     let mut body = match &spec.detail {
+        Detail::Group { selection } => render_group(selection, resolved),
+        Detail::IpSet { addresses } => {
+            json!({"resource_type": "IPSet", "ip_addresses": addresses})
+        }
+        Detail::Marker => {
+            json!({"resource_type": "FirewallSection", "section_type": "LAYER3", "stateful": true})
+        }
+        Detail::Section { rules, .. } => {
+            let rules = rules
+                .iter()
+                .map(|r| render_rule(r, resolved))
+                .collect::<Result<Vec<Value>, Missing>>()?;
+            json!({"resource_type": "FirewallSection", "section_type": "LAYER3", "stateful": true, "rules": rules})
+        }
         Detail::LbTier1 => {
             tags.push(Tag::new(ADVERTISED.0, ADVERTISED.1));
             json!({"resource_type": "LogicalRouter", "router_type": "TIER1"})
@@ -261,9 +276,178 @@ pub fn render<R: Resolve + ?Sized>(
     Ok(body)
 }
 
+fn target_type(key: &Key) -> &'static str {
+    match key {
+        Key::PolicyIpSet(_) => "IPSet",
+        _ => "NSGroup",
+    }
+}
+
+fn tag_expression(scope_name: &str, value: Option<&str>) -> Value {
+    let mut e = json!({"resource_type": "NSGroupTagExpression", "target_type": "LogicalPort",
+        "scope": naming::fit(scope_name, naming::TAG_SCOPE_MAX), "scope_op": "EQUALS"});
+    if let Some(v) = value {
+        e["tag"] = json!(naming::fit(v, naming::TAG_VALUE_MAX));
+        e["tag_op"] = json!("EQUALS");
+    }
+    e
+}
+
+/// An NSGroup body. Explicit members that do not exist yet are left out; the group is planned
+/// after the pods' ports, and a later pass adds what is still missing.
+fn render_group<R: Resolve + ?Sized>(selection: &Selection, resolved: &R) -> Value {
+    let simple = |target: &str, id: &str| {
+        json!({"resource_type": "NSGroupSimpleExpression", "target_type": target,
+            "target_property": "id", "op": "EQUALS", "value": id})
+    };
+    let (criteria, members): (Vec<Value>, Vec<Value>) = match selection {
+        Selection::Criteria(cs) => (
+            cs.iter()
+                .map(|c| match c.as_slice() {
+                    [(s, t)] => tag_expression(s, t.as_deref()),
+                    many => json!({"resource_type": "NSGroupComplexExpression", "expressions":
+                        many.iter().map(|(s, t)| tag_expression(s, t.as_deref())).collect::<Vec<_>>()}),
+                })
+                .collect(),
+            vec![],
+        ),
+        Selection::Pods(uids) => (
+            vec![],
+            uids.iter()
+                .filter_map(|u| resolved.resolve(&Key::PodPort(u.clone()))?["id"].as_str())
+                .map(|id| simple("LogicalPort", id))
+                .collect(),
+        ),
+        Selection::Namespaces(uids) => (
+            vec![],
+            uids.iter()
+                .filter_map(|u| resolved.resolve(&Key::NsGroup(u.clone()))?["id"].as_str())
+                .map(|id| simple("NSGroup", id))
+                .collect(),
+        ),
+    };
+    json!({"resource_type": "NSGroup", "membership_criteria": criteria, "members": members})
+}
+
+fn render_rule<R: Resolve + ?Sized>(rule: &RuleSpec, resolved: &R) -> Result<Value, Missing> {
+    let refs = |keys: &[Key]| -> Result<Vec<Value>, Missing> {
+        keys.iter()
+            .map(|k| Ok(json!({"target_id": id(resolved, k)?, "target_type": target_type(k)})))
+            .collect()
+    };
+    let services: Vec<Value> = rule
+        .services
+        .iter()
+        .map(|s| match s {
+            ServiceSpec::L4 { protocol, ports } => {
+                let mut e = json!({"resource_type": "L4PortSetNSService", "l4_protocol": protocol});
+                if !ports.is_empty() {
+                    e["destination_ports"] = json!(ports);
+                }
+                json!({"service": e})
+            }
+            ServiceSpec::Ip { number } => {
+                json!({"service": {"resource_type": "IPProtocolNSService", "protocol_number": number}})
+            }
+        })
+        .collect();
+    let mut r = json!({"resource_type": "FirewallRule", "display_name": rule.display_name, "action": rule.action,
+        "direction": rule.direction, "ip_protocol": "IPV4", "disabled": false, "logged": false,
+        "applied_tos": refs(std::slice::from_ref(&rule.applied_to))?});
+    if !rule.sources.is_empty() {
+        r["sources"] = json!(refs(&rule.sources)?);
+    }
+    if !rule.destinations.is_empty() {
+        r["destinations"] = json!(refs(&rule.destinations)?);
+    }
+    if !services.is_empty() {
+        r["services"] = json!(services);
+    }
+    Ok(r)
+}
+
+/// A rule as NCP compares it: what it owns, in one string, with lists in a fixed order.
+fn rule_digest(r: &Value) -> String {
+    let ids = |field: &str| -> String {
+        let mut v: Vec<&str> = r[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["target_id"].as_str())
+            .collect();
+        v.sort();
+        v.join(",")
+    };
+    let mut services: Vec<String> = r["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let e = &s["service"];
+            let mut ports: Vec<&str> = e["destination_ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            ports.sort();
+            format!(
+                "{}:{}:{}:{}:{}",
+                e["resource_type"].as_str().unwrap_or(""),
+                e["l4_protocol"].as_str().unwrap_or(""),
+                ports.join("+"),
+                e["protocol_number"],
+                s["target_id"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    services.sort();
+    format!(
+        "{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        r["display_name"].as_str().unwrap_or(""),
+        r["action"].as_str().unwrap_or(""),
+        r["direction"].as_str().unwrap_or("IN_OUT"),
+        ids("sources"),
+        ids("destinations"),
+        ids("applied_tos"),
+        services.join(";"),
+        r["disabled"].as_bool().unwrap_or(false),
+        r["sources_excluded"].as_bool().unwrap_or(false),
+        r["destinations_excluded"].as_bool().unwrap_or(false),
+        r["ip_protocol"].as_str().unwrap_or("IPV4_IPV6"),
+    )
+}
+
+/// An NSGroup criterion as NCP compares it.
+fn criterion_digest(c: &Value) -> String {
+    let one = |e: &Value| {
+        format!(
+            "{}:{}={}",
+            e["target_type"].as_str().unwrap_or(""),
+            e["scope"].as_str().unwrap_or(""),
+            e["tag"]
+                .as_str()
+                .map_or("*".to_string(), |t| format!("'{t}'"))
+        )
+    };
+    match c["expressions"].as_array() {
+        Some(es) => {
+            let mut v: Vec<String> = es.iter().map(one).collect();
+            v.sort();
+            v.join("&")
+        }
+        None => one(c),
+    }
+}
+
 /// Fields NCP owns beyond name and tags: (changeable, immutable), as dotted paths.
 fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
     match key {
+        Key::NsGroup(_) | Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::FwMarkerTop(_) => {
+            (&[], &[])
+        }
+        Key::FwMarkerBottom(_) => (&[], &[]),
+        Key::AllowSection(_) | Key::IsolationSection(_) => (&[], &["stateful", "section_type"]),
         Key::LbTier1(_) => (&[], &["router_type"]),
         Key::LbT0Link(_) => (&[], &["logical_router_id"]),
         Key::LbT1Link(_) => (
@@ -376,6 +560,35 @@ pub fn drift(key: &Key, want: &Value, have: &Value) -> Drift {
         Key::LbService(_) => {
             set_of(want, "virtual_server_ids", &plain) != set_of(have, "virtual_server_ids", &plain)
         }
+        Key::NsGroup(_) | Key::PolicyGroup(_) => {
+            let member = |m: &Value| {
+                format!(
+                    "{}:{}",
+                    m["target_type"].as_str().unwrap_or(""),
+                    m["value"].as_str().unwrap_or("")
+                )
+            };
+            set_of(want, "members", &member) != set_of(have, "members", &member)
+                || set_of(want, "membership_criteria", &criterion_digest)
+                    != set_of(have, "membership_criteria", &criterion_digest)
+        }
+        Key::PolicyIpSet(_) => {
+            set_of(want, "ip_addresses", &plain) != set_of(have, "ip_addresses", &plain)
+        }
+        Key::AllowSection(_) | Key::IsolationSection(_) => {
+            // Observed sections carry their rules (read with the section).
+            let digests = |v: &Value| -> Vec<String> {
+                let mut d: Vec<String> = v["rules"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(rule_digest)
+                    .collect();
+                d.sort();
+                d
+            };
+            digests(want) != digests(have)
+        }
         _ => false,
     };
     let differs = lists_differ
@@ -433,11 +646,7 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
     let mut skipped: BTreeSet<Key> = BTreeSet::new();
     for key in keys {
         let mut spec = desired.objects[key].clone();
-        let ns_uid = match &spec.detail {
-            Detail::PodPort { namespace_uid, .. } => Some(namespace_uid.clone()),
-            _ => None,
-        };
-        let deps = key.deps(ns_uid.as_deref());
+        let deps = key.deps(Some(&spec.detail));
         if let Some(d) = deps
             .iter()
             .find(|d| skipped.contains(d) || !desired.objects.contains_key(d))

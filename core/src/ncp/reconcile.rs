@@ -17,6 +17,8 @@ pub struct Outcome {
     pub report: ApplyReport,
     /// NSX calls spent observing.
     pub observe_calls: usize,
+    /// What the cluster asks that NSX cannot do exactly.
+    pub problems: Vec<super::policy::Problem>,
 }
 
 #[derive(thiserror::Error)]
@@ -84,6 +86,7 @@ where
             plan,
             report,
             observe_calls: observed.calls,
+            problems: want.problems,
         }),
         Err((source, report)) => Err(ReconcileError::Apply {
             source,

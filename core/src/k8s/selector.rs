@@ -1,0 +1,160 @@
+//! Kubernetes label selectors, evaluated as the apiserver does.
+//!
+//! NCP evaluates selectors itself where NSX tag criteria cannot express them (NotIn,
+//! DoesNotExist, namespace selectors joined with pod selectors), and to resolve named ports.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+/// Whether `labels` satisfy `selector`. An empty selector selects everything; an operator the
+/// API does not define selects nothing (the apiserver rejects such selectors, so only a
+/// corrupted object can carry one).
+pub fn matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
+    let empty = BTreeMap::new();
+    let labels = labels.unwrap_or(&empty);
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or(&[]);
+        let have = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => have.is_some_and(|v| values.contains(v)),
+            "NotIn" => have.is_none_or(|v| !values.contains(v)),
+            "Exists" => have.is_some(),
+            "DoesNotExist" => have.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
+/// A conjunction of label tests: `(key, Some(value))` or `(key, None)` for "key exists".
+pub type Term = Vec<(String, Option<String>)>;
+
+/// A selector as a disjunction of conjunctions of label tests, if it has no negation:
+/// `(key, Some(value))` requires the label with that value, `(key, None)` only the key.
+/// `None` when it uses NotIn or DoesNotExist (or an unknown operator), or when the
+/// disjunction would exceed `max_terms`.
+pub fn positive_dnf(selector: &LabelSelector, max_terms: usize) -> Option<Vec<Term>> {
+    let mut terms: Vec<Term> = vec![Vec::new()];
+    for (k, v) in selector.match_labels.iter().flatten() {
+        for t in &mut terms {
+            t.push((k.clone(), Some(v.clone())));
+        }
+    }
+    for e in selector.match_expressions.iter().flatten() {
+        match e.operator.as_str() {
+            "Exists" => {
+                for t in &mut terms {
+                    t.push((e.key.clone(), None));
+                }
+            }
+            "In" => {
+                let values = e.values.as_deref().unwrap_or(&[]);
+                let mut next = Vec::new();
+                for t in &terms {
+                    for v in values {
+                        let mut t = t.clone();
+                        t.push((e.key.clone(), Some(v.clone())));
+                        next.push(t);
+                    }
+                }
+                if next.len() > max_terms {
+                    return None;
+                }
+                terms = next;
+            }
+            _ => return None,
+        }
+    }
+    for t in &mut terms {
+        t.sort();
+        t.dedup();
+    }
+    terms.sort();
+    terms.dedup();
+    Some(terms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn req(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn operators_follow_kubernetes() {
+        let sel = LabelSelector {
+            match_labels: Some(labels(&[("app", "web")])),
+            match_expressions: Some(vec![
+                req("tier", "In", &["a", "b"]),
+                req("env", "NotIn", &["prod"]),
+                req("debug", "DoesNotExist", &[]),
+                req("team", "Exists", &[]),
+            ]),
+        };
+        let ok = labels(&[("app", "web"), ("tier", "b"), ("team", "x")]);
+        assert!(matches(&sel, Some(&ok)));
+        let mut prod = ok.clone();
+        prod.insert("env".into(), "prod".into());
+        assert!(!matches(&sel, Some(&prod)));
+        let mut dbg = ok.clone();
+        dbg.insert("debug".into(), "1".into());
+        assert!(!matches(&sel, Some(&dbg)));
+        let mut c = ok.clone();
+        c.insert("tier".into(), "c".into());
+        assert!(!matches(&sel, Some(&c)));
+        assert!(!matches(&sel, None));
+        assert!(
+            matches(&LabelSelector::default(), None),
+            "empty selects all"
+        );
+        let bad = LabelSelector {
+            match_expressions: Some(vec![req("a", "Gt", &["1"])]),
+            ..Default::default()
+        };
+        assert!(!matches(&bad, Some(&labels(&[("a", "2")]))));
+    }
+
+    #[test]
+    fn dnf_expands_in_and_refuses_negation() {
+        let sel = LabelSelector {
+            match_labels: Some(labels(&[("app", "web")])),
+            match_expressions: Some(vec![
+                req("tier", "In", &["a", "b"]),
+                req("team", "Exists", &[]),
+            ]),
+        };
+        let dnf = positive_dnf(&sel, 5).unwrap();
+        assert_eq!(dnf.len(), 2);
+        assert!(dnf[0].contains(&("team".into(), None)));
+        assert!(dnf[1].contains(&("tier".into(), Some("b".into()))));
+        assert!(positive_dnf(&sel, 1).is_none(), "too many terms");
+        let neg = LabelSelector {
+            match_expressions: Some(vec![req("env", "NotIn", &["prod"])]),
+            ..Default::default()
+        };
+        assert!(positive_dnf(&neg, 5).is_none());
+        assert_eq!(
+            positive_dnf(&LabelSelector::default(), 5),
+            Some(vec![vec![]])
+        );
+    }
+}

@@ -1,0 +1,621 @@
+//! NetworkPolicy as NSX distributed firewall: NSGroups, IPSets and firewall sections.
+//!
+//! **Layout.** Two marker sections per cluster, top and bottom. Each policy gets an allow
+//! section right below the top marker (its ingress rules `ir-...`, direction IN, and egress
+//! rules `er-...`, direction OUT, all ALLOW and applied to the pods the policy selects) and an
+//! isolation section right above the bottom marker (DROP IN and/or DROP OUT, applied to the
+//! same pods). Every allow rule of every policy is met before any isolation rule, so a
+//! connection is allowed when any policy allows it (the union Kubernetes asks for), and a pod
+//! selected by a policy of a direction loses everything else in that direction. Traffic of
+//! unselected pods falls through both markers to the admin's sections. The firewall is
+//! evaluated at both ends (OUT at the sender's port, IN at the receiver's), so a connection
+//! needs the sender's egress and the receiver's ingress, as Kubernetes says; sections are
+//! stateful, so replies pass.
+//!
+//! **Selections.** A pod selector becomes NSGroup tag criteria on logical ports (a pod's port
+//! carries its labels as tags and its namespace's `ncp/project_uid`): `matchLabels`, `In` and
+//! `Exists` expand to at most 5 ORed criteria of at most 5 ANDed tag expressions, as NSX
+//! allows. What tags cannot say (`NotIn`, `DoesNotExist`, larger expansions, a pod selector
+//! joined with a namespace selector over more namespaces than criteria allow) becomes an
+//! NSGroup of explicit pod ports that NCP keeps up to date; a bare namespace selector becomes
+//! an NSGroup whose members are the selected namespaces' NSGroups. `ipBlock` becomes an IPSet
+//! of the CIDR minus its exceptions.
+//!
+//! **Ports.** Numbers and ranges (`endPort`) become L4 port-set services; a named port is
+//! resolved against the pods on the receiving side (the selected pods for ingress, the peer
+//! pods for egress) to the numbers they give that name. NSX 2.4 cannot match SCTP ports: an
+//! SCTP port becomes the SCTP protocol, which allows every SCTP port, and is reported.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::desired::{Detail, Key, Spec, ns_tags, pod_is_wired};
+use super::naming::{self, scope, tag};
+use crate::k8s::{ClusterView, selector};
+use crate::nsx::model::Tag;
+
+/// NSX limits on an NSGroup (2.4): ORed criteria, ANDed expressions in one, static members.
+pub const CRITERIA_MAX: usize = 5;
+pub const EXPRESSIONS_MAX: usize = 5;
+pub const MEMBERS_MAX: usize = 500;
+/// Ports or ranges in one L4 port-set service.
+pub const PORTS_PER_SERVICE: usize = 15;
+
+/// The pods an NSGroup holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Selection {
+    /// Tag criteria on logical ports, ORed; each a conjunction of (scope, tag), where a tag of
+    /// `None` matches any value of the scope.
+    Criteria(Vec<selector::Term>),
+    /// Explicit pods, by uid: for selections tags cannot express.
+    Pods(Vec<String>),
+    /// The pods of these namespaces (by uid), as members that are the namespaces' NSGroups.
+    Namespaces(Vec<String>),
+}
+
+/// One firewall service of a rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ServiceSpec {
+    /// `L4PortSetNSService`: TCP or UDP, destination ports or ranges (empty: every port).
+    L4 {
+        protocol: String,
+        ports: Vec<String>,
+    },
+    /// `IPProtocolNSService`.
+    Ip { number: u8 },
+}
+
+/// One firewall rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RuleSpec {
+    pub display_name: String,
+    pub action: String,
+    pub direction: String,
+    /// Empty: any.
+    pub sources: Vec<Key>,
+    pub destinations: Vec<Key>,
+    pub services: Vec<ServiceSpec>,
+    pub applied_to: Key,
+}
+
+/// Something a policy asks that NSX cannot do exactly, reported as a Warning Event on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub namespace: String,
+    pub policy: String,
+    pub uid: String,
+    pub message: String,
+}
+
+/// Tag scopes of policy objects.
+pub const POLICY_UID: &str = "ncp/network_policy_uid";
+pub const FW_SECT_TYPE: &str = "ncp/fw_sect_type";
+
+fn wired_pods<'v>(
+    view: &'v ClusterView,
+    namespaces: &BTreeSet<&str>,
+    sel: Option<&LabelSelector>,
+) -> Vec<&'v Pod> {
+    view.pods
+        .iter()
+        .filter(|((ns, _), p)| {
+            namespaces.contains(ns.as_str())
+                && pod_is_wired(p)
+                && sel.is_none_or(|s| selector::matches(s, p.metadata.labels.as_ref()))
+        })
+        .map(|(_, p)| p)
+        .collect()
+}
+
+fn uid_of(ns: &Namespace) -> String {
+    ns.metadata.uid.clone().unwrap_or_default()
+}
+
+/// The selection of pods matching `sel` in `namespaces` (names).
+fn select(
+    view: &ClusterView,
+    live_ns: &BTreeMap<&str, &Namespace>,
+    namespaces: &BTreeSet<&str>,
+    sel: &LabelSelector,
+) -> Selection {
+    let uids: Vec<String> = namespaces
+        .iter()
+        .filter_map(|n| live_ns.get(n).map(|ns| uid_of(ns)))
+        .collect();
+    let dnf = selector::positive_dnf(sel, CRITERIA_MAX);
+    if let Some(dnf) = dnf
+        && dnf.len() * uids.len() <= CRITERIA_MAX
+        && dnf.iter().all(|t| t.len() < EXPRESSIONS_MAX)
+    {
+        let mut criteria = Vec::new();
+        for u in &uids {
+            for t in &dnf {
+                let mut c = vec![(scope::PROJECT_UID.to_string(), Some(u.clone()))];
+                c.extend(t.iter().cloned());
+                criteria.push(c);
+            }
+        }
+        return Selection::Criteria(criteria);
+    }
+    let mut pods: Vec<String> = wired_pods(view, namespaces, Some(sel))
+        .into_iter()
+        .filter_map(|p| p.metadata.uid.clone())
+        .collect();
+    pods.sort();
+    Selection::Pods(pods)
+}
+
+/// Namespaces (names) whose labels match `sel`.
+fn namespaces_matching<'a>(
+    live_ns: &BTreeMap<&'a str, &Namespace>,
+    sel: &LabelSelector,
+) -> BTreeSet<&'a str> {
+    live_ns
+        .iter()
+        .filter(|(_, ns)| selector::matches(sel, ns.metadata.labels.as_ref()))
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+/// CIDR `a.b.c.d/n` as (network, prefix).
+fn parse_cidr(text: &str) -> Option<(u32, u8)> {
+    let (ip, prefix) = text.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    let ip = u32::from(ip.parse::<std::net::Ipv4Addr>().ok()?);
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    Some((ip & mask, prefix))
+}
+
+fn cidr_text((net, prefix): (u32, u8)) -> String {
+    format!("{}/{prefix}", std::net::Ipv4Addr::from(net))
+}
+
+fn contains((net, prefix): (u32, u8), (other, other_prefix): (u32, u8)) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    other_prefix >= prefix && other & mask == net
+}
+
+/// `cidr` minus `except`, as a minimal list of CIDRs (splitting halves around each hole).
+pub fn subtract(cidr: (u32, u8), except: &[(u32, u8)]) -> Vec<(u32, u8)> {
+    if except.iter().any(|e| contains(*e, cidr)) {
+        return vec![];
+    }
+    let holes: Vec<(u32, u8)> = except
+        .iter()
+        .copied()
+        .filter(|e| contains(cidr, *e))
+        .collect();
+    if holes.is_empty() {
+        return vec![cidr];
+    }
+    let (net, prefix) = cidr;
+    let half = 1u32 << (31 - prefix);
+    let mut out = subtract((net, prefix + 1), &holes);
+    out.extend(subtract((net | half, prefix + 1), &holes));
+    out
+}
+
+struct PolicyCtx<'a> {
+    view: &'a ClusterView,
+    cluster: &'a str,
+    live_ns: &'a BTreeMap<&'a str, &'a Namespace>,
+    ns_name: &'a str,
+    ns: &'a Namespace,
+    name: &'a str,
+    uid: String,
+    problems: Vec<Problem>,
+}
+
+impl<'a> PolicyCtx<'a> {
+    fn problem(&mut self, message: String) {
+        self.problems.push(Problem {
+            namespace: self.ns_name.to_string(),
+            policy: self.name.to_string(),
+            uid: self.uid.clone(),
+            message,
+        });
+    }
+
+    fn tags(&self, role: &str) -> Vec<Tag> {
+        let mut t = ns_tags(self.cluster, self.ns);
+        t.push(tag(POLICY_UID, &self.uid));
+        t.push(tag(scope::ROLE, role));
+        t.push(tag(
+            "ncp/network_policy",
+            &format!("{}/{}", self.ns_name, self.name),
+        ));
+        t
+    }
+
+    /// The target of one peer, with the objects it needs; `None` for a peer that can select
+    /// nothing valid (reported).
+    fn peer(
+        &mut self,
+        peer: &NetworkPolicyPeer,
+        role: &str,
+        objects: &mut BTreeMap<Key, Spec>,
+    ) -> Option<(Key, Vec<&'a Pod>)> {
+        let own: BTreeSet<&str> = [self.ns_name].into();
+        let dn = naming::name(self.cluster, &[self.ns_name, self.name, role]);
+        if let Some(block) = &peer.ip_block {
+            let Some(cidr) = parse_cidr(&block.cidr) else {
+                self.problem(format!("ipBlock cidr {:?} is not an IPv4 CIDR", block.cidr));
+                return None;
+            };
+            let mut except = Vec::new();
+            for e in block.except.iter().flatten() {
+                match parse_cidr(e) {
+                    Some(c) => except.push(c),
+                    None => {
+                        self.problem(format!("ipBlock except {e:?} is not an IPv4 CIDR"));
+                        return None;
+                    }
+                }
+            }
+            let addresses: Vec<String> =
+                subtract(cidr, &except).into_iter().map(cidr_text).collect();
+            let key = Key::PolicyIpSet(format!("{}/{role}", self.uid));
+            objects.insert(
+                key.clone(),
+                Spec {
+                    display_name: dn,
+                    tags: self.tags(role),
+                    detail: Detail::IpSet { addresses },
+                },
+            );
+            return Some((key, vec![]));
+        }
+        let view = self.view;
+        let live_ns = self.live_ns;
+        let (selection, pods) = match (&peer.namespace_selector, &peer.pod_selector) {
+            (Some(nsel), None) => {
+                let nss = namespaces_matching(live_ns, nsel);
+                let uids: Vec<String> = nss.iter().map(|n| uid_of(live_ns[n])).collect();
+                if uids.len() > MEMBERS_MAX {
+                    self.problem(format!(
+                        "a namespace selector selects {} namespaces; an NSGroup holds {MEMBERS_MAX}",
+                        uids.len()
+                    ));
+                    return None;
+                }
+                (Selection::Namespaces(uids), wired_pods(view, &nss, None))
+            }
+            (nsel, Some(psel)) => {
+                let nss = match nsel {
+                    Some(nsel) => namespaces_matching(live_ns, nsel),
+                    None => own.clone(),
+                };
+                (
+                    select(view, live_ns, &nss, psel),
+                    wired_pods(view, &nss, Some(psel)),
+                )
+            }
+            (None, None) => {
+                self.problem("a peer with neither selector nor ipBlock selects nothing".into());
+                return None;
+            }
+        };
+        if let Selection::Pods(p) = &selection
+            && p.len() > MEMBERS_MAX
+        {
+            self.problem(format!(
+                "peer {role} selects {} pods by a selector NSX tags cannot express; an NSGroup holds {MEMBERS_MAX}",
+                p.len()
+            ));
+            return None;
+        }
+        let key = Key::PolicyGroup(format!("{}/{role}", self.uid));
+        objects.insert(
+            key.clone(),
+            Spec {
+                display_name: dn,
+                tags: self.tags(role),
+                detail: Detail::Group { selection },
+            },
+        );
+        Some((key, pods))
+    }
+
+    /// The services of a rule's ports, resolving names against `receivers`. `None` when the
+    /// ports can match nothing (every named port unresolved).
+    fn services(
+        &mut self,
+        ports: Option<&Vec<NetworkPolicyPort>>,
+        receivers: &[&'a Pod],
+    ) -> Option<Vec<ServiceSpec>> {
+        let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+            return Some(vec![]);
+        };
+        let mut numbered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut whole: BTreeSet<String> = BTreeSet::new();
+        for p in ports {
+            let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            let ranges: Vec<String> = match &p.port {
+                None => {
+                    whole.insert(protocol);
+                    continue;
+                }
+                Some(IntOrString::Int(n)) => match p.end_port {
+                    Some(end) if end > *n => vec![format!("{n}-{end}")],
+                    _ => vec![n.to_string()],
+                },
+                Some(IntOrString::String(name)) => {
+                    let mut found: BTreeSet<i32> = BTreeSet::new();
+                    for pod in receivers {
+                        for c in pod.spec.iter().flat_map(|s| &s.containers) {
+                            for cp in c.ports.iter().flatten() {
+                                if cp.name.as_deref() == Some(name.as_str())
+                                    && cp.protocol.as_deref().unwrap_or("TCP") == protocol
+                                {
+                                    found.insert(cp.container_port);
+                                }
+                            }
+                        }
+                    }
+                    found.into_iter().map(|n| n.to_string()).collect()
+                }
+            };
+            if protocol == "SCTP" {
+                if !ranges.is_empty() {
+                    self.problem(
+                        "NSX cannot match SCTP ports: every SCTP port of the peers is allowed"
+                            .into(),
+                    );
+                    whole.insert(protocol);
+                }
+                continue;
+            }
+            numbered.entry(protocol).or_default().extend(ranges);
+        }
+        let mut out = Vec::new();
+        for protocol in &whole {
+            out.push(match protocol.as_str() {
+                "SCTP" => ServiceSpec::Ip { number: 132 },
+                _ => ServiceSpec::L4 {
+                    protocol: protocol.clone(),
+                    ports: vec![],
+                },
+            });
+        }
+        for (protocol, ranges) in numbered {
+            if whole.contains(&protocol) {
+                continue;
+            }
+            let ranges: Vec<String> = ranges.into_iter().collect();
+            for chunk in ranges.chunks(PORTS_PER_SERVICE) {
+                out.push(ServiceSpec::L4 {
+                    protocol: protocol.clone(),
+                    ports: chunk.to_vec(),
+                });
+            }
+        }
+        (!out.is_empty()).then_some(out)
+    }
+}
+
+/// Adds the namespaces' NSGroups and every policy's objects; returns what could not be
+/// realized exactly.
+pub fn policies(
+    view: &ClusterView,
+    cluster: &str,
+    live_ns: &BTreeMap<&str, &Namespace>,
+    objects: &mut BTreeMap<Key, Spec>,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (name, ns) in live_ns {
+        let mut tags = ns_tags(cluster, ns);
+        tags.push(tag(scope::ROLE, "ns"));
+        objects.insert(
+            Key::NsGroup(uid_of(ns)),
+            Spec {
+                display_name: naming::name(cluster, &[name]),
+                tags,
+                detail: Detail::Group {
+                    selection: Selection::Criteria(vec![vec![(
+                        scope::PROJECT_UID.to_string(),
+                        Some(uid_of(ns)),
+                    )]]),
+                },
+            },
+        );
+    }
+    let mut any = false;
+    for ((ns_name, name), np) in &view.network_policies {
+        let (Some(ns), Some(uid), Some(spec)) = (
+            live_ns.get(ns_name.as_str()),
+            np.metadata.uid.clone(),
+            np.spec.as_ref(),
+        ) else {
+            continue;
+        };
+        if np.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        any = true;
+        let mut cx = PolicyCtx {
+            view,
+            cluster,
+            live_ns,
+            ns_name,
+            ns,
+            name,
+            uid: uid.clone(),
+            problems: Vec::new(),
+        };
+        let types: BTreeSet<String> = match &spec.policy_types {
+            Some(t) if !t.is_empty() => t.iter().cloned().collect(),
+            _ => {
+                let mut t: BTreeSet<String> = ["Ingress".to_string()].into();
+                if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                    t.insert("Egress".into());
+                }
+                t
+            }
+        };
+        let own: BTreeSet<&str> = [ns_name.as_str()].into();
+        let applied = Key::PolicyGroup(format!("{uid}/applied"));
+        let pod_selector = spec.pod_selector.clone().unwrap_or_default();
+        let selected = wired_pods(view, &own, Some(&pod_selector));
+        objects.insert(
+            applied.clone(),
+            Spec {
+                display_name: naming::name(cluster, &[ns_name, name]),
+                tags: cx.tags("applied"),
+                detail: Detail::Group {
+                    selection: select(view, live_ns, &own, &pod_selector),
+                },
+            },
+        );
+        let mut rules = Vec::new();
+        let all_pods: Vec<&Pod> = {
+            let every: BTreeSet<&str> = live_ns.keys().copied().collect();
+            wired_pods(view, &every, None)
+        };
+        if types.contains("Ingress") {
+            for (i, r) in spec.ingress.iter().flatten().enumerate() {
+                let mut sources = Vec::new();
+                let peers = r.from.as_ref().filter(|f| !f.is_empty());
+                for (j, p) in peers.into_iter().flatten().enumerate() {
+                    if let Some((k, _)) = cx.peer(p, &format!("in{i}-{j}"), objects) {
+                        sources.push(k);
+                    }
+                }
+                if peers.is_some() && sources.is_empty() {
+                    continue;
+                }
+                let Some(services) = cx.services(r.ports.as_ref(), &selected) else {
+                    continue;
+                };
+                rules.push(RuleSpec {
+                    display_name: naming::fit(
+                        &format!("ir-{cluster}-{ns_name}-{name}-{i}"),
+                        naming::DISPLAY_NAME_MAX,
+                    ),
+                    action: "ALLOW".into(),
+                    direction: "IN".into(),
+                    sources,
+                    destinations: vec![],
+                    services,
+                    applied_to: applied.clone(),
+                });
+            }
+        }
+        if types.contains("Egress") {
+            for (i, r) in spec.egress.iter().flatten().enumerate() {
+                let mut destinations = Vec::new();
+                let mut receivers: Vec<&Pod> = Vec::new();
+                let peers = r.to.as_ref().filter(|f| !f.is_empty());
+                for (j, p) in peers.into_iter().flatten().enumerate() {
+                    if let Some((k, pods)) = cx.peer(p, &format!("eg{i}-{j}"), objects) {
+                        destinations.push(k);
+                        receivers.extend(pods);
+                    }
+                }
+                if peers.is_some() && destinations.is_empty() {
+                    continue;
+                }
+                if peers.is_none() {
+                    receivers = all_pods.clone();
+                }
+                let Some(services) = cx.services(r.ports.as_ref(), &receivers) else {
+                    continue;
+                };
+                rules.push(RuleSpec {
+                    display_name: naming::fit(
+                        &format!("er-{cluster}-{ns_name}-{name}-{i}"),
+                        naming::DISPLAY_NAME_MAX,
+                    ),
+                    action: "ALLOW".into(),
+                    direction: "OUT".into(),
+                    sources: vec![],
+                    destinations,
+                    services,
+                    applied_to: applied.clone(),
+                });
+            }
+        }
+        let mut isolation = Vec::new();
+        for (t, dir) in [("Ingress", "IN"), ("Egress", "OUT")] {
+            if types.contains(t) {
+                isolation.push(RuleSpec {
+                    display_name: naming::fit(
+                        &format!("is-{cluster}-{ns_name}-{name}-{}", dir.to_lowercase()),
+                        naming::DISPLAY_NAME_MAX,
+                    ),
+                    action: "DROP".into(),
+                    direction: dir.into(),
+                    sources: vec![],
+                    destinations: vec![],
+                    services: vec![],
+                    applied_to: applied.clone(),
+                });
+            }
+        }
+        let c = cluster.to_string();
+        let mut allow_tags = cx.tags("allow");
+        allow_tags.push(tag(FW_SECT_TYPE, "allow"));
+        objects.insert(
+            Key::AllowSection(uid.clone()),
+            Spec {
+                display_name: naming::name(cluster, &[ns_name, name]),
+                tags: allow_tags,
+                detail: Detail::Section {
+                    marker: Key::FwMarkerTop(c.clone()),
+                    rules,
+                },
+            },
+        );
+        let mut isol_tags = cx.tags("isolation");
+        isol_tags.push(tag(FW_SECT_TYPE, "isolation"));
+        objects.insert(
+            Key::IsolationSection(uid.clone()),
+            Spec {
+                display_name: naming::fit(
+                    &format!("is-{}", naming::name(cluster, &[ns_name, name])),
+                    naming::DISPLAY_NAME_MAX,
+                ),
+                tags: isol_tags,
+                detail: Detail::Section {
+                    marker: Key::FwMarkerBottom(c),
+                    rules: isolation,
+                },
+            },
+        );
+        problems.extend(cx.problems);
+    }
+    if any {
+        for (key, which) in [
+            (Key::FwMarkerTop(cluster.to_string()), "top"),
+            (Key::FwMarkerBottom(cluster.to_string()), "bottom"),
+        ] {
+            objects.insert(
+                key,
+                Spec {
+                    display_name: naming::name(cluster, &["marker", which]),
+                    tags: vec![
+                        tag(scope::CLUSTER, cluster),
+                        tag(scope::VERSION, naming::VERSION),
+                        tag(FW_SECT_TYPE, &format!("marker_{which}")),
+                        tag("ncp/fw_sect_marker", which),
+                    ],
+                    detail: Detail::Marker,
+                },
+            );
+        }
+    }
+    problems.sort_by(|a, b| (&a.uid, &a.message).cmp(&(&b.uid, &b.message)));
+    problems.dedup();
+    problems
+}
