@@ -486,6 +486,26 @@ impl FakeNsxManager {
                 self.expire_sessions();
                 Ok(json!({"expired": true}))
             }
+            ("POST", "/fake-admin/trace") => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct TraceRequest {
+                    entry: crate::store::Entry,
+                    packet: crate::store::Packet,
+                    #[serde(default)]
+                    reply: bool,
+                }
+                let req: TraceRequest = serde_json::from_value(parse()?)
+                    .map_err(|e| (400, format!("invalid trace request: {e}")))?;
+                let g = self.lock();
+                if req.reply {
+                    let (forward, reply) = g.store.trace_connection(&req.entry, &req.packet);
+                    Ok(json!({"forward": forward, "reply": reply}))
+                } else {
+                    Ok(serde_json::to_value(g.store.trace(&req.entry, &req.packet))
+                        .unwrap_or(Value::Null))
+                }
+            }
             ("GET", "/fake-admin/invariants") => {
                 let r = self.lock().store.check_invariants();
                 Ok(json!({"ok": r.is_ok(), "violation": r.err()}))

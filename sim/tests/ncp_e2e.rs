@@ -152,8 +152,8 @@ fn pods_get_their_network_and_a_restarted_ncp_writes_nothing() {
     );
     assert_eq!(
         w.ncp_objects(),
-        2 * 9 + 3,
-        "9 objects per namespace, one port per pod"
+        2 * 10 + 3,
+        "10 objects per namespace, one port per pod"
     );
     let shop = w.api.get("namespaces", "", "shop").unwrap();
     let subnet = shop["metadata"]["annotations"]["ncp/subnet-0"]
@@ -213,7 +213,7 @@ fn pods_get_their_network_and_a_restarted_ncp_writes_nothing() {
     // Deleting a namespace removes its NSX objects.
     w.api.delete("namespaces", "", "db").unwrap();
     w.run_for(3_000);
-    assert_eq!(w.ncp_objects(), 9 + 3, "{:?}", w.passes.borrow().last());
+    assert_eq!(w.ncp_objects(), 10 + 3, "{:?}", w.passes.borrow().last());
     w.nsx.with_store(|s| s.check_invariants()).unwrap();
 }
 
@@ -238,7 +238,7 @@ fn dropped_watches_and_a_410_relist_lose_no_change() {
     w.api.duplicate_next_events(5);
     w.api.delete("pods", "shop", "a").unwrap();
     w.run_for(3_000);
-    assert_eq!(w.ncp_objects(), 9 + 1);
+    assert_eq!(w.ncp_objects(), 10 + 1);
 }
 
 #[test]
@@ -278,4 +278,51 @@ fn what_nsx_refuses_is_reported_as_a_warning_event_once() {
         "{}",
         warnings[0]["message"]
     );
+}
+
+#[test]
+fn network_policies_are_watched_realized_reported_and_removed() {
+    let mut w = world(9);
+    w.apply(node("node-1"));
+    w.apply(namespace("shop"));
+    w.apply(pod("shop", "web-1", "node-1"));
+    w.apply(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web-1"}},
+            "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["x"]}]}}],
+                "ports": [{"protocol": "TCP", "port": 80}, {"protocol": "SCTP", "port": 9}]}]}}));
+    w.run_for(8_000);
+    let sections = |w: &World| -> Vec<String> {
+        w.nsx.with_store(|s| {
+            s.section_order()
+                .iter()
+                .filter_map(|id| s.objects().find(|(i, _)| *i == id))
+                .map(|(_, o)| o.str("display_name").unwrap_or("").to_string())
+                .collect()
+        })
+    };
+    // Markers around the allow and isolation sections, above the admin's default section.
+    let names = sections(&w);
+    assert_eq!(
+        &names[..4],
+        [
+            "k8s-a-marker-top",
+            "k8s-a-shop-web",
+            "is-k8s-a-shop-web",
+            "k8s-a-marker-bottom"
+        ],
+        "{names:?}"
+    );
+    let events = w.api.list("events");
+    let notes: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["reason"] == "NetworkPolicyNotExact")
+        .collect();
+    assert_eq!(notes.len(), 1, "{events:?}");
+    assert_eq!(notes[0]["involvedObject"]["kind"], "NetworkPolicy");
+    assert!(notes[0]["message"].as_str().unwrap().contains("SCTP"));
+    w.api.delete("networkpolicies", "shop", "web").unwrap();
+    w.run_for(5_000);
+    assert_eq!(sections(&w).len(), 1, "only the default section is left");
+    assert_eq!(w.ncp_objects(), 10 + 1);
 }

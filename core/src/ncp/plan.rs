@@ -668,7 +668,13 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 skipped.insert(key.clone());
                 continue;
             };
+            // A VLAN is unique under one parent: the observed one is kept only if the port
+            // stays under the same parent (a pod recreated on another node gets a new one).
             let observed_tag = have
+                .filter(|d| {
+                    at(d, "attachment.context.parent_vif_id").and_then(Value::as_str)
+                        == Some(parent.as_str())
+                })
                 .and_then(|d| at(d, "attachment.context.traffic_tag"))
                 .and_then(Value::as_i64);
             let chosen = match observed_tag {
@@ -695,6 +701,20 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
             }
         }
         let parent_recreated = deps.iter().any(|d| created.contains(d));
+        // A group listing ports or groups by id must follow their recreation (new ids).
+        let member_recreated = match &spec.detail {
+            Detail::Group {
+                selection: Selection::Pods(uids),
+            } => uids
+                .iter()
+                .any(|u| created.contains(&Key::PodPort(u.clone()))),
+            Detail::Group {
+                selection: Selection::Namespaces(uids),
+            } => uids
+                .iter()
+                .any(|u| created.contains(&Key::NsGroup(u.clone()))),
+            _ => false,
+        };
         match have {
             None => {
                 created.insert(key.clone());
@@ -711,6 +731,11 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                     spec,
                 });
             }
+            Some(doc) if member_recreated => upserts.push(Op::Update {
+                key: key.clone(),
+                id: doc["id"].as_str().unwrap_or_default().to_string(),
+                spec,
+            }),
             Some(doc) => {
                 let address = match key {
                     Key::LbVirtualServer(_) => doc["ip_address"].as_str(),
@@ -847,6 +872,19 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
             }
         }
     }
+    // Groups and IPSets go last: a section or group that stays may still name one until its
+    // update (among the upserts) drops the reference, and NSX refuses to delete a referenced
+    // group.
+    let (late, mut ops): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(|o| {
+        matches!(
+            o,
+            Op::Delete {
+                key: Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::NsGroup(_),
+                ..
+            }
+        )
+    });
     ops.extend(upserts);
+    ops.extend(late);
     Plan { ops, unrealizable }
 }

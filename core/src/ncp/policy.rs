@@ -517,16 +517,19 @@ pub fn policies(
                 let mut destinations = Vec::new();
                 let mut receivers: Vec<&Pod> = Vec::new();
                 let peers = r.to.as_ref().filter(|f| !f.is_empty());
+                let mut any_block = false;
                 for (j, p) in peers.into_iter().flatten().enumerate() {
                     if let Some((k, pods)) = cx.peer(p, &format!("eg{i}-{j}"), objects) {
                         destinations.push(k);
                         receivers.extend(pods);
+                        any_block |= p.ip_block.is_some();
                     }
                 }
                 if peers.is_some() && destinations.is_empty() {
                     continue;
                 }
-                if peers.is_none() {
+                // An ipBlock may hold any pod's address: a named port resolves on all of them.
+                if peers.is_none() || any_block {
                     receivers = all_pods.clone();
                 }
                 let Some(services) = cx.services(r.ports.as_ref(), &receivers) else {

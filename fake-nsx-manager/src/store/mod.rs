@@ -18,11 +18,14 @@
 //! - [`firewall`]: sections in order, rules in order, the default section and rule;
 //! - [`lb`]: load balancer services, virtual servers, pools, profiles.
 
+mod dataplane;
 mod firewall;
 mod grouping;
 mod lb;
 mod network;
 mod pools;
+
+pub use dataplane::{Connections, Entry, Packet, Protocol, Trace, Verdict};
 
 use std::collections::{BTreeMap, BTreeSet};
 
