@@ -1028,3 +1028,91 @@ proptest! {
         })?;
     }
 }
+
+/// Policies with every kind of object (tag-criteria and explicit groups, an IPSet, namespace
+/// members), realized with a crash after each write in turn: the restarted NCP converges to
+/// the same objects, with no duplicate, and the firewall means what Kubernetes means.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_any_write_of_a_policy_converges_to_exactly_the_policy() {
+    let from = xyz();
+    let mut to = xyz();
+    to.add_network_policy(policy(
+        "x",
+        "mixed",
+        NetworkPolicySpec {
+            pod_selector: Some(sel(&[], &[("pod", "NotIn", &["c"])])),
+            ingress: Some(vec![ingress(
+                Some(vec![
+                    ns_peer(&[("ns", "y")]),
+                    pods_peer(&[("pod", "b")]),
+                    NetworkPolicyPeer {
+                        ip_block: Some(IPBlock {
+                            cidr: "10.4.0.0/14".into(),
+                            except: Some(vec!["10.4.2.0/24".into()]),
+                        }),
+                        ..Default::default()
+                    },
+                ]),
+                Some(vec![tcp(80)]),
+            )]),
+            egress: Some(vec![NetworkPolicyEgressRule {
+                to: Some(vec![ns_peer(&[("ns", "z")])]),
+                ports: None,
+            }]),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+        },
+    ));
+    to.add_network_policy(policy(
+        "z",
+        "deny",
+        NetworkPolicySpec {
+            pod_selector: Some(sel(&[], &[])),
+            policy_types: Some(vec!["Ingress".into()]),
+            ..Default::default()
+        },
+    ));
+    let clean = World::new(&["k8s-a"]).await;
+    clean.reconcile("k8s-a", &from, None).await.unwrap();
+    let total = clean
+        .reconcile("k8s-a", &to, None)
+        .await
+        .unwrap()
+        .report
+        .writes;
+    let want = check(&clean, &to).await.unwrap();
+    let objects = |w: &World| {
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        for d in w.docs().values() {
+            *kinds
+                .entry(d["resource_type"].as_str().unwrap_or("").to_string())
+                .or_default() += 1;
+        }
+        kinds
+    };
+    let clean_objects = objects(&clean);
+    assert!(total >= 10, "{total} writes");
+    for n in 0..total {
+        let w = World::new(&["k8s-a"]).await;
+        w.reconcile("k8s-a", &from, None).await.unwrap();
+        assert!(
+            w.reconcile("k8s-a", &to, Some(n)).await.is_err(),
+            "budget {n} of {total}"
+        );
+        let got = check(&w, &to)
+            .await
+            .unwrap_or_else(|e| panic!("after a crash at write {n}: {e}"));
+        assert_eq!(got, want, "after a crash at write {n}");
+        let o = w.observe("k8s-a").await;
+        let dups: Vec<&Key> = o
+            .objects
+            .iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            dups.is_empty(),
+            "after a crash at write {n}: duplicates {dups:?}"
+        );
+        assert_eq!(objects(&w), clean_objects, "after a crash at write {n}");
+    }
+}
