@@ -348,12 +348,34 @@ const PROBES: &[(Protocol, &str, u16)] = &[
 /// every ordered pair of pods and every probe. Returns the allowed count (for the tests'
 /// own sanity) or the first disagreement.
 async fn check(w: &World, view: &ClusterView) -> Result<usize, String> {
+    check_with(w, view, &mut None).await
+}
+
+/// The same for a running NCP whose `cache` holds what the previous pass left: the pass
+/// plans against it, a second cached pass must find nothing to do (the cache describes
+/// NSX as NCP left it), and so must a pass that reads NSX afresh.
+async fn check_with(
+    w: &World,
+    view: &ClusterView,
+    cache: &mut Option<nsx_core::ncp::observe::Observed>,
+) -> Result<usize, String> {
+    let infra = w.infra("k8s-a").await;
     let first = w
-        .reconcile("k8s-a", view, None)
+        .reconcile_cached("k8s-a", &infra, view, cache)
         .await
         .map_err(|e| format!("{e:?}"))?;
     if !first.report.failed.is_empty() {
         return Err(format!("NSX refused: {:?}", first.report.failed));
+    }
+    let cached = w
+        .reconcile_cached("k8s-a", &infra, view, cache)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    if !cached.plan.is_empty() || cached.observe_calls != 0 {
+        return Err(format!(
+            "the cache disagrees with itself: {:?}",
+            cached.plan.ops
+        ));
     }
     let again = w
         .reconcile("k8s-a", view, None)
@@ -1018,9 +1040,10 @@ proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async {
             let w = World::new(&["k8s-a"]).await;
+            let mut cache = None;
             for g in &gens {
                 let v = to_view(g);
-                if let Err(e) = check(&w, &v).await {
+                if let Err(e) = check_with(&w, &v, &mut cache).await {
                     return Err(TestCaseError::fail(e));
                 }
             }

@@ -31,8 +31,39 @@ async fn a_converged_cluster_of_10000_pods_restarts_with_zero_writes_and_few_lis
         "{} calls for {objects} objects",
         restart.observe_calls
     );
+    // A running NCP: one full pass fills its cache, then a new pod costs only its own
+    // requests (create the port, read its addresses), whatever the size of the cluster.
+    let mut cache = None;
+    let infra = w.infra("k8s-a").await;
+    let full = w
+        .reconcile_cached("k8s-a", &infra, &v, &mut cache)
+        .await
+        .unwrap();
+    assert!(full.plan.is_empty());
+    let mut grown = v.clone();
+    grown.add_pod(nsx_core::k8s::fixture::pod(
+        "ns-7",
+        "late",
+        "uid-late",
+        "node-2",
+        &[("app", "web")],
+    ));
+    let before = w.nsx.counters().total;
+    let change = w
+        .reconcile_cached("k8s-a", &infra, &grown, &mut cache)
+        .await
+        .unwrap();
+    let requests = w.nsx.counters().total - before;
+    assert_eq!(change.observe_calls, 0);
+    assert_eq!(change.plan.ops.len(), 1, "{:?}", change.plan.ops);
+    assert!(requests <= 4, "a new pod cost {requests} NSX requests");
+    let settled = w
+        .reconcile_cached("k8s-a", &infra, &grown, &mut cache)
+        .await
+        .unwrap();
+    assert!(settled.plan.is_empty(), "{:?}", settled.plan.ops.first());
     eprintln!(
-        "scale: {objects} NSX objects, {} writes to create, restart observed with {} calls",
+        "scale: {objects} NSX objects, {} writes to create, restart observed with {} calls, a new pod then cost {requests} requests",
         writes, restart.observe_calls
     );
 }

@@ -78,6 +78,10 @@ pub struct ApplyReport {
     /// validation error), and those skipped because they depend on one. The rest of the plan
     /// went ahead: one bad namespace must not hold up the others.
     pub failed: BTreeMap<Key, String>,
+    /// NCP's allocations in the SNAT pool and LoadBalancer VIPs (by service uid) after the
+    /// plan: observed, plus allocated, minus released.
+    pub snat_allocations: std::collections::BTreeSet<String>,
+    pub lb_vips: BTreeMap<String, String>,
 }
 
 pub struct Applier<'a, C> {
@@ -183,7 +187,10 @@ where
             fence: None,
             vips: observed.lb_vips.clone(),
             resolved,
-            report: ApplyReport::default(),
+            report: ApplyReport {
+                snat_allocations: observed.snat_allocations.clone(),
+                ..ApplyReport::default()
+            },
         }
     }
 
@@ -217,11 +224,13 @@ where
                 }
                 Err(e) => {
                     self.report.realized = self.resolved;
+                    self.report.lb_vips = self.vips;
                     return Err((e, self.report));
                 }
             }
         }
         self.report.realized = self.resolved;
+        self.report.lb_vips = self.vips;
         Ok(self.report)
     }
 
@@ -309,12 +318,17 @@ where
         {
             // Already released: done.
             Err(ApplyError::Nsx { source, .. })
-                if source.status() == Some(400) || source.is_not_found() =>
-            {
-                Ok(())
-            }
-            r => r.map(|_| ()),
+                if source.status() == Some(400) || source.is_not_found() => {}
+            Err(e) => return Err(e),
+            Ok(_) => {}
         }
+        if self.infra.snat_pool.as_deref() == Some(pool) {
+            self.report.snat_allocations.remove(ip);
+        }
+        if self.infra.lb_pool.as_deref() == Some(pool) {
+            self.vips.retain(|_, v| v != ip);
+        }
+        Ok(())
     }
 
     async fn create(&mut self, key: &Key, spec: &Spec) -> Result<(), ApplyError> {
@@ -324,10 +338,11 @@ where
             // Check the rule can be rendered before taking an address.
             self.render(key, spec, Some("0.0.0.0"))?;
             let pool = self.infra.snat_pool.clone();
-            address = Some(
-                self.allocate_tagged(pool, key, spec, scope::PROJECT_UID, key.owner_uid())
-                    .await?,
-            );
+            let ip = self
+                .allocate_tagged(pool, key, spec, scope::PROJECT_UID, key.owner_uid())
+                .await?;
+            self.report.snat_allocations.insert(ip.clone());
+            address = Some(ip);
         }
         if let (Key::LbVirtualServer(_), Detail::LbVirtualServer { service_uid, .. }) =
             (key, &spec.detail)

@@ -2,11 +2,16 @@
 //!
 //! Layered like kube-runtime: `watcher` -> reflector stores (one per kind) -> a change signal;
 //! the reconcile loop waits for the stores to be ready, finds the admin infra, then on every
-//! change (after a short debounce, to fold bursts) and on a periodic resync runs one
-//! observe-plan-apply pass over the whole cluster and writes back what Kubernetes must know:
+//! change (after a short debounce, to fold bursts) runs one plan-apply pass over the whole
+//! cluster and writes back what Kubernetes must know:
 //! each pod's network (`ncp/network`: ip/prefix, mac, gateway, vlan, logical port) which the
 //! node agent waits for, and each namespace's subnet and SNAT address. Annotations are patched
 //! only when they differ, so a restart of a converged cluster writes nothing anywhere.
+//!
+//! A pass plans against what NSX held after the previous pass by NCP's own account (the
+//! cache, see [`reconcile_cached`]), so a change costs NSX calls for its own writes only; the
+//! first pass, the periodic resync (`LoopConfig::resync`) and every pass after an error observe
+//! NSX in full, which is also what puts back objects others changed or deleted.
 //!
 //! Errors are not fatal: a failed pass is retried with exponential backoff (bounded), and the
 //! next pass re-observes NSX, so nothing is assumed about how far the failed one got.
@@ -31,7 +36,7 @@ use super::desired::Key;
 use super::infra::{Infra, discover};
 use super::leader::{Elector, Fence, LeaderConfig, Leadership, run_elected};
 use super::plan::subnet_layout;
-use super::reconcile::{Outcome, WriteGate, reconcile_once};
+use super::reconcile::{Outcome, WriteGate, reconcile_cached};
 use crate::k8s::{ClusterView, annotation};
 use crate::nsx::NsxClient;
 
@@ -515,19 +520,30 @@ pub async fn run<C>(
     backoff = timing.backoff_min;
     let mut reported = BTreeMap::new();
     let mut reported_problems = BTreeMap::new();
+    let mut cache = None;
+    let mut next_full = tokio::time::Instant::now();
     loop {
         let view = stores.view();
         let gate = WriteGate {
             write_budget: None,
             fence: fence.clone(),
         };
-        let result = reconcile_once(
+        // The periodic full resync: read NSX again instead of trusting the cache (finds what
+        // others changed, deleted or added under our tags).
+        if tokio::time::Instant::now() >= next_full {
+            cache = None;
+        }
+        if cache.is_none() {
+            next_full = tokio::time::Instant::now() + timing.resync;
+        }
+        let result = reconcile_cached(
             &nsx,
             &config.cluster,
             config.subnet_prefix,
             &infra,
             &view,
             &gate,
+            &mut cache,
         )
         .await;
         let event = match result {
@@ -592,7 +608,7 @@ pub async fn run<C>(
                     w
                 } else {
                     backoff = timing.backoff_min;
-                    timing.resync
+                    next_full.saturating_duration_since(tokio::time::Instant::now())
                 };
                 tokio::select! {
                 biased;

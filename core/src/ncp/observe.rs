@@ -135,6 +135,22 @@ impl Observed {
         }
     }
 
+    /// What NSX holds after `report`'s plan ran to its end, as far as NCP's own writes tell:
+    /// the observation the next incremental pass plans against, without reading NSX again.
+    /// Changes made by others are seen at the next full observation (the periodic resync).
+    pub fn after(report: &super::apply::ApplyReport) -> Self {
+        Self {
+            objects: report
+                .realized
+                .iter()
+                .map(|(k, d)| (k.clone(), vec![d.clone()]))
+                .collect(),
+            snat_allocations: report.snat_allocations.clone(),
+            lb_vips: report.lb_vips.clone(),
+            calls: 0,
+        }
+    }
+
     /// The kept (oldest) document of a key.
     pub fn get(&self, key: &Key) -> Option<&Value> {
         self.objects.get(key).and_then(|v| v.first())

@@ -5,7 +5,7 @@ use hyper_util::client::legacy::connect::Connect;
 use super::apply::{Applier, ApplyError, ApplyReport};
 use super::desired::desired;
 use super::infra::Infra;
-use super::observe::observe;
+use super::observe::{Observed, observe};
 use super::plan::{Plan, plan};
 use crate::k8s::ClusterView;
 use crate::nsx::{NsxClient, NsxError};
@@ -29,8 +29,8 @@ pub enum ReconcileError {
     Apply {
         #[source]
         source: ApplyError,
-        report: ApplyReport,
-        plan: Plan,
+        report: Box<ApplyReport>,
+        plan: Box<Plan>,
     },
 }
 
@@ -73,25 +73,52 @@ pub async fn reconcile_once<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    let observed = observe(client, cluster, infra)
-        .await
-        .map_err(ReconcileError::Observe)?;
+    reconcile_cached(client, cluster, subnet_prefix, infra, view, gate, &mut None).await
+}
+
+/// Plan against `cache` (what NSX held after the previous pass, by NCP's own account) when
+/// there is one, else observe NSX; apply; leave in `cache` what NSX holds now. A pass that
+/// fails leaves the cache empty, so the next one observes: after an error NCP no longer knows
+/// what NSX holds. A change in Kubernetes then costs the NSX calls of its own writes, not a
+/// read of every object; the caller empties the cache for the periodic full resync, which is
+/// also what finds changes others made in NSX.
+pub async fn reconcile_cached<C>(
+    client: &NsxClient<C>,
+    cluster: &str,
+    subnet_prefix: u8,
+    infra: &Infra,
+    view: &ClusterView,
+    gate: &WriteGate,
+    cache: &mut Option<Observed>,
+) -> Result<Outcome, ReconcileError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let observed = match cache.take() {
+        Some(o) => o,
+        None => observe(client, cluster, infra)
+            .await
+            .map_err(ReconcileError::Observe)?,
+    };
     let want = desired(view, cluster, subnet_prefix);
     let plan = plan(&want, &observed, infra);
     let mut applier = Applier::new(client, infra, &observed);
     applier.write_budget = gate.write_budget;
     applier.fence = gate.fence.clone();
     match applier.apply(&plan).await {
-        Ok(report) => Ok(Outcome {
-            plan,
-            report,
-            observe_calls: observed.calls,
-            problems: want.problems,
-        }),
+        Ok(report) => {
+            *cache = Some(Observed::after(&report));
+            Ok(Outcome {
+                plan,
+                report,
+                observe_calls: observed.calls,
+                problems: want.problems,
+            })
+        }
         Err((source, report)) => Err(ReconcileError::Apply {
             source,
-            report,
-            plan,
+            report: Box::new(report),
+            plan: Box::new(plan),
         }),
     }
 }

@@ -96,6 +96,27 @@ impl World {
         .await
     }
 
+    /// A pass of a running NCP: plans against `cache` when it holds the previous pass's result.
+    pub async fn reconcile_cached(
+        &self,
+        cluster: &str,
+        infra: &Infra,
+        view: &ClusterView,
+        cache: &mut Option<Observed>,
+    ) -> Result<Outcome, ReconcileError> {
+        let client = self.client();
+        nsx_core::ncp::reconcile::reconcile_cached(
+            &client,
+            cluster,
+            24,
+            infra,
+            view,
+            &nsx_core::ncp::reconcile::WriteGate::default(),
+            cache,
+        )
+        .await
+    }
+
     pub async fn observe(&self, cluster: &str) -> Observed {
         observe(&self.client(), cluster, &self.infra(cluster).await)
             .await
