@@ -222,6 +222,12 @@ fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
             serde_json::from_value::<EndpointSlice>(o).map_err(|e| e.to_string())?,
         );
     }
+    for o in api.list("networkpolicies") {
+        v.add_network_policy(
+            serde_json::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(o)
+                .map_err(|e| e.to_string())?,
+        );
+    }
     Ok(v)
 }
 
@@ -509,12 +515,78 @@ impl World {
             ));
         }
         self.nsx.with_store(|s| s.check_invariants())?;
+        self.check_connectivity(&view, &observed)?;
         let strays = docs
             .iter()
             .filter(|d| d.to_string().contains("ncp/pod_uid") && classify(d, "k8s-a").is_none())
             .count();
         if strays > 0 {
             return Err(format!("{strays} pod ports not classified"));
+        }
+        Ok(())
+    }
+}
+
+impl World {
+    /// The `web` policy through the NSX dataplane model: every `app-0` pod of `ns-0` accepts
+    /// TCP 80 from `app-1` pods of any namespace and from nobody else (up to 3 servers and 12
+    /// clients, enough to cover both answers without making the check quadratic).
+    fn check_connectivity(&self, view: &ClusterView, observed: &Observed) -> Result<(), String> {
+        use fake_nsx_manager::store::{Entry, Packet, Protocol};
+        if view.network_policies.is_empty() {
+            return Ok(());
+        }
+        let addresses = self.nsx.with_store(|s| s.port_addresses());
+        let wired: Vec<(&(String, String), &Pod, String, String)> = view
+            .pods
+            .iter()
+            .filter_map(|(k, p)| {
+                let port = observed.get(&Key::PodPort(p.metadata.uid.clone()?))?;
+                let id = port["id"].as_str()?.to_string();
+                let ip = addresses.get(&id)?.first()?.clone();
+                Some((k, p, id, ip))
+            })
+            .collect();
+        let app = |p: &Pod| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app").cloned())
+                .unwrap_or_default()
+        };
+        let servers = wired
+            .iter()
+            .filter(|(k, p, _, _)| k.0 == "ns-0" && app(p) == "app-0")
+            .take(3);
+        let (mut allowed, mut denied) = (0, 0);
+        for (sk, _, _, sip) in servers {
+            for (ck, cp, cport, cip) in wired.iter().take(12) {
+                if ck == sk {
+                    continue;
+                }
+                let packet = Packet::new(cip, sip, Protocol::Tcp, 40000, 80);
+                let (fwd, reply) = self.nsx.with_store(|s| {
+                    s.trace_connection(&Entry::LogicalPort(cport.clone()), &packet)
+                });
+                let works = fwd.delivered() && reply.is_some_and(|r| r.delivered());
+                let want = app(cp) == "app-1";
+                if want {
+                    allowed += 1;
+                } else {
+                    denied += 1;
+                }
+                if works != want {
+                    return Err(format!(
+                        "{}/{} -> {}/{} TCP 80: policy says {want}, NSX does {works}: {:?}",
+                        ck.0, ck.1, sk.0, sk.1, fwd.hops
+                    ));
+                }
+            }
+        }
+        if allowed == 0 || denied == 0 {
+            return Err(format!(
+                "the connectivity check saw {allowed} allowed and {denied} denied pairs; it needs both"
+            ));
         }
         Ok(())
     }
@@ -548,6 +620,10 @@ pub fn run(cfg: &NcpWorldConfig) -> NcpReport {
             "spec": {"type": "LoadBalancer", "selector": {"app": "app-0"}, "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}}));
         w.apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "front-1", "namespace": "ns-0", "labels": {"kubernetes.io/service-name": "front"}},
             "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": [{"addresses": ["10.4.0.10"], "conditions": {"ready": true}}]}));
+        // A NetworkPolicy: the app-0 pods of ns-0 take TCP 80 from app-1 pods anywhere.
+        w.apply(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "web", "namespace": "ns-0"},
+            "spec": {"podSelector": {"matchLabels": {"app": "app-0"}}, "policyTypes": ["Ingress"],
+                "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "app-1"}}}], "ports": [{"protocol": "TCP", "port": 80}]}]}}));
     }
     let mut faults = cfg.faults.clone();
     faults.sort_by_key(|f| f.at_ms);
