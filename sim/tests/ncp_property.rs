@@ -1,4 +1,4 @@
-//! For random cluster states and random NSX starting states (another converged cluster state,
+//! For random cluster states (with NetworkPolicies tags can and cannot express) and random NSX starting states (another converged cluster state,
 //! then objects deleted, renamed, duplicated by an admin and SNAT addresses leaked), one
 //! reconcile pass reaches exactly the desired state, and planning again yields no operation.
 
@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 struct NsGen {
     no_snat: bool,
+    /// A NetworkPolicy in the namespace: none, one tags can express, one they cannot.
+    policy: u8,
     pods: Vec<(u8, bool)>, // (node 0..3 where 3 has no VIF, label)
 }
 
@@ -22,9 +24,14 @@ fn cluster() -> impl Strategy<Value = Vec<NsGen>> {
     proptest::collection::vec(
         (
             any::<bool>(),
+            0u8..3,
             proptest::collection::vec((0u8..4, any::<bool>()), 0..4),
         )
-            .prop_map(|(no_snat, pods)| NsGen { no_snat, pods }),
+            .prop_map(|(no_snat, policy, pods)| NsGen {
+                no_snat,
+                policy,
+                pods,
+            }),
         0..4,
     )
 }
@@ -38,6 +45,16 @@ fn to_view(spec: &[NsGen], generation: u8) -> ClusterView {
                 Some([(annotation::NO_SNAT.to_string(), "true".to_string())].into());
         }
         v.add_namespace(nsobj);
+        if ns.policy > 0 {
+            let op = if ns.policy == 1 { "In" } else { "NotIn" };
+            let np = serde_json::from_value(json!({"metadata": {"name": "np", "namespace": format!("ns-{n}"), "uid": format!("uid-np-{n}-g{generation}")},
+                "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": op, "values": ["web"]}]},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}, {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}]}],
+                    "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": 53, "protocol": "UDP"}]}],
+                    "policyTypes": ["Ingress", "Egress"]}}))
+            .unwrap();
+            v.add_network_policy(np);
+        }
         for (p, (node, label)) in ns.pods.iter().enumerate() {
             let labels: &[(&str, &str)] = if *label { &[("app", "web")] } else { &[] };
             // Even-numbered pods can be the same pod in start and target (same UID); odd ones are
@@ -110,6 +127,9 @@ fn apply_damage(w: &World, damage: &[Damage], snat_pool: &str) {
                     "LogicalSwitch" => format!("/api/v1/logical-switches/{id}"),
                     "LogicalRouter" => format!("/api/v1/logical-routers/{id}"),
                     "LogicalPort" => format!("/api/v1/logical-ports/{id}"),
+                    "NSGroup" => format!("/api/v1/ns-groups/{id}"),
+                    "IPSet" => format!("/api/v1/ip-sets/{id}"),
+                    "FirewallSection" => format!("/api/v1/firewall/sections/{id}"),
                     _ => format!("/api/v1/logical-router-ports/{id}"),
                 };
                 // An admin deleting by hand: some deletes are refused by NSX, which is fine.
