@@ -4,6 +4,12 @@
 # includes the nsxlib suite against the standalone fake.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Open vSwitch 3.1 (Debian): the OpenFlow syntax is checked against a real ovs-vswitchd.
+if ! command -v ovs-vswitchd >/dev/null 2>&1 && [ ! -x /usr/sbin/ovs-vswitchd ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq openvswitch-switch >/dev/null
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

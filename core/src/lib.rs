@@ -22,4 +22,5 @@
 pub mod k8s;
 pub mod ncp;
 pub mod nsx;
+pub mod ovs;
 pub mod rng;
