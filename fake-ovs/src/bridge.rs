@@ -1,0 +1,539 @@
+//! A bridge: ports, OpenFlow 1.3 tables, groups, conntrack, counters; flow and group mods one
+//! by one or in atomic bundles; a restart that wipes flows and groups and keeps ports.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use nsx_core::ovs::flow::{Action, Flow, FlowStats, Group, GroupType, Match};
+
+use crate::classifier::{Classifier, FlowId};
+use crate::conntrack::Conntrack;
+
+/// Errors as OVS reports them (the OpenFlow error names).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OvsError {
+    #[error("OFPBAC_BAD_OUT_GROUP: group {0} does not exist")]
+    BadOutGroup(u32),
+    #[error("OFPBIC_BAD_TABLE_ID: goto_table:{to} from table {from} must go forward")]
+    BadTableId { from: u8, to: u8 },
+    #[error("OFPGMFC_GROUP_EXISTS: group {0} exists")]
+    GroupExists(u32),
+    #[error("OFPGMFC_UNKNOWN_GROUP: group {0} does not exist")]
+    UnknownGroup(u32),
+    #[error("OFPGMFC_LOOP: group {0} would chain to itself")]
+    GroupLoop(u32),
+    #[error("OFPGMFC_BAD_BUCKET: {0}")]
+    BadBucket(String),
+    #[error("no port named {0}")]
+    NoSuchPort(String),
+    #[error("port {0} exists")]
+    PortExists(String),
+    #[error("bundle failed at message {index}: {error}")]
+    Bundle { index: usize, error: Box<OvsError> },
+}
+
+/// A port: its OpenFlow number, VLAN tag (access port) and external ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    pub name: String,
+    pub ofport: u32,
+    pub tag: Option<u16>,
+    pub external_ids: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlowEntry {
+    pub flow: Flow,
+    pub n_packets: u64,
+    pub n_bytes: u64,
+    pub created_ms: u64,
+}
+
+/// A flow-table change, as `ovs-ofctl add-flow`/`mod-flows`/`del-flows` (and their
+/// `--strict` forms) and group mods send it. Used alone or in a bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlowMod {
+    Add(Flow),
+    /// Replaces the actions of every flow the match covers (or, `strict`, the one flow with
+    /// exactly this match and priority) whose cookie matches under the mask.
+    Modify {
+        table: u8,
+        matches: Match,
+        priority: Option<u16>,
+        cookie: u64,
+        cookie_mask: u64,
+        actions: Vec<Action>,
+    },
+    /// Deletes like `del-flows`: `table` `None` is every table.
+    Delete {
+        table: Option<u8>,
+        matches: Match,
+        priority: Option<u16>,
+        cookie: u64,
+        cookie_mask: u64,
+    },
+    AddGroup(Group),
+    ModGroup(Group),
+    DelGroup(u32),
+}
+
+enum Undo {
+    Inserted(FlowId),
+    Removed(FlowId, FlowEntry),
+    Replaced(FlowId, FlowEntry),
+    GroupAdded(u32),
+    GroupRemoved(Group),
+    GroupReplaced(Group),
+}
+
+/// An in-memory Open vSwitch bridge.
+#[derive(Debug, Clone, Default)]
+pub struct Bridge {
+    pub name: String,
+    ports: BTreeMap<u32, Port>,
+    by_name: BTreeMap<String, u32>,
+    /// The number each port name had, for giving it back.
+    last_ofport: BTreeMap<String, u32>,
+    next_ofport: u32,
+    pub(crate) tables: BTreeMap<u8, Classifier>,
+    pub(crate) flows: BTreeMap<FlowId, FlowEntry>,
+    by_key: BTreeMap<(u8, u16, Match), FlowId>,
+    /// group id -> flows that name it (in actions or buckets of groups they reach directly).
+    group_users: BTreeMap<u32, BTreeSet<FlowId>>,
+    pub(crate) groups: BTreeMap<u32, Group>,
+    next_flow: FlowId,
+    pub conntrack: Conntrack,
+    /// Simulated time, set by the owner (the harness's clock).
+    pub now_ms: u64,
+}
+
+fn groups_named(actions: &[Action], out: &mut BTreeSet<u32>) {
+    for a in actions {
+        match a {
+            Action::Group(g) => {
+                out.insert(*g);
+            }
+            Action::Ct { exec, .. } => groups_named(exec, out),
+            _ => {}
+        }
+    }
+}
+
+impl Bridge {
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            next_ofport: 1,
+            next_flow: 1,
+            ..Self::default()
+        }
+    }
+
+    // ----- ports -------------------------------------------------------------------------
+
+    /// Adds a port. Its number is the one the name had before if free, else the next number
+    /// after the last one handed out, skipping numbers in use (OVS avoids reusing a freed
+    /// number at once, so old flows do not catch a new port's traffic).
+    pub fn add_port(
+        &mut self,
+        name: &str,
+        tag: Option<u16>,
+        external_ids: BTreeMap<String, String>,
+    ) -> Result<u32, OvsError> {
+        if self.by_name.contains_key(name) {
+            return Err(OvsError::PortExists(name.to_string()));
+        }
+        let ofport = match self.last_ofport.get(name) {
+            Some(n) if !self.ports.contains_key(n) => *n,
+            _ => {
+                let free_and_fresh = |n: &u32| {
+                    !self.ports.contains_key(n) && !self.last_ofport.values().any(|v| v == n)
+                };
+                let next = |n: u32| if n >= 65279 { 1 } else { n + 1 };
+                let mut n = self.next_ofport.max(1);
+                let mut tries = 0;
+                while !free_and_fresh(&n) && tries < 65279 {
+                    n = next(n);
+                    tries += 1;
+                }
+                if !free_and_fresh(&n) {
+                    // Every number has been used: take the lowest free one.
+                    n = (1..=65279)
+                        .find(|x| !self.ports.contains_key(x))
+                        .ok_or_else(|| OvsError::PortExists("no free OpenFlow port".into()))?;
+                }
+                self.next_ofport = next(n);
+                n
+            }
+        };
+        self.ports.insert(
+            ofport,
+            Port {
+                name: name.to_string(),
+                ofport,
+                tag,
+                external_ids,
+            },
+        );
+        self.by_name.insert(name.to_string(), ofport);
+        self.last_ofport.insert(name.to_string(), ofport);
+        Ok(ofport)
+    }
+
+    pub fn del_port(&mut self, name: &str) -> Result<Port, OvsError> {
+        let n = self
+            .by_name
+            .remove(name)
+            .ok_or_else(|| OvsError::NoSuchPort(name.to_string()))?;
+        Ok(self.ports.remove(&n).expect("indexed port"))
+    }
+
+    pub fn port(&self, name: &str) -> Option<&Port> {
+        self.by_name.get(name).and_then(|n| self.ports.get(n))
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = &Port> {
+        self.ports.values()
+    }
+
+    /// `ovs-vswitchd` restarted: flows and groups are gone (the controller must reinstall
+    /// them), ports and conntrack stay.
+    pub fn restart(&mut self) {
+        self.tables.clear();
+        self.flows.clear();
+        self.by_key.clear();
+        self.group_users.clear();
+        self.groups.clear();
+    }
+
+    // ----- flows and groups --------------------------------------------------------------
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values()
+    }
+
+    pub fn group(&self, id: u32) -> Option<&Group> {
+        self.groups.get(&id)
+    }
+
+    /// Flows in `dump-flows` order: by table, then priority (highest first), then age.
+    pub fn flows(&self) -> Vec<(&Flow, FlowStats)> {
+        let mut v: Vec<(&FlowId, &FlowEntry)> = self.flows.iter().collect();
+        v.sort_by(|a, b| {
+            (a.1.flow.table, std::cmp::Reverse(a.1.flow.priority), a.0)
+                .cmp(&(b.1.flow.table, std::cmp::Reverse(b.1.flow.priority), b.0))
+        });
+        v.into_iter()
+            .map(|(_, e)| {
+                (
+                    &e.flow,
+                    FlowStats {
+                        duration_ms: self.now_ms.saturating_sub(e.created_ms),
+                        n_packets: e.n_packets,
+                        n_bytes: e.n_bytes,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// `ovs-ofctl -O OpenFlow13 dump-flows` text.
+    pub fn dump_flows(&self, stats: bool) -> String {
+        let mut s = String::new();
+        for (f, st) in self.flows() {
+            s.push(' ');
+            s.push_str(&if stats {
+                f.to_dump(&st)
+            } else {
+                f.to_dump_no_stats()
+            });
+            s.push('\n');
+        }
+        s
+    }
+
+    /// `ovs-ofctl -O OpenFlow15 dump-groups` text.
+    pub fn dump_groups(&self) -> String {
+        self.groups.values().map(|g| format!(" {g}\n")).collect()
+    }
+
+    fn check_actions(&self, table: u8, actions: &[Action]) -> Result<(), OvsError> {
+        let mut named = BTreeSet::new();
+        groups_named(actions, &mut named);
+        if let Some(g) = named.iter().find(|g| !self.groups.contains_key(g)) {
+            return Err(OvsError::BadOutGroup(*g));
+        }
+        for a in actions {
+            if let Action::GotoTable(t) = a
+                && *t <= table
+            {
+                return Err(OvsError::BadTableId { from: table, to: *t });
+            }
+        }
+        Ok(())
+    }
+
+    fn index_groups(&mut self, id: FlowId, actions: &[Action]) {
+        let mut named = BTreeSet::new();
+        groups_named(actions, &mut named);
+        for g in named {
+            self.group_users.entry(g).or_default().insert(id);
+        }
+    }
+
+    fn unindex_groups(&mut self, id: FlowId, actions: &[Action]) {
+        let mut named = BTreeSet::new();
+        groups_named(actions, &mut named);
+        for g in named {
+            if let Some(u) = self.group_users.get_mut(&g) {
+                u.remove(&id);
+                if u.is_empty() {
+                    self.group_users.remove(&g);
+                }
+            }
+        }
+    }
+
+    fn insert_entry(&mut self, id: FlowId, e: FlowEntry) {
+        let f = &e.flow;
+        self.tables
+            .entry(f.table)
+            .or_default()
+            .insert(&f.matches, f.priority, id);
+        self.by_key
+            .insert((f.table, f.priority, f.matches.clone()), id);
+        let actions = f.actions.clone();
+        self.flows.insert(id, e);
+        self.index_groups(id, &actions);
+    }
+
+    fn remove_entry(&mut self, id: FlowId) -> Option<FlowEntry> {
+        let e = self.flows.remove(&id)?;
+        let f = &e.flow;
+        if let Some(t) = self.tables.get_mut(&f.table) {
+            t.remove(&f.matches, f.priority, id);
+        }
+        self.by_key.remove(&(f.table, f.priority, f.matches.clone()));
+        let actions = f.actions.clone();
+        self.unindex_groups(id, &actions);
+        Some(e)
+    }
+
+    /// Whether `flow`'s match is covered by `m` (every constraint of `m` holds for every
+    /// packet `flow` matches): the non-strict selection of `mod-flows` and `del-flows`.
+    fn covered(flow: &Match, m: &Match) -> bool {
+        m.fields.iter().all(|(f, (v, mask))| {
+            flow.fields
+                .get(f)
+                .is_some_and(|(fv, fm)| fm & mask == *mask && fv & mask == *v)
+        })
+    }
+
+    fn select(
+        &self,
+        table: Option<u8>,
+        m: &Match,
+        priority: Option<u16>,
+        cookie: u64,
+        cookie_mask: u64,
+    ) -> Vec<FlowId> {
+        match priority {
+            Some(p) => {
+                let tables: Vec<u8> = match table {
+                    Some(t) => vec![t],
+                    None => self.tables.keys().copied().collect(),
+                };
+                tables
+                    .into_iter()
+                    .filter_map(|t| self.by_key.get(&(t, p, m.clone())).copied())
+                    .filter(|id| self.flows[id].flow.cookie & cookie_mask == cookie & cookie_mask)
+                    .collect()
+            }
+            None => self
+                .flows
+                .iter()
+                .filter(|(_, e)| {
+                    table.is_none_or(|t| e.flow.table == t)
+                        && e.flow.cookie & cookie_mask == cookie & cookie_mask
+                        && Self::covered(&e.flow.matches, m)
+                })
+                .map(|(id, _)| *id)
+                .collect(),
+        }
+    }
+
+    fn apply(&mut self, m: FlowMod, undo: &mut Vec<Undo>) -> Result<(), OvsError> {
+        match m {
+            FlowMod::Add(flow) => {
+                self.check_actions(flow.table, &flow.actions)?;
+                let key = (flow.table, flow.priority, flow.matches.clone());
+                // An identical match and priority is replaced, counters and all (OF1.3).
+                if let Some(old) = self.by_key.get(&key).copied() {
+                    let e = self.remove_entry(old).expect("indexed flow");
+                    undo.push(Undo::Replaced(old, e));
+                }
+                let id = self.next_flow;
+                self.next_flow += 1;
+                self.insert_entry(
+                    id,
+                    FlowEntry {
+                        flow,
+                        n_packets: 0,
+                        n_bytes: 0,
+                        created_ms: self.now_ms,
+                    },
+                );
+                undo.push(Undo::Inserted(id));
+            }
+            FlowMod::Modify {
+                table,
+                matches,
+                priority,
+                cookie,
+                cookie_mask,
+                actions,
+            } => {
+                self.check_actions(table, &actions)?;
+                for id in self.select(Some(table), &matches, priority, cookie, cookie_mask) {
+                    let mut e = self.remove_entry(id).expect("selected flow");
+                    undo.push(Undo::Replaced(id, e.clone()));
+                    e.flow.actions = actions.clone();
+                    self.insert_entry(id, e);
+                    undo.push(Undo::Inserted(id));
+                }
+            }
+            FlowMod::Delete {
+                table,
+                matches,
+                priority,
+                cookie,
+                cookie_mask,
+            } => {
+                for id in self.select(table, &matches, priority, cookie, cookie_mask) {
+                    let e = self.remove_entry(id).expect("selected flow");
+                    undo.push(Undo::Removed(id, e));
+                }
+            }
+            FlowMod::AddGroup(g) => {
+                if self.groups.contains_key(&g.group_id) {
+                    return Err(OvsError::GroupExists(g.group_id));
+                }
+                self.check_group(&g)?;
+                undo.push(Undo::GroupAdded(g.group_id));
+                self.groups.insert(g.group_id, g);
+            }
+            FlowMod::ModGroup(g) => {
+                let old = self
+                    .groups
+                    .get(&g.group_id)
+                    .cloned()
+                    .ok_or(OvsError::UnknownGroup(g.group_id))?;
+                self.check_group(&g)?;
+                undo.push(Undo::GroupReplaced(old));
+                self.groups.insert(g.group_id, g);
+            }
+            FlowMod::DelGroup(id) => {
+                // Deleting a group deletes the flows that output to it (OpenFlow 1.3 5.6.1).
+                if let Some(g) = self.groups.remove(&id) {
+                    undo.push(Undo::GroupRemoved(g));
+                    let users: Vec<FlowId> = self
+                        .group_users
+                        .get(&id)
+                        .map(|u| u.iter().copied().collect())
+                        .unwrap_or_default();
+                    for f in users {
+                        if let Some(e) = self.remove_entry(f) {
+                            undo.push(Undo::Removed(f, e));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_group(&self, g: &Group) -> Result<(), OvsError> {
+        if g.group_type == GroupType::Indirect && g.buckets.len() != 1 {
+            return Err(OvsError::BadBucket(
+                "an indirect group has exactly one bucket".into(),
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        for b in &g.buckets {
+            if !ids.insert(b.bucket_id) {
+                return Err(OvsError::BadBucket(format!("bucket_id {} twice", b.bucket_id)));
+            }
+            let mut named = BTreeSet::new();
+            groups_named(&b.actions, &mut named);
+            if named.contains(&g.group_id) {
+                return Err(OvsError::GroupLoop(g.group_id));
+            }
+            if let Some(x) = named.iter().find(|x| !self.groups.contains_key(x)) {
+                return Err(OvsError::BadOutGroup(*x));
+            }
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u {
+                Undo::Inserted(id) => {
+                    self.remove_entry(id);
+                }
+                Undo::Removed(id, e) | Undo::Replaced(id, e) => self.insert_entry(id, e),
+                Undo::GroupAdded(g) => {
+                    self.groups.remove(&g);
+                }
+                Undo::GroupRemoved(g) | Undo::GroupReplaced(g) => {
+                    self.groups.insert(g.group_id, g);
+                }
+            }
+        }
+    }
+
+    /// One flow or group mod.
+    pub fn modify(&mut self, m: FlowMod) -> Result<(), OvsError> {
+        let mut undo = Vec::new();
+        let r = self.apply(m, &mut undo);
+        if r.is_err() {
+            self.rollback(undo);
+        }
+        r
+    }
+
+    /// An atomic bundle (OpenFlow 1.4 bundles, `ovs-ofctl --bundle`): all of it or nothing.
+    /// Costs what its messages cost, whatever the size of the bridge.
+    pub fn bundle(&mut self, mods: Vec<FlowMod>) -> Result<(), OvsError> {
+        let mut undo = Vec::new();
+        for (index, m) in mods.into_iter().enumerate() {
+            if let Err(error) = self.apply(m, &mut undo) {
+                self.rollback(undo);
+                return Err(OvsError::Bundle {
+                    index,
+                    error: Box::new(error),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn add_flow(&mut self, flow: Flow) -> Result<(), OvsError> {
+        self.modify(FlowMod::Add(flow))
+    }
+
+    pub fn add_group(&mut self, g: Group) -> Result<(), OvsError> {
+        self.modify(FlowMod::AddGroup(g))
+    }
+
+    /// Counts a packet against a flow.
+    pub(crate) fn count(&mut self, id: FlowId, bytes: u64) {
+        if let Some(e) = self.flows.get_mut(&id) {
+            e.n_packets += 1;
+            e.n_bytes += bytes;
+        }
+    }
+}

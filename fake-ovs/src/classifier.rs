@@ -1,0 +1,154 @@
+//! Tuple-space search, as OVS's classifier does it: flows are grouped in subtables by their
+//! mask signature (which fields, with which masks); a lookup computes one masked key per
+//! subtable and finds the flows under it in an ordered map. Subtables are visited by their
+//! highest priority, and the search stops once no subtable can beat the best match so far. The
+//! cost is the number of distinct signatures (a handful), not the number of flows.
+
+use std::collections::BTreeMap;
+
+use nsx_core::ovs::flow::Match;
+
+use crate::packet::{Packet, slot};
+
+/// A flow's identity inside a bridge.
+pub type FlowId = u64;
+
+#[derive(Debug, Clone, Default)]
+struct Subtable {
+    signature: Vec<(usize, u128)>,
+    /// Masked key -> flows, best first: (priority descending, id ascending).
+    rules: BTreeMap<Vec<u128>, Vec<(u16, FlowId)>>,
+    priorities: BTreeMap<u16, usize>,
+}
+
+impl Subtable {
+    fn max_priority(&self) -> Option<u16> {
+        self.priorities.keys().next_back().copied()
+    }
+}
+
+/// One OpenFlow table's classifier.
+#[derive(Debug, Clone, Default)]
+pub struct Classifier {
+    subtables: BTreeMap<Vec<(usize, u128)>, Subtable>,
+    /// Signatures by descending max priority.
+    order: Vec<(u16, Vec<(usize, u128)>)>,
+    len: usize,
+}
+
+fn signature(m: &Match) -> Vec<(usize, u128)> {
+    let mut s: Vec<(usize, u128)> = m.fields.iter().map(|(f, (_, mask))| (slot(*f), *mask)).collect();
+    s.sort();
+    s
+}
+
+fn key(m: &Match) -> Vec<u128> {
+    let mut k: Vec<(usize, u128)> = m.fields.iter().map(|(f, (v, _))| (slot(*f), *v)).collect();
+    k.sort();
+    k.into_iter().map(|(_, v)| v).collect()
+}
+
+impl Classifier {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of subtables (distinct mask signatures).
+    pub fn subtables(&self) -> usize {
+        self.subtables.len()
+    }
+
+    fn reorder(&mut self) {
+        let mut order: Vec<(u16, Vec<(usize, u128)>)> = self
+            .subtables
+            .iter()
+            .filter_map(|(sig, st)| st.max_priority().map(|p| (p, sig.clone())))
+            .collect();
+        order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        self.order = order;
+    }
+
+    pub fn insert(&mut self, m: &Match, priority: u16, id: FlowId) {
+        let sig = signature(m);
+        let st = self.subtables.entry(sig.clone()).or_insert_with(|| Subtable {
+            signature: sig,
+            ..Subtable::default()
+        });
+        let before = st.max_priority();
+        let list = st.rules.entry(key(m)).or_default();
+        let pos = list
+            .binary_search_by(|(p, i)| priority.cmp(p).then(i.cmp(&id)))
+            .unwrap_or_else(|e| e);
+        list.insert(pos, (priority, id));
+        *st.priorities.entry(priority).or_default() += 1;
+        self.len += 1;
+        if before != st.max_priority() {
+            self.reorder();
+        }
+    }
+
+    pub fn remove(&mut self, m: &Match, priority: u16, id: FlowId) {
+        let sig = signature(m);
+        let Some(st) = self.subtables.get_mut(&sig) else {
+            return;
+        };
+        let before = st.max_priority();
+        let k = key(m);
+        let mut removed = false;
+        if let Some(list) = st.rules.get_mut(&k) {
+            let n = list.len();
+            list.retain(|(p, i)| !(*p == priority && *i == id));
+            removed = list.len() < n;
+            if list.is_empty() {
+                st.rules.remove(&k);
+            }
+        }
+        if !removed {
+            return;
+        }
+        self.len -= 1;
+        if let Some(c) = st.priorities.get_mut(&priority) {
+            *c -= 1;
+            if *c == 0 {
+                st.priorities.remove(&priority);
+            }
+        }
+        let after = st.max_priority();
+        if st.rules.is_empty() {
+            self.subtables.remove(&sig);
+        }
+        if before != after {
+            self.reorder();
+        }
+    }
+
+    /// The best flow for `p`: highest priority, then the oldest.
+    pub fn lookup(&self, p: &Packet) -> Option<FlowId> {
+        let mut best: Option<(u16, FlowId)> = None;
+        let mut key = Vec::with_capacity(8);
+        for (max, sig) in &self.order {
+            if let Some((bp, _)) = best
+                && bp > *max
+            {
+                break;
+            }
+            let st = &self.subtables[sig];
+            key.clear();
+            key.extend(st.signature.iter().map(|(s, m)| p.v[*s] & m));
+            if let Some(&(prio, id)) = st.rules.get(&key).and_then(|l| l.first()) {
+                let better = match best {
+                    None => true,
+                    Some((bp, bid)) => prio > bp || (prio == bp && id < bid),
+                };
+                if better {
+                    best = Some((prio, id));
+                }
+            }
+        }
+        best.map(|(_, id)| id)
+    }
+}
