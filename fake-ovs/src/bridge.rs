@@ -223,8 +223,11 @@ impl Bridge {
     pub fn flows(&self) -> Vec<(&Flow, FlowStats)> {
         let mut v: Vec<(&FlowId, &FlowEntry)> = self.flows.iter().collect();
         v.sort_by(|a, b| {
-            (a.1.flow.table, std::cmp::Reverse(a.1.flow.priority), a.0)
-                .cmp(&(b.1.flow.table, std::cmp::Reverse(b.1.flow.priority), b.0))
+            (a.1.flow.table, std::cmp::Reverse(a.1.flow.priority), a.0).cmp(&(
+                b.1.flow.table,
+                std::cmp::Reverse(b.1.flow.priority),
+                b.0,
+            ))
         });
         v.into_iter()
             .map(|(_, e)| {
@@ -270,7 +273,10 @@ impl Bridge {
             if let Action::GotoTable(t) = a
                 && *t <= table
             {
-                return Err(OvsError::BadTableId { from: table, to: *t });
+                return Err(OvsError::BadTableId {
+                    from: table,
+                    to: *t,
+                });
             }
         }
         Ok(())
@@ -316,7 +322,8 @@ impl Bridge {
         if let Some(t) = self.tables.get_mut(&f.table) {
             t.remove(&f.matches, f.priority, id);
         }
-        self.by_key.remove(&(f.table, f.priority, f.matches.clone()));
+        self.by_key
+            .remove(&(f.table, f.priority, f.matches.clone()));
         let actions = f.actions.clone();
         self.unindex_groups(id, &actions);
         Some(e)
@@ -464,7 +471,10 @@ impl Bridge {
         let mut ids = BTreeSet::new();
         for b in &g.buckets {
             if !ids.insert(b.bucket_id) {
-                return Err(OvsError::BadBucket(format!("bucket_id {} twice", b.bucket_id)));
+                return Err(OvsError::BadBucket(format!(
+                    "bucket_id {} twice",
+                    b.bucket_id
+                )));
             }
             let mut named = BTreeSet::new();
             groups_named(&b.actions, &mut named);

@@ -37,7 +37,11 @@ pub struct Classifier {
 }
 
 fn signature(m: &Match) -> Vec<(usize, u128)> {
-    let mut s: Vec<(usize, u128)> = m.fields.iter().map(|(f, (_, mask))| (slot(*f), *mask)).collect();
+    let mut s: Vec<(usize, u128)> = m
+        .fields
+        .iter()
+        .map(|(f, (_, mask))| (slot(*f), *mask))
+        .collect();
     s.sort();
     s
 }
@@ -74,10 +78,13 @@ impl Classifier {
 
     pub fn insert(&mut self, m: &Match, priority: u16, id: FlowId) {
         let sig = signature(m);
-        let st = self.subtables.entry(sig.clone()).or_insert_with(|| Subtable {
-            signature: sig,
-            ..Subtable::default()
-        });
+        let st = self
+            .subtables
+            .entry(sig.clone())
+            .or_insert_with(|| Subtable {
+                signature: sig,
+                ..Subtable::default()
+            });
         let before = st.max_priority();
         let list = st.rules.entry(key(m)).or_default();
         let pos = list

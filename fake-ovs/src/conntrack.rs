@@ -166,11 +166,21 @@ impl Conntrack {
         let mut state;
         let id = match self.index.get(&(zone, t)).copied() {
             Some((id, is_reply)) => {
-                let c = self.conns.get_mut(&id).expect("index points at a connection");
+                let c = self
+                    .conns
+                    .get_mut(&id)
+                    .expect("index points at a connection");
                 if is_reply && record {
                     c.replied = true;
                 }
-                state = TRK | if is_reply { RPL | EST } else if c.replied { EST } else { NEW };
+                state = TRK
+                    | if is_reply {
+                        RPL | EST
+                    } else if c.replied {
+                        EST
+                    } else {
+                        NEW
+                    };
                 if c.snat {
                     state |= SNAT;
                 }

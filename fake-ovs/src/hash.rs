@@ -6,7 +6,10 @@ fn mhash_add_raw(hash: u32, data: u32) -> u32 {
     if data == 0 {
         return hash;
     }
-    let d = data.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    let d = data
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
     hash ^ d
 }
 
@@ -92,7 +95,11 @@ mod tests {
             basis = bytes(&[10, 1, 0, 5], basis);
             basis = bytes(&sport.to_be_bytes(), basis);
             for (id, want) in scores.iter().enumerate() {
-                assert_eq!((int(id as u32, basis) & 0xffff) * 100, *want, "sport {sport} bucket {id}");
+                assert_eq!(
+                    (int(id as u32, basis) & 0xffff) * 100,
+                    *want,
+                    "sport {sport} bucket {id}"
+                );
             }
         }
     }

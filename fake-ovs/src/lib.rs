@@ -20,6 +20,7 @@ pub mod classifier;
 pub mod conntrack;
 pub mod hash;
 pub mod packet;
+pub mod real;
 pub mod trace;
 
 pub use bridge::{Bridge, FlowMod, OvsError, Port};

@@ -53,11 +53,7 @@ impl Default for Packet {
 impl Packet {
     pub fn get(&self, f: Field) -> u128 {
         let v = self.v[slot(f)];
-        if f == Field::VlanVid {
-            v & 0x1fff
-        } else {
-            v
-        }
+        if f == Field::VlanVid { v & 0x1fff } else { v }
     }
 
     pub fn set(&mut self, f: Field, value: u128) {

@@ -69,10 +69,7 @@ struct Ctx {
 fn fields_hash(fields: &[String], p: &Packet) -> u32 {
     // Hashed in OVS's field-id order, each in network byte order; fields whose
     // prerequisites the packet lacks are skipped (as OVS does).
-    let mut ids: Vec<Field> = fields
-        .iter()
-        .filter_map(|n| Field::from_name(n))
-        .collect();
+    let mut ids: Vec<Field> = fields.iter().filter_map(|n| Field::from_name(n)).collect();
     let rank = |f: &Field| -> u32 {
         match f {
             Field::Metadata => 0,
@@ -171,9 +168,10 @@ impl Bridge {
             ctx.stop = false;
             self.table(&mut ctx, &mut q, t);
         }
-        ctx.trace
-            .lines
-            .push(format!("Datapath actions: {}", ctx.trace.datapath_actions()));
+        ctx.trace.lines.push(format!(
+            "Datapath actions: {}",
+            ctx.trace.datapath_actions()
+        ));
         ctx.trace
     }
 
@@ -199,7 +197,11 @@ impl Bridge {
             ctx,
             format!(
                 "{table}. {}priority {}{}",
-                if m.is_empty() { String::new() } else { format!("{m}, ") },
+                if m.is_empty() {
+                    String::new()
+                } else {
+                    format!("{m}, ")
+                },
                 flow.priority,
                 if flow.cookie != 0 {
                     format!(", cookie {:#x}", flow.cookie)
@@ -335,10 +337,7 @@ impl Bridge {
                     );
                     Self::line(
                         ctx,
-                        format!(
-                            "{a} -> ct_state={}",
-                            format_ct_state(r.state as u32, 0xff)
-                        ),
+                        format!("{a} -> ct_state={}", format_ct_state(r.state as u32, 0xff)),
                     );
                     match next {
                         Some(t) => ctx.recirc.push((q, *t)),
@@ -395,19 +394,33 @@ impl Bridge {
                                 let v = p.get_bits(src.field, src.ofs, src.bits);
                                 let (cur, cm) = m.get(dst.field.storage()).unwrap_or((0, 0));
                                 let mask = dst.mask();
-                                m.set(dst.field.storage(), (cur & !mask) | (v << dst.ofs), cm | mask);
+                                m.set(
+                                    dst.field.storage(),
+                                    (cur & !mask) | (v << dst.ofs),
+                                    cm | mask,
+                                );
                             }
                             LearnSpec::MatchImm { dst, value } => {
                                 let (cur, cm) = m.get(dst.field.storage()).unwrap_or((0, 0));
                                 let mask = dst.mask();
-                                m.set(dst.field.storage(), (cur & !mask) | (value << dst.ofs), cm | mask);
+                                m.set(
+                                    dst.field.storage(),
+                                    (cur & !mask) | (value << dst.ofs),
+                                    cm | mask,
+                                );
                             }
                             LearnSpec::LoadField { dst, src } => {
                                 let v = p.get_bits(src.field, src.ofs, src.bits);
-                                flow.actions.push(Action::Load { dst: *dst, value: v });
+                                flow.actions.push(Action::Load {
+                                    dst: *dst,
+                                    value: v,
+                                });
                             }
                             LearnSpec::LoadImm { dst, value } => {
-                                flow.actions.push(Action::Load { dst: *dst, value: *value });
+                                flow.actions.push(Action::Load {
+                                    dst: *dst,
+                                    value: *value,
+                                });
                             }
                             LearnSpec::Output { src } => {
                                 let v = p.get_bits(src.field, src.ofs, src.bits);
@@ -423,7 +436,13 @@ impl Bridge {
                         }
                         Self::line(ctx, format!("learn: {text}"));
                     } else {
-                        Self::line(ctx, format!("learn (not applied by a trace): {}", flow.to_dump_no_stats()));
+                        Self::line(
+                            ctx,
+                            format!(
+                                "learn (not applied by a trace): {}",
+                                flow.to_dump_no_stats()
+                            ),
+                        );
                     }
                 }
             }

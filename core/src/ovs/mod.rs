@@ -13,7 +13,7 @@
 //! `mod_vlan_vid:9`, `set_field:99->tcp_dst` for `mod_tp_dst:99` in a TCP flow, `IN_PORT`,
 //! `NORMAL`, `CONTROLLER:65535`, the default priority 32768 left out, and match fields whose
 //! prerequisites are missing dropped ([`parse::parse_flow_strict`] refuses them instead).
-//! `core/tests/ovs_real.rs` checks all of it against a real `ovs-vswitchd`.
+//! `fake-ovs/tests/ovs_syntax.rs` checks all of it against a real `ovs-vswitchd`.
 
 pub mod field;
 pub mod flow;

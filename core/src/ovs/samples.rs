@@ -1,6 +1,6 @@
 //! Every construct of the model as `add-flow` text, with the line OVS 3.1 prints for it with
 //! `ovs-ofctl -O OpenFlow13 dump-flows --no-stats` (captured from a real ovs-vswitchd). The
-//! unit tests check our printer against these lines; `core/tests/ovs_real.rs` checks them
+//! unit tests check our printer against these lines; `fake-ovs/tests/ovs_syntax.rs` checks them
 //! against a real ovs-vswitchd again, so a difference cannot hide in the samples.
 
 pub const SAMPLES: &[(&str, &str)] = &[
