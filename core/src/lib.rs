@@ -23,4 +23,5 @@ pub mod k8s;
 pub mod ncp;
 pub mod nsx;
 pub mod ovs;
+pub mod proxy;
 pub mod rng;

@@ -73,6 +73,11 @@ pub enum FlowMod {
     },
     AddGroup(Group),
     ModGroup(Group),
+    /// Appends buckets (OpenFlow 1.5 `insert-buckets`).
+    InsertBuckets {
+        group_id: u32,
+        buckets: Vec<nsx_core::ovs::Bucket>,
+    },
     DelGroup(u32),
 }
 
@@ -377,9 +382,12 @@ impl Bridge {
             FlowMod::Add(flow) => {
                 self.check_actions(flow.table, &flow.actions)?;
                 let key = (flow.table, flow.priority, flow.matches.clone());
-                // An identical match and priority is replaced, counters and all (OF1.3).
+                // An identical match and priority is replaced; OpenFlow 1.2+ keeps its
+                // counters (no reset_counts flag here).
+                let mut counters = (0, 0);
                 if let Some(old) = self.by_key.get(&key).copied() {
                     let e = self.remove_entry(old).expect("indexed flow");
+                    counters = (e.n_packets, e.n_bytes);
                     undo.push(Undo::Replaced(old, e));
                 }
                 let id = self.next_flow;
@@ -388,8 +396,8 @@ impl Bridge {
                     id,
                     FlowEntry {
                         flow,
-                        n_packets: 0,
-                        n_bytes: 0,
+                        n_packets: counters.0,
+                        n_bytes: counters.1,
                         created_ms: self.now_ms,
                     },
                 );
@@ -441,6 +449,18 @@ impl Bridge {
                 self.check_group(&g)?;
                 undo.push(Undo::GroupReplaced(old));
                 self.groups.insert(g.group_id, g);
+            }
+            FlowMod::InsertBuckets { group_id, buckets } => {
+                let mut g = self
+                    .groups
+                    .get(&group_id)
+                    .cloned()
+                    .ok_or(OvsError::UnknownGroup(group_id))?;
+                let old = g.clone();
+                g.buckets.extend(buckets);
+                self.check_group(&g)?;
+                undo.push(Undo::GroupReplaced(old));
+                self.groups.insert(group_id, g);
             }
             FlowMod::DelGroup(id) => {
                 // Deleting a group deletes the flows that output to it (OpenFlow 1.3 5.6.1).
@@ -539,11 +559,70 @@ impl Bridge {
         self.modify(FlowMod::AddGroup(g))
     }
 
+    /// Converts a core `OfOp` into this bridge's flow mod.
+    pub fn flow_mod(op: nsx_core::ovs::bridge::OfOp) -> FlowMod {
+        use nsx_core::ovs::bridge::OfOp;
+        match op {
+            OfOp::AddFlow(f) => FlowMod::Add(f),
+            OfOp::DelFlowStrict {
+                table,
+                priority,
+                matches,
+            } => FlowMod::Delete {
+                table: Some(table),
+                matches,
+                priority: Some(priority),
+                cookie: 0,
+                cookie_mask: 0,
+            },
+            OfOp::DelFlowsByCookie {
+                cookie,
+                cookie_mask,
+            } => FlowMod::Delete {
+                table: None,
+                matches: Match::default(),
+                priority: None,
+                cookie,
+                cookie_mask,
+            },
+            OfOp::AddGroup(g) => FlowMod::AddGroup(g),
+            OfOp::ModGroup(g) => FlowMod::ModGroup(g),
+            OfOp::InsertBuckets { group_id, buckets } => {
+                FlowMod::InsertBuckets { group_id, buckets }
+            }
+            OfOp::DelGroup(id) => FlowMod::DelGroup(id),
+        }
+    }
+
     /// Counts a packet against a flow.
     pub(crate) fn count(&mut self, id: FlowId, bytes: u64) {
         if let Some(e) = self.flows.get_mut(&id) {
             e.n_packets += 1;
             e.n_bytes += bytes;
         }
+    }
+}
+
+impl nsx_core::ovs::bridge::OpenFlowBridge for Bridge {
+    fn bundle(
+        &mut self,
+        ops: Vec<nsx_core::ovs::bridge::OfOp>,
+    ) -> Result<(), nsx_core::ovs::bridge::BridgeError> {
+        let mods: Vec<FlowMod> = ops.into_iter().map(Bridge::flow_mod).collect();
+        Bridge::bundle(self, mods).map_err(|e| match e {
+            OvsError::Bundle { index, error } => nsx_core::ovs::bridge::BridgeError {
+                index,
+                message: error.to_string(),
+            },
+            other => nsx_core::ovs::bridge::BridgeError {
+                index: 0,
+                message: other.to_string(),
+            },
+        })
+    }
+
+    fn flush_conntrack(&mut self, f: nsx_core::ovs::bridge::ConntrackFilter) -> usize {
+        self.conntrack
+            .flush_endpoint(f.zone, f.protocol, f.ip, f.port)
     }
 }

@@ -146,6 +146,28 @@ impl Conntrack {
         n
     }
 
+    /// Forgets the connections of `zone` and `proto` that were NATed to `ip:port` (their reply
+    /// comes from it) or are addressed to it directly: what a proxy flushes when an endpoint
+    /// goes, so UDP flows stop reaching a dead backend.
+    pub fn flush_endpoint(&mut self, zone: u16, proto: u8, ip: u32, port: u16) -> usize {
+        let gone: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.zone == zone
+                    && c.orig.proto == proto
+                    && ((c.reply.src == ip && c.reply.sport == port)
+                        || (c.orig.dst == ip && c.orig.dport == port))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let n = gone.len();
+        for id in gone {
+            self.remove(id);
+        }
+        n
+    }
+
     /// Runs `ct(zone, commit, nat, exec mark/label)` on `p` at `now_ms`: sets its ct fields,
     /// applies NAT, and (when `commit` and `record`) creates or updates the connection. With
     /// `record` false nothing is stored (a trace).

@@ -15,6 +15,7 @@
 //! prerequisites are missing dropped ([`parse::parse_flow_strict`] refuses them instead).
 //! `fake-ovs/tests/ovs_syntax.rs` checks all of it against a real `ovs-vswitchd`.
 
+pub mod bridge;
 pub mod field;
 pub mod flow;
 pub mod parse;

@@ -1,0 +1,57 @@
+//! The port through which nsx-kube-proxy and the node agent program a switch: a real
+//! ovs-vswitchd in production (adapters), fake-ovs in the simulation.
+
+use super::flow::{Bucket, Flow, Group, Match};
+
+/// One message of a bundle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OfOp {
+    /// Adds (or replaces the one with the same table, priority and match).
+    AddFlow(Flow),
+    /// Deletes exactly the flow with this table, priority and match.
+    DelFlowStrict {
+        table: u8,
+        priority: u16,
+        matches: Match,
+    },
+    /// Deletes every flow whose cookie matches under the mask (all tables).
+    DelFlowsByCookie {
+        cookie: u64,
+        cookie_mask: u64,
+    },
+    AddGroup(Group),
+    /// Replaces a group's buckets.
+    ModGroup(Group),
+    /// Appends buckets to a group (OpenFlow 1.5 `insert-buckets`): how a group too big for one
+    /// OpenFlow message is built.
+    InsertBuckets {
+        group_id: u32,
+        buckets: Vec<Bucket>,
+    },
+    DelGroup(u32),
+}
+
+/// The connections to forget (`dpctl/flush-conntrack`): those in `zone` whose traffic was
+/// NATed to (or comes from) `ip:port` over `protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConntrackFilter {
+    pub zone: u16,
+    pub protocol: u8,
+    pub ip: u32,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bridge refused the bundle at message {index}: {message}")]
+pub struct BridgeError {
+    pub index: usize,
+    pub message: String,
+}
+
+/// A switch that takes atomic bundles of flow and group changes.
+pub trait OpenFlowBridge {
+    /// Applies every message or none.
+    fn bundle(&mut self, ops: Vec<OfOp>) -> Result<(), BridgeError>;
+    /// Forgets the matching connections; returns how many.
+    fn flush_conntrack(&mut self, filter: ConntrackFilter) -> usize;
+}

@@ -1,0 +1,357 @@
+//! Service ports to flows and groups: a pure function, so the incremental proxy and a
+//! from-scratch compile can be compared.
+//!
+//! Tables (the agent owns table 0 and everything from [`table::FORWARD`] on):
+//! - [`table::CT_ZONE`]: every IP packet goes through `ct(table=CT_STATE,zone=ZONE,nat)`, which
+//!   also un-NATs replies of load-balanced connections;
+//! - [`table::CT_STATE`]: invalid packets are dropped; established ones skip load balancing;
+//!   new ones go to [`table::SERVICE_LB`];
+//! - [`table::SERVICE_LB`]: one flow per service port (ClusterIP:port, and NodePort on the
+//!   node's addresses) to its select group, or to the controller when it has no endpoint (the
+//!   agent rejects: TCP RST / ICMP unreachable); with session affinity, first the learned flows
+//!   of [`table::AFFINITY`], then [`table::AFFINITY_CHECK`];
+//! - the group's buckets (one per endpoint, `selection_method=hash`) load the endpoint into
+//!   `reg0` (address) and `reg1[0..15]` (port) and resubmit to [`table::ENDPOINT_DNAT`], where
+//!   one flow per endpoint, shared by every service that uses it, commits the connection with
+//!   `nat(dst=ip:port)` and goes on to [`table::FORWARD`].
+
+use std::collections::BTreeMap;
+
+use crate::ovs::field::Field;
+use crate::ovs::flow::{
+    Action, Bucket, CtZone, Flow, Group, GroupType, Learn, LearnSpec, Match, Nat, Subfield,
+};
+
+use super::model::{Endpoint, ServicePort};
+
+/// The conntrack zone of service traffic.
+pub const ZONE: u16 = 65520;
+
+pub mod table {
+    pub const CT_ZONE: u8 = 10;
+    pub const CT_STATE: u8 = 11;
+    pub const AFFINITY: u8 = 19;
+    pub const SERVICE_LB: u8 = 20;
+    pub const AFFINITY_CHECK: u8 = 21;
+    pub const ENDPOINT_DNAT: u8 = 30;
+    pub const FORWARD: u8 = 40;
+}
+
+/// Cookie layout: round (16 bits) | kind (8 bits) | id (40 bits).
+pub mod cookie {
+    pub const ROUND_SHIFT: u32 = 48;
+    pub const ROUND_MASK: u64 = 0xffff << ROUND_SHIFT;
+    pub const KIND_STATIC: u64 = 1 << 40;
+    pub const KIND_SERVICE: u64 = 2 << 40;
+    pub const KIND_ENDPOINT: u64 = 3 << 40;
+    pub const ID_MASK: u64 = (1 << 40) - 1;
+
+    pub fn make(round: u16, kind: u64, id: u64) -> u64 {
+        (u64::from(round) << ROUND_SHIFT) | kind | (id & ID_MASK)
+    }
+}
+
+fn proto_match(m: &mut Match, protocol: u8) {
+    m.exact(Field::EthType, 0x0800);
+    m.exact(Field::IpProto, u128::from(protocol));
+}
+
+fn l4_fields(protocol: u8) -> (&'static str, &'static str) {
+    match protocol {
+        17 => ("udp_src", "udp_dst"),
+        132 => ("sctp_src", "sctp_dst"),
+        _ => ("tcp_src", "tcp_dst"),
+    }
+}
+
+/// The flows every proxy installs once.
+pub fn static_flows(round: u16) -> Vec<Flow> {
+    let c = cookie::make(round, cookie::KIND_STATIC, 0);
+    let mut ip = Match::default();
+    ip.exact(Field::EthType, 0x0800);
+    let state = |value: u128, mask: u128| {
+        let mut m = ip.clone();
+        m.set(Field::CtState, value, mask);
+        m
+    };
+    vec![
+        Flow {
+            cookie: c,
+            table: table::CT_ZONE,
+            priority: 100,
+            matches: ip.clone(),
+            actions: vec![Action::Ct {
+                commit: false,
+                table: Some(table::CT_STATE),
+                zone: Some(CtZone::Imm(ZONE)),
+                exec: vec![],
+                nat: Some(Nat::default()),
+            }],
+            ..Flow::default()
+        },
+        // +inv+trk: drop.
+        Flow {
+            cookie: c,
+            table: table::CT_STATE,
+            priority: 200,
+            matches: state(0x30, 0x30),
+            actions: vec![],
+            ..Flow::default()
+        },
+        // -new+trk (established, related, replies): already translated.
+        Flow {
+            cookie: c,
+            table: table::CT_STATE,
+            priority: 190,
+            matches: state(0x20, 0x21),
+            actions: vec![Action::Resubmit {
+                port: None,
+                table: Some(table::FORWARD),
+            }],
+            ..Flow::default()
+        },
+        Flow {
+            cookie: c,
+            table: table::CT_STATE,
+            priority: 0,
+            actions: vec![Action::GotoTable(table::SERVICE_LB)],
+            ..Flow::default()
+        },
+        // Not a service: on to forwarding.
+        Flow {
+            cookie: c,
+            table: table::SERVICE_LB,
+            priority: 0,
+            actions: vec![Action::Resubmit {
+                port: None,
+                table: Some(table::FORWARD),
+            }],
+            ..Flow::default()
+        },
+    ]
+}
+
+/// A stable id for an endpoint (the endpoint flow's cookie, the bucket id).
+pub fn endpoint_id(protocol: u8, e: &Endpoint) -> u64 {
+    crate::ncp::naming::stable_hash(&format!("{protocol}/{}/{}", e.ip, e.port))
+}
+
+/// The shared DNAT flow of one endpoint.
+pub fn endpoint_flow(round: u16, protocol: u8, e: &Endpoint) -> Flow {
+    let mut m = Match::default();
+    proto_match(&mut m, protocol);
+    m.exact(Field::Reg(0), u128::from(e.ip));
+    m.set(Field::Reg(1), u128::from(e.port), 0xffff);
+    Flow {
+        cookie: cookie::make(round, cookie::KIND_ENDPOINT, endpoint_id(protocol, e)),
+        table: table::ENDPOINT_DNAT,
+        priority: 200,
+        matches: m,
+        actions: vec![Action::Ct {
+            commit: true,
+            table: Some(table::FORWARD),
+            zone: Some(CtZone::Imm(ZONE)),
+            exec: vec![],
+            nat: Some(Nat {
+                src: Some(false),
+                ip_min: Some(e.ip),
+                ip_max: Some(e.ip),
+                port_min: Some(e.port),
+                port_max: Some(e.port),
+                flags: vec![],
+            }),
+        }],
+        ..Flow::default()
+    }
+}
+
+fn reg(n: u8, ofs: u32, bits: u32) -> Subfield {
+    Subfield {
+        field: Field::Reg(n),
+        ofs,
+        bits,
+    }
+}
+
+/// The select group of a service port. Bucket ids come from the endpoints, so a change of
+/// endpoints does not move the connections of the others (highest-random-weight hashing).
+pub fn group(sp: &ServicePort, group_id: u32) -> Group {
+    let (src, dst) = l4_fields(sp.protocol);
+    let mut used: BTreeMap<u32, ()> = BTreeMap::new();
+    let buckets = sp
+        .endpoints
+        .iter()
+        .map(|e| {
+            let mut id = (endpoint_id(sp.protocol, e) & 0x7fff_ffff) as u32;
+            while used.contains_key(&id) {
+                id = (id + 1) & 0x7fff_ffff;
+            }
+            used.insert(id, ());
+            let mut actions = vec![
+                Action::Load {
+                    dst: reg(0, 0, 32),
+                    value: u128::from(e.ip),
+                },
+                Action::Load {
+                    dst: reg(1, 0, 16),
+                    value: u128::from(e.port),
+                },
+            ];
+            if let Some(timeout) = sp.affinity_timeout {
+                actions.push(affinity_learn(sp, timeout));
+            }
+            actions.push(Action::Resubmit {
+                port: None,
+                table: Some(table::ENDPOINT_DNAT),
+            });
+            Bucket {
+                bucket_id: id,
+                weight: 100,
+                actions,
+            }
+        })
+        .collect();
+    Group {
+        group_id,
+        group_type: GroupType::Select,
+        selection_method: Some("hash".into()),
+        fields: vec!["ip_src".into(), "ip_dst".into(), src.into(), dst.into()],
+        buckets,
+    }
+}
+
+/// The learned flow of session affinity: this client to this VIP:port goes to the endpoint
+/// in `reg0`/`reg1` for `timeout` seconds (OpenFlow caps hard timeouts at 65535).
+fn affinity_learn(sp: &ServicePort, timeout: u32) -> Action {
+    let whole = Subfield::whole;
+    let dst_port = match sp.protocol {
+        17 => Field::UdpDst,
+        132 => Field::SctpDst,
+        _ => Field::TcpDst,
+    };
+    Action::Learn(Box::new(Learn {
+        table: table::AFFINITY,
+        hard_timeout: timeout.min(65535) as u16,
+        priority: 200,
+        cookie: 0,
+        specs: vec![
+            LearnSpec::MatchImm {
+                dst: whole(Field::EthType),
+                value: 0x0800,
+            },
+            LearnSpec::MatchImm {
+                dst: whole(Field::IpProto),
+                value: u128::from(sp.protocol),
+            },
+            LearnSpec::MatchField {
+                dst: whole(Field::IpSrc),
+                src: whole(Field::IpSrc),
+            },
+            LearnSpec::MatchField {
+                dst: whole(Field::IpDst),
+                src: whole(Field::IpDst),
+            },
+            LearnSpec::MatchField {
+                dst: whole(dst_port),
+                src: whole(dst_port),
+            },
+            LearnSpec::LoadField {
+                dst: reg(0, 0, 32),
+                src: reg(0, 0, 32),
+            },
+            LearnSpec::LoadField {
+                dst: reg(1, 0, 16),
+                src: reg(1, 0, 16),
+            },
+            LearnSpec::LoadImm {
+                dst: reg(2, 0, 1),
+                value: 1,
+            },
+        ],
+        ..Learn::default()
+    }))
+}
+
+/// The flows of one service port (not its endpoints' shared flows).
+pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u32]) -> Vec<Flow> {
+    let c = cookie::make(round, cookie::KIND_SERVICE, u64::from(group_id));
+    let entry = |dst_ip: u32, dst_port: u16| {
+        let mut m = Match::default();
+        proto_match(&mut m, sp.protocol);
+        m.exact(Field::IpDst, u128::from(dst_ip));
+        m.exact(Field::TpDst, u128::from(dst_port));
+        m
+    };
+    let mut entries = vec![(entry(sp.cluster_ip, sp.port), 200)];
+    if let Some(np) = sp.node_port {
+        for ip in node_ips {
+            entries.push((entry(*ip, np), 190));
+        }
+    }
+    let mut flows = Vec::new();
+    for (m, priority) in entries {
+        if sp.endpoints.is_empty() {
+            // No endpoint: reject (the agent answers), never a silent drop.
+            flows.push(Flow {
+                cookie: c,
+                table: table::SERVICE_LB,
+                priority,
+                matches: m,
+                actions: vec![Action::Controller(65535)],
+                ..Flow::default()
+            });
+            continue;
+        }
+        match sp.affinity_timeout {
+            None => flows.push(Flow {
+                cookie: c,
+                table: table::SERVICE_LB,
+                priority,
+                matches: m,
+                actions: vec![Action::Group(group_id)],
+                ..Flow::default()
+            }),
+            Some(_) => {
+                flows.push(Flow {
+                    cookie: c,
+                    table: table::SERVICE_LB,
+                    priority,
+                    matches: m.clone(),
+                    actions: vec![
+                        Action::Resubmit {
+                            port: None,
+                            table: Some(table::AFFINITY),
+                        },
+                        Action::Resubmit {
+                            port: None,
+                            table: Some(table::AFFINITY_CHECK),
+                        },
+                    ],
+                    ..Flow::default()
+                });
+                let mut known = m.clone();
+                known.set(Field::Reg(2), 1, 1);
+                flows.push(Flow {
+                    cookie: c,
+                    table: table::AFFINITY_CHECK,
+                    priority: priority + 10,
+                    matches: known,
+                    actions: vec![Action::Resubmit {
+                        port: None,
+                        table: Some(table::ENDPOINT_DNAT),
+                    }],
+                    ..Flow::default()
+                });
+                flows.push(Flow {
+                    cookie: c,
+                    table: table::AFFINITY_CHECK,
+                    priority,
+                    matches: m,
+                    actions: vec![Action::Group(group_id)],
+                    ..Flow::default()
+                });
+            }
+        }
+    }
+    flows
+}

@@ -1,0 +1,18 @@
+//! nsx-kube-proxy: ClusterIP and NodePort services load-balanced inside Open vSwitch with
+//! select groups and conntrack NAT.
+//!
+//! - [`model`]: Services and EndpointSlices to service ports with their endpoints (ready
+//!   ones, else serving-terminating ones; `internalTrafficPolicy: Local`; named target ports
+//!   as the slices resolve them).
+//! - [`compile`]: a service port to flows and a group (pure), and the shared per-endpoint
+//!   DNAT flows.
+//! - [`sync`]: the incremental proxy: per-key caches, one atomic bundle per sync, reference
+//!   counted endpoint flows, groups split past the OpenFlow message size, conntrack flushes,
+//!   rounds in cookies for restarts.
+
+pub mod compile;
+pub mod model;
+pub mod sync;
+
+pub use model::{Endpoint, ServicePort, ServicePortKey, all_service_ports, service_ports};
+pub use sync::{Proxy, ProxyConfig, SyncReport};
