@@ -161,7 +161,13 @@ impl Proxy {
             ops.extend(static_flows(round).into_iter().map(OfOp::AddFlow));
         }
         // Endpoint reference changes, applied to a copy and committed after success.
-        let mut refs = self.endpoint_refs.clone();
+        // Endpoint reference changes, kept as a delta and committed after success (a copy of
+        // every count would make a sync cost the cluster's size).
+        let base = std::mem::take(&mut self.endpoint_refs);
+        let mut refs = RefDelta {
+            base: &base,
+            delta: BTreeMap::new(),
+        };
         let mut new_installed: Vec<(ServicePortKey, Option<Installed>)> = Vec::new();
         let mut released: Vec<ServicePortKey> = Vec::new();
         for key in changed {
@@ -186,9 +192,7 @@ impl Proxy {
                         .iter()
                         .filter(|e| !old_eps.contains(e) || old_proto != sp.protocol)
                     {
-                        let n = refs.entry((sp.protocol, *e)).or_default();
-                        *n += 1;
-                        if *n == 1 {
+                        if refs.add((sp.protocol, *e), 1) == 1 {
                             ops.push(OfOp::AddFlow(endpoint_flow(round, sp.protocol, e)));
                         }
                     }
@@ -235,7 +239,7 @@ impl Proxy {
                         .iter()
                         .filter(|e| !new_eps.contains(e) || old_proto != sp.protocol)
                     {
-                        self.release_endpoint(&mut refs, old_proto, e, &mut tail);
+                        release_endpoint(round, &mut refs, old_proto, e, &mut tail);
                         if old_proto != 6 {
                             flush.push(ConntrackFilter {
                                 zone: ZONE,
@@ -267,7 +271,7 @@ impl Proxy {
                     if old.group.is_some() {
                         tail.push(OfOp::DelGroup(old.group_id));
                         for e in &old.sp.endpoints {
-                            self.release_endpoint(&mut refs, old.sp.protocol, e, &mut tail);
+                            release_endpoint(round, &mut refs, old.sp.protocol, e, &mut tail);
                             if old.sp.protocol != 6 {
                                 flush.push(ConntrackFilter {
                                     zone: ZONE,
@@ -294,13 +298,22 @@ impl Proxy {
         }
         ops.extend(tail);
         let n_ops = ops.len();
+        let delta = refs.delta;
+        self.endpoint_refs = base;
         if !ops.is_empty() {
             bridge.bundle(ops)?;
         }
         // Committed: update the caches.
         self.static_installed = true;
         self.previous_round = None;
-        self.endpoint_refs = refs;
+        for (k, d) in delta {
+            let n = self.endpoint_refs.get(&k).copied().unwrap_or(0) as i64 + d;
+            if n <= 0 {
+                self.endpoint_refs.remove(&k);
+            } else {
+                self.endpoint_refs.insert(k, n as usize);
+            }
+        }
         for (k, v) in new_installed {
             match v {
                 Some(i) => {
@@ -329,27 +342,6 @@ impl Proxy {
         })
     }
 
-    fn release_endpoint(
-        &self,
-        refs: &mut BTreeMap<(u8, Endpoint), usize>,
-        protocol: u8,
-        e: &Endpoint,
-        tail: &mut Vec<OfOp>,
-    ) {
-        if let Some(n) = refs.get_mut(&(protocol, *e)) {
-            *n -= 1;
-            if *n == 0 {
-                refs.remove(&(protocol, *e));
-                let f = endpoint_flow(self.round, protocol, e);
-                tail.push(OfOp::DelFlowStrict {
-                    table: f.table,
-                    priority: f.priority,
-                    matches: f.matches,
-                });
-            }
-        }
-    }
-
     /// Brings the bridge to `want` entirely: every installed or wanted service port.
     pub fn full_sync<B: OpenFlowBridge>(
         &mut self,
@@ -359,5 +351,38 @@ impl Proxy {
         let changed: BTreeSet<ServicePortKey> =
             want.keys().chain(self.installed.keys()).cloned().collect();
         self.sync(bridge, want, &changed)
+    }
+}
+
+/// Endpoint reference counts as the committed ones plus this sync's changes.
+struct RefDelta<'a> {
+    base: &'a BTreeMap<(u8, Endpoint), usize>,
+    delta: BTreeMap<(u8, Endpoint), i64>,
+}
+
+impl RefDelta<'_> {
+    /// Adds `d` to the count of `k`; returns the new count.
+    fn add(&mut self, k: (u8, Endpoint), d: i64) -> i64 {
+        let base = self.base.get(&k).copied().unwrap_or(0) as i64;
+        let delta = self.delta.entry(k).or_default();
+        *delta += d;
+        base + *delta
+    }
+}
+
+fn release_endpoint(
+    round: u16,
+    refs: &mut RefDelta<'_>,
+    protocol: u8,
+    e: &Endpoint,
+    tail: &mut Vec<OfOp>,
+) {
+    if refs.add((protocol, *e), -1) == 0 {
+        let f = endpoint_flow(round, protocol, e);
+        tail.push(OfOp::DelFlowStrict {
+            table: f.table,
+            priority: f.priority,
+            matches: f.matches,
+        });
     }
 }
