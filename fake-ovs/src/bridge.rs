@@ -2,6 +2,9 @@
 //! by one or in atomic bundles; a restart that wipes flows and groups and keeps ports.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+
+use crate::fnv::{Fnv, FnvMap};
 
 use nsx_core::ovs::flow::{Action, Flow, FlowStats, Group, GroupType, Match};
 
@@ -101,7 +104,8 @@ pub struct Bridge {
     next_ofport: u32,
     pub(crate) tables: BTreeMap<u8, Classifier>,
     pub(crate) flows: BTreeMap<FlowId, FlowEntry>,
-    by_key: BTreeMap<(u8, u16, Match), FlowId>,
+    /// Hash of (table, priority, match) -> flows with it: looked up, never iterated.
+    by_key: FnvMap<u64, Vec<FlowId>>,
     /// group id -> flows that name it (in actions or buckets of groups they reach directly).
     group_users: BTreeMap<u32, BTreeSet<FlowId>>,
     pub(crate) groups: BTreeMap<u32, Group>,
@@ -111,12 +115,22 @@ pub struct Bridge {
     pub now_ms: u64,
 }
 
-fn groups_named(actions: &[Action], out: &mut BTreeSet<u32>) {
+fn flow_key(table: u8, priority: u16, m: &Match) -> u64 {
+    let mut h = Fnv::default();
+    table.hash(&mut h);
+    priority.hash(&mut h);
+    for (f, (v, mask)) in &m.fields {
+        f.hash(&mut h);
+        h.write_u128(*v);
+        h.write_u128(*mask);
+    }
+    h.finish()
+}
+
+fn groups_named(actions: &[Action], out: &mut Vec<u32>) {
     for a in actions {
         match a {
-            Action::Group(g) => {
-                out.insert(*g);
-            }
+            Action::Group(g) => out.push(*g),
             Action::Ct { exec, .. } => groups_named(exec, out),
             _ => {}
         }
@@ -269,7 +283,7 @@ impl Bridge {
     }
 
     fn check_actions(&self, table: u8, actions: &[Action]) -> Result<(), OvsError> {
-        let mut named = BTreeSet::new();
+        let mut named = Vec::new();
         groups_named(actions, &mut named);
         if let Some(g) = named.iter().find(|g| !self.groups.contains_key(g)) {
             return Err(OvsError::BadOutGroup(*g));
@@ -287,16 +301,8 @@ impl Bridge {
         Ok(())
     }
 
-    fn index_groups(&mut self, id: FlowId, actions: &[Action]) {
-        let mut named = BTreeSet::new();
-        groups_named(actions, &mut named);
-        for g in named {
-            self.group_users.entry(g).or_default().insert(id);
-        }
-    }
-
     fn unindex_groups(&mut self, id: FlowId, actions: &[Action]) {
-        let mut named = BTreeSet::new();
+        let mut named = Vec::new();
         groups_named(actions, &mut named);
         for g in named {
             if let Some(u) = self.group_users.get_mut(&g) {
@@ -308,6 +314,17 @@ impl Bridge {
         }
     }
 
+    fn find_exact(&self, table: u8, priority: u16, m: &Match) -> Option<FlowId> {
+        self.by_key
+            .get(&flow_key(table, priority, m))?
+            .iter()
+            .find(|id| {
+                let f = &self.flows[id].flow;
+                f.table == table && f.priority == priority && f.matches == *m
+            })
+            .copied()
+    }
+
     fn insert_entry(&mut self, id: FlowId, e: FlowEntry) {
         let f = &e.flow;
         self.tables
@@ -315,10 +332,15 @@ impl Bridge {
             .or_default()
             .insert(&f.matches, f.priority, id);
         self.by_key
-            .insert((f.table, f.priority, f.matches.clone()), id);
-        let actions = f.actions.clone();
+            .entry(flow_key(f.table, f.priority, &f.matches))
+            .or_default()
+            .push(id);
+        let mut named = Vec::new();
+        groups_named(&f.actions, &mut named);
         self.flows.insert(id, e);
-        self.index_groups(id, &actions);
+        for g in named {
+            self.group_users.entry(g).or_default().insert(id);
+        }
     }
 
     fn remove_entry(&mut self, id: FlowId) -> Option<FlowEntry> {
@@ -327,10 +349,14 @@ impl Bridge {
         if let Some(t) = self.tables.get_mut(&f.table) {
             t.remove(&f.matches, f.priority, id);
         }
-        self.by_key
-            .remove(&(f.table, f.priority, f.matches.clone()));
-        let actions = f.actions.clone();
-        self.unindex_groups(id, &actions);
+        let k = flow_key(f.table, f.priority, &f.matches);
+        if let Some(v) = self.by_key.get_mut(&k) {
+            v.retain(|x| *x != id);
+            if v.is_empty() {
+                self.by_key.remove(&k);
+            }
+        }
+        self.unindex_groups(id, &e.flow.actions.clone());
         Some(e)
     }
 
@@ -360,7 +386,7 @@ impl Bridge {
                 };
                 tables
                     .into_iter()
-                    .filter_map(|t| self.by_key.get(&(t, p, m.clone())).copied())
+                    .filter_map(|t| self.find_exact(t, p, m))
                     .filter(|id| self.flows[id].flow.cookie & cookie_mask == cookie & cookie_mask)
                     .collect()
             }
@@ -381,11 +407,10 @@ impl Bridge {
         match m {
             FlowMod::Add(flow) => {
                 self.check_actions(flow.table, &flow.actions)?;
-                let key = (flow.table, flow.priority, flow.matches.clone());
                 // An identical match and priority is replaced; OpenFlow 1.2+ keeps its
                 // counters (no reset_counts flag here).
                 let mut counters = (0, 0);
-                if let Some(old) = self.by_key.get(&key).copied() {
+                if let Some(old) = self.find_exact(flow.table, flow.priority, &flow.matches) {
                     let e = self.remove_entry(old).expect("indexed flow");
                     counters = (e.n_packets, e.n_bytes);
                     undo.push(Undo::Replaced(old, e));
@@ -496,7 +521,7 @@ impl Bridge {
                     b.bucket_id
                 )));
             }
-            let mut named = BTreeSet::new();
+            let mut named = Vec::new();
             groups_named(&b.actions, &mut named);
             if named.contains(&g.group_id) {
                 return Err(OvsError::GroupLoop(g.group_id));

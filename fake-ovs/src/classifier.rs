@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::fnv::FnvMap;
+
 use nsx_core::ovs::flow::Match;
 
 use crate::packet::{Packet, slot};
@@ -16,8 +18,9 @@ pub type FlowId = u64;
 #[derive(Debug, Clone, Default)]
 struct Subtable {
     signature: Vec<(usize, u128)>,
-    /// Masked key -> flows, best first: (priority descending, id ascending).
-    rules: BTreeMap<Vec<u128>, Vec<(u16, FlowId)>>,
+    /// Masked key -> flows, best first: (priority descending, id ascending). A hash map:
+    /// only looked up, never iterated, so its order cannot reach any output.
+    rules: FnvMap<Vec<u128>, Vec<(u16, FlowId)>>,
     priorities: BTreeMap<u16, usize>,
 }
 

@@ -18,6 +18,7 @@
 pub mod bridge;
 pub mod classifier;
 pub mod conntrack;
+pub mod fnv;
 pub mod hash;
 pub mod packet;
 pub mod real;

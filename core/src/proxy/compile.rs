@@ -133,7 +133,17 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
 
 /// A stable id for an endpoint (the endpoint flow's cookie, the bucket id).
 pub fn endpoint_id(protocol: u8, e: &Endpoint) -> u64 {
-    crate::ncp::naming::stable_hash(&format!("{protocol}/{}/{}", e.ip, e.port))
+    // FNV-1a over the protocol, address and port bytes: stable across builds.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = [protocol]
+        .into_iter()
+        .chain(e.ip.to_be_bytes())
+        .chain(e.port.to_be_bytes());
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// The shared DNAT flow of one endpoint.
