@@ -19,6 +19,7 @@
 //! assert_eq!(ls.meta.tags.as_deref(), Some(&[Tag::new("ncp/cluster", "k8s-a")][..]));
 //! ```
 
+pub mod agent;
 pub mod k8s;
 pub mod ncp;
 pub mod nsx;

@@ -101,7 +101,12 @@ pub struct Bridge {
     by_name: BTreeMap<String, u32>,
     /// The number each port name had, for giving it back.
     last_ofport: BTreeMap<String, u32>,
+    /// Every number ever handed out.
+    used_ofports: BTreeSet<u32>,
     next_ofport: u32,
+    /// The highest OpenFlow port number (OVS: 65279, OFPP_MAX). Tests lower it to reach
+    /// number reuse quickly.
+    pub max_ofport: u32,
     pub(crate) tables: BTreeMap<u8, Classifier>,
     pub(crate) flows: BTreeMap<FlowId, FlowEntry>,
     /// Hash of (table, priority, match) -> flows with it: looked up, never iterated.
@@ -142,6 +147,7 @@ impl Bridge {
         Self {
             name: name.to_string(),
             next_ofport: 1,
+            max_ofport: 65279,
             next_flow: 1,
             ..Self::default()
         }
@@ -161,29 +167,26 @@ impl Bridge {
         if self.by_name.contains_key(name) {
             return Err(OvsError::PortExists(name.to_string()));
         }
+        let max = self.max_ofport.max(1);
         let ofport = match self.last_ofport.get(name) {
             Some(n) if !self.ports.contains_key(n) => *n,
             _ => {
-                let free_and_fresh = |n: &u32| {
-                    !self.ports.contains_key(n) && !self.last_ofport.values().any(|v| v == n)
-                };
-                let next = |n: u32| if n >= 65279 { 1 } else { n + 1 };
-                let mut n = self.next_ofport.max(1);
-                let mut tries = 0;
-                while !free_and_fresh(&n) && tries < 65279 {
-                    n = next(n);
-                    tries += 1;
-                }
-                if !free_and_fresh(&n) {
-                    // Every number has been used: take the lowest free one.
-                    n = (1..=65279)
+                // A number never used yet, after the last one handed out; when every number
+                // has been used, the lowest free one.
+                let fresh = (self.next_ofport..=max)
+                    .chain(1..self.next_ofport)
+                    .find(|n| !self.ports.contains_key(n) && !self.used_ofports.contains(n));
+                let n = match fresh {
+                    Some(n) => n,
+                    None => (1..=max)
                         .find(|x| !self.ports.contains_key(x))
-                        .ok_or_else(|| OvsError::PortExists("no free OpenFlow port".into()))?;
-                }
-                self.next_ofport = next(n);
+                        .ok_or_else(|| OvsError::PortExists("no free OpenFlow port".into()))?,
+                };
+                self.next_ofport = if n >= max { 1 } else { n + 1 };
                 n
             }
         };
+        self.used_ofports.insert(ofport);
         self.ports.insert(
             ofport,
             Port {
@@ -649,5 +652,39 @@ impl nsx_core::ovs::bridge::OpenFlowBridge for Bridge {
     fn flush_conntrack(&mut self, f: nsx_core::ovs::bridge::ConntrackFilter) -> usize {
         self.conntrack
             .flush_endpoint(f.zone, f.protocol, f.ip, f.port)
+    }
+}
+
+impl nsx_core::agent::PodSwitch for Bridge {
+    fn add_port(
+        &mut self,
+        name: &str,
+        external_ids: BTreeMap<String, String>,
+    ) -> Result<u32, nsx_core::ovs::bridge::BridgeError> {
+        Bridge::add_port(self, name, None, external_ids).map_err(|e| {
+            nsx_core::ovs::bridge::BridgeError {
+                index: 0,
+                message: e.to_string(),
+            }
+        })
+    }
+
+    fn del_port(&mut self, name: &str) -> Result<(), nsx_core::ovs::bridge::BridgeError> {
+        Bridge::del_port(self, name)
+            .map(|_| ())
+            .map_err(|e| nsx_core::ovs::bridge::BridgeError {
+                index: 0,
+                message: e.to_string(),
+            })
+    }
+
+    fn list_ports(&self) -> Vec<nsx_core::agent::PortInfo> {
+        self.ports()
+            .map(|p| nsx_core::agent::PortInfo {
+                name: p.name.clone(),
+                ofport: p.ofport,
+                external_ids: p.external_ids.clone(),
+            })
+            .collect()
     }
 }

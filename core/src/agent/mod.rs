@@ -1,0 +1,27 @@
+//! The node agent: wires pods into Open vSwitch on CNI ADD and unwires them on DEL.
+//!
+//! A pod's traffic never switches locally: everything it sends goes to the uplink (the node
+//! VM's NIC, a port of the hypervisor's NSX switch) tagged with the pod's VLAN, where NSX maps
+//! it to the pod's logical port and applies the distributed firewall; traffic arriving on the
+//! uplink with that VLAN is untagged and delivered to the pod. Both directions pass the
+//! proxy's tables first (so ClusterIP traffic is load-balanced, and replies un-NATed):
+//!
+//! - table 0, from the pod (IP with the pod's own source address; other addresses are dropped,
+//!   a SpoofGuard): `reg5` = the pod's port, then the proxy (table 10); ARP goes straight out
+//!   tagged;
+//! - table 0, from the uplink with the pod's VLAN: untag, `reg7` = the pod's port, then the
+//!   proxy; non-IP is delivered directly;
+//! - table 40 (after the proxy): `reg7` set: out to that pod; `reg5` set: tag with the pod's
+//!   VLAN and out to the uplink.
+//!
+//! Every flow of a pod carries a cookie derived from its container id, so DEL removes exactly
+//! that pod's flows even after its OpenFlow port number was reused by another pod. The pods'
+//! identity lives in the OVS ports' external ids, so a restarted agent rebuilds its view from
+//! the switch ([`Agent::recover`]), and after an OVS restart it replays every pod's flows
+//! ([`Agent::replay`]).
+
+pub mod wiring;
+
+pub use wiring::{
+    Agent, AgentConfig, AgentError, PodNetwork, PodRequest, PodSwitch, PortInfo, Wired,
+};

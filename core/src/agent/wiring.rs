@@ -1,0 +1,444 @@
+//! Pod wiring: ports, flows, and the agent's record of pods.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+use crate::ovs::bridge::{BridgeError, OfOp, OpenFlowBridge};
+use crate::ovs::field::Field;
+use crate::ovs::flow::{Action, Flow, Match, Subfield};
+use crate::proxy::compile::table;
+
+/// External id keys on a pod's OVS port (the agent's memory, on the switch).
+pub mod external_id {
+    pub const CONTAINER_ID: &str = "container-id";
+    pub const POD_NAME: &str = "k8s-pod-name";
+    pub const POD_NAMESPACE: &str = "k8s-pod-namespace";
+    pub const IFACE_ID: &str = "iface-id";
+    pub const ATTACHED_MAC: &str = "attached-mac";
+    pub const IP: &str = "ip-address";
+    pub const VLAN: &str = "vlan";
+}
+
+/// A switch port as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortInfo {
+    pub name: String,
+    pub ofport: u32,
+    pub external_ids: BTreeMap<String, String>,
+}
+
+/// The switch the agent wires pods into: flows (the OpenFlow side) and ports (OVSDB).
+pub trait PodSwitch: OpenFlowBridge {
+    fn add_port(
+        &mut self,
+        name: &str,
+        external_ids: BTreeMap<String, String>,
+    ) -> Result<u32, BridgeError>;
+    fn del_port(&mut self, name: &str) -> Result<(), BridgeError>;
+    fn list_ports(&self) -> Vec<PortInfo>;
+}
+
+/// NCP's pod annotation (`ncp/network`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PodNetwork {
+    /// `a.b.c.d/prefix`.
+    pub ip: String,
+    pub mac: String,
+    pub gateway: String,
+    pub vlan: u16,
+    pub logical_port_id: String,
+}
+
+impl PodNetwork {
+    pub fn parse(annotation: &str) -> Result<Self, AgentError> {
+        let n: PodNetwork = serde_json::from_str(annotation)
+            .map_err(|e| AgentError::BadAnnotation(e.to_string()))?;
+        if !(1..=4094).contains(&n.vlan) {
+            return Err(AgentError::BadAnnotation(format!(
+                "vlan {} is not 1-4094",
+                n.vlan
+            )));
+        }
+        n.address()?;
+        Ok(n)
+    }
+
+    /// The pod's address and prefix length.
+    pub fn address(&self) -> Result<(u32, u8), AgentError> {
+        let (a, p) = self
+            .ip
+            .split_once('/')
+            .ok_or_else(|| AgentError::BadAnnotation(format!("ip {:?} has no prefix", self.ip)))?;
+        let a = a
+            .parse::<std::net::Ipv4Addr>()
+            .map_err(|_| AgentError::BadAnnotation(format!("ip {:?}", self.ip)))?;
+        let p: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| AgentError::BadAnnotation(format!("prefix in {:?}", self.ip)))?;
+        Ok((u32::from(a), p))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    #[error("the pod annotation is malformed: {0}")]
+    BadAnnotation(String),
+    #[error("the switch refused: {0}")]
+    Switch(String),
+    #[error("container {0} was deleted while it was being added")]
+    DeletedDuringAdd(String),
+}
+
+/// What CNI ADD asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRequest {
+    pub container_id: String,
+    pub namespace: String,
+    pub name: String,
+    pub ifname: String,
+}
+
+/// A wired pod: what the CNI result reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wired {
+    pub port: String,
+    pub ofport: u32,
+    pub network: PodNetwork,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The uplink port's OpenFlow number.
+    pub uplink: u32,
+}
+
+/// The agent's view: container id -> wired pod.
+#[derive(Debug, Default)]
+pub struct Agent {
+    cfg: Option<AgentConfig>,
+    pods: BTreeMap<String, Wired>,
+    /// Containers whose ADD is waiting for NCP's annotation.
+    adding: BTreeSet<String>,
+    /// Containers DEL has seen while their ADD was still waiting (so the ADD gives up).
+    tombstones: BTreeSet<String>,
+    static_installed: bool,
+}
+
+const COOKIE_KIND_POD: u64 = 4 << 40;
+const COOKIE_KIND_AGENT: u64 = 5 << 40;
+
+/// The cookie of a pod's flows: from its container id (not its port number, which OVS
+/// may hand to another pod later).
+pub fn pod_cookie(container_id: &str) -> u64 {
+    COOKIE_KIND_POD | (crate::ncp::naming::stable_hash(container_id) & ((1 << 40) - 1))
+}
+
+/// The port name: `nsx` and 11 hex digits of a hash of the container id (interface names
+/// are at most 15 characters).
+pub fn port_name(container_id: &str) -> String {
+    format!(
+        "nsx{:011x}",
+        crate::ncp::naming::stable_hash(container_id) & 0xfff_ffff_ffff
+    )
+}
+
+fn reg(n: u8) -> Subfield {
+    Subfield::whole(Field::Reg(n))
+}
+
+/// The flows of one pod.
+pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32) -> Vec<Flow> {
+    let cookie = pod_cookie(container_id);
+    let (ip, _) = net.address().unwrap_or((0, 32));
+    let vid = 0x1000 | u128::from(net.vlan);
+    let mut from_pod_ip = Match::default();
+    from_pod_ip.exact(Field::InPort, u128::from(ofport));
+    from_pod_ip.exact(Field::EthType, 0x0800);
+    let spoofed = from_pod_ip.clone();
+    from_pod_ip.exact(Field::IpSrc, u128::from(ip));
+    let mut from_pod = Match::default();
+    from_pod.exact(Field::InPort, u128::from(ofport));
+    let mut from_uplink = Match::default();
+    from_uplink.exact(Field::InPort, u128::from(uplink));
+    from_uplink.set(Field::VlanTci, vid, 0x1fff);
+    let mut from_uplink_ip = from_uplink.clone();
+    from_uplink_ip.exact(Field::EthType, 0x0800);
+    let mut to_pod = Match::default();
+    to_pod.exact(Field::Reg(7), u128::from(ofport));
+    let mut out_of_pod = Match::default();
+    out_of_pod.exact(Field::Reg(5), u128::from(ofport));
+    let tag = vec![
+        Action::PushVlan(0x8100),
+        Action::SetField {
+            field: Field::VlanVid,
+            value: vid,
+        },
+        Action::Output(uplink),
+    ];
+    let flow = |table: u8, priority: u16, matches: Match, actions: Vec<Action>| Flow {
+        cookie,
+        table,
+        priority,
+        matches,
+        actions,
+        ..Flow::default()
+    };
+    vec![
+        flow(
+            0,
+            200,
+            from_pod_ip,
+            vec![
+                Action::Load {
+                    dst: reg(5),
+                    value: u128::from(ofport),
+                },
+                Action::Resubmit {
+                    port: None,
+                    table: Some(table::CT_ZONE),
+                },
+            ],
+        ),
+        // Any other source address from this pod: SpoofGuard.
+        flow(0, 150, spoofed, vec![]),
+        flow(0, 100, from_pod, tag.clone()),
+        flow(
+            0,
+            200,
+            from_uplink_ip,
+            vec![
+                Action::PopVlan,
+                Action::Load {
+                    dst: reg(7),
+                    value: u128::from(ofport),
+                },
+                Action::Resubmit {
+                    port: None,
+                    table: Some(table::CT_ZONE),
+                },
+            ],
+        ),
+        flow(
+            0,
+            100,
+            from_uplink,
+            vec![Action::PopVlan, Action::Output(ofport)],
+        ),
+        flow(table::FORWARD, 200, to_pod, vec![Action::Output(ofport)]),
+        flow(table::FORWARD, 100, out_of_pod, tag),
+    ]
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> Self {
+        Self {
+            cfg: Some(cfg),
+            ..Self::default()
+        }
+    }
+
+    fn uplink(&self) -> u32 {
+        self.cfg.as_ref().map_or(0, |c| c.uplink)
+    }
+
+    pub fn pods(&self) -> &BTreeMap<String, Wired> {
+        &self.pods
+    }
+
+    fn static_flows(&self) -> Vec<OfOp> {
+        // Anything else in table 0 and table 40 is dropped. Until the proxy's tables are in
+        // (or after an OVS restart, before it replays), pod traffic skips them.
+        let c = COOKIE_KIND_AGENT;
+        let mut ops: Vec<OfOp> = [0u8, table::FORWARD]
+            .into_iter()
+            .map(|t| {
+                OfOp::AddFlow(Flow {
+                    cookie: c,
+                    table: t,
+                    priority: 0,
+                    ..Flow::default()
+                })
+            })
+            .collect();
+        ops.push(OfOp::AddFlow(Flow {
+            cookie: c,
+            table: table::CT_ZONE,
+            priority: 0,
+            actions: vec![Action::Resubmit {
+                port: None,
+                table: Some(table::FORWARD),
+            }],
+            ..Flow::default()
+        }));
+        ops
+    }
+
+    /// A restarted agent: the pods are the switch's ports that carry a container id.
+    pub fn recover<S: PodSwitch>(&mut self, switch: &S) {
+        self.pods.clear();
+        for p in switch.list_ports() {
+            let ids = &p.external_ids;
+            let (Some(cid), Some(ip), Some(mac), Some(vlan), Some(lp)) = (
+                ids.get(external_id::CONTAINER_ID),
+                ids.get(external_id::IP),
+                ids.get(external_id::ATTACHED_MAC),
+                ids.get(external_id::VLAN).and_then(|v| v.parse().ok()),
+                ids.get(external_id::IFACE_ID),
+            ) else {
+                continue;
+            };
+            self.pods.insert(
+                cid.clone(),
+                Wired {
+                    port: p.name.clone(),
+                    ofport: p.ofport,
+                    network: PodNetwork {
+                        ip: ip.clone(),
+                        mac: mac.clone(),
+                        gateway: ids.get("gateway").cloned().unwrap_or_default(),
+                        vlan,
+                        logical_port_id: lp.clone(),
+                    },
+                },
+            );
+        }
+        self.static_installed = true;
+    }
+
+    /// OVS restarted (flows gone, ports kept): installs every pod's flows again.
+    pub fn replay<S: PodSwitch>(&mut self, switch: &mut S) -> Result<(), AgentError> {
+        let mut ops = self.static_flows();
+        for (cid, w) in &self.pods {
+            ops.extend(
+                pod_flows(cid, w.ofport, &w.network, self.uplink())
+                    .into_iter()
+                    .map(OfOp::AddFlow),
+            );
+        }
+        switch
+            .bundle(ops)
+            .map_err(|e| AgentError::Switch(e.to_string()))?;
+        self.static_installed = true;
+        Ok(())
+    }
+
+    /// Marks the start of an ADD (before waiting for NCP's annotation): a DEL from now on
+    /// leaves a tombstone the ADD will find.
+    pub fn begin_add(&mut self, container_id: &str) {
+        self.tombstones.remove(container_id);
+        self.adding.insert(container_id.to_string());
+    }
+
+    /// An ADD gave up before [`Agent::add`] (its wait timed out).
+    pub fn abort_add(&mut self, container_id: &str) {
+        self.adding.remove(container_id);
+        self.tombstones.remove(container_id);
+    }
+
+    /// CNI ADD once NCP's annotation is known: the port and its flows, in one bundle.
+    /// Idempotent: a container already wired gets the same answer.
+    pub fn add<S: PodSwitch>(
+        &mut self,
+        switch: &mut S,
+        req: &PodRequest,
+        net: PodNetwork,
+    ) -> Result<Wired, AgentError> {
+        self.adding.remove(&req.container_id);
+        if self.tombstones.remove(&req.container_id) {
+            return Err(AgentError::DeletedDuringAdd(req.container_id.clone()));
+        }
+        if let Some(w) = self.pods.get(&req.container_id) {
+            if w.network == net {
+                return Ok(w.clone());
+            }
+            // The same container with a different network: rewire.
+            self.remove(switch, &req.container_id)?;
+        }
+        let name = port_name(&req.container_id);
+        let ids: BTreeMap<String, String> = [
+            (external_id::CONTAINER_ID, req.container_id.clone()),
+            (external_id::POD_NAME, req.name.clone()),
+            (external_id::POD_NAMESPACE, req.namespace.clone()),
+            (external_id::IFACE_ID, net.logical_port_id.clone()),
+            (external_id::ATTACHED_MAC, net.mac.clone()),
+            (external_id::IP, net.ip.clone()),
+            (external_id::VLAN, net.vlan.to_string()),
+            ("gateway", net.gateway.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        // A leftover port of the same name (a crash between port and record): replace it.
+        if switch.list_ports().iter().any(|p| p.name == name) {
+            switch
+                .del_port(&name)
+                .map_err(|e| AgentError::Switch(e.to_string()))?;
+        }
+        let ofport = switch
+            .add_port(&name, ids)
+            .map_err(|e| AgentError::Switch(e.to_string()))?;
+        let mut ops = Vec::new();
+        if !self.static_installed {
+            ops.extend(self.static_flows());
+        }
+        ops.extend(
+            pod_flows(&req.container_id, ofport, &net, self.uplink())
+                .into_iter()
+                .map(OfOp::AddFlow),
+        );
+        if let Err(e) = switch.bundle(ops) {
+            let _ = switch.del_port(&name);
+            return Err(AgentError::Switch(e.to_string()));
+        }
+        self.static_installed = true;
+        let w = Wired {
+            port: name,
+            ofport,
+            network: net,
+        };
+        self.pods.insert(req.container_id.clone(), w.clone());
+        Ok(w)
+    }
+
+    /// CNI DEL: the pod's flows (by its cookie) and its port. Idempotent; succeeds when the
+    /// pod is unknown. A DEL that overtakes its ADD leaves a tombstone.
+    pub fn remove<S: PodSwitch>(
+        &mut self,
+        switch: &mut S,
+        container_id: &str,
+    ) -> Result<(), AgentError> {
+        let Some(w) = self.pods.get(container_id).cloned() else {
+            if self.adding.contains(container_id) {
+                self.tombstones.insert(container_id.to_string());
+            }
+            // A port left behind by a crashed ADD still goes.
+            let name = port_name(container_id);
+            if switch.list_ports().iter().any(|p| p.name == name) {
+                switch
+                    .bundle(vec![OfOp::DelFlowsByCookie {
+                        cookie: pod_cookie(container_id),
+                        cookie_mask: u64::MAX,
+                    }])
+                    .map_err(|e| AgentError::Switch(e.to_string()))?;
+                switch
+                    .del_port(&name)
+                    .map_err(|e| AgentError::Switch(e.to_string()))?;
+            }
+            return Ok(());
+        };
+        switch
+            .bundle(vec![OfOp::DelFlowsByCookie {
+                cookie: pod_cookie(container_id),
+                cookie_mask: u64::MAX,
+            }])
+            .map_err(|e| AgentError::Switch(e.to_string()))?;
+        switch
+            .del_port(&w.port)
+            .map_err(|e| AgentError::Switch(e.to_string()))?;
+        self.pods.remove(container_id);
+        Ok(())
+    }
+}
