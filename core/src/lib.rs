@@ -20,6 +20,7 @@
 //! ```
 
 pub mod agent;
+pub mod cni;
 pub mod k8s;
 pub mod ncp;
 pub mod nsx;

@@ -1,0 +1,115 @@
+//! The plugin's side of the wire: a blocking client over any stream (a Unix socket to the
+//! node agent in production), speaking the agent's line-delimited JSON.
+
+use std::io::{BufRead, BufReader, Read, Write};
+
+use super::{AgentClient, Attachment, CniError, Env, PodAddress, code};
+use crate::agent::server::{WireRequest, WireResponse};
+
+pub struct StreamAgent<T: Read + Write> {
+    stream: BufReader<T>,
+}
+
+impl<T: Read + Write> StreamAgent<T> {
+    pub fn new(stream: T) -> Self {
+        Self {
+            stream: BufReader::new(stream),
+        }
+    }
+
+    fn call(&mut self, req: &WireRequest) -> Result<WireResponse, CniError> {
+        let io = |e: std::io::Error| {
+            CniError::new(code::IO, "cannot reach the node agent", e.to_string())
+        };
+        let mut line = serde_json::to_string(req)
+            .map_err(|e| CniError::new(code::IO, "cannot encode the request", e.to_string()))?;
+        line.push('\n');
+        self.stream
+            .get_mut()
+            .write_all(line.as_bytes())
+            .map_err(io)?;
+        self.stream.get_mut().flush().map_err(io)?;
+        let mut answer = String::new();
+        if self.stream.read_line(&mut answer).map_err(io)? == 0 {
+            return Err(CniError::new(
+                code::IO,
+                "the node agent closed the connection",
+                "",
+            ));
+        }
+        let r: WireResponse = serde_json::from_str(&answer).map_err(|e| {
+            CniError::new(
+                code::DECODE,
+                "the node agent's answer is not valid",
+                e.to_string(),
+            )
+        })?;
+        match r {
+            WireResponse::Error { code, msg, details } => Err(CniError { code, msg, details }),
+            ok => Ok(ok),
+        }
+    }
+}
+
+impl<T: Read + Write> AgentClient for StreamAgent<T> {
+    fn add(&mut self, env: &Env) -> Result<PodAddress, CniError> {
+        match self.call(&WireRequest::from_env(env, &[]))? {
+            WireResponse::Added { ip, gateway, mac } => Ok(PodAddress { ip, gateway, mac }),
+            other => Err(CniError::new(
+                code::IO,
+                "unexpected answer to ADD",
+                format!("{other:?}"),
+            )),
+        }
+    }
+
+    fn del(&mut self, env: &Env) -> Result<(), CniError> {
+        self.call(&WireRequest::from_env(env, &[])).map(|_| ())
+    }
+
+    fn check(&mut self, env: &Env) -> Result<Option<PodAddress>, CniError> {
+        match self.call(&WireRequest::from_env(env, &[]))? {
+            WireResponse::Checked {
+                ip: Some(ip),
+                gateway,
+                mac,
+            } => Ok(Some(PodAddress { ip, gateway, mac })),
+            WireResponse::Checked { ip: None, .. } => Ok(None),
+            other => Err(CniError::new(
+                code::IO,
+                "unexpected answer to CHECK",
+                format!("{other:?}"),
+            )),
+        }
+    }
+
+    fn status(&mut self) -> Result<(), CniError> {
+        let env = Env {
+            command: super::Command::Status,
+            container_id: String::new(),
+            netns: String::new(),
+            ifname: String::new(),
+            args: Default::default(),
+        };
+        self.call(&WireRequest::from_env(&env, &[]))
+            .map(|_| ())
+            .map_err(|e| {
+                CniError::new(
+                    code::PLUGIN_NOT_AVAILABLE,
+                    "the node agent is not available",
+                    e.to_string(),
+                )
+            })
+    }
+
+    fn gc(&mut self, keep: &[Attachment]) -> Result<(), CniError> {
+        let env = Env {
+            command: super::Command::Gc,
+            container_id: String::new(),
+            netns: String::new(),
+            ifname: String::new(),
+            args: Default::default(),
+        };
+        self.call(&WireRequest::from_env(&env, keep)).map(|_| ())
+    }
+}

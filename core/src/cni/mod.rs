@@ -1,0 +1,404 @@
+//! The CNI plugin's protocol and main logic (spec 1.0.0 and 1.1.0): the environment and the
+//! network configuration kubelet's runtime passes, validated; ADD, DEL, CHECK, VERSION, STATUS
+//! and GC answered through the node agent ([`AgentClient`]); results and errors as the spec
+//! writes them (errors go to stdout, where libcni reads them, with a non-zero exit).
+
+use std::collections::BTreeMap;
+
+pub mod client;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Spec versions this plugin speaks.
+pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
+
+/// Error codes of the spec.
+pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const IO: u32 = 5;
+    pub const DECODE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const TRY_AGAIN_LATER: u32 = 11;
+    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
+    /// Plugin-specific: the agent could not wire the pod.
+    pub const AGENT_FAILED: u32 = 100;
+    /// Plugin-specific: CHECK found the pod not wired as its previous result says.
+    pub const CHECK_FAILED: u32 = 101;
+}
+
+/// A CNI error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CNI error {code}: {msg}")]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+
+    /// The JSON the spec prints on stdout.
+    pub fn to_json(&self, version: &str) -> Value {
+        json!({"cniVersion": version, "code": self.code, "msg": self.msg, "details": self.details})
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Version,
+    Status,
+    Gc,
+}
+
+/// The environment, validated for its command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Env {
+    pub command: Command,
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    /// `CNI_ARGS`: `K8S_POD_NAMESPACE`, `K8S_POD_NAME`, ...
+    pub args: BTreeMap<String, String>,
+}
+
+fn valid_container_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', ':'])
+        && !name.chars().any(char::is_whitespace)
+}
+
+impl Env {
+    pub fn parse(vars: &BTreeMap<String, String>) -> Result<Env, CniError> {
+        let get = |k: &str| vars.get(k).cloned().unwrap_or_default();
+        let bad = |msg: String| CniError::new(code::INVALID_ENV, msg, "");
+        let command = match get("CNI_COMMAND").as_str() {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "VERSION" => Command::Version,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
+            "" => return Err(bad("CNI_COMMAND is not set".into())),
+            other => return Err(bad(format!("CNI_COMMAND {other:?} is not a CNI command"))),
+        };
+        let needs_container = matches!(command, Command::Add | Command::Del | Command::Check);
+        let container_id = get("CNI_CONTAINERID");
+        if needs_container {
+            if container_id.is_empty() {
+                return Err(bad("CNI_CONTAINERID is required".into()));
+            }
+            if !valid_container_id(&container_id) {
+                return Err(bad(format!(
+                    "CNI_CONTAINERID {container_id:?} must start with a letter or digit and hold only letters, digits, '_', '.' and '-'"
+                )));
+            }
+        }
+        let netns = get("CNI_NETNS");
+        if matches!(command, Command::Add | Command::Check) && netns.is_empty() {
+            return Err(bad("CNI_NETNS is required".into()));
+        }
+        let ifname = get("CNI_IFNAME");
+        if needs_container && !valid_ifname(&ifname) {
+            return Err(bad(format!(
+                "CNI_IFNAME {ifname:?} is not a valid interface name"
+            )));
+        }
+        let mut args = BTreeMap::new();
+        for kv in get("CNI_ARGS").split(';').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| bad(format!("CNI_ARGS entry {kv:?} is not KEY=VALUE")))?;
+            args.insert(k.to_string(), v.to_string());
+        }
+        Ok(Env {
+            command,
+            container_id,
+            netns,
+            ifname,
+            args,
+        })
+    }
+}
+
+/// The network configuration on stdin (the fields this plugin reads).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct NetConf {
+    #[serde(rename = "cniVersion")]
+    pub cni_version: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub plugin_type: String,
+    #[serde(rename = "prevResult", default)]
+    pub prev_result: Option<Value>,
+    /// GC: the attachments the runtime still uses.
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl NetConf {
+    pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
+        let v: Value = serde_json::from_slice(stdin).map_err(|e| {
+            CniError::new(
+                code::DECODE,
+                "the network configuration is not JSON",
+                format!("line {}, column {}: {e}", e.line(), e.column()),
+            )
+        })?;
+        let conf: NetConf = serde_json::from_value(v).map_err(|e| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                e.to_string(),
+            )
+        })?;
+        if conf.name.is_empty() {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                "name is empty",
+            ));
+        }
+        Ok(conf)
+    }
+}
+
+/// What the agent reports for a wired pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddress {
+    /// `a.b.c.d/prefix`.
+    pub ip: String,
+    pub gateway: String,
+    pub mac: String,
+}
+
+/// The node agent, as the plugin reaches it (a local socket in production, turmoil in the
+/// simulation, a direct call in tests).
+pub trait AgentClient {
+    fn add(&mut self, env: &Env) -> Result<PodAddress, CniError>;
+    /// Succeeds when the pod is unknown.
+    fn del(&mut self, env: &Env) -> Result<(), CniError>;
+    fn check(&mut self, env: &Env) -> Result<Option<PodAddress>, CniError>;
+    fn status(&mut self) -> Result<(), CniError>;
+    /// Removes every pod not in `keep`.
+    fn gc(&mut self, keep: &[Attachment]) -> Result<(), CniError>;
+}
+
+/// The ADD result.
+pub fn result_json(version: &str, env: &Env, a: &PodAddress) -> Value {
+    json!({
+        "cniVersion": version,
+        "interfaces": [{"name": env.ifname, "mac": a.mac, "sandbox": env.netns}],
+        "ips": [{"address": a.ip, "gateway": a.gateway, "interface": 0}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": a.gateway}],
+        "dns": {}
+    })
+}
+
+/// Runs one plugin invocation: `(exit code, stdout)`.
+pub fn run<A: AgentClient>(
+    vars: &BTreeMap<String, String>,
+    stdin: &[u8],
+    agent: &mut A,
+) -> (i32, String) {
+    let newest = SUPPORTED_VERSIONS[SUPPORTED_VERSIONS.len() - 1];
+    let fail = |version: &str, e: CniError| (1, e.to_json(version).to_string());
+    let env = match Env::parse(vars) {
+        Ok(e) => e,
+        Err(e) => return fail(newest, e),
+    };
+    if env.command == Command::Version {
+        return (
+            0,
+            json!({"cniVersion": newest, "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+        );
+    }
+    let conf = match NetConf::parse(stdin) {
+        Ok(c) => c,
+        Err(e) => return fail(newest, e),
+    };
+    let version = conf.cni_version.as_str();
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        return fail(
+            newest,
+            CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("cniVersion {version} is not supported"),
+                format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+            ),
+        );
+    }
+    if matches!(env.command, Command::Status | Command::Gc) && version == "1.0.0" {
+        return fail(
+            version,
+            CniError::new(
+                code::INCOMPATIBLE_VERSION,
+                format!("{:?} needs cniVersion 1.1.0", env.command),
+                "",
+            ),
+        );
+    }
+    let r = match env.command {
+        Command::Add => agent
+            .add(&env)
+            .map(|a| result_json(version, &env, &a).to_string()),
+        Command::Del => agent.del(&env).map(|()| String::new()),
+        Command::Check => {
+            let Some(prev) = conf.prev_result.as_ref() else {
+                return fail(
+                    version,
+                    CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult", ""),
+                );
+            };
+            let want_ip = prev["ips"][0]["address"].as_str().unwrap_or("").to_string();
+            match agent.check(&env) {
+                Ok(Some(a)) if a.ip == want_ip => Ok(String::new()),
+                Ok(Some(a)) => Err(CniError::new(
+                    code::CHECK_FAILED,
+                    "the pod's address differs from its previous result",
+                    format!("now {}, was {want_ip}", a.ip),
+                )),
+                Ok(None) => Err(CniError::new(
+                    code::UNKNOWN_CONTAINER,
+                    format!("container {} is not wired", env.container_id),
+                    "",
+                )),
+                Err(e) => Err(e),
+            }
+        }
+        Command::Status => agent.status().map(|()| String::new()),
+        Command::Gc => agent
+            .gc(conf.valid_attachments.as_deref().unwrap_or(&[]))
+            .map(|()| String::new()),
+        Command::Version => unreachable!("answered above"),
+    };
+    match r {
+        Ok(out) => (0, out),
+        Err(e) => fail(version, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_environment_is_validated_per_command() {
+        let ok = Env::parse(&vars(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc-1.2_3"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1"),
+        ]))
+        .unwrap();
+        assert_eq!(ok.args["K8S_POD_NAME"], "web-1");
+        for (kv, why) in [
+            (vec![], "CNI_COMMAND"),
+            (vec![("CNI_COMMAND", "FROB")], "FROB"),
+            (
+                vec![
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_NETNS", "n"),
+                    ("CNI_IFNAME", "eth0"),
+                ],
+                "CNI_CONTAINERID",
+            ),
+            (
+                vec![
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "-x"),
+                    ("CNI_NETNS", "n"),
+                    ("CNI_IFNAME", "eth0"),
+                ],
+                "must start",
+            ),
+            (
+                vec![
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "x"),
+                    ("CNI_IFNAME", "eth0"),
+                ],
+                "CNI_NETNS",
+            ),
+            (
+                vec![
+                    ("CNI_COMMAND", "CHECK"),
+                    ("CNI_CONTAINERID", "x"),
+                    ("CNI_NETNS", "n"),
+                    ("CNI_IFNAME", "a/b"),
+                ],
+                "CNI_IFNAME",
+            ),
+            (
+                vec![
+                    ("CNI_COMMAND", "DEL"),
+                    ("CNI_CONTAINERID", "x"),
+                    ("CNI_IFNAME", "waytoolonginterface"),
+                ],
+                "CNI_IFNAME",
+            ),
+            (
+                vec![("CNI_COMMAND", "VERSION"), ("CNI_ARGS", "novalue")],
+                "KEY=VALUE",
+            ),
+        ] {
+            let e = Env::parse(&vars(&kv)).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV);
+            assert!(e.msg.contains(why), "{kv:?}: {e}");
+        }
+        // DEL without a netns is fine (the sandbox may be gone).
+        Env::parse(&vars(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "x"),
+            ("CNI_IFNAME", "eth0"),
+        ]))
+        .unwrap();
+        Env::parse(&vars(&[("CNI_COMMAND", "VERSION")])).unwrap();
+    }
+
+    #[test]
+    fn the_configuration_errors_name_the_place() {
+        let e = NetConf::parse(b"{\"cniVersion\": \"1.0.0\",\n \"name\": }").unwrap_err();
+        assert_eq!(e.code, code::DECODE);
+        assert!(e.details.contains("line 2"), "{e:?}");
+        let e = NetConf::parse(br#"{"cniVersion": "1.0.0", "type": "nsx"}"#).unwrap_err();
+        assert_eq!(e.code, code::INVALID_CONFIG);
+        assert!(e.details.contains("name"), "{e:?}");
+    }
+}
