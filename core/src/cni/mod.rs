@@ -10,6 +10,9 @@ pub mod client;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+/// The node agent's socket when the configuration names none.
+pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/nsx-node-agent/cni.sock";
+
 /// Spec versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0", "1.1.0"];
 
@@ -153,6 +156,9 @@ pub struct NetConf {
     pub plugin_type: String,
     #[serde(rename = "prevResult", default)]
     pub prev_result: Option<Value>,
+    /// Where the node agent listens (ours; default [`DEFAULT_AGENT_SOCKET`]).
+    #[serde(rename = "agentSocket", default)]
+    pub agent_socket: Option<String>,
     /// GC: the attachments the runtime still uses.
     #[serde(rename = "cni.dev/valid-attachments", default)]
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -211,6 +217,48 @@ pub trait AgentClient {
     fn status(&mut self) -> Result<(), CniError>;
     /// Removes every pod not in `keep`.
     fn gc(&mut self, keep: &[Attachment]) -> Result<(), CniError>;
+}
+
+/// The agent could not be reached: every command that needs it fails in the spec's terms
+/// (kubelet retries ADD and DEL; STATUS says the plugin is not available).
+pub struct Unreachable(pub String);
+
+impl AgentClient for Unreachable {
+    fn add(&mut self, _: &Env) -> Result<PodAddress, CniError> {
+        Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the node agent is not reachable",
+            self.0.clone(),
+        ))
+    }
+    fn del(&mut self, _: &Env) -> Result<(), CniError> {
+        Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the node agent is not reachable",
+            self.0.clone(),
+        ))
+    }
+    fn check(&mut self, _: &Env) -> Result<Option<PodAddress>, CniError> {
+        Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the node agent is not reachable",
+            self.0.clone(),
+        ))
+    }
+    fn status(&mut self) -> Result<(), CniError> {
+        Err(CniError::new(
+            code::PLUGIN_NOT_AVAILABLE,
+            "the node agent is not reachable",
+            self.0.clone(),
+        ))
+    }
+    fn gc(&mut self, _: &[Attachment]) -> Result<(), CniError> {
+        Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the node agent is not reachable",
+            self.0.clone(),
+        ))
+    }
 }
 
 /// The ADD result.
