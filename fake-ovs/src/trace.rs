@@ -353,17 +353,7 @@ impl Bridge {
                     }
                 }
                 Action::CtClear => {
-                    for f in [
-                        Field::CtState,
-                        Field::CtZone,
-                        Field::CtMark,
-                        Field::CtLabel,
-                        Field::CtNwSrc,
-                        Field::CtNwDst,
-                        Field::CtNwProto,
-                        Field::CtTpSrc,
-                        Field::CtTpDst,
-                    ] {
+                    for f in nsx_core::ovs::field::CT_FIELDS {
                         p.set(f, 0);
                     }
                     Self::line(ctx, "ct_clear".into());

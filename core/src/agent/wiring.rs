@@ -232,6 +232,19 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
     ]
 }
 
+/// Removes a pod's flows (by its cookie) and its port.
+fn unwire<S: PodSwitch>(switch: &mut S, container_id: &str, port: &str) -> Result<(), AgentError> {
+    switch
+        .bundle(vec![OfOp::DelFlowsByCookie {
+            cookie: pod_cookie(container_id),
+            cookie_mask: u64::MAX,
+        }])
+        .map_err(|e| AgentError::Switch(e.to_string()))?;
+    switch
+        .del_port(port)
+        .map_err(|e| AgentError::Switch(e.to_string()))
+}
+
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Self {
         Self {
@@ -417,27 +430,11 @@ impl Agent {
             // A port left behind by a crashed ADD still goes.
             let name = port_name(container_id);
             if switch.list_ports().iter().any(|p| p.name == name) {
-                switch
-                    .bundle(vec![OfOp::DelFlowsByCookie {
-                        cookie: pod_cookie(container_id),
-                        cookie_mask: u64::MAX,
-                    }])
-                    .map_err(|e| AgentError::Switch(e.to_string()))?;
-                switch
-                    .del_port(&name)
-                    .map_err(|e| AgentError::Switch(e.to_string()))?;
+                unwire(switch, container_id, &name)?;
             }
             return Ok(());
         };
-        switch
-            .bundle(vec![OfOp::DelFlowsByCookie {
-                cookie: pod_cookie(container_id),
-                cookie_mask: u64::MAX,
-            }])
-            .map_err(|e| AgentError::Switch(e.to_string()))?;
-        switch
-            .del_port(&w.port)
-            .map_err(|e| AgentError::Switch(e.to_string()))?;
+        unwire(switch, container_id, &w.port)?;
         self.pods.remove(container_id);
         Ok(())
     }

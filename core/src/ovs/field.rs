@@ -241,6 +241,19 @@ impl Field {
     }
 }
 
+/// The connection-tracking fields, in the order a match prints them (and `ct_clear` clears).
+pub const CT_FIELDS: [Field; 9] = [
+    Field::CtState,
+    Field::CtZone,
+    Field::CtMark,
+    Field::CtLabel,
+    Field::CtNwSrc,
+    Field::CtNwDst,
+    Field::CtNwProto,
+    Field::CtTpSrc,
+    Field::CtTpDst,
+];
+
 /// ct_state flag bits, in the order OVS prints them (lowest first).
 pub const CT_FLAGS: &[(&str, u32)] = &[
     ("new", 0x01),

@@ -59,17 +59,7 @@ impl Display for Match {
                 parts.push(format!("{}={}", f.match_name(), format_masked(f, v, m)));
             }
         };
-        for f in [
-            Field::CtState,
-            Field::CtZone,
-            Field::CtMark,
-            Field::CtLabel,
-            Field::CtNwSrc,
-            Field::CtNwDst,
-            Field::CtNwProto,
-            Field::CtTpSrc,
-            Field::CtTpDst,
-        ] {
+        for f in super::field::CT_FIELDS {
             put(f, &mut parts);
         }
         let eth = self.exact_value(Field::EthType);

@@ -478,9 +478,9 @@ impl Store {
         d.allow
     }
 
-    /// The tier-1 that routes for a switch: the router of the downlink attached to it.
-    fn router_of_switch(&self, switch: &str) -> Option<(String, Vec<Cidr>)> {
-        self.ids_of(Kind::LogicalRouterPort).find_map(|rp| {
+    /// Every downlink: (router port, its switch, its tier-1).
+    fn downlinks(&self) -> impl Iterator<Item = (&String, String, String)> + '_ {
+        self.ids_of(Kind::LogicalRouterPort).filter_map(|rp| {
             let o = &self.objects[rp];
             if o.resource_type() != "LogicalRouterDownLinkPort" {
                 return None;
@@ -490,14 +490,16 @@ impl Store {
                 .get("linked_logical_switch_port_id")
                 .and_then(|l| l.get("target_id"))
                 .and_then(Value::as_str)?;
-            if self.objects.get(lsp)?.str("logical_switch_id") != Some(switch) {
-                return None;
-            }
-            Some((
-                o.str("logical_router_id")?.to_string(),
-                self.downlink_subnets(rp),
-            ))
+            let switch = self.objects.get(lsp)?.str("logical_switch_id")?.to_string();
+            Some((rp, switch, o.str("logical_router_id")?.to_string()))
         })
+    }
+
+    /// The tier-1 that routes for a switch: the router of the downlink attached to it.
+    fn router_of_switch(&self, switch: &str) -> Option<(String, Vec<Cidr>)> {
+        self.downlinks()
+            .find(|(_, sw, _)| sw == switch)
+            .map(|(rp, _, t1)| (t1, self.downlink_subnets(rp)))
     }
 
     fn downlink_subnets(&self, rp: &str) -> Vec<Cidr> {
@@ -551,24 +553,9 @@ impl Store {
 
     /// The downlink (switch, tier-1) holding `ip`, if any.
     fn switch_holding(&self, ip: u32) -> Option<(String, String)> {
-        self.ids_of(Kind::LogicalRouterPort).find_map(|rp| {
-            let o = &self.objects[rp];
-            if o.resource_type() != "LogicalRouterDownLinkPort" {
-                return None;
-            }
-            if !self.downlink_subnets(rp).iter().any(|c| c.contains(ip)) {
-                return None;
-            }
-            let lsp = o
-                .doc
-                .get("linked_logical_switch_port_id")
-                .and_then(|l| l.get("target_id"))
-                .and_then(Value::as_str)?;
-            Some((
-                self.objects.get(lsp)?.str("logical_switch_id")?.to_string(),
-                o.str("logical_router_id")?.to_string(),
-            ))
-        })
+        self.downlinks()
+            .find(|(rp, _, _)| self.downlink_subnets(rp).iter().any(|c| c.contains(ip)))
+            .map(|(_, sw, t1)| (sw, t1))
     }
 
     /// A virtual server for the packet's destination, and the pool member it picks.
