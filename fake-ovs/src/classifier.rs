@@ -39,20 +39,16 @@ pub struct Classifier {
     len: usize,
 }
 
+// A match's fields come in field order, so signature and key line up without sorting.
 fn signature(m: &Match) -> Vec<(usize, u128)> {
-    let mut s: Vec<(usize, u128)> = m
-        .fields
+    m.fields
         .iter()
         .map(|(f, (_, mask))| (slot(*f), *mask))
-        .collect();
-    s.sort();
-    s
+        .collect()
 }
 
 fn key(m: &Match) -> Vec<u128> {
-    let mut k: Vec<(usize, u128)> = m.fields.iter().map(|(f, (v, _))| (slot(*f), *v)).collect();
-    k.sort();
-    k.into_iter().map(|(_, v)| v).collect()
+    m.fields.iter().map(|(_, (v, _))| *v).collect()
 }
 
 impl Classifier {

@@ -2,7 +2,6 @@
 //! them, and their text as OVS 3.1's `ovs-ofctl -O OpenFlow13 dump-flows` and
 //! `-O OpenFlow15 dump-groups` print it.
 
-use std::collections::BTreeMap;
 use std::fmt::{self, Display, Write};
 
 use super::field::{Field, format_masked, format_value};
@@ -12,11 +11,72 @@ pub const ETH_IP: u128 = 0x0800;
 pub const ETH_ARP: u128 = 0x0806;
 pub const ETH_IPV6: u128 = 0x86dd;
 
+/// Fields with their (value, mask), sorted by field: a small map in one allocation (a match
+/// has a handful of fields, and switches hold hundreds of thousands of matches).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FieldMap(Vec<(Field, (u128, u128))>);
+
+impl FieldMap {
+    fn position(&self, f: &Field) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(f))
+    }
+
+    pub fn get(&self, f: &Field) -> Option<&(u128, u128)> {
+        self.position(f).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn insert(&mut self, f: Field, v: (u128, u128)) -> Option<(u128, u128)> {
+        match self.position(&f) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
+            Err(i) => {
+                self.0.insert(i, (f, v));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, f: &Field) -> Option<(u128, u128)> {
+        self.position(f).ok().map(|i| self.0.remove(i).1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Field, &(u128, u128))> {
+        self.0.iter().map(|(f, v)| (f, v))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &Field> {
+        self.0.iter().map(|(f, _)| f)
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&Field, &mut (u128, u128)) -> bool) {
+        self.0.retain_mut(|(f, v)| keep(f, v));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a FieldMap {
+    type Item = (&'a Field, &'a (u128, u128));
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (Field, (u128, u128))>,
+        fn(&'a (Field, (u128, u128))) -> (&'a Field, &'a (u128, u128)),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(f, v)| (f, v))
+    }
+}
+
 /// A match: each constrained field with its value and mask (the value has no bit outside the
 /// mask). An empty match matches every packet.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Match {
-    pub fields: BTreeMap<Field, (u128, u128)>,
+    pub fields: FieldMap,
 }
 
 impl Match {
