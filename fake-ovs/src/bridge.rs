@@ -359,7 +359,7 @@ impl Bridge {
                 self.by_key.remove(&k);
             }
         }
-        self.unindex_groups(id, &e.flow.actions.clone());
+        self.unindex_groups(id, &e.flow.actions);
         Some(e)
     }
 

@@ -87,6 +87,8 @@ pub struct Conntrack {
     conns: BTreeMap<u64, Conn>,
     /// (zone, tuple as seen on the wire) -> (connection, is the reply direction).
     index: BTreeMap<(u16, Tuple), (u64, bool)>,
+    /// (expiry, connection), so expiring costs what expires, not every connection.
+    by_expiry: std::collections::BTreeSet<(u64, u64)>,
     next: u64,
 }
 
@@ -112,6 +114,7 @@ impl Conntrack {
 
     fn remove(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id) {
+            self.by_expiry.remove(&(c.expires_ms, id));
             self.index.remove(&(c.zone, c.orig));
             self.index.remove(&(c.zone, c.reply));
         }
@@ -119,13 +122,9 @@ impl Conntrack {
 
     /// Drops connections whose timeout has passed.
     pub fn expire(&mut self, now_ms: u64) {
-        let gone: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.expires_ms <= now_ms)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
+        while let Some(&(at, id)) = self.by_expiry.first()
+            && at <= now_ms
+        {
             self.remove(id);
         }
     }
@@ -183,10 +182,18 @@ impl Conntrack {
         now_ms: u64,
         record: bool,
     ) -> CtResult {
-        self.expire(now_ms);
+        if record {
+            self.expire(now_ms);
+        }
         let t = Tuple::of(p);
         let mut state;
-        let id = match self.index.get(&(zone, t)).copied() {
+        // A trace sees an expired entry as gone without removing it (it changes nothing).
+        let found = self
+            .index
+            .get(&(zone, t))
+            .copied()
+            .filter(|(id, _)| self.conns[id].expires_ms > now_ms);
+        let id = match found {
             Some((id, is_reply)) => {
                 let c = self
                     .conns
@@ -216,7 +223,10 @@ impl Conntrack {
                     apply_meta(c, set_mark, set_label);
                 }
                 if record {
-                    c.expires_ms = now_ms + timeout_ms(t.proto, c.replied);
+                    let at = now_ms + timeout_ms(t.proto, c.replied);
+                    self.by_expiry.remove(&(c.expires_ms, id));
+                    self.by_expiry.insert((at, id));
+                    c.expires_ms = at;
                 }
                 Some(id)
             }
@@ -260,6 +270,7 @@ impl Conntrack {
                         self.next += 1;
                         self.index.insert((zone, c.orig), (id, false));
                         self.index.insert((zone, c.reply), (id, true));
+                        self.by_expiry.insert((c.expires_ms, id));
                         self.conns.insert(id, c);
                         Some(id)
                     } else {

@@ -101,20 +101,10 @@ fn fields_hash(fields: &[String], p: &Packet) -> u32 {
     };
     ids.sort_by_key(rank);
     ids.dedup();
-    let eth = p.get(Field::EthType);
-    let proto = p.get(Field::IpProto);
-    let ip = eth == 0x0800;
+    let (eth, proto) = (p.get(Field::EthType), p.get(Field::IpProto));
     let mut basis = hash::uint64(0);
     for f in ids {
-        let ok = match f {
-            Field::IpSrc | Field::IpDst | Field::IpProto | Field::IpTtl => ip,
-            Field::TcpSrc | Field::TcpDst | Field::TpSrc | Field::TpDst => ip && proto == 6,
-            Field::UdpSrc | Field::UdpDst => ip && proto == 17,
-            Field::SctpSrc | Field::SctpDst => ip && proto == 132,
-            Field::IcmpType | Field::IcmpCode => ip && proto == 1,
-            _ => true,
-        };
-        if !ok {
+        if nsx_core::ovs::field::prerequisite(f, Some(eth), Some(proto)).is_err() {
             continue;
         }
         let n_bytes = (f.bits().div_ceil(8)) as usize;

@@ -443,10 +443,11 @@ fn criterion_digest(c: &Value) -> String {
 /// Fields NCP owns beyond name and tags: (changeable, immutable), as dotted paths.
 fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
     match key {
-        Key::NsGroup(_) | Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::FwMarkerTop(_) => {
-            (&[], &[])
-        }
-        Key::FwMarkerBottom(_) => (&[], &[]),
+        Key::NsGroup(_)
+        | Key::PolicyGroup(_)
+        | Key::PolicyIpSet(_)
+        | Key::FwMarkerTop(_)
+        | Key::FwMarkerBottom(_) => (&[], &[]),
         Key::AllowSection(_) | Key::IsolationSection(_) => (&[], &["stateful", "section_type"]),
         Key::LbTier1(_) => (&[], &["router_type"]),
         Key::LbT0Link(_) => (&[], &["logical_router_id"]),

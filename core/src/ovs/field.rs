@@ -241,6 +241,26 @@ impl Field {
     }
 }
 
+/// Whether a packet whose match established `eth` (ethertype) and `proto` (IP protocol) has
+/// `f`: OVS's prerequisites, which both flow matches and actions must meet. `Err` says what is
+/// needed.
+pub fn prerequisite(f: Field, eth: Option<u128>, proto: Option<u128>) -> Result<(), &'static str> {
+    let ip = matches!(eth, Some(0x0800) | Some(0x86dd));
+    let (ok, need) = match f {
+        Field::IpSrc | Field::IpDst | Field::IpProto | Field::IpTtl => (ip, "ip"),
+        Field::TpSrc | Field::TpDst => (
+            ip && matches!(proto, Some(6) | Some(17) | Some(132)),
+            "tcp, udp or sctp",
+        ),
+        Field::TcpSrc | Field::TcpDst => (ip && proto == Some(6), "tcp"),
+        Field::UdpSrc | Field::UdpDst => (ip && proto == Some(17), "udp"),
+        Field::SctpSrc | Field::SctpDst => (ip && proto == Some(132), "sctp"),
+        Field::IcmpType | Field::IcmpCode => (ip && proto == Some(1), "icmp"),
+        _ => (true, ""),
+    };
+    if ok { Ok(()) } else { Err(need) }
+}
+
 /// The connection-tracking fields, in the order a match prints them (and `ct_clear` clears).
 pub const CT_FIELDS: [Field; 9] = [
     Field::CtState,

@@ -2,7 +2,7 @@
 //! ignored), `add-group` arguments and `dump-groups` lines. Errors name the byte offset of what
 //! could not be read, and what was expected there.
 
-use super::field::{Field, parse_masked, parse_number, parse_value};
+use super::field::{self, Field, parse_masked, parse_number, parse_value};
 use super::flow::{
     Action, Bucket, CtZone, ETH_ARP, ETH_IP, ETH_IPV6, Flow, Group, GroupType, Learn, LearnSpec,
     Match, Nat, Subfield,
@@ -190,64 +190,41 @@ fn match_token(m: &mut Match, offset: usize, tok: &str) -> Result<(), ParseError
     Ok(())
 }
 
-/// The fields of `m` that lack their prerequisites: L3 fields need an IP (or ARP) ethertype,
-/// L4 fields a protocol. OVS drops them from the match silently (an INFO log line, "normalization
-/// changed ofp_match"), which is how a flow meant for one port ends up matching every packet.
-fn unmet_prerequisites(m: &Match) -> Vec<Field> {
-    let mut out = Vec::new();
-    let mut probe = |f: Field| {
-        let mut one = m.clone();
-        if check_prerequisites(&one, 0, "").is_err() {
-            // Find the offenders one by one.
-            one.fields
-                .retain(|k, _| *k == f || *k == Field::EthType || *k == Field::IpProto);
-            if check_prerequisites(&one, 0, "").is_err() {
-                out.push(f);
-            }
-        }
-    };
-    for f in m.fields.keys().copied().collect::<Vec<_>>() {
-        if !matches!(f, Field::EthType) {
-            probe(f);
-        }
-    }
-    out
-}
-
-/// Checks OVS's prerequisites: L3 fields need an IP (or ARP) ethertype, L4 fields a protocol.
-fn check_prerequisites(m: &Match, offset: usize, text: &str) -> Result<(), ParseError> {
+/// Why field `f` of match `m` lacks its prerequisites, if it does. A match may name
+/// `nw_src`/`nw_dst` under `arp` too (they are ARP's addresses there).
+fn unmet(m: &Match, f: Field) -> Option<String> {
     let eth = m.get(Field::EthType).map(|(v, _)| v);
     let proto = m.get(Field::IpProto).map(|(v, _)| v);
-    let ip = matches!(eth, Some(ETH_IP) | Some(ETH_IPV6));
-    for f in [Field::IpSrc, Field::IpDst] {
-        if m.get(f).is_some() && !(ip || eth == Some(ETH_ARP)) {
-            return Err(err(
-                offset,
-                text,
-                format!("{} needs ip or arp", f.match_name()),
-            ));
-        }
+    if matches!(f, Field::IpSrc | Field::IpDst) && eth == Some(ETH_ARP) {
+        return None;
     }
-    for f in [Field::IpProto, Field::IpTtl] {
-        if m.get(f).is_some() && !ip {
-            return Err(err(offset, text, format!("{} needs ip", f.match_name())));
-        }
+    field::prerequisite(f, eth, proto).err().map(|need| {
+        let need = if matches!(f, Field::IpSrc | Field::IpDst) {
+            "ip or arp"
+        } else {
+            need
+        };
+        format!("{} needs {need}", f.match_name())
+    })
+}
+
+/// The fields of `m` that lack their prerequisites. OVS drops them from the match silently (an
+/// INFO log line, "normalization changed ofp_match"), which is how a flow meant for one port
+/// ends up matching every packet.
+fn unmet_prerequisites(m: &Match) -> Vec<Field> {
+    m.fields
+        .keys()
+        .copied()
+        .filter(|f| unmet(m, *f).is_some())
+        .collect()
+}
+
+/// Refuses a match with a field whose prerequisites are missing.
+fn check_prerequisites(m: &Match, offset: usize, text: &str) -> Result<(), ParseError> {
+    match m.fields.keys().find_map(|f| unmet(m, *f)) {
+        Some(why) => Err(err(offset, text, why)),
+        None => Ok(()),
     }
-    for f in [Field::TpSrc, Field::TpDst] {
-        if m.get(f).is_some() && !matches!(proto, Some(6) | Some(17) | Some(132)) {
-            return Err(err(
-                offset,
-                text,
-                format!("{} needs tcp, udp or sctp", f.match_name()),
-            ));
-        }
-    }
-    for f in [Field::IcmpType, Field::IcmpCode] {
-        if m.get(f).is_some() && proto != Some(1) {
-            return Err(err(offset, text, format!("{} needs icmp", f.name())));
-        }
-    }
-    Ok(())
 }
 
 fn parse_nat(offset: usize, text: &str) -> Result<Nat, ParseError> {
@@ -683,15 +660,7 @@ fn parse_flow_with(text: &str, strict: bool) -> Result<Flow, ParseError> {
         }
     }
     // As OVS: an action may only write (or read) a field the match guarantees exists.
-    let ip = matches!(eth, Some(ETH_IP) | Some(ETH_IPV6));
-    let fits = |f: Field| -> bool {
-        match f {
-            Field::IpSrc | Field::IpDst | Field::IpProto | Field::IpTtl => ip,
-            Field::TpSrc | Field::TpDst => matches!(proto, Some(6) | Some(17) | Some(132)),
-            Field::IcmpType | Field::IcmpCode => proto == Some(1),
-            other => other.l4_protocol().is_none_or(|p| proto == Some(p)),
-        }
-    };
+    let fits = |f: Field| field::prerequisite(f, eth, proto).is_ok();
     for act in &flow.actions {
         let used: Vec<Field> = match act {
             Action::SetField { field, .. } => vec![*field],

@@ -15,7 +15,7 @@
 //!   one flow per endpoint, shared by every service that uses it, commits the connection with
 //!   `nat(dst=ip:port)` and goes on to [`table::FORWARD`].
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use crate::ovs::field::Field;
 use crate::ovs::flow::{
@@ -187,16 +187,15 @@ fn reg(n: u8, ofs: u32, bits: u32) -> Subfield {
 /// endpoints does not move the connections of the others (highest-random-weight hashing).
 pub fn group(sp: &ServicePort, group_id: u32) -> Group {
     let (src, dst) = l4_fields(sp.protocol);
-    let mut used: BTreeMap<u32, ()> = BTreeMap::new();
+    let mut used: BTreeSet<u32> = BTreeSet::new();
     let buckets = sp
         .endpoints
         .iter()
         .map(|e| {
             let mut id = (endpoint_id(sp.protocol, e) & 0x7fff_ffff) as u32;
-            while used.contains_key(&id) {
+            while !used.insert(id) {
                 id = (id + 1) & 0x7fff_ffff;
             }
-            used.insert(id, ());
             let mut actions = vec![
                 Action::Load {
                     dst: reg(0, 0, 32),
