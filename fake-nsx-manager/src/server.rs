@@ -185,6 +185,9 @@ struct Inner {
     users: BTreeMap<String, User>,
     sessions: BTreeMap<String, Session>,
     faults: Vec<FaultRule>,
+    /// user -> writes it may still make before the manager stops answering it (a harness
+    /// stopping a client right after its Nth write, as a crash would).
+    freeze: BTreeMap<String, u64>,
     latency_ms: u64,
     in_flight: BTreeMap<String, u32>,
     global_in_flight: u32,
@@ -269,6 +272,7 @@ impl FakeNsxManager {
             users,
             sessions: BTreeMap::new(),
             faults: Vec::new(),
+            freeze: BTreeMap::new(),
             latency_ms: config.latency_ms,
             in_flight: BTreeMap::new(),
             global_in_flight: 0,
@@ -356,6 +360,21 @@ impl FakeNsxManager {
 
     pub fn add_fault(&self, rule: FaultRule) {
         self.lock().faults.push(rule);
+    }
+
+    /// Lets `user` make `writes` more writes, then stops answering it (until
+    /// [`FakeNsxManager::unfreeze`]): a harness crashing that client right after its Nth write.
+    pub fn freeze_after_writes(&self, user: &str, writes: u64) {
+        self.lock().freeze.insert(user.to_string(), writes);
+    }
+
+    /// Whether `user` made its last allowed write.
+    pub fn frozen(&self, user: &str) -> bool {
+        self.lock().freeze.get(user) == Some(&0)
+    }
+
+    pub fn unfreeze(&self, user: &str) {
+        self.lock().freeze.remove(user);
     }
 
     pub fn clear_faults(&self) {
@@ -893,6 +912,11 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
+    // Checked after the last await before dispatch, so no write lands past the limit.
+    if nsx.lock().freeze.get(&principal.user) == Some(&0) {
+        // The client is about to be crashed by the harness: nothing more of it lands.
+        return std::future::pending().await;
+    }
     let allow_overwrite = parts
         .headers
         .get("x-allow-overwrite")
@@ -919,6 +943,11 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
             },
         );
         g.store.flush_index(now);
+        if is_write(&method)
+            && let Some(left) = g.freeze.get_mut(&principal.user)
+        {
+            *left = left.saturating_sub(1);
+        }
         let mut r = r;
         if is_write(&method)
             && r.status < 400

@@ -118,6 +118,9 @@ pub struct Bridge {
     pub conntrack: Conntrack,
     /// Simulated time, set by the owner (the harness's clock).
     pub now_ms: u64,
+    /// How many times ovs-vswitchd restarted: what a controller watching it (OVSDB's
+    /// `Open_vSwitch` row in the real thing) sees change.
+    pub restarts: u64,
 }
 
 fn flow_key(table: u8, priority: u16, m: &Match) -> u64 {
@@ -225,6 +228,7 @@ impl Bridge {
         self.by_key.clear();
         self.group_users.clear();
         self.groups.clear();
+        self.restarts += 1;
     }
 
     // ----- flows and groups --------------------------------------------------------------

@@ -17,7 +17,9 @@
 //! ```
 
 pub mod apiserver;
+pub mod converge;
 pub mod ncp_world;
 pub mod net;
+pub mod scenario;
 pub mod spine;
 pub mod trace;

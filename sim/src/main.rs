@@ -1,8 +1,7 @@
 //! `nsx-sim`: runs the deterministic harness.
 //!
-//! Today it runs the NSX spine (the fake manager and the production client under faults) over a
-//! range of seeds; the scenario engine (`run`, `check`, `dump`, `trace` on scenario files, see
-//! SCENARIOS.md) builds on the same spine.
+//! `run`, `check`, `dump` and `trace` work on scenario files (SCENARIOS.md); `ncp` and `spine`
+//! run the built-in storm worlds of the NCP stack and of the NSX client alone.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -11,6 +10,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use nsx_sim::spine::{self, ScheduledFault, SpineConfig};
 use serde_json::json;
+
+mod scenarios;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +25,74 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run scenario files (or every `*.yaml` in a directory) for one or many seeds.
+    Run {
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// A range of seeds, `A..B` (B excluded) or `A..=B`.
+        #[arg(long)]
+        seeds: Option<String>,
+        /// Run the K-th of N disjoint slices of the (scenario, seed) pairs, `K/N`, 1-based.
+        #[arg(long)]
+        shard: Option<String>,
+        /// Print one JSON report instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON report to this file.
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+        /// Parallel runs (default: the machine's cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Write snapshots that are missing or differ instead of failing.
+        #[arg(long)]
+        update_snapshots: bool,
+        /// Print the event trace of every run.
+        #[arg(long)]
+        print_trace: bool,
+    },
+    /// Parse and validate scenario files only.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+    },
+    /// Print the realized state after a run (or after step `--at`).
+    Dump {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop after this step (1-based).
+        #[arg(long)]
+        at: Option<usize>,
+        /// The NSX objects (JSON).
+        #[arg(long, conflicts_with = "ovs")]
+        nsx: bool,
+        /// A node's flows and groups, as `ovs-ofctl dump-flows` / `dump-groups` print them.
+        #[arg(long)]
+        ovs: Option<String>,
+    },
+    /// Trace one packet (and its reply) through the realized dataplane after a run.
+    Trace {
+        file: std::path::PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long)]
+        at: Option<usize>,
+        /// `ns/pod` or `external/a.b.c.d`.
+        #[arg(long)]
+        from: String,
+        /// `ns/pod`, `svc/ns/name`, `lb/ns/name` or `external/a.b.c.d`.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        #[arg(long, default_value_t = 40000)]
+        source_port: u16,
+    },
     /// Run the whole NCP stack (fake kube-apiserver, fake NSX manager, NCP) under a storm of
     /// faults and check it converges: every pod wired, nothing duplicated or leaked.
     Ncp {
@@ -130,6 +199,47 @@ fn main() -> ExitCode {
 fn run() -> anyhow::Result<bool> {
     let cli = Cli::parse();
     let (seed, seeds, faults, namespaces, ports, json, report, print_trace) = match cli.command {
+        Command::Run {
+            paths,
+            seed,
+            seeds,
+            shard,
+            json,
+            report,
+            jobs,
+            update_snapshots,
+            print_trace,
+        } => {
+            return scenarios::run(scenarios::RunArgs {
+                paths,
+                seed,
+                seeds: seeds.map(|s| parse_seeds(None, Some(&s))).transpose()?,
+                shard,
+                json,
+                report,
+                jobs,
+                update_snapshots,
+                print_trace,
+            });
+        }
+        Command::Check { paths } => return scenarios::check(&paths),
+        Command::Dump {
+            file,
+            seed,
+            at,
+            nsx,
+            ovs,
+        } => return scenarios::dump(&file, seed, at, nsx, ovs),
+        Command::Trace {
+            file,
+            seed,
+            at,
+            from,
+            to,
+            port,
+            protocol,
+            source_port,
+        } => return scenarios::trace(&file, seed, at, &from, &to, port, &protocol, source_port),
         Command::Ncp {
             seed,
             seeds,

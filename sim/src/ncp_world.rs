@@ -15,14 +15,13 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use fake_nsx_manager::server::Counters;
 use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig, User};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Pod;
 use nsx_core::k8s::ClusterView;
 use nsx_core::ncp::config::NcpConfig;
 use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
-use nsx_core::ncp::desired::{Key, desired};
+use nsx_core::ncp::desired::Key;
 use nsx_core::ncp::leader::LeaderConfig;
-use nsx_core::ncp::observe::{Observed, classify};
+use nsx_core::ncp::observe::Observed;
 use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -203,34 +202,6 @@ struct World {
     next_pod: usize,
 }
 
-fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
-    let mut v = ClusterView::default();
-    for o in api.list("namespaces") {
-        v.add_namespace(serde_json::from_value::<Namespace>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("pods") {
-        v.add_pod(serde_json::from_value::<Pod>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("nodes") {
-        v.add_node(serde_json::from_value::<Node>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("services") {
-        v.add_service(serde_json::from_value::<Service>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("endpointslices") {
-        v.add_endpoint_slice(
-            serde_json::from_value::<EndpointSlice>(o).map_err(|e| e.to_string())?,
-        );
-    }
-    for o in api.list("networkpolicies") {
-        v.add_network_policy(
-            serde_json::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(o)
-                .map_err(|e| e.to_string())?,
-        );
-    }
-    Ok(v)
-}
-
 impl World {
     fn new(cfg: &NcpWorldConfig) -> Self {
         let trace = Trace::default();
@@ -395,134 +366,8 @@ impl World {
 
     /// The liveness check; `Err` says the first thing that is not there yet.
     fn check(&self) -> Result<(), String> {
-        let view = view_from(&self.api)?;
-        let want = desired(&view, "k8s-a", 24);
-        let docs: Vec<Value> = self.nsx.with_store(|s| {
-            s.objects()
-                .map(|(_, o)| Value::Object(o.doc.clone()))
-                .collect()
-        });
-        let observed = Observed::from_docs(docs.clone(), "k8s-a");
-        for key in want.objects.keys() {
-            match observed.objects.get(key).map(Vec::len) {
-                Some(1) => {}
-                Some(n) => return Err(format!("{key:?} exists {n} times")),
-                None => return Err(format!("{key:?} is missing")),
-            }
-        }
-        if let Some(extra) = observed
-            .objects
-            .keys()
-            .find(|k| !want.objects.contains_key(k))
-        {
-            return Err(format!("{extra:?} should be gone"));
-        }
-        for (name, ns) in &view.namespaces {
-            let Some(uid) = ns.metadata.uid.clone() else {
-                continue;
-            };
-            if !want.objects.contains_key(&Key::Subnet(uid.clone())) {
-                continue;
-            }
-            let ann = ns.metadata.annotations.clone().unwrap_or_default();
-            let cidr = observed
-                .get(&Key::Subnet(uid.clone()))
-                .and_then(|d| d["cidr"].as_str())
-                .unwrap_or("");
-            if ann
-                .get(nsx_core::k8s::annotation::SUBNET)
-                .map(String::as_str)
-                != Some(cidr)
-            {
-                return Err(format!(
-                    "namespace {name}: subnet annotation {:?}, NSX has {cidr}",
-                    ann.get(nsx_core::k8s::annotation::SUBNET)
-                ));
-            }
-        }
-        for ((ns, name), pod) in &view.pods {
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
-            let Some(port) = observed.get(&Key::PodPort(uid)) else {
-                continue;
-            };
-            let ann = pod.metadata.annotations.clone().unwrap_or_default();
-            let net: Value = ann
-                .get(nsx_core::k8s::annotation::POD_NETWORK)
-                .and_then(|s| serde_json::from_str(s).ok())
-                .ok_or(format!("pod {ns}/{name} has no network annotation"))?;
-            if net["logical_port_id"] != port["id"] {
-                return Err(format!(
-                    "pod {ns}/{name}: annotation names port {}, NSX has {}",
-                    net["logical_port_id"], port["id"]
-                ));
-            }
-            let subnet = view
-                .namespaces
-                .get(ns)
-                .and_then(|n| n.metadata.annotations.clone())
-                .and_then(|a| a.get(nsx_core::k8s::annotation::SUBNET).cloned())
-                .unwrap_or_default();
-            let prefix = subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or("?");
-            if !net["ip"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with(&format!("{prefix}."))
-            {
-                return Err(format!("pod {ns}/{name}: {} is not in {subnet}", net["ip"]));
-            }
-        }
-        for ((ns, name), svc) in &view.services {
-            let uid = svc.metadata.uid.clone().unwrap_or_default();
-            let Some(vs) = observed.objects.iter().find(|(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{uid}/")))).and_then(|(_, d)| d.first()) else { continue };
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|l| l.ingress.as_ref())
-                .and_then(|i| i.first())
-                .and_then(|i| i.ip.clone());
-            if ingress.as_deref() != vs["ip_address"].as_str() {
-                return Err(format!(
-                    "service {ns}/{name}: status shows {ingress:?}, the VIP is {}",
-                    vs["ip_address"]
-                ));
-            }
-        }
-        let snat_rules = observed
-            .objects
-            .keys()
-            .filter(|k| matches!(k, Key::Snat(_)))
-            .count();
-        let boot = self.nsx.bootstrap().ok_or("no bootstrap")?;
-        let pool = &boot.clusters["k8s-a"].snat_pool;
-        let r = self
-            .nsx
-            .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-                method: "GET",
-                path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
-                query: &[],
-                body: b"",
-            });
-        let ours = r.body.unwrap_or_default()["results"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|a| a.to_string().contains("k8s-a"))
-            .count();
-        if ours != snat_rules {
-            return Err(format!(
-                "{ours} SNAT allocations for {snat_rules} SNAT rules"
-            ));
-        }
-        self.nsx.with_store(|s| s.check_invariants())?;
+        let (view, observed) = crate::converge::ncp_converged(&self.api, &self.nsx, "k8s-a", 24)?;
         self.check_connectivity(&view, &observed)?;
-        let strays = docs
-            .iter()
-            .filter(|d| d.to_string().contains("ncp/pod_uid") && classify(d, "k8s-a").is_none())
-            .count();
-        if strays > 0 {
-            return Err(format!("{strays} pod ports not classified"));
-        }
         Ok(())
     }
 }

@@ -20,6 +20,7 @@
 //! the switch ([`Agent::recover`]), and after an OVS restart it replays every pod's flows
 //! ([`Agent::replay`]).
 
+pub mod kube_pods;
 pub mod server;
 pub mod wiring;
 

@@ -17,7 +17,7 @@ impl<T: Read + Write> StreamAgent<T> {
         }
     }
 
-    fn call(&mut self, req: &WireRequest) -> Result<WireResponse, CniError> {
+    fn round_trip(&mut self, req: &WireRequest) -> Result<WireResponse, CniError> {
         let io = |e: std::io::Error| {
             CniError::new(code::IO, "cannot reach the node agent", e.to_string())
         };
@@ -37,21 +37,46 @@ impl<T: Read + Write> StreamAgent<T> {
                 "",
             ));
         }
-        let r: WireResponse = serde_json::from_str(&answer).map_err(|e| {
+        serde_json::from_str(&answer).map_err(|e| {
             CniError::new(
                 code::DECODE,
                 "the node agent's answer is not valid",
                 e.to_string(),
             )
-        })?;
-        match r {
+        })
+    }
+}
+
+/// One request, one answer: how the plugin reaches the agent.
+pub trait Transport {
+    fn exchange(&mut self, req: &WireRequest) -> Result<WireResponse, CniError>;
+
+    /// The exchange, with the agent's error answer as an error.
+    fn call(&mut self, req: &WireRequest) -> Result<WireResponse, CniError> {
+        match self.exchange(req)? {
             WireResponse::Error { code, msg, details } => Err(CniError { code, msg, details }),
             ok => Ok(ok),
         }
     }
 }
 
-impl<T: Read + Write> AgentClient for StreamAgent<T> {
+impl<T: Read + Write> Transport for StreamAgent<T> {
+    fn exchange(&mut self, req: &WireRequest) -> Result<WireResponse, CniError> {
+        self.round_trip(req)
+    }
+}
+
+/// An answer the agent already gave: lets a caller that speaks to the agent asynchronously
+/// (the simulated kubelet over turmoil) run the plugin's own logic on the answer.
+pub struct Answered(pub WireResponse);
+
+impl Transport for Answered {
+    fn exchange(&mut self, _: &WireRequest) -> Result<WireResponse, CniError> {
+        Ok(self.0.clone())
+    }
+}
+
+impl<T: Transport> AgentClient for T {
     fn add(&mut self, env: &Env) -> Result<PodAddress, CniError> {
         match self.call(&WireRequest::from_env(env, &[]))? {
             WireResponse::Added { ip, gateway, mac } => Ok(PodAddress { ip, gateway, mac }),

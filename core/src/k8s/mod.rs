@@ -10,6 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 pub mod selector;
+pub mod watch;
 
 /// Annotations NCP reads and writes.
 pub mod annotation {

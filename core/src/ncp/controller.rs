@@ -20,14 +20,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use hyper_util::client::legacy::connect::Connect;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
@@ -77,37 +75,7 @@ pub enum PassEvent {
     },
 }
 
-/// Watch-retry backoff: exponential from 800 ms to 30 s with jitter from a seeded source.
-/// kube-runtime's default draws its jitter from the OS, which would make a simulated run
-/// unrepeatable after the first watch error.
-pub struct WatchBackoff {
-    next_ms: u64,
-    rng: crate::rng::SeededRng,
-}
-
-impl WatchBackoff {
-    pub fn new(seed: u64) -> Self {
-        Self {
-            next_ms: 800,
-            rng: crate::rng::SeededRng::new(seed),
-        }
-    }
-}
-
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-    fn next(&mut self) -> Option<Duration> {
-        let base = self.next_ms;
-        self.next_ms = (self.next_ms * 2).min(30_000);
-        Some(Duration::from_millis(self.rng.range_u64(base / 2, base)))
-    }
-}
-
-impl kube::runtime::utils::Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        self.next_ms = 800;
-    }
-}
+pub use crate::k8s::watch::WatchBackoff;
 
 /// Aborts the watch tasks when the last handle goes (a leadership term ends).
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
@@ -183,22 +151,7 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
             + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
-        let (reader, writer) = reflector::store();
-        // Seeded jitter: kube-runtime's default backoff draws from the OS.
-        let seed = super::naming::stable_hash(std::any::type_name::<K>());
-        let stream = reflector::reflector(
-            writer,
-            watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::new(seed)),
-        );
-        let handle = tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::debug!(error = %e, "watch error; the watcher recovers by itself");
-                }
-                changed.notify_one();
-            }
-        });
+        let (reader, handle) = crate::k8s::watch::watch(api, changed);
         tasks.push(handle);
         reader
     }

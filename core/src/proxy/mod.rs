@@ -9,9 +9,11 @@
 //! - [`sync`]: the incremental proxy: per-key caches, one atomic bundle per sync, reference
 //!   counted endpoint flows, groups split past the OpenFlow message size, conntrack flushes,
 //!   rounds in cookies for restarts.
+//! - [`run`]: the loop over Service and EndpointSlice watches that drives the sync.
 
 pub mod compile;
 pub mod model;
+pub mod run;
 pub mod sync;
 
 pub use model::{Endpoint, ServicePort, ServicePortKey, all_service_ports, service_ports};

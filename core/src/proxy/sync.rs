@@ -160,7 +160,6 @@ impl Proxy {
         if !self.static_installed {
             ops.extend(static_flows(round).into_iter().map(OfOp::AddFlow));
         }
-        // Endpoint reference changes, applied to a copy and committed after success.
         // Endpoint reference changes, kept as a delta and committed after success (a copy of
         // every count would make a sync cost the cluster's size).
         let base = std::mem::take(&mut self.endpoint_refs);

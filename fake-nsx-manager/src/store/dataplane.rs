@@ -127,6 +127,9 @@ pub enum Entry {
     LogicalPort(String),
     /// A node's VIF (the PARENT attachment id) and the VLAN the node tagged the packet with.
     Vif { parent_vif_id: String, vlan: u16 },
+    /// From outside, through the tier-0's uplink: to a load balancer's VIP, or a reply to a
+    /// connection that left through SNAT.
+    External,
 }
 
 /// How a trace ended.
@@ -248,6 +251,7 @@ impl Store {
                 Some(o) if o.kind == Kind::LogicalPort => Ok(id.clone()),
                 _ => Err(format!("no logical port {id}")),
             },
+            Entry::External => Err("traffic from outside has no logical port".into()),
             Entry::Vif {
                 parent_vif_id,
                 vlan,
@@ -690,6 +694,9 @@ impl Store {
         hops: &mut Vec<String>,
     ) -> Verdict {
         let drop = |reason: String| Verdict::Dropped { reason };
+        if *entry == Entry::External {
+            return self.walk_inbound(conns, packet, hops);
+        }
         let src_port = match self.entry_port(entry) {
             Ok(p) => p,
             Err(e) => return drop(e),
@@ -777,7 +784,9 @@ impl Store {
                                     ipam::ip_to_string(p.src_ip),
                                     ipam::ip_to_string(ip)
                                 ));
+                                let before = p;
                                 p.src_ip = ip;
+                                conns.unnat.insert(p.reversed(), before.reversed());
                             }
                             hops.push(format!(
                                 "tier-0 {t0} -> external {}",
@@ -821,6 +830,92 @@ impl Store {
             logical_port: dst_port,
             parent_vif_id: parent,
             vlan,
+            packet: p,
+        }
+    }
+
+    /// A packet from outside: un-SNAT of a reply, or a load balancer's DNAT, then the route
+    /// from the tier-0 down to the switch holding the address, then the destination's
+    /// firewall.
+    fn walk_inbound(
+        &self,
+        conns: &mut Connections,
+        packet: &Packet,
+        hops: &mut Vec<String>,
+    ) -> Verdict {
+        let drop = |reason: String| Verdict::Dropped { reason };
+        hops.push(format!(
+            "from outside to {}",
+            ipam::ip_to_string(packet.dst_ip)
+        ));
+        let mut p = *packet;
+        if let Some(orig) = conns.unnat.get(&p) {
+            hops.push(format!(
+                "tier-0 reverse SNAT: destination {} -> {}",
+                ipam::ip_to_string(p.dst_ip),
+                ipam::ip_to_string(orig.dst_ip)
+            ));
+            p = *orig;
+        } else {
+            match self.load_balance(&p, hops) {
+                Ok(Some(dnat)) => {
+                    conns.unnat.insert(dnat.reversed(), p.reversed());
+                    p = dnat;
+                }
+                Ok(None) => {
+                    return drop(format!(
+                        "nothing outside-facing answers {}:{}",
+                        ipam::ip_to_string(p.dst_ip),
+                        p.dst_port
+                    ));
+                }
+                Err(e) => return drop(e),
+            }
+        }
+        let Some((sw, t1)) = self.switch_holding(p.dst_ip) else {
+            return drop(format!(
+                "no switch holds {}",
+                ipam::ip_to_string(p.dst_ip)
+            ));
+        };
+        let Some(t0) = self.tier0_of(&t1) else {
+            return drop(format!("tier-1 {t1} has no link to a tier-0"));
+        };
+        if !self.advertises_connected(&t1) {
+            return drop(format!(
+                "tier-0 {t0} has no route to {}: tier-1 {t1} does not advertise its connected routes",
+                ipam::ip_to_string(p.dst_ip)
+            ));
+        }
+        hops.push(format!("tier-0 {t0} -> tier-1 {t1} -> switch {sw}"));
+        let Some(dst_port) = self.port_for_ip(p.dst_ip) else {
+            return drop(format!(
+                "no logical port has address {}",
+                ipam::ip_to_string(p.dst_ip)
+            ));
+        };
+        let dst = &self.objects[&dst_port];
+        if dst.str("admin_state") == Some("DOWN") {
+            return drop(format!("logical port {dst_port} is admin down"));
+        }
+        if !self.firewall_stateful(conns, &dst_port, Dir::In, &p, hops) {
+            return drop(format!("dfw IN at {dst_port}"));
+        }
+        let ctx = dst.doc.get("attachment").and_then(|a| a.get("context"));
+        hops.push(format!(
+            "delivered at logical port {dst_port} {:?}",
+            dst.str("display_name").unwrap_or("")
+        ));
+        Verdict::Delivered {
+            parent_vif_id: ctx
+                .and_then(|c| c.get("parent_vif_id"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            vlan: ctx
+                .and_then(|c| c.get("traffic_tag"))
+                .and_then(Value::as_i64)
+                .and_then(|v| u16::try_from(v).ok()),
+            logical_port: dst_port,
             packet: p,
         }
     }

@@ -1,0 +1,69 @@
+//! Watching one kind: kube-runtime's watcher into a reflector store, with a change signal and
+//! a seeded backoff (so a simulated run repeats exactly, watch errors included).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
+
+/// Watch-retry backoff: exponential from 800 ms to 30 s with jitter from a seeded source.
+/// kube-runtime's default draws its jitter from the OS, which would make a simulated run
+/// unrepeatable after the first watch error.
+pub struct WatchBackoff {
+    next_ms: u64,
+    rng: crate::rng::SeededRng,
+}
+
+impl WatchBackoff {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            next_ms: 800,
+            rng: crate::rng::SeededRng::new(seed),
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next_ms;
+        self.next_ms = (self.next_ms * 2).min(30_000);
+        Some(Duration::from_millis(self.rng.range_u64(base / 2, base)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next_ms = 800;
+    }
+}
+
+/// Starts watching `api` into a store; every event notifies `changed`. The task runs until
+/// aborted or the runtime ends.
+pub fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    // Seeded jitter: kube-runtime's default backoff draws from the OS.
+    let seed = crate::ncp::naming::stable_hash(std::any::type_name::<K>());
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::new(seed)),
+    );
+    let handle = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::debug!(error = %e, "watch error; the watcher recovers by itself");
+            }
+            changed.notify_one();
+        }
+    });
+    (reader, handle)
+}

@@ -1,0 +1,380 @@
+//! Connectivity traced through the realized dataplane, never read off Kubernetes objects: the
+//! source pod's port on its node's fake OVS (SpoofGuard, nsx-kube-proxy's NAT, the VLAN tag),
+//! the uplink into the NSX dataplane model (switching, routing, the distributed firewall, load
+//! balancers, SNAT), the destination node's OVS and pod port, and the reply back the same way.
+
+use fake_nsx_manager::store::{Connections, Entry, Packet as NsxPacket, Protocol, Verdict};
+use fake_ovs::Packet;
+use nsx_core::agent::wiring::port_name;
+use nsx_core::k8s::annotation;
+use nsx_core::ovs::Field;
+use serde_json::Value;
+
+use super::names::{Endpoint, ip_string};
+use super::node::UPLINK;
+use super::world::World;
+
+/// A pod as the dataplane knows it.
+#[derive(Debug, Clone)]
+pub struct PodAt {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ip: u32,
+    pub mac: u64,
+    pub ofport: u32,
+}
+
+/// Where a connection ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reached {
+    Pod { namespace: String, name: String },
+    /// Left through the tier-0 with this source address.
+    External { src: u32 },
+    Dropped(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub reached: Reached,
+    /// The reply came back to the source, from the address it sent to.
+    pub reply_ok: bool,
+    pub path: Vec<String>,
+}
+
+impl Outcome {
+    pub fn works(&self) -> bool {
+        self.reply_ok && !matches!(self.reached, Reached::Dropped(_))
+    }
+}
+
+fn proto(p: u8) -> Protocol {
+    match p {
+        17 => Protocol::Udp,
+        132 => Protocol::Sctp,
+        _ => Protocol::Tcp,
+    }
+}
+
+fn parse_mac(m: &str) -> u64 {
+    u64::from_str_radix(&m.replace(':', ""), 16).unwrap_or(0)
+}
+
+/// One node-side hop: a packet processed by the bridge; the uplink output (vlan, packet) or
+/// the pod port it reached.
+enum OvsOut {
+    Uplink(u16, Packet),
+    Port(u32, Packet),
+    Dropped(String),
+}
+
+impl World {
+    /// A pod by `ns/name`, as wired.
+    pub fn pod_at(&self, ns: &str, name: &str) -> Result<PodAt, String> {
+        let p = self
+            .api
+            .get("pods", ns, name)
+            .ok_or(format!("no pod {ns}/{name}"))?;
+        let node = p["spec"]["nodeName"].as_str().unwrap_or("").to_string();
+        let net: Value = p["metadata"]["annotations"][annotation::POD_NETWORK]
+            .as_str()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .ok_or(format!("pod {ns}/{name} has no network from NCP"))?;
+        let ip = super::names::parse_ip(net["ip"].as_str().unwrap_or("").split('/').next().unwrap_or(""))?;
+        let n = self.nodes.get(&node).ok_or(format!("pod {ns}/{name} is on no node"))?;
+        let cid = n
+            .kubelet
+            .borrow()
+            .get(&(ns.to_string(), name.to_string()))
+            .map(|k| k.container_id.clone())
+            .ok_or(format!("pod {ns}/{name} is not set up on {node}"))?;
+        let ofport = n
+            .bridge
+            .try_lock()
+            .map_err(|_| "bridge busy".to_string())?
+            .port(&port_name(&cid))
+            .map(|p| p.ofport)
+            .ok_or(format!("pod {ns}/{name} has no OVS port on {node}"))?;
+        Ok(PodAt {
+            namespace: ns.into(),
+            name: name.into(),
+            node,
+            ip,
+            mac: parse_mac(net["mac"].as_str().unwrap_or("")),
+            ofport,
+        })
+    }
+
+    fn ovs(&self, node: &str, p: Packet, path: &mut Vec<String>) -> OvsOut {
+        let Some(n) = self.nodes.get(node) else {
+            return OvsOut::Dropped(format!("no node {node}"));
+        };
+        let Ok(mut b) = n.bridge.try_lock() else {
+            return OvsOut::Dropped(format!("{node}: bridge busy"));
+        };
+        b.now_ms = self.now_ms();
+        let t = b.process(p, 64);
+        path.push(format!("{node} ovs: {} -> {}", p.describe(), t.datapath_actions()));
+        match t.outputs.first() {
+            None => OvsOut::Dropped(format!("{node}: OVS dropped it")),
+            Some(o) if o.port == UPLINK => {
+                OvsOut::Uplink((o.packet.get(Field::VlanTci) & 0xfff) as u16, o.packet)
+            }
+            Some(o) => OvsOut::Port(o.port, o.packet),
+        }
+    }
+
+    fn pod_by_port(&self, node: &str, ofport: u32) -> Option<(String, String)> {
+        let n = self.nodes.get(node)?;
+        let b = n.bridge.try_lock().ok()?;
+        let p = b.ports().find(|p| p.ofport == ofport)?;
+        let k = n
+            .kubelet
+            .borrow()
+            .iter()
+            .find(|(_, kp)| port_name(&kp.container_id) == p.name)
+            .map(|(k, _)| k.clone());
+        k
+    }
+
+    fn node_of_vif(&self, vif: &str) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|(_, n)| n.vif_id == vif)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// NSX's verdict on a packet, then (if it reached a pod) the destination node's OVS.
+    fn through_nsx(
+        &self,
+        conns: &mut Connections,
+        entry: Entry,
+        pkt: NsxPacket,
+        path: &mut Vec<String>,
+    ) -> Result<(Option<(String, u32, Packet)>, Reached), String> {
+        let t = self.nsx.with_store(|s| s.trace_with(conns, &entry, &pkt));
+        for h in &t.hops {
+            path.push(format!("nsx: {h}"));
+        }
+        match t.verdict {
+            Verdict::Dropped { reason } => Ok((None, Reached::Dropped(format!("NSX: {reason}")))),
+            Verdict::External { packet } => Ok((None, Reached::External { src: packet.src_ip })),
+            Verdict::Delivered {
+                parent_vif_id,
+                vlan,
+                packet,
+                ..
+            } => {
+                let node = parent_vif_id
+                    .as_deref()
+                    .and_then(|v| self.node_of_vif(v))
+                    .ok_or("NSX delivered to a port that is not a pod's on a node")?;
+                let mut p = Packet::default();
+                p.set(Field::InPort, u128::from(UPLINK));
+                p.set(Field::VlanTci, 0x1000 | u128::from(vlan.unwrap_or(0)));
+                p.set(Field::EthType, 0x0800);
+                p.set(Field::IpSrc, u128::from(packet.src_ip));
+                p.set(Field::IpDst, u128::from(packet.dst_ip));
+                p.set(Field::IpProto, u128::from(protocol_number(packet.protocol)));
+                p.set(Field::TpSrc, u128::from(packet.src_port));
+                p.set(Field::TpDst, u128::from(packet.dst_port));
+                match self.ovs(&node, p, path) {
+                    OvsOut::Port(port, out) => match self.pod_by_port(&node, port) {
+                        Some((ns, name)) => Ok((
+                            Some((node, port, out)),
+                            Reached::Pod {
+                                namespace: ns,
+                                name,
+                            },
+                        )),
+                        None => Ok((None, Reached::Dropped(format!("{node}: out of port {port}, no pod's")))),
+                    },
+                    OvsOut::Uplink(..) => Ok((None, Reached::Dropped(format!("{node}: sent back to the uplink")))),
+                    OvsOut::Dropped(r) => Ok((None, Reached::Dropped(r))),
+                }
+            }
+        }
+    }
+
+    /// A connection from `from` to `dst_ip:dport` (and its reply), from source port `sport`.
+    pub fn connect(
+        &self,
+        from: &Endpoint,
+        dst_ip: u32,
+        protocol: u8,
+        sport: u16,
+        dport: u16,
+    ) -> Result<Outcome, String> {
+        let mut path = Vec::new();
+        let mut conns = Connections::default();
+        let (first, src_ip, src_pod) = match from {
+            Endpoint::Pod { namespace, name } => {
+                let pod = self.pod_at(namespace, name)?;
+                let mut p = Packet::default();
+                p.set(Field::InPort, u128::from(pod.ofport));
+                p.set(Field::EthSrc, u128::from(pod.mac));
+                p.set(Field::EthType, 0x0800);
+                p.set(Field::IpSrc, u128::from(pod.ip));
+                p.set(Field::IpDst, u128::from(dst_ip));
+                p.set(Field::IpProto, u128::from(protocol));
+                p.set(Field::TpSrc, u128::from(sport));
+                p.set(Field::TpDst, u128::from(dport));
+                let (vlan, out) = match self.ovs(&pod.node, p, &mut path) {
+                    OvsOut::Uplink(v, out) => (v, out),
+                    OvsOut::Port(port, _) => {
+                        return Ok(Outcome {
+                            reached: Reached::Dropped(format!("{}: switched locally to port {port}, not through the uplink", pod.node)),
+                            reply_ok: false,
+                            path,
+                        });
+                    }
+                    OvsOut::Dropped(r) => {
+                        return Ok(Outcome {
+                            reached: Reached::Dropped(r),
+                            reply_ok: false,
+                            path,
+                        });
+                    }
+                };
+                let vif = self.nodes[&pod.node].vif_id.clone();
+                let pkt = nsx_packet(&out, protocol);
+                let ip = pod.ip;
+                (
+                    self.through_nsx(
+                        &mut conns,
+                        Entry::Vif {
+                            parent_vif_id: vif,
+                            vlan,
+                        },
+                        pkt,
+                        &mut path,
+                    )?,
+                    ip,
+                    Some(pod),
+                )
+            }
+            Endpoint::External(ip) => {
+                let pkt = NsxPacket {
+                    src_ip: *ip,
+                    dst_ip,
+                    protocol: proto(protocol),
+                    src_port: sport,
+                    dst_port: dport,
+                };
+                (
+                    self.through_nsx(&mut conns, Entry::External, pkt, &mut path)?,
+                    *ip,
+                    None,
+                )
+            }
+            _ => return Err(format!("{from} cannot be a source")),
+        };
+        let (arrived, reached) = first;
+        // The reply, from where the packet arrived, to where it came from.
+        let reply_ok = match (&reached, arrived) {
+            (Reached::Pod { .. }, Some((node, port, delivered))) => {
+                let mut r = Packet::default();
+                r.set(Field::InPort, u128::from(port));
+                r.set(Field::EthType, 0x0800);
+                let (dsrc, ddst) = (delivered.get(Field::IpSrc), delivered.get(Field::IpDst));
+                r.set(Field::IpSrc, ddst);
+                r.set(Field::IpDst, dsrc);
+                r.set(Field::IpProto, u128::from(protocol));
+                r.set(Field::TpSrc, delivered.get(Field::TpDst));
+                r.set(Field::TpDst, delivered.get(Field::TpSrc));
+                path.push("reply:".into());
+                match self.ovs(&node, r, &mut path) {
+                    OvsOut::Uplink(vlan, out) => {
+                        let vif = self.nodes[&node].vif_id.clone();
+                        let t = self.nsx.with_store(|s| {
+                            s.trace_with(
+                                &mut conns,
+                                &Entry::Vif {
+                                    parent_vif_id: vif,
+                                    vlan,
+                                },
+                                &nsx_packet(&out, protocol),
+                            )
+                        });
+                        for h in &t.hops {
+                            path.push(format!("nsx: {h}"));
+                        }
+                        match (t.verdict, &src_pod) {
+                            (Verdict::External { packet }, None) => {
+                                packet.dst_ip == src_ip && packet.src_ip == dst_ip && packet.src_port == dport
+                            }
+                            (Verdict::Delivered { parent_vif_id, vlan, packet, .. }, Some(pod)) => {
+                                let node_ok = parent_vif_id.as_deref().and_then(|v| self.node_of_vif(v)) == Some(pod.node.clone());
+                                let mut p = Packet::default();
+                                p.set(Field::InPort, u128::from(UPLINK));
+                                p.set(Field::VlanTci, 0x1000 | u128::from(vlan.unwrap_or(0)));
+                                p.set(Field::EthType, 0x0800);
+                                p.set(Field::IpSrc, u128::from(packet.src_ip));
+                                p.set(Field::IpDst, u128::from(packet.dst_ip));
+                                p.set(Field::IpProto, u128::from(protocol));
+                                p.set(Field::TpSrc, u128::from(packet.src_port));
+                                p.set(Field::TpDst, u128::from(packet.dst_port));
+                                node_ok
+                                    && match self.ovs(&pod.node, p, &mut path) {
+                                        OvsOut::Port(port, out) => {
+                                            port == pod.ofport
+                                                && out.get(Field::IpSrc) == u128::from(dst_ip)
+                                                && out.get(Field::TpSrc) == u128::from(dport)
+                                        }
+                                        _ => false,
+                                    }
+                            }
+                            (v, _) => {
+                                path.push(format!("reply ended: {v:?}"));
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                }
+            }
+            (Reached::External { src }, _) => {
+                // The far end answers to the address it saw; NSX un-SNATs it back.
+                let back = NsxPacket {
+                    src_ip: dst_ip,
+                    dst_ip: *src,
+                    protocol: proto(protocol),
+                    src_port: dport,
+                    dst_port: sport,
+                };
+                path.push(format!("reply from outside: {} -> {}", ip_string(dst_ip), ip_string(*src)));
+                match self.through_nsx(&mut conns, Entry::External, back, &mut path)? {
+                    (Some((_, _, out)), Reached::Pod { namespace, name }) => src_pod.as_ref().is_some_and(|p| {
+                        p.namespace == namespace && p.name == name && out.get(Field::IpSrc) == u128::from(dst_ip)
+                    }),
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        Ok(Outcome {
+            reached,
+            reply_ok,
+            path,
+        })
+    }
+}
+
+fn protocol_number(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+        Protocol::Icmp => 1,
+    }
+}
+
+fn nsx_packet(p: &Packet, protocol: u8) -> NsxPacket {
+    NsxPacket {
+        src_ip: p.get(Field::IpSrc) as u32,
+        dst_ip: p.get(Field::IpDst) as u32,
+        protocol: proto(protocol),
+        src_port: p.get(Field::TpSrc) as u16,
+        dst_port: p.get(Field::TpDst) as u16,
+    }
+}

@@ -1,0 +1,427 @@
+//! Running a scenario for one seed: its steps in order, the invariants after each, the
+//! expectations where written, and a report with the counters and the trace hash.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::names::{Endpoint, parse_ip, protocol};
+use super::spec::{Connectivity, Expect, Scenario, StepKind};
+use super::world::World;
+
+/// What one (scenario, seed) run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedReport {
+    pub seed: u64,
+    pub passed: bool,
+    /// `N (line L, kind)` of the step that failed.
+    pub failed_step: Option<String>,
+    pub message: Option<String>,
+    pub sim_time_ms: u64,
+    pub wall_ms: u64,
+    pub nsx_requests: NsxRequests,
+    /// NSX requests counted at each `expect` with `api_calls` (and at the end).
+    pub marks: Vec<Mark>,
+    pub pods: usize,
+    pub trace_hash: String,
+    #[serde(skip)]
+    pub trace: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NsxRequests {
+    pub total: u64,
+    pub writes: u64,
+    pub by_status: BTreeMap<u16, u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mark {
+    pub line: u64,
+    pub total: u64,
+    pub writes: u64,
+}
+
+/// Options of a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop after this step (1-based), for `dump --at`.
+    pub stop_after: Option<usize>,
+    /// Write snapshots that differ or are missing instead of failing.
+    pub update_snapshots: bool,
+}
+
+const CONTROLLER_EVERY_MS: u64 = 100;
+const INVARIANTS_EVERY_MS: u64 = 1_000;
+
+struct Runner {
+    w: World,
+    next_controllers: u64,
+    next_invariants: u64,
+    /// NSX counters at the previous expect.
+    mark: (u64, u64),
+    marks: Vec<Mark>,
+}
+
+impl Runner {
+    /// Runs the simulation `ms` further, with the harness's controllers and the invariants.
+    fn advance(&mut self, ms: u64) -> Result<(), String> {
+        let until = self.w.now_ms() + ms;
+        while self.w.now_ms() < until {
+            let now = self.w.now_ms();
+            if now >= self.next_controllers {
+                self.next_controllers = now + CONTROLLER_EVERY_MS;
+                self.w.endpoints_controller();
+            }
+            if now >= self.next_invariants {
+                self.next_invariants = now + INVARIANTS_EVERY_MS;
+                self.w.invariants().map_err(|e| format!("invariant violated: {e}"))?;
+            }
+            self.w
+                .sim
+                .step()
+                .map_err(|e| format!("the simulation failed: {e}"))?;
+            self.w.crash_frozen();
+        }
+        Ok(())
+    }
+
+    fn converge(&mut self, within: u64) -> Result<(), String> {
+        let deadline = self.w.now_ms() + within;
+        let mut last;
+        loop {
+            self.w.endpoints_controller();
+            match self.w.converged() {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            if self.w.now_ms() >= deadline {
+                return Err(format!("not converged within {within} ms: {last}"));
+            }
+            self.advance(250)?;
+        }
+    }
+
+    fn counters(&self) -> (u64, u64) {
+        let c = self.w.nsx.counters();
+        (c.total, c.writes)
+    }
+
+    fn step(&mut self, kind: &StepKind, line: u64, opts: &RunOptions) -> Result<(), String> {
+        match kind {
+            StepKind::Apply(docs) => {
+                for d in docs {
+                    self.w.apply(d.clone())?;
+                }
+                self.w.endpoints_controller();
+                // Let the watches see it.
+                self.advance(10)
+            }
+            StepKind::Delete(r) => {
+                self.w
+                    .delete(&r.kind, r.namespace.as_deref().unwrap_or(""), &r.name)?;
+                self.advance(10)
+            }
+            StepKind::Wait(ms) => self.advance(*ms),
+            StepKind::Converge(within) => self.converge(*within),
+            StepKind::Fault(f) => {
+                self.w.fault(f)?;
+                self.advance(5)
+            }
+            StepKind::Heal(f) => {
+                self.w.heal(f.as_ref());
+                self.advance(5)
+            }
+            StepKind::Expect(e) => self.expect(e, line),
+            StepKind::Snapshot(label) => {
+                super::snapshot::check(&self.w, label, opts.update_snapshots)
+            }
+        }
+    }
+
+    fn expect(&mut self, e: &Expect, line: u64) -> Result<(), String> {
+        if e.converged == Some(true) {
+            self.w.converged().map_err(|m| format!("not converged: {m}"))?;
+        }
+        if e.converged == Some(false) && self.w.converged().is_ok() {
+            return Err("expected not converged, but everything is realized".into());
+        }
+        if e.invariants.is_some() {
+            let r = self.w.invariants();
+            match (e.invariants, r) {
+                (Some(true), Err(m)) => return Err(format!("invariant violated: {m}")),
+                (Some(false), Ok(())) => return Err("expected an invariant to be violated; all hold".into()),
+                _ => {}
+            }
+        }
+        if let Some(n) = &e.nsx {
+            let cluster = self.w.sc.cluster.name.clone();
+            // NCP's own objects (what it would find by tag), not the admin's bootstrap
+            // objects that also carry the cluster's tag.
+            let docs: Vec<serde_json::Value> = self.w.nsx.with_store(|s| {
+                s.objects()
+                    .map(|(_, o)| serde_json::Value::Object(o.doc.clone()))
+                    .collect()
+            });
+            let observed = nsx_core::ncp::observe::Observed::from_docs(docs, &cluster);
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for d in observed.objects.values().flatten() {
+                let rt = d["resource_type"].as_str().unwrap_or("");
+                *counts.entry(super::names::count_name(rt).to_string()).or_insert(0) += 1;
+            }
+            for (k, want) in &n.count {
+                let have = counts.get(k).copied().unwrap_or(0);
+                if have != *want {
+                    return Err(format!("NSX has {have} {k} of this cluster, expected {want}"));
+                }
+            }
+            if n.untouched.is_some() {
+                for id in &self.w.preloaded {
+                    let before = self.w.foreign.get(id).cloned().unwrap_or_default();
+                    let now = self.w.nsx.with_store(|s| {
+                        s.objects()
+                            .find(|(i, _)| *i == id)
+                            .map(|(_, o)| serde_json::Value::Object(o.doc.clone()))
+                    });
+                    match now {
+                        None => return Err(format!("preloaded {id} was deleted")),
+                        Some(d) if d != before => return Err(format!("preloaded {id} was changed")),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let (total, writes) = self.counters();
+        if let Some(a) = &e.api_calls {
+            let (t, w) = (total - self.mark.0, writes - self.mark.1);
+            self.marks.push(super::run::Mark {
+                line,
+                total: t,
+                writes: w,
+            });
+            if let Some(max) = a.max
+                && t > max
+            {
+                return Err(format!("{t} NSX requests since the previous expect, at most {max} expected"));
+            }
+            if let Some(max) = a.writes_max
+                && w > max
+            {
+                return Err(format!("{w} NSX writes since the previous expect, at most {max} expected"));
+            }
+        }
+        self.mark = (total, writes);
+        for c in &e.connectivity {
+            self.connectivity(c)?;
+        }
+        if let Some(r) = &e.reachability {
+            let m = r.matrix()?;
+            let proto = protocol(&r.protocol)?;
+            let mut wrong = Vec::new();
+            for (row, allowed) in &m.rows {
+                for (col, want) in m.columns.iter().zip(allowed) {
+                    if row == col {
+                        continue;
+                    }
+                    let (ns, name) = col.split_once('/').unwrap_or_default();
+                    let dst = self.w.pod_at(ns, name)?.ip;
+                    let from = Endpoint::parse(row, true)?;
+                    let o = self.w.connect(&from, dst, proto, 41000, r.port)?;
+                    if o.works() != *want {
+                        wrong.push(format!(
+                            "{row} -> {col}: expected {}, got {} ({:?})",
+                            if *want { "." } else { "X" },
+                            if o.works() { "." } else { "X" },
+                            o.reached
+                        ));
+                    }
+                }
+            }
+            if !wrong.is_empty() {
+                return Err(format!("reachability on {} {}: {}", r.protocol, r.port, wrong.join("; ")));
+            }
+        }
+        Ok(())
+    }
+
+    fn connectivity(&mut self, c: &Connectivity) -> Result<(), String> {
+        let from = Endpoint::parse(&c.from, true)?;
+        let to = Endpoint::parse(&c.to, false)?;
+        let proto = protocol(&c.protocol)?;
+        let (dst_ip, service) = match &to {
+            Endpoint::Pod { namespace, name } => (self.w.pod_at(namespace, name)?.ip, false),
+            Endpoint::External(ip) => (*ip, false),
+            Endpoint::Service { namespace, name } => {
+                let s = self
+                    .w
+                    .api
+                    .get("services", namespace, name)
+                    .ok_or(format!("no service {namespace}/{name}"))?;
+                (parse_ip(s["spec"]["clusterIP"].as_str().unwrap_or(""))?, true)
+            }
+            Endpoint::Lb { namespace, name } => {
+                let s = self
+                    .w
+                    .api
+                    .get("services", namespace, name)
+                    .ok_or(format!("no service {namespace}/{name}"))?;
+                let ip = s["status"]["loadBalancer"]["ingress"][0]["ip"]
+                    .as_str()
+                    .ok_or(format!("service {namespace}/{name} has no LoadBalancer ingress IP"))?;
+                (parse_ip(ip)?, true)
+            }
+        };
+        let attempts = if service { 48 } else { 1 };
+        let mut reached: BTreeSet<String> = BTreeSet::new();
+        let mut ok = 0;
+        let mut sample = None;
+        for i in 0..attempts {
+            let sport = 33000 + (i as u16) * 7;
+            let o = self.w.connect(&from, dst_ip, proto, sport, c.port)?;
+            if o.works() {
+                ok += 1;
+                match &o.reached {
+                    super::dataplane::Reached::Pod { namespace, name } => {
+                        reached.insert(format!("{namespace}/{name}"));
+                    }
+                    super::dataplane::Reached::External { src } => {
+                        if let Some(snat) = c.snat {
+                            let pod_ip = match &from {
+                                Endpoint::Pod { namespace, name } => self.w.pod_at(namespace, name)?.ip,
+                                _ => 0,
+                            };
+                            if snat == (*src == pod_ip) {
+                                return Err(format!(
+                                    "{} -> {}: left with source {}, snat: {snat} expected",
+                                    c.from,
+                                    c.to,
+                                    super::names::ip_string(*src)
+                                ));
+                            }
+                        }
+                    }
+                    super::dataplane::Reached::Dropped(_) => {}
+                }
+            } else if sample.is_none() {
+                sample = Some(o);
+            }
+        }
+        let works = ok > 0;
+        if works != c.allowed {
+            let why = sample
+                .map(|o| format!("{:?}; path: {}", o.reached, o.path.join(" | ")))
+                .unwrap_or_else(|| format!("reached {}", reached.iter().cloned().collect::<Vec<_>>().join(", ")));
+            return Err(format!(
+                "{} -> {} {} {}: expected {}, {}: {why}",
+                c.from,
+                c.to,
+                c.protocol,
+                c.port,
+                if c.allowed { "allowed" } else { "blocked" },
+                if works { "it connects" } else { "it does not connect" }
+            ));
+        }
+        if c.allowed && ok < attempts {
+            return Err(format!(
+                "{} -> {}: only {ok} of {attempts} connections worked",
+                c.from, c.to
+            ));
+        }
+        if let Some(b) = &c.backends {
+            let want: BTreeSet<String> = b.iter().cloned().collect();
+            if want != reached {
+                return Err(format!(
+                    "{} -> {}: backends reached {:?}, expected {:?}",
+                    c.from, c.to, reached, want
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `sc` with `seed`.
+pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<World>) {
+    // Wall time is for the report only; nothing in the simulation reads it.
+    let started = std::time::Instant::now();
+    let w = match World::new(sc, seed) {
+        Ok(w) => w,
+        Err(e) => {
+            return (
+                SeedReport {
+                    seed,
+                    passed: false,
+                    failed_step: Some("setup".into()),
+                    message: Some(e),
+                    sim_time_ms: 0,
+                    wall_ms: started.elapsed().as_millis() as u64,
+                    nsx_requests: NsxRequests::default(),
+                    marks: Vec::new(),
+                    pods: 0,
+                    trace_hash: String::new(),
+                    trace: Vec::new(),
+                },
+                None,
+            );
+        }
+    };
+    w.record(format!("scenario {} seed {seed}", sc.name));
+    let mut r = Runner {
+        w,
+        next_controllers: 0,
+        next_invariants: 0,
+        mark: (0, 0),
+        marks: Vec::new(),
+    };
+    let mut failure = None;
+    for (i, s) in sc.steps.iter().enumerate() {
+        if opts.stop_after.is_some_and(|n| i >= n) {
+            break;
+        }
+        r.w.record(format!("step {} (line {}) {}", i + 1, s.line, s.kind.name()));
+        let res = r.step(&s.kind, s.line, opts).and_then(|()| {
+            r.w.invariants()
+                .map_err(|e| format!("invariant violated: {e}"))
+        });
+        if let Err(e) = res {
+            r.w.record(format!("step {} failed: {e}", i + 1));
+            failure = Some((format!("{} (line {}, {})", i + 1, s.line, s.kind.name()), e));
+            break;
+        }
+    }
+    let w = r.w;
+    for line in w.api.request_log() {
+        if let Some((ms, rest)) = line.split_once(' ') {
+            let ms: i64 = ms.parse().unwrap_or(crate::spine::EPOCH_MS);
+            w.trace
+                .record_at((ms - crate::spine::EPOCH_MS).max(0) as u128, "apiserver", rest);
+        }
+    }
+    for e in w.nsx.requests_since(0) {
+        w.trace.record_at(
+            (e.time_ms - crate::spine::EPOCH_MS).max(0) as u128,
+            "nsx-manager",
+            format!("{} {} {} -> {}", e.user, e.method, e.path, e.status),
+        );
+    }
+    let lines = w.trace.lines();
+    let c = w.nsx.counters();
+    let report = SeedReport {
+        seed,
+        passed: failure.is_none(),
+        failed_step: failure.as_ref().map(|f| f.0.clone()),
+        message: failure.map(|f| f.1),
+        sim_time_ms: w.now_ms(),
+        wall_ms: started.elapsed().as_millis() as u64,
+        nsx_requests: NsxRequests {
+            total: c.total,
+            writes: c.writes,
+            by_status: c.by_status,
+        },
+        marks: r.marks,
+        pods: w.api.list("pods").len(),
+        trace_hash: format!("{:016x}", crate::trace::hash_lines(&lines)),
+        trace: lines,
+    };
+    (report, Some(w))
+}

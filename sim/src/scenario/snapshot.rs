@@ -1,0 +1,174 @@
+//! Golden snapshots of the realized state (insta-style files next to the scenario): NSX
+//! objects of the cluster and every node's OVS flows and groups, with what varies from seed
+//! to seed (ids, addresses, cookies, port numbers, revisions) redacted, so one file holds
+//! for every seed. A missing or different snapshot fails the step unless snapshots are being
+//! updated (`nsx-sim run --update-snapshots`).
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use super::world::World;
+
+/// Where the snapshot of `label` lives.
+pub fn path(w: &World, label: &str) -> PathBuf {
+    w.sc.file
+        .parent()
+        .unwrap_or_else(|| std::path::Path::new("."))
+        .join("snapshots")
+        .join(format!("{}__{label}.snap", w.sc.name))
+}
+
+/// Replaces every dotted quad, MAC, hex number and UUID-like id in `s`.
+fn redact(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        if token.is_empty() {
+            return;
+        }
+        let t = token.as_str();
+        let is_ip = t.split('.').count() == 4 && t.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let is_mac = t.split(':').count() == 6 && t.split(':').all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+        let is_hex = t.starts_with("0x") && t.len() > 2;
+        let is_id = t.len() >= 16 && t.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        if is_ip {
+            out.push_str("<ip>");
+        } else if is_mac {
+            out.push_str("<mac>");
+        } else if is_hex {
+            out.push_str("<hex>");
+        } else if is_id {
+            out.push_str("<id>");
+        } else {
+            out.push_str(t);
+        }
+        token.clear();
+    };
+    for ch in s.chars() {
+        if ch.is_ascii_alphanumeric() || ch == '.' || ch == ':' || ch == '-' {
+            token.push(ch);
+        } else {
+            flush(&mut token, &mut out);
+            out.push(ch);
+        }
+    }
+    flush(&mut token, &mut out);
+    // Port numbers and register values are numbers after these keys.
+    let mut r = out;
+    for key in ["in_port=", "output:", "reg5=", "reg7=", "group_id=", "group:", "vlan_vid=", "dl_vlan=", "set_field:", "load:", "mod_vlan_vid:", "traffic_tag\":", "vlan\":", "nodePort\":", "n_packets=", "n_bytes="] {
+        let mut s2 = String::new();
+        let mut rest = r.as_str();
+        while let Some(i) = rest.find(key) {
+            s2.push_str(&rest[..i + key.len()]);
+            rest = &rest[i + key.len()..];
+            let n = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+            if n > 0 {
+                s2.push('N');
+                rest = &rest[n..];
+            }
+        }
+        s2.push_str(rest);
+        r = s2;
+    }
+    r
+}
+
+/// The redacted state, one line per object, flow and group, sorted.
+pub fn render(w: &World) -> String {
+    let cluster = w.sc.cluster.name.clone();
+    let mut nsx: Vec<String> = w.nsx.with_store(|s| {
+        s.objects()
+            .filter(|(_, o)| {
+                o.doc
+                    .get("tags")
+                    .and_then(Value::as_array)
+                    .is_some_and(|t| t.iter().any(|t| t["scope"] == "ncp/cluster" && t["tag"] == cluster.as_str()))
+            })
+            .map(|(_, o)| {
+                let mut tags: Vec<String> = o
+                    .doc
+                    .get("tags")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| !t["scope"].as_str().unwrap_or("").ends_with("uid"))
+                    .map(|t| format!("{}={}", t["scope"].as_str().unwrap_or(""), t["tag"].as_str().unwrap_or("")))
+                    .collect();
+                tags.sort();
+                redact(&format!(
+                    "{} {:?} [{}]",
+                    o.doc.get("resource_type").and_then(Value::as_str).unwrap_or(""),
+                    o.doc.get("display_name").and_then(Value::as_str).unwrap_or(""),
+                    tags.join(" ")
+                ))
+            })
+            .collect()
+    });
+    nsx.sort();
+    let mut out = format!("# {} NSX objects of cluster {cluster}\n", nsx.len());
+    for l in nsx {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    for (name, n) in &w.nodes {
+        let Ok(b) = n.bridge.try_lock() else { continue };
+        let mut flows: Vec<String> = b
+            .dump_flows(false)
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with("NXST") && !l.starts_with("OFPST"))
+            .map(|l| redact(l.trim()))
+            .collect();
+        flows.sort();
+        let mut groups: Vec<String> = b
+            .dump_groups()
+            .lines()
+            .filter(|l| l.trim().starts_with("group_id"))
+            .map(|l| redact(l.trim()))
+            .collect();
+        groups.sort();
+        out.push_str(&format!("# {name}: {} flows, {} groups\n", flows.len(), groups.len()));
+        for l in flows.into_iter().chain(groups) {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Compares (or writes) the snapshot.
+pub fn check(w: &World, label: &str, update: bool) -> Result<(), String> {
+    let p = path(w, label);
+    let now = render(w);
+    let old = std::fs::read_to_string(&p).ok();
+    if old.as_deref() == Some(now.as_str()) {
+        return Ok(());
+    }
+    if update {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        return std::fs::write(&p, now).map_err(|e| format!("{}: {e}", p.display()));
+    }
+    match old {
+        None => Err(format!(
+            "snapshot {} does not exist (run with --update-snapshots to write it)",
+            p.display()
+        )),
+        Some(old) => {
+            let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), now.lines().collect());
+            let first = a
+                .iter()
+                .zip(&b)
+                .position(|(x, y)| x != y)
+                .unwrap_or(a.len().min(b.len()));
+            Err(format!(
+                "snapshot {} differs at line {}: expected {:?}, got {:?}",
+                p.display(),
+                first + 1,
+                a.get(first).copied().unwrap_or("<end>"),
+                b.get(first).copied().unwrap_or("<end>")
+            ))
+        }
+    }
+}

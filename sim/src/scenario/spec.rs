@@ -1,0 +1,919 @@
+//! The scenario file (SCENARIOS.md): its schema, and loading it into a validated
+//! [`Scenario`]. Every mistake is reported with the file, the line and what is wrong; unknown
+//! keys are errors, in the scenario and in the Kubernetes manifests it carries.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use serde_saphyr::Spanned;
+
+/// A scenario file that cannot be used, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ScenarioError {
+    pub file: String,
+    pub line: Option<u64>,
+    pub message: String,
+}
+
+/// A scenario, validated.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub seed: Option<u64>,
+    pub file: PathBuf,
+    pub cluster: Cluster,
+    pub nsx: Nsx,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub name: String,
+    pub nodes: Vec<String>,
+    pub ip_block: String,
+    pub subnet_prefix: u8,
+    pub snat_pool: String,
+    pub lb_pool: String,
+    pub service_cidr: String,
+    pub ncp_replicas: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nsx {
+    pub rate_limit: u32,
+    pub concurrency_limit: u32,
+    pub latency_ms: u64,
+    pub search_lag_ms: u64,
+    /// NSX objects to create before NCP starts.
+    pub preload: Vec<Value>,
+}
+
+/// One step, with the line it starts on (for failure reports).
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub line: u64,
+    pub kind: StepKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    /// Manifests, parsed and checked.
+    Apply(Vec<Value>),
+    Delete(ObjectRef),
+    Wait(u64),
+    Converge(u64),
+    Fault(Fault),
+    /// `None`: heal everything.
+    Heal(Option<Fault>),
+    Expect(Box<Expect>),
+    Snapshot(String),
+}
+
+impl StepKind {
+    /// The step's name as the file spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepKind::Apply(_) => "apply",
+            StepKind::Delete(_) => "delete",
+            StepKind::Wait(_) => "wait",
+            StepKind::Converge(_) => "converge",
+            StepKind::Fault(_) => "fault",
+            StepKind::Heal(_) => "heal",
+            StepKind::Expect(_) => "expect",
+            StepKind::Snapshot(_) => "snapshot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectRef {
+    pub kind: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+/// A fault, as written (host names checked against the cluster).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Fault {
+    Partition(Vec<String>),
+    Hold(Vec<String>),
+    NsxErrors(NsxErrors),
+    Latency(Latency),
+    Crash(String),
+    Restart(String),
+    RestartOvs(String),
+    RestartAgent(String),
+    WatchDisconnect(String),
+    CrashAfterWrites(CrashAfterWrites),
+    AdminEdit(AdminEdit),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NsxErrors {
+    pub status: u16,
+    #[serde(default = "one")]
+    pub rate: f64,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub error_code: Option<i64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    pub between: Vec<String>,
+    #[serde(deserialize_with = "duration")]
+    pub min: u64,
+    #[serde(deserialize_with = "duration")]
+    pub max: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrashAfterWrites {
+    pub host: String,
+    pub writes: u64,
+}
+
+/// Someone else changes or deletes one of NCP's objects in NSX.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminEdit {
+    /// NSX `resource_type` (`LogicalPort`, `FirewallSection`, ...).
+    pub resource_type: String,
+    /// The object whose `display_name` contains this text (the first in id order).
+    pub name_contains: String,
+    #[serde(default)]
+    pub delete: bool,
+    /// Fields to overwrite (a JSON merge patch on the object) when not deleting.
+    #[serde(default)]
+    pub set: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    #[serde(default)]
+    pub converged: Option<bool>,
+    #[serde(default)]
+    pub invariants: Option<bool>,
+    #[serde(default)]
+    pub nsx: Option<NsxExpect>,
+    #[serde(default)]
+    pub api_calls: Option<ApiCalls>,
+    #[serde(default)]
+    pub connectivity: Vec<Connectivity>,
+    #[serde(default)]
+    pub reachability: Option<Reachability>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NsxExpect {
+    #[serde(default)]
+    pub count: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub untouched: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiCalls {
+    #[serde(default)]
+    pub max: Option<u64>,
+    #[serde(default)]
+    pub writes_max: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connectivity {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub allowed: bool,
+    #[serde(default)]
+    pub backends: Option<Vec<String>>,
+    #[serde(default)]
+    pub snat: Option<bool>,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reachability {
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub table: String,
+}
+
+/// The parsed matrix: sources, destinations, `allowed[row][col]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matrix {
+    pub columns: Vec<String>,
+    pub rows: Vec<(String, Vec<bool>)>,
+}
+
+impl Reachability {
+    pub fn matrix(&self) -> Result<Matrix, String> {
+        let mut lines = self.table.lines().filter(|l| !l.trim().is_empty());
+        let header = lines.next().ok_or("the table is empty")?;
+        let mut head = header.split_whitespace();
+        if head.next() != Some("-") {
+            return Err("the table's first row must start with `-`".into());
+        }
+        let columns: Vec<String> = head.map(str::to_string).collect();
+        let mut rows = Vec::new();
+        for l in lines {
+            let mut cells = l.split_whitespace();
+            let src = cells.next().unwrap_or_default().to_string();
+            let marks: Vec<&str> = cells.collect();
+            if marks.len() != columns.len() {
+                return Err(format!(
+                    "row {src} has {} cells for {} columns",
+                    marks.len(),
+                    columns.len()
+                ));
+            }
+            let allowed = marks
+                .iter()
+                .map(|m| match *m {
+                    "." => Ok(true),
+                    "X" | "x" => Ok(false),
+                    other => Err(format!("row {src}: `{other}` is neither `.` nor `X`")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.push((src, allowed));
+        }
+        Ok(Matrix { columns, rows })
+    }
+}
+
+// ---- the raw document ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    cluster: ClusterDoc,
+    #[serde(default)]
+    nsx: NsxDoc,
+    steps: Vec<Spanned<StepDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Nodes {
+    Count(usize),
+    Names(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterDoc {
+    #[serde(default = "default_cluster")]
+    name: String,
+    #[serde(default)]
+    nodes: Option<Nodes>,
+    #[serde(default = "default_block")]
+    ip_block: String,
+    #[serde(default = "default_prefix")]
+    subnet_prefix: u8,
+    #[serde(default = "default_snat")]
+    snat_pool: String,
+    #[serde(default = "default_lb")]
+    lb_pool: String,
+    #[serde(default = "default_service_cidr")]
+    service_cidr: String,
+    #[serde(default = "default_replicas")]
+    ncp_replicas: usize,
+}
+
+fn default_cluster() -> String {
+    "k8s-a".into()
+}
+fn default_block() -> String {
+    "10.4.0.0/16".into()
+}
+fn default_prefix() -> u8 {
+    24
+}
+fn default_snat() -> String {
+    "192.0.2.0/24".into()
+}
+fn default_lb() -> String {
+    "198.51.100.0/24".into()
+}
+fn default_service_cidr() -> String {
+    "10.96.0.0/16".into()
+}
+fn default_replicas() -> usize {
+    1
+}
+
+impl Default for ClusterDoc {
+    fn default() -> Self {
+        Self {
+            name: default_cluster(),
+            nodes: None,
+            ip_block: default_block(),
+            subnet_prefix: default_prefix(),
+            snat_pool: default_snat(),
+            lb_pool: default_lb(),
+            service_cidr: default_service_cidr(),
+            ncp_replicas: default_replicas(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NsxDoc {
+    #[serde(default)]
+    rate_limit: u32,
+    #[serde(default)]
+    concurrency_limit: u32,
+    #[serde(default, deserialize_with = "opt_duration")]
+    latency: Option<u64>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    search_lag: Option<u64>,
+    #[serde(default)]
+    preload: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum StepDoc {
+    Apply(String),
+    ApplyFile(String),
+    Delete(ObjectRef),
+    Wait(#[serde(deserialize_with = "duration")] u64),
+    Converge(ConvergeDoc),
+    Fault(Fault),
+    Heal(HealDoc),
+    Expect(Expect),
+    Snapshot(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConvergeDoc {
+    #[serde(deserialize_with = "duration")]
+    within: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum HealDoc {
+    Word(String),
+    One(Fault),
+}
+
+/// `250ms`, `5s`, `2m`, `1h`, or a bare number of milliseconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 250ms, 5s, 2m"))?;
+    let scale = match unit {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DurationDoc {
+    Text(String),
+    Millis(u64),
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match DurationDoc::deserialize(d)? {
+        DurationDoc::Millis(ms) => Ok(ms),
+        DurationDoc::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    duration(d).map(Some)
+}
+
+// ---- loading ----
+
+struct Ctx<'a> {
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, line: Option<u64>, message: impl Into<String>) -> ScenarioError {
+        ScenarioError {
+            file: self.file.display().to_string(),
+            line,
+            message: message.into(),
+        }
+    }
+}
+
+fn yaml_error(ctx: &Ctx<'_>, e: &serde_saphyr::Error, line_offset: u64) -> ScenarioError {
+    let line = e.location().map(|l| l.line() + line_offset);
+    // The rendered message repeats the position and quotes the source; the first line is
+    // the message itself.
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default().to_string();
+    ctx.err(line, first)
+}
+
+/// Loads and validates one scenario file.
+pub fn load(file: &Path) -> Result<Scenario, ScenarioError> {
+    let ctx = Ctx { file };
+    let text = std::fs::read_to_string(file).map_err(|e| ctx.err(None, e.to_string()))?;
+    parse(file, &text)
+}
+
+/// Validates scenario text as if it were `file` (which `apply_file` resolves against).
+pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
+    let ctx = Ctx { file };
+    let doc: Doc = serde_saphyr::from_str(text).map_err(|e| yaml_error(&ctx, &e, 0))?;
+    if doc.name.trim().is_empty() {
+        return Err(ctx.err(Some(1), "`name` must not be empty"));
+    }
+    let c = doc.cluster;
+    let nodes = match c.nodes {
+        None => (1..=3).map(|i| format!("node-{i}")).collect(),
+        Some(Nodes::Count(n)) => (1..=n).map(|i| format!("node-{i}")).collect(),
+        Some(Nodes::Names(v)) => v,
+    };
+    if nodes.is_empty() || nodes.len() > 64 {
+        return Err(ctx.err(None, "cluster.nodes must be 1 to 64 nodes"));
+    }
+    for n in &nodes {
+        if !crate::scenario::names::is_dns_label(n) || reserved_host(n) {
+            return Err(ctx.err(
+                None,
+                format!("cluster.nodes: `{n}` is not a usable node name (a DNS label that is not a host name the harness uses)"),
+            ));
+        }
+    }
+    for (key, cidr) in [
+        ("ip_block", &c.ip_block),
+        ("snat_pool", &c.snat_pool),
+        ("lb_pool", &c.lb_pool),
+        ("service_cidr", &c.service_cidr),
+    ] {
+        crate::scenario::names::parse_cidr(cidr)
+            .map_err(|e| ctx.err(None, format!("cluster.{key}: {e}")))?;
+    }
+    let (_, block_len) = crate::scenario::names::parse_cidr(&c.ip_block).unwrap_or((0, 16));
+    if c.subnet_prefix <= block_len || c.subnet_prefix > 30 {
+        return Err(ctx.err(
+            None,
+            format!(
+                "cluster.subnet_prefix {} must be longer than the block's /{block_len} and at most 30",
+                c.subnet_prefix
+            ),
+        ));
+    }
+    if !(1..=3).contains(&c.ncp_replicas) {
+        return Err(ctx.err(None, "cluster.ncp_replicas must be 1, 2 or 3"));
+    }
+    let cluster = Cluster {
+        name: c.name,
+        nodes,
+        ip_block: c.ip_block,
+        subnet_prefix: c.subnet_prefix,
+        snat_pool: c.snat_pool,
+        lb_pool: c.lb_pool,
+        service_cidr: c.service_cidr,
+        ncp_replicas: c.ncp_replicas,
+    };
+    let preload = match &doc.nsx.preload {
+        None => Vec::new(),
+        Some(t) => {
+            let v: Value = serde_saphyr::from_str(t).map_err(|e| {
+                let mut err = yaml_error(&ctx, &e, 0);
+                err.message = format!("nsx.preload: {}", err.message);
+                err.line = line_of(text, "preload:").map(|l| l + err.line.unwrap_or(0));
+                err
+            })?;
+            let list = match v {
+                Value::Array(a) => a,
+                Value::Object(_) => vec![v],
+                _ => return Err(ctx.err(line_of(text, "preload:"), "nsx.preload must be a list of NSX objects")),
+            };
+            for (i, o) in list.iter().enumerate() {
+                let rt = o.get("resource_type").and_then(Value::as_str);
+                if !rt.is_some_and(|rt| crate::scenario::names::collection_of(rt).is_some()) {
+                    return Err(ctx.err(
+                        line_of(text, "preload:"),
+                        format!(
+                            "nsx.preload[{i}]: resource_type {rt:?} is not one the harness can preload ({})",
+                            crate::scenario::names::PRELOADABLE.join(", ")
+                        ),
+                    ));
+                }
+            }
+            list
+        }
+    };
+    let nsx = Nsx {
+        rate_limit: doc.nsx.rate_limit,
+        concurrency_limit: doc.nsx.concurrency_limit,
+        latency_ms: doc.nsx.latency.unwrap_or(2),
+        search_lag_ms: doc.nsx.search_lag.unwrap_or(500),
+        preload,
+    };
+    let mut steps = Vec::new();
+    for s in doc.steps {
+        let line = s.referenced.line();
+        let kind = step(&ctx, &cluster, line, s.value)?;
+        steps.push(Step { line, kind });
+    }
+    Ok(Scenario {
+        name: doc.name,
+        description: doc.description.unwrap_or_default(),
+        seed: doc.seed,
+        file: file.to_path_buf(),
+        cluster,
+        nsx,
+        steps,
+    })
+}
+
+fn line_of(text: &str, needle: &str) -> Option<u64> {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(needle))
+        .map(|i| i as u64 + 1)
+}
+
+fn reserved_host(n: &str) -> bool {
+    n == "apiserver" || n == "nsx-manager" || n == "ncp" || n.starts_with("ncp-") || n == "external"
+}
+
+fn step(ctx: &Ctx<'_>, cluster: &Cluster, line: u64, s: StepDoc) -> Result<StepKind, ScenarioError> {
+    let err = |m: String| ctx.err(Some(line), m);
+    Ok(match s {
+        // The block's text starts on the line after `apply: |`.
+        StepDoc::Apply(text) => StepKind::Apply(manifests(ctx, &text, line)?),
+        StepDoc::ApplyFile(rel) => {
+            let path = ctx
+                .file
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(&rel);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| err(format!("apply_file {}: {e}", path.display())))?;
+            let sub = Ctx { file: &path };
+            StepKind::Apply(manifests(&sub, &text, 0)?)
+        }
+        StepDoc::Delete(r) => {
+            if !KINDS.iter().any(|(k, _, _)| *k == r.kind) {
+                return Err(err(format!(
+                    "delete: kind `{}` is not one of {}",
+                    r.kind,
+                    KINDS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let namespaced = KINDS.iter().any(|(k, _, n)| *k == r.kind && *n);
+            if namespaced != r.namespace.is_some() {
+                return Err(err(format!(
+                    "delete: a {} {} a namespace",
+                    r.kind,
+                    if namespaced { "needs" } else { "has no" }
+                )));
+            }
+            StepKind::Delete(r)
+        }
+        StepDoc::Wait(ms) => StepKind::Wait(ms),
+        StepDoc::Converge(c) => StepKind::Converge(c.within),
+        StepDoc::Fault(f) => {
+            check_fault(cluster, &f).map_err(err)?;
+            StepKind::Fault(f)
+        }
+        StepDoc::Heal(HealDoc::Word(w)) if w == "all" => StepKind::Heal(None),
+        StepDoc::Heal(HealDoc::Word(w)) => {
+            return Err(err(format!(
+                "heal: `{w}` is neither `all` nor a fault"
+            )));
+        }
+        StepDoc::Heal(HealDoc::One(f)) => {
+            check_fault(cluster, &f).map_err(err)?;
+            StepKind::Heal(Some(f))
+        }
+        StepDoc::Expect(e) => {
+            check_expect(&e).map_err(err)?;
+            StepKind::Expect(Box::new(e))
+        }
+        StepDoc::Snapshot(label) => {
+            if label.is_empty()
+                || !label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(format!(
+                    "snapshot: `{label}` must be letters, digits, - and _"
+                )));
+            }
+            StepKind::Snapshot(label)
+        }
+    })
+}
+
+/// The hosts a fault may name.
+pub fn check_host(cluster: &Cluster, h: &str, node_only: bool) -> Result<(), String> {
+    let ok = if node_only {
+        cluster.nodes.iter().any(|n| n == h)
+    } else {
+        h == "ncp"
+            || h == "nsx-manager"
+            || h == "apiserver"
+            || cluster.nodes.iter().any(|n| n == h)
+            || h.strip_prefix("ncp-")
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i < cluster.ncp_replicas)
+    };
+    if ok {
+        Ok(())
+    } else if node_only {
+        Err(format!(
+            "`{h}` is not a node (nodes: {})",
+            cluster.nodes.join(", ")
+        ))
+    } else {
+        Err(format!(
+            "`{h}` is not a host (ncp, ncp-0..ncp-{}, nsx-manager, apiserver, {})",
+            cluster.ncp_replicas - 1,
+            cluster.nodes.join(", ")
+        ))
+    }
+}
+
+fn pair(cluster: &Cluster, what: &str, hosts: &[String]) -> Result<(), String> {
+    if hosts.len() != 2 {
+        return Err(format!("{what} takes two hosts, got {}", hosts.len()));
+    }
+    for h in hosts {
+        check_host(cluster, h, false).map_err(|e| format!("{what}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn check_fault(cluster: &Cluster, f: &Fault) -> Result<(), String> {
+    match f {
+        Fault::Partition(h) => pair(cluster, "partition", h),
+        Fault::Hold(h) => pair(cluster, "hold", h),
+        Fault::Latency(l) => {
+            pair(cluster, "latency.between", &l.between)?;
+            if l.min > l.max {
+                return Err(format!("latency: min {} ms > max {} ms", l.min, l.max));
+            }
+            Ok(())
+        }
+        Fault::NsxErrors(e) => {
+            if !(400..=599).contains(&e.status) {
+                return Err(format!("nsx_errors.status {} is not an HTTP error status", e.status));
+            }
+            if !(0.0..=1.0).contains(&e.rate) {
+                return Err(format!("nsx_errors.rate {} is not within 0..1", e.rate));
+            }
+            Ok(())
+        }
+        Fault::Crash(h) | Fault::Restart(h) => {
+            check_host(cluster, h, false)?;
+            if h == "apiserver" || cluster.nodes.contains(h) {
+                return Err(format!(
+                    "crash/restart take ncp, ncp-N or nsx-manager (use restart_agent / restart_ovs for a node), not `{h}`"
+                ));
+            }
+            Ok(())
+        }
+        Fault::RestartOvs(h) | Fault::RestartAgent(h) => check_host(cluster, h, true),
+        Fault::WatchDisconnect(h) => {
+            check_host(cluster, h, false)?;
+            if h == "nsx-manager" || h == "apiserver" {
+                return Err(format!("watch_disconnect takes a watcher (ncp, ncp-N or a node), not `{h}`"));
+            }
+            Ok(())
+        }
+        Fault::CrashAfterWrites(c) => {
+            check_host(cluster, &c.host, false)?;
+            if !(c.host == "ncp" || c.host.starts_with("ncp-")) {
+                return Err(format!("crash_after_writes.host must be an NCP replica, not `{}`", c.host));
+            }
+            if c.writes == 0 {
+                return Err("crash_after_writes.writes must be at least 1".into());
+            }
+            Ok(())
+        }
+        Fault::AdminEdit(a) => {
+            if crate::scenario::names::collection_of(&a.resource_type).is_none() {
+                return Err(format!(
+                    "admin_edit.resource_type `{}` is not one of {}",
+                    a.resource_type,
+                    crate::scenario::names::PRELOADABLE.join(", ")
+                ));
+            }
+            if a.delete == a.set.is_some() {
+                return Err("admin_edit takes either `delete: true` or `set: {...}`".into());
+            }
+            if a.set.as_ref().is_some_and(|s| !s.is_object()) {
+                return Err("admin_edit.set must be a map of fields".into());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_expect(e: &Expect) -> Result<(), String> {
+    if let Some(n) = &e.nsx {
+        for k in n.count.keys() {
+            if !crate::scenario::names::COUNTABLE.contains(&k.as_str()) {
+                return Err(format!(
+                    "expect.nsx.count: `{k}` is not one of {}",
+                    crate::scenario::names::COUNTABLE.join(", ")
+                ));
+            }
+        }
+        if let Some(u) = &n.untouched
+            && u != "preload"
+        {
+            return Err(format!("expect.nsx.untouched: `{u}` (only `preload` is known)"));
+        }
+    }
+    for c in &e.connectivity {
+        crate::scenario::names::protocol(&c.protocol)?;
+        crate::scenario::names::Endpoint::parse(&c.from, true)?;
+        let to = crate::scenario::names::Endpoint::parse(&c.to, false)?;
+        if c.backends.is_some() && !matches!(to, crate::scenario::names::Endpoint::Service { .. } | crate::scenario::names::Endpoint::Lb { .. }) {
+            return Err(format!("connectivity to {}: `backends` is for svc/ and lb/ targets", c.to));
+        }
+        if let Some(b) = &c.backends {
+            for p in b {
+                crate::scenario::names::Endpoint::parse(p, true)?;
+            }
+        }
+    }
+    if let Some(r) = &e.reachability {
+        crate::scenario::names::protocol(&r.protocol)?;
+        let m = r.matrix().map_err(|m| format!("expect.reachability: {m}"))?;
+        for name in m.columns.iter().chain(m.rows.iter().map(|r| &r.0)) {
+            match crate::scenario::names::Endpoint::parse(name, true)? {
+                crate::scenario::names::Endpoint::Pod { .. } => {}
+                _ => return Err(format!("expect.reachability: `{name}` is not a pod (ns/name)")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Kinds the harness accepts: (kind, apiVersion, namespaced).
+pub const KINDS: &[(&str, &str, bool)] = &[
+    ("Namespace", "v1", false),
+    ("Node", "v1", false),
+    ("Pod", "v1", true),
+    ("Service", "v1", true),
+    ("EndpointSlice", "discovery.k8s.io/v1", true),
+    ("NetworkPolicy", "networking.k8s.io/v1", true),
+];
+
+/// Splits multi-document YAML, parses and checks each manifest; `line0` is the line before
+/// the text's first line in the file.
+fn manifests(ctx: &Ctx<'_>, text: &str, line0: u64) -> Result<Vec<Value>, ScenarioError> {
+    let mut docs: Vec<(u64, String)> = vec![(line0, String::new())];
+    for (i, l) in text.lines().enumerate() {
+        if l.trim_end() == "---" {
+            docs.push((line0 + i as u64 + 1, String::new()));
+            continue;
+        }
+        if let Some(d) = docs.last_mut() {
+            d.1.push_str(l);
+            d.1.push('\n');
+        }
+    }
+    let mut out = Vec::new();
+    for (start, body) in docs {
+        if body.lines().all(|l| {
+            let t = l.trim();
+            t.is_empty() || t.starts_with('#')
+        }) {
+            continue;
+        }
+        let v: Value = serde_saphyr::from_str(&body).map_err(|e| yaml_error(ctx, &e, start))?;
+        let first = start
+            + 1
+            + body
+                .lines()
+                .position(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
+                .unwrap_or(0) as u64;
+        out.push(manifest(v).map_err(|m| ctx.err(Some(first), m))?);
+    }
+    Ok(out)
+}
+
+fn typed<T: DeserializeOwned + serde::Serialize>(v: &Value) -> Result<(), String> {
+    let t: T = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&t).map_err(|e| e.to_string())?;
+    match unknown_field(v, &back, "") {
+        Some(path) => Err(format!("unknown field `{path}`")),
+        None => Ok(()),
+    }
+}
+
+/// The first key of `input` the typed round trip dropped: a field Kubernetes does not know.
+fn unknown_field(input: &Value, typed: &Value, at: &str) -> Option<String> {
+    match (input, typed) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| {
+            let path = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            match b.get(k) {
+                None if !v.is_null() => Some(path),
+                None => None,
+                Some(w) => unknown_field(v, w, &path),
+            }
+        }),
+        (Value::Array(a), Value::Array(b)) => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| unknown_field(v, w, &format!("{at}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// Checks one manifest the way the API server would (kind, apiVersion, name, the schema,
+/// unknown fields).
+pub fn manifest(v: Value) -> Result<Value, String> {
+    let kind = v.get("kind").and_then(Value::as_str).ok_or("a manifest without `kind`")?;
+    let Some((_, api_version, namespaced)) = KINDS.iter().find(|(k, _, _)| *k == kind) else {
+        return Err(format!(
+            "kind `{kind}` is not supported (supported: {})",
+            KINDS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+        ));
+    };
+    let av = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if av != *api_version {
+        return Err(format!("{kind} has apiVersion `{av}`, expected `{api_version}`"));
+    }
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .ok_or(format!("{kind} without metadata.name"))?;
+    if !crate::scenario::names::is_dns_label(name) && !(kind == "Pod" || kind == "Service" || kind == "NetworkPolicy" || kind == "EndpointSlice") {
+        return Err(format!("{kind} name `{name}` is not a DNS label"));
+    }
+    if !*namespaced && v.pointer("/metadata/namespace").is_some() {
+        return Err(format!("{kind} {name} is not namespaced but has metadata.namespace"));
+    }
+    use k8s_openapi::api::core::v1 as core;
+    let r = match kind {
+        "Namespace" => typed::<core::Namespace>(&v),
+        "Node" => typed::<core::Node>(&v),
+        "Pod" => typed::<core::Pod>(&v),
+        "Service" => typed::<core::Service>(&v),
+        "EndpointSlice" => typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(&v),
+        _ => typed::<k8s_openapi::api::networking::v1::NetworkPolicy>(&v),
+    };
+    r.map_err(|e| format!("{kind} {name}: {e}"))?;
+    let mut v = v;
+    if *namespaced && v.pointer("/metadata/namespace").is_none() {
+        v["metadata"]["namespace"] = Value::from("default");
+    }
+    Ok(v)
+}

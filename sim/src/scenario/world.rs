@@ -1,0 +1,968 @@
+//! One scenario's world on turmoil: the apiserver, the NSX manager, NCP replicas, the nodes;
+//! the harness playing Kubernetes (ClusterIPs, placement, the endpoints controller); faults;
+//! the standing invariants and the convergence check.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig, User};
+use k8s_openapi::api::core::v1::Pod;
+use nsx_core::agent::wiring::{external_id, pod_cookie, port_name};
+use nsx_core::k8s::{ClusterView, annotation};
+use nsx_core::ncp::config::NcpConfig;
+use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
+use nsx_core::ncp::leader::LeaderConfig;
+use nsx_core::ncp::observe::Observed;
+use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
+use nsx_core::ovs::flow::Action;
+use serde_json::{Value, json};
+
+use super::names::{self, ip_string};
+use super::node::{self, NodeState};
+use super::spec::{Fault, Scenario};
+use crate::apiserver::ApiServer;
+use crate::net::{TurmoilConnector, kube_client, serve};
+use crate::spine::EPOCH_MS;
+use crate::trace::Trace;
+
+pub fn sim_clock() -> i64 {
+    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as i64)
+}
+
+fn replica(i: usize) -> String {
+    format!("ncp-{i}")
+}
+
+pub struct World {
+    pub sc: Scenario,
+    pub seed: u64,
+    pub sim: turmoil::Sim<'static>,
+    pub api: ApiServer,
+    pub nsx: FakeNsxManager,
+    pub trace: Trace,
+    pub nodes: BTreeMap<String, Rc<NodeState>>,
+    pub tier0: String,
+    /// Objects not of this cluster when NCP started (id -> document): never to change.
+    pub foreign: BTreeMap<String, Value>,
+    /// Ids of the preloaded objects.
+    pub preloaded: Vec<String>,
+    /// Objects an `admin_edit` touched (not NCP's doing).
+    pub edited: BTreeSet<String>,
+    pub crashed: BTreeSet<String>,
+    /// Replicas to crash once the manager stopped answering them.
+    pub crash_pending: BTreeSet<String>,
+    next_service_ip: u32,
+    next_node_port: u16,
+    next_node: usize,
+    pub passes: Rc<RefCell<usize>>,
+}
+
+impl World {
+    pub fn new(sc: &Scenario, seed: u64) -> Result<World, String> {
+        let c = &sc.cluster;
+        let trace = Trace::default();
+        let api = ApiServer::new(seed, sim_clock);
+        let mut mc = ManagerConfig {
+            clock: Clock::new(sim_clock),
+            ..Default::default()
+        };
+        mc.store.seed = seed;
+        mc.store.search_lag_ms = sc.nsx.search_lag_ms as i64;
+        mc.latency_ms = sc.nsx.latency_ms;
+        let mut setup = fake_nsx_manager::bootstrap::ClusterSetup::new(&c.name, c.nodes.len());
+        setup.nodes = c.nodes.clone();
+        setup.container_block = c.ip_block.clone();
+        setup.snat_pool = c.snat_pool.clone();
+        setup.lb_pool = c.lb_pool.clone();
+        mc.bootstrap = Some(fake_nsx_manager::BootstrapConfig {
+            clusters: vec![setup],
+        });
+        let nsx = FakeNsxManager::try_new(mc).map_err(|e| format!("the fake NSX manager: {e}"))?;
+        nsx.set_rate_limit(sc.nsx.rate_limit);
+        nsx.set_concurrency_limit(sc.nsx.concurrency_limit);
+        let boot = nsx.bootstrap().ok_or("the fake NSX manager has no bootstrap")?;
+        let ids = boot
+            .clusters
+            .get(&c.name)
+            .cloned()
+            .ok_or("the cluster was not bootstrapped")?;
+        // Preloaded objects (another cluster's, an admin's).
+        let mut preloaded = Vec::new();
+        for (i, o) in sc.nsx.preload.iter().enumerate() {
+            let text = o
+                .to_string()
+                .replace("{{tier0}}", &boot.tier0_router)
+                .replace("{{transport_zone}}", &boot.transport_zone);
+            let rt = o["resource_type"].as_str().unwrap_or_default();
+            let path = names::collection_of(rt).ok_or(format!("preload[{i}]: {rt}"))?;
+            let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+                method: "POST",
+                path,
+                query: &[],
+                body: text.as_bytes(),
+            });
+            if r.status >= 300 {
+                return Err(format!(
+                    "nsx.preload[{i}] ({rt}) was refused by NSX ({}): {}",
+                    r.status,
+                    r.body.unwrap_or_default()
+                ));
+            }
+            preloaded.push(
+                r.body.unwrap_or_default()["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+        let foreign = nsx.with_store(|s| {
+            s.objects()
+                .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
+                .collect::<BTreeMap<_, _>>()
+        });
+        let mut sim = turmoil::Builder::new()
+            .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
+            .rng_seed(seed)
+            .tick_duration(Duration::from_millis(5))
+            .simulation_duration(Duration::from_secs(24 * 3600))
+            .max_message_latency(Duration::from_millis(3))
+            .build();
+        let a = api.clone();
+        sim.host("apiserver", move || {
+            let a = a.clone();
+            async move { serve(6443, a.router()).await }
+        });
+        let (n, t) = (nsx.clone(), trace.clone());
+        sim.host("nsx-manager", move || {
+            let (n, t) = (n.clone(), t.clone());
+            async move {
+                n.restart();
+                t.record("nsx-manager", "started");
+                serve(80, n.router()).await
+            }
+        });
+        let passes: Rc<RefCell<usize>> = Rc::default();
+        for i in 0..c.ncp_replicas {
+            let name = replica(i);
+            nsx.add_user(User::new(&name, "pw", "enterprise_admin"));
+            let (t, p) = (trace.clone(), passes.clone());
+            let (snat, lb, cluster, prefix) = (
+                ids.snat_pool.clone(),
+                ids.lb_pool.clone(),
+                c.name.clone(),
+                c.subnet_prefix,
+            );
+            let ha = c.ncp_replicas > 1;
+            sim.host(name.as_str(), move || {
+                let (t, p, snat, lb, name, cluster) = (
+                    t.clone(),
+                    p.clone(),
+                    snat.clone(),
+                    lb.clone(),
+                    replica(i),
+                    cluster.clone(),
+                );
+                async move {
+                    t.record(&name, "started");
+                    let kube = kube_client("http://apiserver:6443")?;
+                    let mut cc = ClientConfig::new(
+                        "http://nsx-manager:80",
+                        Auth::Session {
+                            user: name.clone(),
+                            password: "pw".into(),
+                        },
+                    );
+                    cc.seed = seed.wrapping_add(i as u64);
+                    cc.request_timeout_ms = 5_000;
+                    let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
+                    let mut config = NcpConfig::for_cluster(&cluster);
+                    config.external_ip_pools = vec![snat];
+                    config.external_ip_pools_lb = vec![lb];
+                    config.subnet_prefix = prefix;
+                    let timing = LoopConfig {
+                        resync: Duration::from_secs(30),
+                        ..LoopConfig::default()
+                    };
+                    let on_pass = {
+                        let name = name.clone();
+                        move |e: &PassEvent| {
+                            *p.borrow_mut() += 1;
+                            t.record(&name, format!("{e:?}"));
+                        }
+                    };
+                    if ha {
+                        controller::run_ha(
+                            kube,
+                            nsx,
+                            config,
+                            timing,
+                            LeaderConfig::new(&cluster, &name),
+                            Arc::new(sim_clock),
+                            on_pass,
+                        )
+                        .await;
+                    } else {
+                        controller::run(kube, nsx, config, timing, None, on_pass).await;
+                    }
+                    Ok(())
+                }
+            });
+        }
+        let mut nodes = BTreeMap::new();
+        for (i, n) in c.nodes.iter().enumerate() {
+            let port = ids
+                .node_ports
+                .get(n)
+                .ok_or(format!("node {n} has no VIF in NSX"))?;
+            let node_ip = names::parse_ip(&port.ip_address).unwrap_or(0xac10_0000 + i as u32 + 1);
+            let st = NodeState::new(n, &port.vif_id, node_ip);
+            nodes.insert(n.clone(), st.clone());
+            let t = trace.clone();
+            sim.host(n.as_str(), move || node::host(st.clone(), t.clone()));
+        }
+        let (base, _) = names::parse_cidr(&c.service_cidr)?;
+        let w = World {
+            sc: sc.clone(),
+            seed,
+            sim,
+            api,
+            nsx,
+            trace,
+            nodes,
+            tier0: boot.tier0_router,
+            foreign,
+            preloaded,
+            edited: BTreeSet::new(),
+            crashed: BTreeSet::new(),
+            crash_pending: BTreeSet::new(),
+            next_service_ip: base + 10,
+            next_node_port: 30000,
+            next_node: 0,
+            passes,
+        };
+        w.apply_raw(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}))?;
+        for n in &c.nodes {
+            w.apply_raw(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}))?;
+        }
+        Ok(w)
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.sim.elapsed().as_millis() as u64
+    }
+
+    pub fn record(&self, what: impl Into<String>) {
+        self.trace
+            .record_at(u128::from(self.now_ms()), "runner", what.into());
+    }
+
+    fn apply_raw(&self, v: Value) -> Result<(), String> {
+        self.api.apply(v).map(|_| ())
+    }
+
+    // ----- the harness as Kubernetes -----------------------------------------------------
+
+    /// `kubectl apply`: kept fields others own (annotations NCP wrote, status, the assigned
+    /// ClusterIP and node), fills in what Kubernetes would (ClusterIP, NodePorts, a node).
+    pub fn apply(&mut self, mut v: Value) -> Result<(), String> {
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let ns = v["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let plural = match kind.as_str() {
+            "Namespace" => "namespaces",
+            "Node" => "nodes",
+            "Pod" => "pods",
+            "Service" => "services",
+            "EndpointSlice" => "endpointslices",
+            _ => "networkpolicies",
+        };
+        let existing = self.api.get(plural, &ns, &name);
+        if kind == "Node" && !self.nodes.contains_key(&name) {
+            return Err(format!(
+                "Node {name} is not one of the cluster's nodes ({})",
+                self.sc.cluster.nodes.join(", ")
+            ));
+        }
+        if let Some(cur) = &existing {
+            if let Some(a) = cur["metadata"]["annotations"].as_object() {
+                for (k, val) in a {
+                    if v["metadata"]["annotations"].get(k).is_none() {
+                        v["metadata"]["annotations"][k] = val.clone();
+                    }
+                }
+            }
+            if !cur["status"].is_null() {
+                v["status"] = cur["status"].clone();
+            }
+        }
+        match kind.as_str() {
+            "Pod" => {
+                let keep = existing
+                    .as_ref()
+                    .and_then(|c| c["spec"]["nodeName"].as_str().map(str::to_string));
+                if v["spec"]["nodeName"].is_null() {
+                    let n = match keep {
+                        Some(n) => n,
+                        None => {
+                            let nodes = &self.sc.cluster.nodes;
+                            let n = nodes[self.next_node % nodes.len()].clone();
+                            self.next_node += 1;
+                            n
+                        }
+                    };
+                    v["spec"]["nodeName"] = Value::from(n);
+                } else {
+                    let n = v["spec"]["nodeName"].as_str().unwrap_or("");
+                    if !self.nodes.contains_key(n) {
+                        return Err(format!("Pod {ns}/{name}: node {n} is not in the cluster"));
+                    }
+                }
+            }
+            "Service" => {
+                let keep = existing
+                    .as_ref()
+                    .and_then(|c| c["spec"]["clusterIP"].as_str().map(str::to_string));
+                if v["spec"]["clusterIP"].as_str().unwrap_or("").is_empty() {
+                    let ip = match keep {
+                        Some(ip) => ip,
+                        None => {
+                            let ip = ip_string(self.next_service_ip);
+                            self.next_service_ip += 1;
+                            ip
+                        }
+                    };
+                    v["spec"]["clusterIP"] = Value::from(ip.clone());
+                    v["spec"]["clusterIPs"] = json!([ip]);
+                }
+                let ty = v["spec"]["type"].as_str().unwrap_or("ClusterIP").to_string();
+                if ty == "NodePort" || ty == "LoadBalancer" {
+                    let old_ports = existing
+                        .as_ref()
+                        .map(|c| c["spec"]["ports"].clone())
+                        .unwrap_or(Value::Null);
+                    if let Some(ports) = v["spec"]["ports"].as_array_mut() {
+                        for (i, p) in ports.iter_mut().enumerate() {
+                            if p["nodePort"].is_null() {
+                                let np = old_ports[i]["nodePort"].as_u64().map_or_else(
+                                    || {
+                                        self.next_node_port += 1;
+                                        self.next_node_port - 1
+                                    },
+                                    |n| n as u16,
+                                );
+                                p["nodePort"] = Value::from(np);
+                            }
+                        }
+                    }
+                }
+            }
+            "Node" => {
+                // Labels on an existing node: merged, as `kubectl label` would.
+                if let Some(cur) = existing {
+                    let mut n = cur;
+                    if let Some(l) = v["metadata"]["labels"].as_object() {
+                        for (k, val) in l {
+                            n["metadata"]["labels"][k] = val.clone();
+                        }
+                    }
+                    v = n;
+                }
+            }
+            _ => {}
+        }
+        self.record(format!("apply {kind} {ns}/{name}"));
+        self.api
+            .apply(v)
+            .map(|_| ())
+            .map_err(|e| format!("{kind} {ns}/{name} was refused: {e}"))
+    }
+
+    pub fn delete(&mut self, kind: &str, ns: &str, name: &str) -> Result<(), String> {
+        let plural = match kind {
+            "Namespace" => "namespaces",
+            "Node" => "nodes",
+            "Pod" => "pods",
+            "Service" => "services",
+            "EndpointSlice" => "endpointslices",
+            _ => "networkpolicies",
+        };
+        self.record(format!("delete {kind} {ns}/{name}"));
+        self.api
+            .delete(plural, ns, name)
+            .map(|_| ())
+            .map_err(|e| format!("delete {kind} {ns}/{name}: {e}"))
+    }
+
+    /// The endpoints controller: a slice per service (and per distinct resolution of named
+    /// ports) from the ready pods its selector picks.
+    pub fn endpoints_controller(&self) {
+        let pods = self.api.list("pods");
+        let existing = self.api.list("endpointslices");
+        for svc in self.api.list("services") {
+            let Some(sel) = svc["spec"]["selector"].as_object() else {
+                continue;
+            };
+            if sel.is_empty() {
+                continue;
+            }
+            let ns = svc["metadata"]["namespace"].as_str().unwrap_or("");
+            let sname = svc["metadata"]["name"].as_str().unwrap_or("");
+            let ports = svc["spec"]["ports"].as_array().cloned().unwrap_or_default();
+            // Resolved ports -> endpoints.
+            let mut groups: BTreeMap<String, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
+            for p in &pods {
+                if p["metadata"]["namespace"].as_str() != Some(ns) {
+                    continue;
+                }
+                let labels = &p["metadata"]["labels"];
+                if !sel.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                    continue;
+                }
+                let Some(ip) = p["status"]["podIP"].as_str() else {
+                    continue;
+                };
+                let ready = p["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                let resolved: Vec<Value> = ports
+                    .iter()
+                    .filter_map(|sp| {
+                        let target = &sp["targetPort"];
+                        let number = match target {
+                            Value::Number(n) => n.as_u64(),
+                            Value::String(name) => p["spec"]["containers"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+                                .find(|cp| cp["name"].as_str() == Some(name.as_str()))
+                                .and_then(|cp| cp["containerPort"].as_u64()),
+                            _ => sp["port"].as_u64(),
+                        }?;
+                        Some(json!({"name": sp["name"].as_str().unwrap_or(""), "port": number,
+                            "protocol": sp["protocol"].as_str().unwrap_or("TCP")}))
+                    })
+                    .collect();
+                let group = groups
+                    .entry(Value::from(resolved.clone()).to_string())
+                    .or_insert_with(|| (resolved, Vec::new()));
+                group.1.push(json!({
+                    "addresses": [ip],
+                    "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                    "nodeName": p["spec"]["nodeName"],
+                    "targetRef": {"kind": "Pod", "namespace": ns, "name": p["metadata"]["name"], "uid": p["metadata"]["uid"]},
+                }));
+            }
+            let mut want: BTreeMap<String, Value> = BTreeMap::new();
+            for (i, (ports, endpoints)) in groups.into_values().enumerate() {
+                let name = format!("{sname}-sim{i}");
+                want.insert(
+                    name.clone(),
+                    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                        "metadata": {"name": name, "namespace": ns, "labels": {"kubernetes.io/service-name": sname, "endpointslice.kubernetes.io/managed-by": "nsx-sim"}},
+                        "addressType": "IPv4", "ports": ports, "endpoints": endpoints}),
+                );
+            }
+            let have: Vec<&Value> = existing
+                .iter()
+                .filter(|s| {
+                    s["metadata"]["namespace"].as_str() == Some(ns)
+                        && s["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some(sname)
+                        && s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "nsx-sim"
+                })
+                .collect();
+            for h in &have {
+                let n = h["metadata"]["name"].as_str().unwrap_or("");
+                if !want.contains_key(n) {
+                    let _ = self.api.delete("endpointslices", ns, n);
+                }
+            }
+            for (n, w) in want {
+                let same = have.iter().any(|h| {
+                    h["metadata"]["name"].as_str() == Some(n.as_str())
+                        && h["ports"] == w["ports"]
+                        && h["endpoints"] == w["endpoints"]
+                });
+                if !same {
+                    let _ = self.api.apply(w);
+                }
+            }
+        }
+    }
+
+    // ----- faults ------------------------------------------------------------------------
+
+    fn hosts(&self, h: &str) -> Vec<String> {
+        if h == "ncp" {
+            (0..self.sc.cluster.ncp_replicas).map(replica).collect()
+        } else {
+            vec![h.to_string()]
+        }
+    }
+
+    fn pairs(&self, hs: &[String]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for a in self.hosts(&hs[0]) {
+            for b in self.hosts(&hs[1]) {
+                out.push((a.clone(), b));
+            }
+        }
+        out
+    }
+
+    pub fn fault(&mut self, f: &Fault) -> Result<(), String> {
+        self.record(format!("fault {f:?}"));
+        match f {
+            Fault::Partition(hs) => {
+                for (a, b) in self.pairs(hs) {
+                    self.sim.partition(a.as_str(), b.as_str());
+                }
+            }
+            Fault::Hold(hs) => {
+                for (a, b) in self.pairs(hs) {
+                    self.sim.hold(a.as_str(), b.as_str());
+                }
+            }
+            Fault::NsxErrors(e) => self.nsx.add_fault(FaultRule {
+                method: e.method.clone(),
+                path: e.path.clone(),
+                status: e.status,
+                error_code: e.error_code,
+                rate: e.rate,
+                remaining: None,
+                message: None,
+            }),
+            Fault::Latency(l) => {
+                for (a, b) in self.pairs(&l.between) {
+                    self.sim
+                        .set_link_latency(a.as_str(), b.as_str(), Duration::from_millis(l.min));
+                    self.sim.set_link_max_message_latency(
+                        a.as_str(),
+                        b.as_str(),
+                        Duration::from_millis(l.max),
+                    );
+                }
+            }
+            Fault::Crash(h) => {
+                for x in self.hosts(h) {
+                    self.sim.crash(x.as_str());
+                    self.crashed.insert(x);
+                }
+            }
+            Fault::Restart(h) => {
+                for x in self.hosts(h) {
+                    self.sim.bounce(x.as_str());
+                    self.crashed.remove(&x);
+                }
+            }
+            Fault::RestartOvs(n) => {
+                let node = self.nodes.get(n).ok_or(format!("no node {n}"))?;
+                node.bridge
+                    .try_lock()
+                    .map_err(|_| "the bridge is busy".to_string())?
+                    .restart();
+            }
+            Fault::RestartAgent(n) => self.sim.bounce(n.as_str()),
+            Fault::WatchDisconnect(_) => {
+                self.api.drop_watches();
+                self.api.expire_history();
+            }
+            Fault::CrashAfterWrites(c) => {
+                for x in self.hosts(&c.host) {
+                    self.nsx.freeze_after_writes(&x, c.writes);
+                    self.crash_pending.insert(x);
+                }
+            }
+            Fault::AdminEdit(a) => self.admin_edit(a)?,
+        }
+        Ok(())
+    }
+
+    pub fn heal(&mut self, f: Option<&Fault>) {
+        self.record(format!("heal {}", f.map_or("all".to_string(), |f| format!("{f:?}"))));
+        let all = f.is_none();
+        let hosts: Vec<String> = ["apiserver", "nsx-manager"]
+            .into_iter()
+            .map(str::to_string)
+            .chain((0..self.sc.cluster.ncp_replicas).map(replica))
+            .chain(self.sc.cluster.nodes.iter().cloned())
+            .collect();
+        if all || matches!(f, Some(Fault::Partition(_)) | Some(Fault::Hold(_))) {
+            let pairs = match f {
+                Some(Fault::Partition(hs)) | Some(Fault::Hold(hs)) => self.pairs(hs),
+                _ => {
+                    let mut v = Vec::new();
+                    for a in &hosts {
+                        for b in &hosts {
+                            if a < b {
+                                v.push((a.clone(), b.clone()));
+                            }
+                        }
+                    }
+                    v
+                }
+            };
+            for (a, b) in pairs {
+                self.sim.repair(a.as_str(), b.as_str());
+                self.sim.release(a.as_str(), b.as_str());
+            }
+        }
+        if all || matches!(f, Some(Fault::NsxErrors(_))) {
+            self.nsx.clear_faults();
+        }
+        if all || matches!(f, Some(Fault::Latency(_))) {
+            let pairs = match f {
+                Some(Fault::Latency(l)) => self.pairs(&l.between),
+                _ => {
+                    let mut v = Vec::new();
+                    for a in &hosts {
+                        for b in &hosts {
+                            if a < b {
+                                v.push((a.clone(), b.clone()));
+                            }
+                        }
+                    }
+                    v
+                }
+            };
+            for (a, b) in pairs {
+                self.sim
+                    .set_link_latency(a.as_str(), b.as_str(), Duration::from_millis(0));
+                self.sim.set_link_max_message_latency(
+                    a.as_str(),
+                    b.as_str(),
+                    Duration::from_millis(3),
+                );
+            }
+        }
+        let restart: Vec<String> = match f {
+            None => self.crashed.iter().cloned().collect(),
+            Some(Fault::Crash(h)) => self.hosts(h),
+            Some(Fault::CrashAfterWrites(c)) => self.hosts(&c.host),
+            _ => Vec::new(),
+        };
+        for x in restart {
+            if self.crashed.remove(&x) {
+                self.nsx.unfreeze(&x);
+                self.sim.bounce(x.as_str());
+            }
+        }
+        if all || matches!(f, Some(Fault::CrashAfterWrites(_))) {
+            for x in std::mem::take(&mut self.crash_pending) {
+                self.nsx.unfreeze(&x);
+            }
+        }
+    }
+
+    /// Crashes a replica as soon as its write limit is reached.
+    pub fn crash_frozen(&mut self) {
+        let due: Vec<String> = self
+            .crash_pending
+            .iter()
+            .filter(|u| self.nsx.frozen(u))
+            .cloned()
+            .collect();
+        for u in due {
+            self.crash_pending.remove(&u);
+            self.record(format!("{u} made its last allowed write: crashed"));
+            self.sim.crash(u.as_str());
+            self.crashed.insert(u);
+        }
+    }
+
+    fn admin_edit(&mut self, a: &super::spec::AdminEdit) -> Result<(), String> {
+        let cluster = self.sc.cluster.name.clone();
+        let target = self.nsx.with_store(|s| {
+            s.objects()
+                .filter(|(_, o)| {
+                    o.doc.get("resource_type").and_then(Value::as_str) == Some(a.resource_type.as_str())
+                        && o.doc
+                            .get("display_name")
+                            .and_then(Value::as_str)
+                            .is_some_and(|n| n.contains(&a.name_contains))
+                        && Value::Object(o.doc.clone()).to_string().contains(&format!("\"{cluster}\""))
+                })
+                .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
+                .next()
+        });
+        let (id, doc) = target.ok_or(format!(
+            "admin_edit: no {} of this cluster whose name contains `{}`",
+            a.resource_type, a.name_contains
+        ))?;
+        let base = names::collection_of(&a.resource_type).unwrap_or("/api/v1");
+        let path = format!("{base}/{id}");
+        let r = if a.delete {
+            let q = [("cascade".to_string(), "true".to_string())];
+            let query: &[(String, String)] = if a.resource_type == "FirewallSection" {
+                &q
+            } else {
+                &[]
+            };
+            // Logical ports with attachments need detach=true, as an admin would pass.
+            let d = [("detach".to_string(), "true".to_string())];
+            let query = if a.resource_type == "LogicalPort" { &d[..] } else { query };
+            self.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+                method: "DELETE",
+                path: &path,
+                query,
+                body: b"",
+            })
+        } else {
+            let mut d = doc;
+            crate::apiserver::merge_patch(&mut d, a.set.as_ref().unwrap_or(&Value::Null));
+            let body = d.to_string();
+            self.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+                method: "PUT",
+                path: &path,
+                query: &[],
+                body: body.as_bytes(),
+            })
+        };
+        if r.status >= 300 {
+            return Err(format!(
+                "admin_edit of {id} was refused by NSX ({}): {}",
+                r.status,
+                r.body.unwrap_or_default()
+            ));
+        }
+        self.edited.insert(id);
+        Ok(())
+    }
+
+    // ----- checks ------------------------------------------------------------------------
+
+    /// The standing safety checks (SCENARIOS.md), cheap enough to run after every step.
+    pub fn invariants(&self) -> Result<(), String> {
+        let cluster = &self.sc.cluster.name;
+        self.nsx
+            .with_store(|s| s.check_invariants())
+            .map_err(|e| format!("NSX store: {e}"))?;
+        // Objects not of this cluster: unchanged, not deleted.
+        let changed = self.nsx.with_store(|s| {
+            self.foreign.iter().find_map(|(id, before)| {
+                if self.edited.contains(id) {
+                    return None;
+                }
+                match s.objects().find(|(i, _)| *i == id) {
+                    None => Some(format!(
+                        "{} {id} ({}) not of this cluster was deleted",
+                        before["resource_type"].as_str().unwrap_or("?"),
+                        before["display_name"].as_str().unwrap_or("")
+                    )),
+                    Some((_, o)) if o.doc.get("_revision") != before.get("_revision") => Some(format!(
+                        "{} {id} ({}) not of this cluster was modified (by {:?})",
+                        before["resource_type"].as_str().unwrap_or("?"),
+                        before["display_name"].as_str().unwrap_or(""),
+                        o.doc.get("_last_modified_user")
+                    )),
+                    _ => None,
+                }
+            })
+        });
+        if let Some(c) = changed {
+            return Err(c);
+        }
+        let docs: Vec<Value> = self.nsx.with_store(|s| {
+            s.objects()
+                .map(|(_, o)| Value::Object(o.doc.clone()))
+                .collect()
+        });
+        let observed = Observed::from_docs(docs, cluster);
+        if let Some((k, v)) = observed.objects.iter().find(|(_, v)| v.len() > 1) {
+            return Err(format!(
+                "NCP created {} NSX objects for {k:?}: {}",
+                v.len(),
+                v.iter()
+                    .map(|d| d["id"].as_str().unwrap_or("?").to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        // Pods: addresses unique, inside their namespace's subnet; VLANs unique per VIF.
+        let mut ips: BTreeMap<String, String> = BTreeMap::new();
+        let mut macs: BTreeMap<String, String> = BTreeMap::new();
+        let namespaces: BTreeMap<String, Value> = self
+            .api
+            .list("namespaces")
+            .into_iter()
+            .map(|n| (n["metadata"]["name"].as_str().unwrap_or("").to_string(), n))
+            .collect();
+        for p in self.api.list("pods") {
+            let Some(text) = p["metadata"]["annotations"][annotation::POD_NETWORK].as_str() else {
+                continue;
+            };
+            let ns = p["metadata"]["namespace"].as_str().unwrap_or("");
+            let who = format!("{ns}/{}", p["metadata"]["name"].as_str().unwrap_or(""));
+            let net: Value = serde_json::from_str(text).map_err(|e| format!("pod {who}: bad annotation: {e}"))?;
+            let ip = net["ip"].as_str().unwrap_or("").split('/').next().unwrap_or("").to_string();
+            let mac = net["mac"].as_str().unwrap_or("").to_string();
+            if let Some(other) = ips.insert(ip.clone(), who.clone()) {
+                return Err(format!("pods {other} and {who} both have {ip}"));
+            }
+            if let Some(other) = macs.insert(mac.clone(), who.clone()) {
+                return Err(format!("pods {other} and {who} both have MAC {mac}"));
+            }
+            if let Some(subnet) = namespaces
+                .get(ns)
+                .and_then(|n| n["metadata"]["annotations"][annotation::SUBNET].as_str())
+                && let (Ok(a), Ok((net_addr, len))) = (names::parse_ip(&ip), names::parse_cidr(subnet))
+            {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                if a & mask != net_addr {
+                    return Err(format!("pod {who} has {ip}, outside its namespace's {subnet}"));
+                }
+            }
+        }
+        let mut vlans: BTreeMap<(String, i64), String> = BTreeMap::new();
+        for docs in observed.objects.values() {
+            for d in docs {
+                let ctx = &d["attachment"]["context"];
+                if let (Some(parent), Some(tag)) = (ctx["parent_vif_id"].as_str(), ctx["traffic_tag"].as_i64())
+                    && let Some(other) = vlans.insert((parent.to_string(), tag), d["id"].as_str().unwrap_or("").to_string())
+                {
+                    return Err(format!(
+                        "ports {other} and {} share VLAN {tag} under VIF {parent}",
+                        d["id"].as_str().unwrap_or("")
+                    ));
+                }
+            }
+        }
+        // OVS: a flow naming a group names an existing one.
+        for (name, n) in &self.nodes {
+            let Ok(b) = n.bridge.try_lock() else { continue };
+            let groups: BTreeSet<u32> = b.groups().map(|g| g.group_id).collect();
+            for (f, _) in b.flows() {
+                let mut named = Vec::new();
+                groups_in(&f.actions, &mut named);
+                if let Some(g) = named.iter().find(|g| !groups.contains(g)) {
+                    return Err(format!("{name}: a flow names group {g}, which does not exist: {}", f.to_dump_no_stats()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Realized == desired everywhere: NSX, annotations, every node's OVS (pods wired and
+    /// nothing of deleted pods left; the proxy's services as the apiserver has them).
+    pub fn converged(&self) -> Result<(), String> {
+        let (view, _) = crate::converge::ncp_converged(
+            &self.api,
+            &self.nsx,
+            &self.sc.cluster.name,
+            self.sc.cluster.subnet_prefix,
+        )?;
+        self.nodes_converged(&view)
+    }
+
+    fn nodes_converged(&self, view: &ClusterView) -> Result<(), String> {
+        let slices: BTreeMap<(String, String), _> = view
+            .endpoint_slices
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (name, n) in &self.nodes {
+            let b = n
+                .bridge
+                .try_lock()
+                .map_err(|_| format!("{name}: bridge busy"))?;
+            let live: Vec<(&(String, String), &Pod)> = view
+                .pods
+                .iter()
+                .filter(|(_, p)| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                        && !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+                })
+                .collect();
+            let kubelet = n.kubelet.borrow();
+            let mut cookies = BTreeSet::new();
+            let mut containers = BTreeSet::new();
+            for (key, p) in &live {
+                let uid = p.metadata.uid.clone().unwrap_or_default();
+                let Some(kp) = kubelet.get(*key).filter(|k| k.uid == uid) else {
+                    let why = n
+                        .cni_errors
+                        .borrow()
+                        .get(*key)
+                        .cloned()
+                        .unwrap_or_else(|| "not attempted yet".into());
+                    return Err(format!("pod {}/{} is not set up on {name}: {why}", key.0, key.1));
+                };
+                if !kp.reported {
+                    return Err(format!("pod {}/{}: its status is not reported", key.0, key.1));
+                }
+                let ann = p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(annotation::POD_NETWORK))
+                    .and_then(|t| serde_json::from_str::<Value>(t).ok())
+                    .unwrap_or_default();
+                if ann["ip"].as_str() != Some(kp.ip.as_str()) {
+                    return Err(format!(
+                        "pod {}/{}: wired with {}, NCP's annotation says {}",
+                        key.0, key.1, kp.ip, ann["ip"]
+                    ));
+                }
+                if b.port(&port_name(&kp.container_id)).is_none() {
+                    return Err(format!("pod {}/{}: no OVS port on {name}", key.0, key.1));
+                }
+                cookies.insert(pod_cookie(&kp.container_id));
+                containers.insert(kp.container_id.clone());
+            }
+            if let Some(p) = b.ports().find(|p| {
+                p.external_ids
+                    .get(external_id::CONTAINER_ID)
+                    .is_some_and(|c| !containers.contains(c))
+            }) {
+                return Err(format!(
+                    "{name}: OVS port {} of a pod that is gone ({:?})",
+                    p.name,
+                    p.external_ids.get(external_id::POD_NAME)
+                ));
+            }
+            const KIND_MASK: u64 = 0xff << 40;
+            const KIND_POD: u64 = 4 << 40;
+            if let Some((f, _)) = b
+                .flows()
+                .into_iter()
+                .find(|(f, _)| f.cookie & KIND_MASK == KIND_POD && !cookies.contains(&f.cookie))
+            {
+                return Err(format!("{name}: a flow of a pod that is gone: {}", f.to_dump_no_stats()));
+            }
+            if *n.agent_replayed.borrow() != Some(b.restarts) {
+                return Err(format!("{name}: the agent has not replayed its flows since OVS restarted"));
+            }
+            let want = nsx_core::proxy::all_service_ports(view.services.values(), &slices, name);
+            match &*n.proxy_installed.borrow() {
+                Some((have, restarts)) if *have == want && *restarts == b.restarts => {}
+                Some((have, _)) if *have != want => {
+                    let diff = want
+                        .keys()
+                        .chain(have.keys())
+                        .find(|k| want.get(*k) != have.get(*k))
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    return Err(format!("{name}: nsx-kube-proxy has not synced service port {diff}"));
+                }
+                Some(_) => return Err(format!("{name}: nsx-kube-proxy has not replayed since OVS restarted")),
+                None => return Err(format!("{name}: nsx-kube-proxy has not synced yet")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn groups_in(actions: &[Action], out: &mut Vec<u32>) {
+    for a in actions {
+        match a {
+            Action::Group(g) => out.push(*g),
+            Action::Ct { exec, .. } => groups_in(exec, out),
+            _ => {}
+        }
+    }
+}
