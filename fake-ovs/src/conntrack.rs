@@ -148,12 +148,12 @@ impl Conntrack {
     /// Forgets the connections of `zone` and `proto` that were NATed to `ip:port` (their reply
     /// comes from it) or are addressed to it directly: what a proxy flushes when an endpoint
     /// goes, so UDP flows stop reaching a dead backend.
-    pub fn flush_endpoint(&mut self, zone: u16, proto: u8, ip: u32, port: u16) -> usize {
+    pub fn flush_endpoint(&mut self, zone: Option<u16>, proto: u8, ip: u32, port: u16) -> usize {
         let gone: Vec<u64> = self
             .conns
             .iter()
             .filter(|(_, c)| {
-                c.zone == zone
+                zone.is_none_or(|z| c.zone == z)
                     && c.orig.proto == proto
                     && ((c.reply.src == ip && c.reply.sport == port)
                         || (c.orig.dst == ip && c.orig.dport == port))

@@ -196,6 +196,10 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
                     dst: reg(5),
                     value: u128::from(ofport),
                 },
+                Action::Load {
+                    dst: crate::proxy::compile::ZONE_FIELD,
+                    value: u128::from(ofport),
+                },
                 Action::Resubmit {
                     port: None,
                     table: Some(table::CT_ZONE),
@@ -213,6 +217,10 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
                 Action::PopVlan,
                 Action::Load {
                     dst: reg(7),
+                    value: u128::from(ofport),
+                },
+                Action::Load {
+                    dst: crate::proxy::compile::ZONE_FIELD,
                     value: u128::from(ofport),
                 },
                 Action::Resubmit {

@@ -35,7 +35,8 @@ pub enum OfOp {
 /// NATed to (or comes from) `ip:port` over `protocol`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ConntrackFilter {
-    pub zone: u16,
+    /// `None`: every zone.
+    pub zone: Option<u16>,
     pub protocol: u8,
     pub ip: u32,
     pub port: u16,

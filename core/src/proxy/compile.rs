@@ -2,8 +2,8 @@
 //! from-scratch compile can be compared.
 //!
 //! Tables (the agent owns table 0 and everything from [`table::FORWARD`] on):
-//! - [`table::CT_ZONE`]: every IP packet goes through `ct(table=CT_STATE,zone=ZONE,nat)`, which
-//!   also un-NATs replies of load-balanced connections;
+//! - [`table::CT_ZONE`]: every IP packet goes through `ct(table=CT_STATE,zone=reg6,nat)` (the
+//!   local pod's zone, [`ZONE_FIELD`]), which also un-NATs replies of load-balanced connections;
 //! - [`table::CT_STATE`]: invalid packets are dropped; established ones skip load balancing;
 //!   new ones go to [`table::SERVICE_LB`];
 //! - [`table::SERVICE_LB`]: one flow per service port (ClusterIP:port, and NodePort on the
@@ -24,8 +24,16 @@ use crate::ovs::flow::{
 
 use super::model::{Endpoint, ServicePort};
 
-/// The conntrack zone of service traffic.
-pub const ZONE: u16 = 65520;
+/// The conntrack zone of service traffic: the local pod's own zone, which the agent loads into
+/// `reg6` (the pod's port number) for packets from the pod and for packets to it. One zone per
+/// pod keeps a client's and a server's view of one connection apart when both are on this
+/// node (every packet between them passes the bridge twice, out and back in through the
+/// uplink): the client's DNAT entry must not un-NAT the server's reply on its way out.
+pub const ZONE_FIELD: Subfield = Subfield {
+    field: Field::Reg(6),
+    ofs: 0,
+    bits: 16,
+};
 
 pub mod table {
     pub const CT_ZONE: u8 = 10;
@@ -83,7 +91,7 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
             actions: vec![Action::Ct {
                 commit: false,
                 table: Some(table::CT_STATE),
-                zone: Some(CtZone::Imm(ZONE)),
+                zone: Some(CtZone::Field(ZONE_FIELD)),
                 exec: vec![],
                 nat: Some(Nat::default()),
             }],
@@ -160,7 +168,7 @@ pub fn endpoint_flow(round: u16, protocol: u8, e: &Endpoint) -> Flow {
         actions: vec![Action::Ct {
             commit: true,
             table: Some(table::FORWARD),
-            zone: Some(CtZone::Imm(ZONE)),
+            zone: Some(CtZone::Field(ZONE_FIELD)),
             exec: vec![],
             nat: Some(Nat {
                 src: Some(false),

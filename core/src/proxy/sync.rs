@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
 use crate::ovs::flow::{Flow, Group};
 
-use super::compile::{ZONE, cookie, endpoint_flow, group, service_flows, static_flows};
+use super::compile::{cookie, endpoint_flow, group, service_flows, static_flows};
 use super::model::{Endpoint, ServicePort, ServicePortKey};
 
 /// Bytes an OpenFlow message may carry, and what a group message and a bucket take (a
@@ -241,7 +241,7 @@ impl Proxy {
                         release_endpoint(round, &mut refs, old_proto, e, &mut tail);
                         if old_proto != 6 {
                             flush.push(ConntrackFilter {
-                                zone: ZONE,
+                                zone: None,
                                 protocol: old_proto,
                                 ip: e.ip,
                                 port: e.port,
@@ -273,7 +273,7 @@ impl Proxy {
                             release_endpoint(round, &mut refs, old.sp.protocol, e, &mut tail);
                             if old.sp.protocol != 6 {
                                 flush.push(ConntrackFilter {
-                                    zone: ZONE,
+                                    zone: None,
                                     protocol: old.sp.protocol,
                                     ip: e.ip,
                                     port: e.port,

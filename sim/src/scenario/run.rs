@@ -226,7 +226,7 @@ impl Runner {
                     let (ns, name) = col.split_once('/').unwrap_or_default();
                     let dst = self.w.pod_at(ns, name)?.ip;
                     let from = Endpoint::parse(row, true)?;
-                    let o = self.w.connect(&from, dst, proto, 41000, r.port)?;
+                    let o = self.w.connect(&from, dst, proto, self.w.ephemeral_port(), r.port)?;
                     if o.works() != *want {
                         wrong.push(format!(
                             "{row} -> {col}: expected {}, got {} ({:?})",
@@ -275,8 +275,8 @@ impl Runner {
         let mut reached: BTreeSet<String> = BTreeSet::new();
         let mut ok = 0;
         let mut sample = None;
-        for i in 0..attempts {
-            let sport = 33000 + (i as u16) * 7;
+        for _ in 0..attempts {
+            let sport = self.w.ephemeral_port();
             let o = self.w.connect(&from, dst_ip, proto, sport, c.port)?;
             if o.works() {
                 ok += 1;
@@ -325,6 +325,12 @@ impl Runner {
             return Err(format!(
                 "{} -> {}: only {ok} of {attempts} connections worked",
                 c.from, c.to
+            ));
+        }
+        if c.sticky && reached.len() != 1 {
+            return Err(format!(
+                "{} -> {}: session affinity expected one backend, connections reached {:?}",
+                c.from, c.to, reached
             ));
         }
         if let Some(b) = &c.backends {

@@ -214,6 +214,9 @@ pub struct Connectivity {
     pub backends: Option<Vec<String>>,
     #[serde(default)]
     pub snat: Option<bool>,
+    /// Every connection from this source reaches the same backend (session affinity).
+    #[serde(default)]
+    pub sticky: bool,
 }
 
 fn tcp() -> String {
@@ -778,6 +781,9 @@ fn check_expect(e: &Expect) -> Result<(), String> {
         crate::scenario::names::protocol(&c.protocol)?;
         crate::scenario::names::Endpoint::parse(&c.from, true)?;
         let to = crate::scenario::names::Endpoint::parse(&c.to, false)?;
+        if c.sticky && !matches!(to, crate::scenario::names::Endpoint::Service { .. }) {
+            return Err(format!("connectivity to {}: `sticky` is for svc/ targets", c.to));
+        }
         if c.backends.is_some() && !matches!(to, crate::scenario::names::Endpoint::Service { .. } | crate::scenario::names::Endpoint::Lb { .. }) {
             return Err(format!("connectivity to {}: `backends` is for svc/ and lb/ targets", c.to));
         }

@@ -58,6 +58,9 @@ pub struct World {
     next_node_port: u16,
     next_node: usize,
     pub passes: Rc<RefCell<usize>>,
+    /// The next ephemeral source port for a connectivity check (fresh for every connection,
+    /// as a client's stack would pick, so old conntrack entries are not reused).
+    pub next_sport: std::cell::Cell<u16>,
 }
 
 impl World {
@@ -242,12 +245,20 @@ impl World {
             next_node_port: 30000,
             next_node: 0,
             passes,
+            next_sport: std::cell::Cell::new(32768),
         };
         w.apply_raw(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}))?;
         for n in &c.nodes {
             w.apply_raw(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}))?;
         }
         Ok(w)
+    }
+
+    /// A fresh ephemeral port (32768..=60999, wrapping).
+    pub fn ephemeral_port(&self) -> u16 {
+        let p = self.next_sport.get();
+        self.next_sport.set(if p >= 60999 { 32768 } else { p + 1 });
+        p
     }
 
     pub fn now_ms(&self) -> u64 {
