@@ -174,6 +174,10 @@ pub struct Connections {
     /// Load-balanced connections: the reply tuple from the member -> the reply as the client
     /// expects it (from the VIP).
     unnat: BTreeMap<Packet, Packet>,
+    /// Connections opened from outside straight to a routed address: their replies leave as
+    /// they are (NAT is stateful; a SNAT rule applies to connections from inside).
+    #[serde(default)]
+    inbound: BTreeSet<Packet>,
 }
 
 impl Connections {
@@ -188,6 +192,7 @@ impl Connections {
     pub fn clear(&mut self) {
         self.entries.clear();
         self.unnat.clear();
+        self.inbound.clear();
     }
 }
 
@@ -778,7 +783,11 @@ impl Store {
                             hops.push(format!("tier-0 {t0} -> tier-1 {t1b} -> switch {sw}"));
                         }
                         None => {
-                            if let Some((rule, ip)) = self.snat(&t0, &p) {
+                            if conns.inbound.contains(&p) {
+                                hops.push(format!(
+                                    "tier-0 {t0}: reply of a connection from outside, not SNATed"
+                                ));
+                            } else if let Some((rule, ip)) = self.snat(&t0, &p) {
                                 hops.push(format!(
                                     "tier-0 {t0} SNAT rule {rule}: {} -> {}",
                                     ipam::ip_to_string(p.src_ip),
@@ -835,8 +844,8 @@ impl Store {
     }
 
     /// A packet from outside: un-SNAT of a reply, or a load balancer's DNAT, then the route
-    /// from the tier-0 down to the switch holding the address, then the destination's
-    /// firewall.
+    /// from the tier-0 down to the switch holding the address (which its tier-1 must
+    /// advertise), then the destination's firewall.
     fn walk_inbound(
         &self,
         conns: &mut Connections,
@@ -849,6 +858,7 @@ impl Store {
             ipam::ip_to_string(packet.dst_ip)
         ));
         let mut p = *packet;
+        let mut routed = false;
         if let Some(orig) = conns.unnat.get(&p) {
             hops.push(format!(
                 "tier-0 reverse SNAT: destination {} -> {}",
@@ -862,13 +872,9 @@ impl Store {
                     conns.unnat.insert(dnat.reversed(), p.reversed());
                     p = dnat;
                 }
-                Ok(None) => {
-                    return drop(format!(
-                        "nothing outside-facing answers {}:{}",
-                        ipam::ip_to_string(p.dst_ip),
-                        p.dst_port
-                    ));
-                }
+                // Not a VIP: routed like any address the tier-0 has a route to (a subnet a
+                // tier-1 advertises), e.g. a reply to a namespace that does not SNAT.
+                Ok(None) => routed = true,
                 Err(e) => return drop(e),
             }
         }
@@ -900,6 +906,9 @@ impl Store {
         }
         if !self.firewall_stateful(conns, &dst_port, Dir::In, &p, hops) {
             return drop(format!("dfw IN at {dst_port}"));
+        }
+        if routed {
+            conns.inbound.insert(p.reversed());
         }
         let ctx = dst.doc.get("attachment").and_then(|a| a.get("context"));
         hops.push(format!(

@@ -897,10 +897,15 @@ pub fn manifest(v: Value) -> Result<Value, String> {
     if av != *api_version {
         return Err(format!("{kind} has apiVersion `{av}`, expected `{api_version}`"));
     }
-    let name = v
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .ok_or(format!("{kind} without metadata.name"))?;
+    let name = match v.pointer("/metadata/name") {
+        Some(Value::String(n)) => n.as_str(),
+        None | Some(Value::Null) => return Err(format!("{kind} without metadata.name")),
+        Some(other) => {
+            return Err(format!(
+                "{kind} metadata.name is {other}, not a string (quote it: YAML reads y, n, on, off as booleans)"
+            ));
+        }
+    };
     if !crate::scenario::names::is_dns_label(name) && !(kind == "Pod" || kind == "Service" || kind == "NetworkPolicy" || kind == "EndpointSlice") {
         return Err(format!("{kind} name `{name}` is not a DNS label"));
     }
