@@ -247,7 +247,11 @@ impl World {
             passes,
             next_sport: std::cell::Cell::new(32768),
         };
-        w.apply_raw(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}))?;
+        // The namespaces every cluster has (NCP realizes them like any other; its Lease is in
+        // kube-system).
+        for ns in ["default", "kube-system"] {
+            w.apply_raw(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))?;
+        }
         for n in &c.nodes {
             w.apply_raw(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}))?;
         }
