@@ -682,6 +682,10 @@ impl nsx_core::agent::PodSwitch for Bridge {
             })
     }
 
+    fn has_port(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
     fn list_ports(&self) -> Vec<nsx_core::agent::PortInfo> {
         self.ports()
             .map(|p| nsx_core::agent::PortInfo {

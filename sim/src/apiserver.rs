@@ -376,6 +376,11 @@ impl ApiServer {
         self.lock().duplicate_next = n;
     }
 
+    /// The latest resourceVersion: changes whenever any object changes.
+    pub fn revision(&self) -> u64 {
+        self.lock().rv
+    }
+
     /// Requests served so far, by `METHOD resource`.
     pub fn request_counts(&self) -> BTreeMap<String, u64> {
         self.lock().requests.clone()

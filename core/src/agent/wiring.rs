@@ -37,6 +37,10 @@ pub trait PodSwitch: OpenFlowBridge {
     ) -> Result<u32, BridgeError>;
     fn del_port(&mut self, name: &str) -> Result<(), BridgeError>;
     fn list_ports(&self) -> Vec<PortInfo>;
+    /// Whether a port of that name exists (OVSDB answers this without listing every port).
+    fn has_port(&self, name: &str) -> bool {
+        self.list_ports().iter().any(|p| p.name == name)
+    }
 }
 
 /// NCP's pod annotation (`ncp/network`).
@@ -393,7 +397,7 @@ impl Agent {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         // A leftover port of the same name (a crash between port and record): replace it.
-        if switch.list_ports().iter().any(|p| p.name == name) {
+        if switch.has_port(&name) {
             switch
                 .del_port(&name)
                 .map_err(|e| AgentError::Switch(e.to_string()))?;
@@ -437,7 +441,7 @@ impl Agent {
             }
             // A port left behind by a crashed ADD still goes.
             let name = port_name(container_id);
-            if switch.list_ports().iter().any(|p| p.name == name) {
+            if switch.has_port(&name) {
                 unwire(switch, container_id, &name)?;
             }
             return Ok(());

@@ -174,21 +174,23 @@ impl<'a, C> Applier<'a, C>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    pub fn new(client: &'a NsxClient<C>, infra: &'a Infra, observed: &Observed) -> Self {
+    /// Takes the observation (a copy of every document would make each pass cost the
+    /// cluster's size twice over).
+    pub fn new(client: &'a NsxClient<C>, infra: &'a Infra, observed: Observed) -> Self {
         let resolved = observed
             .objects
-            .iter()
-            .filter_map(|(k, v)| v.first().map(|d| (k.clone(), d.clone())))
+            .into_iter()
+            .filter_map(|(k, mut v)| (!v.is_empty()).then(|| (k, v.swap_remove(0))))
             .collect();
         Self {
             client,
             infra,
             write_budget: None,
             fence: None,
-            vips: observed.lb_vips.clone(),
+            vips: observed.lb_vips,
             resolved,
             report: ApplyReport {
-                snat_allocations: observed.snat_allocations.clone(),
+                snat_allocations: observed.snat_allocations,
                 ..ApplyReport::default()
             },
         }

@@ -102,7 +102,8 @@ where
     };
     let want = desired(view, cluster, subnet_prefix);
     let plan = plan(&want, &observed, infra);
-    let mut applier = Applier::new(client, infra, &observed);
+    let observe_calls = observed.calls;
+    let mut applier = Applier::new(client, infra, observed);
     applier.write_budget = gate.write_budget;
     applier.fence = gate.fence.clone();
     match applier.apply(&plan).await {
@@ -111,7 +112,7 @@ where
             Ok(Outcome {
                 plan,
                 report,
-                observe_calls: observed.calls,
+                observe_calls,
                 problems: want.problems,
             })
         }

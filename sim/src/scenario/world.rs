@@ -61,6 +61,9 @@ pub struct World {
     /// The next ephemeral source port for a connectivity check (fresh for every connection,
     /// as a client's stack would pick, so old conntrack entries are not reused).
     pub next_sport: std::cell::Cell<u16>,
+    /// The apiserver revision the endpoints controller last worked from (its own writes
+    /// included, so the run after a write settles).
+    endpoints_seen: std::cell::Cell<u64>,
 }
 
 impl World {
@@ -246,6 +249,7 @@ impl World {
             next_node: 0,
             passes,
             next_sport: std::cell::Cell::new(32768),
+            endpoints_seen: std::cell::Cell::new(0),
         };
         // The namespaces every cluster has (NCP realizes them like any other; its Lease is in
         // kube-system).
@@ -414,9 +418,19 @@ impl World {
     /// The endpoints controller: a slice per service (and per distinct resolution of named
     /// ports) from the ready pods its selector picks.
     pub fn endpoints_controller(&self) {
+        // Nothing changed since the last run: nothing to do (a list of every pod is not free).
+        let rv = self.api.revision();
+        if self.endpoints_seen.get() == rv {
+            return;
+        }
+        let services = self.api.list("services");
+        if services.iter().all(|s| s["spec"]["selector"].as_object().is_none_or(|m| m.is_empty())) {
+            self.endpoints_seen.set(rv);
+            return;
+        }
         let pods = self.api.list("pods");
         let existing = self.api.list("endpointslices");
-        for svc in self.api.list("services") {
+        for svc in services {
             let Some(sel) = svc["spec"]["selector"].as_object() else {
                 continue;
             };
@@ -508,6 +522,7 @@ impl World {
                 }
             }
         }
+        self.endpoints_seen.set(self.api.revision());
     }
 
     // ----- faults ------------------------------------------------------------------------
