@@ -32,8 +32,17 @@ fn redact(s: &str) -> String {
         let is_mac = t.split(':').count() == 6 && t.split(':').all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
         let is_hex = t.starts_with("0x") && t.len() > 2;
         let is_id = t.len() >= 16 && t.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+        let ip_port = t.rsplit_once(':').filter(|(ip, port)| {
+            ip.split('.').count() == 4
+                && ip.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                && !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+        });
         if is_ip {
             out.push_str("<ip>");
+        } else if let Some((_, port)) = ip_port {
+            out.push_str("<ip>:");
+            out.push_str(port);
         } else if is_mac {
             out.push_str("<mac>");
         } else if is_hex {
@@ -54,9 +63,24 @@ fn redact(s: &str) -> String {
         }
     }
     flush(&mut token, &mut out);
-    // Port numbers and register values are numbers after these keys.
-    let mut r = out;
-    for key in ["in_port=", "output:", "reg5=", "reg7=", "group_id=", "group:", "vlan_vid=", "dl_vlan=", "set_field:", "load:", "mod_vlan_vid:", "traffic_tag\":", "vlan\":", "nodePort\":", "n_packets=", "n_bytes="] {
+    // Hex numbers anywhere (register loads, masks, cookies).
+    let mut hexless = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("0x") {
+        hexless.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        let n = after.bytes().take_while(u8::is_ascii_hexdigit).count();
+        if n > 0 {
+            hexless.push_str("<hex>");
+        } else {
+            hexless.push_str("0x");
+        }
+        rest = &after[n..];
+    }
+    hexless.push_str(rest);
+    // Port numbers, bucket ids and the like are numbers after these keys.
+    let mut r = hexless;
+    for key in ["bucket_id:", "in_port=", "output:", "reg5=", "reg7=", "group_id=", "group:", "vlan_vid=", "dl_vlan=", "set_field:", "load:", "mod_vlan_vid:", "traffic_tag\":", "vlan\":", "nodePort\":", "n_packets=", "n_bytes="] {
         let mut s2 = String::new();
         let mut rest = r.as_str();
         while let Some(i) = rest.find(key) {
