@@ -586,6 +586,9 @@ impl World {
             }
             Fault::Restart(h) => {
                 for x in self.hosts(h) {
+                    // A new process: a write limit set for the old one does not carry over.
+                    self.nsx.unfreeze(&x);
+                    self.crash_pending.remove(&x);
                     self.sim.bounce(x.as_str());
                     self.crashed.remove(&x);
                 }

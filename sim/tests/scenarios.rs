@@ -1,0 +1,256 @@
+//! The scenario engine: the bundled suite parses, runs are deterministic, failures are
+//! reported with their step and replay to the same failure, bad files are refused with their
+//! line, and the CLI keeps its contract (exit codes, JSON report, shards, dumps a real OVS
+//! accepts).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nsx_sim::scenario::run::{RunOptions, run};
+use nsx_sim::scenario::spec::{Scenario, load, parse};
+
+fn suite() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+fn scenario(name: &str) -> Scenario {
+    load(&suite().join(format!("{name}.yaml"))).expect("bundled scenario loads")
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nsx-sim"))
+}
+
+#[test]
+fn every_bundled_scenario_is_valid_and_names_are_unique() {
+    let mut names = std::collections::BTreeSet::new();
+    let mut n = 0;
+    for e in std::fs::read_dir(suite()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let s = load(&p).unwrap_or_else(|e| panic!("{e}"));
+            assert!(names.insert(s.name.clone()), "duplicate name {}", s.name);
+            assert!(!s.steps.is_empty());
+            n += 1;
+        }
+    }
+    assert!(n >= 14, "only {n} scenarios");
+}
+
+#[test]
+fn the_same_scenario_and_seed_give_the_same_trace() {
+    for name in ["services", "ncp-crash", "nsx-storms", "node-restarts"] {
+        let s = scenario(name);
+        let (a, _) = run(&s, 5, &RunOptions::default());
+        let (b, _) = run(&s, 5, &RunOptions::default());
+        assert!(a.passed, "{name}: {:?}", a.message);
+        assert_eq!(a.trace_hash, b.trace_hash, "{name}");
+        assert_eq!(a.trace, b.trace, "{name}");
+        assert_eq!(a.sim_time_ms, b.sim_time_ms);
+        assert_eq!(a.nsx_requests.total, b.nsx_requests.total);
+        let (c, _) = run(&s, 6, &RunOptions::default());
+        assert_ne!(a.trace_hash, c.trace_hash, "{name}: seeds 5 and 6 ran identically");
+    }
+}
+
+const FAILING: &str = r#"
+name: wrong-expectation
+cluster: {nodes: 2}
+steps:
+  - apply: |
+      apiVersion: v1
+      kind: Namespace
+      metadata: {name: a}
+      ---
+      apiVersion: v1
+      kind: Pod
+      metadata: {name: p, namespace: a}
+      spec: {containers: [{name: c, image: x}]}
+      ---
+      apiVersion: v1
+      kind: Pod
+      metadata: {name: q, namespace: a}
+      spec: {containers: [{name: c, image: x}]}
+  - converge: {within: 30s}
+  - expect:
+      connectivity:
+        - {from: a/p, to: a/q, port: 80, allowed: false}
+"#;
+
+#[test]
+fn a_failure_names_its_step_and_replays_to_the_same_failure() {
+    let s = parse(Path::new("inline.yaml"), FAILING).unwrap();
+    let (a, _) = run(&s, 3, &RunOptions::default());
+    assert!(!a.passed);
+    assert_eq!(a.failed_step.as_deref(), Some("3 (line 20, expect)"));
+    let m = a.message.clone().unwrap();
+    assert!(m.contains("a/p -> a/q TCP 80: expected blocked, it connects"), "{m}");
+    let (b, _) = run(&s, 3, &RunOptions::default());
+    assert_eq!(a.message, b.message);
+    assert_eq!(a.trace_hash, b.trace_hash);
+}
+
+/// (scenario text, the line the error must name, text the message must contain)
+const BAD: &[(&str, u64, &str)] = &[
+    ("name: x\nstepz: []\n", 2, "stepz"),
+    ("name: x\nsteps:\n  - wait: 5 parsecs\n", 3, "parsecs"),
+    ("name: x\nsteps:\n  - frobnicate: 1\n", 3, "frobnicate"),
+    (
+        "name: x\nsteps:\n  - fault: {crash: node-9}\n",
+        3,
+        "`node-9` is not a host",
+    ),
+    (
+        "name: x\nsteps:\n  - apply: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {name: a, labelz: {}}\n",
+        4,
+        "unknown field `metadata.labelz`",
+    ),
+    (
+        "name: x\nsteps:\n  - apply: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {name: a}\n      ---\n      apiVersion: v1\n      kind: Pod\n      metadata: {name: p, namespace: a}\n      spec: {containers: [{name: c, image: x, portz: []}]}\n",
+        8,
+        "spec.containers[0].portz",
+    ),
+    (
+        "name: x\nsteps:\n  - apply: |\n      apiVersion: apps/v1\n      kind: StatefulSet\n      metadata: {name: a}\n",
+        4,
+        "kind `StatefulSet` is not supported",
+    ),
+    (
+        "name: x\nsteps:\n  - expect:\n      reachability: {port: 80, table: \"-  a/b\\na/b . X\\n\"}\n",
+        3,
+        "has 2 cells for 1 columns",
+    ),
+    (
+        "name: x\nsteps:\n  - expect:\n      nsx: {count: {Router: 1}}\n",
+        3,
+        "`Router` is not one of",
+    ),
+    (
+        "name: x\nsteps:\n  - apply_file: nowhere.yaml\n",
+        3,
+        "nowhere.yaml",
+    ),
+    (
+        "name: x\ncluster: {nodes: 2, subnet_prefix: 12}\nsteps: []\n",
+        0,
+        "subnet_prefix 12",
+    ),
+    (
+        "name: x\nsteps:\n  - heal: everything\n",
+        3,
+        "neither `all` nor a fault",
+    ),
+];
+
+#[test]
+fn bad_scenarios_are_refused_with_file_line_and_key() {
+    for (text, line, needle) in BAD {
+        let e = parse(Path::new("bad.yaml"), text).expect_err(text);
+        let shown = e.to_string();
+        assert!(shown.starts_with("bad.yaml"), "{shown}");
+        if *line > 0 {
+            assert_eq!(e.line, Some(*line), "{text}: {shown}");
+        }
+        assert!(shown.contains(needle), "{text}: {shown}");
+    }
+}
+
+#[test]
+fn cli_exit_codes_json_report_and_shards() {
+    let dir = std::env::temp_dir().join(format!("nsx-sim-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let failing = dir.join("failing.yaml");
+    std::fs::write(&failing, FAILING).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "name: x\nsteps:\n  - wait: soon\n").unwrap();
+    let good = suite().join("pod-lifecycle.yaml");
+
+    let out = bin()
+        .args(["run", good.to_str().unwrap(), "--seeds", "1..3", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["passed"], 2);
+    assert_eq!(v["failed"], 0);
+    let seed = &v["scenarios"][0]["seeds"][0];
+    for k in ["seed", "passed", "failed_step", "message", "sim_time_ms", "wall_ms", "trace_hash"] {
+        assert!(seed.get(k).is_some(), "{k} missing in {seed}");
+    }
+    assert!(seed["nsx_requests"]["total"].as_u64().unwrap() > 0);
+    assert!(seed["nsx_requests"]["by_status"].is_object());
+
+    let out = bin()
+        .args(["run", failing.to_str().unwrap(), "--seed", "4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("seed 4: step 3 (line 20, expect)"), "{text}");
+    assert!(text.contains(&format!("run {} --seed 4", failing.display())), "{text}");
+
+    let out = bin().args(["run", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml:3"));
+    let out = bin().args(["check", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = bin().args(["run", good.to_str().unwrap(), "--seeds", "5..2"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    // Shards are disjoint and together cover every (scenario, seed) pair.
+    let mut seen = Vec::new();
+    for k in 1..=3 {
+        let out = bin()
+            .args(["run", good.to_str().unwrap(), "--seeds", "1..6", "--shard", &format!("{k}/3"), "--json"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for s in v["scenarios"][0]["seeds"].as_array().unwrap() {
+            seen.push(s["seed"].as_u64().unwrap());
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, vec![1, 2, 3, 4, 5]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dump_ovs_prints_flows_a_real_ovs_accepts() {
+    let out = bin()
+        .args(["dump", suite().join("services.yaml").to_str().unwrap(), "--at", "2", "--ovs", "node-1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let flows: Vec<&str> = text.lines().filter(|l| l.contains("actions=") && !l.starts_with(" group_id") && !l.starts_with("group_id")).collect();
+    let groups: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("group_id")).collect();
+    assert!(flows.len() > 20, "{text}");
+    assert!(!groups.is_empty(), "{text}");
+    // Our own parser reads the dump back...
+    for f in &flows {
+        nsx_core::ovs::parse::parse_flow(f).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+    // ... and a real ovs-vswitchd takes every group and flow.
+    let sb = fake_ovs::real::Sandbox::start("simdump");
+    for g in &groups {
+        sb.ofctl_ok("OpenFlow15", "add-group", g.trim());
+    }
+    for f in &flows {
+        let f = f.trim();
+        // add-flow takes the flow without the dump's statistics.
+        let stripped: String = f
+            .split(", ")
+            .filter(|p| !p.starts_with("duration=") && !p.starts_with("n_packets=") && !p.starts_with("n_bytes="))
+            .collect::<Vec<_>>()
+            .join(", ");
+        sb.ofctl_ok("OpenFlow15", "add-flow", &stripped);
+    }
+}
+
+#[test]
+fn check_accepts_the_suite() {
+    let out = bin().args(["check", suite().to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).lines().count() >= 14);
+}
