@@ -426,6 +426,35 @@ fn an_agent_restart_installs_a_new_round_and_an_ovs_restart_is_replayed() {
     assert_eq!(w.bridge.flow_count(), before_flows + 1);
 }
 
+#[test]
+fn an_ovs_restart_learned_after_a_sync_to_the_new_bridge_still_replays() {
+    // Found by the scenario state machine: OVS restarts, the proxy (not told yet) adds a
+    // service with its group to the wiped bridge, then learns of the restart. The replay must
+    // not fail on the group that is already there.
+    let mut w = World::new();
+    w.services.push(service("web", "10.96.0.10", json!({})));
+    w.add_slice(slice("web", "http", 8080, "TCP", &[("10.1.0.5", true, false, "n")]));
+    w.sync();
+    w.bridge.restart();
+    w.services.push(service("api", "10.96.0.11", json!({})));
+    w.add_slice(slice("api", "http", 8080, "TCP", &[("10.1.0.6", true, false, "n")]));
+    w.sync();
+    assert!(w.bridge.groups().count() >= 1, "the new service's group went in");
+    w.proxy.bridge_restarted();
+    let want = w.want();
+    w.proxy
+        .full_sync(&mut w.bridge, &want)
+        .expect("the replay deletes and re-adds the group it may have added");
+    for f in [
+        "table=0,priority=10,ip,actions=resubmit(,10)",
+        "table=40,priority=10,ip,nw_dst=10.1.0.0/16,actions=output:2",
+    ] {
+        w.bridge.add_flow(parse_flow(f).unwrap()).unwrap();
+    }
+    assert_eq!(w.bridge.trace(client(1, "10.96.0.10", 80)).ports(), vec![2]);
+    assert_eq!(w.bridge.trace(client(1, "10.96.0.11", 80)).ports(), vec![2]);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]

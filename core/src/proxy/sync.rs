@@ -59,6 +59,9 @@ pub struct Proxy {
     next_id: u32,
     /// Groups found on the bridge at start (from a previous run): modified, not added.
     existing_groups: BTreeSet<u32>,
+    /// After an OVS restart this proxy learned of late: groups it may have added to the wiped
+    /// bridge in between. Each is deleted (a no-op when absent) before it is added again.
+    uncertain_groups: BTreeSet<u32>,
 }
 
 fn chunks(g: &Group) -> (Group, Vec<Vec<crate::ovs::flow::Bucket>>) {
@@ -100,6 +103,7 @@ impl Proxy {
             free_ids: BTreeSet::new(),
             next_id: 1,
             existing_groups,
+            uncertain_groups: BTreeSet::new(),
         }
     }
 
@@ -116,10 +120,13 @@ impl Proxy {
         self.installed.is_empty()
     }
 
-    /// OVS restarted: nothing is installed any more; the next sync replays everything.
+    /// OVS restarted: nothing is installed any more; the next sync replays everything. The
+    /// restart may be learned late, after syncs that already wrote to the new bridge: groups
+    /// are then deleted before they are added again.
     pub fn bridge_restarted(&mut self) {
         self.static_installed = false;
         self.existing_groups.clear();
+        self.uncertain_groups = self.group_ids.values().copied().collect();
         let keys: Vec<ServicePortKey> = self.installed.keys().cloned().collect();
         for k in keys {
             if let Some(i) = self.installed.get_mut(&k) {
@@ -198,6 +205,9 @@ impl Proxy {
                     match (old_group, &g) {
                         (None, Some(g)) if !self.existing_groups.contains(&id) => {
                             let (first, rest) = chunks(g);
+                            if self.uncertain_groups.contains(&id) {
+                                ops.push(OfOp::DelGroup(id));
+                            }
                             ops.push(OfOp::AddGroup(first));
                             ops.extend(rest.into_iter().map(|buckets| OfOp::InsertBuckets {
                                 group_id: id,
@@ -304,6 +314,7 @@ impl Proxy {
         }
         // Committed: update the caches.
         self.static_installed = true;
+        self.uncertain_groups.clear();
         self.previous_round = None;
         for (k, d) in delta {
             let n = self.endpoint_refs.get(&k).copied().unwrap_or(0) as i64 + d;
