@@ -132,7 +132,7 @@ impl World {
         let mut sim = turmoil::Builder::new()
             .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
             .rng_seed(seed)
-            .tick_duration(Duration::from_millis(5))
+            .tick_duration(Duration::from_millis(10))
             .simulation_duration(Duration::from_secs(24 * 3600))
             .max_message_latency(Duration::from_millis(3))
             .build();
