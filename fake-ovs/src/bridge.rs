@@ -121,6 +121,9 @@ pub struct Bridge {
     /// How many times ovs-vswitchd restarted: what a controller watching it (OVSDB's
     /// `Open_vSwitch` row in the real thing) sees change.
     pub restarts: u64,
+    /// Bumped by every change to ports, flows or groups: a hint for whoever caches a reading
+    /// of the bridge (it may move without a net change).
+    pub generation: u64,
 }
 
 fn flow_key(table: u8, priority: u16, m: &Match) -> u64 {
@@ -189,6 +192,7 @@ impl Bridge {
                 n
             }
         };
+        self.generation += 1;
         self.used_ofports.insert(ofport);
         self.ports.insert(
             ofport,
@@ -209,6 +213,7 @@ impl Bridge {
             .by_name
             .remove(name)
             .ok_or_else(|| OvsError::NoSuchPort(name.to_string()))?;
+        self.generation += 1;
         Ok(self.ports.remove(&n).expect("indexed port"))
     }
 
@@ -229,6 +234,7 @@ impl Bridge {
         self.group_users.clear();
         self.groups.clear();
         self.restarts += 1;
+        self.generation += 1;
     }
 
     // ----- flows and groups --------------------------------------------------------------
@@ -411,6 +417,7 @@ impl Bridge {
     }
 
     fn apply(&mut self, m: FlowMod, undo: &mut Vec<Undo>) -> Result<(), OvsError> {
+        self.generation += 1;
         match m {
             FlowMod::Add(flow) => {
                 self.check_actions(flow.table, &flow.actions)?;

@@ -433,13 +433,28 @@ fn an_ovs_restart_learned_after_a_sync_to_the_new_bridge_still_replays() {
     // not fail on the group that is already there.
     let mut w = World::new();
     w.services.push(service("web", "10.96.0.10", json!({})));
-    w.add_slice(slice("web", "http", 8080, "TCP", &[("10.1.0.5", true, false, "n")]));
+    w.add_slice(slice(
+        "web",
+        "http",
+        8080,
+        "TCP",
+        &[("10.1.0.5", true, false, "n")],
+    ));
     w.sync();
     w.bridge.restart();
     w.services.push(service("api", "10.96.0.11", json!({})));
-    w.add_slice(slice("api", "http", 8080, "TCP", &[("10.1.0.6", true, false, "n")]));
+    w.add_slice(slice(
+        "api",
+        "http",
+        8080,
+        "TCP",
+        &[("10.1.0.6", true, false, "n")],
+    ));
     w.sync();
-    assert!(w.bridge.groups().count() >= 1, "the new service's group went in");
+    assert!(
+        w.bridge.groups().count() >= 1,
+        "the new service's group went in"
+    );
     w.proxy.bridge_restarted();
     let want = w.want();
     w.proxy

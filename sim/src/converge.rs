@@ -44,13 +44,13 @@ pub fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
 
 /// `Err` says the first thing that is not there yet.
 pub fn ncp_converged(
-api: &ApiServer,
-nsx: &FakeNsxManager,
-cluster: &str,
-subnet_prefix: u8,
+    api: &ApiServer,
+    nsx: &FakeNsxManager,
+    cluster: &str,
+    subnet_prefix: u8,
 ) -> Result<(ClusterView, Observed), String> {
-let view = view_from(api)?;
-let want = desired(&view, cluster, subnet_prefix);
+    let view = view_from(api)?;
+    let want = desired(&view, cluster, subnet_prefix);
     let docs: Vec<Value> = nsx.with_store(|s| {
         s.objects()
             .map(|(_, o)| Value::Object(o.doc.clone()))
@@ -127,7 +127,16 @@ let want = desired(&view, cluster, subnet_prefix);
     }
     for ((ns, name), svc) in &view.services {
         let uid = svc.metadata.uid.clone().unwrap_or_default();
-        let Some(vs) = observed.objects.iter().find(|(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{uid}/")))).and_then(|(_, d)| d.first()) else { continue };
+        let Some(vs) = observed
+            .objects
+            .iter()
+            .find(
+                |(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{uid}/"))),
+            )
+            .and_then(|(_, d)| d.first())
+        else {
+            continue;
+        };
         let ingress = svc
             .status
             .as_ref()
@@ -148,13 +157,17 @@ let want = desired(&view, cluster, subnet_prefix);
         .filter(|k| matches!(k, Key::Snat(_)))
         .count();
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
-    let pool = &boot.clusters.get(cluster).ok_or("cluster not bootstrapped")?.snat_pool;
+    let pool = &boot
+        .clusters
+        .get(cluster)
+        .ok_or("cluster not bootstrapped")?
+        .snat_pool;
     let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-            method: "GET",
-            path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
-            query: &[],
-            body: b"",
-        });
+        method: "GET",
+        path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
+        query: &[],
+        body: b"",
+    });
     let ours = r.body.unwrap_or_default()["results"]
         .as_array()
         .into_iter()

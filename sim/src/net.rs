@@ -32,7 +32,10 @@ pub struct TurmoilConnection {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-async fn connect(uri: Uri, read_timeout: Option<std::time::Duration>) -> io::Result<TurmoilConnection> {
+async fn connect(
+    uri: Uri,
+    read_timeout: Option<std::time::Duration>,
+) -> io::Result<TurmoilConnection> {
     let host = uri
         .host()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?

@@ -76,7 +76,12 @@ fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Scenario>> {
 pub fn check(paths: &[PathBuf]) -> anyhow::Result<bool> {
     let all = load_all(paths)?;
     for s in &all {
-        println!("ok  {}  {} ({} steps)", s.file.display(), s.name, s.steps.len());
+        println!(
+            "ok  {}  {} ({} steps)",
+            s.file.display(),
+            s.name,
+            s.steps.len()
+        );
     }
     Ok(true)
 }
@@ -138,7 +143,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
                     }
                     let d = done.fetch_add(1, Ordering::SeqCst) + 1;
                     if terminal {
-                        eprint!("\r[{d}/{}] {} seed {seed}        ", pairs.len(), all[i].name);
+                        eprint!(
+                            "\r[{d}/{}] {} seed {seed}        ",
+                            pairs.len(),
+                            all[i].name
+                        );
                     }
                 }
             });
@@ -256,11 +265,13 @@ pub fn dump(
     let (_, w) = run_to(file, seed, at)?;
     match (nsx, ovs) {
         (_, Some(node)) => {
-            let n = w
-                .nodes
-                .get(&node)
-                .with_context(|| format!("no node {node} (nodes: {})", w.sc.cluster.nodes.join(", ")))?;
-            let b = n.bridge.try_lock().map_err(|_| anyhow::anyhow!("bridge busy"))?;
+            let n = w.nodes.get(&node).with_context(|| {
+                format!("no node {node} (nodes: {})", w.sc.cluster.nodes.join(", "))
+            })?;
+            let b = n
+                .bridge
+                .try_lock()
+                .map_err(|_| anyhow::anyhow!("bridge busy"))?;
             print!("{}", b.dump_flows(true));
             print!("{}", b.dump_groups());
         }
@@ -293,16 +304,31 @@ pub fn trace(
     let p = protocol(proto).map_err(|e| anyhow::anyhow!(e))?;
     let (_, w) = run_to(file, seed, at)?;
     let dst_ip = match &dst {
-        Endpoint::Pod { namespace, name } => w.pod_at(namespace, name).map_err(|e| anyhow::anyhow!(e))?.ip,
+        Endpoint::Pod { namespace, name } => {
+            w.pod_at(namespace, name)
+                .map_err(|e| anyhow::anyhow!(e))?
+                .ip
+        }
         Endpoint::External(ip) => *ip,
         Endpoint::Service { namespace, name } => {
-            let s = w.api.get("services", namespace, name).context("no such service")?;
-            parse_ip(s["spec"]["clusterIP"].as_str().unwrap_or("")).map_err(|e| anyhow::anyhow!(e))?
+            let s = w
+                .api
+                .get("services", namespace, name)
+                .context("no such service")?;
+            parse_ip(s["spec"]["clusterIP"].as_str().unwrap_or(""))
+                .map_err(|e| anyhow::anyhow!(e))?
         }
         Endpoint::Lb { namespace, name } => {
-            let s = w.api.get("services", namespace, name).context("no such service")?;
-            parse_ip(s["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().unwrap_or(""))
-                .map_err(|e| anyhow::anyhow!(e))?
+            let s = w
+                .api
+                .get("services", namespace, name)
+                .context("no such service")?;
+            parse_ip(
+                s["status"]["loadBalancer"]["ingress"][0]["ip"]
+                    .as_str()
+                    .unwrap_or(""),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?
         }
     };
     let o = w
@@ -311,6 +337,14 @@ pub fn trace(
     for l in &o.path {
         println!("{l}");
     }
-    println!("Result: {:?}, reply {}", o.reached, if o.reply_ok { "returned" } else { "did not return" });
+    println!(
+        "Result: {:?}, reply {}",
+        o.reached,
+        if o.reply_ok {
+            "returned"
+        } else {
+            "did not return"
+        }
+    );
     Ok(o.works())
 }

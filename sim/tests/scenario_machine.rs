@@ -71,29 +71,46 @@ fn scenario(ops: &[Op]) -> String {
         match o {
             Op::Namespace(n) => {
                 namespaces.insert(*n);
-                apply(&mut steps, format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}, labels: {{team: t{}}}}}", n % 2));
+                apply(
+                    &mut steps,
+                    format!(
+                        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}, labels: {{team: t{}}}}}",
+                        n % 2
+                    ),
+                );
             }
             Op::Pod { ns, pod, node, app } if namespaces.contains(ns) => {
                 pods.insert((*ns, *pod), ());
                 apply(
                     &mut steps,
-                    format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p-{pod}, namespace: ns-{ns}, labels: {{app: a{app}}}}}\nspec: {{nodeName: node-{node}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}"),
+                    format!(
+                        "apiVersion: v1\nkind: Pod\nmetadata: {{name: p-{pod}, namespace: ns-{ns}, labels: {{app: a{app}}}}}\nspec: {{nodeName: node-{node}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}"
+                    ),
                 );
             }
             Op::DeletePod { ns, pod } if pods.remove(&(*ns, *pod)).is_some() => {
-                steps.push_str(&format!("  - delete: {{kind: Pod, namespace: ns-{ns}, name: p-{pod}}}\n"));
+                steps.push_str(&format!(
+                    "  - delete: {{kind: Pod, namespace: ns-{ns}, name: p-{pod}}}\n"
+                ));
             }
             Op::Service { ns, app } if namespaces.contains(ns) => apply(
                 &mut steps,
-                format!("apiVersion: v1\nkind: Service\nmetadata: {{name: s-{app}, namespace: ns-{ns}}}\nspec: {{selector: {{app: a{app}}}, ports: [{{name: web, port: 80, targetPort: http}}, {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}]}}"),
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s-{app}, namespace: ns-{ns}}}\nspec: {{selector: {{app: a{app}}}, ports: [{{name: web, port: 80, targetPort: http}}, {{name: dns, port: 53, targetPort: 5353, protocol: UDP}}]}}"
+                ),
             ),
             Op::DenyPolicy(ns) if namespaces.contains(ns) => apply(
                 &mut steps,
-                format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: deny, namespace: ns-{ns}}}\nspec: {{podSelector: {{}}, policyTypes: [Ingress]}}"),
+                format!(
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: deny, namespace: ns-{ns}}}\nspec: {{podSelector: {{}}, policyTypes: [Ingress]}}"
+                ),
             ),
             Op::AllowPolicy { ns, app } if namespaces.contains(ns) => apply(
                 &mut steps,
-                format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-a{app}, namespace: ns-{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: a{app}}}}}\n  ingress: [{{from: [{{namespaceSelector: {{matchLabels: {{team: t0}}}}, podSelector: {{matchLabels: {{app: a{}}}}}}}], ports: [{{port: http}}]}}]", 1 - app),
+                format!(
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: allow-a{app}, namespace: ns-{ns}}}\nspec:\n  podSelector: {{matchLabels: {{app: a{app}}}}}\n  ingress: [{{from: [{{namespaceSelector: {{matchLabels: {{team: t0}}}}, podSelector: {{matchLabels: {{app: a{}}}}}}}], ports: [{{port: http}}]}}]",
+                    1 - app
+                ),
             ),
             Op::DeleteNamespace(n) if namespaces.remove(n) => {
                 pods.retain(|(ns, _), _| ns != n);
@@ -101,12 +118,14 @@ fn scenario(ops: &[Op]) -> String {
             }
             Op::Wait(ms) => steps.push_str(&format!("  - wait: {ms}ms\n")),
             Op::NsxErrors => steps.push_str("  - fault: {nsx_errors: {status: 503, rate: 0.5}}\n"),
-            Op::CrashAfterWrites(n) => {
-                steps.push_str(&format!("  - fault: {{crash_after_writes: {{host: ncp-0, writes: {n}}}}}\n"))
-            }
+            Op::CrashAfterWrites(n) => steps.push_str(&format!(
+                "  - fault: {{crash_after_writes: {{host: ncp-0, writes: {n}}}}}\n"
+            )),
             Op::RestartNcp => steps.push_str("  - fault: {restart: ncp-0}\n"),
             Op::RestartOvs(n) => steps.push_str(&format!("  - fault: {{restart_ovs: node-{n}}}\n")),
-            Op::RestartAgent(n) => steps.push_str(&format!("  - fault: {{restart_agent: node-{n}}}\n")),
+            Op::RestartAgent(n) => {
+                steps.push_str(&format!("  - fault: {{restart_agent: node-{n}}}\n"))
+            }
             Op::WatchDisconnect => steps.push_str("  - fault: {watch_disconnect: ncp}\n"),
             Op::Partition => steps.push_str("  - fault: {partition: [ncp, nsx-manager]}\n"),
             Op::HealAll => steps.push_str("  - heal: all\n"),

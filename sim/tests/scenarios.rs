@@ -49,7 +49,10 @@ fn the_same_scenario_and_seed_give_the_same_trace() {
         assert_eq!(a.sim_time_ms, b.sim_time_ms);
         assert_eq!(a.nsx_requests.total, b.nsx_requests.total);
         let (c, _) = run(&s, 6, &RunOptions::default());
-        assert_ne!(a.trace_hash, c.trace_hash, "{name}: seeds 5 and 6 ran identically");
+        assert_ne!(
+            a.trace_hash, c.trace_hash,
+            "{name}: seeds 5 and 6 ran identically"
+        );
     }
 }
 
@@ -84,7 +87,10 @@ fn a_failure_names_its_step_and_replays_to_the_same_failure() {
     assert!(!a.passed);
     assert_eq!(a.failed_step.as_deref(), Some("3 (line 20, expect)"));
     let m = a.message.clone().unwrap();
-    assert!(m.contains("a/p -> a/q TCP 80: expected blocked, it connects"), "{m}");
+    assert!(
+        m.contains("a/p -> a/q TCP 80: expected blocked, it connects"),
+        "{m}"
+    );
     let (b, _) = run(&s, 3, &RunOptions::default());
     assert_eq!(a.message, b.message);
     assert_eq!(a.trace_hash, b.trace_hash);
@@ -169,12 +175,25 @@ fn cli_exit_codes_json_report_and_shards() {
         .args(["run", good.to_str().unwrap(), "--seeds", "1..3", "--json"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["passed"], 2);
     assert_eq!(v["failed"], 0);
     let seed = &v["scenarios"][0]["seeds"][0];
-    for k in ["seed", "passed", "failed_step", "message", "sim_time_ms", "wall_ms", "trace_hash"] {
+    for k in [
+        "seed",
+        "passed",
+        "failed_step",
+        "message",
+        "sim_time_ms",
+        "wall_ms",
+        "trace_hash",
+    ] {
         assert!(seed.get(k).is_some(), "{k} missing in {seed}");
     }
     assert!(seed["nsx_requests"]["total"].as_u64().unwrap() > 0);
@@ -187,21 +206,38 @@ fn cli_exit_codes_json_report_and_shards() {
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("seed 4: step 3 (line 20, expect)"), "{text}");
-    assert!(text.contains(&format!("run {} --seed 4", failing.display())), "{text}");
+    assert!(
+        text.contains(&format!("run {} --seed 4", failing.display())),
+        "{text}"
+    );
 
     let out = bin().args(["run", bad.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml:3"));
-    let out = bin().args(["check", bad.to_str().unwrap()]).output().unwrap();
+    let out = bin()
+        .args(["check", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    let out = bin().args(["run", good.to_str().unwrap(), "--seeds", "5..2"]).output().unwrap();
+    let out = bin()
+        .args(["run", good.to_str().unwrap(), "--seeds", "5..2"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 
     // Shards are disjoint and together cover every (scenario, seed) pair.
     let mut seen = Vec::new();
     for k in 1..=3 {
         let out = bin()
-            .args(["run", good.to_str().unwrap(), "--seeds", "1..6", "--shard", &format!("{k}/3"), "--json"])
+            .args([
+                "run",
+                good.to_str().unwrap(),
+                "--seeds",
+                "1..6",
+                "--shard",
+                &format!("{k}/3"),
+                "--json",
+            ])
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(0));
@@ -218,13 +254,33 @@ fn cli_exit_codes_json_report_and_shards() {
 #[test]
 fn dump_ovs_prints_flows_a_real_ovs_accepts() {
     let out = bin()
-        .args(["dump", suite().join("services.yaml").to_str().unwrap(), "--at", "2", "--ovs", "node-1"])
+        .args([
+            "dump",
+            suite().join("services.yaml").to_str().unwrap(),
+            "--at",
+            "2",
+            "--ovs",
+            "node-1",
+        ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
-    let flows: Vec<&str> = text.lines().filter(|l| l.contains("actions=") && !l.starts_with(" group_id") && !l.starts_with("group_id")).collect();
-    let groups: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with("group_id")).collect();
+    let flows: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains("actions=") && !l.starts_with(" group_id") && !l.starts_with("group_id")
+        })
+        .collect();
+    let groups: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("group_id"))
+        .collect();
     assert!(flows.len() > 20, "{text}");
     assert!(!groups.is_empty(), "{text}");
     // Our own parser reads the dump back...
@@ -241,7 +297,11 @@ fn dump_ovs_prints_flows_a_real_ovs_accepts() {
         // add-flow takes the flow without the dump's statistics.
         let stripped: String = f
             .split(", ")
-            .filter(|p| !p.starts_with("duration=") && !p.starts_with("n_packets=") && !p.starts_with("n_bytes="))
+            .filter(|p| {
+                !p.starts_with("duration=")
+                    && !p.starts_with("n_packets=")
+                    && !p.starts_with("n_bytes=")
+            })
             .collect::<Vec<_>>()
             .join(", ");
         sb.ofctl_ok("OpenFlow15", "add-flow", &stripped);
@@ -250,7 +310,15 @@ fn dump_ovs_prints_flows_a_real_ovs_accepts() {
 
 #[test]
 fn check_accepts_the_suite() {
-    let out = bin().args(["check", suite().to_str().unwrap()]).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(["check", suite().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).lines().count() >= 14);
 }

@@ -36,7 +36,120 @@ pub struct ClusterView {
     pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
 }
 
+/// Feeds serialized JSON into a hasher without building the text.
+struct HashWriter<'a, H: std::hash::Hasher>(&'a mut H);
+
+impl<H: std::hash::Hasher> std::io::Write for HashWriter<'_, H> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn hash_json<T: serde::Serialize, H: std::hash::Hasher>(h: &mut H, v: &T) {
+    // Serializing a k8s-openapi type into a hasher cannot fail.
+    let _ = serde_json::to_writer(HashWriter(h), v);
+}
+
+fn hash_meta<H: std::hash::Hasher>(
+    h: &mut H,
+    m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) {
+    use std::hash::Hash;
+    (&m.namespace, &m.name, &m.uid, &m.labels, &m.annotations).hash(h);
+    m.deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .hash(h);
+}
+
+/// Hashes of what NCP reads of each object: names, uids, labels, annotations and specs (and a
+/// Service's status, which NCP writes); not pod or namespace status, nor resourceVersions. A
+/// view's fingerprint is the wrapping sum of its objects' hashes, so it does not depend on the
+/// order a store hands them out in.
+pub mod fingerprint {
+    use std::hash::{Hash, Hasher};
+
+    use super::{
+        EndpointSlice, Namespace, NetworkPolicy, Node, Pod, Service, hash_json, hash_meta,
+    };
+
+    fn start(kind: u8) -> std::hash::DefaultHasher {
+        let mut h = std::hash::DefaultHasher::new();
+        kind.hash(&mut h);
+        h
+    }
+
+    pub fn namespace(n: &Namespace) -> u64 {
+        let mut h = start(0);
+        hash_meta(&mut h, &n.metadata);
+        h.finish()
+    }
+
+    pub fn pod(p: &Pod) -> u64 {
+        let mut h = start(1);
+        hash_meta(&mut h, &p.metadata);
+        hash_json(&mut h, &p.spec);
+        h.finish()
+    }
+
+    pub fn node(n: &Node) -> u64 {
+        let mut h = start(2);
+        hash_meta(&mut h, &n.metadata);
+        hash_json(&mut h, &n.spec);
+        h.finish()
+    }
+
+    pub fn service(s: &Service) -> u64 {
+        let mut h = start(3);
+        hash_meta(&mut h, &s.metadata);
+        hash_json(&mut h, &s.spec);
+        hash_json(&mut h, &s.status);
+        h.finish()
+    }
+
+    pub fn endpoint_slice(s: &EndpointSlice) -> u64 {
+        let mut h = start(4);
+        hash_meta(&mut h, &s.metadata);
+        hash_json(&mut h, &s.endpoints);
+        hash_json(&mut h, &s.ports);
+        h.finish()
+    }
+
+    pub fn network_policy(p: &NetworkPolicy) -> u64 {
+        let mut h = start(5);
+        hash_meta(&mut h, &p.metadata);
+        hash_json(&mut h, &p.spec);
+        h.finish()
+    }
+}
+
 impl ClusterView {
+    /// Equal fingerprints mean a pass would compute the same desired state (see
+    /// [`fingerprint`]).
+    pub fn fingerprint(&self) -> u64 {
+        let mut sum = 0u64;
+        let mut add = |x: u64| sum = sum.wrapping_add(x);
+        self.namespaces
+            .values()
+            .for_each(|o| add(fingerprint::namespace(o)));
+        self.pods.values().for_each(|o| add(fingerprint::pod(o)));
+        self.nodes.values().for_each(|o| add(fingerprint::node(o)));
+        self.services
+            .values()
+            .for_each(|o| add(fingerprint::service(o)));
+        self.endpoint_slices
+            .values()
+            .for_each(|o| add(fingerprint::endpoint_slice(o)));
+        self.network_policies
+            .values()
+            .for_each(|o| add(fingerprint::network_policy(o)));
+        sum
+    }
+
     pub fn add_namespace(&mut self, ns: Namespace) {
         let name = ns.metadata.name.clone().unwrap_or_default();
         self.namespaces.insert(name, ns);

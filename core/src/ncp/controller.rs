@@ -101,6 +101,32 @@ pub struct Stores {
 }
 
 impl Stores {
+    /// The view's fingerprint without building the view (see [`ClusterView::fingerprint`]).
+    pub fn fingerprint(&self) -> u64 {
+        use crate::k8s::fingerprint as f;
+        let mut sum = 0u64;
+        let mut add = |x: u64| sum = sum.wrapping_add(x);
+        self.namespaces
+            .state()
+            .iter()
+            .for_each(|o| add(f::namespace(o)));
+        self.pods.state().iter().for_each(|o| add(f::pod(o)));
+        self.nodes.state().iter().for_each(|o| add(f::node(o)));
+        self.services
+            .state()
+            .iter()
+            .for_each(|o| add(f::service(o)));
+        self.endpoint_slices
+            .state()
+            .iter()
+            .for_each(|o| add(f::endpoint_slice(o)));
+        self.network_policies
+            .state()
+            .iter()
+            .for_each(|o| add(f::network_policy(o)));
+        sum
+    }
+
     pub fn view(&self) -> ClusterView {
         let mut v = ClusterView::default();
         for n in self.namespaces.state() {
@@ -475,7 +501,22 @@ pub async fn run<C>(
     let mut reported_problems = BTreeMap::new();
     let mut cache = None;
     let mut next_full = tokio::time::Instant::now();
+    // The fingerprint of the view the last clean pass realized (no failure, every
+    // annotation written): a change NCP does not read (a pod's status, a resourceVersion)
+    // then costs no pass at all.
+    let mut clean: Option<u64> = None;
     loop {
+        let fingerprint = stores.fingerprint();
+        if cache.is_some() && clean == Some(fingerprint) && tokio::time::Instant::now() < next_full
+        {
+            tokio::select! {
+            biased;
+                _ = changed.notified() => tokio::time::sleep(timing.debounce).await,
+                _ = tokio::time::sleep(next_full.saturating_duration_since(tokio::time::Instant::now())) => {}
+            }
+            continue;
+        }
+        clean = None;
         let view = stores.view();
         let gate = WriteGate {
             write_budget: None,
@@ -529,6 +570,10 @@ pub async fn run<C>(
                             "NetworkPolicyNotExact",
                         )
                         .await;
+                    }
+                    if outcome.report.failed.is_empty() {
+                        // Of the view this pass realized (the stores may have moved on).
+                        clean = Some(view.fingerprint());
                     }
                     PassEvent::Converged {
                         ops: outcome.plan.len(),

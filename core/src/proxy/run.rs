@@ -25,6 +25,23 @@ pub struct ProxySignals {
     pub bridge_restarted: Arc<AtomicBool>,
 }
 
+/// How the loop paces itself: `debounce` gathers a burst of watch events into one sync; a
+/// failed sync is retried after `retry`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub debounce: Duration,
+    pub retry: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            debounce: Duration::from_millis(50),
+            retry: Duration::from_millis(500),
+        }
+    }
+}
+
 /// What one sync installed, for whoever watches the proxy (metrics, a harness).
 pub struct Synced<'a> {
     pub want: &'a BTreeMap<ServicePortKey, ServicePort>,
@@ -53,16 +70,14 @@ fn view(
     all_service_ports(svcs.iter().map(|s| &**s), &by_key, node)
 }
 
-/// Runs until the runtime ends. `debounce` gathers a burst of watch events into one sync; a
-/// failed sync is retried after `retry`.
+/// Runs until the runtime ends.
 pub async fn run<B: OpenFlowBridge>(
     kube: kube::Client,
     mut proxy: Proxy,
     node: String,
     bridge: Arc<Mutex<B>>,
     signals: ProxySignals,
-    debounce: Duration,
-    retry: Duration,
+    timing: Timing,
     mut on_sync: impl FnMut(Synced<'_>),
 ) {
     let (services, h1) =
@@ -107,13 +122,13 @@ pub async fn run<B: OpenFlowBridge>(
                 });
                 installed = Some(want);
                 signals.changed.notified().await;
-                tokio::time::sleep(debounce).await;
+                tokio::time::sleep(timing.debounce).await;
             }
             Err(e) => {
                 // A bundle is atomic and the proxy commits its caches only after success:
                 // nothing changed, the same changes are tried again.
                 tracing::warn!(error = %e, "proxy sync failed; retrying");
-                tokio::time::sleep(retry).await;
+                tokio::time::sleep(timing.retry).await;
             }
         }
     }

@@ -879,10 +879,7 @@ impl Store {
             }
         }
         let Some((sw, t1)) = self.switch_holding(p.dst_ip) else {
-            return drop(format!(
-                "no switch holds {}",
-                ipam::ip_to_string(p.dst_ip)
-            ));
+            return drop(format!("no switch holds {}", ipam::ip_to_string(p.dst_ip)));
         };
         let Some(t0) = self.tier0_of(&t1) else {
             return drop(format!("tier-1 {t1} has no link to a tier-0"));

@@ -28,9 +28,14 @@ pub struct PodAt {
 /// Where a connection ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reached {
-    Pod { namespace: String, name: String },
+    Pod {
+        namespace: String,
+        name: String,
+    },
     /// Left through the tier-0 with this source address.
-    External { src: u32 },
+    External {
+        src: u32,
+    },
     Dropped(String),
 }
 
@@ -60,6 +65,10 @@ fn parse_mac(m: &str) -> u64 {
     u64::from_str_radix(&m.replace(':', ""), 16).unwrap_or(0)
 }
 
+/// Where NSX delivered a packet on a node: the node, the pod's port, the packet as it left
+/// OVS.
+type Arrival = (String, u32, Packet);
+
 /// One node-side hop: a packet processed by the bridge; the uplink output (vlan, packet) or
 /// the pod port it reached.
 enum OvsOut {
@@ -80,8 +89,18 @@ impl World {
             .as_str()
             .and_then(|t| serde_json::from_str(t).ok())
             .ok_or(format!("pod {ns}/{name} has no network from NCP"))?;
-        let ip = super::names::parse_ip(net["ip"].as_str().unwrap_or("").split('/').next().unwrap_or(""))?;
-        let n = self.nodes.get(&node).ok_or(format!("pod {ns}/{name} is on no node"))?;
+        let ip = super::names::parse_ip(
+            net["ip"]
+                .as_str()
+                .unwrap_or("")
+                .split('/')
+                .next()
+                .unwrap_or(""),
+        )?;
+        let n = self
+            .nodes
+            .get(&node)
+            .ok_or(format!("pod {ns}/{name} is on no node"))?;
         let cid = n
             .kubelet
             .borrow()
@@ -114,7 +133,11 @@ impl World {
         };
         b.now_ms = self.now_ms();
         let t = b.process(p, 64);
-        path.push(format!("{node} ovs: {} -> {}", p.describe(), t.datapath_actions()));
+        path.push(format!(
+            "{node} ovs: {} -> {}",
+            p.describe(),
+            t.datapath_actions()
+        ));
         match t.outputs.first() {
             None => OvsOut::Dropped(format!("{node}: OVS dropped it")),
             Some(o) if o.port == UPLINK => {
@@ -128,13 +151,11 @@ impl World {
         let n = self.nodes.get(node)?;
         let b = n.bridge.try_lock().ok()?;
         let p = b.ports().find(|p| p.ofport == ofport)?;
-        let k = n
-            .kubelet
+        n.kubelet
             .borrow()
             .iter()
             .find(|(_, kp)| port_name(&kp.container_id) == p.name)
-            .map(|(k, _)| k.clone());
-        k
+            .map(|(k, _)| k.clone())
     }
 
     fn node_of_vif(&self, vif: &str) -> Option<String> {
@@ -151,7 +172,7 @@ impl World {
         entry: Entry,
         pkt: NsxPacket,
         path: &mut Vec<String>,
-    ) -> Result<(Option<(String, u32, Packet)>, Reached), String> {
+    ) -> Result<(Option<Arrival>, Reached), String> {
         let t = self.nsx.with_store(|s| s.trace_with(conns, &entry, &pkt));
         for h in &t.hops {
             path.push(format!("nsx: {h}"));
@@ -187,9 +208,15 @@ impl World {
                                 name,
                             },
                         )),
-                        None => Ok((None, Reached::Dropped(format!("{node}: out of port {port}, no pod's")))),
+                        None => Ok((
+                            None,
+                            Reached::Dropped(format!("{node}: out of port {port}, no pod's")),
+                        )),
                     },
-                    OvsOut::Uplink(..) => Ok((None, Reached::Dropped(format!("{node}: sent back to the uplink")))),
+                    OvsOut::Uplink(..) => Ok((
+                        None,
+                        Reached::Dropped(format!("{node}: sent back to the uplink")),
+                    )),
                     OvsOut::Dropped(r) => Ok((None, Reached::Dropped(r))),
                 }
             }
@@ -223,7 +250,10 @@ impl World {
                     OvsOut::Uplink(v, out) => (v, out),
                     OvsOut::Port(port, _) => {
                         return Ok(Outcome {
-                            reached: Reached::Dropped(format!("{}: switched locally to port {port}, not through the uplink", pod.node)),
+                            reached: Reached::Dropped(format!(
+                                "{}: switched locally to port {port}, not through the uplink",
+                                pod.node
+                            )),
                             reply_ok: false,
                             path,
                         });
@@ -301,10 +331,22 @@ impl World {
                         }
                         match (t.verdict, &src_pod) {
                             (Verdict::External { packet }, None) => {
-                                packet.dst_ip == src_ip && packet.src_ip == dst_ip && packet.src_port == dport
+                                packet.dst_ip == src_ip
+                                    && packet.src_ip == dst_ip
+                                    && packet.src_port == dport
                             }
-                            (Verdict::Delivered { parent_vif_id, vlan, packet, .. }, Some(pod)) => {
-                                let node_ok = parent_vif_id.as_deref().and_then(|v| self.node_of_vif(v)) == Some(pod.node.clone());
+                            (
+                                Verdict::Delivered {
+                                    parent_vif_id,
+                                    vlan,
+                                    packet,
+                                    ..
+                                },
+                                Some(pod),
+                            ) => {
+                                let node_ok =
+                                    parent_vif_id.as_deref().and_then(|v| self.node_of_vif(v))
+                                        == Some(pod.node.clone());
                                 let mut p = Packet::default();
                                 p.set(Field::InPort, u128::from(UPLINK));
                                 p.set(Field::VlanTci, 0x1000 | u128::from(vlan.unwrap_or(0)));
@@ -342,11 +384,19 @@ impl World {
                     src_port: dport,
                     dst_port: sport,
                 };
-                path.push(format!("reply from outside: {} -> {}", ip_string(dst_ip), ip_string(*src)));
+                path.push(format!(
+                    "reply from outside: {} -> {}",
+                    ip_string(dst_ip),
+                    ip_string(*src)
+                ));
                 match self.through_nsx(&mut conns, Entry::External, back, &mut path)? {
-                    (Some((_, _, out)), Reached::Pod { namespace, name }) => src_pod.as_ref().is_some_and(|p| {
-                        p.namespace == namespace && p.name == name && out.get(Field::IpSrc) == u128::from(dst_ip)
-                    }),
+                    (Some((_, _, out)), Reached::Pod { namespace, name }) => {
+                        src_pod.as_ref().is_some_and(|p| {
+                            p.namespace == namespace
+                                && p.name == name
+                                && out.get(Field::IpSrc) == u128::from(dst_ip)
+                        })
+                    }
                     _ => false,
                 }
             }

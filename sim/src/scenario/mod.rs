@@ -8,9 +8,9 @@
 //! - [`run`]: steps, expectations, invariants, the report.
 //! - [`snapshot`]: golden files of the realized state, redacted.
 
+pub mod dataplane;
 pub mod names;
 pub mod node;
-pub mod dataplane;
 pub mod run;
 pub mod snapshot;
 pub mod spec;

@@ -52,11 +52,20 @@ pub fn protocol(p: &str) -> Result<u8, String> {
 /// Where a connectivity check starts or ends.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Endpoint {
-    Pod { namespace: String, name: String },
+    Pod {
+        namespace: String,
+        name: String,
+    },
     /// A Service's ClusterIP.
-    Service { namespace: String, name: String },
+    Service {
+        namespace: String,
+        name: String,
+    },
     /// A LoadBalancer Service's VIP.
-    Lb { namespace: String, name: String },
+    Lb {
+        namespace: String,
+        name: String,
+    },
     External(u32),
 }
 
@@ -174,7 +183,12 @@ mod tests {
 
     #[test]
     fn endpoints_parse_and_print_alike() {
-        for s in ["shop/web-1", "svc/shop/api", "lb/shop/front", "external/203.0.113.10"] {
+        for s in [
+            "shop/web-1",
+            "svc/shop/api",
+            "lb/shop/front",
+            "external/203.0.113.10",
+        ] {
             assert_eq!(Endpoint::parse(s, false).unwrap().to_string(), s);
         }
         assert!(Endpoint::parse("svc/shop/api", true).is_err());
@@ -189,7 +203,10 @@ mod tests {
         assert!(parse_cidr("10.4.0.0").is_err());
         assert!(is_dns_label("node-1"));
         assert!(!is_dns_label("Node_1"));
-        assert_eq!(count_name("LogicalRouterLinkPortOnTIER0"), "LogicalRouterPort");
+        assert_eq!(
+            count_name("LogicalRouterLinkPortOnTIER0"),
+            "LogicalRouterPort"
+        );
         assert_eq!(count_name("LogicalRouterDownLinkPort"), "LogicalRouterPort");
         assert_eq!(count_name("LogicalRouter"), "LogicalRouter");
     }

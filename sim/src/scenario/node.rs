@@ -57,6 +57,9 @@ pub struct NodeState {
     /// The bridge's restart count the agent last replayed for.
     pub agent_replayed: RefCell<Option<u64>>,
     pub proxy_round: RefCell<u16>,
+    /// Bumped whenever the kubelet, the proxy or the agent's replay changes what the node
+    /// reports: with the bridge's generation, a hint that a check's answer may have changed.
+    pub events: std::cell::Cell<u64>,
 }
 
 impl NodeState {
@@ -74,6 +77,7 @@ impl NodeState {
             proxy_installed: RefCell::default(),
             agent_replayed: RefCell::default(),
             proxy_round: RefCell::new(0),
+            events: std::cell::Cell::new(0),
         })
     }
 }
@@ -91,7 +95,9 @@ fn previous_proxy(b: &Bridge) -> (Option<u16>, BTreeSet<u32>) {
         .iter()
         .filter(|(f, _)| {
             let kind = f.cookie & !cookie::ROUND_MASK & !cookie::ID_MASK;
-            kind == cookie::KIND_STATIC || kind == cookie::KIND_SERVICE || kind == cookie::KIND_ENDPOINT
+            kind == cookie::KIND_STATIC
+                || kind == cookie::KIND_SERVICE
+                || kind == cookie::KIND_ENDPOINT
         })
         .map(|(f, _)| ((f.cookie & cookie::ROUND_MASK) >> cookie::ROUND_SHIFT) as u16)
         .max();
@@ -160,8 +166,10 @@ pub async fn host(node: Rc<NodeState>, trace: Trace) -> turmoil::Result {
                 name.clone(),
                 bridge,
                 s,
-                Duration::from_millis(20),
-                Duration::from_millis(500),
+                nsx_core::proxy::run::Timing {
+                    debounce: Duration::from_millis(20),
+                    retry: Duration::from_millis(500),
+                },
                 move |synced: Synced<'_>| {
                     let restarts = n.bridge.try_lock().map_or(u64::MAX, |b| b.restarts);
                     if synced.report.ops > 0 {
@@ -174,6 +182,7 @@ pub async fn host(node: Rc<NodeState>, trace: Trace) -> turmoil::Result {
                         );
                     }
                     *n.proxy_installed.borrow_mut() = Some((synced.want.clone(), restarts));
+                    n.events.set(n.events.get() + 1);
                 },
             )
             .await;
@@ -203,6 +212,7 @@ pub async fn host(node: Rc<NodeState>, trace: Trace) -> turmoil::Result {
                 }
             }
             *node.agent_replayed.borrow_mut() = Some(now);
+            node.events.set(node.events.get() + 1);
             signals.bridge_restarted.store(true, Ordering::SeqCst);
             signals.changed.notify_one();
         }
@@ -259,7 +269,9 @@ async fn exchange(host: &str, req: &WireRequest) -> Result<WireResponse, String>
     let (r, mut w) = tokio::io::split(stream);
     let mut line = serde_json::to_string(req).map_err(|e| e.to_string())?;
     line.push('\n');
-    w.write_all(line.as_bytes()).await.map_err(|e| e.to_string())?;
+    w.write_all(line.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     w.flush().await.map_err(|e| e.to_string())?;
     let mut answer = String::new();
     let n = tokio::time::timeout(
@@ -282,12 +294,17 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
     let (pods, _h) = nsx_core::k8s::watch::watch(Api::<Pod>::all(kube.clone()), changed.clone());
     let _ = pods.wait_until_ready().await;
     loop {
+        node.events.set(node.events.get() + 1);
         let mine: BTreeMap<(String, String), Arc<Pod>> = pods
             .state()
             .into_iter()
             .filter(|p| {
                 p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.name.as_str())
-                    && !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+                    && !p
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.host_network)
+                        .unwrap_or(false)
             })
             .map(|p| {
                 (
@@ -320,7 +337,10 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
                     node.kubelet.borrow_mut().remove(&key);
                 }
                 Err(e) => {
-                    trace.record(&node.name, format!("kubelet: CNI DEL {}/{} failed: {e}", key.0, key.1));
+                    trace.record(
+                        &node.name,
+                        format!("kubelet: CNI DEL {}/{} failed: {e}", key.0, key.1),
+                    );
                     retry = true;
                 }
             }
@@ -334,9 +354,18 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
                     let cid = container_id(&uid);
                     match cni(&node, "ADD", pod, &cid).await {
                         Ok(result) => {
-                            let ip = result["ips"][0]["address"].as_str().unwrap_or("").to_string();
-                            let mac = result["interfaces"][0]["mac"].as_str().unwrap_or("").to_string();
-                            trace.record(&node.name, format!("kubelet: CNI ADD {}/{} -> {ip}", key.0, key.1));
+                            let ip = result["ips"][0]["address"]
+                                .as_str()
+                                .unwrap_or("")
+                                .to_string();
+                            let mac = result["interfaces"][0]["mac"]
+                                .as_str()
+                                .unwrap_or("")
+                                .to_string();
+                            trace.record(
+                                &node.name,
+                                format!("kubelet: CNI ADD {}/{} -> {ip}", key.0, key.1),
+                            );
                             node.cni_errors.borrow_mut().remove(key);
                             let kp = KubeletPod {
                                 uid: uid.clone(),
@@ -351,7 +380,10 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
                         Err(e) => {
                             let first = !node.cni_errors.borrow().contains_key(key);
                             if first {
-                                trace.record(&node.name, format!("kubelet: CNI ADD {}/{} failed: {e}", key.0, key.1));
+                                trace.record(
+                                    &node.name,
+                                    format!("kubelet: CNI ADD {}/{} failed: {e}", key.0, key.1),
+                                );
                             }
                             node.cni_errors.borrow_mut().insert(key.clone(), e);
                             retry = true;

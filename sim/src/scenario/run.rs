@@ -63,9 +63,25 @@ struct Runner {
     /// NSX counters at the previous expect.
     mark: (u64, u64),
     marks: Vec<Mark>,
+    /// The token of the last periodic invariant check that passed, and of the last failed
+    /// convergence check with its answer: unchanged tokens within a step skip the work.
+    invariants_ok_at: Option<u64>,
+    not_converged_at: Option<(u64, String)>,
 }
 
 impl Runner {
+    fn converged(&mut self) -> Result<(), String> {
+        let token = self.w.token();
+        if let Some((t, why)) = &self.not_converged_at
+            && *t == token
+        {
+            return Err(why.clone());
+        }
+        let r = self.w.converged();
+        self.not_converged_at = r.as_ref().err().map(|e| (token, e.clone()));
+        r
+    }
+
     /// Runs the simulation `ms` further, with the harness's controllers and the invariants.
     fn advance(&mut self, ms: u64) -> Result<(), String> {
         let until = self.w.now_ms() + ms;
@@ -77,7 +93,13 @@ impl Runner {
             }
             if now >= self.next_invariants {
                 self.next_invariants = now + INVARIANTS_EVERY_MS;
-                self.w.invariants().map_err(|e| format!("invariant violated: {e}"))?;
+                let token = self.w.token();
+                if self.invariants_ok_at != Some(token) {
+                    self.w
+                        .invariants()
+                        .map_err(|e| format!("invariant violated: {e}"))?;
+                    self.invariants_ok_at = Some(token);
+                }
             }
             self.w
                 .sim
@@ -94,7 +116,7 @@ impl Runner {
         let mut last;
         loop {
             self.w.endpoints_controller();
-            match self.w.converged() {
+            match self.converged() {
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
@@ -115,6 +137,8 @@ impl Runner {
     }
 
     fn step(&mut self, kind: &StepKind, line: u64, opts: &RunOptions) -> Result<(), String> {
+        self.invariants_ok_at = None;
+        self.not_converged_at = None;
         match kind {
             StepKind::Apply(docs) => {
                 for d in docs {
@@ -148,7 +172,9 @@ impl Runner {
 
     fn expect(&mut self, e: &Expect, line: u64) -> Result<(), String> {
         if e.converged == Some(true) {
-            self.w.converged().map_err(|m| format!("not converged: {m}"))?;
+            self.w
+                .converged()
+                .map_err(|m| format!("not converged: {m}"))?;
         }
         if e.converged == Some(false) && self.w.converged().is_ok() {
             return Err("expected not converged, but everything is realized".into());
@@ -157,7 +183,9 @@ impl Runner {
             let r = self.w.invariants();
             match (e.invariants, r) {
                 (Some(true), Err(m)) => return Err(format!("invariant violated: {m}")),
-                (Some(false), Ok(())) => return Err("expected an invariant to be violated; all hold".into()),
+                (Some(false), Ok(())) => {
+                    return Err("expected an invariant to be violated; all hold".into());
+                }
                 _ => {}
             }
         }
@@ -174,12 +202,16 @@ impl Runner {
             let mut counts: BTreeMap<String, usize> = BTreeMap::new();
             for d in observed.objects.values().flatten() {
                 let rt = d["resource_type"].as_str().unwrap_or("");
-                *counts.entry(super::names::count_name(rt).to_string()).or_insert(0) += 1;
+                *counts
+                    .entry(super::names::count_name(rt).to_string())
+                    .or_insert(0) += 1;
             }
             for (k, want) in &n.count {
                 let have = counts.get(k).copied().unwrap_or(0);
                 if have != *want {
-                    return Err(format!("NSX has {have} {k} of this cluster, expected {want}"));
+                    return Err(format!(
+                        "NSX has {have} {k} of this cluster, expected {want}"
+                    ));
                 }
             }
             if n.untouched.is_some() {
@@ -192,7 +224,9 @@ impl Runner {
                     });
                     match now {
                         None => return Err(format!("preloaded {id} was deleted")),
-                        Some(d) if d != before => return Err(format!("preloaded {id} was changed")),
+                        Some(d) if d != before => {
+                            return Err(format!("preloaded {id} was changed"));
+                        }
                         _ => {}
                     }
                 }
@@ -209,12 +243,16 @@ impl Runner {
             if let Some(max) = a.max
                 && t > max
             {
-                return Err(format!("{t} NSX requests since the previous expect, at most {max} expected"));
+                return Err(format!(
+                    "{t} NSX requests since the previous expect, at most {max} expected"
+                ));
             }
             if let Some(max) = a.writes_max
                 && w > max
             {
-                return Err(format!("{w} NSX writes since the previous expect, at most {max} expected"));
+                return Err(format!(
+                    "{w} NSX writes since the previous expect, at most {max} expected"
+                ));
             }
         }
         self.mark = (total, writes);
@@ -233,7 +271,9 @@ impl Runner {
                     let (ns, name) = col.split_once('/').unwrap_or_default();
                     let dst = self.w.pod_at(ns, name)?.ip;
                     let from = Endpoint::parse(row, true)?;
-                    let o = self.w.connect(&from, dst, proto, self.w.ephemeral_port(), r.port)?;
+                    let o = self
+                        .w
+                        .connect(&from, dst, proto, self.w.ephemeral_port(), r.port)?;
                     if o.works() != *want {
                         wrong.push(format!(
                             "{row} -> {col}: expected {}, got {} ({:?})",
@@ -245,7 +285,12 @@ impl Runner {
                 }
             }
             if !wrong.is_empty() {
-                return Err(format!("reachability on {} {}: {}", r.protocol, r.port, wrong.join("; ")));
+                return Err(format!(
+                    "reachability on {} {}: {}",
+                    r.protocol,
+                    r.port,
+                    wrong.join("; ")
+                ));
             }
         }
         Ok(())
@@ -264,7 +309,10 @@ impl Runner {
                     .api
                     .get("services", namespace, name)
                     .ok_or(format!("no service {namespace}/{name}"))?;
-                (parse_ip(s["spec"]["clusterIP"].as_str().unwrap_or(""))?, true)
+                (
+                    parse_ip(s["spec"]["clusterIP"].as_str().unwrap_or(""))?,
+                    true,
+                )
             }
             Endpoint::Lb { namespace, name } => {
                 let s = self
@@ -274,7 +322,9 @@ impl Runner {
                     .ok_or(format!("no service {namespace}/{name}"))?;
                 let ip = s["status"]["loadBalancer"]["ingress"][0]["ip"]
                     .as_str()
-                    .ok_or(format!("service {namespace}/{name} has no LoadBalancer ingress IP"))?;
+                    .ok_or(format!(
+                        "service {namespace}/{name} has no LoadBalancer ingress IP"
+                    ))?;
                 (parse_ip(ip)?, true)
             }
         };
@@ -294,7 +344,9 @@ impl Runner {
                     super::dataplane::Reached::External { src } => {
                         if let Some(snat) = c.snat {
                             let pod_ip = match &from {
-                                Endpoint::Pod { namespace, name } => self.w.pod_at(namespace, name)?.ip,
+                                Endpoint::Pod { namespace, name } => {
+                                    self.w.pod_at(namespace, name)?.ip
+                                }
                                 _ => 0,
                             };
                             if snat == (*src == pod_ip) {
@@ -317,7 +369,12 @@ impl Runner {
         if works != c.allowed {
             let why = sample
                 .map(|o| format!("{:?}; path: {}", o.reached, o.path.join(" | ")))
-                .unwrap_or_else(|| format!("reached {}", reached.iter().cloned().collect::<Vec<_>>().join(", ")));
+                .unwrap_or_else(|| {
+                    format!(
+                        "reached {}",
+                        reached.iter().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                });
             return Err(format!(
                 "{} -> {} {} {}: expected {}, {}: {why}",
                 c.from,
@@ -325,7 +382,11 @@ impl Runner {
                 c.protocol,
                 c.port,
                 if c.allowed { "allowed" } else { "blocked" },
-                if works { "it connects" } else { "it does not connect" }
+                if works {
+                    "it connects"
+                } else {
+                    "it does not connect"
+                }
             ));
         }
         if c.allowed && ok < attempts {
@@ -385,13 +446,20 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         next_invariants: 0,
         mark: (0, 0),
         marks: Vec::new(),
+        invariants_ok_at: None,
+        not_converged_at: None,
     };
     let mut failure = None;
     for (i, s) in sc.steps.iter().enumerate() {
         if opts.stop_after.is_some_and(|n| i >= n) {
             break;
         }
-        r.w.record(format!("step {} (line {}) {}", i + 1, s.line, s.kind.name()));
+        r.w.record(format!(
+            "step {} (line {}) {}",
+            i + 1,
+            s.line,
+            s.kind.name()
+        ));
         let res = r.step(&s.kind, s.line, opts).and_then(|()| {
             r.w.invariants()
                 .map_err(|e| format!("invariant violated: {e}"))
@@ -406,8 +474,11 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
     for line in w.api.request_log() {
         if let Some((ms, rest)) = line.split_once(' ') {
             let ms: i64 = ms.parse().unwrap_or(crate::spine::EPOCH_MS);
-            w.trace
-                .record_at((ms - crate::spine::EPOCH_MS).max(0) as u128, "apiserver", rest);
+            w.trace.record_at(
+                (ms - crate::spine::EPOCH_MS).max(0) as u128,
+                "apiserver",
+                rest,
+            );
         }
     }
     for e in w.nsx.requests_since(0) {

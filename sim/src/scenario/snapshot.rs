@@ -28,13 +28,19 @@ fn redact(s: &str) -> String {
             return;
         }
         let t = token.as_str();
-        let is_ip = t.split('.').count() == 4 && t.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        let is_mac = t.split(':').count() == 6 && t.split(':').all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
+        let is_ip = t.split('.').count() == 4
+            && t.split('.')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let is_mac = t.split(':').count() == 6
+            && t.split(':')
+                .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()));
         let is_hex = t.starts_with("0x") && t.len() > 2;
         let is_id = t.len() >= 16 && t.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
         let ip_port = t.rsplit_once(':').filter(|(ip, port)| {
             ip.split('.').count() == 4
-                && ip.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                && ip
+                    .split('.')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
                 && !port.is_empty()
                 && port.bytes().all(|b| b.is_ascii_digit())
         });
@@ -80,7 +86,25 @@ fn redact(s: &str) -> String {
     hexless.push_str(rest);
     // Port numbers, bucket ids and the like are numbers after these keys.
     let mut r = hexless;
-    for key in ["bucket_id:", "in_port=", "output:", "reg5=", "reg7=", "group_id=", "group:", "vlan_vid=", "dl_vlan=", "set_field:", "load:", "mod_vlan_vid:", "traffic_tag\":", "vlan\":", "nodePort\":", "n_packets=", "n_bytes="] {
+    for key in [
+        "bucket_id:",
+        "in_port=",
+        "output:",
+        "reg5=",
+        "reg7=",
+        "group_id=",
+        "group:",
+        "vlan_vid=",
+        "dl_vlan=",
+        "set_field:",
+        "load:",
+        "mod_vlan_vid:",
+        "traffic_tag\":",
+        "vlan\":",
+        "nodePort\":",
+        "n_packets=",
+        "n_bytes=",
+    ] {
         let mut s2 = String::new();
         let mut rest = r.as_str();
         while let Some(i) = rest.find(key) {
@@ -107,7 +131,10 @@ pub fn render(w: &World) -> String {
                 o.doc
                     .get("tags")
                     .and_then(Value::as_array)
-                    .is_some_and(|t| t.iter().any(|t| t["scope"] == "ncp/cluster" && t["tag"] == cluster.as_str()))
+                    .is_some_and(|t| {
+                        t.iter()
+                            .any(|t| t["scope"] == "ncp/cluster" && t["tag"] == cluster.as_str())
+                    })
             })
             .map(|(_, o)| {
                 let mut tags: Vec<String> = o
@@ -117,13 +144,25 @@ pub fn render(w: &World) -> String {
                     .into_iter()
                     .flatten()
                     .filter(|t| !t["scope"].as_str().unwrap_or("").ends_with("uid"))
-                    .map(|t| format!("{}={}", t["scope"].as_str().unwrap_or(""), t["tag"].as_str().unwrap_or("")))
+                    .map(|t| {
+                        format!(
+                            "{}={}",
+                            t["scope"].as_str().unwrap_or(""),
+                            t["tag"].as_str().unwrap_or("")
+                        )
+                    })
                     .collect();
                 tags.sort();
                 redact(&format!(
                     "{} {:?} [{}]",
-                    o.doc.get("resource_type").and_then(Value::as_str).unwrap_or(""),
-                    o.doc.get("display_name").and_then(Value::as_str).unwrap_or(""),
+                    o.doc
+                        .get("resource_type")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                    o.doc
+                        .get("display_name")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
                     tags.join(" ")
                 ))
             })
@@ -151,7 +190,11 @@ pub fn render(w: &World) -> String {
             .map(|l| redact(l.trim()))
             .collect();
         groups.sort();
-        out.push_str(&format!("# {name}: {} flows, {} groups\n", flows.len(), groups.len()));
+        out.push_str(&format!(
+            "# {name}: {} flows, {} groups\n",
+            flows.len(),
+            groups.len()
+        ));
         for l in flows.into_iter().chain(groups) {
             out.push_str(&l);
             out.push('\n');

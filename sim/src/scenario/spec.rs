@@ -536,11 +536,16 @@ pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
             let list = match v {
                 Value::Array(a) => a,
                 Value::Object(_) => vec![v],
-                _ => return Err(ctx.err(line_of(text, "preload:"), "nsx.preload must be a list of NSX objects")),
+                _ => {
+                    return Err(ctx.err(
+                        line_of(text, "preload:"),
+                        "nsx.preload must be a list of NSX objects",
+                    ));
+                }
             };
             for (i, o) in list.iter().enumerate() {
                 let rt = o.get("resource_type").and_then(Value::as_str);
-                if !rt.is_some_and(|rt| crate::scenario::names::collection_of(rt).is_some()) {
+                if rt.is_none_or(|rt| crate::scenario::names::collection_of(rt).is_none()) {
                     return Err(ctx.err(
                         line_of(text, "preload:"),
                         format!(
@@ -587,7 +592,12 @@ fn reserved_host(n: &str) -> bool {
     n == "apiserver" || n == "nsx-manager" || n == "ncp" || n.starts_with("ncp-") || n == "external"
 }
 
-fn step(ctx: &Ctx<'_>, cluster: &Cluster, line: u64, s: StepDoc) -> Result<StepKind, ScenarioError> {
+fn step(
+    ctx: &Ctx<'_>,
+    cluster: &Cluster,
+    line: u64,
+    s: StepDoc,
+) -> Result<StepKind, ScenarioError> {
     let err = |m: String| ctx.err(Some(line), m);
     Ok(match s {
         // The block's text starts on the line after `apply: |`.
@@ -629,9 +639,7 @@ fn step(ctx: &Ctx<'_>, cluster: &Cluster, line: u64, s: StepDoc) -> Result<StepK
         }
         StepDoc::Heal(HealDoc::Word(w)) if w == "all" => StepKind::Heal(None),
         StepDoc::Heal(HealDoc::Word(w)) => {
-            return Err(err(format!(
-                "heal: `{w}` is neither `all` nor a fault"
-            )));
+            return Err(err(format!("heal: `{w}` is neither `all` nor a fault")));
         }
         StepDoc::Heal(HealDoc::One(f)) => {
             check_fault(cluster, &f).map_err(err)?;
@@ -708,7 +716,10 @@ fn check_fault(cluster: &Cluster, f: &Fault) -> Result<(), String> {
         }
         Fault::NsxErrors(e) => {
             if !(400..=599).contains(&e.status) {
-                return Err(format!("nsx_errors.status {} is not an HTTP error status", e.status));
+                return Err(format!(
+                    "nsx_errors.status {} is not an HTTP error status",
+                    e.status
+                ));
             }
             if !(0.0..=1.0).contains(&e.rate) {
                 return Err(format!("nsx_errors.rate {} is not within 0..1", e.rate));
@@ -728,14 +739,19 @@ fn check_fault(cluster: &Cluster, f: &Fault) -> Result<(), String> {
         Fault::WatchDisconnect(h) => {
             check_host(cluster, h, false)?;
             if h == "nsx-manager" || h == "apiserver" {
-                return Err(format!("watch_disconnect takes a watcher (ncp, ncp-N or a node), not `{h}`"));
+                return Err(format!(
+                    "watch_disconnect takes a watcher (ncp, ncp-N or a node), not `{h}`"
+                ));
             }
             Ok(())
         }
         Fault::CrashAfterWrites(c) => {
             check_host(cluster, &c.host, false)?;
             if !(c.host == "ncp" || c.host.starts_with("ncp-")) {
-                return Err(format!("crash_after_writes.host must be an NCP replica, not `{}`", c.host));
+                return Err(format!(
+                    "crash_after_writes.host must be an NCP replica, not `{}`",
+                    c.host
+                ));
             }
             if c.writes == 0 {
                 return Err("crash_after_writes.writes must be at least 1".into());
@@ -774,7 +790,9 @@ fn check_expect(e: &Expect) -> Result<(), String> {
         if let Some(u) = &n.untouched
             && u != "preload"
         {
-            return Err(format!("expect.nsx.untouched: `{u}` (only `preload` is known)"));
+            return Err(format!(
+                "expect.nsx.untouched: `{u}` (only `preload` is known)"
+            ));
         }
     }
     for c in &e.connectivity {
@@ -782,10 +800,22 @@ fn check_expect(e: &Expect) -> Result<(), String> {
         crate::scenario::names::Endpoint::parse(&c.from, true)?;
         let to = crate::scenario::names::Endpoint::parse(&c.to, false)?;
         if c.sticky && !matches!(to, crate::scenario::names::Endpoint::Service { .. }) {
-            return Err(format!("connectivity to {}: `sticky` is for svc/ targets", c.to));
+            return Err(format!(
+                "connectivity to {}: `sticky` is for svc/ targets",
+                c.to
+            ));
         }
-        if c.backends.is_some() && !matches!(to, crate::scenario::names::Endpoint::Service { .. } | crate::scenario::names::Endpoint::Lb { .. }) {
-            return Err(format!("connectivity to {}: `backends` is for svc/ and lb/ targets", c.to));
+        if c.backends.is_some()
+            && !matches!(
+                to,
+                crate::scenario::names::Endpoint::Service { .. }
+                    | crate::scenario::names::Endpoint::Lb { .. }
+            )
+        {
+            return Err(format!(
+                "connectivity to {}: `backends` is for svc/ and lb/ targets",
+                c.to
+            ));
         }
         if let Some(b) = &c.backends {
             for p in b {
@@ -795,11 +825,17 @@ fn check_expect(e: &Expect) -> Result<(), String> {
     }
     if let Some(r) = &e.reachability {
         crate::scenario::names::protocol(&r.protocol)?;
-        let m = r.matrix().map_err(|m| format!("expect.reachability: {m}"))?;
+        let m = r
+            .matrix()
+            .map_err(|m| format!("expect.reachability: {m}"))?;
         for name in m.columns.iter().chain(m.rows.iter().map(|r| &r.0)) {
             match crate::scenario::names::Endpoint::parse(name, true)? {
                 crate::scenario::names::Endpoint::Pod { .. } => {}
-                _ => return Err(format!("expect.reachability: `{name}` is not a pod (ns/name)")),
+                _ => {
+                    return Err(format!(
+                        "expect.reachability: `{name}` is not a pod (ns/name)"
+                    ));
+                }
             }
         }
     }
@@ -886,7 +922,10 @@ fn unknown_field(input: &Value, typed: &Value, at: &str) -> Option<String> {
 /// Checks one manifest the way the API server would (kind, apiVersion, name, the schema,
 /// unknown fields).
 pub fn manifest(v: Value) -> Result<Value, String> {
-    let kind = v.get("kind").and_then(Value::as_str).ok_or("a manifest without `kind`")?;
+    let kind = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("a manifest without `kind`")?;
     let Some((_, api_version, namespaced)) = KINDS.iter().find(|(k, _, _)| *k == kind) else {
         return Err(format!(
             "kind `{kind}` is not supported (supported: {})",
@@ -895,7 +934,9 @@ pub fn manifest(v: Value) -> Result<Value, String> {
     };
     let av = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
     if av != *api_version {
-        return Err(format!("{kind} has apiVersion `{av}`, expected `{api_version}`"));
+        return Err(format!(
+            "{kind} has apiVersion `{av}`, expected `{api_version}`"
+        ));
     }
     let name = match v.pointer("/metadata/name") {
         Some(Value::String(n)) => n.as_str(),
@@ -906,11 +947,14 @@ pub fn manifest(v: Value) -> Result<Value, String> {
             ));
         }
     };
-    if !crate::scenario::names::is_dns_label(name) && !(kind == "Pod" || kind == "Service" || kind == "NetworkPolicy" || kind == "EndpointSlice") {
+    // Namespaces and nodes are DNS labels; the rest may be subdomains (the apiserver checks).
+    if matches!(kind, "Namespace" | "Node") && !crate::scenario::names::is_dns_label(name) {
         return Err(format!("{kind} name `{name}` is not a DNS label"));
     }
     if !*namespaced && v.pointer("/metadata/namespace").is_some() {
-        return Err(format!("{kind} {name} is not namespaced but has metadata.namespace"));
+        return Err(format!(
+            "{kind} {name} is not namespaced but has metadata.namespace"
+        ));
     }
     use k8s_openapi::api::core::v1 as core;
     let r = match kind {

@@ -89,7 +89,9 @@ impl World {
         let nsx = FakeNsxManager::try_new(mc).map_err(|e| format!("the fake NSX manager: {e}"))?;
         nsx.set_rate_limit(sc.nsx.rate_limit);
         nsx.set_concurrency_limit(sc.nsx.concurrency_limit);
-        let boot = nsx.bootstrap().ok_or("the fake NSX manager has no bootstrap")?;
+        let boot = nsx
+            .bootstrap()
+            .ok_or("the fake NSX manager has no bootstrap")?;
         let ids = boot
             .clusters
             .get(&c.name)
@@ -254,7 +256,9 @@ impl World {
         // The namespaces every cluster has (NCP realizes them like any other; its Lease is in
         // kube-system).
         for ns in ["default", "kube-system"] {
-            w.apply_raw(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))?;
+            w.apply_raw(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            )?;
         }
         for n in &c.nodes {
             w.apply_raw(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}))?;
@@ -267,6 +271,27 @@ impl World {
         let p = self.next_sport.get();
         self.next_sport.set(if p >= 60999 { 32768 } else { p + 1 });
         p
+    }
+
+    /// A hint that the whole system may look different: the apiserver's revision, NSX's
+    /// request counters, and per node the bridge's generation and the node's events. Equal
+    /// tokens within a step mean a check would give the same answer (admin edits happen only
+    /// at steps, and callers forget their memo at each step).
+    pub fn token(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.api.revision().hash(&mut h);
+        let c = self.nsx.counters();
+        (c.total, c.writes).hash(&mut h);
+        for n in self.nodes.values() {
+            n.events.get().hash(&mut h);
+            match n.bridge.try_lock() {
+                Ok(b) => (b.generation, b.restarts).hash(&mut h),
+                // Busy: something is changing it.
+                Err(_) => self.now_ms().hash(&mut h),
+            }
+        }
+        h.finish()
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -288,7 +313,10 @@ impl World {
     /// ClusterIP and node), fills in what Kubernetes would (ClusterIP, NodePorts, a node).
     pub fn apply(&mut self, mut v: Value) -> Result<(), String> {
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
-        let ns = v["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+        let ns = v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let name = v["metadata"]["name"].as_str().unwrap_or("").to_string();
         let plural = match kind.as_str() {
             "Namespace" => "namespaces",
@@ -356,7 +384,10 @@ impl World {
                     v["spec"]["clusterIP"] = Value::from(ip.clone());
                     v["spec"]["clusterIPs"] = json!([ip]);
                 }
-                let ty = v["spec"]["type"].as_str().unwrap_or("ClusterIP").to_string();
+                let ty = v["spec"]["type"]
+                    .as_str()
+                    .unwrap_or("ClusterIP")
+                    .to_string();
                 if ty == "NodePort" || ty == "LoadBalancer" {
                     let old_ports = existing
                         .as_ref()
@@ -424,7 +455,11 @@ impl World {
             return;
         }
         let services = self.api.list("services");
-        if services.iter().all(|s| s["spec"]["selector"].as_object().is_none_or(|m| m.is_empty())) {
+        if services.iter().all(|s| {
+            s["spec"]["selector"]
+                .as_object()
+                .is_none_or(|m| m.is_empty())
+        }) {
             self.endpoints_seen.set(rv);
             return;
         }
@@ -473,8 +508,10 @@ impl World {
                                 .and_then(|cp| cp["containerPort"].as_u64()),
                             _ => sp["port"].as_u64(),
                         }?;
-                        Some(json!({"name": sp["name"].as_str().unwrap_or(""), "port": number,
-                            "protocol": sp["protocol"].as_str().unwrap_or("TCP")}))
+                        Some(
+                            json!({"name": sp["name"].as_str().unwrap_or(""), "port": number,
+                            "protocol": sp["protocol"].as_str().unwrap_or("TCP")}),
+                        )
                     })
                     .collect();
                 let group = groups
@@ -501,8 +538,10 @@ impl World {
                 .iter()
                 .filter(|s| {
                     s["metadata"]["namespace"].as_str() == Some(ns)
-                        && s["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some(sname)
-                        && s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == "nsx-sim"
+                        && s["metadata"]["labels"]["kubernetes.io/service-name"].as_str()
+                            == Some(sname)
+                        && s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"]
+                            == "nsx-sim"
                 })
                 .collect();
             for h in &have {
@@ -617,7 +656,10 @@ impl World {
     }
 
     pub fn heal(&mut self, f: Option<&Fault>) {
-        self.record(format!("heal {}", f.map_or("all".to_string(), |f| format!("{f:?}"))));
+        self.record(format!(
+            "heal {}",
+            f.map_or("all".to_string(), |f| format!("{f:?}"))
+        ));
         let all = f.is_none();
         let hosts: Vec<String> = ["apiserver", "nsx-manager"]
             .into_iter()
@@ -713,12 +755,15 @@ impl World {
         let target = self.nsx.with_store(|s| {
             s.objects()
                 .filter(|(_, o)| {
-                    o.doc.get("resource_type").and_then(Value::as_str) == Some(a.resource_type.as_str())
+                    o.doc.get("resource_type").and_then(Value::as_str)
+                        == Some(a.resource_type.as_str())
                         && o.doc
                             .get("display_name")
                             .and_then(Value::as_str)
                             .is_some_and(|n| n.contains(&a.name_contains))
-                        && Value::Object(o.doc.clone()).to_string().contains(&format!("\"{cluster}\""))
+                        && Value::Object(o.doc.clone())
+                            .to_string()
+                            .contains(&format!("\"{cluster}\""))
                 })
                 .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
                 .next()
@@ -738,23 +783,29 @@ impl World {
             };
             // Logical ports with attachments need detach=true, as an admin would pass.
             let d = [("detach".to_string(), "true".to_string())];
-            let query = if a.resource_type == "LogicalPort" { &d[..] } else { query };
-            self.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-                method: "DELETE",
-                path: &path,
-                query,
-                body: b"",
-            })
+            let query = if a.resource_type == "LogicalPort" {
+                &d[..]
+            } else {
+                query
+            };
+            self.nsx
+                .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+                    method: "DELETE",
+                    path: &path,
+                    query,
+                    body: b"",
+                })
         } else {
             let mut d = doc;
             crate::apiserver::merge_patch(&mut d, a.set.as_ref().unwrap_or(&Value::Null));
             let body = d.to_string();
-            self.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-                method: "PUT",
-                path: &path,
-                query: &[],
-                body: body.as_bytes(),
-            })
+            self.nsx
+                .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+                    method: "PUT",
+                    path: &path,
+                    query: &[],
+                    body: body.as_bytes(),
+                })
         };
         if r.status >= 300 {
             return Err(format!(
@@ -787,12 +838,14 @@ impl World {
                         before["resource_type"].as_str().unwrap_or("?"),
                         before["display_name"].as_str().unwrap_or("")
                     )),
-                    Some((_, o)) if o.doc.get("_revision") != before.get("_revision") => Some(format!(
-                        "{} {id} ({}) not of this cluster was modified (by {:?})",
-                        before["resource_type"].as_str().unwrap_or("?"),
-                        before["display_name"].as_str().unwrap_or(""),
-                        o.doc.get("_last_modified_user")
-                    )),
+                    Some((_, o)) if o.doc.get("_revision") != before.get("_revision") => {
+                        Some(format!(
+                            "{} {id} ({}) not of this cluster was modified (by {:?})",
+                            before["resource_type"].as_str().unwrap_or("?"),
+                            before["display_name"].as_str().unwrap_or(""),
+                            o.doc.get("_last_modified_user")
+                        ))
+                    }
                     _ => None,
                 }
             })
@@ -831,8 +884,15 @@ impl World {
             };
             let ns = p["metadata"]["namespace"].as_str().unwrap_or("");
             let who = format!("{ns}/{}", p["metadata"]["name"].as_str().unwrap_or(""));
-            let net: Value = serde_json::from_str(text).map_err(|e| format!("pod {who}: bad annotation: {e}"))?;
-            let ip = net["ip"].as_str().unwrap_or("").split('/').next().unwrap_or("").to_string();
+            let net: Value = serde_json::from_str(text)
+                .map_err(|e| format!("pod {who}: bad annotation: {e}"))?;
+            let ip = net["ip"]
+                .as_str()
+                .unwrap_or("")
+                .split('/')
+                .next()
+                .unwrap_or("")
+                .to_string();
             let mac = net["mac"].as_str().unwrap_or("").to_string();
             if let Some(other) = ips.insert(ip.clone(), who.clone()) {
                 return Err(format!("pods {other} and {who} both have {ip}"));
@@ -843,11 +903,14 @@ impl World {
             if let Some(subnet) = namespaces
                 .get(ns)
                 .and_then(|n| n["metadata"]["annotations"][annotation::SUBNET].as_str())
-                && let (Ok(a), Ok((net_addr, len))) = (names::parse_ip(&ip), names::parse_cidr(subnet))
+                && let (Ok(a), Ok((net_addr, len))) =
+                    (names::parse_ip(&ip), names::parse_cidr(subnet))
             {
                 let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
                 if a & mask != net_addr {
-                    return Err(format!("pod {who} has {ip}, outside its namespace's {subnet}"));
+                    return Err(format!(
+                        "pod {who} has {ip}, outside its namespace's {subnet}"
+                    ));
                 }
             }
         }
@@ -855,8 +918,12 @@ impl World {
         for docs in observed.objects.values() {
             for d in docs {
                 let ctx = &d["attachment"]["context"];
-                if let (Some(parent), Some(tag)) = (ctx["parent_vif_id"].as_str(), ctx["traffic_tag"].as_i64())
-                    && let Some(other) = vlans.insert((parent.to_string(), tag), d["id"].as_str().unwrap_or("").to_string())
+                if let (Some(parent), Some(tag)) =
+                    (ctx["parent_vif_id"].as_str(), ctx["traffic_tag"].as_i64())
+                    && let Some(other) = vlans.insert(
+                        (parent.to_string(), tag),
+                        d["id"].as_str().unwrap_or("").to_string(),
+                    )
                 {
                     return Err(format!(
                         "ports {other} and {} share VLAN {tag} under VIF {parent}",
@@ -873,7 +940,10 @@ impl World {
                 let mut named = Vec::new();
                 groups_in(&f.actions, &mut named);
                 if let Some(g) = named.iter().find(|g| !groups.contains(g)) {
-                    return Err(format!("{name}: a flow names group {g}, which does not exist: {}", f.to_dump_no_stats()));
+                    return Err(format!(
+                        "{name}: a flow names group {g}, which does not exist: {}",
+                        f.to_dump_no_stats()
+                    ));
                 }
             }
         }
@@ -908,7 +978,11 @@ impl World {
                 .iter()
                 .filter(|(_, p)| {
                     p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
-                        && !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false)
+                        && !p
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.host_network)
+                            .unwrap_or(false)
                 })
                 .collect();
             let kubelet = n.kubelet.borrow();
@@ -923,10 +997,16 @@ impl World {
                         .get(*key)
                         .cloned()
                         .unwrap_or_else(|| "not attempted yet".into());
-                    return Err(format!("pod {}/{} is not set up on {name}: {why}", key.0, key.1));
+                    return Err(format!(
+                        "pod {}/{} is not set up on {name}: {why}",
+                        key.0, key.1
+                    ));
                 };
                 if !kp.reported {
-                    return Err(format!("pod {}/{}: its status is not reported", key.0, key.1));
+                    return Err(format!(
+                        "pod {}/{}: its status is not reported",
+                        key.0, key.1
+                    ));
                 }
                 let ann = p
                     .metadata
@@ -965,10 +1045,15 @@ impl World {
                 .into_iter()
                 .find(|(f, _)| f.cookie & KIND_MASK == KIND_POD && !cookies.contains(&f.cookie))
             {
-                return Err(format!("{name}: a flow of a pod that is gone: {}", f.to_dump_no_stats()));
+                return Err(format!(
+                    "{name}: a flow of a pod that is gone: {}",
+                    f.to_dump_no_stats()
+                ));
             }
             if *n.agent_replayed.borrow() != Some(b.restarts) {
-                return Err(format!("{name}: the agent has not replayed its flows since OVS restarted"));
+                return Err(format!(
+                    "{name}: the agent has not replayed its flows since OVS restarted"
+                ));
             }
             let want = nsx_core::proxy::all_service_ports(view.services.values(), &slices, name);
             match &*n.proxy_installed.borrow() {
@@ -980,9 +1065,15 @@ impl World {
                         .find(|k| want.get(*k) != have.get(*k))
                         .map(ToString::to_string)
                         .unwrap_or_default();
-                    return Err(format!("{name}: nsx-kube-proxy has not synced service port {diff}"));
+                    return Err(format!(
+                        "{name}: nsx-kube-proxy has not synced service port {diff}"
+                    ));
                 }
-                Some(_) => return Err(format!("{name}: nsx-kube-proxy has not replayed since OVS restarted")),
+                Some(_) => {
+                    return Err(format!(
+                        "{name}: nsx-kube-proxy has not replayed since OVS restarted"
+                    ));
+                }
                 None => return Err(format!("{name}: nsx-kube-proxy has not synced yet")),
             }
         }
