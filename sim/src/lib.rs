@@ -6,6 +6,7 @@
 //!   axum apps).
 //! - [`trace`]: the run's event trace and its stable hash.
 //! - [`apiserver`]: a fake kube-apiserver that kube-rs works against unchanged.
+//! - [`ncp_host`]: NCP replicas as hosts (shared by the NCP world and the scenario engine).
 //! - [`ncp_world`]: the whole NCP stack (apiserver, NSX manager, NCP replicas) under faults.
 //! - [`spine`]: the NSX spine: fake manager, a controller host with the production client,
 //!   scheduled faults (partition, hold, latency, manager restart, injected NSX errors).
@@ -18,6 +19,7 @@
 
 pub mod apiserver;
 pub mod converge;
+pub mod ncp_host;
 pub mod ncp_world;
 pub mod net;
 pub mod scenario;

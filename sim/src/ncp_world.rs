@@ -10,24 +10,19 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fake_nsx_manager::server::Counters;
-use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig, User};
+use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
 use nsx_core::k8s::ClusterView;
-use nsx_core::ncp::config::NcpConfig;
-use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
 use nsx_core::ncp::desired::Key;
-use nsx_core::ncp::leader::LeaderConfig;
 use nsx_core::ncp::observe::Observed;
-use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::apiserver::ApiServer;
-use crate::net::{TurmoilConnector, kube_client, serve};
+use crate::net::serve;
 use crate::spine::EPOCH_MS;
 use crate::trace::Trace;
 
@@ -185,13 +180,7 @@ pub struct NcpReport {
     pub pods: usize,
 }
 
-fn replica_name(i: usize) -> String {
-    format!("ncp-{i}")
-}
-
-fn sim_clock() -> i64 {
-    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as i64)
-}
+use crate::ncp_host::{replica as replica_name, sim_clock};
 
 struct World {
     sim: turmoil::Sim<'static>,
@@ -246,70 +235,20 @@ impl World {
             }
         });
         let passes: Rc<RefCell<usize>> = Rc::default();
-        for i in 0..cfg.replicas {
-            let name = replica_name(i);
-            nsx.add_user(User::new(&name, "pw", "enterprise_admin"));
-            let (t, p, snat, lb, ha) = (
-                trace.clone(),
-                passes.clone(),
-                snat.clone(),
-                lb.clone(),
-                cfg.replicas > 1,
-            );
-            let seed = cfg.seed;
-            sim.host(name.as_str(), move || {
-                let (t, p, snat, lb, name) = (
-                    t.clone(),
-                    p.clone(),
-                    snat.clone(),
-                    lb.clone(),
-                    replica_name(i),
-                );
-                async move {
-                    t.record(&name, "started");
-                    let kube = kube_client("http://apiserver:6443")?;
-                    let mut cc = ClientConfig::new(
-                        "http://nsx-manager:80",
-                        Auth::Session {
-                            user: name.clone(),
-                            password: "pw".into(),
-                        },
-                    );
-                    cc.seed = seed.wrapping_add(i as u64);
-                    cc.request_timeout_ms = 5_000;
-                    let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
-                    let mut config = NcpConfig::for_cluster("k8s-a");
-                    config.external_ip_pools = vec![snat];
-                    config.external_ip_pools_lb = vec![lb];
-                    let timing = LoopConfig {
-                        resync: Duration::from_secs(30),
-                        ..LoopConfig::default()
-                    };
-                    let on_pass = {
-                        let name = name.clone();
-                        move |e: &PassEvent| {
-                            *p.borrow_mut() += 1;
-                            t.record(&name, format!("{e:?}"));
-                        }
-                    };
-                    if ha {
-                        controller::run_ha(
-                            kube,
-                            nsx,
-                            config,
-                            timing,
-                            LeaderConfig::new("k8s-a", &name),
-                            Arc::new(sim_clock),
-                            on_pass,
-                        )
-                        .await;
-                    } else {
-                        controller::run(kube, nsx, config, timing, None, on_pass).await;
-                    }
-                    Ok(())
-                }
-            });
-        }
+        crate::ncp_host::spawn(
+            &mut sim,
+            &nsx,
+            &crate::ncp_host::NcpHosts {
+                cluster: "k8s-a".into(),
+                snat_pool: snat,
+                lb_pool: lb,
+                subnet_prefix: 24,
+                replicas: cfg.replicas,
+                seed: cfg.seed,
+            },
+            &trace,
+            &passes,
+        );
         Self {
             sim,
             api,

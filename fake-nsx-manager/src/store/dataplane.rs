@@ -822,25 +822,7 @@ impl Store {
         if !self.firewall_stateful(conns, &dst_port, Dir::In, &p, hops) {
             return drop(format!("dfw IN at {dst_port}"));
         }
-        let ctx = dst.doc.get("attachment").and_then(|a| a.get("context"));
-        let parent = ctx
-            .and_then(|c| c.get("parent_vif_id"))
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let vlan = ctx
-            .and_then(|c| c.get("traffic_tag"))
-            .and_then(Value::as_i64)
-            .and_then(|v| u16::try_from(v).ok());
-        hops.push(format!(
-            "delivered at logical port {dst_port} {:?}",
-            dst.str("display_name").unwrap_or("")
-        ));
-        Verdict::Delivered {
-            logical_port: dst_port,
-            parent_vif_id: parent,
-            vlan,
-            packet: p,
-        }
+        self.deliver(dst_port, p, hops)
     }
 
     /// A packet from outside: un-SNAT of a reply, or a load balancer's DNAT, then the route
@@ -907,6 +889,12 @@ impl Store {
         if routed {
             conns.inbound.insert(p.reversed());
         }
+        self.deliver(dst_port, p, hops)
+    }
+
+    /// Delivery at a logical port (a container port leaves on its parent VIF with its VLAN).
+    fn deliver(&self, dst_port: String, p: Packet, hops: &mut Vec<String>) -> Verdict {
+        let dst = &self.objects[&dst_port];
         let ctx = dst.doc.get("attachment").and_then(|a| a.get("context"));
         hops.push(format!(
             "delivered at logical port {dst_port} {:?}",

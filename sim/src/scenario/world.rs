@@ -5,18 +5,13 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig, User};
+use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
 use nsx_core::agent::wiring::{external_id, pod_cookie, port_name};
 use nsx_core::k8s::{ClusterView, annotation};
-use nsx_core::ncp::config::NcpConfig;
-use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
-use nsx_core::ncp::leader::LeaderConfig;
 use nsx_core::ncp::observe::Observed;
-use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
 use nsx_core::ovs::flow::Action;
 use serde_json::{Value, json};
 
@@ -24,17 +19,11 @@ use super::names::{self, ip_string};
 use super::node::{self, NodeState};
 use super::spec::{Fault, Scenario};
 use crate::apiserver::ApiServer;
-use crate::net::{TurmoilConnector, kube_client, serve};
+use crate::net::serve;
 use crate::spine::EPOCH_MS;
 use crate::trace::Trace;
 
-pub fn sim_clock() -> i64 {
-    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as i64)
-}
-
-fn replica(i: usize) -> String {
-    format!("ncp-{i}")
-}
+pub use crate::ncp_host::{replica, sim_clock};
 
 pub struct World {
     pub sc: Scenario,
@@ -153,72 +142,20 @@ impl World {
             }
         });
         let passes: Rc<RefCell<usize>> = Rc::default();
-        for i in 0..c.ncp_replicas {
-            let name = replica(i);
-            nsx.add_user(User::new(&name, "pw", "enterprise_admin"));
-            let (t, p) = (trace.clone(), passes.clone());
-            let (snat, lb, cluster, prefix) = (
-                ids.snat_pool.clone(),
-                ids.lb_pool.clone(),
-                c.name.clone(),
-                c.subnet_prefix,
-            );
-            let ha = c.ncp_replicas > 1;
-            sim.host(name.as_str(), move || {
-                let (t, p, snat, lb, name, cluster) = (
-                    t.clone(),
-                    p.clone(),
-                    snat.clone(),
-                    lb.clone(),
-                    replica(i),
-                    cluster.clone(),
-                );
-                async move {
-                    t.record(&name, "started");
-                    let kube = kube_client("http://apiserver:6443")?;
-                    let mut cc = ClientConfig::new(
-                        "http://nsx-manager:80",
-                        Auth::Session {
-                            user: name.clone(),
-                            password: "pw".into(),
-                        },
-                    );
-                    cc.seed = seed.wrapping_add(i as u64);
-                    cc.request_timeout_ms = 5_000;
-                    let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
-                    let mut config = NcpConfig::for_cluster(&cluster);
-                    config.external_ip_pools = vec![snat];
-                    config.external_ip_pools_lb = vec![lb];
-                    config.subnet_prefix = prefix;
-                    let timing = LoopConfig {
-                        resync: Duration::from_secs(30),
-                        ..LoopConfig::default()
-                    };
-                    let on_pass = {
-                        let name = name.clone();
-                        move |e: &PassEvent| {
-                            *p.borrow_mut() += 1;
-                            t.record(&name, format!("{e:?}"));
-                        }
-                    };
-                    if ha {
-                        controller::run_ha(
-                            kube,
-                            nsx,
-                            config,
-                            timing,
-                            LeaderConfig::new(&cluster, &name),
-                            Arc::new(sim_clock),
-                            on_pass,
-                        )
-                        .await;
-                    } else {
-                        controller::run(kube, nsx, config, timing, None, on_pass).await;
-                    }
-                    Ok(())
-                }
-            });
-        }
+        crate::ncp_host::spawn(
+            &mut sim,
+            &nsx,
+            &crate::ncp_host::NcpHosts {
+                cluster: c.name.clone(),
+                snat_pool: ids.snat_pool.clone(),
+                lb_pool: ids.lb_pool.clone(),
+                subnet_prefix: c.subnet_prefix,
+                replicas: c.ncp_replicas,
+                seed,
+            },
+            &trace,
+            &passes,
+        );
         let mut nodes = BTreeMap::new();
         for (i, n) in c.nodes.iter().enumerate() {
             let port = ids
@@ -655,32 +592,35 @@ impl World {
         Ok(())
     }
 
-    pub fn heal(&mut self, f: Option<&Fault>) {
-        self.record(format!(
-            "heal {}",
-            f.map_or("all".to_string(), |f| format!("{f:?}"))
-        ));
-        let all = f.is_none();
+    /// Every pair of hosts.
+    fn all_pairs(&self) -> Vec<(String, String)> {
         let hosts: Vec<String> = ["apiserver", "nsx-manager"]
             .into_iter()
             .map(str::to_string)
             .chain((0..self.sc.cluster.ncp_replicas).map(replica))
             .chain(self.sc.cluster.nodes.iter().cloned())
             .collect();
+        let mut v = Vec::new();
+        for a in &hosts {
+            for b in &hosts {
+                if a < b {
+                    v.push((a.clone(), b.clone()));
+                }
+            }
+        }
+        v
+    }
+
+    pub fn heal(&mut self, f: Option<&Fault>) {
+        self.record(format!(
+            "heal {}",
+            f.map_or("all".to_string(), |f| format!("{f:?}"))
+        ));
+        let all = f.is_none();
         if all || matches!(f, Some(Fault::Partition(_)) | Some(Fault::Hold(_))) {
             let pairs = match f {
                 Some(Fault::Partition(hs)) | Some(Fault::Hold(hs)) => self.pairs(hs),
-                _ => {
-                    let mut v = Vec::new();
-                    for a in &hosts {
-                        for b in &hosts {
-                            if a < b {
-                                v.push((a.clone(), b.clone()));
-                            }
-                        }
-                    }
-                    v
-                }
+                _ => self.all_pairs(),
             };
             for (a, b) in pairs {
                 self.sim.repair(a.as_str(), b.as_str());
@@ -693,17 +633,7 @@ impl World {
         if all || matches!(f, Some(Fault::Latency(_))) {
             let pairs = match f {
                 Some(Fault::Latency(l)) => self.pairs(&l.between),
-                _ => {
-                    let mut v = Vec::new();
-                    for a in &hosts {
-                        for b in &hosts {
-                            if a < b {
-                                v.push((a.clone(), b.clone()));
-                            }
-                        }
-                    }
-                    v
-                }
+                _ => self.all_pairs(),
             };
             for (a, b) in pairs {
                 self.sim

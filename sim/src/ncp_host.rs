@@ -1,0 +1,101 @@
+//! NCP replicas as turmoil hosts, as both the built-in NCP world and the scenario engine run
+//! them: the production controller against the fake apiserver and the fake NSX manager, each
+//! replica with its own NSX user, leader election when there are several.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_nsx_manager::{FakeNsxManager, User};
+use nsx_core::ncp::config::NcpConfig;
+use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
+use nsx_core::ncp::leader::LeaderConfig;
+use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
+
+use crate::net::{TurmoilConnector, kube_client};
+use crate::spine::EPOCH_MS;
+use crate::trace::Trace;
+
+/// Milliseconds since the epoch in simulated time.
+pub fn sim_clock() -> i64 {
+    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The host (and NSX user) name of replica `i`.
+pub fn replica(i: usize) -> String {
+    format!("ncp-{i}")
+}
+
+/// What the replicas are configured with.
+#[derive(Debug, Clone)]
+pub struct NcpHosts {
+    pub cluster: String,
+    pub snat_pool: String,
+    pub lb_pool: String,
+    pub subnet_prefix: u8,
+    pub replicas: usize,
+    pub seed: u64,
+}
+
+/// Adds hosts `ncp-0..` and their NSX users; every pass is counted in `passes` and traced.
+pub fn spawn(
+    sim: &mut turmoil::Sim<'static>,
+    nsx: &FakeNsxManager,
+    cfg: &NcpHosts,
+    trace: &Trace,
+    passes: &Rc<RefCell<usize>>,
+) {
+    for i in 0..cfg.replicas {
+        let name = replica(i);
+        nsx.add_user(User::new(&name, "pw", "enterprise_admin"));
+        let (t, p, cfg) = (trace.clone(), passes.clone(), cfg.clone());
+        sim.host(name.as_str(), move || {
+            let (t, p, cfg, name) = (t.clone(), p.clone(), cfg.clone(), replica(i));
+            async move {
+                t.record(&name, "started");
+                let kube = kube_client("http://apiserver:6443")?;
+                let mut cc = ClientConfig::new(
+                    "http://nsx-manager:80",
+                    Auth::Session {
+                        user: name.clone(),
+                        password: "pw".into(),
+                    },
+                );
+                cc.seed = cfg.seed.wrapping_add(i as u64);
+                cc.request_timeout_ms = 5_000;
+                let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
+                let mut config = NcpConfig::for_cluster(&cfg.cluster);
+                config.external_ip_pools = vec![cfg.snat_pool.clone()];
+                config.external_ip_pools_lb = vec![cfg.lb_pool.clone()];
+                config.subnet_prefix = cfg.subnet_prefix;
+                let timing = LoopConfig {
+                    resync: Duration::from_secs(30),
+                    ..LoopConfig::default()
+                };
+                let on_pass = {
+                    let name = name.clone();
+                    move |e: &PassEvent| {
+                        *p.borrow_mut() += 1;
+                        t.record(&name, format!("{e:?}"));
+                    }
+                };
+                if cfg.replicas > 1 {
+                    controller::run_ha(
+                        kube,
+                        nsx,
+                        config,
+                        timing,
+                        LeaderConfig::new(&cfg.cluster, &name),
+                        Arc::new(sim_clock),
+                        on_pass,
+                    )
+                    .await;
+                } else {
+                    controller::run(kube, nsx, config, timing, None, on_pass).await;
+                }
+                Ok(())
+            }
+        });
+    }
+}
