@@ -27,6 +27,39 @@ pub fn replica(i: usize) -> String {
     format!("ncp-{i}")
 }
 
+/// A simulation with the control plane's servers on it: `apiserver` (port 6443) and
+/// `nsx-manager` (port 80; a restart keeps its data, like a real manager's database).
+pub fn control_plane(
+    seed: u64,
+    tick_ms: u64,
+    api: &crate::apiserver::ApiServer,
+    nsx: &FakeNsxManager,
+    trace: &Trace,
+) -> turmoil::Sim<'static> {
+    let mut sim = turmoil::Builder::new()
+        .epoch(std::time::UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
+        .rng_seed(seed)
+        .tick_duration(Duration::from_millis(tick_ms))
+        .simulation_duration(Duration::from_secs(24 * 3600))
+        .max_message_latency(Duration::from_millis(3))
+        .build();
+    let a = api.clone();
+    sim.host("apiserver", move || {
+        let a = a.clone();
+        async move { crate::net::serve(6443, a.router()).await }
+    });
+    let (n, t) = (nsx.clone(), trace.clone());
+    sim.host("nsx-manager", move || {
+        let (n, t) = (n.clone(), t.clone());
+        async move {
+            n.restart();
+            t.record("nsx-manager", "started");
+            crate::net::serve(80, n.router()).await
+        }
+    });
+    sim
+}
+
 /// What the replicas are configured with.
 #[derive(Debug, Clone)]
 pub struct NcpHosts {

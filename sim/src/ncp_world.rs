@@ -10,7 +10,6 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use fake_nsx_manager::server::Counters;
 use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
@@ -22,7 +21,6 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::apiserver::ApiServer;
-use crate::net::serve;
 use crate::spine::EPOCH_MS;
 use crate::trace::Trace;
 
@@ -213,27 +211,7 @@ impl World {
             boot.clusters["k8s-a"].snat_pool.clone(),
             boot.clusters["k8s-a"].lb_pool.clone(),
         );
-        let mut sim = turmoil::Builder::new()
-            .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
-            .rng_seed(cfg.seed)
-            .tick_duration(Duration::from_millis(cfg.tick_ms))
-            .simulation_duration(Duration::from_secs(24 * 3600))
-            .max_message_latency(Duration::from_millis(3))
-            .build();
-        let a = api.clone();
-        sim.host("apiserver", move || {
-            let a = a.clone();
-            async move { serve(6443, a.router()).await }
-        });
-        let (n, t) = (nsx.clone(), trace.clone());
-        sim.host("nsx-manager", move || {
-            let (n, t) = (n.clone(), t.clone());
-            async move {
-                n.restart();
-                t.record("nsx-manager", "started");
-                serve(80, n.router()).await
-            }
-        });
+        let mut sim = crate::ncp_host::control_plane(cfg.seed, cfg.tick_ms, &api, &nsx, &trace);
         let passes: Rc<RefCell<usize>> = Rc::default();
         crate::ncp_host::spawn(
             &mut sim,

@@ -809,20 +809,7 @@ impl Store {
         } else {
             hops.push(format!("switch {src_switch}"));
         }
-        let Some(dst_port) = dst_port else {
-            return drop(format!(
-                "no logical port has address {}",
-                ipam::ip_to_string(p.dst_ip)
-            ));
-        };
-        let dst = &self.objects[&dst_port];
-        if dst.str("admin_state") == Some("DOWN") {
-            return drop(format!("logical port {dst_port} is admin down"));
-        }
-        if !self.firewall_stateful(conns, &dst_port, Dir::In, &p, hops) {
-            return drop(format!("dfw IN at {dst_port}"));
-        }
-        self.deliver(dst_port, p, hops)
+        self.deliver(conns, dst_port, p, hops)
     }
 
     /// A packet from outside: un-SNAT of a reply, or a load balancer's DNAT, then the route
@@ -873,7 +860,25 @@ impl Store {
             ));
         }
         hops.push(format!("tier-0 {t0} -> tier-1 {t1} -> switch {sw}"));
-        let Some(dst_port) = self.port_for_ip(p.dst_ip) else {
+        let verdict = self.deliver(conns, self.port_for_ip(p.dst_ip), p, hops);
+        if routed && matches!(verdict, Verdict::Delivered { .. }) {
+            conns.inbound.insert(p.reversed());
+        }
+        verdict
+    }
+
+    /// Delivery at the port holding the destination address: the port must be up and its
+    /// firewall (IN) must allow the packet; a container port leaves on its parent VIF with its
+    /// VLAN.
+    fn deliver(
+        &self,
+        conns: &mut Connections,
+        dst_port: Option<String>,
+        p: Packet,
+        hops: &mut Vec<String>,
+    ) -> Verdict {
+        let drop = |reason: String| Verdict::Dropped { reason };
+        let Some(dst_port) = dst_port else {
             return drop(format!(
                 "no logical port has address {}",
                 ipam::ip_to_string(p.dst_ip)
@@ -886,15 +891,6 @@ impl Store {
         if !self.firewall_stateful(conns, &dst_port, Dir::In, &p, hops) {
             return drop(format!("dfw IN at {dst_port}"));
         }
-        if routed {
-            conns.inbound.insert(p.reversed());
-        }
-        self.deliver(dst_port, p, hops)
-    }
-
-    /// Delivery at a logical port (a container port leaves on its parent VIF with its VLAN).
-    fn deliver(&self, dst_port: String, p: Packet, hops: &mut Vec<String>) -> Verdict {
-        let dst = &self.objects[&dst_port];
         let ctx = dst.doc.get("attachment").and_then(|a| a.get("context"));
         hops.push(format!(
             "delivered at logical port {dst_port} {:?}",

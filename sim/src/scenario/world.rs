@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
@@ -19,8 +19,6 @@ use super::names::{self, ip_string};
 use super::node::{self, NodeState};
 use super::spec::{Fault, Scenario};
 use crate::apiserver::ApiServer;
-use crate::net::serve;
-use crate::spine::EPOCH_MS;
 use crate::trace::Trace;
 
 pub use crate::ncp_host::{replica, sim_clock};
@@ -120,27 +118,7 @@ impl World {
                 .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
                 .collect::<BTreeMap<_, _>>()
         });
-        let mut sim = turmoil::Builder::new()
-            .epoch(UNIX_EPOCH + Duration::from_millis(EPOCH_MS as u64))
-            .rng_seed(seed)
-            .tick_duration(Duration::from_millis(10))
-            .simulation_duration(Duration::from_secs(24 * 3600))
-            .max_message_latency(Duration::from_millis(3))
-            .build();
-        let a = api.clone();
-        sim.host("apiserver", move || {
-            let a = a.clone();
-            async move { serve(6443, a.router()).await }
-        });
-        let (n, t) = (nsx.clone(), trace.clone());
-        sim.host("nsx-manager", move || {
-            let (n, t) = (n.clone(), t.clone());
-            async move {
-                n.restart();
-                t.record("nsx-manager", "started");
-                serve(80, n.router()).await
-            }
-        });
+        let mut sim = crate::ncp_host::control_plane(seed, 10, &api, &nsx, &trace);
         let passes: Rc<RefCell<usize>> = Rc::default();
         crate::ncp_host::spawn(
             &mut sim,
