@@ -56,7 +56,17 @@ pub fn ncp_converged(
             .map(|(_, o)| Value::Object(o.doc.clone()))
             .collect()
     });
-    let observed = Observed::from_docs(docs.clone(), cluster);
+    // Pod ports (tagged with a pod uid) that NCP would not recognise as its own.
+    let strays = docs
+        .iter()
+        .filter(|d| {
+            d["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["scope"] == "ncp/pod_uid"))
+                && classify(d, cluster).is_none()
+        })
+        .count();
+    let observed = Observed::from_docs(docs, cluster);
     for key in want.objects.keys() {
         match observed.objects.get(key).map(Vec::len) {
             Some(1) => {}
@@ -180,10 +190,6 @@ pub fn ncp_converged(
         ));
     }
     nsx.with_store(|s| s.check_invariants())?;
-    let strays = docs
-        .iter()
-        .filter(|d| d.to_string().contains("ncp/pod_uid") && classify(d, cluster).is_none())
-        .count();
     if strays > 0 {
         return Err(format!("{strays} pod ports not classified"));
     }
