@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use smallvec::SmallVec;
+
 use crate::fnv::FnvMap;
 
 use nsx_core::ovs::flow::Match;
@@ -20,7 +22,8 @@ struct Subtable {
     signature: Vec<(usize, u128)>,
     /// Masked key -> flows, best first: (priority descending, id ascending). A hash map:
     /// only looked up, never iterated, so its order cannot reach any output.
-    rules: FnvMap<Vec<u128>, Vec<(u16, FlowId)>>,
+    /// Most keys hold one flow, kept inline.
+    rules: FnvMap<Vec<u128>, SmallVec<[(u16, FlowId); 1]>>,
     priorities: BTreeMap<u16, usize>,
 }
 
@@ -37,17 +40,23 @@ pub struct Classifier {
     /// Signatures by descending max priority.
     order: Vec<(u16, Vec<(usize, u128)>)>,
     len: usize,
+    /// Room to make in subtables a bundle is about to create (see `reserve`).
+    reserved: Vec<(Vec<(usize, u128)>, usize)>,
 }
 
+/// A match's mask signature, on the stack.
+pub type Signature = SmallVec<[(usize, u128); 8]>;
+
 // A match's fields come in field order, so signature and key line up without sorting.
-fn signature(m: &Match) -> Vec<(usize, u128)> {
+// Built on the stack: inserting a flow allocates only for a new subtable or a new key.
+pub fn signature(m: &Match) -> Signature {
     m.fields
         .iter()
         .map(|(f, (_, mask))| (slot(*f), *mask))
         .collect()
 }
 
-fn key(m: &Match) -> Vec<u128> {
+fn key(m: &Match) -> SmallVec<[u128; 8]> {
     m.fields.iter().map(|(_, (v, _))| *v).collect()
 }
 
@@ -75,17 +84,51 @@ impl Classifier {
         self.order = order;
     }
 
-    pub fn insert(&mut self, m: &Match, priority: u16, id: FlowId) {
+    /// Makes room for `additional` more flows with signature `sig`: a bundle of many adds
+    /// then grows each hash table once instead of rehashing it as it doubles.
+    pub fn reserve(&mut self, sig: &[(usize, u128)], additional: usize) {
+        match self.subtables.get_mut(sig) {
+            Some(st) => st.rules.reserve(additional),
+            None => self.reserved.push((sig.to_vec(), additional)),
+        }
+    }
+
+    /// Forgets reservations for subtables that were not created.
+    pub fn end_bundle(&mut self) {
+        self.reserved.clear();
+    }
+
+    /// Inserts flow `id`. A flow with the same match and priority is taken out of the
+    /// classifier and its id returned (OpenFlow keeps one; the caller drops the old entry):
+    /// the lookup for that and the insertion share one probe.
+    pub fn insert(&mut self, m: &Match, priority: u16, id: FlowId) -> Option<FlowId> {
         let sig = signature(m);
-        let st = self
-            .subtables
-            .entry(sig.clone())
-            .or_insert_with(|| Subtable {
-                signature: sig,
-                ..Subtable::default()
-            });
+        if !self.subtables.contains_key(sig.as_slice()) {
+            let room = self
+                .reserved
+                .iter()
+                .position(|(s, _)| s.as_slice() == sig.as_slice())
+                .map_or(0, |i| self.reserved.swap_remove(i).1);
+            let mut rules = FnvMap::default();
+            rules.reserve(room);
+            self.subtables.insert(
+                sig.to_vec(),
+                Subtable {
+                    signature: sig.to_vec(),
+                    rules,
+                    priorities: BTreeMap::new(),
+                },
+            );
+        }
+        let st = self.subtables.get_mut(sig.as_slice())?;
         let before = st.max_priority();
-        let list = st.rules.entry(key(m)).or_default();
+        let list = st.rules.entry(key(m).to_vec()).or_default();
+        if let Some(i) = list.iter().position(|(p, _)| *p == priority) {
+            let old = list[i].1;
+            list[i].1 = id;
+            list.sort_by(|(p1, i1), (p2, i2)| p2.cmp(p1).then(i1.cmp(i2)));
+            return Some(old);
+        }
         let pos = list
             .binary_search_by(|(p, i)| priority.cmp(p).then(i.cmp(&id)))
             .unwrap_or_else(|e| e);
@@ -95,22 +138,23 @@ impl Classifier {
         if before != st.max_priority() {
             self.reorder();
         }
+        None
     }
 
     pub fn remove(&mut self, m: &Match, priority: u16, id: FlowId) {
         let sig = signature(m);
-        let Some(st) = self.subtables.get_mut(&sig) else {
+        let Some(st) = self.subtables.get_mut(sig.as_slice()) else {
             return;
         };
         let before = st.max_priority();
         let k = key(m);
         let mut removed = false;
-        if let Some(list) = st.rules.get_mut(&k) {
+        if let Some(list) = st.rules.get_mut(k.as_slice()) {
             let n = list.len();
             list.retain(|(p, i)| !(*p == priority && *i == id));
             removed = list.len() < n;
             if list.is_empty() {
-                st.rules.remove(&k);
+                st.rules.remove(k.as_slice());
             }
         }
         if !removed {
@@ -125,11 +169,21 @@ impl Classifier {
         }
         let after = st.max_priority();
         if st.rules.is_empty() {
-            self.subtables.remove(&sig);
+            self.subtables.remove(sig.as_slice());
         }
         if before != after {
             self.reorder();
         }
+    }
+
+    /// The flow whose match is exactly `m` (same fields, masks and values) at `priority`.
+    pub fn find_exact(&self, m: &Match, priority: u16) -> Option<FlowId> {
+        let st = self.subtables.get(signature(m).as_slice())?;
+        st.rules
+            .get(key(m).as_slice())?
+            .iter()
+            .find(|(p, _)| *p == priority)
+            .map(|(_, id)| *id)
     }
 
     /// The best flow for `p`: highest priority, then the oldest.

@@ -28,6 +28,10 @@ impl Hasher for Fnv {
         self.write_u64(n as u64 ^ (n >> 64) as u64);
     }
 
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
     fn write_u64(&mut self, n: u64) {
         self.0 ^= n;
         self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);

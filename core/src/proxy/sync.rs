@@ -5,10 +5,10 @@
 //! installs everything under the next round and deletes the previous one in the same bundle;
 //! after an OVS restart everything is replayed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
-use crate::ovs::flow::{Flow, Group};
+use crate::ovs::flow::Group;
 
 use super::compile::{cookie, endpoint_flow, group, service_flows, static_flows};
 use super::model::{Endpoint, ServicePort, ServicePortKey};
@@ -20,12 +20,27 @@ const GROUP_HEADER_BYTES: usize = 40;
 const BUCKET_BYTES: usize = 96;
 const BUCKET_WITH_LEARN_BYTES: usize = 256;
 
+/// A service port as last installed. Its flows and group are not kept: they are a pure
+/// function of `sp`, the group id and the proxy's fixed round and node addresses, so they are
+/// compiled again when the port changes (keeping them doubled a full sync's allocations).
 #[derive(Debug, Clone)]
 struct Installed {
     sp: ServicePort,
     group_id: u32,
-    flows: Vec<Flow>,
-    group: Option<Group>,
+    /// Its flows and group are on the bridge (false after an OVS restart wiped them).
+    present: bool,
+}
+
+/// `endpoints` as a sorted set: borrowed when it already is one (as the model builds it).
+fn endpoint_set(endpoints: &[Endpoint]) -> std::borrow::Cow<'_, [Endpoint]> {
+    if endpoints.windows(2).all(|w| w[0] < w[1]) {
+        std::borrow::Cow::Borrowed(endpoints)
+    } else {
+        let mut v = endpoints.to_vec();
+        v.sort();
+        v.dedup();
+        std::borrow::Cow::Owned(v)
+    }
 }
 
 /// What a sync did.
@@ -64,7 +79,7 @@ pub struct Proxy {
     uncertain_groups: BTreeSet<u32>,
 }
 
-fn chunks(g: &Group) -> (Group, Vec<Vec<crate::ovs::flow::Bucket>>) {
+fn chunks(mut g: Group) -> (Group, Vec<Vec<crate::ovs::flow::Bucket>>) {
     let per = if g.buckets.iter().any(|b| {
         b.actions
             .iter()
@@ -76,11 +91,10 @@ fn chunks(g: &Group) -> (Group, Vec<Vec<crate::ovs::flow::Bucket>>) {
     };
     let fit = (MAX_MESSAGE_BYTES - GROUP_HEADER_BYTES) / per;
     if g.buckets.len() <= fit {
-        return (g.clone(), vec![]);
+        return (g, vec![]);
     }
-    let mut first = g.clone();
-    let rest: Vec<_> = first.buckets.split_off(fit);
-    (first, rest.chunks(fit).map(<[_]>::to_vec).collect())
+    let rest: Vec<_> = g.buckets.split_off(fit);
+    (g, rest.chunks(fit).map(<[_]>::to_vec).collect())
 }
 
 impl Proxy {
@@ -127,12 +141,8 @@ impl Proxy {
         self.static_installed = false;
         self.existing_groups.clear();
         self.uncertain_groups = self.group_ids.values().copied().collect();
-        let keys: Vec<ServicePortKey> = self.installed.keys().cloned().collect();
-        for k in keys {
-            if let Some(i) = self.installed.get_mut(&k) {
-                i.flows.clear();
-                i.group = None;
-            }
+        for i in self.installed.values_mut() {
+            i.present = false;
         }
         self.endpoint_refs.clear();
     }
@@ -160,7 +170,18 @@ impl Proxy {
         want: &BTreeMap<ServicePortKey, ServicePort>,
         changed: &BTreeSet<ServicePortKey>,
     ) -> Result<SyncReport, BridgeError> {
-        let mut ops: Vec<OfOp> = Vec::new();
+        let keys: Vec<&ServicePortKey> = changed.iter().collect();
+        self.sync_keys(bridge, want, &keys)
+    }
+
+    /// `sync` over `keys` (sorted, distinct), borrowed so that a full sync copies no key.
+    fn sync_keys<B: OpenFlowBridge>(
+        &mut self,
+        bridge: &mut B,
+        want: &BTreeMap<ServicePortKey, ServicePort>,
+        keys: &[&ServicePortKey],
+    ) -> Result<SyncReport, BridgeError> {
+        let mut ops: Vec<OfOp> = Vec::with_capacity(keys.len() * 2);
         let mut tail: Vec<OfOp> = Vec::new();
         let mut flush: Vec<ConntrackFilter> = Vec::new();
         let round = self.round;
@@ -172,37 +193,43 @@ impl Proxy {
         let base = std::mem::take(&mut self.endpoint_refs);
         let mut refs = RefDelta {
             base: &base,
-            delta: BTreeMap::new(),
+            delta: DeltaMap::default(),
         };
         let mut new_installed: Vec<(ServicePortKey, Option<Installed>)> = Vec::new();
         let mut released: Vec<ServicePortKey> = Vec::new();
-        for key in changed {
-            let old_owned = self.installed.get(key).cloned();
-            let old = old_owned.as_ref();
-            match want.get(key) {
-                Some(sp) => {
-                    let id = self.group_id(key);
-                    let flows = service_flows(round, sp, id, &self.cfg.node_ips);
+        for &key in keys {
+            let id = want.contains_key(key).then(|| self.group_id(key));
+            let old = self.installed.get(key);
+            let node_ips = &self.cfg.node_ips;
+            // What the last sync installed, compiled again (see `Installed`).
+            let (old_flows, old_group) = match old {
+                Some(o) if o.present => (
+                    service_flows(round, &o.sp, o.group_id, node_ips),
+                    (!o.sp.endpoints.is_empty()).then(|| group(&o.sp, o.group_id)),
+                ),
+                _ => (Vec::new(), None),
+            };
+            match (want.get(key), id) {
+                (Some(sp), Some(id)) => {
+                    let flows = service_flows(round, sp, id, node_ips);
                     let g = (!sp.endpoints.is_empty()).then(|| group(sp, id));
-                    let old_flows: &[Flow] = old.map_or(&[], |o| o.flows.as_slice());
-                    let old_group = old.and_then(|o| o.group.as_ref());
                     // The group first (flows name it), endpoints' flows before the group
                     // that resubmits to them.
-                    let old_eps: BTreeSet<Endpoint> = old
-                        .filter(|o| o.group.is_some())
-                        .map(|o| o.sp.endpoints.iter().copied().collect())
-                        .unwrap_or_default();
-                    let new_eps: BTreeSet<Endpoint> = sp.endpoints.iter().copied().collect();
+                    let old_eps = match old {
+                        Some(o) if old_group.is_some() => endpoint_set(&o.sp.endpoints),
+                        _ => std::borrow::Cow::Borrowed(&[][..]),
+                    };
+                    let new_eps = endpoint_set(&sp.endpoints);
                     let old_proto = old.map_or(sp.protocol, |o| o.sp.protocol);
-                    for e in new_eps
-                        .iter()
-                        .filter(|e| !old_eps.contains(e) || old_proto != sp.protocol)
-                    {
+                    for e in new_eps.iter().filter(|e| {
+                        old_eps.binary_search(e).is_err() || old_proto != sp.protocol
+                    }) {
                         if refs.add((sp.protocol, *e), 1) == 1 {
                             ops.push(OfOp::AddFlow(endpoint_flow(round, sp.protocol, e)));
                         }
                     }
-                    match (old_group, &g) {
+                    let group_changed = old_group != g;
+                    match (&old_group, g) {
                         (None, Some(g)) if !self.existing_groups.contains(&id) => {
                             let (first, rest) = chunks(g);
                             if self.uncertain_groups.contains(&id) {
@@ -214,7 +241,7 @@ impl Proxy {
                                 buckets,
                             }));
                         }
-                        (old, Some(g)) if old != Some(g) => {
+                        (_, Some(g)) if group_changed => {
                             self.existing_groups.remove(&id);
                             let (first, rest) = chunks(g);
                             ops.push(OfOp::ModGroup(first));
@@ -225,12 +252,7 @@ impl Proxy {
                         }
                         _ => {}
                     }
-                    for f in &flows {
-                        if !old_flows.contains(f) {
-                            ops.push(OfOp::AddFlow(f.clone()));
-                        }
-                    }
-                    for f in old_flows {
+                    for f in &old_flows {
                         if !flows.iter().any(|n| {
                             n.table == f.table && n.priority == f.priority && n.matches == f.matches
                         }) {
@@ -241,13 +263,17 @@ impl Proxy {
                             });
                         }
                     }
-                    if g.is_none() && old_group.is_some() {
+                    for f in flows {
+                        if !old_flows.contains(&f) {
+                            ops.push(OfOp::AddFlow(f));
+                        }
+                    }
+                    if old_group.is_some() && sp.endpoints.is_empty() {
                         tail.push(OfOp::DelGroup(id));
                     }
-                    for e in old_eps
-                        .iter()
-                        .filter(|e| !new_eps.contains(e) || old_proto != sp.protocol)
-                    {
+                    for e in old_eps.iter().filter(|e| {
+                        new_eps.binary_search(e).is_err() || old_proto != sp.protocol
+                    }) {
                         release_endpoint(round, &mut refs, old_proto, e, &mut tail);
                         if old_proto != 6 {
                             flush.push(ConntrackFilter {
@@ -263,21 +289,20 @@ impl Proxy {
                         Some(Installed {
                             sp: sp.clone(),
                             group_id: id,
-                            flows,
-                            group: g,
+                            present: true,
                         }),
                     ));
                 }
-                None => {
+                _ => {
                     let Some(old) = old else { continue };
-                    for f in &old.flows {
+                    for f in &old_flows {
                         tail.push(OfOp::DelFlowStrict {
                             table: f.table,
                             priority: f.priority,
                             matches: f.matches.clone(),
                         });
                     }
-                    if old.group.is_some() {
+                    if old_group.is_some() {
                         tail.push(OfOp::DelGroup(old.group_id));
                         for e in &old.sp.endpoints {
                             release_endpoint(round, &mut refs, old.sp.protocol, e, &mut tail);
@@ -316,14 +341,7 @@ impl Proxy {
         self.static_installed = true;
         self.uncertain_groups.clear();
         self.previous_round = None;
-        for (k, d) in delta {
-            let n = self.endpoint_refs.get(&k).copied().unwrap_or(0) as i64 + d;
-            if n <= 0 {
-                self.endpoint_refs.remove(&k);
-            } else {
-                self.endpoint_refs.insert(k, n as usize);
-            }
-        }
+        refs_commit(&mut self.endpoint_refs, delta);
         for (k, v) in new_installed {
             match v {
                 Some(i) => {
@@ -348,7 +366,7 @@ impl Proxy {
         Ok(SyncReport {
             ops: n_ops,
             flushed,
-            service_ports: changed.len(),
+            service_ports: keys.len(),
         })
     }
 
@@ -358,16 +376,66 @@ impl Proxy {
         bridge: &mut B,
         want: &BTreeMap<ServicePortKey, ServicePort>,
     ) -> Result<SyncReport, BridgeError> {
-        let changed: BTreeSet<ServicePortKey> =
-            want.keys().chain(self.installed.keys()).cloned().collect();
-        self.sync(bridge, want, &changed)
+        let gone: Vec<ServicePortKey> = self
+            .installed
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut keys: Vec<&ServicePortKey> = want.keys().collect();
+        if !gone.is_empty() {
+            keys.extend(&gone);
+            keys.sort();
+        }
+        self.sync_keys(bridge, want, &keys)
     }
 }
 
-/// Endpoint reference counts as the committed ones plus this sync's changes.
+/// Endpoint reference counts as the committed ones plus this sync's changes. The delta is
+/// a hash map: only looked up here, and its commit (`refs_commit`) does not depend on order.
 struct RefDelta<'a> {
     base: &'a BTreeMap<(u8, Endpoint), usize>,
-    delta: BTreeMap<(u8, Endpoint), i64>,
+    delta: DeltaMap,
+}
+
+type DeltaMap = HashMap<(u8, Endpoint), i64>;
+
+/// Applies a sync's reference changes. A small delta updates the map key by key; a delta
+/// the size of the map (a full sync) is sorted and merged into a new map in one pass.
+fn refs_commit(refs: &mut BTreeMap<(u8, Endpoint), usize>, delta: DeltaMap) {
+    if delta.len() * 8 < refs.len() {
+        for (k, d) in delta {
+            let n = refs.get(&k).copied().unwrap_or(0) as i64 + d;
+            if n <= 0 {
+                refs.remove(&k);
+            } else {
+                refs.insert(k, n as usize);
+            }
+        }
+        return;
+    }
+    let mut delta: Vec<((u8, Endpoint), i64)> = delta.into_iter().collect();
+    delta.sort_unstable_by_key(|(k, _)| *k);
+    let old = std::mem::take(refs);
+    let mut old = old.into_iter().peekable();
+    let mut delta = delta.into_iter().peekable();
+    let mut merged: Vec<((u8, Endpoint), usize)> = Vec::new();
+    loop {
+        let next = match (old.peek(), delta.peek()) {
+            (Some((a, _)), Some((b, _))) if a == b => old
+                .next()
+                .zip(delta.next())
+                .map(|((k, n), (_, d))| (k, n as i64 + d)),
+            (Some((a, _)), Some((b, _))) if a > b => delta.next(),
+            (Some(_), _) => old.next().map(|(k, n)| (k, n as i64)),
+            (None, _) => delta.next(),
+        };
+        let Some((k, n)) = next else { break };
+        if n > 0 {
+            merged.push((k, n as usize));
+        }
+    }
+    *refs = merged.into_iter().collect();
 }
 
 impl RefDelta<'_> {
