@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-
 use nsx_core::ovs::flow::{Action, Flow, FlowStats, Group, GroupType, Match};
 
 use crate::classifier::{Classifier, FlowId};

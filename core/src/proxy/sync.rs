@@ -221,9 +221,10 @@ impl Proxy {
                     };
                     let new_eps = endpoint_set(&sp.endpoints);
                     let old_proto = old.map_or(sp.protocol, |o| o.sp.protocol);
-                    for e in new_eps.iter().filter(|e| {
-                        old_eps.binary_search(e).is_err() || old_proto != sp.protocol
-                    }) {
+                    for e in new_eps
+                        .iter()
+                        .filter(|e| old_eps.binary_search(e).is_err() || old_proto != sp.protocol)
+                    {
                         if refs.add((sp.protocol, *e), 1) == 1 {
                             ops.push(OfOp::AddFlow(endpoint_flow(round, sp.protocol, e)));
                         }
@@ -271,9 +272,10 @@ impl Proxy {
                     if old_group.is_some() && sp.endpoints.is_empty() {
                         tail.push(OfOp::DelGroup(id));
                     }
-                    for e in old_eps.iter().filter(|e| {
-                        new_eps.binary_search(e).is_err() || old_proto != sp.protocol
-                    }) {
+                    for e in old_eps
+                        .iter()
+                        .filter(|e| new_eps.binary_search(e).is_err() || old_proto != sp.protocol)
+                    {
                         release_endpoint(round, &mut refs, old_proto, e, &mut tail);
                         if old_proto != 6 {
                             flush.push(ConntrackFilter {

@@ -1,0 +1,5 @@
+//! Production adapters: what connects the core to a real NSX Manager and a real cluster, and
+//! what the binaries share (metrics, health).
+
+pub mod metrics;
+pub mod nsx_tls;

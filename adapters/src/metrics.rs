@@ -1,0 +1,225 @@
+//! Prometheus metrics and health endpoints of the NCP binary (`/metrics`, `/healthz`,
+//! `/readyz`), fed by the controller's pass events and the NSX client's counters.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use nsx_core::ncp::controller::PassEvent;
+use nsx_core::ncp::leader::Leadership;
+use nsx_core::nsx::client::ClientStats;
+
+/// Counters shared between the controller's callback and the HTTP server.
+#[derive(Default)]
+pub struct Metrics {
+    passes_converged: AtomicU64,
+    passes_failed: AtomicU64,
+    nsx_writes_planned: AtomicU64,
+    annotations: AtomicU64,
+    objects_refused: AtomicU64,
+    last_pass_ms: AtomicU64,
+    leader: AtomicBool,
+    /// Ready: a pass converged, or this replica is a standby (HA).
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    /// Records one pass; `took_ms` is the time since the previous event.
+    pub fn record(&self, e: &PassEvent, took_ms: u64) {
+        match e {
+            PassEvent::Converged {
+                writes,
+                annotations,
+                failed,
+                ..
+            } => {
+                self.passes_converged.fetch_add(1, Ordering::Relaxed);
+                self.nsx_writes_planned
+                    .fetch_add(*writes as u64, Ordering::Relaxed);
+                self.annotations
+                    .fetch_add(*annotations as u64, Ordering::Relaxed);
+                self.objects_refused
+                    .store(*failed as u64, Ordering::Relaxed);
+                self.last_pass_ms.store(took_ms, Ordering::Relaxed);
+                self.ready.store(true, Ordering::Relaxed);
+            }
+            PassEvent::Failed { .. } => {
+                self.passes_failed.fetch_add(1, Ordering::Relaxed);
+            }
+            PassEvent::Leadership(l) => {
+                let leading = matches!(l, Leadership::Acquired);
+                self.leader.store(leading, Ordering::Relaxed);
+                if !leading {
+                    self.ready.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, nsx: &ClientStats) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        metric(
+            "ncp_reconcile_passes_total",
+            "counter",
+            "Reconcile passes by result.",
+            &[
+                (
+                    "{result=\"converged\"}".into(),
+                    load(&self.passes_converged),
+                ),
+                ("{result=\"failed\"}".into(), load(&self.passes_failed)),
+            ],
+        );
+        metric(
+            "ncp_reconcile_last_pass_milliseconds",
+            "gauge",
+            "Duration of the last converged pass.",
+            &[(String::new(), load(&self.last_pass_ms))],
+        );
+        metric(
+            "ncp_planned_writes_total",
+            "counter",
+            "NSX writes the passes planned.",
+            &[(String::new(), load(&self.nsx_writes_planned))],
+        );
+        metric(
+            "ncp_annotations_written_total",
+            "counter",
+            "Kubernetes annotations and statuses written.",
+            &[(String::new(), load(&self.annotations))],
+        );
+        metric(
+            "ncp_objects_refused",
+            "gauge",
+            "Objects NSX refused in the last pass (each has a Kubernetes Event).",
+            &[(String::new(), load(&self.objects_refused))],
+        );
+        metric(
+            "ncp_is_leader",
+            "gauge",
+            "1 while this replica holds the lease (or runs alone).",
+            &[(
+                String::new(),
+                u64::from(self.leader.load(Ordering::Relaxed)),
+            )],
+        );
+        let by_status: Vec<(String, u64)> = nsx
+            .by_status
+            .iter()
+            .map(|(s, n)| (format!("{{status=\"{s}\"}}"), *n))
+            .collect();
+        metric(
+            "ncp_nsx_requests_total",
+            "counter",
+            "NSX Manager API answers by HTTP status.",
+            &by_status,
+        );
+        metric(
+            "ncp_nsx_retries_total",
+            "counter",
+            "NSX requests retried (429, 503, 409/412 re-reads, transport errors).",
+            &[(String::new(), nsx.retries)],
+        );
+        metric(
+            "ncp_nsx_transport_errors_total",
+            "counter",
+            "NSX requests that got no HTTP answer.",
+            &[(String::new(), nsx.transport_errors)],
+        );
+        out
+    }
+}
+
+/// `/metrics`, `/healthz` (the process serves) and `/readyz` (see [`Metrics::is_ready`]).
+pub fn router(
+    metrics: Arc<Metrics>,
+    nsx_stats: Arc<dyn Fn() -> ClientStats + Send + Sync>,
+) -> Router {
+    let m = metrics.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (m, s) = (m.clone(), nsx_stats.clone());
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        m.render(&s()),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    if m.is_ready() {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "no pass has converged yet")
+                    }
+                }
+            }),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_and_nsx_answers_show_in_the_exposition() {
+        let m = Metrics::default();
+        assert!(!m.is_ready());
+        m.record(
+            &PassEvent::Converged {
+                ops: 3,
+                writes: 3,
+                annotations: 2,
+                failed: 0,
+            },
+            40,
+        );
+        m.record(&PassEvent::Failed { error: "x".into() }, 1);
+        assert!(m.is_ready());
+        let mut s = ClientStats::default();
+        s.by_status.insert(201, 3);
+        s.by_status.insert(429, 1);
+        let text = m.render(&s);
+        assert!(
+            text.contains("ncp_reconcile_passes_total{result=\"converged\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ncp_reconcile_passes_total{result=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ncp_nsx_requests_total{status=\"429\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("ncp_planned_writes_total 3"), "{text}");
+        assert!(
+            text.contains("# TYPE ncp_nsx_requests_total counter"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! The `ncp` binary for real: a process reading an ncp.ini, talking HTTPS to the fake NSX
+//! Manager (the same server and TLS code as the standalone `fake-nsx-manager`, with a
+//! generated certificate) and HTTP to the fake kube-apiserver. A namespace and a pod created
+//! through the API become NSX objects and a pod annotation; metrics and health answer; a wrong
+//! thumbprint or CA is refused with a message that says so.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_nsx_manager::{FakeNsxManager, ManagerConfig};
+use nsx_adapters::nsx_tls::thumbprint_of;
+use nsx_sim::apiserver::ApiServer;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use serde_json::{Value, json};
+
+struct Servers {
+    nsx: FakeNsxManager,
+    api: ApiServer,
+    nsx_addr: String,
+    api_addr: String,
+    /// SHA-256 of the manager's certificate, and a CA that did not sign it.
+    thumbprint: String,
+    dir: PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn servers(name: &str) -> Servers {
+    let dir = std::env::temp_dir().join(format!("ncp-binary-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The manager's certificate, signed by a CA; and another CA that signed nothing.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    std::fs::write(
+        dir.join("ca.pem"),
+        ca_params.self_signed(&ca_key).unwrap().pem(),
+    )
+    .unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let other_key = KeyPair::generate().unwrap();
+    let mut other = CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    other
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Some other CA");
+    std::fs::write(
+        dir.join("other-ca.pem"),
+        other.self_signed(&other_key).unwrap().pem(),
+    )
+    .unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let nsx = rt.block_on(async { FakeNsxManager::new(ManagerConfig::default()) });
+    let api = ApiServer::new(1, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    });
+    for n in 1..=3 {
+        api.apply(
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{n}")}}),
+        )
+        .unwrap();
+    }
+    let tls =
+        fake_nsx_manager::tls::server_config(&dir.join("cert.pem"), &dir.join("key.pem")).unwrap();
+    let (nsx_addr, api_addr) = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let nsx_addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(fake_nsx_manager::tls::serve(l, nsx.router(), tls));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api_addr = l.local_addr().unwrap().to_string();
+        let router = api.router();
+        tokio::spawn(async move { axum::serve(l, router).await });
+        (nsx_addr, api_addr)
+    });
+    Servers {
+        nsx,
+        api,
+        nsx_addr,
+        api_addr,
+        thumbprint: thumbprint_of(leaf.der()),
+        dir,
+        _rt: rt,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_ini(s: &Servers, trust_line: &str) -> PathBuf {
+    let path = s.dir.join(format!("ncp-{}.ini", free_port()));
+    std::fs::write(
+        &path,
+        format!(
+            "[coe]\ncluster = k8s-a\n\n[nsx_v3]\nnsx_api_managers = https://{nsx}\n\
+             nsx_api_user = admin\nnsx_api_password = admin\n{trust_line}\n\n\
+             [k8s]\napiserver_host_ip = http://{api}\n",
+            nsx = s.nsx_addr,
+            api = s.api_addr
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn ncp(config: &Path, metrics_port: u16) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ncp"));
+    c.arg("--config")
+        .arg(config)
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
+        .env("RUST_LOG", "info");
+    c
+}
+
+/// Kills the child when the test ends, passing or not.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn nsx_objects(nsx: &FakeNsxManager, kind: &str, tag: (&str, &str)) -> Vec<Value> {
+    nsx.with_store(|s| {
+        s.objects()
+            .map(|(_, o)| Value::Object(o.doc.clone()))
+            .filter(|d| d["resource_type"] == kind)
+            .filter(|d| {
+                d["tags"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t["scope"] == tag.0 && t["tag"] == tag.1))
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn ncp_realizes_a_namespace_and_a_pod_over_tls_with_a_pinned_thumbprint() {
+    let s = servers("ok");
+    let ini = write_ini(&s, &format!("thumbprint = {}", s.thumbprint));
+    let metrics = free_port();
+    let _ncp = Running(
+        ncp(&ini, metrics)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Health first, readiness only once a pass converged.
+    let (code, body) = wait_for("/healthz", Duration::from_secs(20), || {
+        http_get(metrics, "/healthz")
+    });
+    assert_eq!((code, body.as_str()), (200, "ok"));
+
+    let ns = s
+        .api
+        .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}))
+        .unwrap();
+    let ns_uid = ns["metadata"]["uid"].as_str().unwrap().to_string();
+    let pod = s
+        .api
+        .apply(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
+            "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "nginx"}]}
+        }))
+        .unwrap();
+    let pod_uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
+
+    let switch = wait_for(
+        "the namespace's logical switch",
+        Duration::from_secs(60),
+        || {
+            nsx_objects(&s.nsx, "LogicalSwitch", ("ncp/project_uid", &ns_uid))
+                .into_iter()
+                .next()
+        },
+    );
+    assert!(
+        switch["display_name"]
+            .as_str()
+            .unwrap()
+            .starts_with("k8s-a-shop"),
+        "{switch}"
+    );
+    let annotation = wait_for(
+        "the pod's network annotation",
+        Duration::from_secs(60),
+        || {
+            let p = s.api.get("pods", "shop", "web")?;
+            p["metadata"]["annotations"]
+                .as_object()?
+                .iter()
+                .find(|(_, v)| v.as_str().is_some_and(|v| v.contains("logical_port_id")))
+                .map(|(_, v)| serde_json::from_str::<Value>(v.as_str().unwrap()).unwrap())
+        },
+    );
+    let ports = nsx_objects(&s.nsx, "LogicalPort", ("ncp/pod_uid", &pod_uid));
+    assert_eq!(ports.len(), 1, "one logical port for the pod: {ports:?}");
+    assert_eq!(annotation["logical_port_id"], ports[0]["id"]);
+    assert_eq!(
+        ports[0]["attachment"]["context"]["vif_type"], "CHILD",
+        "{}",
+        ports[0]
+    );
+
+    let (code, _) = wait_for("/readyz", Duration::from_secs(20), || {
+        http_get(metrics, "/readyz").filter(|(c, _)| *c == 200)
+    });
+    assert_eq!(code, 200);
+    let (code, text) = http_get(metrics, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let converged: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ncp_reconcile_passes_total{result=\"converged\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(converged >= 1, "{text}");
+    assert!(
+        text.contains("ncp_nsx_requests_total{status=\"201\"}"),
+        "{text}"
+    );
+}
+
+fn run_to_exit(mut c: Command) -> Output {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("ncp kept running: {:?}", child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_wrong_thumbprint_or_ca_is_refused_and_nothing_is_written() {
+    let s = servers("refused");
+    let before = s.nsx.with_store(|st| st.objects().count());
+    let wrong = "00".repeat(32);
+    let out = run_to_exit(ncp(
+        &write_ini(&s, &format!("thumbprint = {wrong}")),
+        free_port(),
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no NSX Manager reachable") && err.contains(&s.thumbprint),
+        "the error names the certificate's real thumbprint: {err}"
+    );
+
+    let out = run_to_exit(ncp(
+        &write_ini(
+            &s,
+            &format!("ca_file = {}", s.dir.join("other-ca.pem").display()),
+        ),
+        free_port(),
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("invalid peer certificate: UnknownIssuer"),
+        "{err}"
+    );
+
+    assert_eq!(s.nsx.with_store(|st| st.objects().count()), before);
+
+    // The CA that did sign it, for the name the URL uses: accepted.
+    let port = free_port();
+    let _ok = Running(
+        ncp(
+            &write_ini(&s, &format!("ca_file = {}", s.dir.join("ca.pem").display())),
+            port,
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    let (code, _) = wait_for(
+        "/healthz with the right CA",
+        Duration::from_secs(20),
+        || http_get(port, "/healthz"),
+    );
+    assert_eq!(code, 200);
+    drop(_ok);
+
+    let out = run_to_exit(ncp(&write_ini(&s, ""), free_port()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("set ca_file or thumbprint"), "{err}");
+}
