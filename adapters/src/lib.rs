@@ -3,3 +3,4 @@
 
 pub mod metrics;
 pub mod nsx_tls;
+pub mod ovs;

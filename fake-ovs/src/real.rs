@@ -51,18 +51,7 @@ impl Sandbox {
             ],
         );
         s.vsctl(&["--no-wait", "init"]);
-        s.run(
-            &tool("ovs-vswitchd"),
-            &[
-                "--detach",
-                "--no-chdir",
-                &format!("--pidfile={}", s.path("ovs-vswitchd.pid")),
-                "--enable-dummy=override",
-                "--disable-system",
-                &format!("--log-file={}", s.path("ovs-vswitchd.log")),
-                &format!("unix:{}", s.path("db.sock")),
-            ],
-        );
+        s.start_vswitchd();
         s.vsctl(&[
             "add-br",
             "br0",
@@ -94,6 +83,42 @@ impl Sandbox {
             "ofport_request=2",
         ]);
         s
+    }
+
+    fn start_vswitchd(&self) {
+        self.run(
+            &tool("ovs-vswitchd"),
+            &[
+                "--detach",
+                "--no-chdir",
+                &format!("--pidfile={}", self.path("ovs-vswitchd.pid")),
+                "--enable-dummy=override",
+                "--disable-system",
+                &format!("--log-file={}", self.path("ovs-vswitchd.log")),
+                &format!("unix:{}", self.path("db.sock")),
+            ],
+        );
+    }
+
+    /// Stops ovs-vswitchd and starts it again: flows and groups are gone, ports (OVSDB) stay.
+    pub fn restart_vswitchd(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("ovs-vswitchd.pid")).unwrap();
+        let target = self.path(&format!("ovs-vswitchd.{}.ctl", pid.trim()));
+        self.run(&tool("ovs-appctl"), &["-t", &target, "exit"]);
+        self.start_vswitchd();
+        // Back when the bridge answers OpenFlow again.
+        for _ in 0..100 {
+            if self.ofctl(&["show", "br0"]).status.success() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("ovs-vswitchd did not come back");
+    }
+
+    /// The directory the daemons run in (`OVS_RUNDIR` for the tools).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn path(&self, f: &str) -> String {

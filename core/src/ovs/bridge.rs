@@ -56,3 +56,45 @@ pub trait OpenFlowBridge {
     /// Forgets the matching connections; returns how many.
     fn flush_conntrack(&mut self, filter: ConntrackFilter) -> usize;
 }
+
+impl OfOp {
+    /// This message as a line of `ovs-ofctl bundle` input (OVS 2.8+: `flow add ...`,
+    /// `group add ...`), the file a real switch takes as one atomic transaction.
+    pub fn to_bundle_line(&self) -> String {
+        match self {
+            OfOp::AddFlow(f) => format!("flow add {f}"),
+            OfOp::DelFlowStrict {
+                table,
+                priority,
+                matches,
+            } => {
+                let m = matches.to_string();
+                if m.is_empty() {
+                    format!("flow delete_strict table={table},priority={priority}")
+                } else {
+                    format!("flow delete_strict table={table},priority={priority},{m}")
+                }
+            }
+            OfOp::DelFlowsByCookie {
+                cookie,
+                cookie_mask,
+            } => format!("flow delete cookie={cookie:#x}/{cookie_mask:#x}"),
+            OfOp::AddGroup(g) => format!("group add {g}"),
+            OfOp::ModGroup(g) => format!("group modify {g}"),
+            OfOp::InsertBuckets { group_id, buckets } => {
+                let mut s =
+                    format!("group insert_bucket group_id={group_id},command_bucket_id=last");
+                for b in buckets {
+                    s.push_str(&format!(
+                        ",bucket=bucket_id:{},weight:{},actions={}",
+                        b.bucket_id,
+                        b.weight,
+                        super::flow::actions_text(&b.actions)
+                    ));
+                }
+                s
+            }
+            OfOp::DelGroup(id) => format!("group delete group_id={id}"),
+        }
+    }
+}

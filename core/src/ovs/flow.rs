@@ -524,7 +524,7 @@ pub struct FlowStats {
     pub n_bytes: u64,
 }
 
-fn actions_text(actions: &[Action]) -> String {
+pub(crate) fn actions_text(actions: &[Action]) -> String {
     if actions.is_empty() {
         "drop".into()
     } else {

@@ -1,0 +1,382 @@
+//! A real Open vSwitch as the node agent's and nsx-kube-proxy's switch: ports and their
+//! external ids through `ovs-vsctl` (OVSDB), flows and groups through `ovs-ofctl bundle`
+//! (OpenFlow 1.5 bundles: every flow and group message of a sync in one atomic transaction),
+//! conntrack through `ovs-appctl dpctl/flush-conntrack`.
+//!
+//! The tools are the ones OVS ships with the switch, so their protocol versions always match
+//! the daemon's; `ovs_real/*` benches compare the cost with driving `ovs-ofctl` directly.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nsx_core::agent::wiring::{PodSwitch, PortInfo};
+use nsx_core::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
+
+/// Where the tools are and how to reach the daemons.
+#[derive(Debug, Clone)]
+pub struct OvsTools {
+    pub vsctl: PathBuf,
+    pub ofctl: PathBuf,
+    pub appctl: PathBuf,
+    /// `--db=` for ovs-vsctl (default: the system socket).
+    pub db: Option<String>,
+    /// Environment for ovs-ofctl and ovs-appctl (`OVS_RUNDIR` of a private switch).
+    pub env: Vec<(String, String)>,
+}
+
+/// Finds `name` on `PATH` or in the usual sbin directories.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain([
+            "/usr/sbin",
+            "/usr/bin",
+            "/sbin",
+            "/usr/local/sbin",
+            "/usr/local/bin",
+        ])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+/// Failures of the tools, with what was run and what it said.
+#[derive(Debug, thiserror::Error)]
+pub enum OvsError {
+    #[error("{tool} not found: install openvswitch-switch")]
+    Missing { tool: &'static str },
+    #[error("{command}: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+impl OvsTools {
+    /// The system's tools, talking to the system's daemons.
+    pub fn system() -> Result<Self, OvsError> {
+        Ok(Self {
+            vsctl: find_tool("ovs-vsctl").ok_or(OvsError::Missing { tool: "ovs-vsctl" })?,
+            ofctl: find_tool("ovs-ofctl").ok_or(OvsError::Missing { tool: "ovs-ofctl" })?,
+            appctl: find_tool("ovs-appctl").ok_or(OvsError::Missing { tool: "ovs-appctl" })?,
+            db: None,
+            env: Vec::new(),
+        })
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(
+        &self,
+        program: &Path,
+        args: &[String],
+        stdin: Option<&str>,
+    ) -> Result<String, OvsError> {
+        let mut c = self.command(program);
+        c.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let describe = || {
+            format!(
+                "{} {}",
+                program
+                    .file_name()
+                    .map_or_else(Default::default, |n| n.to_string_lossy()),
+                args.join(" ")
+            )
+        };
+        let mut child = c.spawn().map_err(|e| OvsError::Failed {
+            command: describe(),
+            stderr: e.to_string(),
+        })?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes())
+                .map_err(|e| OvsError::Failed {
+                    command: describe(),
+                    stderr: e.to_string(),
+                })?;
+        }
+        let out = child.wait_with_output().map_err(|e| OvsError::Failed {
+            command: describe(),
+            stderr: e.to_string(),
+        })?;
+        if !out.status.success() {
+            return Err(OvsError::Failed {
+                command: describe(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn vsctl(&self, args: &[&str]) -> Result<String, OvsError> {
+        let mut a: Vec<String> = Vec::new();
+        if let Some(db) = &self.db {
+            a.push(format!("--db={db}"));
+        }
+        a.push("--timeout=10".into());
+        a.extend(args.iter().map(|s| s.to_string()));
+        self.run(&self.vsctl, &a, None)
+    }
+
+    pub fn ofctl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, OvsError> {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.run(&self.ofctl, &a, stdin)
+    }
+
+    pub fn appctl(&self, args: &[&str]) -> Result<String, OvsError> {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.run(&self.appctl, &a, None)
+    }
+}
+
+/// One bridge of a real Open vSwitch.
+#[derive(Debug, Clone)]
+pub struct OvsBridge {
+    pub name: String,
+    pub tools: OvsTools,
+}
+
+impl OvsBridge {
+    pub fn new(name: &str, tools: OvsTools) -> Self {
+        Self {
+            name: name.to_string(),
+            tools,
+        }
+    }
+
+    /// The text `bundle` sends for `ops`.
+    pub fn bundle_text(ops: &[OfOp]) -> String {
+        let mut text = String::new();
+        for op in ops {
+            text.push_str(&op.to_bundle_line());
+            text.push('\n');
+        }
+        text
+    }
+
+    /// `ovs-ofctl -O OpenFlow15 dump-flows --no-stats`, one flow a line.
+    pub fn dump_flows(&self) -> Result<Vec<String>, OvsError> {
+        let out = self.tools.ofctl(
+            &["-O", "OpenFlow15", "--no-stats", "dump-flows", &self.name],
+            None,
+        )?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains("actions="))
+            .map(|l| l.trim().to_string())
+            .collect())
+    }
+
+    /// `ovs-ofctl -O OpenFlow15 dump-groups`, one group a line.
+    pub fn dump_groups(&self) -> Result<Vec<String>, OvsError> {
+        let out = self
+            .tools
+            .ofctl(&["-O", "OpenFlow15", "dump-groups", &self.name], None)?;
+        Ok(out
+            .lines()
+            .filter(|l| l.trim_start().starts_with("group_id="))
+            .map(|l| l.trim().to_string())
+            .collect())
+    }
+
+    fn ofport(&self, port: &str) -> Result<Option<u32>, OvsError> {
+        let out = self.tools.vsctl(&["get", "Interface", port, "ofport"])?;
+        Ok(out
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| n as u32))
+    }
+}
+
+fn bridge_error(e: OvsError) -> BridgeError {
+    // ovs-ofctl names the refused message ("Error OFPBAC_BAD_OUT_GROUP for: ..."); the index
+    // within the bundle is not reported, so 0 stands for "the bundle".
+    BridgeError {
+        index: 0,
+        message: e.to_string(),
+    }
+}
+
+impl OpenFlowBridge for OvsBridge {
+    fn bundle(&mut self, ops: Vec<OfOp>) -> Result<(), BridgeError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let text = Self::bundle_text(&ops);
+        self.tools
+            .ofctl(
+                &["-O", "OpenFlow15", "bundle", &self.name, "-"],
+                Some(&text),
+            )
+            .map(|_| ())
+            .map_err(bridge_error)
+    }
+
+    fn flush_conntrack(&mut self, f: ConntrackFilter) -> usize {
+        // Connections NATed to the endpoint: their reply comes from it.
+        let ip = std::net::Ipv4Addr::from(f.ip);
+        let reply = format!(
+            "ct_nw_src={ip},ct_nw_proto={},ct_tp_src={}",
+            f.protocol, f.port
+        );
+        let orig = format!("ct_nw_proto={}", f.protocol);
+        let mut args = vec!["dpctl/flush-conntrack".to_string()];
+        if let Some(z) = f.zone {
+            args.push(format!("zone={z}"));
+        }
+        args.push(orig);
+        args.push(reply);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        match self.tools.appctl(&a) {
+            Ok(_) => 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "flushing conntrack failed");
+                0
+            }
+        }
+    }
+}
+
+impl PodSwitch for OvsBridge {
+    fn add_port(
+        &mut self,
+        name: &str,
+        external_ids: BTreeMap<String, String>,
+    ) -> Result<u32, BridgeError> {
+        let mut args: Vec<String> = vec![
+            "--may-exist".into(),
+            "add-port".into(),
+            self.name.clone(),
+            name.into(),
+            "--".into(),
+            "set".into(),
+            "Interface".into(),
+            name.into(),
+        ];
+        for (k, v) in &external_ids {
+            args.push(format!("external_ids:{k}=\"{}\"", v.replace('"', "\\\"")));
+        }
+        if external_ids.is_empty() {
+            args.truncate(4);
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.tools.vsctl(&a).map_err(bridge_error)?;
+        self.ofport(name)
+            .map_err(bridge_error)?
+            .ok_or_else(|| BridgeError {
+                index: 0,
+                message: format!(
+                    "port {name} has no OpenFlow number (its network device does not exist?)"
+                ),
+            })
+    }
+
+    fn del_port(&mut self, name: &str) -> Result<(), BridgeError> {
+        self.tools
+            .vsctl(&["--if-exists", "del-port", &self.name, name])
+            .map(|_| ())
+            .map_err(bridge_error)
+    }
+
+    fn list_ports(&self) -> Vec<PortInfo> {
+        let names = match self.tools.vsctl(&["list-ports", &self.name]) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing ports failed");
+                return Vec::new();
+            }
+        };
+        let names: Vec<&str> = names
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if names.is_empty() {
+            return Vec::new();
+        }
+        let mut args = vec![
+            "--format=json",
+            "--columns=name,ofport,external_ids",
+            "list",
+            "Interface",
+        ];
+        args.extend(names.iter().copied());
+        let out = match self.tools.vsctl(&args) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading interfaces failed");
+                return Vec::new();
+            }
+        };
+        parse_interfaces(&out).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "unexpected ovs-vsctl output");
+            Vec::new()
+        })
+    }
+
+    fn has_port(&self, name: &str) -> bool {
+        self.tools
+            .vsctl(&["port-to-br", name])
+            .is_ok_and(|b| b.trim() == self.name)
+    }
+}
+
+/// `ovs-vsctl --format=json --columns=name,ofport,external_ids list Interface`: OVSDB's
+/// JSON (`["map", [[k, v], ...]]`, an empty set for a port without a number).
+pub fn parse_interfaces(text: &str) -> Result<Vec<PortInfo>, OvsError> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| OvsError::Unexpected(e.to_string()))?;
+    let rows = v["data"]
+        .as_array()
+        .ok_or_else(|| OvsError::Unexpected(format!("no data in {text}")))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let name = r[0].as_str().unwrap_or_default().to_string();
+        let ofport = r[1].as_i64().filter(|n| *n > 0).unwrap_or(0) as u32;
+        let mut external_ids = BTreeMap::new();
+        if r[2][0] == "map" {
+            for kv in r[2][1].as_array().into_iter().flatten() {
+                if let (Some(k), Some(v)) = (kv[0].as_str(), kv[1].as_str()) {
+                    external_ids.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        out.push(PortInfo {
+            name,
+            ofport,
+            external_ids,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ovsdb_json_rows_become_ports() {
+        let text = r#"{"data":[["p2",3,["map",[["attached-mac","aa"],["k8s_pod","web"]]]],["p1",["set",[]],["map",[]]]],"headings":["name","ofport","external_ids"]}"#;
+        let ports = parse_interfaces(text).unwrap();
+        assert_eq!(ports.len(), 2);
+        assert_eq!((ports[0].name.as_str(), ports[0].ofport), ("p1", 0));
+        assert_eq!((ports[1].name.as_str(), ports[1].ofport), ("p2", 3));
+        assert_eq!(ports[1].external_ids["k8s_pod"], "web");
+        assert!(parse_interfaces("not json").is_err());
+    }
+}
