@@ -7,6 +7,7 @@
 //! the daemon's; `ovs_real/*` benches compare the cost with driving `ovs-ofctl` directly.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -78,13 +79,32 @@ impl OvsTools {
         args: &[String],
         stdin: Option<&str>,
     ) -> Result<String, OvsError> {
+        match stdin {
+            Some(text) => self.run_with(
+                program,
+                args,
+                Some(|w: &mut std::process::ChildStdin| w.write_all(text.as_bytes())),
+            ),
+            None => self.run_with(
+                program,
+                args,
+                None::<fn(&mut std::process::ChildStdin) -> std::io::Result<()>>,
+            ),
+        }
+    }
+
+    /// Runs `program`, writing its input with `feed` while it already reads: rendering a large
+    /// bundle overlaps with ovs-ofctl parsing it.
+    fn run_with(
+        &self,
+        program: &Path,
+        args: &[String],
+        feed: Option<impl FnOnce(&mut std::process::ChildStdin) -> std::io::Result<()>>,
+    ) -> Result<String, OvsError> {
+        let stdin = feed.is_some();
         let mut c = self.command(program);
         c.args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let describe = || {
@@ -100,12 +120,10 @@ impl OvsTools {
             command: describe(),
             stderr: e.to_string(),
         })?;
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes())
-                .map_err(|e| OvsError::Failed {
-                    command: describe(),
-                    stderr: e.to_string(),
-                })?;
+        if let (Some(feed), Some(mut pipe)) = (feed, child.stdin.take()) {
+            // A write error means the tool stopped reading (it refused the input): its exit
+            // status and message below say why.
+            let _ = feed(&mut pipe);
         }
         let out = child.wait_with_output().map_err(|e| OvsError::Failed {
             command: describe(),
@@ -133,6 +151,16 @@ impl OvsTools {
     pub fn ofctl(&self, args: &[&str], stdin: Option<&str>) -> Result<String, OvsError> {
         let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         self.run(&self.ofctl, &a, stdin)
+    }
+
+    /// ovs-ofctl with its input written by `feed` as it runs.
+    pub fn ofctl_fed(
+        &self,
+        args: &[&str],
+        feed: impl FnOnce(&mut std::process::ChildStdin) -> std::io::Result<()>,
+    ) -> Result<String, OvsError> {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.run_with(&self.ofctl, &a, Some(feed))
     }
 
     pub fn appctl(&self, args: &[&str]) -> Result<String, OvsError> {
@@ -216,12 +244,34 @@ impl OpenFlowBridge for OvsBridge {
         if ops.is_empty() {
             return Ok(());
         }
-        let text = Self::bundle_text(&ops);
+        // Only flow additions (a first sync, a replay): the leaner `--bundle add-flows` input,
+        // the same single transaction. Lines are written as they are rendered.
+        let only_adds = ops.iter().all(|o| matches!(o, OfOp::AddFlow(_)));
+        let args: Vec<&str> = if only_adds {
+            vec!["-O", "OpenFlow15", "--bundle", "add-flows", &self.name, "-"]
+        } else {
+            vec!["-O", "OpenFlow15", "bundle", &self.name, "-"]
+        };
         self.tools
-            .ofctl(
-                &["-O", "OpenFlow15", "bundle", &self.name, "-"],
-                Some(&text),
-            )
+            .ofctl_fed(&args, |pipe| {
+                let mut chunk = String::with_capacity(256 * 1024);
+                for op in &ops {
+                    match op {
+                        OfOp::AddFlow(f) if only_adds => {
+                            let _ = writeln!(chunk, "{f}");
+                        }
+                        other => {
+                            chunk.push_str(&other.to_bundle_line());
+                            chunk.push('\n');
+                        }
+                    }
+                    if chunk.len() >= 192 * 1024 {
+                        pipe.write_all(chunk.as_bytes())?;
+                        chunk.clear();
+                    }
+                }
+                pipe.write_all(chunk.as_bytes())
+            })
             .map(|_| ())
             .map_err(bridge_error)
     }
