@@ -4,11 +4,19 @@
 # includes the nsxlib suite against the standalone fake.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Open vSwitch 3.1 (Debian): the OpenFlow syntax is checked against a real ovs-vswitchd.
+# Open vSwitch 3.1 (Debian): the OpenFlow syntax, fake-ovs and the OVS adapter are checked
+# against a real ovs-vswitchd; iproute2 makes the pod network namespaces of the node test.
+missing=()
 if ! command -v ovs-vswitchd >/dev/null 2>&1 && [ ! -x /usr/sbin/ovs-vswitchd ]; then
+  missing+=(openvswitch-switch)
+fi
+if ! command -v ip >/dev/null 2>&1 && [ ! -x /usr/sbin/ip ] && [ ! -x /sbin/ip ]; then
+  missing+=(iproute2)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq openvswitch-switch >/dev/null
+  apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

@@ -1,5 +1,6 @@
-//! Prometheus metrics and health endpoints of the NCP binary (`/metrics`, `/healthz`,
-//! `/readyz`), fed by the controller's pass events and the NSX client's counters.
+//! Prometheus metrics and health endpoints of the binaries (`/metrics`, `/healthz`,
+//! `/readyz`): NCP's, fed by the controller's pass events and the NSX client's counters, and
+//! the node agent's and nsx-kube-proxy's ([`NodeMetrics`]).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -67,11 +68,7 @@ impl Metrics {
     pub fn render(&self, nsx: &ClientStats) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
+            family(&mut out, name, kind, help, samples)
         };
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         metric(
@@ -146,39 +143,158 @@ impl Metrics {
     }
 }
 
-/// `/metrics`, `/healthz` (the process serves) and `/readyz` (see [`Metrics::is_ready`]).
+/// One metric family in the text exposition: HELP, TYPE, then a line per sample (labels
+/// already rendered, `{k="v"}` or empty).
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+/// What a binary exposes: its metrics text, and whether it is ready (with why not).
+pub trait Exposition: Send + Sync + 'static {
+    fn render(&self) -> String;
+    fn ready(&self) -> Result<(), &'static str>;
+}
+
+struct NcpExposition {
+    metrics: Arc<Metrics>,
+    nsx_stats: Arc<dyn Fn() -> ClientStats + Send + Sync>,
+}
+
+impl Exposition for NcpExposition {
+    fn render(&self) -> String {
+        self.metrics.render(&(self.nsx_stats)())
+    }
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.metrics.is_ready() {
+            Ok(())
+        } else {
+            Err("no pass has converged yet")
+        }
+    }
+}
+
+/// NCP's `/metrics`, `/healthz` (the process serves) and `/readyz` (see
+/// [`Metrics::is_ready`]).
 pub fn router(
     metrics: Arc<Metrics>,
     nsx_stats: Arc<dyn Fn() -> ClientStats + Send + Sync>,
 ) -> Router {
-    let m = metrics.clone();
+    exposition_router(Arc::new(NcpExposition { metrics, nsx_stats }))
+}
+
+/// `/metrics`, `/healthz` and `/readyz` over any [`Exposition`].
+pub fn exposition_router(e: Arc<dyn Exposition>) -> Router {
+    let m = e.clone();
     Router::new()
         .route(
             "/metrics",
             get(move || {
-                let (m, s) = (m.clone(), nsx_stats.clone());
-                async move {
-                    (
-                        [("content-type", "text/plain; version=0.0.4")],
-                        m.render(&s()),
-                    )
-                }
+                let m = m.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
-                let m = metrics.clone();
+                let e = e.clone();
                 async move {
-                    if m.is_ready() {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "no pass has converged yet")
+                    match e.ready() {
+                        Ok(()) => (StatusCode::OK, "ready"),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                     }
                 }
             }),
         )
+}
+
+/// The node agent's and nsx-kube-proxy's counters (each process fills its own part).
+#[derive(Default)]
+pub struct NodeMetrics {
+    /// Set by the agent once its socket serves, by the proxy after its first sync.
+    pub ready: AtomicBool,
+    pub pods_wired: AtomicU64,
+    pub ovs_replays: AtomicU64,
+    pub proxy_syncs_ok: AtomicU64,
+    pub proxy_syncs_failed: AtomicU64,
+    pub proxy_ops: AtomicU64,
+    pub proxy_service_ports: AtomicU64,
+    pub proxy_conntrack_flushed: AtomicU64,
+    pub proxy_last_sync_ms: AtomicU64,
+}
+
+/// Name, type, help, samples.
+type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
+
+impl Exposition for NodeMetrics {
+    fn render(&self) -> String {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let one = |a: &AtomicU64| vec![(String::new(), load(a))];
+        let mut out = String::new();
+        let families: [Family; 7] = [
+            (
+                "nsx_node_pods_wired",
+                "gauge",
+                "Pods the agent has wired into OVS.",
+                one(&self.pods_wired),
+            ),
+            (
+                "nsx_node_ovs_replays_total",
+                "counter",
+                "Replays after ovs-vswitchd lost this process's flows (a restart).",
+                one(&self.ovs_replays),
+            ),
+            (
+                "nsx_kube_proxy_syncs_total",
+                "counter",
+                "Bundles sent to OVS by result.",
+                vec![
+                    ("{result=\"ok\"}".into(), load(&self.proxy_syncs_ok)),
+                    ("{result=\"failed\"}".into(), load(&self.proxy_syncs_failed)),
+                ],
+            ),
+            (
+                "nsx_kube_proxy_sync_ops_total",
+                "counter",
+                "Flow and group messages in successful bundles.",
+                one(&self.proxy_ops),
+            ),
+            (
+                "nsx_kube_proxy_service_ports",
+                "gauge",
+                "Service ports installed on the bridge.",
+                one(&self.proxy_service_ports),
+            ),
+            (
+                "nsx_kube_proxy_conntrack_flushed_total",
+                "counter",
+                "Conntrack flushes for removed endpoints.",
+                one(&self.proxy_conntrack_flushed),
+            ),
+            (
+                "nsx_kube_proxy_last_sync_milliseconds",
+                "gauge",
+                "Wall time of the last successful sync.",
+                one(&self.proxy_last_sync_ms),
+            ),
+        ];
+        for (name, kind, help, samples) in &families {
+            family(&mut out, name, kind, help, samples);
+        }
+        out
+    }
+
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.ready.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("not serving yet")
+        }
+    }
 }
 
 #[cfg(test)]

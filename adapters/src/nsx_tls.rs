@@ -1,6 +1,8 @@
 //! HTTPS to NSX Manager the way NCP's `[nsx_v3]` options describe it: a CA bundle
 //! (`ca_file`), a pinned certificate (`thumbprint`, the SHA-256 NSX shows for its API
-//! certificate), or, only when asked, no verification at all (`insecure = True`).
+//! certificate), or, only when asked, no verification at all (`insecure = True`). NCP
+//! itself may be a principal identity: it then presents the certificate and key of
+//! `nsx_api_cert_file` / `nsx_api_private_key_file` ([`ClientIdentity`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,8 +27,55 @@ pub enum TlsSetupError {
          (or insecure = True to skip verification)"
     )]
     NoTrust,
+    #[error("nsx_api_cert_file {path}: {reason}")]
+    CertFile { path: String, reason: String },
+    #[error("nsx_api_private_key_file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// The client certificate (with its chain) and key NCP authenticates with as a principal
+/// identity.
+#[derive(Debug)]
+pub struct ClientIdentity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+}
+
+impl Clone for ClientIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl ClientIdentity {
+    /// From PEM files; the key may also be in the certificate file (then `key` may be the
+    /// same path).
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsSetupError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| TlsSetupError::CertFile {
+                path: cert.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        if chain.is_empty() {
+            return Err(TlsSetupError::CertFile {
+                path: cert.display().to_string(),
+                reason: "no PEM certificate in the file".into(),
+            });
+        }
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+            TlsSetupError::KeyFile {
+                path: key.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self { chain, key })
+    }
 }
 
 /// How NSX Manager's certificate is checked.
@@ -104,40 +153,47 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The rustls client configuration for `trust`.
-pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, TlsSetupError> {
+/// The rustls client configuration for `trust`, presenting `identity` when given.
+pub fn client_config(
+    trust: &Trust,
+    identity: Option<&ClientIdentity>,
+) -> Result<rustls::ClientConfig, TlsSetupError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
-    let config = match trust {
+    let verifying = match trust {
         Trust::Ca(certs) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in certs {
                 roots.add(c.clone())?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         Trust::Thumbprint(t) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned {
                 thumbprint: Some(*t),
                 algorithms: provider().signature_verification_algorithms,
-            }))
-            .with_no_client_auth(),
+            })),
         Trust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(Pinned {
                 thumbprint: None,
                 algorithms: provider().signature_verification_algorithms,
-            }))
-            .with_no_client_auth(),
+            })),
     };
-    Ok(config)
+    Ok(match identity {
+        Some(id) => verifying.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+        None => verifying.with_no_client_auth(),
+    })
 }
 
 /// An HTTPS (and plain HTTP, for `http://` manager URLs) connector for the NSX client.
-pub fn connector(trust: &Trust) -> Result<HttpsConnector<HttpConnector>, TlsSetupError> {
+pub fn connector(
+    trust: &Trust,
+    identity: Option<&ClientIdentity>,
+) -> Result<HttpsConnector<HttpConnector>, TlsSetupError> {
     Ok(HttpsConnectorBuilder::new()
-        .with_tls_config(client_config(trust)?)
+        .with_tls_config(client_config(trust, identity)?)
         .https_or_http()
         .enable_http1()
         .build())

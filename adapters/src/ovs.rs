@@ -219,6 +219,66 @@ impl OvsBridge {
             .collect())
     }
 
+    /// The cookies of every flow on the bridge (what a restarted nsx-kube-proxy reads its
+    /// previous round from).
+    pub fn cookies(&self) -> Result<Vec<u64>, OvsError> {
+        Ok(self
+            .dump_flows()?
+            .iter()
+            .filter_map(|l| cookie_of(l))
+            .collect())
+    }
+
+    /// The ids of every group on the bridge.
+    pub fn group_ids(&self) -> Result<Vec<u32>, OvsError> {
+        Ok(self
+            .dump_groups()?
+            .iter()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("group_id=")?;
+                let end = rest.find(',').unwrap_or(rest.len());
+                rest[..end].parse().ok()
+            })
+            .collect())
+    }
+
+    /// Whether some flow's cookie matches `cookie` under `mask`: the agent and the proxy
+    /// look for one of their own flows to learn that ovs-vswitchd restarted (or that
+    /// someone deleted their flows), and replay.
+    pub fn has_flow_with_cookie(&self, cookie: u64, mask: u64) -> Result<bool, OvsError> {
+        let filter = format!("cookie={cookie:#x}/{mask:#x}");
+        let out = self.tools.ofctl(
+            &[
+                "-O",
+                "OpenFlow15",
+                "--no-stats",
+                "dump-flows",
+                &self.name,
+                &filter,
+            ],
+            None,
+        )?;
+        Ok(out.lines().any(|l| l.contains("actions=")))
+    }
+
+    /// The OpenFlow number of `port` on this bridge; an error that says how to attach it
+    /// when it is not there.
+    pub fn require_port(&self, port: &str) -> Result<u32, OvsError> {
+        let on_bridge = self
+            .tools
+            .vsctl(&["port-to-br", port])
+            .is_ok_and(|b| b.trim() == self.name);
+        let number = if on_bridge { self.ofport(port)? } else { None };
+        number.ok_or_else(|| {
+            OvsError::Unexpected(format!(
+                "{port} is not a port of {bridge} with an OpenFlow number: attach the node's \
+                 uplink first (ovs-vsctl add-port {bridge} {port} -- set Interface {port} \
+                 ofport_request=1)",
+                bridge = self.name
+            ))
+        })
+    }
+
     fn ofport(&self, port: &str) -> Result<Option<u32>, OvsError> {
         let out = self.tools.vsctl(&["get", "Interface", port, "ofport"])?;
         Ok(out
@@ -385,6 +445,15 @@ impl PodSwitch for OvsBridge {
     }
 }
 
+/// The cookie of a `dump-flows` line (`cookie=0x1f, ...`; OVS omits a zero cookie).
+fn cookie_of(line: &str) -> Option<u64> {
+    let rest = line.trim_start().strip_prefix("cookie=0x")?;
+    let end = rest
+        .find(|c: char| !c.is_ascii_hexdigit())
+        .unwrap_or(rest.len());
+    u64::from_str_radix(&rest[..end], 16).ok()
+}
+
 /// `ovs-vsctl --format=json --columns=name,ofport,external_ids list Interface`: OVSDB's
 /// JSON (`["map", [[k, v], ...]]`, an empty set for a port without a number).
 pub fn parse_interfaces(text: &str) -> Result<Vec<PortInfo>, OvsError> {
@@ -428,5 +497,15 @@ mod tests {
         assert_eq!((ports[1].name.as_str(), ports[1].ofport), ("p2", 3));
         assert_eq!(ports[1].external_ids["k8s_pod"], "web");
         assert!(parse_interfaces("not json").is_err());
+    }
+
+    #[test]
+    fn cookies_are_read_off_dump_lines() {
+        assert_eq!(
+            cookie_of("cookie=0x1010000000000, table=10, priority=0 actions=drop"),
+            Some(0x1010000000000)
+        );
+        assert_eq!(cookie_of(" cookie=0x5, duration=1.2s, table=0"), Some(5));
+        assert_eq!(cookie_of("table=0, priority=0 actions=drop"), None);
     }
 }

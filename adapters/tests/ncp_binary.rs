@@ -4,17 +4,19 @@
 //! through the API become NSX objects and a pod annotation; metrics and health answer; a wrong
 //! thumbprint or CA is refused with a message that says so.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use fake_nsx_manager::{FakeNsxManager, ManagerConfig};
-use nsx_adapters::nsx_tls::thumbprint_of;
+use nsx_adapters::nsx_tls::{self, thumbprint_of};
+use nsx_core::nsx::client::{Auth, ClientConfig, NsxClient};
 use nsx_sim::apiserver::ApiServer;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use serde_json::{Value, json};
+
+mod common;
+use common::{Running, free_port, http_get, wait_for};
 
 struct Servers {
     nsx: FakeNsxManager,
@@ -101,14 +103,6 @@ fn servers(name: &str) -> Servers {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_ini(s: &Servers, trust_line: &str) -> PathBuf {
     let path = s.dir.join(format!("ncp-{}.ini", free_port()));
     std::fs::write(
@@ -125,6 +119,23 @@ fn write_ini(s: &Servers, trust_line: &str) -> PathBuf {
     path
 }
 
+/// A key and self-signed certificate for a principal identity: (certificate PEM, paths).
+fn client_identity(dir: &Path, name: &str) -> (String, PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = params.self_signed(&key).unwrap().pem();
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, &cert).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (cert, c, k)
+}
+
 fn ncp(config: &Path, metrics_port: u16) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ncp"));
     c.arg("--config")
@@ -132,41 +143,6 @@ fn ncp(config: &Path, metrics_port: u16) -> Command {
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .env("RUST_LOG", "info");
     c
-}
-
-/// Kills the child when the test ends, passing or not.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Some((status, body))
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn nsx_objects(nsx: &FakeNsxManager, kind: &str, tag: (&str, &str)) -> Vec<Value> {
@@ -181,6 +157,19 @@ fn nsx_objects(nsx: &FakeNsxManager, kind: &str, tag: (&str, &str)) -> Vec<Value
             })
             .collect()
     })
+}
+
+/// Waits for NCP to create the namespace's logical switch.
+fn namespace_switch(nsx: &FakeNsxManager, ns_uid: &str) -> Value {
+    wait_for(
+        "the namespace's logical switch",
+        Duration::from_secs(60),
+        || {
+            nsx_objects(nsx, "LogicalSwitch", ("ncp/project_uid", ns_uid))
+                .into_iter()
+                .next()
+        },
+    )
 }
 
 #[test]
@@ -216,15 +205,7 @@ fn ncp_realizes_a_namespace_and_a_pod_over_tls_with_a_pinned_thumbprint() {
         .unwrap();
     let pod_uid = pod["metadata"]["uid"].as_str().unwrap().to_string();
 
-    let switch = wait_for(
-        "the namespace's logical switch",
-        Duration::from_secs(60),
-        || {
-            nsx_objects(&s.nsx, "LogicalSwitch", ("ncp/project_uid", &ns_uid))
-                .into_iter()
-                .next()
-        },
-    );
+    let switch = namespace_switch(&s.nsx, &ns_uid);
     assert!(
         switch["display_name"]
             .as_str()
@@ -346,4 +327,89 @@ fn a_wrong_thumbprint_or_ca_is_refused_and_nothing_is_written() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("set ca_file or thumbprint"), "{err}");
+}
+
+#[test]
+fn ncp_authenticates_as_a_principal_identity_with_its_certificate() {
+    let s = servers("pi");
+    let (pem, cert, key) = client_identity(&s.dir, "ncp-k8s-a");
+    let (_, other_cert, other_key) = client_identity(&s.dir, "someone-else");
+    // The operator registers the principal identity (NSX 2.4's one-step call), as admin,
+    // with the production client over HTTPS.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let trust = nsx_tls::Trust::Thumbprint(nsx_tls::parse_thumbprint(&s.thumbprint).unwrap());
+    let admin = NsxClient::new(
+        nsx_tls::connector(&trust, None).unwrap(),
+        ClientConfig::new(
+            format!("https://{}", s.nsx_addr),
+            Auth::Basic {
+                user: "admin".into(),
+                password: "admin".into(),
+            },
+        ),
+    );
+    let body = json!({"name": "ncp-k8s-a", "node_id": "k8s-a", "role": "enterprise_admin",
+                      "is_protected": true, "certificate_pem": pem});
+    let pi: Value = rt
+        .block_on(admin.create(
+            "/api/v1/trust-management/principal-identities/with-certificate",
+            &body,
+        ))
+        .unwrap();
+    assert_eq!(pi["name"], "ncp-k8s-a", "{pi}");
+    // A certificate no principal identity holds is refused (403, NSX's error body), whatever
+    // the connection: the production client as it would run with it.
+    let stranger = NsxClient::new(
+        nsx_tls::connector(
+            &trust,
+            Some(&nsx_tls::ClientIdentity::from_files(&other_cert, &other_key).unwrap()),
+        )
+        .unwrap(),
+        ClientConfig::new(format!("https://{}", s.nsx_addr), Auth::ClientCertificate),
+    );
+    let refused = rt
+        .block_on(stranger.get::<Value>("/api/v1/logical-switches"))
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused}");
+
+    let ini = s.dir.join("ncp-pi.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[coe]\ncluster = k8s-a\n\n[nsx_v3]\nnsx_api_managers = https://{nsx}\n\
+             nsx_api_cert_file = {cert}\nnsx_api_private_key_file = {key}\n\
+             thumbprint = {tp}\n\n[k8s]\napiserver_host_ip = http://{api}\n",
+            nsx = s.nsx_addr,
+            api = s.api_addr,
+            cert = cert.display(),
+            key = key.display(),
+            tp = s.thumbprint,
+        ),
+    )
+    .unwrap();
+    let _ncp = Running(
+        ncp(&ini, free_port())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let ns = s
+        .api
+        .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}))
+        .unwrap();
+    let ns_uid = ns["metadata"]["uid"].as_str().unwrap().to_string();
+    let switch = namespace_switch(&s.nsx, &ns_uid);
+    // Created by the principal identity, and so protected from other users.
+    assert_eq!(switch["_create_user"], "ncp-k8s-a", "{switch}");
+    assert_eq!(switch["_protection"], "PROTECTED", "{switch}");
+    let id = switch["id"].as_str().unwrap().to_string();
+    let denied = rt
+        .block_on(admin.delete(&format!("/api/v1/logical-switches/{id}")))
+        .unwrap_err();
+    assert_eq!(denied.status(), Some(400), "{denied}");
+    assert_eq!(denied.error_code(), Some(289), "{denied}");
 }

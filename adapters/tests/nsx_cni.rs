@@ -54,26 +54,37 @@ fn the_binary_speaks_cni_to_the_agent_and_reports_an_absent_one() {
     // A stand-in agent that wires everything at 10.4.0.5.
     let listener = UnixListener::bind(&socket).unwrap();
     let server = std::thread::spawn(move || {
-        for _ in 0..2 {
+        // The plugin connects before it knows what it will ask; an ADD that fails first
+        // (below) closes without a request. Serves until a DEL.
+        loop {
             let (s, _) = listener.accept().unwrap();
             let mut r = BufReader::new(s.try_clone().unwrap());
             let mut line = String::new();
-            r.read_line(&mut line).unwrap();
+            if r.read_line(&mut line).unwrap() == 0 {
+                continue;
+            }
             let req: Value = serde_json::from_str(&line).unwrap();
-            let answer = match req["command"].as_str() {
-                Some("ADD") => {
-                    json!({"added": {"ip": "10.4.0.5/24", "gateway": "10.4.0.1", "mac": "02:00:00:00:00:05"}})
-                }
-                _ => json!("done"),
-            };
+            let command = req["command"].as_str().unwrap_or_default().to_string();
+            assert_ne!(command, "ADD", "ADD must fail before asking the agent");
             let mut s = s;
-            s.write_all(format!("{answer}\n").as_bytes()).unwrap();
+            s.write_all(format!("{}\n", json!("done")).as_bytes())
+                .unwrap();
+            if command == "DEL" {
+                return;
+            }
         }
     });
+    // ADD into a network namespace that does not exist: an I/O error naming it, and the
+    // agent is not asked (a successful ADD into a real namespace: tests/node_real.rs).
     let (rc, v) = plugin("ADD", &conf);
-    assert_eq!(rc, 0, "{v}");
-    assert_eq!(v["ips"][0]["address"], "10.4.0.5/24");
-    assert_eq!(v["interfaces"][0]["sandbox"], "/var/run/netns/x");
+    assert_eq!((rc, v["code"].as_u64()), (1, Some(5)), "{v}");
+    assert!(
+        v["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("/var/run/netns/x")),
+        "{v}"
+    );
+    // DEL succeeds although the namespace (and so the pod's interface) is gone.
     let (rc, v) = plugin("DEL", &conf);
     assert_eq!((rc, v), (0, Value::Null));
     server.join().unwrap();

@@ -77,6 +77,13 @@ pub struct User {
     pub role: String,
     #[serde(default)]
     pub protected_principal: bool,
+    /// A principal identity's certificate (SHA-256 of its DER, lower-case hex): a TLS client
+    /// presenting it is this user, without a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_sha256: Option<String>,
+    /// The principal identity record (`/api/v1/trust-management/principal-identities`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub principal_identity: Option<Value>,
 }
 
 impl User {
@@ -86,9 +93,28 @@ impl User {
             password: password.into(),
             role: role.into(),
             protected_principal: false,
+            certificate_sha256: None,
+            principal_identity: None,
         }
     }
 }
+
+/// The SHA-256 of the client certificate a TLS connection presented (lower-case hex), put
+/// on each of its requests by [`crate::tls::serve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate(pub String);
+
+/// Roles a principal identity may have (NSX 2.4's role ids).
+const PI_ROLES: &[&str] = &[
+    "enterprise_admin",
+    "auditor",
+    "network_engineer",
+    "network_op",
+    "security_engineer",
+    "security_op",
+    "lb_admin",
+    "lb_auditor",
+];
 
 /// An injected failure: requests matching `method` (any if None) and `path` (a prefix; any if
 /// None) are answered with `status` and `error_code` with probability `rate`, at most
@@ -735,8 +761,26 @@ fn bad_credentials() -> ErrorBody {
 }
 
 impl FakeNsxManager {
-    fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ErrorBody> {
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<&PeerCertificate>,
+    ) -> Result<Principal, ErrorBody> {
         let mut g = self.lock();
+        // A principal identity: the certificate is the credential (headers are ignored, as
+        // NSX does for certificate-authenticated requests).
+        if let Some(PeerCertificate(tp)) = peer
+            && let Some(u) = g
+                .users
+                .values()
+                .find(|u| u.certificate_sha256.as_deref() == Some(tp.as_str()))
+        {
+            return Ok(Principal {
+                user: u.name.clone(),
+                role: u.role.clone(),
+                protected_principal: u.protected_principal,
+            });
+        }
         let now = g.clock.now_ms();
         if let Some(sid) = cookie(headers, "JSESSIONID") {
             let timeout_ms = i64::from(g.store.config.api_service.session_timeout) * 1000;
@@ -773,7 +817,7 @@ impl FakeNsxManager {
         }
         match basic_credentials(headers) {
             Some((u, p)) => match g.users.get(&u) {
-                Some(user) if user.password == p => Ok(Principal {
+                Some(user) if !user.password.is_empty() && user.password == p => Ok(Principal {
                     user: user.name.clone(),
                     role: user.role.clone(),
                     protected_principal: user.protected_principal,
@@ -795,7 +839,7 @@ impl FakeNsxManager {
         let (user, password) = (field("j_username"), field("j_password"));
         let mut g = self.lock();
         let status = match g.users.get(&user) {
-            Some(u) if u.password == password => 200,
+            Some(u) if !u.password.is_empty() && u.password == password => 200,
             _ => 403,
         };
         g.log(&user, "POST", "/api/session/create", status);
@@ -824,6 +868,173 @@ impl FakeNsxManager {
             h.insert("x-xsrf-token", v);
         }
         json_response(200, None, h)
+    }
+}
+
+impl FakeNsxManager {
+    /// `/api/v1/trust-management/principal-identities[/with-certificate|/<id>]`: list,
+    /// create with a certificate (NSX 2.4's one-step call), read, delete. Only an
+    /// `enterprise_admin` may change them; a principal identity is a user whose TLS client
+    /// certificate authenticates it.
+    fn principal_identities(
+        &self,
+        principal: &Principal,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> (u16, Value) {
+        let err = |status: u16, code: i64, msg: String| {
+            (
+                status,
+                serde_json::to_value(ErrorBody::new(status, code, "common-services", msg))
+                    .unwrap_or(Value::Null),
+            )
+        };
+        let rest = path
+            .trim_start_matches("/api/v1/trust-management/principal-identities")
+            .trim_start_matches('/');
+        let records = |g: &Inner| -> Vec<Value> {
+            g.users
+                .values()
+                .filter_map(|u| u.principal_identity.clone())
+                .collect()
+        };
+        if method != "GET" && principal.role != "enterprise_admin" {
+            return err(
+                403,
+                error::PERMISSION_DENIED,
+                format!(
+                    "The user '{}' does not have permission to perform {method} on {path}.",
+                    principal.user
+                ),
+            );
+        }
+        match (method, rest) {
+            ("GET", "") => {
+                let results = records(&self.lock());
+                (
+                    200,
+                    json!({"results": results, "result_count": results.len()}),
+                )
+            }
+            ("POST", "with-certificate") => match self.create_principal_identity(body) {
+                Ok(v) => (201, v),
+                Err((code, msg)) => err(400, code, msg),
+            },
+            ("GET", id) => match records(&self.lock()).into_iter().find(|r| r["id"] == id) {
+                Some(r) => (200, r),
+                None => err(
+                    404,
+                    error::NOT_FOUND,
+                    format!(
+                        "The requested object : {id} could not be found. Object identifiers are case sensitive."
+                    ),
+                ),
+            },
+            ("DELETE", id) => {
+                let mut g = self.lock();
+                let name = g
+                    .users
+                    .values()
+                    .find(|u| u.principal_identity.as_ref().is_some_and(|r| r["id"] == id))
+                    .map(|u| u.name.clone());
+                match name {
+                    Some(n) => {
+                        g.users.remove(&n);
+                        (200, Value::Null)
+                    }
+                    None => err(
+                        404,
+                        error::NOT_FOUND,
+                        format!(
+                            "The requested object : {id} could not be found. Object identifiers are case sensitive."
+                        ),
+                    ),
+                }
+            }
+            _ => err(
+                405,
+                error::METHOD_NOT_ALLOWED,
+                format!("Method {method} is not supported on {path}."),
+            ),
+        }
+    }
+
+    fn create_principal_identity(&self, body: &[u8]) -> Result<Value, (i64, String)> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| (error::INVALID_JSON, format!("Invalid JSON: {e}")))?;
+        let text = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        let (name, node_id, role, pem) = (
+            text("name"),
+            text("node_id"),
+            text("role"),
+            text("certificate_pem"),
+        );
+        for (k, val) in [
+            ("name", &name),
+            ("node_id", &node_id),
+            ("role", &role),
+            ("certificate_pem", &pem),
+        ] {
+            if val.is_empty() {
+                return Err((
+                    error::FIELD_VALIDATION,
+                    format!("Field level validation errors: {{required property {k} is missing}}"),
+                ));
+            }
+        }
+        if !PI_ROLES.contains(&role.as_str()) {
+            return Err((error::FIELD_VALIDATION, format!("Invalid role {role}.")));
+        }
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
+            (
+                error::FIELD_VALIDATION,
+                format!("Invalid PEM certificate: {e}"),
+            )
+        })?;
+        let thumbprint = crate::tls::sha256_hex(der.as_ref());
+        let mut g = self.lock();
+        let taken = g.users.values().any(|u| {
+            u.name == name || u.certificate_sha256.as_deref() == Some(thumbprint.as_str())
+        });
+        if taken {
+            return Err((
+                error::FIELD_VALIDATION,
+                format!("Principal identity with name {name} or its certificate already exists."),
+            ));
+        }
+        // Ids from the store's seeded generator: deterministic under the simulation.
+        let id = g.rng.uuid();
+        let certificate_id = g.rng.uuid();
+        let record = json!({
+            "resource_type": "PrincipalIdentity",
+            "id": id,
+            "name": name,
+            "node_id": node_id,
+            "role": role,
+            "is_protected": v.get("is_protected").and_then(Value::as_bool).unwrap_or(false),
+            "certificate_id": certificate_id,
+            "permission_group": "undefined",
+            "_revision": 0,
+        });
+        let user = User {
+            protected_principal: record["is_protected"] == true,
+            certificate_sha256: Some(thumbprint),
+            principal_identity: Some(record.clone()),
+            // No password: this identity authenticates by certificate only.
+            ..User::new(&name, "", &role)
+        };
+        g.users.insert(name, user);
+        let _ = g.save();
+        Ok(record)
     }
 }
 
@@ -883,7 +1094,7 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
         }
         return json_response(200, None, HeaderMap::new());
     }
-    let principal = match nsx.authenticate(&parts.headers) {
+    let principal = match nsx.authenticate(&parts.headers, parts.extensions.get()) {
         Ok(p) => p,
         Err(body) => {
             nsx.lock().log("", &method, &full_path, 403);
@@ -902,6 +1113,11 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
             ),
         );
         return error_response(403, &b);
+    }
+    if path.starts_with("/api/v1/trust-management/principal-identities") {
+        let (status, body) = nsx.principal_identities(&principal, &method, &path, &bytes);
+        nsx.lock().log(&principal.user, &method, &full_path, status);
+        return json_response(status, Some(body), HeaderMap::new());
     }
     let admitted = admit(&nsx, &principal, &method, &path, &full_path);
     let _guard = match admitted {

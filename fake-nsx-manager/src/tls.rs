@@ -1,5 +1,10 @@
 //! TLS for the standalone binary: a PEM certificate chain and key, and an accept loop that
 //! wraps each TCP connection in TLS before handing it to the app.
+//!
+//! Like NSX Manager, the server asks for a client certificate but does not require one: a
+//! client that presents one proves it holds the key (the handshake signature is verified)
+//! and is then known by the certificate's SHA-256 ([`PeerCertificate`]), which a principal
+//! identity registered with that certificate matches. No CA is involved, as in NSX.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -42,9 +47,73 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
+    .with_client_cert_verifier(Arc::new(AnyClientCertificate {
+        algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+    }))
     .with_single_cert(certs, key)?;
     Ok(Arc::new(config))
+}
+
+/// The SHA-256 of DER bytes, lower-case hex (how NSX shows certificate thumbprints).
+pub fn sha256_hex(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Accepts any client certificate (or none): the principal identity registered with it, not
+/// a CA, decides who the client is. The handshake signature is still checked, so a client
+/// cannot present a certificate whose key it does not hold.
+#[derive(Debug)]
+struct AnyClientCertificate {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::server::danger::ClientCertVerifier for AnyClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// Serves `app` over TLS on `listener` until the process ends. A failed handshake ends only
@@ -66,6 +135,17 @@ pub async fn serve(
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
+            };
+            // The client certificate, if any, travels with each request of this connection.
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| crate::server::PeerCertificate(sha256_hex(c.as_ref())));
+            let app = match peer {
+                Some(p) => app.layer(axum::Extension(p)),
+                None => app,
             };
             let svc = TowerToHyperService::new(app);
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

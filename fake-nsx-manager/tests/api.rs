@@ -1370,6 +1370,7 @@ async fn protected_objects_answer_289_unless_a_superuser_overrides() {
         password: "pw".into(),
         role: "enterprise_admin".into(),
         protected_principal: true,
+        ..fake_nsx_manager::User::new("", "", "")
     });
     let ncp = c.as_user("ncp", "pw");
     let tz = c.boot().transport_zone;
@@ -1668,4 +1669,70 @@ async fn wrong_methods_answer_405_and_unknown_actions_400() {
         .await
         .expect(405);
     c.delete(&format!("transport-zones/{tz}")).await.expect(400);
+}
+
+#[tokio::test]
+async fn principal_identities_are_created_with_a_certificate_listed_read_and_deleted() {
+    let c = Client::new();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap()
+        .pem();
+    let path = "trust-management/principal-identities/with-certificate";
+    let body = json!({"name": "ncp-k8s-a", "node_id": "k8s-a", "role": "enterprise_admin",
+                      "is_protected": true, "certificate_pem": pem});
+    // Only an enterprise admin may create one.
+    c.as_user("audit", "audit")
+        .post(path, body.clone())
+        .await
+        .expect(403);
+    // Refused bodies change nothing: a missing field, an unknown role, a bad PEM.
+    let mut missing = body.clone();
+    missing.as_object_mut().unwrap().remove("node_id");
+    assert_eq!(c.post(path, missing).await.expect(400).code(), Some(255));
+    let mut role = body.clone();
+    role["role"] = json!("root");
+    c.post(path, role).await.expect(400);
+    let mut bad = body.clone();
+    bad["certificate_pem"] =
+        json!("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----");
+    c.post(path, bad).await.expect(400);
+    let list = c
+        .get("trust-management/principal-identities")
+        .await
+        .expect(200);
+    assert_eq!(list.body["result_count"], 0, "{}", list.body);
+
+    let pi = c.post(path, body.clone()).await.expect(201).body;
+    assert_eq!(pi["resource_type"], "PrincipalIdentity");
+    assert_eq!(
+        (pi["name"].as_str(), pi["is_protected"].as_bool()),
+        (Some("ncp-k8s-a"), Some(true))
+    );
+    let id = pi["id"].as_str().unwrap().to_string();
+    // The same name or certificate twice is refused.
+    c.post(path, body).await.expect(400);
+    let list = c
+        .get("trust-management/principal-identities")
+        .await
+        .expect(200);
+    assert_eq!(list.body["result_count"], 1);
+    let got = c
+        .get(&format!("trust-management/principal-identities/{id}"))
+        .await
+        .expect(200);
+    assert_eq!(got.body, pi);
+    // It has no password: basic authentication as it fails.
+    c.as_user("ncp-k8s-a", "")
+        .get("logical-switches")
+        .await
+        .expect(403);
+    c.delete(&format!("trust-management/principal-identities/{id}"))
+        .await
+        .expect(200);
+    c.get(&format!("trust-management/principal-identities/{id}"))
+        .await
+        .expect(404);
 }

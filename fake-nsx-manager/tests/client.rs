@@ -251,3 +251,45 @@ async fn the_client_side_rate_limit_keeps_a_busy_client_clear_of_429() {
     assert_eq!(s.by_status.get(&429), None, "{s:?}");
     assert_eq!(s.retries, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_that_stops_answering_is_failed_over_to_the_next_of_the_cluster() {
+    // Two managers of one cluster (one database); the first goes away.
+    let nsx = FakeNsxManager::new(ManagerConfig::default());
+    let dead = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        format!("http://{addr}")
+    };
+    let alive = serve(&nsx).await;
+    let mut cfg = ClientConfig::new(&dead, basic());
+    cfg.standby_urls = vec![alive.clone()];
+    cfg.backoff_base_ms = 2;
+    cfg.backoff_max_ms = 20;
+    cfg.rate_limit_per_second = 0;
+    let c = NsxClient::new(HttpConnector::new(), cfg);
+    // A read is repeated on the next manager.
+    let switches: Vec<Value> = c.list_all("logical-switches").await.unwrap();
+    assert_eq!(
+        switches.len(),
+        nsx.with_store(|s| s
+            .objects()
+            .filter(|(_, o)| o.doc["resource_type"] == "LogicalSwitch")
+            .count())
+    );
+    assert_eq!(c.manager_url(), alive);
+    assert_eq!(c.stats().failovers, 1);
+    // Later requests, writes too, go straight to it.
+    let tz = nsx.bootstrap().unwrap().transport_zone;
+    let created: Value = c
+        .create(
+            "logical-switches",
+            &json!({"transport_zone_id": tz, "admin_state": "UP", "display_name": "x"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created["display_name"], "x");
+    assert_eq!(c.stats().failovers, 1);
+    assert_eq!(c.stats().transport_errors, 1);
+}

@@ -25,19 +25,44 @@ pub fn tool(name: &str) -> PathBuf {
 /// A private Open vSwitch, stopped on drop.
 pub struct Sandbox {
     dir: PathBuf,
+    /// Userspace (netdev) datapath on real devices instead of the dummy one.
+    netdev: bool,
 }
 
 impl Sandbox {
     /// Starts a bridge `br0` (secure fail mode) with dummy ports `p1` (1) and `p2` (2).
     pub fn start(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("nsx-ovs-{name}-{}", std::process::id()));
+        let s = Self::daemons(&format!("nsx-ovs-{name}"), false);
+        #[rustfmt::skip]
+        s.vsctl(&[
+            "add-br", "br0", "--", "set", "bridge", "br0", "datapath_type=dummy",
+            "fail-mode=secure",
+            "--", "add-port", "br0", "p1", "--", "set", "interface", "p1", "type=dummy",
+            "ofport_request=1",
+            "--", "add-port", "br0", "p2", "--", "set", "interface", "p2", "type=dummy",
+            "ofport_request=2",
+        ]);
+        s
+    }
+
+    /// A private Open vSwitch whose bridges use the userspace (netdev) datapath on real
+    /// devices (veths, patch ports): traffic between network namespaces really flows, with
+    /// no kernel module. No bridge is created.
+    pub fn start_netdev(name: &str) -> Self {
+        Self::daemons(&format!("nsx-ovsn-{name}"), true)
+    }
+
+    /// ovsdb-server with a fresh database and ovs-vswitchd, in a directory of their own.
+    fn daemons(prefix: &str, netdev: bool) -> Self {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let s = Self { dir };
-        let schema = ["/usr/share/openvswitch/vswitch.ovsschema"]
-            .into_iter()
-            .find(|p| Path::new(p).is_file())
-            .expect("vswitch.ovsschema not found: openvswitch-common is not installed");
+        let s = Self { dir, netdev };
+        let schema = "/usr/share/openvswitch/vswitch.ovsschema";
+        assert!(
+            Path::new(schema).is_file(),
+            "vswitch.ovsschema not found: openvswitch-common is not installed"
+        );
         s.run(&tool("ovsdb-tool"), &["create", &s.path("conf.db"), schema]);
         s.run(
             &tool("ovsdb-server"),
@@ -52,52 +77,19 @@ impl Sandbox {
         );
         s.vsctl(&["--no-wait", "init"]);
         s.start_vswitchd();
-        s.vsctl(&[
-            "add-br",
-            "br0",
-            "--",
-            "set",
-            "bridge",
-            "br0",
-            "datapath_type=dummy",
-            "fail-mode=secure",
-            "--",
-            "add-port",
-            "br0",
-            "p1",
-            "--",
-            "set",
-            "interface",
-            "p1",
-            "type=dummy",
-            "ofport_request=1",
-            "--",
-            "add-port",
-            "br0",
-            "p2",
-            "--",
-            "set",
-            "interface",
-            "p2",
-            "type=dummy",
-            "ofport_request=2",
-        ]);
         s
     }
 
     fn start_vswitchd(&self) {
-        self.run(
-            &tool("ovs-vswitchd"),
-            &[
-                "--detach",
-                "--no-chdir",
-                &format!("--pidfile={}", self.path("ovs-vswitchd.pid")),
-                "--enable-dummy=override",
-                "--disable-system",
-                &format!("--log-file={}", self.path("ovs-vswitchd.log")),
-                &format!("unix:{}", self.path("db.sock")),
-            ],
-        );
+        let pidfile = format!("--pidfile={}", self.path("ovs-vswitchd.pid"));
+        let log = format!("--log-file={}", self.path("ovs-vswitchd.log"));
+        let db = format!("unix:{}", self.path("db.sock"));
+        let mut args = vec!["--detach", "--no-chdir", pidfile.as_str()];
+        if !self.netdev {
+            args.extend(["--enable-dummy=override", "--disable-system"]);
+        }
+        args.extend([log.as_str(), db.as_str()]);
+        self.run(&tool("ovs-vswitchd"), &args);
     }
 
     /// Stops ovs-vswitchd and starts it again: flows and groups are gone, ports (OVSDB) stay.
@@ -105,10 +97,20 @@ impl Sandbox {
         let pid = std::fs::read_to_string(self.dir.join("ovs-vswitchd.pid")).unwrap();
         let target = self.path(&format!("ovs-vswitchd.{}.ctl", pid.trim()));
         self.run(&tool("ovs-appctl"), &["-t", &target, "exit"]);
+        // `exit` answers before the daemon is gone (the netdev datapath takes a while).
+        let proc_dir = Path::new("/proc").join(pid.trim());
+        for _ in 0..200 {
+            if !proc_dir.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
         self.start_vswitchd();
-        // Back when the bridge answers OpenFlow again.
+        // Back when the (first) bridge answers OpenFlow again.
+        let bridges = self.vsctl(&["list-br"]);
+        let bridge = bridges.lines().next().unwrap_or("br0").trim().to_string();
         for _ in 0..100 {
-            if self.ofctl(&["show", "br0"]).status.success() {
+            if self.ofctl(&["show", &bridge]).status.success() {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use nsx_adapters::metrics::{self, Metrics};
 use nsx_adapters::nsx_tls::{self, Trust};
-use nsx_core::ncp::config::NcpConfig;
+use nsx_core::ncp::config::{CredentialOverrides, NcpConfig};
 use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
 use nsx_core::ncp::leader::LeaderConfig;
 use nsx_core::nsx::client::{Auth, ClientConfig, NsxClient};
@@ -47,19 +47,13 @@ struct Args {
     /// Log lines as JSON objects.
     #[arg(long)]
     log_json: bool,
-}
-
-fn init_logs(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
+    /// NSX user, overriding `[nsx_v3] nsx_api_user` (for a Kubernetes Secret in the
+    /// environment rather than a password in the ConfigMap).
+    #[arg(long, env = "NSX_API_USER", hide_env_values = true)]
+    nsx_api_user: Option<String>,
+    /// NSX password, overriding `[nsx_v3] nsx_api_password`.
+    #[arg(long, env = "NSX_API_PASSWORD", hide_env_values = true)]
+    nsx_api_password: Option<String>,
 }
 
 async fn kube_client(
@@ -84,16 +78,8 @@ async fn kube_client(
         }
         kc.auth_info.token_file = config.client_token_file.clone();
         kc
-    } else if let Some(path) = kubeconfig {
-        let file = kube::config::Kubeconfig::read_from(path)
-            .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-        kube::Config::from_custom_kubeconfig(file, &Default::default())
-            .await
-            .with_context(|| format!("kubeconfig {}", path.display()))?
     } else {
-        kube::Config::infer().await.context(
-            "no [k8s] apiserver_host_ip, no --kubeconfig and no in-cluster service account",
-        )?
+        nsx_adapters::kube_client::config(kubeconfig.map(PathBuf::as_path)).await?
     };
     kube::Client::try_from(kc).context("building the Kubernetes client")
 }
@@ -133,20 +119,43 @@ async fn pick_manager(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logs(args.log_json);
+    nsx_adapters::logs::init(args.log_json);
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let parsed = NcpConfig::parse(&text).with_context(|| format!("{}", args.config.display()))?;
+    let overrides = CredentialOverrides {
+        user: args.nsx_api_user.clone(),
+        password: args.nsx_api_password.clone(),
+    };
+    let parsed = NcpConfig::parse_with(&text, &overrides)
+        .with_context(|| format!("{}", args.config.display()))?;
     for w in &parsed.warnings {
         tracing::warn!("{}: {w}", args.config.display());
     }
     let config = parsed.config;
-    let (Some(user), Some(password)) = (&config.nsx_api_user, &config.nsx_api_password) else {
-        bail!(
-            "{}: [nsx_v3] nsx_api_user and nsx_api_password are required (client certificates \
-             are not supported yet)",
+    // A principal identity's certificate wins over a user and password, as in NCP.
+    let (identity, auth) = match (
+        &config.nsx_api_cert_file,
+        &config.nsx_api_user,
+        &config.nsx_api_password,
+    ) {
+        (Some(cert), _, _) => {
+            let key = config.nsx_api_private_key_file.as_deref().unwrap_or(cert);
+            let id = nsx_tls::ClientIdentity::from_files(cert.as_ref(), key.as_ref())?;
+            tracing::info!(cert = %cert, "authenticating to NSX as a principal identity");
+            (Some(id), Auth::ClientCertificate)
+        }
+        (None, Some(user), Some(password)) => (
+            None,
+            Auth::Session {
+                user: user.clone(),
+                password: password.clone(),
+            },
+        ),
+        _ => bail!(
+            "{}: set [nsx_v3] nsx_api_cert_file (a principal identity), or nsx_api_user and \
+             nsx_api_password (or NSX_API_USER / NSX_API_PASSWORD)",
             args.config.display()
-        );
+        ),
     };
     let trust = Trust::from_options(
         config.ca_file.as_deref(),
@@ -156,16 +165,19 @@ async fn main() -> anyhow::Result<()> {
     if trust == Trust::Insecure {
         tracing::warn!("insecure = True: NSX Manager's certificate is not verified");
     }
-    let connector = nsx_tls::connector(&trust)?;
+    let connector = nsx_tls::connector(&trust, identity.as_ref())?;
     let base = pick_manager(&config.nsx_api_managers, &connector).await?;
     tracing::info!(manager = %base, "using NSX Manager");
-    let mut cc = ClientConfig::new(
-        base,
-        Auth::Session {
-            user: user.clone(),
-            password: password.clone(),
-        },
-    );
+    // The others stand by: the client moves to the next when the one in use stops answering.
+    let all: Vec<String> = config
+        .nsx_api_managers
+        .iter()
+        .map(|m| nsx_tls::manager_url(m))
+        .collect();
+    let at = all.iter().position(|m| *m == base).unwrap_or(0);
+    let standby_urls: Vec<String> = all[at + 1..].iter().chain(&all[..at]).cloned().collect();
+    let mut cc = ClientConfig::new(base, auth);
+    cc.standby_urls = standby_urls;
     cc.seed = std::process::id().into();
     let nsx = Arc::new(NsxClient::new(connector, cc));
     let kube = kube_client(&config, args.kubeconfig.as_ref()).await?;

@@ -1,5 +1,6 @@
 //! The CNI plugin kubelet's runtime executes: reads `CNI_*` from the environment and the
-//! network configuration from stdin, asks the node agent over its Unix socket, prints the
+//! network configuration from stdin, creates the pod's veth pair and configures the pod's end
+//! (address, MAC, route) around the node agent's answer over its Unix socket, prints the
 //! result or the error JSON on stdout and exits 0 or 1, as the CNI spec says.
 
 use std::collections::BTreeMap;
@@ -7,6 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use nsx_adapters::cni_netns::{NetnsAgent, POD_MTU};
 use nsx_core::cni::client::StreamAgent;
 use nsx_core::cni::{DEFAULT_AGENT_SOCKET, NetConf, Unreachable, run};
 
@@ -25,7 +27,11 @@ fn main() {
         Ok(stream) => {
             // ADD waits for NCP inside the agent: allow for that, but never hang kubelet.
             let _ = stream.set_read_timeout(Some(Duration::from_secs(120)));
-            run(&vars, &stdin, &mut StreamAgent::new(stream))
+            let mut agent = NetnsAgent {
+                inner: StreamAgent::new(stream),
+                mtu: POD_MTU,
+            };
+            run(&vars, &stdin, &mut agent)
         }
         Err(e) => run(&vars, &stdin, &mut Unreachable(format!("{socket}: {e}"))),
     };

@@ -134,6 +134,10 @@ pub struct Agent {
 const COOKIE_KIND_POD: u64 = 4 << 40;
 const COOKIE_KIND_AGENT: u64 = 5 << 40;
 
+/// The cookie of the agent's own (pod-independent) flows: while one is on the bridge,
+/// ovs-vswitchd has not restarted since the agent last installed them.
+pub const AGENT_STATIC_COOKIE: u64 = COOKIE_KIND_AGENT;
+
 /// The cookie of a pod's flows: from its container id (not its port number, which OVS
 /// may hand to another pod later).
 pub fn pod_cookie(container_id: &str) -> u64 {

@@ -157,9 +157,22 @@ const KNOWN: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// NSX credentials given outside the file (a Kubernetes Secret in the environment); they
+/// override `[nsx_v3] nsx_api_user` / `nsx_api_password`.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialOverrides {
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
 impl NcpConfig {
     /// Parses `ncp.ini` text.
     pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
+        Self::parse_with(text, &CredentialOverrides::default())
+    }
+
+    /// Parses `ncp.ini` text, with credentials from elsewhere taking the keys' place.
+    pub fn parse_with(text: &str, overrides: &CredentialOverrides) -> Result<Parsed, ConfigError> {
         let sections = parse_ini(text)?;
         let mut warnings = Vec::new();
         for (name, entries) in &sections {
@@ -267,7 +280,7 @@ impl NcpConfig {
                     invalid("k8s", "apiserver_host_port", e, "expected a port number")
                 })?),
             };
-        let config = NcpConfig {
+        let mut config = NcpConfig {
             cluster,
             nsx_api_managers: managers,
             nsx_api_user: text_of("nsx_v3", "nsx_api_user"),
@@ -291,6 +304,12 @@ impl NcpConfig {
             ha_heartbeat_period_s: number("ha", "heartbeat_period", 6, 3600)?,
             ha_update_timeout_s: number("ha", "update_timeout", 12, 3600)?,
         };
+        if let Some(u) = &overrides.user {
+            config.nsx_api_user = Some(u.clone());
+        }
+        if let Some(p) = &overrides.password {
+            config.nsx_api_password = Some(p.clone());
+        }
         if config.nsx_api_user.is_some() != config.nsx_api_password.is_some() {
             return Err(ConfigError::Missing {
                 section: "nsx_v3",

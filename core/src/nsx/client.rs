@@ -45,13 +45,21 @@ pub enum Auth {
     /// A session from `/api/session/create`; basic credentials are sent along, as nsxlib does,
     /// so a manager that refuses sessions still authenticates the request.
     Session { user: String, password: String },
+    /// A principal identity: the client certificate the connector presents in the TLS
+    /// handshake is the credential; no header is sent.
+    ClientCertificate,
 }
 
 impl Auth {
-    fn basic_header(&self) -> HeaderValue {
-        let (Auth::Basic { user, password } | Auth::Session { user, password }) = self;
+    fn basic_header(&self) -> Option<HeaderValue> {
+        let (Auth::Basic { user, password } | Auth::Session { user, password }) = self else {
+            return None;
+        };
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        HeaderValue::from_str(&format!("Basic {token}")).expect("base64 is a valid header value")
+        Some(
+            HeaderValue::from_str(&format!("Basic {token}"))
+                .expect("base64 is a valid header value"),
+        )
     }
 }
 
@@ -60,6 +68,9 @@ impl Auth {
 pub struct ClientConfig {
     /// `http://host:port` or `https://host:port`, without a path.
     pub base_url: String,
+    /// The cluster's other managers (`nsx_api_managers` after the first): a request that
+    /// gets no answer from the current manager moves the client to the next one.
+    pub standby_urls: Vec<String>,
     pub auth: Auth,
     /// Total tries for a retryable failure (nsxlib: 10).
     pub max_attempts: u32,
@@ -83,6 +94,7 @@ impl ClientConfig {
     pub fn new(base_url: impl Into<String>, auth: Auth) -> Self {
         Self {
             base_url: base_url.into(),
+            standby_urls: Vec::new(),
             auth,
             max_attempts: 10,
             backoff_base_ms: 500,
@@ -173,6 +185,8 @@ pub struct ClientStats {
     pub by_status: BTreeMap<u16, u64>,
     pub transport_errors: u64,
     pub sessions_created: u64,
+    /// Moves to another manager after one did not answer.
+    pub failovers: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +240,8 @@ pub struct NsxClient<C> {
     limiter: Mutex<Option<RateLimiter>>,
     in_flight: Arc<Semaphore>,
     stats: Mutex<ClientStats>,
+    /// Index into `[base_url] + standby_urls` of the manager in use.
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl<C> NsxClient<C>
@@ -248,6 +264,7 @@ where
             in_flight: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
             session: Mutex::new(None),
             stats: Mutex::new(ClientStats::default()),
+            current: std::sync::atomic::AtomicUsize::new(0),
             config,
         }
     }
@@ -375,7 +392,7 @@ where
     pub async fn login(&self) -> Result<(), NsxError> {
         let (user, password) = match &self.config.auth {
             Auth::Session { user, password } => (user.clone(), password.clone()),
-            Auth::Basic { .. } => return Ok(()),
+            Auth::Basic { .. } | Auth::ClientCertificate => return Ok(()),
         };
         let op = "create a session".to_string();
         let form = format!(
@@ -460,12 +477,47 @@ where
                 continue;
             }
             let transport = matches!(err, NsxError::Transport { .. } | NsxError::Timeout { .. });
+            if transport {
+                self.fail_over();
+            }
             let may_repeat = !transport || *method != Method::POST;
             if err.is_retryable() && may_repeat && attempt < self.config.max_attempts {
                 self.note_retry(op, attempt, &err).await;
                 continue;
             }
             return Err(err);
+        }
+    }
+
+    /// The manager requests go to now.
+    pub fn manager_url(&self) -> &str {
+        self.url_at(self.current.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The current manager did not answer: the next one of the cluster takes the requests
+    /// (and a new session, which belongs to one manager).
+    fn fail_over(&self) {
+        let count = 1 + self.config.standby_urls.len();
+        if count == 1 {
+            return;
+        }
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let next = (i + 1) % count;
+        self.current
+            .store(next, std::sync::atomic::Ordering::Relaxed);
+        *lock(&self.session) = None;
+        lock(&self.stats).failovers += 1;
+        tracing::warn!(from = %self.url_at(i), to = %self.url_at(next), "NSX Manager did not answer; failing over");
+    }
+
+    fn url_at(&self, i: usize) -> &str {
+        if i == 0 {
+            &self.config.base_url
+        } else {
+            self.config
+                .standby_urls
+                .get(i - 1)
+                .map_or(&self.config.base_url, String::as_str)
         }
     }
 
@@ -491,7 +543,7 @@ where
         } else {
             format!("/api/v1/{}", path.trim_start_matches('/'))
         };
-        format!("{}{}", self.config.base_url.trim_end_matches('/'), path)
+        format!("{}{}", self.manager_url().trim_end_matches('/'), path)
             .parse()
             .map_err(|e: http::uri::InvalidUri| NsxError::BadRequest {
                 op: op.to_string(),
@@ -509,8 +561,10 @@ where
         let mut b = Request::builder()
             .method(method.clone())
             .uri(self.uri(op, path)?)
-            .header(header::ACCEPT, "application/json")
-            .header(header::AUTHORIZATION, self.config.auth.basic_header());
+            .header(header::ACCEPT, "application/json");
+        if let Some(basic) = self.config.auth.basic_header() {
+            b = b.header(header::AUTHORIZATION, basic);
+        }
         if !body.is_empty() {
             b = b.header(header::CONTENT_TYPE, "application/json");
         }

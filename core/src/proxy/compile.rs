@@ -57,6 +57,24 @@ pub mod cookie {
     pub fn make(round: u16, kind: u64, id: u64) -> u64 {
         (u64::from(round) << ROUND_SHIFT) | kind | (id & ID_MASK)
     }
+
+    /// The round a previous proxy left on a bridge with flows of these cookies (the highest
+    /// among the proxy's own kinds; the agent's flows do not count).
+    pub fn previous_round(cookies: impl IntoIterator<Item = u64>) -> Option<u16> {
+        cookies
+            .into_iter()
+            .filter(|c| {
+                let kind = c & !ROUND_MASK & !ID_MASK;
+                kind == KIND_STATIC || kind == KIND_SERVICE || kind == KIND_ENDPOINT
+            })
+            .map(|c| ((c & ROUND_MASK) >> ROUND_SHIFT) as u16)
+            .max()
+    }
+
+    /// The round a proxy starts with after `previous` (never 0, which means "none").
+    pub fn next_round(previous: Option<u16>) -> u16 {
+        previous.map_or(1, |r| r.wrapping_add(1).max(1))
+    }
 }
 
 fn proto_match(m: &mut Match, protocol: u8) {
@@ -125,15 +143,28 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
             actions: vec![Action::GotoTable(table::SERVICE_LB)],
             ..Flow::default()
         },
-        // Not a service: on to forwarding.
+        // Not a service: committed in the pod's zone (so that its replies are established,
+        // not invalid: conntrack takes a SYN-ACK without a committed SYN as +inv, in the kernel
+        // and in the userspace datapath alike), then on to forwarding.
         Flow {
             cookie: c,
             table: table::SERVICE_LB,
             priority: 0,
-            actions: vec![Action::Resubmit {
-                port: None,
-                table: Some(table::FORWARD),
-            }],
+            // ct needs an IP match (OFPBAC_MATCH_INCONSISTENT otherwise); only IP gets here.
+            matches: ip.clone(),
+            actions: vec![
+                Action::Ct {
+                    commit: true,
+                    table: None,
+                    zone: Some(CtZone::Field(ZONE_FIELD)),
+                    exec: vec![],
+                    nat: None,
+                },
+                Action::Resubmit {
+                    port: None,
+                    table: Some(table::FORWARD),
+                },
+            ],
             ..Flow::default()
         },
     ]

@@ -90,17 +90,7 @@ pub fn container_id(uid: &str) -> String {
 /// The round and group ids a previous proxy left on the bridge.
 fn previous_proxy(b: &Bridge) -> (Option<u16>, BTreeSet<u32>) {
     use nsx_core::proxy::compile::cookie;
-    let round = b
-        .flows()
-        .iter()
-        .filter(|(f, _)| {
-            let kind = f.cookie & !cookie::ROUND_MASK & !cookie::ID_MASK;
-            kind == cookie::KIND_STATIC
-                || kind == cookie::KIND_SERVICE
-                || kind == cookie::KIND_ENDPOINT
-        })
-        .map(|(f, _)| ((f.cookie & cookie::ROUND_MASK) >> cookie::ROUND_SHIFT) as u16)
-        .max();
+    let round = cookie::previous_round(b.flows().iter().map(|(f, _)| f.cookie));
     (round, b.groups().map(|g| g.group_id).collect())
 }
 
@@ -143,7 +133,7 @@ pub async fn host(node: Rc<NodeState>, trace: Trace) -> turmoil::Result {
         });
     }
     // nsx-kube-proxy.
-    let round = previous_round.map_or(1, |r| r.wrapping_add(1).max(1));
+    let round = nsx_core::proxy::compile::cookie::next_round(previous_round);
     *node.proxy_round.borrow_mut() = round;
     let signals = ProxySignals::default();
     {

@@ -886,7 +886,9 @@ fn manifests(ctx: &Ctx<'_>, text: &str, line0: u64) -> Result<Vec<Value>, Scenar
     Ok(out)
 }
 
-fn typed<T: DeserializeOwned + serde::Serialize>(v: &Value) -> Result<(), String> {
+/// Whether `v` is a valid `T` with no field `T` does not know (the API server's strict
+/// decoding): a typed round trip, then the first key it dropped.
+pub fn round_trip<T: DeserializeOwned + serde::Serialize>(v: &Value) -> Result<(), String> {
     let t: T = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
     let back = serde_json::to_value(&t).map_err(|e| e.to_string())?;
     match unknown_field(v, &back, "") {
@@ -958,12 +960,12 @@ pub fn manifest(v: Value) -> Result<Value, String> {
     }
     use k8s_openapi::api::core::v1 as core;
     let r = match kind {
-        "Namespace" => typed::<core::Namespace>(&v),
-        "Node" => typed::<core::Node>(&v),
-        "Pod" => typed::<core::Pod>(&v),
-        "Service" => typed::<core::Service>(&v),
-        "EndpointSlice" => typed::<k8s_openapi::api::discovery::v1::EndpointSlice>(&v),
-        _ => typed::<k8s_openapi::api::networking::v1::NetworkPolicy>(&v),
+        "Namespace" => round_trip::<core::Namespace>(&v),
+        "Node" => round_trip::<core::Node>(&v),
+        "Pod" => round_trip::<core::Pod>(&v),
+        "Service" => round_trip::<core::Service>(&v),
+        "EndpointSlice" => round_trip::<k8s_openapi::api::discovery::v1::EndpointSlice>(&v),
+        _ => round_trip::<k8s_openapi::api::networking::v1::NetworkPolicy>(&v),
     };
     r.map_err(|e| format!("{kind} {name}: {e}"))?;
     let mut v = v;

@@ -1,0 +1,471 @@
+//! A node for real. `nsx-node-agent agent` and `nsx-node-agent kube-proxy` run as processes
+//! against a private ovs-vswitchd (userspace datapath) and the fake kube-apiserver over HTTP;
+//! `nsx-cni` is driven as a container runtime drives it (environment, stdin, exit codes).
+//! Two pods get real network namespaces with their veth, NSX's MAC, address and route;
+//! traffic between them leaves through the uplink with each pod's VLAN (a second bridge plays
+//! NSX: it switches by VLAN, answers ARP for the gateway and routes), and ClusterIP services
+//! are load-balanced by nsx-kube-proxy's flows, the replies un-NATed. Then ovs-vswitchd
+//! restarts (both processes replay), the proxy restarts (a new round replaces the old), a
+//! Service added through the API is served, and CHECK, DEL (twice) and GC behave as the spec
+//! says. Needs root and Debian's openvswitch-switch: it fails, it does not skip, without them.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fake_ovs::real::Sandbox;
+use nsx_adapters::ovs::{OvsBridge, OvsTools, find_tool};
+use nsx_core::agent::PodSwitch;
+use nsx_core::agent::wiring::port_name;
+use nsx_core::proxy::compile::cookie;
+use nsx_sim::apiserver::ApiServer;
+use serde_json::{Value, json};
+
+mod common;
+use common::{Namespaces, Running, free_port, http_get, in_netns, ok, sh, wait_for};
+
+const GW: &str = "10.4.0.1";
+const GW_MAC: &str = "02:00:0a:04:00:01";
+
+struct Pod {
+    name: &'static str,
+    cid: &'static str,
+    ip: &'static str,
+    mac: &'static str,
+    vlan: u16,
+    netns: String,
+}
+
+/// The private switch: br-int (`bi…`) and a bridge standing in for NSX (`bn…`), joined by
+/// the uplink patch port (ofport 1 on both).
+struct Switch {
+    sb: Sandbox,
+    tools: OvsTools,
+    brint: String,
+    brnsx: String,
+    uplink: String,
+}
+
+impl Switch {
+    fn start() -> Self {
+        let pid = std::process::id() % 100_000;
+        let sb = Sandbox::start_netdev("node");
+        let dir = sb.dir().to_string_lossy().into_owned();
+        let tools = OvsTools {
+            vsctl: find_tool("ovs-vsctl").expect("ovs-vsctl"),
+            ofctl: find_tool("ovs-ofctl").expect("ovs-ofctl"),
+            appctl: find_tool("ovs-appctl").expect("ovs-appctl"),
+            db: Some(format!("unix:{}", sb.path("db.sock"))),
+            env: vec![("OVS_RUNDIR".into(), dir)],
+        };
+        let (brint, brnsx) = (format!("bi{pid}"), format!("bn{pid}"));
+        let (up, nsxp) = (format!("up{pid}"), format!("np{pid}"));
+        #[rustfmt::skip]
+        tools.vsctl(&[
+            "add-br", &brint, "--", "set", "bridge", &brint, "datapath_type=netdev",
+            "fail-mode=secure", "--", "add-br", &brnsx, "--", "set", "bridge", &brnsx,
+            "datapath_type=netdev", "fail-mode=secure", "--", "add-port", &brint, &up, "--",
+            "set", "interface", &up, "type=patch", &format!("options:peer={nsxp}"),
+            "ofport_request=1", "--", "add-port", &brnsx, &nsxp, "--", "set", "interface",
+            &nsxp, "type=patch", &format!("options:peer={up}"), "ofport_request=1",
+        ])
+        .unwrap();
+        Self {
+            sb,
+            tools,
+            brint,
+            brnsx,
+            uplink: up,
+        }
+    }
+
+    fn bridge(&self) -> OvsBridge {
+        OvsBridge::new(&self.brint, self.tools.clone())
+    }
+
+    /// NSX, as far as these pods need it: switch by VLAN, answer ARP for the gateway.
+    fn play_nsx(&self, pods: &[Pod]) {
+        let mut nsx = vec![];
+        for (p, q) in [(&pods[0], &pods[1]), (&pods[1], &pods[0])] {
+            nsx.push(format!(
+                "priority=100,arp,dl_vlan={},arp_tpa={} actions=mod_vlan_vid:{},IN_PORT",
+                p.vlan, q.ip, q.vlan
+            ));
+            nsx.push(format!(
+                "priority=100,ip,dl_vlan={},nw_dst={} actions=mod_dl_dst:{},mod_vlan_vid:{},IN_PORT",
+                p.vlan, q.ip, q.mac, q.vlan
+            ));
+            nsx.push(format!(
+                "priority=100,arp,arp_op=1,dl_vlan={},arp_tpa={GW} actions=move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],mod_dl_src:{GW_MAC},load:0x2->NXM_OF_ARP_OP[],move:NXM_NX_ARP_SHA[]->NXM_NX_ARP_THA[],move:NXM_OF_ARP_SPA[]->NXM_OF_ARP_TPA[],load:0x{}->NXM_NX_ARP_SHA[],load:0x0a040001->NXM_OF_ARP_SPA[],IN_PORT",
+                p.vlan,
+                GW_MAC.replace(':', "")
+            ));
+        }
+        let text: String = nsx.iter().map(|l| format!("{l}\n")).collect();
+        self.tools
+            .ofctl(&["add-flows", &self.brnsx, "-"], Some(&text))
+            .unwrap();
+    }
+
+    fn dump(&self) -> String {
+        self.tools
+            .ofctl(&["-O", "OpenFlow15", "dump-flows", &self.brint], None)
+            .unwrap_or_default()
+    }
+}
+
+/// The fake kube-apiserver on a loopback port, and a kubeconfig for it.
+struct Api {
+    api: ApiServer,
+    kubeconfig: PathBuf,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn api(dir: &Path) -> Api {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let api = ApiServer::new(1, || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    });
+    let addr = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let router = api.router();
+        tokio::spawn(async move { axum::serve(l, router).await });
+        addr
+    });
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
+             users:\n- name: node\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: node\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    Api {
+        api,
+        kubeconfig,
+        _rt: rt,
+    }
+}
+
+fn service(name: &str, ip: &str, port: u16, endpoint: &str) -> [Value; 2] {
+    [
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"namespace": "shop", "name": name},
+               "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+                        "selector": {"app": "b"},
+                        "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": 8080}]}}),
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"namespace": "shop", "name": format!("{name}-1"),
+                            "labels": {"kubernetes.io/service-name": name}},
+               "addressType": "IPv4",
+               "endpoints": [{"addresses": [endpoint], "conditions": {"ready": true}, "nodeName": "node-1"}],
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}),
+    ]
+}
+
+fn node_agent(sw: &Switch, kubeconfig: &Path, metrics: u16, role: &[&str]) -> Running {
+    let child = Command::new(env!("CARGO_BIN_EXE_nsx-node-agent"))
+        .args(role)
+        .args(["--node-name", "node-1", "--bridge", &sw.brint])
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--ovs-db", &format!("unix:{}", sw.sb.path("db.sock"))])
+        .arg("--ovs-rundir")
+        .arg(sw.sb.dir())
+        .args(["--ovs-check-ms", "200"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nsx-node-agent runs");
+    let running = Running(child);
+    wait_for(
+        &format!("{role:?} to be ready"),
+        Duration::from_secs(20),
+        || http_get(metrics, "/readyz").filter(|(c, _)| *c == 200),
+    );
+    running
+}
+
+/// The value of a sample in a metrics port's exposition.
+fn metric(port: u16, name: &str) -> Option<u64> {
+    let (_, text) = http_get(port, "/metrics")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn cni(command: &str, pod: &Pod, socket: &Path, extra: Value) -> (i32, Value) {
+    let mut conf = json!({
+        "cniVersion": "1.1.0", "name": "nsx", "type": "nsx-cni", "agentSocket": socket
+    });
+    if let (Some(c), Some(e)) = (conf.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nsx-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", pod.cid)
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod.netns))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={}", pod.name),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{command}: {e}: {text}"))
+    };
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// An HTTP server in `pod`'s namespace answering its name (a plain socket server:
+/// http.server's reverse lookup of its address would stall for the resolver's timeout).
+fn serve_http(pod: &Pod) -> Running {
+    let py = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{}', 8080)); s.listen(16); print('listening', flush=True)\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); c.recv(4096)\n\
+         \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\npod-{}\\n'); c.close()\n",
+        pod.ip, pod.name
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "python3", "-c", &py])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "listening", "the test server did not start");
+    Running(child)
+}
+
+/// GET `url` from `pod`'s namespace (retried for up to 5 s): "<status> <body>" or the error.
+fn get(pod: &Pod, url: &str) -> String {
+    let client = format!(
+        "import sys,time,urllib.request\n\
+         err = None\n\
+         for i in range(25):\n\
+         \x20   try:\n\
+         \x20       r = urllib.request.urlopen('{url}', timeout=2); print(r.status, r.read().decode().strip()); sys.exit(0)\n\
+         \x20   except Exception as e:\n\
+         \x20       err = e; time.sleep(0.2)\n\
+         print(err); sys.exit(1)\n"
+    );
+    let out = in_netns(&pod.netns, &["python3", "-c", &client]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
+    let pid = std::process::id();
+    let sw = Switch::start();
+    let k = api(sw.sb.dir());
+    let pods = [
+        Pod {
+            name: "a",
+            cid: "cid-a-0001",
+            ip: "10.4.0.10",
+            mac: "02:50:56:00:00:0a",
+            vlan: 11,
+            netns: format!("nsxa{pid}"),
+        },
+        Pod {
+            name: "b",
+            cid: "cid-b-0002",
+            ip: "10.4.0.11",
+            mac: "02:50:56:00:00:0b",
+            vlan: 12,
+            netns: format!("nsxb{pid}"),
+        },
+    ];
+    let _ns = Namespaces::create(pods.iter().map(|p| p.netns.clone()).collect());
+    // What NCP would have written: the pods with their ncp/network annotations; a Service.
+    k.api
+        .apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}))
+        .unwrap();
+    for p in &pods {
+        let net = json!({"ip": format!("{}/24", p.ip), "mac": p.mac, "gateway": GW,
+                         "vlan": p.vlan, "logical_port_id": format!("lp-{}", p.name)});
+        k.api
+            .apply(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"namespace": "shop", "name": p.name, "labels": {"app": p.name},
+                             "annotations": {"ncp/network": net.to_string()}},
+                "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}}))
+            .unwrap();
+    }
+    for o in service("web", "10.96.0.10", 80, pods[1].ip) {
+        k.api.apply(o).unwrap();
+    }
+
+    let socket = sw.sb.dir().join("cni.sock");
+    let (agent_port, proxy_port) = (free_port(), free_port());
+    let uplink_arg = ["agent", "--uplink", &sw.uplink, "--cni-socket"];
+    let mut role: Vec<&str> = uplink_arg.to_vec();
+    let socket_text = socket.to_string_lossy().into_owned();
+    role.push(&socket_text);
+    let mut agent = node_agent(&sw, &k.kubeconfig, agent_port, &role);
+    let mut proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &["kube-proxy"]);
+
+    // ADD: the result JSON as the spec says, the pod's namespace configured.
+    let mut results = Vec::new();
+    for p in &pods {
+        let (code, out) = cni("ADD", p, &socket, json!({}));
+        assert_eq!(code, 0, "ADD {}: {out}", p.name);
+        assert_eq!(out["cniVersion"], "1.1.0", "{out}");
+        assert_eq!(out["ips"][0]["address"], format!("{}/24", p.ip), "{out}");
+        results.push(out);
+        let link = ok("ip", &["-n", &p.netns, "-o", "link", "show", "eth0"]);
+        assert!(link.contains(p.mac), "{link}");
+        assert!(link.contains("mtu 1500") && link.contains("UP"), "{link}");
+        let addr = ok("ip", &["-n", &p.netns, "-o", "-4", "addr", "show", "eth0"]);
+        assert!(addr.contains(&format!("{}/24", p.ip)), "{addr}");
+        let route = ok("ip", &["-n", &p.netns, "route", "show", "default"]);
+        assert!(route.contains(&format!("via {GW} dev eth0")), "{route}");
+        let host = port_name(p.cid);
+        let ports = sw.bridge().list_ports();
+        let port = ports.iter().find(|x| x.name == host).expect("the OVS port");
+        assert!(port.ofport > 1, "{port:?}");
+        assert_eq!(
+            port.external_ids.get("attached-mac").map(String::as_str),
+            Some(p.mac)
+        );
+    }
+    wait_for(
+        "the agent to count its pods",
+        Duration::from_secs(5),
+        || (metric(agent_port, "nsx_node_pods_wired") == Some(2)).then_some(()),
+    );
+
+    // a reaches b directly (out of a's port with VLAN 11, through "NSX", into b with VLAN
+    // 12) and through the ClusterIP.
+    sw.play_nsx(&pods);
+    let _server = serve_http(&pods[1]);
+    for (what, url) in [
+        ("b directly", "http://10.4.0.11:8080/"),
+        ("the ClusterIP", "http://10.96.0.10/"),
+    ] {
+        let got = get(&pods[0], url);
+        assert_eq!(got, "200 pod-b", "GET {what} from a\n{}", sw.dump());
+    }
+    assert_eq!(metric(proxy_port, "nsx_kube_proxy_service_ports"), Some(1));
+
+    // ovs-vswitchd restarts: flows and groups are gone; both processes notice and replay
+    // (NSX's stand-in is replayed by the test).
+    sw.sb.restart_vswitchd();
+    for (who, port) in [("agent", agent_port), ("proxy", proxy_port)] {
+        wait_for(
+            &format!("the {who} to replay"),
+            Duration::from_secs(15),
+            || (metric(port, "nsx_node_ovs_replays_total") == Some(1)).then_some(()),
+        );
+    }
+    sw.play_nsx(&pods);
+    let got = get(&pods[0], "http://10.96.0.10/");
+    assert_eq!(got, "200 pod-b", "after the OVS restart\n{}", sw.dump());
+
+    // nsx-kube-proxy restarts: round 2 replaces round 1 in one bundle, traffic goes on.
+    let before = cookie::previous_round(sw.bridge().cookies().unwrap());
+    assert_eq!(before, Some(1));
+    drop(proxy);
+    proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &["kube-proxy"]);
+    let cookies = sw.bridge().cookies().unwrap();
+    let rounds: std::collections::BTreeSet<u64> = cookies
+        .iter()
+        .filter(|c| cookie::previous_round([**c]).is_some())
+        .map(|c| (c & cookie::ROUND_MASK) >> cookie::ROUND_SHIFT)
+        .collect();
+    assert_eq!(rounds, [2].into(), "only the new round's flows remain");
+    assert_eq!(get(&pods[0], "http://10.96.0.10/"), "200 pod-b");
+
+    // A Service added through the API is served without a restart.
+    for o in service("web2", "10.96.0.11", 9090, pods[1].ip) {
+        k.api.apply(o).unwrap();
+    }
+    wait_for("the proxy to install web2", Duration::from_secs(10), || {
+        (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(2)).then_some(())
+    });
+    assert_eq!(get(&pods[0], "http://10.96.0.11:9090/"), "200 pod-b");
+
+    // CHECK agrees; after someone changes the pod's MAC it does not.
+    let prev = json!({"prevResult": results[0]});
+    let (code, out) = cni("CHECK", &pods[0], &socket, prev.clone());
+    assert_eq!(code, 0, "CHECK: {out}");
+    ok(
+        "ip",
+        &[
+            "-n",
+            &pods[0].netns,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            "02:50:56:00:00:99",
+        ],
+    );
+    let (code, out) = cni("CHECK", &pods[0], &socket, prev);
+    assert_eq!((code, out["code"].as_u64()), (1, Some(101)), "{out}");
+
+    // DEL twice: both succeed; the veth and the OVS port are gone.
+    for _ in 0..2 {
+        let (code, out) = cni("DEL", &pods[0], &socket, json!({}));
+        assert_eq!(code, 0, "DEL: {out}");
+    }
+    assert!(
+        !sh("ip", &["link", "show", &port_name(pods[0].cid)])
+            .status
+            .success()
+    );
+    assert!(!sw.bridge().has_port(&port_name(pods[0].cid)));
+
+    // GC keeping nothing: b's port and veth go too.
+    let (code, out) = cni(
+        "GC",
+        &pods[1],
+        &socket,
+        json!({"cni.dev/valid-attachments": []}),
+    );
+    assert_eq!(code, 0, "GC: {out}");
+    assert!(
+        !sh("ip", &["link", "show", &port_name(pods[1].cid)])
+            .status
+            .success()
+    );
+    assert!(!sw.bridge().has_port(&port_name(pods[1].cid)));
+
+    // SIGTERM: the agent leaves, taking its socket with it.
+    ok("kill", &["-TERM", &agent.0.id().to_string()]);
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists());
+    drop(proxy);
+}
