@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
+use nsx_core::k8s::watch::WatchProgress;
 use nsx_core::ncp::controller::PassEvent;
 use nsx_core::ncp::leader::Leadership;
 use nsx_core::nsx::client::ClientStats;
@@ -22,21 +23,37 @@ pub struct Metrics {
     annotations: AtomicU64,
     objects_refused: AtomicU64,
     last_pass_ms: AtomicU64,
+    /// Converged passes by duration: counts per bucket of [`PASS_BUCKETS_MS`] (cumulative
+    /// when rendered), and the sum.
+    pass_buckets: [AtomicU64; PASS_BUCKETS_MS.len()],
+    pass_ms_sum: AtomicU64,
     leader: AtomicBool,
     /// Ready: a pass converged, or this replica is a standby (HA).
     ready: AtomicBool,
+    /// Watch events seen and taken in by passes: the work queue's depth. The controller
+    /// shares it through `LoopConfig::progress`.
+    pub watch: Arc<WatchProgress>,
 }
 
+/// Upper bounds (ms) of the pass duration histogram's buckets.
+pub const PASS_BUCKETS_MS: [u64; 9] = [10, 50, 100, 500, 1_000, 5_000, 10_000, 30_000, 60_000];
+
 impl Metrics {
-    /// Records one pass; `took_ms` is the time since the previous event.
-    pub fn record(&self, e: &PassEvent, took_ms: u64) {
+    /// Records one pass.
+    pub fn record(&self, e: &PassEvent) {
         match e {
             PassEvent::Converged {
                 writes,
                 annotations,
                 failed,
+                took_ms,
                 ..
             } => {
+                let took_ms = *took_ms;
+                if let Some(i) = PASS_BUCKETS_MS.iter().position(|b| took_ms <= *b) {
+                    self.pass_buckets[i].fetch_add(1, Ordering::Relaxed);
+                }
+                self.pass_ms_sum.fetch_add(took_ms, Ordering::Relaxed);
                 self.passes_converged.fetch_add(1, Ordering::Relaxed);
                 self.nsx_writes_planned
                     .fetch_add(*writes as u64, Ordering::Relaxed);
@@ -90,6 +107,18 @@ impl Metrics {
             &[(String::new(), load(&self.last_pass_ms))],
         );
         metric(
+            "ncp_queue_depth",
+            "gauge",
+            "Kubernetes watch events not yet taken in by a reconcile pass.",
+            &[(String::new(), self.watch.pending())],
+        );
+        metric(
+            "ncp_watch_events_total",
+            "counter",
+            "Kubernetes watch events received.",
+            &[(String::new(), self.watch.seen())],
+        );
+        metric(
             "ncp_planned_writes_total",
             "counter",
             "NSX writes the passes planned.",
@@ -138,6 +167,32 @@ impl Metrics {
             "counter",
             "NSX requests that got no HTTP answer.",
             &[(String::new(), nsx.transport_errors)],
+        );
+        let mut cumulative = 0;
+        let mut buckets: Vec<(String, u64)> = PASS_BUCKETS_MS
+            .iter()
+            .zip(&self.pass_buckets)
+            .map(|(le, n)| {
+                cumulative += load(n);
+                (
+                    format!("_bucket{{le=\"{}\"}}", *le as f64 / 1000.0),
+                    cumulative,
+                )
+            })
+            .collect();
+        buckets.push(("_bucket{le=\"+Inf\"}".into(), load(&self.passes_converged)));
+        buckets.push(("_count".into(), load(&self.passes_converged)));
+        family(
+            &mut out,
+            "ncp_reconcile_pass_duration_seconds",
+            "histogram",
+            "Duration of converged passes, from reading the cluster to the last write-back.",
+            &buckets,
+        );
+        let _ = writeln!(
+            out,
+            "ncp_reconcile_pass_duration_seconds_sum {}",
+            load(&self.pass_ms_sum) as f64 / 1000.0
         );
         out
     }
@@ -305,16 +360,14 @@ mod tests {
     fn passes_and_nsx_answers_show_in_the_exposition() {
         let m = Metrics::default();
         assert!(!m.is_ready());
-        m.record(
-            &PassEvent::Converged {
-                ops: 3,
-                writes: 3,
-                annotations: 2,
-                failed: 0,
-            },
-            40,
-        );
-        m.record(&PassEvent::Failed { error: "x".into() }, 1);
+        m.record(&PassEvent::Converged {
+            ops: 3,
+            writes: 3,
+            annotations: 2,
+            failed: 0,
+            took_ms: 40,
+        });
+        m.record(&PassEvent::Failed { error: "x".into() });
         assert!(m.is_ready());
         let mut s = ClientStats::default();
         s.by_status.insert(201, 3);
@@ -333,6 +386,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ncp_planned_writes_total 3"), "{text}");
+        // 40 ms falls in the 50 ms bucket and every one above it.
+        assert!(
+            text.contains("ncp_reconcile_pass_duration_seconds_bucket{le=\"0.01\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ncp_reconcile_pass_duration_seconds_bucket{le=\"0.05\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ncp_reconcile_pass_duration_seconds_sum 0.04"),
+            "{text}"
+        );
+        assert!(text.contains("ncp_queue_depth 0"), "{text}");
         assert!(
             text.contains("# TYPE ncp_nsx_requests_total counter"),
             "{text}"

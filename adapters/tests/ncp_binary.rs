@@ -250,6 +250,21 @@ fn ncp_realizes_a_namespace_and_a_pod_over_tls_with_a_pinned_thumbprint() {
         text.contains("ncp_nsx_requests_total{status=\"201\"}"),
         "{text}"
     );
+    // The watch events it took in, none left waiting once converged and idle.
+    let events: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ncp_watch_events_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(events >= 2, "{text}");
+    assert!(
+        text.contains("ncp_reconcile_pass_duration_seconds_bucket{le=\"+Inf\"}"),
+        "{text}"
+    );
+    wait_for("an empty queue", Duration::from_secs(20), || {
+        let (_, t) = http_get(metrics, "/metrics")?;
+        t.contains("ncp_queue_depth 0").then_some(())
+    });
 }
 
 fn run_to_exit(mut c: Command) -> Output {

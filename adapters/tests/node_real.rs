@@ -7,7 +7,8 @@
 //! are load-balanced by nsx-kube-proxy's flows, the replies un-NATed. Then ovs-vswitchd
 //! restarts (both processes replay), the proxy restarts (a new round replaces the old), a
 //! Service added through the API is served, and CHECK, DEL (twice) and GC behave as the spec
-//! says. Needs root and Debian's openvswitch-switch: it fails, it does not skip, without them.
+//! says. It runs in a network namespace of its own. Needs root and Debian's
+//! openvswitch-switch: it fails, it does not skip, without them.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -287,6 +288,12 @@ fn get(pod: &Pod, url: &str) -> String {
 
 #[test]
 fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
+    // The node gets a network namespace of its own (this thread, and so every thread and
+    // process it starts from here: OVS, the binaries, the fake apiserver's runtime): its
+    // bridges' taps and the pods' host-side veths never touch the machine's namespace.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("a network namespace of its own (the test needs root)");
+    ok("ip", &["link", "set", "lo", "up"]);
     let pid = std::process::id();
     let sw = Switch::start();
     let k = api(sw.sb.dir());

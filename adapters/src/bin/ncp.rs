@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -200,30 +200,22 @@ async fn main() -> anyhow::Result<()> {
 
     let timing = LoopConfig {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
+        progress: metrics.watch.clone(),
         ..LoopConfig::default()
     };
-    let mut last = Instant::now();
     let on_pass = move |e: &PassEvent| {
-        let took = last.elapsed().as_millis() as u64;
-        last = Instant::now();
         match e {
             PassEvent::Converged {
                 ops,
                 writes,
                 annotations,
                 failed,
-            } => tracing::info!(
-                ops,
-                writes,
-                annotations,
-                failed,
-                took_ms = took,
-                "pass converged"
-            ),
+                took_ms,
+            } => tracing::info!(ops, writes, annotations, failed, took_ms, "pass converged"),
             PassEvent::Failed { error } => tracing::warn!(%error, "pass failed; retrying"),
             PassEvent::Leadership(l) => tracing::info!(leadership = ?l, "leadership changed"),
         }
-        metrics.record(e, took);
+        metrics.record(e);
     };
     if args.ha {
         let identity = match args.identity {

@@ -55,6 +55,56 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    watch_counted(api, changed, None)
+}
+
+/// Counts watch events and how many of them a consumer has taken in: the difference is the
+/// depth of its work queue (changes seen but not yet reconciled), a metric operators watch.
+#[derive(Debug, Default)]
+pub struct WatchProgress {
+    seen: std::sync::atomic::AtomicU64,
+    taken: std::sync::atomic::AtomicU64,
+}
+
+impl WatchProgress {
+    fn record(&self) {
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Events received so far.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The consumer is about to read the stores: everything seen so far is taken in.
+    pub fn take(&self) {
+        self.taken
+            .store(self.seen(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Events seen since the consumer last took them in.
+    pub fn pending(&self) -> u64 {
+        self.seen()
+            .saturating_sub(self.taken.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// [`watch`], counting each event in `progress`.
+pub fn watch_counted<K>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    progress: Option<Arc<WatchProgress>>,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (reader, writer) = reflector::store();
     // Seeded jitter: kube-runtime's default backoff draws from the OS.
     let seed = crate::ncp::naming::stable_hash(std::any::type_name::<K>());
@@ -67,6 +117,8 @@ where
         while let Some(event) = stream.next().await {
             if let Err(e) = event {
                 tracing::debug!(error = %e, "watch error; the watcher recovers by itself");
+            } else if let Some(p) = &progress {
+                p.record();
             }
             changed.notify_one();
         }

@@ -45,6 +45,8 @@ pub struct LoopConfig {
     pub resync: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Watch events seen and taken in by passes (the queue depth metric).
+    pub progress: Arc<crate::k8s::watch::WatchProgress>,
 }
 
 impl Default for LoopConfig {
@@ -54,6 +56,7 @@ impl Default for LoopConfig {
             resync: Duration::from_secs(300),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            progress: Arc::default(),
         }
     }
 }
@@ -69,6 +72,8 @@ pub enum PassEvent {
         writes: usize,
         annotations: usize,
         failed: usize,
+        /// From reading the view to the last write-back (tokio time: simulated under turmoil).
+        took_ms: u64,
     },
     Failed {
         error: String,
@@ -161,10 +166,15 @@ impl Stores {
 }
 
 /// Starts the watches; every change notifies `changed`. The tasks run until the runtime ends.
-pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
+pub fn start_watches(
+    kube: kube::Client,
+    changed: Arc<Notify>,
+    progress: Arc<crate::k8s::watch::WatchProgress>,
+) -> Stores {
     fn spawn_kind<K>(
         api: Api<K>,
         changed: Arc<Notify>,
+        progress: &Arc<crate::k8s::watch::WatchProgress>,
         tasks: &mut Vec<tokio::task::JoinHandle<()>>,
     ) -> Store<K>
     where
@@ -177,7 +187,8 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
             + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
-        let (reader, handle) = crate::k8s::watch::watch(api, changed);
+        let (reader, handle) =
+            crate::k8s::watch::watch_counted(api, changed, Some(progress.clone()));
         tasks.push(handle);
         reader
     }
@@ -185,21 +196,39 @@ pub fn start_watches(kube: kube::Client, changed: Arc<Notify>) -> Stores {
     let namespaces = spawn_kind(
         Api::<Namespace>::all(kube.clone()),
         changed.clone(),
+        &progress,
         &mut tasks,
     );
-    let pods = spawn_kind(Api::<Pod>::all(kube.clone()), changed.clone(), &mut tasks);
-    let nodes = spawn_kind(Api::<Node>::all(kube.clone()), changed.clone(), &mut tasks);
+    let pods = spawn_kind(
+        Api::<Pod>::all(kube.clone()),
+        changed.clone(),
+        &progress,
+        &mut tasks,
+    );
+    let nodes = spawn_kind(
+        Api::<Node>::all(kube.clone()),
+        changed.clone(),
+        &progress,
+        &mut tasks,
+    );
     let services = spawn_kind(
         Api::<Service>::all(kube.clone()),
         changed.clone(),
+        &progress,
         &mut tasks,
     );
     let endpoint_slices = spawn_kind(
         Api::<EndpointSlice>::all(kube.clone()),
         changed.clone(),
+        &progress,
         &mut tasks,
     );
-    let network_policies = spawn_kind(Api::<NetworkPolicy>::all(kube), changed, &mut tasks);
+    let network_policies = spawn_kind(
+        Api::<NetworkPolicy>::all(kube),
+        changed,
+        &progress,
+        &mut tasks,
+    );
     Stores {
         namespaces,
         pods,
@@ -481,7 +510,7 @@ pub async fn run<C>(
     C: Connect + Clone + Send + Sync + 'static,
 {
     let changed = Arc::new(Notify::new());
-    let stores = start_watches(kube.clone(), changed.clone());
+    let stores = start_watches(kube.clone(), changed.clone(), timing.progress.clone());
     stores.ready().await;
     let mut backoff = timing.backoff_min;
     let infra: Infra = loop {
@@ -506,6 +535,9 @@ pub async fn run<C>(
     // then costs no pass at all.
     let mut clean: Option<u64> = None;
     loop {
+        // What the stores hold from here on is taken in (reconciled, or skipped as a change
+        // NCP does not read).
+        timing.progress.take();
         let fingerprint = stores.fingerprint();
         if cache.is_some() && clean == Some(fingerprint) && tokio::time::Instant::now() < next_full
         {
@@ -517,6 +549,7 @@ pub async fn run<C>(
             continue;
         }
         clean = None;
+        let started = tokio::time::Instant::now();
         let view = stores.view();
         let gate = WriteGate {
             write_budget: None,
@@ -580,6 +613,7 @@ pub async fn run<C>(
                         writes: outcome.report.writes,
                         annotations,
                         failed: outcome.report.failed.len(),
+                        took_ms: started.elapsed().as_millis() as u64,
                     }
                 }
                 Err(error) => PassEvent::Failed { error },
