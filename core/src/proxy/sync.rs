@@ -195,6 +195,13 @@ impl Proxy {
             base: &base,
             delta: DeltaMap::default(),
         };
+        // About one endpoint reference per changed key's endpoint: no rehashing midway.
+        refs.delta.reserve(
+            keys.iter()
+                .filter_map(|k| want.get(*k))
+                .map(|sp| sp.endpoints.len())
+                .sum(),
+        );
         let mut new_installed: Vec<(ServicePortKey, Option<Installed>)> = Vec::new();
         let mut released: Vec<ServicePortKey> = Vec::new();
         for &key in keys {
@@ -400,7 +407,36 @@ struct RefDelta<'a> {
     delta: DeltaMap,
 }
 
-type DeltaMap = HashMap<(u8, Endpoint), i64>;
+type DeltaMap = HashMap<(u8, Endpoint), i64, std::hash::BuildHasherDefault<EndpointHasher>>;
+
+/// A multiplicative hash for the 7-byte (protocol, endpoint) keys of [`DeltaMap`]: a full
+/// sync makes a lookup per endpoint, and SipHash's DoS resistance buys nothing for keys the
+/// proxy makes itself (the map is never iterated into output, so the hash cannot reach it).
+#[derive(Default)]
+struct EndpointHasher(u64);
+
+impl std::hash::Hasher for EndpointHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
 
 /// Applies a sync's reference changes. A small delta updates the map key by key; a delta
 /// the size of the map (a full sync) is sorted and merged into a new map in one pass.
