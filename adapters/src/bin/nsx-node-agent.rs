@@ -240,6 +240,9 @@ async fn run_agent(
             }
             let mut agent = service.agent.lock().await;
             let mut sw = service.switch.lock().await;
+            // The ports survived in OVSDB, but a restarted ovs-vswitchd may have numbered them
+            // anew: read them back before installing their flows.
+            agent.recover(&*sw);
             match agent.replay(&mut *sw) {
                 Ok(()) => {
                     metrics.ovs_replays.fetch_add(1, Ordering::Relaxed);
