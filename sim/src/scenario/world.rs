@@ -22,9 +22,10 @@ use crate::apiserver::ApiServer;
 use crate::trace::Trace;
 
 /// Simulated milliseconds per turmoil step. Every host is polled once per step, so this is
-/// the harness's main cost; 20 ms is still far below every timer that matters (the fastest
-/// is the node agent's 100 ms annotation poll) and above the 3 ms message latency bound.
-const TICK_MS: u64 = 20;
+/// the harness's main cost. 25 ms is below every timer that matters (the node agent's 200 ms
+/// annotation poll, NCP's 100 ms debounce; the proxy's 20 ms debounce ends at the next step)
+/// and above the 3 ms message latency bound.
+const TICK_MS: u64 = 25;
 
 pub use crate::ncp_host::{replica, sim_clock};
 
