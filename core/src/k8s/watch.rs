@@ -42,22 +42,6 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     }
 }
 
-/// Starts watching `api` into a store; every event notifies `changed`. The task runs until
-/// aborted or the runtime ends.
-pub fn watch<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, tokio::task::JoinHandle<()>)
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    watch_counted(api, changed, None)
-}
-
 /// Counts watch events and how many of them a consumer has taken in: the difference is the
 /// depth of its work queue (changes seen but not yet reconciled), a metric operators watch.
 #[derive(Debug, Default)]
@@ -89,8 +73,9 @@ impl WatchProgress {
     }
 }
 
-/// [`watch`], counting each event in `progress`.
-pub fn watch_counted<K>(
+/// Starts watching `api` into a store; every event notifies `changed` (and counts in
+/// `progress`, when given). The task runs until aborted or the runtime ends.
+pub fn watch<K>(
     api: Api<K>,
     changed: Arc<Notify>,
     progress: Option<Arc<WatchProgress>>,

@@ -187,8 +187,7 @@ pub fn start_watches(
             + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
-        let (reader, handle) =
-            crate::k8s::watch::watch_counted(api, changed, Some(progress.clone()));
+        let (reader, handle) = crate::k8s::watch::watch(api, changed, Some(progress.clone()));
         tasks.push(handle);
         reader
     }

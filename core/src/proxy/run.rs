@@ -80,10 +80,16 @@ pub async fn run<B: OpenFlowBridge>(
     timing: Timing,
     mut on_sync: impl FnMut(Synced<'_>),
 ) {
-    let (services, h1) =
-        crate::k8s::watch::watch(Api::<Service>::all(kube.clone()), signals.changed.clone());
-    let (slices, h2) =
-        crate::k8s::watch::watch(Api::<EndpointSlice>::all(kube), signals.changed.clone());
+    let (services, h1) = crate::k8s::watch::watch(
+        Api::<Service>::all(kube.clone()),
+        signals.changed.clone(),
+        None,
+    );
+    let (slices, h2) = crate::k8s::watch::watch(
+        Api::<EndpointSlice>::all(kube),
+        signals.changed.clone(),
+        None,
+    );
     let _abort = AbortOnDrop(vec![h1, h2]);
     let _ = services.wait_until_ready().await;
     let _ = slices.wait_until_ready().await;

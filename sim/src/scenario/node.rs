@@ -281,7 +281,8 @@ async fn exchange(host: &str, req: &WireRequest) -> Result<WireResponse, String>
 /// status (ready, with the address the plugin returned); DEL for pods that are gone.
 async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
     let changed = Arc::new(Notify::new());
-    let (pods, _h) = nsx_core::k8s::watch::watch(Api::<Pod>::all(kube.clone()), changed.clone());
+    let (pods, _h) =
+        nsx_core::k8s::watch::watch(Api::<Pod>::all(kube.clone()), changed.clone(), None);
     let _ = pods.wait_until_ready().await;
     loop {
         node.events.set(node.events.get() + 1);
