@@ -62,6 +62,28 @@ pub fn is_write(method: &str) -> bool {
     !matches!(method, "GET" | "HEAD")
 }
 
+/// Whether a request asks to change state: a write method, except a batch whose requests all
+/// read (a read-only batch changes nothing, whatever method carries it).
+pub fn changes_state(method: &str, path: &str, body: &[u8]) -> bool {
+    if !is_write(method) {
+        return false;
+    }
+    if method != "POST" || path.trim_end_matches('/') != "/api/v1/batch" {
+        return true;
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return true;
+    };
+    let Some(requests) = v.get("requests").and_then(Value::as_array) else {
+        return true;
+    };
+    !requests.iter().all(|r| {
+        r.get("method")
+            .and_then(Value::as_str)
+            .is_some_and(|m| !is_write(&m.to_ascii_uppercase()))
+    })
+}
+
 struct Params<'a>(&'a [(String, String)]);
 
 impl Params<'_> {

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::bootstrap::{self, Bootstrap, BootstrapConfig};
-use crate::dispatch::{self, ApiRequest, ApiResponse, is_write, parse_query};
+use crate::dispatch::{self, ApiRequest, ApiResponse, changes_state, parse_query};
 use crate::error;
 use crate::store::{Ctx, Store, StoreConfig};
 
@@ -605,7 +605,8 @@ impl Inner {
         write_atomically(path, &text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    fn log(&mut self, user: &str, method: &str, path: &str, status: u16) {
+    /// `write`: whether the request asked to change state ([`dispatch::changes_state`]).
+    fn log(&mut self, user: &str, method: &str, path: &str, status: u16, write: bool) {
         self.log_seq += 1;
         let entry = RequestLogEntry {
             seq: self.log_seq,
@@ -621,7 +622,7 @@ impl Inner {
         self.log.push_back(entry);
         self.counters.total += 1;
         // A write changes the API's objects; logging in and out does not.
-        if is_write(method) && path.starts_with("/api/v1/") {
+        if write && path.starts_with("/api/v1/") {
             self.counters.writes += 1;
         }
         *self.counters.by_status.entry(status).or_default() += 1;
@@ -842,7 +843,7 @@ impl FakeNsxManager {
             Some(u) if !u.password.is_empty() && u.password == password => 200,
             _ => 403,
         };
-        g.log(&user, "POST", "/api/session/create", status);
+        g.log(&user, "POST", "/api/session/create", status, false);
         if status != 200 {
             drop(g);
             return error_response(403, &bad_credentials());
@@ -1094,15 +1095,17 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
         }
         return json_response(200, None, HeaderMap::new());
     }
+    let write = changes_state(&method, &path, &bytes);
     let principal = match nsx.authenticate(&parts.headers, parts.extensions.get()) {
         Ok(p) => p,
         Err(body) => {
-            nsx.lock().log("", &method, &full_path, 403);
+            nsx.lock().log("", &method, &full_path, 403, write);
             return error_response(403, &body);
         }
     };
-    if principal.role == "auditor" && is_write(&method) {
-        nsx.lock().log(&principal.user, &method, &full_path, 403);
+    if principal.role == "auditor" && write {
+        nsx.lock()
+            .log(&principal.user, &method, &full_path, 403, write);
         let b = ErrorBody::new(
             403,
             error::PERMISSION_DENIED,
@@ -1116,10 +1119,11 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
     }
     if path.starts_with("/api/v1/trust-management/principal-identities") {
         let (status, body) = nsx.principal_identities(&principal, &method, &path, &bytes);
-        nsx.lock().log(&principal.user, &method, &full_path, status);
+        nsx.lock()
+            .log(&principal.user, &method, &full_path, status, write);
         return json_response(status, Some(body), HeaderMap::new());
     }
-    let admitted = admit(&nsx, &principal, &method, &path, &full_path);
+    let admitted = admit(&nsx, &principal, &method, &path, &full_path, write);
     let _guard = match admitted {
         Ok(g) => g,
         Err(resp) => return resp,
@@ -1159,13 +1163,11 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
             },
         );
         g.store.flush_index(now);
-        if is_write(&method)
-            && let Some(left) = g.freeze.get_mut(&principal.user)
-        {
+        if write && let Some(left) = g.freeze.get_mut(&principal.user) {
             *left = left.saturating_sub(1);
         }
         let mut r = r;
-        if is_write(&method)
+        if write
             && r.status < 400
             && let Err(e) = g.save()
         {
@@ -1181,7 +1183,7 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
                 .ok(),
             };
         }
-        g.log(&principal.user, &method, &full_path, r.status);
+        g.log(&principal.user, &method, &full_path, r.status, write);
         r
     };
     json_response(resp.status, resp.body, HeaderMap::new())
@@ -1194,10 +1196,11 @@ fn admit(
     method: &str,
     path: &str,
     full_path: &str,
+    write: bool,
 ) -> Result<InFlight, Response> {
     let mut g = nsx.lock();
     if !g.take_token(&p.user) {
-        g.log(&p.user, method, full_path, 429);
+        g.log(&p.user, method, full_path, 429, write);
         let rate = g.store.config.api_service.client_api_rate_limit;
         // The real 429 body carries error_code as a string.
         let body = json!({
@@ -1215,7 +1218,7 @@ fn admit(
     let over_global = limits.global_api_concurrency_limit > 0
         && g.global_in_flight >= limits.global_api_concurrency_limit;
     if over_client || over_global {
-        g.log(&p.user, method, full_path, 503);
+        g.log(&p.user, method, full_path, 503, write);
         let which = if over_client {
             format!("client '{}'", p.user)
         } else {
@@ -1230,7 +1233,7 @@ fn admit(
         return Err(error_response(503, &b));
     }
     if let Some(f) = g.matching_fault(method, path) {
-        g.log(&p.user, method, full_path, f.status);
+        g.log(&p.user, method, full_path, f.status, write);
         let b = ErrorBody::new(
             f.status,
             f.error_code.unwrap_or(i64::from(f.status)),

@@ -293,3 +293,48 @@ async fn a_manager_that_stops_answering_is_failed_over_to_the_next_of_the_cluste
     assert_eq!(c.stats().failovers, 1);
     assert_eq!(c.stats().transport_errors, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reads_through_one_batch_that_is_not_a_write() {
+    let nsx = FakeNsxManager::new(ManagerConfig::default());
+    let url = serve(&nsx).await;
+    let c = client(&url, basic());
+    let tz = nsx.bootstrap().unwrap().transport_zone;
+    let before = nsx.counters();
+    let answers = c
+        .get_many(&[
+            format!("transport-zones/{tz}"),
+            "/api/v1/logical-switches".to_string(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers[0]["id"], tz.as_str());
+    assert!(answers[1]["results"].is_array(), "{}", answers[1]);
+    let after = nsx.counters();
+    assert_eq!(after.total - before.total, 1, "one request for two reads");
+    assert_eq!(
+        after.writes, before.writes,
+        "a read-only batch is not a write"
+    );
+    // A batch that carries a write is one.
+    let _: Value = c
+        .create(
+            "batch",
+            &json!({"requests": [{"method": "POST", "uri": "/v1/logical-switches",
+                "body": {"transport_zone_id": tz, "admin_state": "UP"}}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(nsx.counters().writes, after.writes + 1);
+    // The failed read is the error, with its own status and NSX error code.
+    let err = c
+        .get_many(&[
+            "logical-switches".to_string(),
+            "logical-switches/no-such-switch".to_string(),
+        ])
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    assert_eq!(err.error_code(), Some(202));
+    assert!(err.to_string().contains("no-such-switch"), "{err}");
+}

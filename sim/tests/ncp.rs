@@ -159,12 +159,51 @@ async fn a_converged_cluster_restarts_with_zero_writes() {
     assert_eq!(again.report.writes, 0);
     let after = w.nsx.counters();
     assert_eq!(after.writes, before.writes, "a restart must not write");
-    // One list per collection (13, each empty one included) and two allocation reads.
-    assert!(
-        again.observe_calls <= 15,
+    // One search for everything tagged with the cluster, one batch for both pools' allocations.
+    assert_eq!(
+        again.observe_calls, 2,
         "observation took {} calls",
         again.observe_calls
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_never_writes_on_what_a_lagging_search_index_shows() {
+    let w = World::new(&["k8s-a"]).await;
+    // Nothing NCP writes from now on shows in search during this test.
+    w.nsx.set_search_lag_ms(3_600_000);
+    let v = view(3, 4);
+    let total = w.reconcile("k8s-a", &v, None).await.unwrap().report.writes;
+    let objects = w.nsx.with_store(|s| s.len());
+    for budget in [1, total / 3, total / 2, total - 1] {
+        let fresh = World::new(&["k8s-a"]).await;
+        fresh.nsx.set_search_lag_ms(3_600_000);
+        // Crash after `budget` writes; then a new NCP finds none of them in search.
+        let crashed = fresh.reconcile("k8s-a", &v, Some(budget)).await;
+        assert!(crashed.is_err(), "budget {budget} of {total}");
+        let restart = fresh.reconcile("k8s-a", &v, None).await.unwrap();
+        // The search showed work; the lists showed what had been done.
+        assert!(restart.observe_calls > 2, "{}", restart.observe_calls);
+        assert!(restart.plan.unrealizable.is_empty());
+        assert_eq!(
+            fresh.nsx.with_store(|s| s.len()),
+            objects,
+            "budget {budget}: nothing created twice, nothing left out"
+        );
+        let o = fresh.observe("k8s-a").await;
+        assert!(o.objects.values().all(|d| d.len() == 1), "a duplicate");
+        fresh.invariants();
+    }
+    // Converged, and still nothing indexed: the restart reads the lists and writes nothing.
+    let before = w.nsx.counters().writes;
+    let restart = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert!(restart.plan.is_empty());
+    assert_eq!(w.nsx.counters().writes, before);
+    assert!(restart.observe_calls > 2);
+    // Once the index has caught up, the restart costs the search alone.
+    w.nsx.with_store_mut(|s, _| s.catch_up_index());
+    let restart = w.reconcile("k8s-a", &v, None).await.unwrap();
+    assert_eq!(restart.observe_calls, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
 //! Issue 3's scale target: a converged cluster of 1,000 namespaces and 10,000 pods restarts
-//! with zero NSX writes and at most one list call per 1,000 objects.
+//! with zero NSX writes and at most one list or search call per 1,000 objects.
 
 mod common;
 
@@ -17,18 +17,15 @@ async fn a_converged_cluster_of_10000_pods_restarts_with_zero_writes_and_few_lis
     let restart = w.reconcile("k8s-a", &v, None).await.unwrap();
     assert!(restart.plan.is_empty(), "{:?}", restart.plan.ops.first());
     assert_eq!(w.nsx.counters().writes, writes, "a restart must not write");
-    // One list call per page of 1,000 per collection (13 collections) and two allocation reads:
-    // one call per 1,000 objects stored, plus the partial last page of each collection. NSX
-    // pages NSGroups by 50 at most, so the 1,000 namespace NSGroups take 20 calls of their own
-    // (the consistent list is worth it: search lags, and a group created just before a crash
-    // would be created again).
-    let groups = w
-        .nsx
-        .with_store(|s| s.ids_of(fake_nsx_manager::kind::Kind::NsGroup).count());
-    let budget = (objects - groups).div_ceil(1000) + groups.div_ceil(50) + 15;
+    // One search call per page of 1,000 tagged objects, and one batch reading both pools'
+    // allocations (1,000 SNAT addresses): at most one call per 1,000 objects, rounded up.
+    let allocations = w
+        .allocations(&w.infra("k8s-a").await.snat_pool.unwrap())
+        .len();
+    assert_eq!(allocations, 1000);
     assert!(
-        restart.observe_calls <= budget,
-        "{} calls for {objects} objects",
+        restart.observe_calls <= (objects + allocations).div_ceil(1000),
+        "{} calls for {objects} objects and {allocations} allocations",
         restart.observe_calls
     );
     // A running NCP: one full pass fills its cache, then a new pod costs only its own

@@ -1,11 +1,17 @@
 //! What NSX holds for this cluster: every object tagged `ncp/cluster=<cluster>` that carries an
 //! NCP identity (`ncp/project_uid`, `ncp/pod_uid`), classified by [`Key`].
 //!
-//! Discovery reads the list endpoints, which are consistent, not the search API, which lags
-//! behind writes: an object created just before a crash must be found after the restart, or it
-//! would be created twice. A list costs one call per page of 1,000, so a restart reads
-//! `objects / 1000` pages per collection. Objects tagged with the cluster but without an NCP
-//! identity are the admin's (node ports, the tier-0, the block) and are never touched.
+//! Two ways to look, with different guarantees:
+//! - [`observe`] reads the list endpoints, which are consistent: an object created just before
+//!   a crash is there. It costs a call per page per collection, and NSX pages NSGroups by 50, so
+//!   a large cluster takes a few calls per 1,000 objects.
+//! - [`observe_by_search`] asks the search API once for everything tagged with the cluster: a
+//!   call per 1,000 objects whatever their kind. Search lags behind writes, so what it shows may
+//!   be missing the newest objects or show older versions; [`super::reconcile`] trusts it only
+//!   to say "nothing to do", and observes by lists before it writes anything.
+//!
+//! Objects tagged with the cluster but without an NCP identity are the admin's (node ports, the
+//! tier-0, the block) and are never touched.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,6 +35,9 @@ pub struct Observed {
     pub snat_allocations: BTreeSet<String>,
     /// NSX calls the observation took.
     pub calls: usize,
+    /// Read from the search index, which may lag behind writes: good to tell that nothing is to
+    /// be done, not to decide what to write.
+    pub from_search: bool,
 }
 
 fn tag_value<'a>(doc: &'a Value, scope_name: &str) -> Option<&'a str> {
@@ -113,7 +122,12 @@ impl Observed {
         let mut objects: BTreeMap<Key, Vec<Value>> = BTreeMap::new();
         for d in docs {
             if let Some(k) = classify(&d, cluster) {
-                objects.entry(k).or_default().push(d);
+                let same = objects.entry(k).or_default();
+                // Offset paging over a changing result set can return a document twice; one
+                // object is not a duplicate of itself.
+                if !same.iter().any(|o| o["id"] == d["id"]) {
+                    same.push(d);
+                }
             }
         }
         for docs in objects.values_mut() {
@@ -132,6 +146,7 @@ impl Observed {
             snat_allocations: BTreeSet::new(),
             lb_vips: BTreeMap::new(),
             calls: 0,
+            from_search: false,
         }
     }
 
@@ -148,6 +163,7 @@ impl Observed {
             snat_allocations: report.snat_allocations.clone(),
             lb_vips: report.lb_vips.clone(),
             calls: 0,
+            from_search: false,
         }
     }
 
@@ -157,7 +173,7 @@ impl Observed {
     }
 }
 
-/// Reads everything NCP owns from NSX.
+/// Reads everything NCP owns from NSX, by the consistent list endpoints.
 pub async fn observe<C>(
     client: &NsxClient<C>,
     cluster: &str,
@@ -185,6 +201,63 @@ where
     ] {
         docs.extend(client.list_all::<Value>(&path).await?);
     }
+    let mut observed = complete(client, cluster, infra, docs).await?;
+    observed.calls = (client.stats().requests - before) as usize;
+    Ok(observed)
+}
+
+/// The search query for everything tagged `ncp/cluster=<cluster>`. NSX matches the scope and
+/// the value on any tags, not one tag with both; [`classify`] checks the pair.
+pub fn cluster_query(cluster: &str) -> String {
+    crate::nsx::search::by_tags(
+        None,
+        &[crate::nsx::model::Tag::new(scope::CLUSTER, cluster)],
+    )
+}
+
+/// Reads everything NCP owns from NSX's search index: one call per 1,000 objects. See the
+/// module's note on what it may miss.
+pub async fn observe_by_search<C>(
+    client: &NsxClient<C>,
+    cluster: &str,
+    infra: &Infra,
+) -> Result<Observed, NsxError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let before = client.stats().requests;
+    let docs = client.search_all(&cluster_query(cluster)).await?;
+    // The router ports, NAT rules and subnets of other tier-0s and blocks are not NCP's here,
+    // as the lists (which are scoped to them) would not show them either.
+    let docs = docs.into_iter().filter(|d| in_scope(d, infra)).collect();
+    let mut observed = complete(client, cluster, infra, docs).await?;
+    observed.from_search = true;
+    observed.calls = (client.stats().requests - before) as usize;
+    Ok(observed)
+}
+
+/// Whether a searched document is one the scoped lists of [`observe`] would return.
+fn in_scope(doc: &Value, infra: &Infra) -> bool {
+    match doc["resource_type"].as_str() {
+        Some("IpBlockSubnet") => doc["block_id"] == infra.ip_block.as_str(),
+        Some("NatRule") => doc
+            .get("logical_router_id")
+            .is_none_or(|r| r == infra.tier0.as_str()),
+        _ => true,
+    }
+}
+
+/// Classifies `docs`, reads the rules of NCP's policy sections and the pool allocations NCP
+/// made: what both kinds of observation need besides the objects themselves.
+async fn complete<C>(
+    client: &NsxClient<C>,
+    cluster: &str,
+    infra: &Infra,
+    mut docs: Vec<Value>,
+) -> Result<Observed, NsxError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     // A policy section's rules are part of what NCP owns: one read per section.
     for d in &mut docs {
         if d["resource_type"] == "FirewallSection"
@@ -201,37 +274,44 @@ where
         }
     }
     let mut observed = Observed::from_docs(docs, cluster);
-    if let Some(pool) = &infra.snat_pool {
-        let a: Value = client
-            .get(&format!("pools/ip-pools/{pool}/allocations"))
-            .await?;
+    // Both pools' allocations in one batch: a call, not one per pool.
+    let pools: Vec<&String> = [&infra.snat_pool, &infra.lb_pool]
+        .into_iter()
+        .flatten()
+        .collect();
+    let paths: Vec<String> = pools
+        .iter()
+        .map(|p| format!("pools/ip-pools/{p}/allocations"))
+        .collect();
+    let answers = if paths.is_empty() {
+        Vec::new()
+    } else {
+        client.get_many(&paths).await?
+    };
+    for (pool, a) in pools.into_iter().zip(answers) {
         // Only allocations NCP made (tagged with the cluster) are NCP's to release.
-        observed.snat_allocations = a["results"]
+        let ours = a["results"]
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|r| has_tag(r, scope::CLUSTER, cluster))
-            .filter_map(|r| r["allocation_id"].as_str().map(str::to_string))
-            .collect();
-    }
-    if let Some(pool) = &infra.lb_pool {
-        let a: Value = client
-            .get(&format!("pools/ip-pools/{pool}/allocations"))
-            .await?;
-        for r in a["results"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|r| has_tag(r, scope::CLUSTER, cluster))
-        {
-            if let (Some(svc), Some(ip)) = (
-                tag_value(r, scope::SERVICE_UID),
-                r["allocation_id"].as_str(),
-            ) {
-                observed.lb_vips.insert(svc.to_string(), ip.to_string());
+            .filter(|r| has_tag(r, scope::CLUSTER, cluster));
+        if Some(pool) == infra.snat_pool.as_ref() {
+            for r in ours.clone() {
+                if let Some(ip) = r["allocation_id"].as_str() {
+                    observed.snat_allocations.insert(ip.to_string());
+                }
+            }
+        }
+        if Some(pool) == infra.lb_pool.as_ref() {
+            for r in ours {
+                if let (Some(svc), Some(ip)) = (
+                    tag_value(r, scope::SERVICE_UID),
+                    r["allocation_id"].as_str(),
+                ) {
+                    observed.lb_vips.insert(svc.to_string(), ip.to_string());
+                }
             }
         }
     }
-    observed.calls = (client.stats().requests - before) as usize;
     Ok(observed)
 }

@@ -5,7 +5,7 @@ use hyper_util::client::legacy::connect::Connect;
 use super::apply::{Applier, ApplyError, ApplyReport};
 use super::desired::desired;
 use super::infra::Infra;
-use super::observe::{Observed, observe};
+use super::observe::{Observed, observe, observe_by_search};
 use super::plan::{Plan, plan};
 use crate::k8s::ClusterView;
 use crate::nsx::{NsxClient, NsxError};
@@ -94,15 +94,14 @@ pub async fn reconcile_cached<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    let observed = match cache.take() {
-        Some(o) => o,
-        None => observe(client, cluster, infra)
-            .await
-            .map_err(ReconcileError::Observe)?,
-    };
     let want = desired(view, cluster, subnet_prefix);
-    let plan = plan(&want, &observed, infra);
-    let observe_calls = observed.calls;
+    let (observed, plan, observe_calls) = match cache.take() {
+        Some(o) => {
+            let p = plan(&want, &o, infra);
+            (o, p, 0)
+        }
+        None => look(client, cluster, infra, &want).await?,
+    };
     let mut applier = Applier::new(client, infra, observed);
     applier.write_budget = gate.write_budget;
     applier.fence = gate.fence.clone();
@@ -122,6 +121,43 @@ where
             plan: Box::new(plan),
         }),
     }
+}
+
+/// A full observation for `want`: the search index first (a call per 1,000 objects), and when
+/// that shows anything to do, or fails, the consistent lists, so that no write is ever decided
+/// on what a lagging index shows. A converged NCP restarting, and every periodic resync that
+/// finds nothing to do, cost the search; changes cost the lists as well.
+async fn look<C>(
+    client: &NsxClient<C>,
+    cluster: &str,
+    infra: &Infra,
+    want: &super::desired::Desired,
+) -> Result<(Observed, Plan, usize), ReconcileError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let before = client.stats().requests;
+    let calls = || (client.stats().requests - before) as usize;
+    match observe_by_search(client, cluster, infra).await {
+        Ok(o) => {
+            let p = plan(want, &o, infra);
+            if p.is_empty() {
+                return Ok((o, p, calls()));
+            }
+            tracing::debug!(
+                ops = p.ops.len(),
+                "the search index shows work to do; reading the lists before writing"
+            );
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "search failed; observing by lists");
+        }
+    }
+    let o = observe(client, cluster, infra)
+        .await
+        .map_err(ReconcileError::Observe)?;
+    let p = plan(want, &o, infra);
+    Ok((o, p, calls()))
 }
 
 /// Short on purpose: the plan of a large cluster is megabytes; say what failed and where.

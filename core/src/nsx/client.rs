@@ -382,6 +382,55 @@ where
         })
     }
 
+    /// Several independent reads in one request, through `POST /api/v1/batch`: one round trip
+    /// and one request against the manager's rate limit instead of one per path. The answers
+    /// come in the order of `paths`; the first that failed is the error, as if it had been read
+    /// alone.
+    pub async fn get_many(&self, paths: &[String]) -> Result<Vec<Value>, NsxError> {
+        if paths.len() == 1 {
+            return Ok(vec![self.get(&paths[0]).await?]);
+        }
+        let relative = |p: &str| match p.strip_prefix("/api") {
+            Some(rest) => rest.to_string(),
+            None => format!("/v1/{}", p.trim_start_matches('/')),
+        };
+        let body = serde_json::json!({
+            "continue_on_error": true,
+            "requests": paths
+                .iter()
+                .map(|p| serde_json::json!({"method": "GET", "uri": relative(p)}))
+                .collect::<Vec<_>>(),
+        });
+        let answer = self.call(Method::POST, "batch", Some(body)).await?;
+        let results = answer["results"].as_array().cloned().unwrap_or_default();
+        if results.len() != paths.len() {
+            return Err(NsxError::BadRequest {
+                op: "POST batch".into(),
+                reason: format!("{} answers to {} requests", results.len(), paths.len()),
+            });
+        }
+        paths
+            .iter()
+            .zip(results)
+            .map(|(path, r)| {
+                let code = r["code"].as_u64().unwrap_or(0);
+                let body = r.get("body").cloned().unwrap_or(Value::Null);
+                if (200..300).contains(&code) {
+                    return Ok(body);
+                }
+                let status = u16::try_from(code).unwrap_or(500);
+                let body = serde_json::from_value::<ErrorBody>(body.clone()).unwrap_or_else(|_| {
+                    ErrorBody::new(status, i64::from(status), "", body.to_string())
+                });
+                Err(NsxError::Api {
+                    op: format!("GET {path} (in a batch)"),
+                    status,
+                    body: Box::new(body),
+                })
+            })
+            .collect()
+    }
+
     /// Every result of a search query (2.4 path `/api/v1/search`), following the cursor.
     pub async fn search_all(&self, query: &str) -> Result<Vec<Value>, NsxError> {
         let path = format!("/api/v1/search?query={}&sort_by=id", percent_encode(query));

@@ -587,6 +587,11 @@ impl Store {
         paginate(docs, page, 1000)
     }
 
+    /// Makes every write visible to search now, as if the lag had passed (tests).
+    pub fn catch_up_index(&mut self) {
+        self.index.catch_up(i64::MAX);
+    }
+
     /// Number of writes not yet visible to search.
     pub fn search_pending(&self) -> usize {
         self.index.pending_len()
