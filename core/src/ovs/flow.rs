@@ -26,6 +26,14 @@ impl FieldMap {
     }
 
     pub fn insert(&mut self, f: Field, v: (u128, u128)) -> Option<(u128, u128)> {
+        // Matches are mostly built in field order: append without a search.
+        if self.0.last().is_none_or(|(last, _)| *last < f) {
+            if self.0.capacity() == 0 {
+                self.0.reserve_exact(4);
+            }
+            self.0.push((f, v));
+            return None;
+        }
         match self.position(&f) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
             Err(i) => {

@@ -15,8 +15,6 @@
 //!   one flow per endpoint, shared by every service that uses it, commits the connection with
 //!   `nat(dst=ip:port)` and goes on to [`table::FORWARD`].
 
-use std::collections::BTreeSet;
-
 use crate::ovs::field::Field;
 use crate::ovs::flow::{
     Action, Bucket, CtZone, Flow, Group, GroupType, Learn, LearnSpec, Match, Nat, Subfield,
@@ -226,15 +224,17 @@ fn reg(n: u8, ofs: u32, bits: u32) -> Subfield {
 /// endpoints does not move the connections of the others (highest-random-weight hashing).
 pub fn group(sp: &ServicePort, group_id: u32) -> Group {
     let (src, dst) = l4_fields(sp.protocol);
-    let mut used: BTreeSet<u32> = BTreeSet::new();
+    // Bucket ids taken so far: a few per group, so a scan beats a tree.
+    let mut used: Vec<u32> = Vec::with_capacity(sp.endpoints.len());
     let buckets = sp
         .endpoints
         .iter()
         .map(|e| {
             let mut id = (endpoint_id(sp.protocol, e) & 0x7fff_ffff) as u32;
-            while !used.insert(id) {
+            while used.contains(&id) {
                 id = (id + 1) & 0x7fff_ffff;
             }
+            used.push(id);
             let mut actions = vec![
                 Action::Load {
                     dst: reg(0, 0, 32),

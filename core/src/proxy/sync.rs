@@ -68,7 +68,7 @@ pub struct Proxy {
     static_installed: bool,
     installed: BTreeMap<ServicePortKey, Installed>,
     /// (protocol, endpoint) -> how many service ports use its DNAT flow.
-    endpoint_refs: BTreeMap<(u8, Endpoint), usize>,
+    endpoint_refs: RefMap,
     group_ids: BTreeMap<ServicePortKey, u32>,
     free_ids: BTreeSet<u32>,
     next_id: u32,
@@ -112,7 +112,7 @@ impl Proxy {
             previous_round,
             static_installed: false,
             installed: BTreeMap::new(),
-            endpoint_refs: BTreeMap::new(),
+            endpoint_refs: RefMap::default(),
             group_ids: BTreeMap::new(),
             free_ids: BTreeSet::new(),
             next_id: 1,
@@ -205,7 +205,8 @@ impl Proxy {
         let mut new_installed: Vec<(ServicePortKey, Option<Installed>)> = Vec::new();
         let mut released: Vec<ServicePortKey> = Vec::new();
         for &key in keys {
-            let id = want.contains_key(key).then(|| self.group_id(key));
+            let wanted = want.get(key);
+            let id = wanted.is_some().then(|| self.group_id(key));
             let old = self.installed.get(key);
             let node_ips = &self.cfg.node_ips;
             // What the last sync installed, compiled again (see `Installed`).
@@ -216,7 +217,7 @@ impl Proxy {
                 ),
                 _ => (Vec::new(), None),
             };
-            match (want.get(key), id) {
+            match (wanted, id) {
                 (Some(sp), Some(id)) => {
                     let flows = service_flows(round, sp, id, node_ips);
                     let g = (!sp.endpoints.is_empty()).then(|| group(sp, id));
@@ -403,11 +404,15 @@ impl Proxy {
 /// Endpoint reference counts as the committed ones plus this sync's changes. The delta is
 /// a hash map: only looked up here, and its commit (`refs_commit`) does not depend on order.
 struct RefDelta<'a> {
-    base: &'a BTreeMap<(u8, Endpoint), usize>,
+    base: &'a RefMap,
     delta: DeltaMap,
 }
 
 type DeltaMap = HashMap<(u8, Endpoint), i64, std::hash::BuildHasherDefault<EndpointHasher>>;
+
+/// Endpoint reference counts. A hash map: only looked up and updated, never iterated, so its
+/// order cannot reach any output.
+type RefMap = HashMap<(u8, Endpoint), usize, std::hash::BuildHasherDefault<EndpointHasher>>;
 
 /// A multiplicative hash for the 7-byte (protocol, endpoint) keys of [`DeltaMap`]: a full
 /// sync makes a lookup per endpoint, and SipHash's DoS resistance buys nothing for keys the
@@ -438,42 +443,17 @@ impl std::hash::Hasher for EndpointHasher {
     }
 }
 
-/// Applies a sync's reference changes. A small delta updates the map key by key; a delta
-/// the size of the map (a full sync) is sorted and merged into a new map in one pass.
-fn refs_commit(refs: &mut BTreeMap<(u8, Endpoint), usize>, delta: DeltaMap) {
-    if delta.len() * 8 < refs.len() {
-        for (k, d) in delta {
-            let n = refs.get(&k).copied().unwrap_or(0) as i64 + d;
-            if n <= 0 {
-                refs.remove(&k);
-            } else {
-                refs.insert(k, n as usize);
-            }
-        }
-        return;
-    }
-    let mut delta: Vec<((u8, Endpoint), i64)> = delta.into_iter().collect();
-    delta.sort_unstable_by_key(|(k, _)| *k);
-    let old = std::mem::take(refs);
-    let mut old = old.into_iter().peekable();
-    let mut delta = delta.into_iter().peekable();
-    let mut merged: Vec<((u8, Endpoint), usize)> = Vec::new();
-    loop {
-        let next = match (old.peek(), delta.peek()) {
-            (Some((a, _)), Some((b, _))) if a == b => old
-                .next()
-                .zip(delta.next())
-                .map(|((k, n), (_, d))| (k, n as i64 + d)),
-            (Some((a, _)), Some((b, _))) if a > b => delta.next(),
-            (Some(_), _) => old.next().map(|(k, n)| (k, n as i64)),
-            (None, _) => delta.next(),
-        };
-        let Some((k, n)) = next else { break };
-        if n > 0 {
-            merged.push((k, n as usize));
+/// Applies a sync's reference changes: the cost of the delta, whatever the map's size.
+fn refs_commit(refs: &mut RefMap, delta: DeltaMap) {
+    refs.reserve(delta.len().saturating_sub(refs.capacity() - refs.len()));
+    for (k, d) in delta {
+        let n = refs.get(&k).copied().unwrap_or(0) as i64 + d;
+        if n <= 0 {
+            refs.remove(&k);
+        } else {
+            refs.insert(k, n as usize);
         }
     }
-    *refs = merged.into_iter().collect();
 }
 
 impl RefDelta<'_> {
