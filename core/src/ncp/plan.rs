@@ -108,6 +108,38 @@ impl Resolve for BTreeMap<Key, &Value> {
     }
 }
 
+/// The observed objects that stay (wanted, the oldest of their key), looked up in place: a
+/// copy of the map would cost a pass the size of the cluster in key clones.
+struct Kept<'a> {
+    observed: &'a Observed,
+    desired: &'a Desired,
+}
+
+impl<'a> Kept<'a> {
+    fn get(&self, key: &Key) -> Option<&'a Value> {
+        if self.desired.objects.contains_key(key) {
+            self.observed.get(key)
+        } else {
+            None
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&'a Key, &'a Value)> + '_ {
+        let desired = self.desired;
+        self.observed
+            .objects
+            .iter()
+            .filter(move |(k, _)| desired.objects.contains_key(*k))
+            .filter_map(|(k, v)| v.first().map(|d| (k, d)))
+    }
+}
+
+impl Resolve for Kept<'_> {
+    fn resolve(&self, key: &Key) -> Option<&Value> {
+        self.get(key)
+    }
+}
+
 fn id<'a, R: Resolve + ?Sized>(resolved: &'a R, key: &Key) -> Result<&'a str, Missing> {
     resolved
         .resolve(key)
@@ -621,12 +653,7 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
             }
         }
     }
-    let kept: BTreeMap<Key, &Value> = observed
-        .objects
-        .iter()
-        .filter(|(k, _)| desired.objects.contains_key(k))
-        .filter_map(|(k, v)| v.first().map(|d| (k.clone(), d)))
-        .collect();
+    let kept = Kept { observed, desired };
     // VLANs in use under each parent VIF, by every observed port (kept, duplicate or doomed).
     let mut vlans: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     for (key, docs) in &observed.objects {
@@ -642,11 +669,12 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
         }
     }
     let mut keys: Vec<&Key> = desired.objects.keys().collect();
-    keys.sort_by_key(|k| (k.rank(), (*k).clone()));
+    keys.sort_by(|a, b| (a.rank(), *a).cmp(&(b.rank(), *b)));
     let mut created: BTreeSet<Key> = BTreeSet::new();
     let mut skipped: BTreeSet<Key> = BTreeSet::new();
     for key in keys {
-        let mut spec = desired.objects[key].clone();
+        // Borrowed until an operation needs it: most keys of a pass need none.
+        let mut spec = std::borrow::Cow::Borrowed(&desired.objects[key]);
         let deps = key.deps(Some(&spec.detail));
         if let Some(d) = deps
             .iter()
@@ -660,8 +688,9 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
             continue;
         }
         let have = kept.get(key);
-        if let Detail::PodPort { node, vlan, .. } = &mut spec.detail {
-            let Some(parent) = infra.node_vifs.get(node) else {
+        if let Detail::PodPort { node, .. } = &spec.detail {
+            let node = node.clone();
+            let Some(parent) = infra.node_vifs.get(&node) else {
                 unrealizable.push(Unrealizable {
                     key: key.clone(),
                     reason: format!("node {node:?} has no VIF tagged ncp/node_name"),
@@ -690,7 +719,14 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 }
             };
             match chosen {
-                Some(t) => *vlan = Some(t as u16),
+                Some(t) => {
+                    let t = Some(t as u16);
+                    if !matches!(&spec.detail, Detail::PodPort { vlan, .. } if *vlan == t)
+                        && let Detail::PodPort { vlan, .. } = &mut spec.to_mut().detail
+                    {
+                        *vlan = t;
+                    }
+                }
                 None => {
                     unrealizable.push(Unrealizable {
                         key: key.clone(),
@@ -721,7 +757,7 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 created.insert(key.clone());
                 upserts.push(Op::Create {
                     key: key.clone(),
-                    spec,
+                    spec: spec.into_owned(),
                 });
             }
             Some(doc) if parent_recreated => {
@@ -729,13 +765,13 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 created.insert(key.clone());
                 upserts.push(Op::Create {
                     key: key.clone(),
-                    spec,
+                    spec: spec.into_owned(),
                 });
             }
             Some(doc) if member_recreated => upserts.push(Op::Update {
                 key: key.clone(),
                 id: doc["id"].as_str().unwrap_or_default().to_string(),
-                spec,
+                spec: spec.into_owned(),
             }),
             Some(doc) => {
                 let address = match key {
@@ -754,14 +790,14 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                     Drift::Update => upserts.push(Op::Update {
                         key: key.clone(),
                         id,
-                        spec,
+                        spec: spec.into_owned(),
                     }),
                     Drift::Replace => {
                         deletes.push((key.clone(), (*doc).clone()));
                         created.insert(key.clone());
                         upserts.push(Op::Create {
                             key: key.clone(),
-                            spec,
+                            spec: spec.into_owned(),
                         });
                     }
                 }
@@ -786,13 +822,20 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
         ops.push(Op::Delete { key, doc });
     }
     if let Some(pool) = &infra.snat_pool {
+        let doomed: BTreeSet<&str> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Delete {
+                    key: Key::Snat(_),
+                    doc,
+                } => doc["id"].as_str(),
+                _ => None,
+            })
+            .collect();
         let in_use: BTreeSet<&str> = kept
             .iter()
             .filter(|(k, d)| {
-                matches!(k, Key::Snat(_))
-                    && !ops
-                        .iter()
-                        .any(|o| matches!(o, Op::Delete { doc, .. } if doc["id"] == d["id"]))
+                matches!(k, Key::Snat(_)) && !d["id"].as_str().is_some_and(|id| doomed.contains(id))
             })
             .filter_map(|(_, d)| tag_of(d, scope::SNAT_IP))
             .collect();
@@ -860,12 +903,17 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
     }
     // VIPs of services that no longer need one.
     if let Some(pool) = &infra.lb_pool {
+        // Virtual server keys are `<service uid>/<port>`.
+        let served: BTreeSet<&str> = desired
+            .objects
+            .keys()
+            .filter_map(|k| match k {
+                Key::LbVirtualServer(v) => v.split_once('/').map(|(svc, _)| svc),
+                _ => None,
+            })
+            .collect();
         for (svc, ip) in &observed.lb_vips {
-            let wanted = desired
-                .objects
-                .keys()
-                .any(|k| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{svc}/"))));
-            if !wanted {
+            if !served.contains(svc.as_str()) {
                 ops.push(Op::ReleaseIp {
                     pool: pool.clone(),
                     ip: ip.clone(),
