@@ -7,4 +7,5 @@ pub mod logs;
 pub mod metrics;
 pub mod netns;
 pub mod nsx_tls;
+pub mod openflow;
 pub mod ovs;

@@ -1,7 +1,8 @@
 //! A real Open vSwitch as the node agent's and nsx-kube-proxy's switch: ports and their
-//! external ids through `ovs-vsctl` (OVSDB), flows and groups through `ovs-ofctl bundle`
-//! (OpenFlow 1.5 bundles: every flow and group message of a sync in one atomic transaction),
-//! conntrack through `ovs-appctl dpctl/flush-conntrack`.
+//! external ids through `ovs-vsctl` (OVSDB), flows and groups in OpenFlow 1.5 bundles on the
+//! bridge's management socket (every flow and group message of a sync in one atomic
+//! transaction; [`crate::openflow`]), with `ovs-ofctl bundle` when that socket is not
+//! reachable, conntrack through `ovs-appctl dpctl/flush-conntrack`.
 //!
 //! The tools are the ones OVS ships with the switch, so their protocol versions always match
 //! the daemon's; `ovs_real/*` benches compare the cost with driving `ovs-ofctl` directly.
@@ -299,8 +300,24 @@ fn bridge_error(e: OvsError) -> BridgeError {
     }
 }
 
-impl OpenFlowBridge for OvsBridge {
-    fn bundle(&mut self, ops: Vec<OfOp>) -> Result<(), BridgeError> {
+impl OvsBridge {
+    /// The bridge's OpenFlow management socket (`<OVS_RUNDIR>/<bridge>.mgmt`).
+    pub fn mgmt_socket(&self) -> PathBuf {
+        let rundir = self
+            .tools
+            .env
+            .iter()
+            .find(|(k, _)| k == "OVS_RUNDIR")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var("OVS_RUNDIR").ok())
+            .unwrap_or_else(|| "/var/run/openvswitch".into());
+        Path::new(&rundir).join(format!("{}.mgmt", self.name))
+    }
+
+    /// The same bundle through `ovs-ofctl` (text, parsed by the tool): what the adapter used
+    /// before it spoke OpenFlow itself, kept for switches whose management socket is not
+    /// reachable from here, and as the benches' reference.
+    pub fn bundle_via_ofctl(&mut self, ops: Vec<OfOp>) -> Result<(), BridgeError> {
         if ops.is_empty() {
             return Ok(());
         }
@@ -334,6 +351,20 @@ impl OpenFlowBridge for OvsBridge {
             })
             .map(|_| ())
             .map_err(bridge_error)
+    }
+}
+
+impl OpenFlowBridge for OvsBridge {
+    /// One atomic bundle, in OpenFlow 1.5 on the management socket (see [`crate::openflow`]).
+    fn bundle(&mut self, ops: Vec<OfOp>) -> Result<(), BridgeError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let socket = self.mgmt_socket();
+        if !socket.exists() {
+            return self.bundle_via_ofctl(ops);
+        }
+        crate::openflow::Session::connect(&socket)?.bundle(&ops)
     }
 
     fn flush_conntrack(&mut self, f: ConntrackFilter) -> usize {

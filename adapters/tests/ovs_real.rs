@@ -236,8 +236,28 @@ fn agent_and_proxy_program_a_real_switch_exactly_as_the_fake() {
             parse_flow("table=0,priority=5,ip,nw_dst=10.9.9.8,actions=group:4242").unwrap(),
         ),
     ];
-    let e = b.real.bundle(bad).unwrap_err();
+    let e = b.real.bundle(bad.clone()).unwrap_err();
     assert!(e.message.contains("OFPBAC_BAD_OUT_GROUP"), "{e}");
+    assert_eq!(e.index, 1, "the switch names the second message: {e}");
+    assert_eq!(b.real.dump_flows().unwrap(), before);
+    // The same through ovs-ofctl, the adapter's way when the management socket is out of
+    // reach: refused alike.
+    let e = b.real.bundle_via_ofctl(bad).unwrap_err();
+    assert!(e.message.contains("OFPBAC_BAD_OUT_GROUP"), "{e}");
+    assert_eq!(b.real.dump_flows().unwrap(), before);
+    // A message refused when it is added (here, an action the switch cannot decode for
+    // this match) is never committed, while the valid ones before it are not either.
+    let mut arp = parse_flow("table=0,priority=6,arp,actions=drop").unwrap();
+    arp.actions = vec![nsx_core::ovs::flow::Action::SetField {
+        field: nsx_core::ovs::field::Field::IpSrc,
+        value: 0x0a00_0001,
+    }];
+    let undecodable = vec![
+        OfOp::AddFlow(parse_flow("table=0,priority=6,ip,nw_dst=10.9.9.7,actions=drop").unwrap()),
+        OfOp::AddFlow(arp),
+    ];
+    let e = b.real.bundle(undecodable).unwrap_err();
+    assert_eq!(e.index, 1, "{e}");
     assert_eq!(b.real.dump_flows().unwrap(), before);
 
     // ovs-vswitchd restarts: flows and groups gone, ports kept; the agent (rebuilt from the
