@@ -342,13 +342,19 @@ fn write_action(b: &mut Buf, a: &Action) -> Result<(), EncodeError> {
             b.set_u16(at + 2, n);
         }
         Action::Move { src, dst } => {
-            let at = nx_action(b, 6);
+            // OFPAT_COPY_FIELD (OpenFlow 1.5 has no NXAST_REG_MOVE).
+            let at = b.len();
+            b.u16(28);
+            b.u16(0);
             b.u16(src.bits as u16);
             b.u16(src.ofs as u16);
             b.u16(dst.ofs as u16);
+            b.zeros(2);
             b.u32(nxm_header(src.field)?);
             b.u32(nxm_header(dst.field)?);
-            end_action(b, at)?;
+            b.pad8(at);
+            let n = len16(b.len() - at, "copy_field")?;
+            b.set_u16(at + 2, n);
         }
         Action::Ct {
             commit,
@@ -376,10 +382,11 @@ fn write_action(b: &mut Buf, a: &Action) -> Result<(), EncodeError> {
             b.u8(table.unwrap_or(0xff));
             b.zeros(3);
             b.u16(0); // alg
+            // Nested actions as OVS orders them: exec's, then nat.
+            write_actions(b, exec)?;
             if let Some(n) = nat {
                 write_nat(b, n)?;
             }
-            write_actions(b, exec)?;
             end_action(b, at)?;
         }
         Action::CtClear => {
@@ -1038,7 +1045,23 @@ mod tests {
                 flows.push(endpoint_flow(3, protocol, e));
             }
         }
-        assert!(flows.len() > 20, "{}", flows.len());
+        // Every action and field of the model, beyond what the agent and proxy use today.
+        for text in [
+            "table=3,priority=10,in_port=2,dl_vlan=7,actions=pop_vlan,move:NXM_OF_ETH_SRC[]->NXM_OF_ETH_DST[],output:4",
+            "priority=11,vlan_tci=0x1000/0x1000,actions=push_vlan:0x8100,set_field:4097->vlan_vid,IN_PORT",
+            "priority=12,ip,nw_ttl=2,actions=dec_ttl,ct_clear,NORMAL",
+            "priority=13,icmp,icmp_type=8,icmp_code=0,actions=CONTROLLER:65535",
+            "priority=14,ct_state=+trk+est-new,ct_zone=5,ct_mark=0x1/0x1,ip,actions=goto_table:20",
+            "priority=15,ct_state=+est+trk,ip,ct_nw_src=10.1.0.0/16,ct_nw_dst=10.2.0.1,ct_nw_proto=6,ct_tp_src=80,ct_tp_dst=8080,actions=drop",
+            "priority=16,metadata=0x5/0xff,reg3=0x10/0xf0,dl_src=02:00:00:00:00:01,dl_dst=02:00:00:00:00:02/ff:ff:ff:00:00:00,actions=set_field:02:00:00:00:00:03->eth_src,load:0x1->NXM_NX_REG7[3]",
+            "priority=17,ip,actions=ct(commit,zone=9,exec(load:0x1->NXM_NX_CT_MARK[0]),nat(src=100.64.0.1-100.64.0.9:1024-65535,random))",
+            "priority=18,ip,actions=ct(table=21,zone=NXM_NX_REG6[0..15],nat)",
+            "priority=19,udp,tp_src=53,actions=ct(commit,table=22,nat(dst=10.0.0.5:5353,persistent))",
+            "priority=20,sctp,tp_dst=9,actions=resubmit(4,7),group:3",
+        ] {
+            flows.push(parse_flow(text).unwrap_or_else(|e| panic!("{text}: {e:?}")));
+        }
+        assert!(flows.len() > 30, "{}", flows.len());
         for f in flows {
             let text = f.to_string();
             assert_eq!(
