@@ -38,6 +38,10 @@ pub struct Observed {
     /// Read from the search index, which may lag behind writes: good to tell that nothing is to
     /// be done, not to decide what to write.
     pub from_search: bool,
+    /// The desired state these documents were made to match by the pass that left them
+    /// (every object realized, nothing refused): a key whose spec is still the same needs no
+    /// rendering and comparing again. Only a running NCP's cache has it.
+    pub verified: Option<std::sync::Arc<super::desired::Desired>>,
 }
 
 fn tag_value<'a>(doc: &'a Value, scope_name: &str) -> Option<&'a str> {
@@ -147,6 +151,7 @@ impl Observed {
             lb_vips: BTreeMap::new(),
             calls: 0,
             from_search: false,
+            verified: None,
         }
     }
 
@@ -164,6 +169,7 @@ impl Observed {
             lb_vips: report.lb_vips.clone(),
             calls: 0,
             from_search: false,
+            verified: None,
         }
     }
 

@@ -773,6 +773,14 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 id: doc["id"].as_str().unwrap_or_default().to_string(),
                 spec: spec.into_owned(),
             }),
+            // The previous pass made this document match this very spec, and nothing it
+            // depends on was recreated since: it still matches.
+            Some(_)
+                if observed
+                    .verified
+                    .as_deref()
+                    .and_then(|v| v.objects.get(key))
+                    == Some(&desired.objects[key]) => {}
             Some(doc) => {
                 let address = match key {
                     Key::LbVirtualServer(_) => doc["ip_address"].as_str(),

@@ -107,12 +107,19 @@ where
     applier.fence = gate.fence.clone();
     match applier.apply(&plan).await {
         Ok(report) => {
-            *cache = Some(Observed::after(&report));
+            let mut want = want;
+            let problems = std::mem::take(&mut want.problems);
+            let mut after = Observed::after(&report);
+            // Everything realized as wanted: the next pass need not re-check unchanged keys.
+            if report.failed.is_empty() && plan.unrealizable.is_empty() {
+                after.verified = Some(std::sync::Arc::new(want));
+            }
+            *cache = Some(after);
             Ok(Outcome {
                 plan,
                 report,
                 observe_calls,
-                problems: want.problems,
+                problems,
             })
         }
         Err((source, report)) => Err(ReconcileError::Apply {
