@@ -59,6 +59,15 @@ pub struct EncodeError {
     pub what: String,
 }
 
+impl From<EncodeError> for BridgeError {
+    fn from(e: EncodeError) -> Self {
+        BridgeError {
+            index: 0,
+            message: e.to_string(),
+        }
+    }
+}
+
 fn unsupported(what: impl Into<String>) -> EncodeError {
     EncodeError { what: what.into() }
 }
@@ -202,10 +211,16 @@ fn start(b: &mut Buf, kind: u8, xid: u32) -> usize {
     at
 }
 
-fn finish(b: &mut Buf, at: usize) -> Result<(), EncodeError> {
-    let n = len16(b.len() - at, "a message")?;
+/// Writes the length of the message, action or instruction that starts at `at` (its length
+/// field is the second 16-bit word in all of them).
+fn close(b: &mut Buf, at: usize, what: &str) -> Result<(), EncodeError> {
+    let n = len16(b.len() - at, what)?;
     b.set_u16(at + 2, n);
     Ok(())
+}
+
+fn finish(b: &mut Buf, at: usize) -> Result<(), EncodeError> {
+    close(b, at, "a message")
 }
 
 fn oxm(
@@ -234,8 +249,7 @@ fn write_match(b: &mut Buf, m: &Match) -> Result<(), EncodeError> {
     for (f, (v, mask)) in m.fields.iter() {
         oxm(b, *f, *v, *mask, proto)?;
     }
-    let n = len16(b.len() - at, "a match")?;
-    b.set_u16(at + 2, n);
+    close(b, at, "a match")?;
     b.pad8(at);
     Ok(())
 }
@@ -252,9 +266,16 @@ fn nx_action(b: &mut Buf, subtype: u16) -> usize {
 
 fn end_action(b: &mut Buf, at: usize) -> Result<(), EncodeError> {
     b.pad8(at);
-    let n = len16(b.len() - at, "an action")?;
-    b.set_u16(at + 2, n);
-    Ok(())
+    close(b, at, "an action")
+}
+
+/// `OFPAT_SET_FIELD` of `value` under `mask` (OpenFlow 1.5 takes a mask: a partial write).
+fn set_field(b: &mut Buf, field: Field, value: u128, mask: u128) -> Result<(), EncodeError> {
+    let at = b.len();
+    b.u16(25);
+    b.u16(0);
+    oxm(b, field, value, mask, None)?;
+    end_action(b, at)
 }
 
 fn nxm_header(field: Field) -> Result<u32, EncodeError> {
@@ -321,25 +342,10 @@ fn write_action(b: &mut Buf, a: &Action) -> Result<(), EncodeError> {
             b.u16(8);
             b.zeros(4);
         }
-        Action::SetField { field, value } => {
-            let at = b.len();
-            b.u16(25);
-            b.u16(0);
-            oxm(b, *field, *value, field.full_mask(), None)?;
-            b.pad8(at);
-            let n = len16(b.len() - at, "set_field")?;
-            b.set_u16(at + 2, n);
-        }
+        Action::SetField { field, value } => set_field(b, *field, *value, field.full_mask())?,
+        // OpenFlow 1.5 has no NXAST_REG_LOAD: a masked set_field.
         Action::Load { dst, value } => {
-            // OpenFlow 1.5's set_field takes a mask (it has no NXAST_REG_LOAD).
-            let at = b.len();
-            b.u16(25);
-            b.u16(0);
-            let v = (*value << dst.ofs) & dst.mask();
-            oxm(b, dst.field, v, dst.mask(), None)?;
-            b.pad8(at);
-            let n = len16(b.len() - at, "set_field")?;
-            b.set_u16(at + 2, n);
+            set_field(b, dst.field, (*value << dst.ofs) & dst.mask(), dst.mask())?
         }
         Action::Move { src, dst } => {
             // OFPAT_COPY_FIELD (OpenFlow 1.5 has no NXAST_REG_MOVE).
@@ -352,9 +358,7 @@ fn write_action(b: &mut Buf, a: &Action) -> Result<(), EncodeError> {
             b.zeros(2);
             b.u32(nxm_header(src.field)?);
             b.u32(nxm_header(dst.field)?);
-            b.pad8(at);
-            let n = len16(b.len() - at, "copy_field")?;
-            b.set_u16(at + 2, n);
+            end_action(b, at)?;
         }
         Action::Ct {
             commit,
@@ -510,8 +514,7 @@ fn write_instructions(b: &mut Buf, actions: &[Action]) -> Result<(), EncodeError
         b.u16(0);
         b.zeros(4);
         write_actions(b, body)?;
-        let n = len16(b.len() - at, "an instruction")?;
-        b.set_u16(at + 2, n);
+        close(b, at, "an instruction")?;
     }
     if let Some(t) = goto {
         b.u16(1); // OFPIT_GOTO_TABLE
@@ -633,8 +636,7 @@ fn group_mod(
             b.u32(h.word(false));
             b.value(field.full_mask(), h.len);
         }
-        let n = len16(b.len() - p, "a group property")?;
-        b.set_u16(p + 2, n);
+        close(b, p, "a group property")?;
         b.pad8(p);
     }
     finish(b, at)
@@ -692,8 +694,8 @@ fn bundle_control(b: &mut Buf, xid: u32, bundle: u32, kind: u16) {
     b.u32(bundle);
     b.u16(kind);
     b.u16(BUNDLE_ATOMIC | BUNDLE_ORDERED);
-    let n = (b.len() - at) as u16;
-    b.set_u16(at + 2, n);
+    // Fixed size: far below the limit.
+    let _ = finish(b, at);
 }
 
 /// The names of the errors a sync can meet, as `ovs-ofctl` prints them.
@@ -738,13 +740,15 @@ fn io_error(e: std::io::Error) -> BridgeError {
     }
 }
 
-fn read_msg(r: &mut UnixStream) -> std::io::Result<(u8, u32, Vec<u8>)> {
+/// One message: version, type, xid, body.
+fn read_msg(r: &mut UnixStream) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
     let mut head = [0u8; 8];
     r.read_exact(&mut head)?;
     let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
     let mut body = vec![0u8; len.saturating_sub(8)];
     r.read_exact(&mut body)?;
     Ok((
+        head[0],
         head[1],
         u32::from_be_bytes([head[4], head[5], head[6], head[7]]),
         body,
@@ -768,26 +772,21 @@ impl Session {
         b.u16(1);
         b.u16(8);
         b.u32(1 << VERSION);
-        let n = (b.len() - at) as u16;
-        b.set_u16(at + 2, n);
+        finish(&mut b, at)?;
         let mut w = stream;
         w.write_all(&b.0).map_err(io_error)?;
-        let mut head = [0u8; 8];
-        reader.read_exact(&mut head).map_err(io_error)?;
-        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
-        let mut rest = vec![0u8; len.saturating_sub(8)];
-        reader.read_exact(&mut rest).map_err(io_error)?;
-        if head[1] != OFPT_HELLO {
+        let (version, kind, _, rest) = read_msg(&mut reader).map_err(io_error)?;
+        if kind != OFPT_HELLO {
             return Err(BridgeError {
                 index: 0,
-                message: format!("expected a hello, got OpenFlow message type {}", head[1]),
+                message: format!("expected a hello, got OpenFlow message type {kind}"),
             });
         }
         // Without a bitmap, the peer's header version is the highest it speaks.
         let speaks_15 = if rest.len() >= 8 && u16::from_be_bytes([rest[0], rest[1]]) == 1 {
             u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]) & (1 << VERSION) != 0
         } else {
-            head[0] >= VERSION
+            version >= VERSION
         };
         if !speaks_15 {
             return Err(BridgeError {
@@ -839,10 +838,7 @@ impl Session {
         let last = self.next_xid;
         let barrier_xid = self.xid();
         let at = start(&mut wire, OFPT_BARRIER_REQUEST, barrier_xid);
-        finish(&mut wire, at).map_err(|e| BridgeError {
-            index: 0,
-            message: e.to_string(),
-        })?;
+        finish(&mut wire, at)?;
         // The switch may answer (errors, echo requests) while the bundle is still being
         // written: a reader drains it so that neither side blocks on a full socket.
         let errors = self.exchange(wire.0, barrier_xid, OFPT_BARRIER_REPLY)?;
@@ -894,14 +890,14 @@ impl Session {
         let answers = std::thread::spawn(move || -> std::io::Result<Vec<(u32, Vec<u8>)>> {
             let mut errors = Vec::new();
             loop {
-                let (kind, xid, body) = read_msg(&mut reader)?;
+                let (_, kind, xid, body) = read_msg(&mut reader)?;
                 match kind {
                     OFPT_ECHO_REQUEST => {
                         let mut b = Buf::default();
                         let at = start(&mut b, OFPT_ECHO_REPLY, xid);
                         b.0.extend_from_slice(&body);
-                        let n = (b.len() - at) as u16;
-                        b.set_u16(at + 2, n);
+                        // The body came in a message: it fits in one.
+                        let _ = finish(&mut b, at);
                         if let Ok(mut w) = echo.lock() {
                             w.write_all(&b.0)?;
                         }
