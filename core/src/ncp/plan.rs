@@ -668,13 +668,13 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
             }
         }
     }
-    let mut keys: Vec<&Key> = desired.objects.keys().collect();
-    keys.sort_by(|a, b| (a.rank(), *a).cmp(&(b.rank(), *b)));
+    let mut keys: Vec<(&Key, &Spec)> = desired.objects.iter().collect();
+    keys.sort_by(|(a, _), (b, _)| (a.rank(), *a).cmp(&(b.rank(), *b)));
     let mut created: BTreeSet<Key> = BTreeSet::new();
     let mut skipped: BTreeSet<Key> = BTreeSet::new();
-    for key in keys {
+    for (key, wanted) in keys {
         // Borrowed until an operation needs it: most keys of a pass need none.
-        let mut spec = std::borrow::Cow::Borrowed(&desired.objects[key]);
+        let mut spec = std::borrow::Cow::Borrowed(wanted);
         let deps = key.deps(Some(&spec.detail));
         if let Some(d) = deps
             .iter()
@@ -780,7 +780,7 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                     .verified
                     .as_deref()
                     .and_then(|v| v.objects.get(key))
-                    == Some(&desired.objects[key]) => {}
+                    == Some(wanted) => {}
             Some(doc) => {
                 let address = match key {
                     Key::LbVirtualServer(_) => doc["ip_address"].as_str(),
