@@ -150,7 +150,7 @@ fn services(n: u32, endpoints: u32) -> BTreeMap<ServicePortKey, ServicePort> {
         .map(|i| {
             let key = ServicePortKey {
                 namespace: "shop".into(),
-                name: format!("svc-{i}"),
+                name: format!("svc-{i}").into(),
                 port: "http".into(),
             };
             let sp = ServicePort {

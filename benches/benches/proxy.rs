@@ -3,46 +3,18 @@
 //! `proxy/endpoint_update/{100,1000,10000}`: one endpoint of one service changes in a
 //! converged cluster of that size (target: under 20 us, the same at every size).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use fake_ovs::Bridge;
-use nsx_core::proxy::{Endpoint, Proxy, ProxyConfig, ServicePort, ServicePortKey};
+use nsx_core::proxy::{Endpoint, Proxy, ProxyConfig, ServicePortKey};
 
 fn config() -> ProxyConfig {
     ProxyConfig {
         node_name: "node-1".into(),
         node_ips: vec![0xac10_000b],
     }
-}
-
-fn cluster(services: usize) -> BTreeMap<ServicePortKey, ServicePort> {
-    (0..services)
-        .map(|i| {
-            let key = ServicePortKey {
-                namespace: format!("ns-{}", i % 100),
-                name: format!("svc-{i}"),
-                port: "http".into(),
-            };
-            let endpoints = (0..10u32)
-                .map(|e| Endpoint {
-                    ip: 0x0a01_0000 + (i as u32) * 10 + e,
-                    port: 8080,
-                })
-                .collect();
-            let sp = ServicePort {
-                key: key.clone(),
-                cluster_ip: 0x0a60_0000 + i as u32,
-                port: 80,
-                protocol: 6,
-                node_port: None,
-                affinity_timeout: None,
-                endpoints,
-            };
-            (key, sp)
-        })
-        .collect()
 }
 
 fn proxy(c: &mut Criterion) {
@@ -52,7 +24,7 @@ fn proxy(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_millis(500));
     for n in [100usize, 1_000, 10_000] {
-        let want = cluster(n);
+        let want = benches::proxy_cluster(n);
         group.bench_with_input(BenchmarkId::new("full_sync", n), &n, |b, _| {
             b.iter_batched(
                 || {
@@ -70,7 +42,7 @@ fn proxy(c: &mut Criterion) {
         });
     }
     for n in [100usize, 1_000, 10_000] {
-        let mut want = cluster(n);
+        let mut want = benches::proxy_cluster(n);
         let mut bridge = Bridge::new("br-int");
         let mut proxy = Proxy::new(config(), 1, None, BTreeSet::new());
         proxy.full_sync(&mut bridge, &want).expect("installs");

@@ -1,4 +1,5 @@
-//! Fixtures shared by the benchmarks: stores filled to a given size the way NCP fills them.
+//! Fixtures shared by the benchmarks: stores filled to a given size the way NCP fills them,
+//! and clusters of services for the proxy.
 
 use fake_nsx_manager::dispatch::{ApiRequest, ApiResponse};
 use fake_nsx_manager::{FakeNsxManager, ManagerConfig};
@@ -153,4 +154,37 @@ pub fn converged_observation(
     let mut observed = Observed::from_docs(resolved.into_values(), "k8s-a");
     observed.snat_allocations = allocations;
     observed
+}
+
+/// A cluster of `services` service ports with 10 endpoints each, as the proxy benchmarks
+/// take it (distinct cluster IPs and endpoint addresses, 100 namespaces).
+pub fn proxy_cluster(
+    services: usize,
+) -> std::collections::BTreeMap<nsx_core::proxy::ServicePortKey, nsx_core::proxy::ServicePort> {
+    use nsx_core::proxy::{Endpoint, ServicePort, ServicePortKey};
+    (0..services)
+        .map(|i| {
+            let key = ServicePortKey {
+                namespace: format!("ns-{}", i % 100).into(),
+                name: format!("svc-{i}").into(),
+                port: "http".into(),
+            };
+            let endpoints = (0..10u32)
+                .map(|e| Endpoint {
+                    ip: 0x0a01_0000 + (i as u32) * 10 + e,
+                    port: 8080,
+                })
+                .collect();
+            let sp = ServicePort {
+                key: key.clone(),
+                cluster_ip: 0x0a60_0000 + i as u32,
+                port: 80,
+                protocol: 6,
+                node_port: None,
+                affinity_timeout: None,
+                endpoints,
+            };
+            (key, sp)
+        })
+        .collect()
 }

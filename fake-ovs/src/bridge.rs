@@ -107,7 +107,7 @@ pub struct Bridge {
     /// number reuse quickly.
     pub max_ofport: u32,
     pub(crate) tables: BTreeMap<u8, Classifier>,
-    pub(crate) flows: BTreeMap<FlowId, FlowEntry>,
+    pub(crate) flows: crate::store::FlowStore,
     /// group id -> flows that name it (in actions or buckets of groups they reach directly).
     group_users: BTreeMap<u32, BTreeSet<FlowId>>,
     pub(crate) groups: BTreeMap<u32, Group>,
@@ -123,7 +123,10 @@ pub struct Bridge {
     pub generation: u64,
 }
 
-fn groups_named(actions: &[Action], out: &mut Vec<u32>) {
+/// Group ids an action list names: a few at most, kept on the stack.
+type Named = smallvec::SmallVec<[u32; 4]>;
+
+fn groups_named(actions: &[Action], out: &mut Named) {
     for a in actions {
         match a {
             Action::Group(g) => out.push(*g),
@@ -280,7 +283,7 @@ impl Bridge {
     }
 
     fn check_actions(&self, table: u8, actions: &[Action]) -> Result<(), OvsError> {
-        let mut named = Vec::new();
+        let mut named = Named::new();
         groups_named(actions, &mut named);
         if let Some(g) = named.iter().find(|g| !self.groups.contains_key(g)) {
             return Err(OvsError::BadOutGroup(*g));
@@ -299,7 +302,7 @@ impl Bridge {
     }
 
     fn unindex_groups(&mut self, id: FlowId, actions: &[Action]) {
-        let mut named = Vec::new();
+        let mut named = Named::new();
         groups_named(actions, &mut named);
         for g in named {
             if let Some(u) = self.group_users.get_mut(&g) {
@@ -325,7 +328,7 @@ impl Bridge {
             .entry(f.table)
             .or_default()
             .insert(&f.matches, f.priority, id);
-        let mut named = Vec::new();
+        let mut named = Named::new();
         groups_named(&f.actions, &mut named);
         self.flows.insert(id, e);
         for g in named {
@@ -499,15 +502,16 @@ impl Bridge {
                 "an indirect group has exactly one bucket".into(),
             ));
         }
-        let mut ids = BTreeSet::new();
+        // Bucket ids sorted to find a repeat: a group has a few buckets and a full sync adds
+        // thousands of groups, so no tree per group.
+        let mut ids: smallvec::SmallVec<[u32; 16]> =
+            g.buckets.iter().map(|b| b.bucket_id).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(OvsError::BadBucket(format!("bucket_id {} twice", w[0])));
+        }
         for b in &g.buckets {
-            if !ids.insert(b.bucket_id) {
-                return Err(OvsError::BadBucket(format!(
-                    "bucket_id {} twice",
-                    b.bucket_id
-                )));
-            }
-            let mut named = Vec::new();
+            let mut named = Named::new();
             groups_named(&b.actions, &mut named);
             if named.contains(&g.group_id) {
                 return Err(OvsError::GroupLoop(g.group_id));
@@ -545,6 +549,7 @@ impl Bridge {
         if r.is_err() {
             self.rollback(undo);
         }
+        self.flows.compact();
         r
     }
 
@@ -567,6 +572,7 @@ impl Bridge {
         for t in self.tables.values_mut() {
             t.end_bundle();
         }
+        self.flows.compact();
         result
     }
 
@@ -576,14 +582,30 @@ impl Bridge {
         if mods.len() < WORTH_IT {
             return;
         }
+        // Counted in runs: a compiler adds flows of one shape after another, so most adds
+        // are checked against the previous shape, not looked up.
         let mut adds: BTreeMap<(u8, crate::classifier::Signature), usize> = BTreeMap::new();
+        let mut run: Option<((u8, crate::classifier::Signature), usize)> = None;
         for m in mods {
-            if let FlowMod::Add(f) = m {
-                *adds
-                    .entry((f.table, crate::classifier::signature(&f.matches)))
-                    .or_default() += 1;
+            let FlowMod::Add(f) = m else { continue };
+            match &mut run {
+                Some(((table, sig), n))
+                    if *table == f.table && crate::classifier::has_signature(&f.matches, sig) =>
+                {
+                    *n += 1;
+                }
+                _ => {
+                    if let Some((k, n)) = run.take() {
+                        *adds.entry(k).or_default() += n;
+                    }
+                    run = Some(((f.table, crate::classifier::signature(&f.matches)), 1));
+                }
             }
         }
+        if let Some((k, n)) = run {
+            *adds.entry(k).or_default() += n;
+        }
+        self.flows.reserve(adds.values().sum());
         for ((table, sig), n) in adds {
             if n >= WORTH_IT {
                 self.tables.entry(table).or_default().reserve(&sig, n);

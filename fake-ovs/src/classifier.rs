@@ -37,9 +37,10 @@ impl Subtable {
 /// One OpenFlow table's classifier.
 #[derive(Debug, Clone, Default)]
 pub struct Classifier {
-    subtables: BTreeMap<Vec<(usize, u128)>, Subtable>,
-    /// Signatures by descending max priority.
-    order: Vec<(u16, Vec<(usize, u128)>)>,
+    /// A table has a handful of signatures: found by a scan, visited by index.
+    subtables: Vec<Subtable>,
+    /// Subtable indices by descending max priority (then signature).
+    order: Vec<(u16, usize)>,
     len: usize,
     /// Room to make in subtables a bundle is about to create (see `reserve`).
     reserved: Vec<(Vec<(usize, u128)>, usize)>,
@@ -53,15 +54,31 @@ pub type Signature = SmallVec<[(usize, u128); 8]>;
 
 // A match's fields come in field order, so signature and key line up without sorting.
 // Built on the stack: inserting a flow allocates only for a new subtable or a new key.
+// Pushed one by one: a generic `collect` into a SmallVec costs several times as much, and a
+// full sync computes 100,000 of each.
 pub fn signature(m: &Match) -> Signature {
-    m.fields
-        .iter()
-        .map(|(f, (_, mask))| (slot(*f), *mask))
-        .collect()
+    let mut sig = Signature::new();
+    for (f, (_, mask)) in &m.fields {
+        sig.push((slot(*f), *mask));
+    }
+    sig
 }
 
-fn key(m: &Match) -> SmallVec<[u128; 8]> {
-    m.fields.iter().map(|(_, (v, _))| *v).collect()
+/// Whether `m`'s mask signature is `sig`, without building it.
+pub fn has_signature(m: &Match, sig: &[(usize, u128)]) -> bool {
+    m.fields.len() == sig.len()
+        && m.fields
+            .iter()
+            .zip(sig)
+            .all(|((f, (_, mask)), (s, smask))| mask == smask && slot(*f) == *s)
+}
+
+fn key(m: &Match) -> RuleKey {
+    let mut k = RuleKey::new();
+    for (_, (v, _)) in &m.fields {
+        k.push(*v);
+    }
+    k
 }
 
 impl Classifier {
@@ -78,21 +95,39 @@ impl Classifier {
         self.subtables.len()
     }
 
+    fn find(&self, sig: &[(usize, u128)]) -> Option<usize> {
+        self.subtables
+            .iter()
+            .position(|st| st.signature.as_slice() == sig)
+    }
+
+    /// The subtable of `m`'s signature, found without building the signature.
+    fn find_match(&self, m: &Match) -> Option<usize> {
+        self.subtables
+            .iter()
+            .position(|st| has_signature(m, &st.signature))
+    }
+
     fn reorder(&mut self) {
-        let mut order: Vec<(u16, Vec<(usize, u128)>)> = self
+        let mut order: Vec<(u16, usize)> = self
             .subtables
             .iter()
-            .filter_map(|(sig, st)| st.max_priority().map(|p| (p, sig.clone())))
+            .enumerate()
+            .filter_map(|(i, st)| st.max_priority().map(|p| (p, i)))
             .collect();
-        order.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let subtables = &self.subtables;
+        order.sort_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then_with(|| subtables[a.1].signature.cmp(&subtables[b.1].signature))
+        });
         self.order = order;
     }
 
     /// Makes room for `additional` more flows with signature `sig`: a bundle of many adds
     /// then grows each hash table once instead of rehashing it as it doubles.
     pub fn reserve(&mut self, sig: &[(usize, u128)], additional: usize) {
-        match self.subtables.get_mut(sig) {
-            Some(st) => st.rules.reserve(additional),
+        match self.find(sig) {
+            Some(i) => self.subtables[i].rules.reserve(additional),
             None => self.reserved.push((sig.to_vec(), additional)),
         }
     }
@@ -106,27 +141,28 @@ impl Classifier {
     /// classifier and its id returned (OpenFlow keeps one; the caller drops the old entry):
     /// the lookup for that and the insertion share one probe.
     pub fn insert(&mut self, m: &Match, priority: u16, id: FlowId) -> Option<FlowId> {
-        let sig = signature(m);
-        if !self.subtables.contains_key(sig.as_slice()) {
-            let room = self
-                .reserved
-                .iter()
-                .position(|(s, _)| s.as_slice() == sig.as_slice())
-                .map_or(0, |i| self.reserved.swap_remove(i).1);
-            let mut rules = FnvMap::default();
-            rules.reserve(room);
-            self.subtables.insert(
-                sig.to_vec(),
-                Subtable {
+        let i = match self.find_match(m) {
+            Some(i) => i,
+            None => {
+                let sig = signature(m);
+                let room = self
+                    .reserved
+                    .iter()
+                    .position(|(s, _)| s.as_slice() == sig.as_slice())
+                    .map_or(0, |i| self.reserved.swap_remove(i).1);
+                let mut rules = FnvMap::default();
+                rules.reserve(room);
+                self.subtables.push(Subtable {
                     signature: sig.to_vec(),
                     rules,
                     priorities: BTreeMap::new(),
-                },
-            );
-        }
-        let st = self.subtables.get_mut(sig.as_slice())?;
+                });
+                self.subtables.len() - 1
+            }
+        };
+        let st = &mut self.subtables[i];
         let before = st.max_priority();
-        let list = st.rules.entry(key(m).into_iter().collect()).or_default();
+        let list = st.rules.entry(key(m)).or_default();
         if let Some(i) = list.iter().position(|(p, _)| *p == priority) {
             let old = list[i].1;
             list[i].1 = id;
@@ -146,10 +182,10 @@ impl Classifier {
     }
 
     pub fn remove(&mut self, m: &Match, priority: u16, id: FlowId) {
-        let sig = signature(m);
-        let Some(st) = self.subtables.get_mut(sig.as_slice()) else {
+        let Some(i) = self.find_match(m) else {
             return;
         };
+        let st = &mut self.subtables[i];
         let before = st.max_priority();
         let k = key(m);
         let mut removed = false;
@@ -173,16 +209,16 @@ impl Classifier {
         }
         let after = st.max_priority();
         if st.rules.is_empty() {
-            self.subtables.remove(sig.as_slice());
-        }
-        if before != after {
+            self.subtables.swap_remove(i);
+            self.reorder();
+        } else if before != after {
             self.reorder();
         }
     }
 
     /// The flow whose match is exactly `m` (same fields, masks and values) at `priority`.
     pub fn find_exact(&self, m: &Match, priority: u16) -> Option<FlowId> {
-        let st = self.subtables.get(signature(m).as_slice())?;
+        let st = &self.subtables[self.find_match(m)?];
         st.rules
             .get(key(m).as_slice())?
             .iter()
@@ -200,7 +236,7 @@ impl Classifier {
             {
                 break;
             }
-            let st = &self.subtables[sig];
+            let st = &self.subtables[*sig];
             key.clear();
             key.extend(st.signature.iter().map(|(s, m)| p.v[*s] & m));
             if let Some(&(prio, id)) = st.rules.get(key.as_slice()).and_then(|l| l.first()) {

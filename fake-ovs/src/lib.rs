@@ -8,6 +8,7 @@
 //!   that use it), atomic bundles, per-flow counters, `dump-flows`/`dump-groups` text, and a
 //!   restart that wipes flows and groups but keeps ports and conntrack.
 //! - [`classifier`]: tuple-space search (one ordered map per mask signature).
+//! - [`store`]: the flows by id, in the order they were added.
 //! - [`conntrack`]: zones, states, commit, mark and label, SNAT/DNAT and reply un-NAT,
 //!   timeouts, flush.
 //! - [`trace`]: the pipeline, `ofproto/trace` style.
@@ -22,6 +23,7 @@ pub mod fnv;
 pub mod hash;
 pub mod packet;
 pub mod real;
+pub mod store;
 pub mod trace;
 
 pub use bridge::{Bridge, FlowMod, OvsError, Port};

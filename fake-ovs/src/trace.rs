@@ -66,7 +66,7 @@ struct Ctx {
     stop: bool,
 }
 
-fn fields_hash(fields: &[String], p: &Packet) -> u32 {
+fn fields_hash(fields: &[std::borrow::Cow<'static, str>], p: &Packet) -> u32 {
     // Hashed in OVS's field-id order, each in network byte order; fields whose
     // prerequisites the packet lacks are skipped (as OVS does).
     let mut ids: Vec<Field> = fields.iter().filter_map(|n| Field::from_name(n)).collect();

@@ -507,7 +507,7 @@ fn apply(w: &mut World, c: &Change) -> ServicePortKey {
     let name = |i: u8| format!("svc-{i}");
     let key = |i: u8| ServicePortKey {
         namespace: "default".into(),
-        name: name(i),
+        name: name(i).into(),
         port: "p".into(),
     };
     match c {

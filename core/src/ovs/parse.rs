@@ -700,7 +700,7 @@ pub fn parse_group(text: &str) -> Result<Group, ParseError> {
         {
             for (fo, f) in split_top(inner, o + 7, false)? {
                 Field::from_name(f).ok_or_else(|| err(fo, f, "unknown field"))?;
-                group.fields.push(f.to_string());
+                group.fields.push(f.to_string().into());
             }
             continue;
         }
@@ -721,10 +721,10 @@ pub fn parse_group(text: &str) -> Result<Group, ParseError> {
                     _ => return Err(err(o + 5, v, "type must be all, select or indirect")),
                 }
             }
-            "selection_method" => group.selection_method = Some(v.to_string()),
+            "selection_method" => group.selection_method = Some(v.to_string().into()),
             "fields" => {
                 Field::from_name(v).ok_or_else(|| err(o + 7, v, "unknown field"))?;
-                group.fields.push(v.to_string());
+                group.fields.push(v.to_string().into());
             }
             _ => return Err(err(o, tok, format!("unknown group property {k:?}"))),
         }

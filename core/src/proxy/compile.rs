@@ -15,6 +15,8 @@
 //!   one flow per endpoint, shared by every service that uses it, commits the connection with
 //!   `nat(dst=ip:port)` and goes on to [`table::FORWARD`].
 
+use std::borrow::Cow;
+
 use crate::ovs::field::Field;
 use crate::ovs::flow::{
     Action, Bucket, CtZone, Flow, Group, GroupType, Learn, LearnSpec, Match, Nat, Subfield,
@@ -73,11 +75,6 @@ pub mod cookie {
     pub fn next_round(previous: Option<u16>) -> u16 {
         previous.map_or(1, |r| r.wrapping_add(1).max(1))
     }
-}
-
-fn proto_match(m: &mut Match, protocol: u8) {
-    m.exact(Field::EthType, 0x0800);
-    m.exact(Field::IpProto, u128::from(protocol));
 }
 
 fn l4_fields(protocol: u8) -> (&'static str, &'static str) {
@@ -185,10 +182,12 @@ pub fn endpoint_id(protocol: u8, e: &Endpoint) -> u64 {
 
 /// The shared DNAT flow of one endpoint.
 pub fn endpoint_flow(round: u16, protocol: u8, e: &Endpoint) -> Flow {
-    let mut m = Match::default();
-    proto_match(&mut m, protocol);
-    m.exact(Field::Reg(0), u128::from(e.ip));
-    m.set(Field::Reg(1), u128::from(e.port), 0xffff);
+    let m = Match::from_constraints(&[
+        (Field::EthType, 0x0800, u128::MAX),
+        (Field::IpProto, u128::from(protocol), u128::MAX),
+        (Field::Reg(0), u128::from(e.ip), u128::MAX),
+        (Field::Reg(1), u128::from(e.port), 0xffff),
+    ]);
     Flow {
         cookie: cookie::make(round, cookie::KIND_ENDPOINT, endpoint_id(protocol, e)),
         table: table::ENDPOINT_DNAT,
@@ -224,46 +223,45 @@ fn reg(n: u8, ofs: u32, bits: u32) -> Subfield {
 /// endpoints does not move the connections of the others (highest-random-weight hashing).
 pub fn group(sp: &ServicePort, group_id: u32) -> Group {
     let (src, dst) = l4_fields(sp.protocol);
-    // Bucket ids taken so far: a few per group, so a scan beats a tree.
-    let mut used: Vec<u32> = Vec::with_capacity(sp.endpoints.len());
-    let buckets = sp
-        .endpoints
-        .iter()
-        .map(|e| {
-            let mut id = (endpoint_id(sp.protocol, e) & 0x7fff_ffff) as u32;
-            while used.contains(&id) {
-                id = (id + 1) & 0x7fff_ffff;
-            }
-            used.push(id);
-            let mut actions = vec![
-                Action::Load {
-                    dst: reg(0, 0, 32),
-                    value: u128::from(e.ip),
-                },
-                Action::Load {
-                    dst: reg(1, 0, 16),
-                    value: u128::from(e.port),
-                },
-            ];
-            if let Some(timeout) = sp.affinity_timeout {
-                actions.push(affinity_learn(sp, timeout));
-            }
-            actions.push(Action::Resubmit {
-                port: None,
-                table: Some(table::ENDPOINT_DNAT),
-            });
-            Bucket {
-                bucket_id: id,
-                weight: 100,
-                actions,
-            }
-        })
-        .collect();
+    let mut buckets: Vec<Bucket> = Vec::with_capacity(sp.endpoints.len());
+    for e in &sp.endpoints {
+        // Bucket ids taken so far: a few per group, so a scan beats a tree.
+        let mut id = (endpoint_id(sp.protocol, e) & 0x7fff_ffff) as u32;
+        while buckets.iter().any(|b| b.bucket_id == id) {
+            id = (id + 1) & 0x7fff_ffff;
+        }
+        let mut actions = Vec::with_capacity(4);
+        actions.push(Action::Load {
+            dst: reg(0, 0, 32),
+            value: u128::from(e.ip),
+        });
+        actions.push(Action::Load {
+            dst: reg(1, 0, 16),
+            value: u128::from(e.port),
+        });
+        if let Some(timeout) = sp.affinity_timeout {
+            actions.push(affinity_learn(sp, timeout));
+        }
+        actions.push(Action::Resubmit {
+            port: None,
+            table: Some(table::ENDPOINT_DNAT),
+        });
+        buckets.push(Bucket {
+            bucket_id: id,
+            weight: 100,
+            actions,
+        });
+    }
     Group {
         group_id,
         group_type: GroupType::Select,
-        selection_method: Some("hash".into()),
-        fields: vec!["ip_src".into(), "ip_dst".into(), src.into(), dst.into()],
+        selection_method: Some(Cow::Borrowed("hash")),
+        fields: vec![
+            Cow::Borrowed("ip_src"),
+            Cow::Borrowed("ip_dst"),
+            Cow::Borrowed(src),
+            Cow::Borrowed(dst),
+        ],
         buckets,
     }
 }
@@ -324,19 +322,21 @@ fn affinity_learn(sp: &ServicePort, timeout: u32) -> Action {
 pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u32]) -> Vec<Flow> {
     let c = cookie::make(round, cookie::KIND_SERVICE, u64::from(group_id));
     let entry = |dst_ip: u32, dst_port: u16| {
-        let mut m = Match::default();
-        proto_match(&mut m, sp.protocol);
-        m.exact(Field::IpDst, u128::from(dst_ip));
-        m.exact(Field::TpDst, u128::from(dst_port));
-        m
+        Match::from_constraints(&[
+            (Field::EthType, 0x0800, u128::MAX),
+            (Field::IpProto, u128::from(sp.protocol), u128::MAX),
+            (Field::IpDst, u128::from(dst_ip), u128::MAX),
+            (Field::TpDst, u128::from(dst_port), u128::MAX),
+        ])
     };
-    let mut entries = vec![(entry(sp.cluster_ip, sp.port), 200)];
-    if let Some(np) = sp.node_port {
-        for ip in node_ips {
-            entries.push((entry(*ip, np), 190));
-        }
-    }
-    let mut flows = Vec::new();
+    let node_entries = sp.node_port.map_or(&[][..], |_| node_ips);
+    let entries = std::iter::once((entry(sp.cluster_ip, sp.port), 200)).chain(
+        node_entries
+            .iter()
+            .map(|ip| (entry(*ip, sp.node_port.unwrap_or_default()), 190)),
+    );
+    let per_entry = if sp.affinity_timeout.is_some() { 3 } else { 1 };
+    let mut flows = Vec::with_capacity((1 + node_entries.len()) * per_entry);
     for (m, priority) in entries {
         if sp.endpoints.is_empty() {
             // No endpoint: reject (the agent answers), never a silent drop.

@@ -66,10 +66,12 @@ pub struct Proxy {
     /// The round a previous run of the agent installed, deleted by the first sync.
     previous_round: Option<u16>,
     static_installed: bool,
-    installed: BTreeMap<ServicePortKey, Installed>,
+    /// Hash maps: looked up per changed key (a tree compares three strings per level),
+    /// iterated only where order cannot reach the output.
+    installed: KeyMap<Installed>,
     /// (protocol, endpoint) -> how many service ports use its DNAT flow.
     endpoint_refs: RefMap,
-    group_ids: BTreeMap<ServicePortKey, u32>,
+    group_ids: KeyMap<u32>,
     free_ids: BTreeSet<u32>,
     next_id: u32,
     /// Groups found on the bridge at start (from a previous run): modified, not added.
@@ -111,9 +113,9 @@ impl Proxy {
             round,
             previous_round,
             static_installed: false,
-            installed: BTreeMap::new(),
+            installed: KeyMap::default(),
             endpoint_refs: RefMap::default(),
-            group_ids: BTreeMap::new(),
+            group_ids: KeyMap::default(),
             free_ids: BTreeSet::new(),
             next_id: 1,
             existing_groups,
@@ -170,18 +172,27 @@ impl Proxy {
         want: &BTreeMap<ServicePortKey, ServicePort>,
         changed: &BTreeSet<ServicePortKey>,
     ) -> Result<SyncReport, BridgeError> {
-        let keys: Vec<&ServicePortKey> = changed.iter().collect();
-        self.sync_keys(bridge, want, &keys)
+        let keys: Vec<(&ServicePortKey, Option<&ServicePort>)> =
+            changed.iter().map(|k| (k, want.get(k))).collect();
+        self.sync_keys(bridge, &keys)
     }
 
-    /// `sync` over `keys` (sorted, distinct), borrowed so that a full sync copies no key.
+    /// `sync` over `keys` (sorted, distinct) with what is wanted of each, borrowed so that a
+    /// full sync copies no key and looks none up again.
     fn sync_keys<B: OpenFlowBridge>(
         &mut self,
         bridge: &mut B,
-        want: &BTreeMap<ServicePortKey, ServicePort>,
-        keys: &[&ServicePortKey],
+        keys: &[(&ServicePortKey, Option<&ServicePort>)],
     ) -> Result<SyncReport, BridgeError> {
-        let mut ops: Vec<OfOp> = Vec::with_capacity(keys.len() * 2);
+        // Sized for the changed ports' endpoint flows, group and service flows: a full sync of
+        // 10,000 ports makes 120,000 operations, and growing the vector copies them all again.
+        let endpoints: usize = keys
+            .iter()
+            .filter_map(|(_, sp)| *sp)
+            .map(|sp| sp.endpoints.len())
+            .sum();
+        let mut ops: Vec<OfOp> =
+            Vec::with_capacity(endpoints + keys.len() * (4 + 3 * self.cfg.node_ips.len()));
         let mut tail: Vec<OfOp> = Vec::new();
         let mut flush: Vec<ConntrackFilter> = Vec::new();
         let round = self.round;
@@ -196,16 +207,10 @@ impl Proxy {
             delta: DeltaMap::default(),
         };
         // About one endpoint reference per changed key's endpoint: no rehashing midway.
-        refs.delta.reserve(
-            keys.iter()
-                .filter_map(|k| want.get(*k))
-                .map(|sp| sp.endpoints.len())
-                .sum(),
-        );
+        refs.delta.reserve(endpoints);
         let mut new_installed: Vec<(ServicePortKey, Option<Installed>)> = Vec::new();
         let mut released: Vec<ServicePortKey> = Vec::new();
-        for &key in keys {
-            let wanted = want.get(key);
+        for &(key, wanted) in keys {
             let id = wanted.is_some().then(|| self.group_id(key));
             let old = self.installed.get(key);
             let node_ips = &self.cfg.node_ips;
@@ -392,12 +397,13 @@ impl Proxy {
             .filter(|k| !want.contains_key(*k))
             .cloned()
             .collect();
-        let mut keys: Vec<&ServicePortKey> = want.keys().collect();
+        let mut keys: Vec<(&ServicePortKey, Option<&ServicePort>)> =
+            want.iter().map(|(k, sp)| (k, Some(sp))).collect();
         if !gone.is_empty() {
-            keys.extend(&gone);
-            keys.sort();
+            keys.extend(gone.iter().map(|k| (k, None)));
+            keys.sort_by(|a, b| a.0.cmp(b.0));
         }
-        self.sync_keys(bridge, want, &keys)
+        self.sync_keys(bridge, &keys)
     }
 }
 
@@ -408,25 +414,37 @@ struct RefDelta<'a> {
     delta: DeltaMap,
 }
 
-type DeltaMap = HashMap<(u8, Endpoint), i64, std::hash::BuildHasherDefault<EndpointHasher>>;
+type KeyMap<V> = HashMap<ServicePortKey, V, std::hash::BuildHasherDefault<KeyHasher>>;
+
+type DeltaMap = HashMap<(u8, Endpoint), i64, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// Endpoint reference counts. A hash map: only looked up and updated, never iterated, so its
 /// order cannot reach any output.
-type RefMap = HashMap<(u8, Endpoint), usize, std::hash::BuildHasherDefault<EndpointHasher>>;
+type RefMap = HashMap<(u8, Endpoint), i64, std::hash::BuildHasherDefault<KeyHasher>>;
 
-/// A multiplicative hash for the 7-byte (protocol, endpoint) keys of [`DeltaMap`]: a full
-/// sync makes a lookup per endpoint, and SipHash's DoS resistance buys nothing for keys the
-/// proxy makes itself (the map is never iterated into output, so the hash cannot reach it).
+/// A multiplicative hash, a word at a time, for the proxy's maps (endpoints, service port
+/// keys): a full sync makes a lookup per endpoint and per port, and SipHash's DoS resistance
+/// buys little for keys from the cluster's own objects. Fixed, not seeded: no map hashed with
+/// it is iterated into output, and a fixed hash keeps any accident of order reproducible.
 #[derive(Default)]
-struct EndpointHasher(u64);
+struct KeyHasher(u64);
 
-impl std::hash::Hasher for EndpointHasher {
+impl std::hash::Hasher for KeyHasher {
     fn finish(&self) -> u64 {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.write_u64(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
         }
     }
     fn write_u8(&mut self, n: u8) {
@@ -444,14 +462,20 @@ impl std::hash::Hasher for EndpointHasher {
 }
 
 /// Applies a sync's reference changes: the cost of the delta, whatever the map's size.
-fn refs_commit(refs: &mut RefMap, delta: DeltaMap) {
+fn refs_commit(refs: &mut RefMap, mut delta: DeltaMap) {
+    if refs.is_empty() {
+        // The first sync: the delta is the counts (kept in one pass, not inserted anew).
+        delta.retain(|_, n| *n > 0);
+        *refs = delta;
+        return;
+    }
     refs.reserve(delta.len().saturating_sub(refs.capacity() - refs.len()));
     for (k, d) in delta {
-        let n = refs.get(&k).copied().unwrap_or(0) as i64 + d;
+        let n = refs.get(&k).copied().unwrap_or(0) + d;
         if n <= 0 {
             refs.remove(&k);
         } else {
-            refs.insert(k, n as usize);
+            refs.insert(k, n);
         }
     }
 }
@@ -459,7 +483,7 @@ fn refs_commit(refs: &mut RefMap, delta: DeltaMap) {
 impl RefDelta<'_> {
     /// Adds `d` to the count of `k`; returns the new count.
     fn add(&mut self, k: (u8, Endpoint), d: i64) -> i64 {
-        let base = self.base.get(&k).copied().unwrap_or(0) as i64;
+        let base = self.base.get(&k).copied().unwrap_or(0);
         let delta = self.delta.entry(k).or_default();
         *delta += d;
         base + *delta
