@@ -9,6 +9,7 @@
 //!   error body, and the production HTTP client with NSX's retry, auth and pagination rules.
 //! - [`k8s`]: the controller's view of the cluster.
 //! - [`ncp`]: NCP: desired NSX state, observation by tags, planning, applying.
+//! - [`hash`]: the fixed hash of the proxy's and the fake switch's lookup tables.
 //! - [`rng`]: the small seeded random source every component takes instead of OS randomness.
 //!
 //! ```
@@ -21,6 +22,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod hash;
 pub mod k8s;
 pub mod ncp;
 pub mod nsx;

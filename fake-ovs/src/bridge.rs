@@ -582,31 +582,20 @@ impl Bridge {
         if mods.len() < WORTH_IT {
             return;
         }
-        // Counted in runs: a compiler adds flows of one shape after another, so most adds
-        // are checked against the previous shape, not looked up.
-        let mut adds: BTreeMap<(u8, crate::classifier::Signature), usize> = BTreeMap::new();
-        let mut run: Option<((u8, crate::classifier::Signature), usize)> = None;
+        // A bundle's adds come in a handful of shapes: a scan, comparing each match's shape
+        // without building its signature.
+        let mut adds: Vec<(u8, crate::classifier::Signature, usize)> = Vec::new();
         for m in mods {
             let FlowMod::Add(f) = m else { continue };
-            match &mut run {
-                Some(((table, sig), n))
-                    if *table == f.table && crate::classifier::has_signature(&f.matches, sig) =>
-                {
-                    *n += 1;
-                }
-                _ => {
-                    if let Some((k, n)) = run.take() {
-                        *adds.entry(k).or_default() += n;
-                    }
-                    run = Some(((f.table, crate::classifier::signature(&f.matches)), 1));
-                }
+            match adds.iter_mut().find(|(table, sig, _)| {
+                *table == f.table && crate::classifier::has_signature(&f.matches, sig)
+            }) {
+                Some((_, _, n)) => *n += 1,
+                None => adds.push((f.table, crate::classifier::signature(&f.matches), 1)),
             }
         }
-        if let Some((k, n)) = run {
-            *adds.entry(k).or_default() += n;
-        }
-        self.flows.reserve(adds.values().sum());
-        for ((table, sig), n) in adds {
+        self.flows.reserve(adds.iter().map(|(_, _, n)| n).sum());
+        for (table, sig, n) in adds {
             if n >= WORTH_IT {
                 self.tables.entry(table).or_default().reserve(&sig, n);
             }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use smallvec::SmallVec;
 
-use crate::fnv::FnvMap;
+use nsx_core::hash::WordMap;
 
 use nsx_core::ovs::flow::Match;
 
@@ -24,7 +24,7 @@ struct Subtable {
     /// only looked up, never iterated, so its order cannot reach any output.
     /// Most keys hold one flow, kept inline; most keys are of four fields or fewer, kept
     /// inline too (a full sync inserts 100,000 flows: an allocation each adds up).
-    rules: FnvMap<RuleKey, SmallVec<[(u16, FlowId); 1]>>,
+    rules: WordMap<RuleKey, SmallVec<[(u16, FlowId); 1]>>,
     priorities: BTreeMap<u16, usize>,
 }
 
@@ -150,7 +150,7 @@ impl Classifier {
                     .iter()
                     .position(|(s, _)| s.as_slice() == sig.as_slice())
                     .map_or(0, |i| self.reserved.swap_remove(i).1);
-                let mut rules = FnvMap::default();
+                let mut rules = WordMap::default();
                 rules.reserve(room);
                 self.subtables.push(Subtable {
                     signature: sig.to_vec(),

@@ -19,7 +19,6 @@
 pub mod bridge;
 pub mod classifier;
 pub mod conntrack;
-pub mod fnv;
 pub mod hash;
 pub mod packet;
 pub mod real;

@@ -330,14 +330,15 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
             (Field::TpDst, u128::from(dst_port), u128::MAX),
         ])
     };
-    let node_entries = sp.node_port.map_or(&[][..], |_| node_ips);
-    let entries = std::iter::once((entry(sp.cluster_ip, sp.port), 200)).chain(
-        node_entries
-            .iter()
-            .map(|ip| (entry(*ip, sp.node_port.unwrap_or_default()), 190)),
-    );
+    let mut entries = Vec::with_capacity(1 + node_ips.len());
+    entries.push((entry(sp.cluster_ip, sp.port), 200));
+    if let Some(np) = sp.node_port {
+        for ip in node_ips {
+            entries.push((entry(*ip, np), 190));
+        }
+    }
     let per_entry = if sp.affinity_timeout.is_some() { 3 } else { 1 };
-    let mut flows = Vec::with_capacity((1 + node_entries.len()) * per_entry);
+    let mut flows = Vec::with_capacity(entries.len() * per_entry);
     for (m, priority) in entries {
         if sp.endpoints.is_empty() {
             // No endpoint: reject (the agent answers), never a silent drop.

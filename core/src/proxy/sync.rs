@@ -5,7 +5,9 @@
 //! installs everything under the next round and deletes the previous one in the same bundle;
 //! after an OVS restart everything is replayed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::hash::WordMap;
 
 use crate::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
 use crate::ovs::flow::Group;
@@ -414,52 +416,13 @@ struct RefDelta<'a> {
     delta: DeltaMap,
 }
 
-type KeyMap<V> = HashMap<ServicePortKey, V, std::hash::BuildHasherDefault<KeyHasher>>;
+type KeyMap<V> = WordMap<ServicePortKey, V>;
 
-type DeltaMap = HashMap<(u8, Endpoint), i64, std::hash::BuildHasherDefault<KeyHasher>>;
+type DeltaMap = WordMap<(u8, Endpoint), i64>;
 
 /// Endpoint reference counts. A hash map: only looked up and updated, never iterated, so its
 /// order cannot reach any output.
-type RefMap = HashMap<(u8, Endpoint), i64, std::hash::BuildHasherDefault<KeyHasher>>;
-
-/// A multiplicative hash, a word at a time, for the proxy's maps (endpoints, service port
-/// keys): a full sync makes a lookup per endpoint and per port, and SipHash's DoS resistance
-/// buys little for keys from the cluster's own objects. Fixed, not seeded: no map hashed with
-/// it is iterated into output, and a fixed hash keeps any accident of order reproducible.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.write_u64(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.write_u64(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
-        }
-    }
-    fn write_u8(&mut self, n: u8) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u16(&mut self, n: u16) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
+type RefMap = WordMap<(u8, Endpoint), i64>;
 
 /// Applies a sync's reference changes: the cost of the delta, whatever the map's size.
 fn refs_commit(refs: &mut RefMap, mut delta: DeltaMap) {
