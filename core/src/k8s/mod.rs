@@ -3,7 +3,7 @@
 //! Stores are `BTreeMap`s so everything computed from a view (desired NSX state, plans) comes
 //! out in the same order every time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -93,6 +93,11 @@ pub mod fingerprint {
         let mut h = start(1);
         hash_meta(&mut h, &p.metadata);
         hash_json(&mut h, &p.spec);
+        // A finished pod loses its port: the phase is read, the rest of the status is not.
+        p.status
+            .as_ref()
+            .and_then(|s| s.phase.as_deref())
+            .hash(&mut h);
         h.finish()
     }
 
@@ -124,6 +129,114 @@ pub mod fingerprint {
         hash_meta(&mut h, &p.metadata);
         hash_json(&mut h, &p.spec);
         h.finish()
+    }
+}
+
+/// What changed between two views, by object key: what an incremental pass recomputes. A
+/// change NCP does not read (a pod's IP in its status, a resourceVersion) is not one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewChanges {
+    pub namespaces: BTreeSet<String>,
+    pub pods: BTreeSet<(String, String)>,
+    pub nodes: BTreeSet<String>,
+    pub services: BTreeSet<(String, String)>,
+    pub endpoint_slices: BTreeSet<(String, String)>,
+    pub network_policies: BTreeSet<(String, String)>,
+}
+
+/// Adds to `out` the keys whose object is in one map only, or whose fingerprint differs: one
+/// merge of two sorted maps.
+fn diff_maps<K: Ord + Clone, V>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    f: fn(&V) -> u64,
+    out: &mut BTreeSet<K>,
+) {
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.insert((*k).clone());
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.insert((*k).clone());
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.insert((*ka).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert((*kb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if f(va) != f(vb) {
+                        out.insert((*ka).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+impl ViewChanges {
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.pods.is_empty()
+            && self.nodes.is_empty()
+            && self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && self.network_policies.is_empty()
+    }
+
+    /// How many objects changed.
+    pub fn len(&self) -> usize {
+        self.namespaces.len()
+            + self.pods.len()
+            + self.nodes.len()
+            + self.services.len()
+            + self.endpoint_slices.len()
+            + self.network_policies.len()
+    }
+
+    /// Every object that differs between `old` and `new` in what NCP reads: a pass over both
+    /// views, for a relist and for tests; a running controller learns its changes from watch
+    /// events instead.
+    pub fn between(old: &ClusterView, new: &ClusterView) -> Self {
+        let mut c = Self::default();
+        diff_maps(
+            &old.namespaces,
+            &new.namespaces,
+            fingerprint::namespace,
+            &mut c.namespaces,
+        );
+        diff_maps(&old.pods, &new.pods, fingerprint::pod, &mut c.pods);
+        diff_maps(&old.nodes, &new.nodes, fingerprint::node, &mut c.nodes);
+        diff_maps(
+            &old.services,
+            &new.services,
+            fingerprint::service,
+            &mut c.services,
+        );
+        diff_maps(
+            &old.endpoint_slices,
+            &new.endpoint_slices,
+            fingerprint::endpoint_slice,
+            &mut c.endpoint_slices,
+        );
+        diff_maps(
+            &old.network_policies,
+            &new.network_policies,
+            fingerprint::network_policy,
+            &mut c.network_policies,
+        );
+        c
     }
 }
 

@@ -299,252 +299,327 @@ pub fn pod_is_wired(pod: &Pod) -> bool {
         && pod.metadata.uid.is_some()
 }
 
+/// The namespaces that get NSX objects: with a uid and not being deleted. Looked up in the
+/// view's own map, so that a fragment of the desired state costs no pass over the namespaces.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveNamespaces<'a>(pub &'a BTreeMap<String, Namespace>);
+
+fn namespace_is_live(ns: &Namespace) -> bool {
+    ns.metadata.uid.is_some() && ns.metadata.deletion_timestamp.is_none()
+}
+
+impl<'a> LiveNamespaces<'a> {
+    pub fn get(&self, name: &str) -> Option<&'a Namespace> {
+        self.0.get(name).filter(|ns| namespace_is_live(ns))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a Namespace)> + use<'a> {
+        self.0
+            .iter()
+            .filter(|(_, ns)| namespace_is_live(ns))
+            .map(|(n, ns)| (n.as_str(), ns))
+    }
+}
+
+/// The size of a namespace subnet of this prefix length.
+fn subnet_size(subnet_prefix: u8) -> u64 {
+    1u64 << (32 - u32::from(subnet_prefix.min(32)))
+}
+
 /// The desired state of the cluster's NSX objects.
 pub fn desired(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Desired {
     let mut objects = BTreeMap::new();
-    let size = 1u64 << (32 - u32::from(subnet_prefix.min(32)));
-    let mut live_ns: BTreeMap<&str, &Namespace> = BTreeMap::new();
-    for (name, ns) in &view.namespaces {
-        let Some(uid) = ns.metadata.uid.as_deref() else {
-            continue;
-        };
-        if ns.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        live_ns.insert(name.as_str(), ns);
-        let tags = ns_tags(cluster, ns);
-        let dn = naming::name(cluster, &[name]);
-        let spec = |detail: Detail, tags: Vec<Tag>, dn: String| Spec {
-            display_name: dn,
-            tags,
-            detail,
-        };
-        let u = uid.to_string();
-        objects.insert(
-            Key::Subnet(u.clone()),
-            spec(Detail::Subnet { size }, tags.clone(), dn.clone()),
-        );
-        objects.insert(
-            Key::Pool(u.clone()),
-            spec(Detail::Pool, tags.clone(), dn.clone()),
-        );
-        objects.insert(
-            Key::Switch(u.clone()),
-            spec(Detail::Switch, tags.clone(), dn.clone()),
-        );
-        objects.insert(
-            Key::Tier1(u.clone()),
-            spec(Detail::Tier1, tags.clone(), dn.clone()),
-        );
-        objects.insert(
-            Key::T0Link(u.clone()),
-            spec(
-                Detail::T0Link,
-                tags.clone(),
-                naming::name(cluster, &[name, "t0-link"]),
-            ),
-        );
-        objects.insert(
-            Key::T1Link(u.clone()),
-            spec(
-                Detail::T1Link,
-                tags.clone(),
-                naming::name(cluster, &[name, "t1-link"]),
-            ),
-        );
-        let mut port_tags = tags.clone();
-        port_tags.push(tag(scope::ROLE, "downlink"));
-        objects.insert(
-            Key::DownlinkSwitchPort(u.clone()),
-            spec(
-                Detail::DownlinkSwitchPort,
-                port_tags,
-                naming::name(cluster, &[name, "downlink"]),
-            ),
-        );
-        objects.insert(
-            Key::Downlink(u.clone()),
-            spec(
-                Detail::Downlink,
-                tags.clone(),
-                naming::name(cluster, &[name, "downlink"]),
-            ),
-        );
-        let no_snat = ns
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(annotation::NO_SNAT))
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        if !no_snat {
-            objects.insert(
-                Key::Snat(u.clone()),
-                spec(
-                    Detail::Snat,
-                    tags.clone(),
-                    naming::name(cluster, &[name, "snat"]),
-                ),
-            );
-        }
+    let live = LiveNamespaces(&view.namespaces);
+    for (name, ns) in live.iter() {
+        namespace_objects(cluster, subnet_prefix, name, ns, &mut objects);
     }
     for ((ns_name, pod_name), pod) in &view.pods {
-        let Some(ns) = live_ns.get(ns_name.as_str()) else {
-            continue;
-        };
-        if !pod_is_wired(pod) {
-            continue;
-        }
-        let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
-        let mut tags = ns_tags(cluster, ns);
-        tags.push(tag(scope::POD, pod_name));
-        tags.push(tag(scope::POD_UID, &pod_uid));
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        pod_objects(cluster, live, ns_name, pod_name, pod, &mut objects);
+    }
+    let mut any_lb = false;
+    for ((ns_name, svc_name), svc) in &view.services {
+        any_lb |= service_objects(view, cluster, live, ns_name, svc_name, svc, &mut objects);
+    }
+    if any_lb {
+        let servers = virtual_servers(&objects);
+        lb_objects(cluster, servers, &mut objects);
+    }
+    let problems = super::policy::policies(view, cluster, live, &mut objects);
+    Desired { objects, problems }
+}
+
+/// A live namespace's objects: subnet, pool, switch, tier-1 with its links and downlink, the
+/// SNAT rule unless opted out, and its NSGroup.
+pub fn namespace_objects(
+    cluster: &str,
+    subnet_prefix: u8,
+    name: &str,
+    ns: &Namespace,
+    objects: &mut BTreeMap<Key, Spec>,
+) {
+    let Some(uid) = ns.metadata.uid.as_deref() else {
+        return;
+    };
+    let size = subnet_size(subnet_prefix);
+    let tags = ns_tags(cluster, ns);
+    let dn = naming::name(cluster, &[name]);
+    let spec = |detail: Detail, tags: Vec<Tag>, dn: String| Spec {
+        display_name: dn,
+        tags,
+        detail,
+    };
+    let u = uid.to_string();
+    objects.insert(
+        Key::Subnet(u.clone()),
+        spec(Detail::Subnet { size }, tags.clone(), dn.clone()),
+    );
+    objects.insert(
+        Key::Pool(u.clone()),
+        spec(Detail::Pool, tags.clone(), dn.clone()),
+    );
+    objects.insert(
+        Key::Switch(u.clone()),
+        spec(Detail::Switch, tags.clone(), dn.clone()),
+    );
+    objects.insert(
+        Key::Tier1(u.clone()),
+        spec(Detail::Tier1, tags.clone(), dn.clone()),
+    );
+    objects.insert(
+        Key::T0Link(u.clone()),
+        spec(
+            Detail::T0Link,
+            tags.clone(),
+            naming::name(cluster, &[name, "t0-link"]),
+        ),
+    );
+    objects.insert(
+        Key::T1Link(u.clone()),
+        spec(
+            Detail::T1Link,
+            tags.clone(),
+            naming::name(cluster, &[name, "t1-link"]),
+        ),
+    );
+    let mut port_tags = tags.clone();
+    port_tags.push(tag(scope::ROLE, "downlink"));
+    objects.insert(
+        Key::DownlinkSwitchPort(u.clone()),
+        spec(
+            Detail::DownlinkSwitchPort,
+            port_tags,
+            naming::name(cluster, &[name, "downlink"]),
+        ),
+    );
+    objects.insert(
+        Key::Downlink(u.clone()),
+        spec(
+            Detail::Downlink,
+            tags.clone(),
+            naming::name(cluster, &[name, "downlink"]),
+        ),
+    );
+    let no_snat = ns
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotation::NO_SNAT))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    if !no_snat {
+        objects.insert(
+            Key::Snat(u),
+            spec(
+                Detail::Snat,
+                tags.clone(),
+                naming::name(cluster, &[name, "snat"]),
+            ),
+        );
+    }
+    let (key, group) = super::policy::ns_group(cluster, name, ns);
+    objects.insert(key, group);
+}
+
+/// A wired pod's logical port (nothing for a pod that needs none or whose namespace is not
+/// live).
+pub fn pod_objects(
+    cluster: &str,
+    live: LiveNamespaces<'_>,
+    ns_name: &str,
+    pod_name: &str,
+    pod: &Pod,
+    objects: &mut BTreeMap<Key, Spec>,
+) {
+    let Some(ns) = live.get(ns_name) else {
+        return;
+    };
+    if !pod_is_wired(pod) {
+        return;
+    }
+    let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+    let mut tags = ns_tags(cluster, ns);
+    tags.push(tag(scope::POD, pod_name));
+    tags.push(tag(scope::POD_UID, &pod_uid));
+    if let Some(labels) = &pod.metadata.labels {
         for (k, v) in labels.iter().take(naming::TAGS_MAX - tags.len()) {
             tags.push(tag(k, v));
         }
-        let node = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .unwrap_or_default();
+    }
+    let node = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    objects.insert(
+        Key::PodPort(pod_uid.clone()),
+        Spec {
+            display_name: naming::name(cluster, &[ns_name, pod_name]),
+            tags,
+            detail: Detail::PodPort {
+                namespace_uid: ns.metadata.uid.clone().unwrap_or_default(),
+                node,
+                app_id: format!("{ns_name}/{pod_name}"),
+                attachment_id: pod_uid,
+                vlan: None,
+            },
+        },
+    );
+}
+
+/// Service and endpoint labels and tags.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The service an endpoint slice belongs to (its `kubernetes.io/service-name` label).
+pub fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .map(String::as_str)
+}
+
+/// A LoadBalancer service's objects: per port a pool of the service's ready endpoints and a
+/// virtual server on the service VIP. Returns whether the service needs the cluster's load
+/// balancer at all.
+pub fn service_objects(
+    view: &ClusterView,
+    cluster: &str,
+    live: LiveNamespaces<'_>,
+    ns_name: &str,
+    svc_name: &str,
+    svc: &k8s_openapi::api::core::v1::Service,
+    objects: &mut BTreeMap<Key, Spec>,
+) -> bool {
+    let Some(ns) = live.get(ns_name) else {
+        return false;
+    };
+    let Some(spec) = svc.spec.as_ref() else {
+        return false;
+    };
+    if spec.type_.as_deref() != Some("LoadBalancer") || svc.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let Some(svc_uid) = svc.metadata.uid.clone() else {
+        return false;
+    };
+    // The namespace's slices, by range: a service costs its namespace's slices, not the
+    // cluster's.
+    let slices: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> = view
+        .endpoint_slices
+        .range((ns_name.to_string(), String::new())..)
+        .take_while(|((n, _), _)| n == ns_name)
+        .map(|(_, s)| s)
+        .filter(|s| slice_service(s) == Some(svc_name))
+        .collect();
+    for port in spec.ports.iter().flatten() {
+        let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+        if protocol != "TCP" && protocol != "UDP" {
+            continue;
+        }
+        let port_id = port
+            .name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| port.port.to_string());
+        let key = format!("{svc_uid}/{port_id}");
+        let mut tags = ns_tags(cluster, ns);
+        tags.push(tag(scope::SERVICE, &format!("{ns_name}/{svc_name}")));
+        tags.push(tag(scope::SERVICE_UID, &svc_uid));
+        tags.push(tag(scope::SERVICE_PORT, &port_id));
+        let mut members: Vec<(String, i32)> = Vec::new();
+        for slice in &slices {
+            let slice_port = slice.ports.iter().flatten().find(|p| {
+                p.name.clone().unwrap_or_default() == port.name.clone().unwrap_or_default()
+            });
+            let Some(target) = slice_port.and_then(|p| p.port) else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                    continue;
+                }
+                for a in &ep.addresses {
+                    members.push((a.clone(), target));
+                }
+            }
+        }
+        members.sort();
+        members.dedup();
+        let dn = naming::name(cluster, &[ns_name, svc_name, &port_id]);
         objects.insert(
-            Key::PodPort(pod_uid.clone()),
+            Key::LbPool(key.clone()),
             Spec {
-                display_name: naming::name(cluster, &[ns_name, pod_name]),
+                display_name: dn.clone(),
+                tags: tags.clone(),
+                detail: Detail::LbPool { members },
+            },
+        );
+        objects.insert(
+            Key::LbVirtualServer(key),
+            Spec {
+                display_name: dn,
                 tags,
-                detail: Detail::PodPort {
-                    namespace_uid: ns.metadata.uid.clone().unwrap_or_default(),
-                    node,
-                    app_id: format!("{ns_name}/{pod_name}"),
-                    attachment_id: pod_uid,
-                    vlan: None,
+                detail: Detail::LbVirtualServer {
+                    service_uid: svc_uid.clone(),
+                    port: port.port,
+                    protocol,
                 },
             },
         );
     }
-    load_balancers(view, cluster, &live_ns, &mut objects);
-    let problems = super::policy::policies(view, cluster, &live_ns, &mut objects);
-    Desired { objects, problems }
+    true
 }
 
-/// Service and endpoint labels and tags.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The virtual servers among `objects`, found by range (the key order puts them together).
+pub fn virtual_servers(objects: &BTreeMap<Key, Spec>) -> Vec<Key> {
+    objects
+        .range(Key::LbVirtualServer(String::new())..)
+        .take_while(|(k, _)| matches!(k, Key::LbVirtualServer(_)))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
 
-/// The objects LoadBalancer services need: one LB tier-1 and LB service per cluster, and per
-/// service port a pool of the service's ready endpoints and a virtual server on the service VIP.
-fn load_balancers(
-    view: &ClusterView,
-    cluster: &str,
-    live_ns: &BTreeMap<&str, &Namespace>,
-    objects: &mut BTreeMap<Key, Spec>,
-) {
+/// The cluster's load balancer: one LB tier-1 with its links and one LB service listing
+/// `virtual_servers`.
+pub fn lb_objects(cluster: &str, virtual_servers: Vec<Key>, objects: &mut BTreeMap<Key, Spec>) {
     let cluster_tags = vec![
         tag(scope::CLUSTER, cluster),
         tag(scope::VERSION, VERSION),
         tag(scope::ROLE, "lb"),
     ];
-    let mut any = false;
-    for ((ns_name, svc_name), svc) in &view.services {
-        let Some(ns) = live_ns.get(ns_name.as_str()) else {
-            continue;
-        };
-        let Some(spec) = svc.spec.as_ref() else {
-            continue;
-        };
-        if spec.type_.as_deref() != Some("LoadBalancer")
-            || svc.metadata.deletion_timestamp.is_some()
-        {
-            continue;
-        }
-        let Some(svc_uid) = svc.metadata.uid.clone() else {
-            continue;
-        };
-        any = true;
-        for port in spec.ports.iter().flatten() {
-            let protocol = port.protocol.clone().unwrap_or_else(|| "TCP".into());
-            if protocol != "TCP" && protocol != "UDP" {
-                continue;
-            }
-            let port_id = port
-                .name
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| port.port.to_string());
-            let key = format!("{svc_uid}/{port_id}");
-            let mut tags = ns_tags(cluster, ns);
-            tags.push(tag(scope::SERVICE, &format!("{ns_name}/{svc_name}")));
-            tags.push(tag(scope::SERVICE_UID, &svc_uid));
-            tags.push(tag(scope::SERVICE_PORT, &port_id));
-            let mut members: Vec<(String, i32)> = Vec::new();
-            for ((slice_ns, _), slice) in &view.endpoint_slices {
-                let owner = slice
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL));
-                if slice_ns != ns_name || owner != Some(svc_name) {
-                    continue;
-                }
-                let slice_port = slice.ports.iter().flatten().find(|p| {
-                    p.name.clone().unwrap_or_default() == port.name.clone().unwrap_or_default()
-                });
-                let Some(target) = slice_port.and_then(|p| p.port) else {
-                    continue;
-                };
-                for ep in &slice.endpoints {
-                    if ep.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                        continue;
-                    }
-                    for a in &ep.addresses {
-                        members.push((a.clone(), target));
-                    }
-                }
-            }
-            members.sort();
-            members.dedup();
-            let dn = naming::name(cluster, &[ns_name, svc_name, &port_id]);
-            objects.insert(
-                Key::LbPool(key.clone()),
-                Spec {
-                    display_name: dn.clone(),
-                    tags: tags.clone(),
-                    detail: Detail::LbPool { members },
-                },
-            );
-            objects.insert(
-                Key::LbVirtualServer(key),
-                Spec {
-                    display_name: dn,
-                    tags,
-                    detail: Detail::LbVirtualServer {
-                        service_uid: svc_uid.clone(),
-                        port: port.port,
-                        protocol,
-                    },
-                },
-            );
-        }
-    }
-    if any {
-        let virtual_servers: Vec<Key> = objects
-            .keys()
-            .filter(|k| matches!(k, Key::LbVirtualServer(_)))
-            .cloned()
-            .collect();
-        let c = cluster.to_string();
-        let spec = |detail: Detail, suffix: &str| Spec {
-            display_name: naming::name(cluster, &["lb", suffix]),
-            tags: cluster_tags.clone(),
-            detail,
-        };
-        objects.insert(Key::LbTier1(c.clone()), spec(Detail::LbTier1, "t1"));
-        objects.insert(Key::LbT0Link(c.clone()), spec(Detail::LbT0Link, "t0-link"));
-        objects.insert(Key::LbT1Link(c.clone()), spec(Detail::LbT1Link, "t1-link"));
-        objects.insert(
-            Key::LbService(c),
-            spec(Detail::LbService { virtual_servers }, "service"),
-        );
-    }
+    let c = cluster.to_string();
+    let spec = |detail: Detail, suffix: &str| Spec {
+        display_name: naming::name(cluster, &["lb", suffix]),
+        tags: cluster_tags.clone(),
+        detail,
+    };
+    objects.insert(Key::LbTier1(c.clone()), spec(Detail::LbTier1, "t1"));
+    objects.insert(Key::LbT0Link(c.clone()), spec(Detail::LbT0Link, "t0-link"));
+    objects.insert(Key::LbT1Link(c.clone()), spec(Detail::LbT1Link, "t1-link"));
+    objects.insert(
+        Key::LbService(c),
+        spec(Detail::LbService { virtual_servers }, "service"),
+    );
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! - [`config`]: reading `ncp.ini`, NCP's configuration file.
 //! - [`naming`]: names and tags within NSX's limits.
 //! - [`desired`]: the pure function from the cluster view to the NSX objects that should exist.
+//! - [`desired_cache`]: the desired state kept between passes, updated by what changed.
 //! - [`observe`]: what NSX holds under this cluster's tag, classified by identity.
 //! - [`plan`]: the pure diff of desired against observed: an ordered list of operations.
 //! - [`policy`]: NetworkPolicy as NSGroups, IPSets and firewall sections.
@@ -18,6 +19,7 @@ pub mod apply;
 pub mod config;
 pub mod controller;
 pub mod desired;
+pub mod desired_cache;
 pub mod infra;
 pub mod leader;
 pub mod naming;

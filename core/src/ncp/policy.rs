@@ -33,7 +33,7 @@ use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::desired::{Detail, Key, Spec, ns_tags, pod_is_wired};
+use super::desired::{Detail, Key, LiveNamespaces, Spec, ns_tags, pod_is_wired};
 use super::naming::{self, scope, tag};
 use crate::k8s::{ClusterView, selector};
 use crate::nsx::model::Tag;
@@ -100,12 +100,16 @@ fn wired_pods<'v>(
     namespaces: &BTreeSet<&str>,
     sel: Option<&LabelSelector>,
 ) -> Vec<&'v Pod> {
-    view.pods
+    // By namespace range: the cost is the selected namespaces' pods, not the cluster's.
+    namespaces
         .iter()
-        .filter(|((ns, _), p)| {
-            namespaces.contains(ns.as_str())
-                && pod_is_wired(p)
-                && sel.is_none_or(|s| selector::matches(s, p.metadata.labels.as_ref()))
+        .flat_map(|ns| {
+            view.pods
+                .range((ns.to_string(), String::new())..)
+                .take_while(move |((n, _), _)| n == ns)
+        })
+        .filter(|(_, p)| {
+            pod_is_wired(p) && sel.is_none_or(|s| selector::matches(s, p.metadata.labels.as_ref()))
         })
         .map(|(_, p)| p)
         .collect()
@@ -118,7 +122,7 @@ fn uid_of(ns: &Namespace) -> String {
 /// The selection of pods matching `sel` in `namespaces` (names).
 fn select(
     view: &ClusterView,
-    live_ns: &BTreeMap<&str, &Namespace>,
+    live_ns: LiveNamespaces<'_>,
     namespaces: &BTreeSet<&str>,
     sel: &LabelSelector,
 ) -> Selection {
@@ -150,14 +154,11 @@ fn select(
 }
 
 /// Namespaces (names) whose labels match `sel`.
-fn namespaces_matching<'a>(
-    live_ns: &BTreeMap<&'a str, &Namespace>,
-    sel: &LabelSelector,
-) -> BTreeSet<&'a str> {
+fn namespaces_matching<'a>(live_ns: LiveNamespaces<'a>, sel: &LabelSelector) -> BTreeSet<&'a str> {
     live_ns
         .iter()
         .filter(|(_, ns)| selector::matches(sel, ns.metadata.labels.as_ref()))
-        .map(|(n, _)| *n)
+        .map(|(n, _)| n)
         .collect()
 }
 
@@ -210,7 +211,7 @@ pub fn subtract(cidr: (u32, u8), except: &[(u32, u8)]) -> Vec<(u32, u8)> {
 struct PolicyCtx<'a> {
     view: &'a ClusterView,
     cluster: &'a str,
-    live_ns: &'a BTreeMap<&'a str, &'a Namespace>,
+    live_ns: LiveNamespaces<'a>,
     ns_name: &'a str,
     ns: &'a Namespace,
     name: &'a str,
@@ -282,7 +283,10 @@ impl<'a> PolicyCtx<'a> {
         let (selection, pods) = match (&peer.namespace_selector, &peer.pod_selector) {
             (Some(nsel), None) => {
                 let nss = namespaces_matching(live_ns, nsel);
-                let uids: Vec<String> = nss.iter().map(|n| uid_of(live_ns[n])).collect();
+                let uids: Vec<String> = nss
+                    .iter()
+                    .filter_map(|n| live_ns.get(n).map(uid_of))
+                    .collect();
                 if uids.len() > MEMBERS_MAX {
                     self.problem(format!(
                         "a namespace selector selects {} namespaces; an NSGroup holds {MEMBERS_MAX}",
@@ -405,220 +409,293 @@ impl<'a> PolicyCtx<'a> {
     }
 }
 
-/// Adds the namespaces' NSGroups and every policy's objects; returns what could not be
-/// realized exactly.
+/// A namespace's NSGroup: every pod port of the namespace (by its `ncp/project_uid` tag).
+pub fn ns_group(cluster: &str, name: &str, ns: &Namespace) -> (Key, Spec) {
+    let mut tags = ns_tags(cluster, ns);
+    tags.push(tag(scope::ROLE, "ns"));
+    (
+        Key::NsGroup(uid_of(ns)),
+        Spec {
+            display_name: naming::name(cluster, &[name]),
+            tags,
+            detail: Detail::Group {
+                selection: Selection::Criteria(vec![vec![(
+                    scope::PROJECT_UID.to_string(),
+                    Some(uid_of(ns)),
+                )]]),
+            },
+        },
+    )
+}
+
+/// Whose pods a policy's objects are computed from: what an incremental pass must recompute
+/// the policy for when a pod changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodScope {
+    /// The pods of its own namespace only.
+    Own,
+    /// Pods of any namespace: a namespace selector, or an egress rule whose named ports resolve
+    /// on every pod (no peers, or an ipBlock).
+    All,
+}
+
+fn pod_scope(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec) -> PodScope {
+    let cross = |peers: Option<&Vec<NetworkPolicyPeer>>| {
+        peers
+            .into_iter()
+            .flatten()
+            .any(|p| p.namespace_selector.is_some())
+    };
+    let named = |ports: Option<&Vec<NetworkPolicyPort>>| {
+        ports
+            .into_iter()
+            .flatten()
+            .any(|p| matches!(p.port, Some(IntOrString::String(_))))
+    };
+    let ingress = spec.ingress.iter().flatten().any(|r| cross(r.from.as_ref()));
+    let egress = spec.egress.iter().flatten().any(|r| {
+        let peers = r.to.as_ref().filter(|t| !t.is_empty());
+        cross(peers)
+            || (named(r.ports.as_ref())
+                && peers.is_none_or(|ps| ps.iter().any(|p| p.ip_block.is_some())))
+    });
+    if ingress || egress {
+        PodScope::All
+    } else {
+        PodScope::Own
+    }
+}
+
+/// What one realized policy reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyOutcome {
+    pub problems: Vec<Problem>,
+    pub scope: PodScope,
+}
+
+/// Adds every policy's objects (not the namespaces' NSGroups, which are the namespaces'), and
+/// the markers when there is any policy; returns what could not be realized exactly.
 pub fn policies(
     view: &ClusterView,
     cluster: &str,
-    live_ns: &BTreeMap<&str, &Namespace>,
+    live_ns: LiveNamespaces<'_>,
     objects: &mut BTreeMap<Key, Spec>,
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
-    for (name, ns) in live_ns {
-        let mut tags = ns_tags(cluster, ns);
-        tags.push(tag(scope::ROLE, "ns"));
-        objects.insert(
-            Key::NsGroup(uid_of(ns)),
-            Spec {
-                display_name: naming::name(cluster, &[name]),
-                tags,
-                detail: Detail::Group {
-                    selection: Selection::Criteria(vec![vec![(
-                        scope::PROJECT_UID.to_string(),
-                        Some(uid_of(ns)),
-                    )]]),
-                },
-            },
-        );
-    }
     let mut any = false;
     for ((ns_name, name), np) in &view.network_policies {
-        let (Some(ns), Some(uid), Some(spec)) = (
-            live_ns.get(ns_name.as_str()),
-            np.metadata.uid.clone(),
-            np.spec.as_ref(),
-        ) else {
-            continue;
-        };
-        if np.metadata.deletion_timestamp.is_some() {
-            continue;
+        if let Some(outcome) = policy_objects(view, cluster, live_ns, ns_name, name, np, objects) {
+            any = true;
+            problems.extend(outcome.problems);
         }
-        any = true;
-        let mut cx = PolicyCtx {
-            view,
-            cluster,
-            live_ns,
-            ns_name,
-            ns,
-            name,
-            uid: uid.clone(),
-            problems: Vec::new(),
-        };
-        let types: BTreeSet<String> = match &spec.policy_types {
-            Some(t) if !t.is_empty() => t.iter().cloned().collect(),
-            _ => {
-                let mut t: BTreeSet<String> = ["Ingress".to_string()].into();
-                if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
-                    t.insert("Egress".into());
-                }
-                t
-            }
-        };
-        let own: BTreeSet<&str> = [ns_name.as_str()].into();
-        let applied = Key::PolicyGroup(format!("{uid}/applied"));
-        let pod_selector = spec.pod_selector.clone().unwrap_or_default();
-        let selected = wired_pods(view, &own, Some(&pod_selector));
-        objects.insert(
-            applied.clone(),
-            Spec {
-                display_name: naming::name(cluster, &[ns_name, name]),
-                tags: cx.tags("applied"),
-                detail: Detail::Group {
-                    selection: select(view, live_ns, &own, &pod_selector),
-                },
-            },
-        );
-        let mut rules = Vec::new();
-        let all_pods: Vec<&Pod> = {
-            let every: BTreeSet<&str> = live_ns.keys().copied().collect();
-            wired_pods(view, &every, None)
-        };
-        if types.contains("Ingress") {
-            for (i, r) in spec.ingress.iter().flatten().enumerate() {
-                let mut sources = Vec::new();
-                let peers = r.from.as_ref().filter(|f| !f.is_empty());
-                for (j, p) in peers.into_iter().flatten().enumerate() {
-                    if let Some((k, _)) = cx.peer(p, &format!("in{i}-{j}"), objects) {
-                        sources.push(k);
-                    }
-                }
-                if peers.is_some() && sources.is_empty() {
-                    continue;
-                }
-                let Some(services) = cx.services(r.ports.as_ref(), &selected) else {
-                    continue;
-                };
-                rules.push(RuleSpec {
-                    display_name: naming::fit(
-                        &format!("ir-{cluster}-{ns_name}-{name}-{i}"),
-                        naming::DISPLAY_NAME_MAX,
-                    ),
-                    action: "ALLOW".into(),
-                    direction: "IN".into(),
-                    sources,
-                    destinations: vec![],
-                    services,
-                    applied_to: applied.clone(),
-                });
-            }
-        }
-        if types.contains("Egress") {
-            for (i, r) in spec.egress.iter().flatten().enumerate() {
-                let mut destinations = Vec::new();
-                let mut receivers: Vec<&Pod> = Vec::new();
-                let peers = r.to.as_ref().filter(|f| !f.is_empty());
-                let mut any_block = false;
-                for (j, p) in peers.into_iter().flatten().enumerate() {
-                    if let Some((k, pods)) = cx.peer(p, &format!("eg{i}-{j}"), objects) {
-                        destinations.push(k);
-                        receivers.extend(pods);
-                        any_block |= p.ip_block.is_some();
-                    }
-                }
-                if peers.is_some() && destinations.is_empty() {
-                    continue;
-                }
-                // An ipBlock may hold any pod's address: a named port resolves on all of them.
-                if peers.is_none() || any_block {
-                    receivers = all_pods.clone();
-                }
-                let Some(services) = cx.services(r.ports.as_ref(), &receivers) else {
-                    continue;
-                };
-                rules.push(RuleSpec {
-                    display_name: naming::fit(
-                        &format!("er-{cluster}-{ns_name}-{name}-{i}"),
-                        naming::DISPLAY_NAME_MAX,
-                    ),
-                    action: "ALLOW".into(),
-                    direction: "OUT".into(),
-                    sources: vec![],
-                    destinations,
-                    services,
-                    applied_to: applied.clone(),
-                });
-            }
-        }
-        let mut isolation = Vec::new();
-        for (t, dir) in [("Ingress", "IN"), ("Egress", "OUT")] {
-            if types.contains(t) {
-                isolation.push(RuleSpec {
-                    display_name: naming::fit(
-                        &format!("is-{cluster}-{ns_name}-{name}-{}", dir.to_lowercase()),
-                        naming::DISPLAY_NAME_MAX,
-                    ),
-                    action: "DROP".into(),
-                    direction: dir.into(),
-                    sources: vec![],
-                    destinations: vec![],
-                    services: vec![],
-                    applied_to: applied.clone(),
-                });
-            }
-        }
-        let c = cluster.to_string();
-        let mut allow_tags = cx.tags("allow");
-        allow_tags.push(tag(FW_SECT_TYPE, "allow"));
-        objects.insert(
-            Key::AllowSection(uid.clone()),
-            Spec {
-                display_name: naming::name(cluster, &[ns_name, name]),
-                tags: allow_tags,
-                detail: Detail::Section {
-                    marker: Key::FwMarkerTop(c.clone()),
-                    rules,
-                },
-            },
-        );
-        let mut isol_tags = cx.tags("isolation");
-        isol_tags.push(tag(FW_SECT_TYPE, "isolation"));
-        objects.insert(
-            Key::IsolationSection(uid.clone()),
-            Spec {
-                display_name: naming::fit(
-                    &format!("is-{}", naming::name(cluster, &[ns_name, name])),
-                    naming::DISPLAY_NAME_MAX,
-                ),
-                tags: isol_tags,
-                detail: Detail::Section {
-                    marker: Key::FwMarkerBottom(c),
-                    rules: isolation,
-                },
-            },
-        );
-        problems.extend(cx.problems);
     }
     if any {
-        for (key, which) in [
-            (Key::FwMarkerTop(cluster.to_string()), "top"),
-            (Key::FwMarkerBottom(cluster.to_string()), "bottom"),
-        ] {
-            objects.insert(
-                key,
-                Spec {
-                    display_name: naming::name(cluster, &["marker", which]),
-                    tags: vec![
-                        tag(scope::CLUSTER, cluster),
-                        tag(scope::VERSION, naming::VERSION),
-                        tag(FW_SECT_TYPE, &format!("marker_{which}")),
-                        tag("ncp/fw_sect_marker", which),
-                    ],
-                    detail: Detail::Marker,
-                },
-            );
-        }
+        marker_objects(cluster, objects);
     }
+    sort_problems(&mut problems);
+    problems
+}
+
+/// The order problems are reported in.
+pub fn sort_problems(problems: &mut Vec<Problem>) {
     problems.sort_by(|a, b| (&a.uid, &a.message).cmp(&(&b.uid, &b.message)));
     problems.dedup();
-    problems
+}
+
+/// One policy's groups, IPSets and sections; `None` when it is not realized (its namespace is
+/// gone or going, it is being deleted, or it has no uid or spec).
+pub fn policy_objects(
+    view: &ClusterView,
+    cluster: &str,
+    live_ns: LiveNamespaces<'_>,
+    ns_name: &str,
+    name: &str,
+    np: &k8s_openapi::api::networking::v1::NetworkPolicy,
+    objects: &mut BTreeMap<Key, Spec>,
+) -> Option<PolicyOutcome> {
+    let (Some(ns), Some(uid), Some(spec)) = (
+        live_ns.get(ns_name),
+        np.metadata.uid.clone(),
+        np.spec.as_ref(),
+    ) else {
+        return None;
+    };
+    if np.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let mut cx = PolicyCtx {
+        view,
+        cluster,
+        live_ns,
+        ns_name,
+        ns,
+        name,
+        uid: uid.clone(),
+        problems: Vec::new(),
+    };
+    let types: BTreeSet<String> = match &spec.policy_types {
+        Some(t) if !t.is_empty() => t.iter().cloned().collect(),
+        _ => {
+            let mut t: BTreeSet<String> = ["Ingress".to_string()].into();
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                t.insert("Egress".into());
+            }
+            t
+        }
+    };
+    let own: BTreeSet<&str> = [ns_name].into();
+    let applied = Key::PolicyGroup(format!("{uid}/applied"));
+    let pod_selector = spec.pod_selector.clone().unwrap_or_default();
+    let selected = wired_pods(view, &own, Some(&pod_selector));
+    objects.insert(
+        applied.clone(),
+        Spec {
+            display_name: naming::name(cluster, &[ns_name, name]),
+            tags: cx.tags("applied"),
+            detail: Detail::Group {
+                selection: select(view, live_ns, &own, &pod_selector),
+            },
+        },
+    );
+    let mut rules = Vec::new();
+    if types.contains("Ingress") {
+        for (i, r) in spec.ingress.iter().flatten().enumerate() {
+            let mut sources = Vec::new();
+            let peers = r.from.as_ref().filter(|f| !f.is_empty());
+            for (j, p) in peers.into_iter().flatten().enumerate() {
+                if let Some((k, _)) = cx.peer(p, &format!("in{i}-{j}"), objects) {
+                    sources.push(k);
+                }
+            }
+            if peers.is_some() && sources.is_empty() {
+                continue;
+            }
+            let Some(services) = cx.services(r.ports.as_ref(), &selected) else {
+                continue;
+            };
+            rules.push(RuleSpec {
+                display_name: naming::fit(
+                    &format!("ir-{cluster}-{ns_name}-{name}-{i}"),
+                    naming::DISPLAY_NAME_MAX,
+                ),
+                action: "ALLOW".into(),
+                direction: "IN".into(),
+                sources,
+                destinations: vec![],
+                services,
+                applied_to: applied.clone(),
+            });
+        }
+    }
+    if types.contains("Egress") {
+        for (i, r) in spec.egress.iter().flatten().enumerate() {
+            let mut destinations = Vec::new();
+            let mut receivers: Vec<&Pod> = Vec::new();
+            let peers = r.to.as_ref().filter(|f| !f.is_empty());
+            let mut any_block = false;
+            for (j, p) in peers.into_iter().flatten().enumerate() {
+                if let Some((k, pods)) = cx.peer(p, &format!("eg{i}-{j}"), objects) {
+                    destinations.push(k);
+                    receivers.extend(pods);
+                    any_block |= p.ip_block.is_some();
+                }
+            }
+            if peers.is_some() && destinations.is_empty() {
+                continue;
+            }
+            // An ipBlock may hold any pod's address: a named port resolves on all of them.
+            if peers.is_none() || any_block {
+                let every: BTreeSet<&str> = live_ns.iter().map(|(n, _)| n).collect();
+                receivers = wired_pods(view, &every, None);
+            }
+            let Some(services) = cx.services(r.ports.as_ref(), &receivers) else {
+                continue;
+            };
+            rules.push(RuleSpec {
+                display_name: naming::fit(
+                    &format!("er-{cluster}-{ns_name}-{name}-{i}"),
+                    naming::DISPLAY_NAME_MAX,
+                ),
+                action: "ALLOW".into(),
+                direction: "OUT".into(),
+                sources: vec![],
+                destinations,
+                services,
+                applied_to: applied.clone(),
+            });
+        }
+    }
+    let mut isolation = Vec::new();
+    for (t, dir) in [("Ingress", "IN"), ("Egress", "OUT")] {
+        if types.contains(t) {
+            isolation.push(RuleSpec {
+                display_name: naming::fit(
+                    &format!("is-{cluster}-{ns_name}-{name}-{}", dir.to_lowercase()),
+                    naming::DISPLAY_NAME_MAX,
+                ),
+                action: "DROP".into(),
+                direction: dir.into(),
+                sources: vec![],
+                destinations: vec![],
+                services: vec![],
+                applied_to: applied.clone(),
+            });
+        }
+    }
+    let c = cluster.to_string();
+    let mut allow_tags = cx.tags("allow");
+    allow_tags.push(tag(FW_SECT_TYPE, "allow"));
+    objects.insert(
+        Key::AllowSection(uid.clone()),
+        Spec {
+            display_name: naming::name(cluster, &[ns_name, name]),
+            tags: allow_tags,
+            detail: Detail::Section {
+                marker: Key::FwMarkerTop(c.clone()),
+                rules,
+            },
+        },
+    );
+    let mut isol_tags = cx.tags("isolation");
+    isol_tags.push(tag(FW_SECT_TYPE, "isolation"));
+    objects.insert(
+        Key::IsolationSection(uid.clone()),
+        Spec {
+            display_name: naming::fit(
+                &format!("is-{}", naming::name(cluster, &[ns_name, name])),
+                naming::DISPLAY_NAME_MAX,
+            ),
+            tags: isol_tags,
+            detail: Detail::Section {
+                marker: Key::FwMarkerBottom(c),
+                rules: isolation,
+            },
+        },
+    );
+    Some(PolicyOutcome {
+        problems: cx.problems,
+        scope: pod_scope(spec),
+    })
+}
+
+/// The cluster's two marker sections (there while any policy is).
+pub fn marker_objects(cluster: &str, objects: &mut BTreeMap<Key, Spec>) {
+    for (key, which) in [
+        (Key::FwMarkerTop(cluster.to_string()), "top"),
+        (Key::FwMarkerBottom(cluster.to_string()), "bottom"),
+    ] {
+        objects.insert(
+            key,
+            Spec {
+                display_name: naming::name(cluster, &["marker", which]),
+                tags: vec![
+                    tag(scope::CLUSTER, cluster),
+                    tag(scope::VERSION, naming::VERSION),
+                    tag(FW_SECT_TYPE, &format!("marker_{which}")),
+                    tag("ncp/fw_sect_marker", which),
+                ],
+                detail: Detail::Marker,
+            },
+        );
+    }
 }

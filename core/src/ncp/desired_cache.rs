@@ -1,0 +1,514 @@
+//! The desired state kept between passes and updated by what changed, so that a change in the
+//! cluster costs the objects it touches, not the cluster.
+//!
+//! The desired state is a union of fragments, each computed from one owner: a namespace (its
+//! router, switch, subnet, SNAT rule and NSGroup), a pod (its port), a LoadBalancer service
+//! (its pools and virtual servers), a NetworkPolicy (its groups, IPSets and sections), and two
+//! cluster-wide ones (the load balancer, the firewall markers). [`desired`] computes them all;
+//! [`DesiredCache::update`] recomputes the owners a change can reach and reports the keys
+//! whose spec changed, which is what the incremental planner looks at:
+//!
+//! | change | owners recomputed |
+//! |---|---|
+//! | namespace | the namespace, its pods and services, every policy (namespace selectors read labels) |
+//! | pod | the pod; the policies of its namespace and those reading every namespace's pods |
+//! | service | the service, the load balancer |
+//! | endpoint slice | the services it belonged to and belongs to, the load balancer |
+//! | policy | the policy, the markers |
+//! | node | nothing (a node's VIF comes from NSX) |
+//!
+//! A property test (`tests::updates_match_a_fresh_computation`) checks that the result is
+//! exactly [`desired`] of the new view, and that every key whose spec changed is reported.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::desired::{
+    Desired, Key, LiveNamespaces, Spec, lb_objects, namespace_objects, pod_objects,
+    service_objects, slice_service, virtual_servers,
+};
+use super::policy::{PodScope, Problem, marker_objects, policy_objects, sort_problems};
+use crate::k8s::{ClusterView, ViewChanges};
+
+/// What a fragment of the desired state is computed from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Owner {
+    Namespace(String),
+    Pod(String, String),
+    Service(String, String),
+    Policy(String, String),
+    LoadBalancer,
+    Markers,
+}
+
+/// The desired state of a view, with what it takes to update it in place.
+#[derive(Debug, Clone)]
+pub struct DesiredCache {
+    cluster: String,
+    subnet_prefix: u8,
+    desired: Desired,
+    /// The keys each owner's fragment holds.
+    owned: BTreeMap<Owner, Vec<Key>>,
+    /// Realized policies: what they report and whose pods they read.
+    policies: BTreeMap<(String, String), (Vec<Problem>, PodScope)>,
+    /// Services that need the cluster's load balancer.
+    lb_users: BTreeSet<(String, String)>,
+    /// The service each endpoint slice was counted for.
+    slice_owner: BTreeMap<(String, String), String>,
+}
+
+impl DesiredCache {
+    /// The desired state of `view`, fragment by fragment.
+    pub fn new(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Self {
+        let mut cache = Self {
+            cluster: cluster.to_string(),
+            subnet_prefix,
+            desired: Desired::default(),
+            owned: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            lb_users: BTreeSet::new(),
+            slice_owner: BTreeMap::new(),
+        };
+        let mut owners: BTreeSet<Owner> = BTreeSet::new();
+        owners.extend(view.namespaces.keys().cloned().map(Owner::Namespace));
+        owners.extend(
+            view.pods
+                .keys()
+                .map(|(n, p)| Owner::Pod(n.clone(), p.clone())),
+        );
+        owners.extend(
+            view.services
+                .keys()
+                .map(|(n, s)| Owner::Service(n.clone(), s.clone())),
+        );
+        owners.extend(
+            view.network_policies
+                .keys()
+                .map(|(n, p)| Owner::Policy(n.clone(), p.clone())),
+        );
+        for (k, s) in &view.endpoint_slices {
+            if let Some(svc) = slice_service(s) {
+                cache.slice_owner.insert(k.clone(), svc.to_string());
+            }
+        }
+        let mut touched = BTreeSet::new();
+        cache.recompute(view, owners, &mut touched);
+        cache
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Takes in `changes` (between the view this cache was computed from and `view`), and
+    /// returns every key whose spec appeared, changed or went away.
+    pub fn update(&mut self, view: &ClusterView, changes: &ViewChanges) -> BTreeSet<Key> {
+        let mut owners: BTreeSet<Owner> = BTreeSet::new();
+        let all_policies = |owners: &mut BTreeSet<Owner>, policies: &BTreeMap<_, _>| {
+            owners.extend(
+                view.network_policies
+                    .keys()
+                    .chain(policies.keys())
+                    .map(|(n, p): &(String, String)| Owner::Policy(n.clone(), p.clone())),
+            );
+        };
+        for ns in &changes.namespaces {
+            owners.insert(Owner::Namespace(ns.clone()));
+            let start = (ns.clone(), String::new());
+            let in_ns = |k: &&(String, String)| k.0 == *ns;
+            owners.extend(
+                view.pods
+                    .range(start.clone()..)
+                    .map(|(k, _)| k)
+                    .take_while(in_ns)
+                    .map(|(n, p)| Owner::Pod(n.clone(), p.clone())),
+            );
+            owners.extend(
+                self.owned
+                    .range(Owner::Pod(ns.clone(), String::new())..)
+                    .map(|(o, _)| o)
+                    .take_while(|o| matches!(o, Owner::Pod(n, _) if n == ns))
+                    .cloned(),
+            );
+            owners.extend(
+                view.services
+                    .range(start.clone()..)
+                    .map(|(k, _)| k)
+                    .take_while(in_ns)
+                    .chain(
+                        self.lb_users
+                            .range(start.clone()..)
+                            .take_while(|k| k.0 == *ns),
+                    )
+                    .map(|(n, s)| Owner::Service(n.clone(), s.clone())),
+            );
+            all_policies(&mut owners, &self.policies);
+        }
+        for (ns, pod) in &changes.pods {
+            owners.insert(Owner::Pod(ns.clone(), pod.clone()));
+            // The policies that read this namespace's pods: its own, and those reading all.
+            let start = (ns.clone(), String::new());
+            owners.extend(
+                view.network_policies
+                    .range(start.clone()..)
+                    .map(|(k, _)| k)
+                    .take_while(|k| k.0 == *ns)
+                    .chain(
+                        self.policies
+                            .range(start..)
+                            .map(|(k, _)| k)
+                            .take_while(|k| k.0 == *ns),
+                    )
+                    .map(|(n, p)| Owner::Policy(n.clone(), p.clone())),
+            );
+            owners.extend(
+                self.policies
+                    .iter()
+                    .filter(|(_, (_, scope))| *scope == PodScope::All)
+                    .map(|((n, p), _)| Owner::Policy(n.clone(), p.clone())),
+            );
+        }
+        for (ns, svc) in &changes.services {
+            owners.insert(Owner::Service(ns.clone(), svc.clone()));
+        }
+        for key @ (ns, _) in &changes.endpoint_slices {
+            let now = view
+                .endpoint_slices
+                .get(key)
+                .and_then(slice_service)
+                .map(str::to_string);
+            let before = match &now {
+                Some(svc) => self.slice_owner.insert(key.clone(), svc.clone()),
+                None => self.slice_owner.remove(key),
+            };
+            for svc in [now, before].into_iter().flatten() {
+                owners.insert(Owner::Service(ns.clone(), svc));
+            }
+        }
+        for (ns, np) in &changes.network_policies {
+            owners.insert(Owner::Policy(ns.clone(), np.clone()));
+        }
+        let mut touched = BTreeSet::new();
+        self.recompute(view, owners, &mut touched);
+        touched
+    }
+
+    /// Recomputes `owners`, then the cluster-wide fragments that depend on them. Each batch
+    /// takes the old fragments out before it puts the new ones in, so a key that passes from
+    /// one owner to another stays.
+    fn recompute(
+        &mut self,
+        view: &ClusterView,
+        owners: BTreeSet<Owner>,
+        touched: &mut BTreeSet<Key>,
+    ) {
+        let lb = owners.iter().any(|o| matches!(o, Owner::Service(..)));
+        let markers = owners.iter().any(|o| matches!(o, Owner::Policy(..)));
+        let fragments: Vec<(Owner, BTreeMap<Key, Spec>)> = owners
+            .into_iter()
+            .map(|o| {
+                let f = self.fragment(view, &o);
+                (o, f)
+            })
+            .collect();
+        self.replace(fragments, touched);
+        let mut global = Vec::new();
+        if lb {
+            global.push(Owner::LoadBalancer);
+        }
+        if markers {
+            global.push(Owner::Markers);
+        }
+        let fragments: Vec<(Owner, BTreeMap<Key, Spec>)> = global
+            .into_iter()
+            .map(|o| {
+                let f = self.fragment(view, &o);
+                (o, f)
+            })
+            .collect();
+        self.replace(fragments, touched);
+        if markers {
+            let mut problems: Vec<Problem> = self
+                .policies
+                .values()
+                .flat_map(|(p, _)| p.iter().cloned())
+                .collect();
+            sort_problems(&mut problems);
+            self.desired.problems = problems;
+        }
+    }
+
+    /// One owner's fragment as the view has it now (and what the cache keeps about the owner).
+    fn fragment(&mut self, view: &ClusterView, owner: &Owner) -> BTreeMap<Key, Spec> {
+        let live = LiveNamespaces(&view.namespaces);
+        let cluster = self.cluster.as_str();
+        let mut fragment: BTreeMap<Key, Spec> = BTreeMap::new();
+        match owner {
+            Owner::Namespace(name) => {
+                if let Some(ns) = live.get(name) {
+                    namespace_objects(cluster, self.subnet_prefix, name, ns, &mut fragment);
+                }
+            }
+            Owner::Pod(ns, name) => {
+                if let Some(pod) = view.pods.get(&(ns.clone(), name.clone())) {
+                    pod_objects(cluster, live, ns, name, pod, &mut fragment);
+                }
+            }
+            Owner::Service(ns, name) => {
+                let key = (ns.clone(), name.clone());
+                let uses_lb = view.services.get(&key).is_some_and(|svc| {
+                    service_objects(view, cluster, live, ns, name, svc, &mut fragment)
+                });
+                if uses_lb {
+                    self.lb_users.insert(key);
+                } else {
+                    self.lb_users.remove(&key);
+                }
+            }
+            Owner::Policy(ns, name) => {
+                let key = (ns.clone(), name.clone());
+                let outcome = view.network_policies.get(&key).and_then(|np| {
+                    policy_objects(view, cluster, live, ns, name, np, &mut fragment)
+                });
+                match outcome {
+                    Some(o) => {
+                        self.policies.insert(key, (o.problems, o.scope));
+                    }
+                    None => {
+                        self.policies.remove(&key);
+                    }
+                }
+            }
+            Owner::LoadBalancer => {
+                if !self.lb_users.is_empty() {
+                    // The services' virtual servers are in place: the LB service lists them.
+                    let servers = virtual_servers(&self.desired.objects);
+                    lb_objects(cluster, servers, &mut fragment);
+                }
+            }
+            Owner::Markers => {
+                if !self.policies.is_empty() {
+                    marker_objects(cluster, &mut fragment);
+                }
+            }
+        }
+        fragment
+    }
+
+    /// Puts new fragments in place of the owners' old ones, noting every key that changed.
+    fn replace(
+        &mut self,
+        fragments: Vec<(Owner, BTreeMap<Key, Spec>)>,
+        touched: &mut BTreeSet<Key>,
+    ) {
+        let objects = &mut self.desired.objects;
+        for (owner, fragment) in &fragments {
+            for old in self.owned.remove(owner).unwrap_or_default() {
+                if !fragment.contains_key(&old) && objects.remove(&old).is_some() {
+                    touched.insert(old);
+                }
+            }
+        }
+        for (owner, fragment) in fragments {
+            let keys: Vec<Key> = fragment.keys().cloned().collect();
+            for (k, spec) in fragment {
+                if objects.get(&k) != Some(&spec) {
+                    touched.insert(k.clone());
+                    objects.insert(k, spec);
+                }
+            }
+            if !keys.is_empty() {
+                self.owned.insert(owner, keys);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::k8s::{annotation, fixture};
+    use crate::ncp::desired::desired;
+
+    /// A small universe of objects, each present or not and in one of a few shapes, so that
+    /// two random views share most names and differ in a few ways.
+    #[derive(Debug, Clone)]
+    struct Gen {
+        /// Per namespace: (present, uid generation, label, no-SNAT, being deleted).
+        namespaces: Vec<(bool, u8, u8, bool, bool)>,
+        /// Per pod slot: (namespace, present, uid generation, label, node, finished).
+        pods: Vec<(u8, bool, u8, u8, u8, bool)>,
+        /// Per service slot: (namespace, kind: none/ClusterIP/LoadBalancer, ports).
+        services: Vec<(u8, u8, u8)>,
+        /// Per slice slot: (namespace, service slot it belongs to, endpoints, ready).
+        slices: Vec<(u8, u8, u8, bool)>,
+        /// Per policy slot: (namespace, shape: absent, own, namespace selector, named egress).
+        policies: Vec<(u8, u8)>,
+    }
+
+    fn clusters() -> impl Strategy<Value = Gen> {
+        (
+            proptest::collection::vec(
+                (any::<bool>(), 0u8..2, 0u8..2, any::<bool>(), proptest::bool::weighted(0.1)),
+                3,
+            ),
+            proptest::collection::vec(
+                (0u8..3, any::<bool>(), 0u8..2, 0u8..3, 0u8..2, proptest::bool::weighted(0.1)),
+                8,
+            ),
+            proptest::collection::vec((0u8..3, 0u8..3, 1u8..3), 3),
+            proptest::collection::vec((0u8..3, 0u8..3, 0u8..3, any::<bool>()), 3),
+            proptest::collection::vec((0u8..3, 0u8..4), 3),
+        )
+            .prop_map(|(namespaces, pods, services, slices, policies)| Gen {
+                namespaces,
+                pods,
+                services,
+                slices,
+                policies,
+            })
+    }
+
+    fn view(g: &Gen) -> ClusterView {
+        let mut v = ClusterView::default();
+        for (i, (present, generation, label, no_snat, deleting)) in g.namespaces.iter().enumerate() {
+            if !present {
+                continue;
+            }
+            let mut ns = fixture::namespace(&format!("ns-{i}"), &format!("uid-ns-{i}-{generation}"));
+            ns.metadata.labels = Some([("team".to_string(), format!("t{label}"))].into());
+            if *no_snat {
+                ns.metadata.annotations =
+                    Some([(annotation::NO_SNAT.to_string(), "true".to_string())].into());
+            }
+            if *deleting {
+                ns.metadata.deletion_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+                );
+            }
+            v.add_namespace(ns);
+        }
+        for (i, (ns, present, generation, label, node, finished)) in g.pods.iter().enumerate() {
+            if !present {
+                continue;
+            }
+            let labels: &[(&str, &str)] = match label {
+                0 => &[],
+                1 => &[("app", "web")],
+                _ => &[("app", "db")],
+            };
+            let mut pod = fixture::pod(
+                &format!("ns-{ns}"),
+                &format!("pod-{i}"),
+                &format!("uid-pod-{i}-{generation}"),
+                &format!("node-{node}"),
+                labels,
+            );
+            if let Some(spec) = pod.spec.as_mut() {
+                spec.containers = vec![
+                    serde_json::from_value(json!({"name": "c", "ports": [{"name": "http", "containerPort": 8080 + u32::from(*node)}]}))
+                        .unwrap(),
+                ];
+            }
+            if *finished {
+                pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                    phase: Some("Succeeded".into()),
+                    ..Default::default()
+                });
+            }
+            v.add_pod(pod);
+        }
+        for (i, (ns, kind, ports)) in g.services.iter().enumerate() {
+            if *kind == 0 {
+                continue;
+            }
+            let ty = if *kind == 1 { "ClusterIP" } else { "LoadBalancer" };
+            let ports: Vec<_> = (0..*ports)
+                .map(|p| json!({"name": format!("p{p}"), "port": 80 + i32::from(p), "protocol": "TCP"}))
+                .collect();
+            v.add_service(
+                serde_json::from_value(json!({"metadata": {"name": format!("svc-{i}"), "namespace": format!("ns-{ns}"), "uid": format!("uid-svc-{i}")},
+                    "spec": {"type": ty, "ports": ports}}))
+                .unwrap(),
+            );
+        }
+        for (i, (ns, svc, endpoints, ready)) in g.slices.iter().enumerate() {
+            let eps: Vec<_> = (0..*endpoints)
+                .map(|e| json!({"addresses": [format!("10.0.{i}.{e}")], "conditions": {"ready": *ready || e == 0}}))
+                .collect();
+            v.add_endpoint_slice(
+                serde_json::from_value(json!({"metadata": {"name": format!("slice-{i}"), "namespace": format!("ns-{ns}"),
+                    "labels": {"kubernetes.io/service-name": format!("svc-{svc}")}},
+                    "addressType": "IPv4", "endpoints": eps, "ports": [{"name": "p0", "port": 8080}]}))
+                .unwrap(),
+            );
+        }
+        for (i, (ns, shape)) in g.policies.iter().enumerate() {
+            let spec = match shape {
+                0 => continue,
+                1 => json!({"podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]}}], "ports": [{"port": "http"}]}]}),
+                2 => json!({"podSelector": {},
+                    "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "t1"}}, "podSelector": {"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}}]}]}),
+                _ => json!({"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Egress"],
+                    "egress": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}),
+            };
+            v.add_network_policy(
+                serde_json::from_value(json!({"metadata": {"name": format!("np-{i}"), "namespace": format!("ns-{ns}"), "uid": format!("uid-np-{i}")},
+                    "spec": spec}))
+                .unwrap(),
+            );
+        }
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn updates_match_a_fresh_computation(a in clusters(), b in clusters(), c in clusters()) {
+            let views = [view(&a), view(&b), view(&c)];
+            let mut cache = DesiredCache::new(&views[0], "k8s-a", 24);
+            prop_assert_eq!(cache.desired(), &desired(&views[0], "k8s-a", 24));
+            for pair in views.windows(2) {
+                let before = desired(&pair[0], "k8s-a", 24);
+                let after = desired(&pair[1], "k8s-a", 24);
+                let touched = cache.update(&pair[1], &ViewChanges::between(&pair[0], &pair[1]));
+                prop_assert_eq!(cache.desired(), &after);
+                let keys: BTreeSet<&Key> = before.objects.keys().chain(after.objects.keys()).collect();
+                for k in keys {
+                    if before.objects.get(k) != after.objects.get(k) {
+                        prop_assert!(touched.contains(k), "{:?} changed but was not reported", k);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pod_change_recomputes_that_pod_only() {
+        let mut g = ClusterView::default();
+        for n in 0..50 {
+            g.add_namespace(fixture::namespace(&format!("ns-{n}"), &format!("uid-ns-{n}")));
+            for p in 0..10 {
+                g.add_pod(fixture::pod(&format!("ns-{n}"), &format!("pod-{p}"), &format!("uid-{n}-{p}"), "node-1", &[("app", "web")]));
+            }
+        }
+        let mut cache = DesiredCache::new(&g, "k8s-a", 24);
+        let before = g.clone();
+        g.add_pod(fixture::pod("ns-7", "pod-3", "uid-7-3", "node-1", &[("app", "db")]));
+        let touched = cache.update(&g, &ViewChanges::between(&before, &g));
+        assert_eq!(touched, [Key::PodPort("uid-7-3".into())].into());
+        // A status-only change (what NCP does not read) is no change at all.
+        let before = g.clone();
+        let mut pod = g.pods[&("ns-7".to_string(), "pod-4".to_string())].clone();
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some("10.1.1.1".into()),
+            ..Default::default()
+        });
+        g.add_pod(pod);
+        assert!(ViewChanges::between(&before, &g).is_empty());
+    }
+}
