@@ -146,7 +146,7 @@ pub struct ViewChanges {
 
 /// Adds to `out` the keys whose object is in one map only, or whose fingerprint differs: one
 /// merge of two sorted maps.
-fn diff_maps<K: Ord + Clone, V>(
+pub(crate) fn diff_maps<K: Ord + Clone, V>(
     old: &BTreeMap<K, V>,
     new: &BTreeMap<K, V>,
     f: fn(&V) -> u64,

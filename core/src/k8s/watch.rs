@@ -90,6 +90,28 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    watch_with(api, changed, progress, |_| {})
+}
+
+/// [`watch`], and `on_event` sees every event once the store holds it: how a consumer learns
+/// which objects changed rather than comparing whole stores.
+pub fn watch_with<K, F>(
+    api: Api<K>,
+    changed: Arc<Notify>,
+    progress: Option<Arc<WatchProgress>>,
+    mut on_event: F,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    F: FnMut(&watcher::Event<K>) + Send + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (reader, writer) = reflector::store();
     // Seeded jitter: kube-runtime's default backoff draws from the OS.
     let seed = crate::ncp::naming::stable_hash(std::any::type_name::<K>());
@@ -100,10 +122,16 @@ where
     let handle = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
-            if let Err(e) = event {
-                tracing::debug!(error = %e, "watch error; the watcher recovers by itself");
-            } else if let Some(p) = &progress {
-                p.record();
+            match &event {
+                Err(e) => {
+                    tracing::debug!(error = %e, "watch error; the watcher recovers by itself");
+                }
+                Ok(event) => {
+                    on_event(event);
+                    if let Some(p) = &progress {
+                        p.record();
+                    }
+                }
             }
             changed.notify_one();
         }

@@ -72,16 +72,10 @@ pub struct ApplyReport {
     pub ops_done: usize,
     /// Pod UID -> its network, for ports created by this plan.
     pub pod_networks: BTreeMap<String, PodNetwork>,
-    /// NCP's objects as they stand after the plan (observed, plus created, minus deleted).
-    pub realized: BTreeMap<Key, Value>,
     /// Objects NSX refused for good (a 4xx that retrying cannot fix: an exhausted pool, a
     /// validation error), and those skipped because they depend on one. The rest of the plan
     /// went ahead: one bad namespace must not hold up the others.
     pub failed: BTreeMap<Key, String>,
-    /// NCP's allocations in the SNAT pool and LoadBalancer VIPs (by service uid) after the
-    /// plan: observed, plus allocated, minus released.
-    pub snat_allocations: std::collections::BTreeSet<String>,
-    pub lb_vips: BTreeMap<String, String>,
 }
 
 pub struct Applier<'a, C> {
@@ -89,11 +83,10 @@ pub struct Applier<'a, C> {
     infra: &'a Infra,
     /// Writes left before the simulated crash; `None` = no limit.
     pub write_budget: Option<usize>,
-    /// LoadBalancer VIPs by service uid: observed, or allocated by this plan.
-    vips: BTreeMap<String, String>,
     /// Checked before every write: a replica that lost the lease stops at once.
     pub fence: Option<Arc<super::leader::Fence>>,
-    resolved: BTreeMap<Key, Value>,
+    /// NCP's objects, allocations and VIPs: observed, then kept up to date write by write.
+    resolved: Observed,
     report: ApplyReport,
 }
 
@@ -174,30 +167,28 @@ impl<'a, C> Applier<'a, C>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    /// Takes the observation (a copy of every document would make each pass cost the
-    /// cluster's size twice over).
-    pub fn new(client: &'a NsxClient<C>, infra: &'a Infra, observed: Observed) -> Self {
-        let resolved = observed
-            .objects
-            .into_iter()
-            .filter_map(|(k, mut v)| (!v.is_empty()).then(|| (k, v.swap_remove(0))))
-            .collect();
+    /// Takes the observation and updates it in place: what it holds after the plan is what
+    /// the next pass plans against (a copy of every document would make each pass cost the
+    /// cluster's size).
+    pub fn new(client: &'a NsxClient<C>, infra: &'a Infra, mut observed: Observed) -> Self {
+        observed.synced = false;
+        observed.verified = None;
         Self {
             client,
             infra,
             write_budget: None,
             fence: None,
-            vips: observed.lb_vips,
-            resolved,
-            report: ApplyReport {
-                snat_allocations: observed.snat_allocations,
-                ..ApplyReport::default()
-            },
+            resolved: observed,
+            report: ApplyReport::default(),
         }
     }
 
-    /// Runs the plan to its end or to the first error.
-    pub async fn apply(mut self, plan: &Plan) -> Result<ApplyReport, (ApplyError, ApplyReport)> {
+    /// Runs the plan to its end or to the first error. On success, also what NSX holds now by
+    /// NCP's account: observed, plus created, minus deleted, with allocations and VIPs.
+    pub async fn apply(
+        mut self,
+        plan: &Plan,
+    ) -> Result<(ApplyReport, Observed), (ApplyError, ApplyReport)> {
         for op in &plan.ops {
             if let Some(key) = op_key(op) {
                 let detail = match op {
@@ -224,16 +215,10 @@ where
                         .failed
                         .insert(key, format!("{e}: {}", source_text(&e)));
                 }
-                Err(e) => {
-                    self.report.realized = self.resolved;
-                    self.report.lb_vips = self.vips;
-                    return Err((e, self.report));
-                }
+                Err(e) => return Err((e, self.report)),
             }
         }
-        self.report.realized = self.resolved;
-        self.report.lb_vips = self.vips;
-        Ok(self.report)
+        Ok((self.report, self.resolved))
     }
 
     fn check_fence(&self) -> Result<(), ApplyError> {
@@ -298,9 +283,7 @@ where
                         && source.status() == Some(400)) => {}
             Err(e) => return Err(e),
         }
-        if self.resolved.get(key).is_some_and(|d| d["id"] == id) {
-            self.resolved.remove(key);
-        }
+        self.resolved.remove(key, id);
         if let (Key::Snat(_), Some(ip), Some(pool)) = (
             key,
             tag_of(doc, scope::SNAT_IP),
@@ -325,10 +308,10 @@ where
             Ok(_) => {}
         }
         if self.infra.snat_pool.as_deref() == Some(pool) {
-            self.report.snat_allocations.remove(ip);
+            self.resolved.snat_allocations.remove(ip);
         }
         if self.infra.lb_pool.as_deref() == Some(pool) {
-            self.vips.retain(|_, v| v != ip);
+            self.resolved.lb_vips.retain(|_, v| v != ip);
         }
         Ok(())
     }
@@ -343,7 +326,7 @@ where
             let ip = self
                 .allocate_tagged(pool, key, spec, scope::PROJECT_UID, key.owner_uid())
                 .await?;
-            self.report.snat_allocations.insert(ip.clone());
+            self.resolved.snat_allocations.insert(ip.clone());
             address = Some(ip);
         }
         if let (Key::LbVirtualServer(_), Detail::LbVirtualServer { service_uid, .. }) =
@@ -363,7 +346,7 @@ where
             None => path(collection, self.infra),
         };
         let created = self.write(Method::POST, &target, Some(body)).await?;
-        self.resolved.insert(key.clone(), created.clone());
+        self.resolved.put(key.clone(), created.clone());
         match (key, &spec.detail) {
             (Key::Tier1(_) | Key::LbTier1(_), _) => {
                 // Advertisement, then the marker tag: the update path does both.
@@ -458,7 +441,7 @@ where
                 .await
             {
                 Ok(updated) => {
-                    self.resolved.insert(key.clone(), updated);
+                    self.resolved.put(key.clone(), updated);
                     return Ok(());
                 }
                 Err(ApplyError::Nsx { source, .. })
@@ -503,14 +486,16 @@ where
         spec: &Spec,
         service_uid: &str,
     ) -> Result<String, ApplyError> {
-        if let Some(ip) = self.vips.get(service_uid) {
+        if let Some(ip) = self.resolved.lb_vips.get(service_uid) {
             return Ok(ip.clone());
         }
         let pool = self.infra.lb_pool.clone();
         let ip = self
             .allocate_tagged(pool, key, spec, scope::SERVICE_UID, service_uid)
             .await?;
-        self.vips.insert(service_uid.to_string(), ip.clone());
+        self.resolved
+            .lb_vips
+            .insert(service_uid.to_string(), ip.clone());
         Ok(ip)
     }
 
@@ -580,7 +565,7 @@ where
             op: format!("PUT {p}"),
             source,
         })?;
-        self.resolved.insert(key.clone(), updated);
+        self.resolved.put(key.clone(), updated);
         Ok(())
     }
 }

@@ -16,8 +16,8 @@
 //! Errors are not fatal: a failed pass is retried with exponential backoff (bounded), and the
 //! next pass re-observes NSX, so nothing is assumed about how far the failed one got.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::client::legacy::connect::Connect;
@@ -25,17 +25,22 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 use super::config::NcpConfig;
-use super::desired::Key;
+use super::desired::{Detail, Key};
+use super::desired_cache::DesiredCache;
 use super::infra::{Infra, discover};
 use super::leader::{Elector, Fence, LeaderConfig, Leadership, run_elected};
+use super::naming;
+use super::observe::Observed;
+use super::plan::Op;
 use super::plan::subnet_layout;
-use super::reconcile::{Outcome, WriteGate, reconcile_cached};
-use crate::k8s::{ClusterView, annotation};
+use super::reconcile::{Outcome, WriteGate, reconcile_desired};
+use crate::k8s::{ClusterView, ViewChanges, annotation};
 use crate::nsx::NsxClient;
 
 /// Timing of the loop.
@@ -102,10 +107,166 @@ pub struct Stores {
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
     pub network_policies: Store<NetworkPolicy>,
+    /// The objects watch events named since [`Stores::take_dirty`] was last called.
+    dirty: Arc<Mutex<Dirty>>,
     _tasks: Arc<Tasks>,
 }
 
+/// The objects of one kind that watch events named, by (namespace, name) (an empty namespace
+/// for cluster-scoped kinds); `relisted` when the watch started over and the store was
+/// replaced wholesale (deletions in the gap have no event of their own).
+#[derive(Debug, Default)]
+pub struct KindDirty {
+    pub keys: BTreeSet<(String, String)>,
+    pub relisted: bool,
+}
+
+impl KindDirty {
+    fn record<K: kube::Resource>(&mut self, event: &watcher::Event<K>) {
+        match event {
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                let m = o.meta();
+                self.keys.insert((
+                    m.namespace.clone().unwrap_or_default(),
+                    m.name.clone().unwrap_or_default(),
+                ));
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => {
+                self.relisted = true;
+            }
+        }
+    }
+}
+
+/// What changed in the stores since the last pass, per kind.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub namespaces: KindDirty,
+    pub pods: KindDirty,
+    pub nodes: KindDirty,
+    pub services: KindDirty,
+    pub endpoint_slices: KindDirty,
+    pub network_policies: KindDirty,
+}
+
+/// Brings one kind of `view` up to date with its store for the objects `dirty` names (every
+/// object after a relist), and adds to `out` those whose fingerprint changed.
+fn refresh_kind<K, Q>(
+    store: &Store<K>,
+    map: &mut BTreeMap<Q, K>,
+    dirty: KindDirty,
+    key_of: impl Fn(&(String, String)) -> Q,
+    fingerprint: fn(&K) -> u64,
+    out: &mut BTreeSet<Q>,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    Q: Ord + Clone,
+{
+    let name_of = |o: &K| {
+        let m = o.meta();
+        (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    };
+    if dirty.relisted {
+        let fresh: BTreeMap<Q, K> = store
+            .state()
+            .iter()
+            .map(|o| (key_of(&name_of(o)), (**o).clone()))
+            .collect();
+        crate::k8s::diff_maps(map, &fresh, fingerprint, out);
+        *map = fresh;
+        return;
+    }
+    for (ns, name) in dirty.keys {
+        let mut r = ObjectRef::<K>::new(&name);
+        if !ns.is_empty() {
+            r = r.within(&ns);
+        }
+        let key = key_of(&(ns, name));
+        let now = store.get(&r);
+        let before = map.get(&key).map(fingerprint);
+        if now.as_deref().map(fingerprint) == before {
+            continue;
+        }
+        out.insert(key.clone());
+        match now {
+            Some(o) => {
+                map.insert(key, (*o).clone());
+            }
+            None => {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
 impl Stores {
+    /// Takes the objects named by watch events so far.
+    pub fn take_dirty(&self) -> Dirty {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Brings `view` up to date for what `dirty` names and says what changed in what NCP
+    /// reads: the cost is the changed objects', not the cluster's.
+    pub fn refresh(&self, view: &mut ClusterView, dirty: Dirty) -> ViewChanges {
+        use crate::k8s::fingerprint as f;
+        let mut c = ViewChanges::default();
+        let both = |k: &(String, String)| k.clone();
+        let name = |k: &(String, String)| k.1.clone();
+        refresh_kind(
+            &self.namespaces,
+            &mut view.namespaces,
+            dirty.namespaces,
+            name,
+            f::namespace,
+            &mut c.namespaces,
+        );
+        refresh_kind(
+            &self.pods,
+            &mut view.pods,
+            dirty.pods,
+            both,
+            f::pod,
+            &mut c.pods,
+        );
+        refresh_kind(
+            &self.nodes,
+            &mut view.nodes,
+            dirty.nodes,
+            name,
+            f::node,
+            &mut c.nodes,
+        );
+        refresh_kind(
+            &self.services,
+            &mut view.services,
+            dirty.services,
+            both,
+            f::service,
+            &mut c.services,
+        );
+        refresh_kind(
+            &self.endpoint_slices,
+            &mut view.endpoint_slices,
+            dirty.endpoint_slices,
+            both,
+            f::endpoint_slice,
+            &mut c.endpoint_slices,
+        );
+        refresh_kind(
+            &self.network_policies,
+            &mut view.network_policies,
+            dirty.network_policies,
+            both,
+            f::network_policy,
+            &mut c.network_policies,
+        );
+        c
+    }
+
     /// The view's fingerprint without building the view (see [`ClusterView::fingerprint`]).
     pub fn fingerprint(&self) -> u64 {
         use crate::k8s::fingerprint as f;
@@ -176,6 +337,8 @@ pub fn start_watches(
         changed: Arc<Notify>,
         progress: &Arc<crate::k8s::watch::WatchProgress>,
         tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+        dirty: &Arc<Mutex<Dirty>>,
+        kind: fn(&mut Dirty) -> &mut KindDirty,
     ) -> Store<K>
     where
         K: kube::Resource
@@ -187,46 +350,63 @@ pub fn start_watches(
             + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
     {
-        let (reader, handle) = crate::k8s::watch::watch(api, changed, Some(progress.clone()));
+        let dirty = dirty.clone();
+        let (reader, handle) =
+            crate::k8s::watch::watch_with(api, changed, Some(progress.clone()), move |e| {
+                kind(&mut dirty.lock().unwrap_or_else(|e| e.into_inner())).record(e)
+            });
         tasks.push(handle);
         reader
     }
     let mut tasks = Vec::new();
+    let dirty = Arc::new(Mutex::new(Dirty::default()));
     let namespaces = spawn_kind(
         Api::<Namespace>::all(kube.clone()),
         changed.clone(),
         &progress,
         &mut tasks,
+        &dirty,
+        |d| &mut d.namespaces,
     );
     let pods = spawn_kind(
         Api::<Pod>::all(kube.clone()),
         changed.clone(),
         &progress,
         &mut tasks,
+        &dirty,
+        |d| &mut d.pods,
     );
     let nodes = spawn_kind(
         Api::<Node>::all(kube.clone()),
         changed.clone(),
         &progress,
         &mut tasks,
+        &dirty,
+        |d| &mut d.nodes,
     );
     let services = spawn_kind(
         Api::<Service>::all(kube.clone()),
         changed.clone(),
         &progress,
         &mut tasks,
+        &dirty,
+        |d| &mut d.services,
     );
     let endpoint_slices = spawn_kind(
         Api::<EndpointSlice>::all(kube.clone()),
         changed.clone(),
         &progress,
         &mut tasks,
+        &dirty,
+        |d| &mut d.endpoint_slices,
     );
     let network_policies = spawn_kind(
         Api::<NetworkPolicy>::all(kube),
         changed,
         &progress,
         &mut tasks,
+        &dirty,
+        |d| &mut d.network_policies,
     );
     Stores {
         namespaces,
@@ -235,6 +415,7 @@ pub fn start_watches(
         services,
         endpoint_slices,
         network_policies,
+        dirty,
         _tasks: Arc::new(Tasks(tasks)),
     }
 }
@@ -260,21 +441,96 @@ fn annotations_of(
     meta.annotations.clone().unwrap_or_default()
 }
 
-/// Writes the annotations that differ; returns how many objects were patched.
+/// The objects whose annotations or status a pass checks, when not all of them.
+#[derive(Debug, Default)]
+struct WriteScope {
+    namespaces: BTreeSet<String>,
+    pods: BTreeSet<(String, String)>,
+    services: BTreeSet<(String, String)>,
+}
+
+impl WriteScope {
+    /// What changed in the cluster, and the owners of what the plan created or updated.
+    fn of(changes: &ViewChanges, outcome: &Outcome) -> Self {
+        let mut w = Self {
+            namespaces: changes.namespaces.clone(),
+            pods: changes.pods.clone(),
+            services: changes.services.clone(),
+        };
+        let pair = |text: &str| {
+            text.split_once('/')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        };
+        for op in &outcome.plan.ops {
+            let (Op::Create { key, spec } | Op::Update { key, spec, .. }) = op else {
+                continue;
+            };
+            let tag = |scope_name: &str| {
+                spec.tags
+                    .iter()
+                    .find(|t| t.scope == scope_name)
+                    .map(|t| t.tag.as_str())
+            };
+            match (key, &spec.detail) {
+                (Key::PodPort(_), Detail::PodPort { app_id, .. }) => {
+                    w.pods.extend(pair(app_id));
+                }
+                (Key::Subnet(_) | Key::Snat(_), _) => {
+                    w.namespaces
+                        .extend(tag(naming::scope::PROJECT).map(str::to_string));
+                }
+                (Key::LbVirtualServer(_), _) => {
+                    w.services
+                        .extend(tag(naming::scope::SERVICE).and_then(pair));
+                }
+                _ => {}
+            }
+        }
+        w
+    }
+}
+
+/// Writes the annotations that differ (of every object, or of those in `scope`); returns how
+/// many objects were patched.
 async fn write_back<C>(
     kube: &kube::Client,
     nsx: &NsxClient<C>,
     view: &ClusterView,
+    realized: &Observed,
     outcome: &Outcome,
+    scope: Option<&WriteScope>,
     fence: Option<&Fence>,
 ) -> Result<usize, String>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    let realized = &outcome.report.realized;
     let mut patched = 0;
     let allowed = || fence.is_none_or(Fence::allows_writes);
-    for (name, ns) in &view.namespaces {
+    let namespaces: Vec<(&String, &Namespace)> = match scope {
+        None => view.namespaces.iter().collect(),
+        Some(s) => s
+            .namespaces
+            .iter()
+            .filter_map(|n| view.namespaces.get_key_value(n))
+            .collect(),
+    };
+    let services: Vec<(&(String, String), &Service)> = match scope {
+        None => view.services.iter().collect(),
+        Some(s) => s
+            .services
+            .iter()
+            .filter_map(|k| view.services.get_key_value(k))
+            .collect(),
+    };
+    let pods: Vec<(&(String, String), &Pod)> = match scope {
+        None => view.pods.iter().collect(),
+        Some(s) => s
+            .pods
+            .iter()
+            .filter_map(|k| view.pods.get_key_value(k))
+            .collect(),
+    };
+    for (name, ns) in namespaces {
         let Some(uid) = ns.metadata.uid.clone() else {
             continue;
         };
@@ -307,16 +563,19 @@ where
             patched += 1;
         }
     }
-    for ((ns_name, svc_name), svc) in &view.services {
+    for ((ns_name, svc_name), svc) in services {
         let Some(uid) = svc.metadata.uid.clone() else {
             continue;
         };
+        // The service's virtual servers (`<uid>/<port>`) sort together: found by range.
+        let prefix = format!("{uid}/");
         let vip = realized
-            .iter()
-            .find(
-                |(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{uid}/"))),
-            )
-            .and_then(|(_, d)| d["ip_address"].as_str());
+            .objects
+            .range(Key::LbVirtualServer(prefix.clone())..)
+            .next()
+            .filter(|(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&prefix)))
+            .and_then(|(_, d)| d.first())
+            .and_then(|d| d["ip_address"].as_str());
         let Some(vip) = vip else { continue };
         let current = svc
             .status
@@ -349,7 +608,7 @@ where
             }
         }
     }
-    for ((ns_name, pod_name), pod) in &view.pods {
+    for ((ns_name, pod_name), pod) in pods {
         let Some(uid) = pod.metadata.uid.clone() else {
             continue;
         };
@@ -529,16 +788,26 @@ pub async fn run<C>(
     let mut reported_problems = BTreeMap::new();
     let mut cache = None;
     let mut next_full = tokio::time::Instant::now();
-    // The fingerprint of the view the last clean pass realized (no failure, every
-    // annotation written): a change NCP does not read (a pod's status, a resourceVersion)
-    // then costs no pass at all.
-    let mut clean: Option<u64> = None;
+    // The view and its desired state, kept between passes and updated by what the watches
+    // name: a change costs the objects it touches, not the cluster.
+    let mut tracked: Option<(ClusterView, DesiredCache)> = None;
+    // The last pass realized everything and wrote every annotation: a change NCP does not
+    // read (a pod's status, a resourceVersion) then costs no pass at all.
+    let mut clean = false;
     loop {
         // What the stores hold from here on is taken in (reconciled, or skipped as a change
         // NCP does not read).
         timing.progress.take();
-        let fingerprint = stores.fingerprint();
-        if cache.is_some() && clean == Some(fingerprint) && tokio::time::Instant::now() < next_full
+        let dirty = stores.take_dirty();
+        let started = tokio::time::Instant::now();
+        let changes = match &mut tracked {
+            Some((view, _)) => Some(stores.refresh(view, dirty)),
+            None => None,
+        };
+        if clean
+            && cache.is_some()
+            && changes.as_ref().is_some_and(ViewChanges::is_empty)
+            && tokio::time::Instant::now() < next_full
         {
             tokio::select! {
             biased;
@@ -547,9 +816,18 @@ pub async fn run<C>(
             }
             continue;
         }
-        clean = None;
-        let started = tokio::time::Instant::now();
-        let view = stores.view();
+        let touched = match (&mut tracked, &changes) {
+            (Some((view, want)), Some(c)) => Some(want.update(view, c)),
+            _ => {
+                let view = stores.view();
+                let want = DesiredCache::new(&view, &config.cluster, config.subnet_prefix);
+                tracked = Some((view, want));
+                None
+            }
+        };
+        let Some((view, want)) = &tracked else {
+            continue;
+        };
         let gate = WriteGate {
             write_budget: None,
             fence: fence.clone(),
@@ -562,68 +840,91 @@ pub async fn run<C>(
         if cache.is_none() {
             next_full = tokio::time::Instant::now() + timing.resync;
         }
-        let result = reconcile_cached(
+        // Only a clean previous pass leaves nothing but `touched` to look at.
+        let touched = touched.filter(|_| clean);
+        clean = false;
+        let result = reconcile_desired(
             &nsx,
             &config.cluster,
-            config.subnet_prefix,
             &infra,
-            &view,
+            want.desired(),
+            touched.as_ref(),
             &gate,
             &mut cache,
         )
         .await;
-        let event = match result {
-            Ok(outcome) => match write_back(&kube, &nsx, &view, &outcome, fence.as_deref()).await {
-                Ok(annotations) => {
-                    if fence.as_deref().is_none_or(Fence::allows_writes) {
-                        report_failures(
-                            &kube,
-                            &view,
-                            &outcome.report.failed,
-                            &mut reported,
-                            "NSXRealizationFailed",
-                        )
-                        .await;
-                        let mut problems: BTreeMap<Key, String> = BTreeMap::new();
-                        for p in &outcome.problems {
-                            let m = problems
-                                .entry(Key::AllowSection(p.uid.clone()))
-                                .or_default();
-                            if !m.is_empty() {
-                                m.push_str("; ");
+        let event = match (result, &cache) {
+            (Ok(outcome), Some(realized)) => {
+                let scope = match (&changes, outcome.incremental) {
+                    (Some(c), true) => Some(WriteScope::of(c, &outcome)),
+                    _ => None,
+                };
+                match write_back(
+                    &kube,
+                    &nsx,
+                    view,
+                    realized,
+                    &outcome,
+                    scope.as_ref(),
+                    fence.as_deref(),
+                )
+                .await
+                {
+                    Ok(annotations) => {
+                        if fence.as_deref().is_none_or(Fence::allows_writes) {
+                            report_failures(
+                                &kube,
+                                view,
+                                &outcome.report.failed,
+                                &mut reported,
+                                "NSXRealizationFailed",
+                            )
+                            .await;
+                            let mut problems: BTreeMap<Key, String> = BTreeMap::new();
+                            for p in &outcome.problems {
+                                let m = problems
+                                    .entry(Key::AllowSection(p.uid.clone()))
+                                    .or_default();
+                                if !m.is_empty() {
+                                    m.push_str("; ");
+                                }
+                                m.push_str(&p.message);
                             }
-                            m.push_str(&p.message);
+                            report_failures(
+                                &kube,
+                                view,
+                                &problems,
+                                &mut reported_problems,
+                                "NetworkPolicyNotExact",
+                            )
+                            .await;
                         }
-                        report_failures(
-                            &kube,
-                            &view,
-                            &problems,
-                            &mut reported_problems,
-                            "NetworkPolicyNotExact",
-                        )
-                        .await;
+                        clean = realized.synced;
+                        PassEvent::Converged {
+                            ops: outcome.plan.len(),
+                            writes: outcome.report.writes,
+                            annotations,
+                            failed: outcome.report.failed.len(),
+                            took_ms: started.elapsed().as_millis() as u64,
+                        }
                     }
-                    if outcome.report.failed.is_empty() {
-                        // Of the view this pass realized (the stores may have moved on).
-                        clean = Some(view.fingerprint());
-                    }
-                    PassEvent::Converged {
-                        ops: outcome.plan.len(),
-                        writes: outcome.report.writes,
-                        annotations,
-                        failed: outcome.report.failed.len(),
-                        took_ms: started.elapsed().as_millis() as u64,
-                    }
+                    Err(error) => PassEvent::Failed { error },
                 }
-                Err(error) => PassEvent::Failed { error },
+            }
+            (Ok(_), None) => PassEvent::Failed {
+                error: "the pass left no record of what NSX holds".into(),
             },
-            Err(e) => PassEvent::Failed {
+            (Err(e), _) => PassEvent::Failed {
                 error: format!(
                     "{e}: {:?}",
                     std::error::Error::source(&e).map(|s| s.to_string())
                 ),
             },
         };
+        if matches!(event, PassEvent::Failed { .. }) {
+            // Nothing is assumed about how far the pass got: observe NSX next time.
+            cache = None;
+        }
         on_pass(&event);
         match event {
             PassEvent::Failed { .. } | PassEvent::Leadership(_) => {

@@ -272,6 +272,42 @@ pub struct Desired {
     pub problems: Vec<super::policy::Problem>,
 }
 
+impl Desired {
+    /// The keys whose spec differs between `self` and `other` (in one only, or different): one
+    /// merge of the two sorted maps.
+    pub fn changed_keys(&self, other: &Desired) -> std::collections::BTreeSet<Key> {
+        let mut out = std::collections::BTreeSet::new();
+        let (mut a, mut b) = (
+            self.objects.iter().peekable(),
+            other.objects.iter().peekable(),
+        );
+        loop {
+            let step = match (a.peek(), b.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
+            };
+            match step {
+                std::cmp::Ordering::Less => {
+                    out.extend(a.next().map(|(k, _)| k.clone()));
+                }
+                std::cmp::Ordering::Greater => {
+                    out.extend(b.next().map(|(k, _)| k.clone()));
+                }
+                std::cmp::Ordering::Equal => {
+                    if let (Some((k, x)), Some((_, y))) = (a.next(), b.next())
+                        && x != y
+                    {
+                        out.insert(k.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 pub(super) fn ns_tags(cluster: &str, ns: &Namespace) -> Vec<Tag> {
     vec![
         tag(scope::CLUSTER, cluster),

@@ -351,11 +351,24 @@ mod tests {
     fn clusters() -> impl Strategy<Value = Gen> {
         (
             proptest::collection::vec(
-                (any::<bool>(), 0u8..2, 0u8..2, any::<bool>(), proptest::bool::weighted(0.1)),
+                (
+                    any::<bool>(),
+                    0u8..2,
+                    0u8..2,
+                    any::<bool>(),
+                    proptest::bool::weighted(0.1),
+                ),
                 3,
             ),
             proptest::collection::vec(
-                (0u8..3, any::<bool>(), 0u8..2, 0u8..3, 0u8..2, proptest::bool::weighted(0.1)),
+                (
+                    0u8..3,
+                    any::<bool>(),
+                    0u8..2,
+                    0u8..3,
+                    0u8..2,
+                    proptest::bool::weighted(0.1),
+                ),
                 8,
             ),
             proptest::collection::vec((0u8..3, 0u8..3, 1u8..3), 3),
@@ -373,11 +386,13 @@ mod tests {
 
     fn view(g: &Gen) -> ClusterView {
         let mut v = ClusterView::default();
-        for (i, (present, generation, label, no_snat, deleting)) in g.namespaces.iter().enumerate() {
+        for (i, (present, generation, label, no_snat, deleting)) in g.namespaces.iter().enumerate()
+        {
             if !present {
                 continue;
             }
-            let mut ns = fixture::namespace(&format!("ns-{i}"), &format!("uid-ns-{i}-{generation}"));
+            let mut ns =
+                fixture::namespace(&format!("ns-{i}"), &format!("uid-ns-{i}-{generation}"));
             ns.metadata.labels = Some([("team".to_string(), format!("t{label}"))].into());
             if *no_snat {
                 ns.metadata.annotations =
@@ -424,7 +439,11 @@ mod tests {
             if *kind == 0 {
                 continue;
             }
-            let ty = if *kind == 1 { "ClusterIP" } else { "LoadBalancer" };
+            let ty = if *kind == 1 {
+                "ClusterIP"
+            } else {
+                "LoadBalancer"
+            };
             let ports: Vec<_> = (0..*ports)
                 .map(|p| json!({"name": format!("p{p}"), "port": 80 + i32::from(p), "protocol": "TCP"}))
                 .collect();
@@ -452,8 +471,10 @@ mod tests {
                     "ingress": [{"from": [{"podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]}}], "ports": [{"port": "http"}]}]}),
                 2 => json!({"podSelector": {},
                     "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "t1"}}, "podSelector": {"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}}]}]}),
-                _ => json!({"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Egress"],
-                    "egress": [{"ports": [{"port": "http", "protocol": "TCP"}]}]}),
+                _ => {
+                    json!({"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Egress"],
+                    "egress": [{"ports": [{"port": "http", "protocol": "TCP"}]}]})
+                }
             };
             v.add_network_policy(
                 serde_json::from_value(json!({"metadata": {"name": format!("np-{i}"), "namespace": format!("ns-{ns}"), "uid": format!("uid-np-{i}")},
@@ -491,14 +512,29 @@ mod tests {
     fn a_pod_change_recomputes_that_pod_only() {
         let mut g = ClusterView::default();
         for n in 0..50 {
-            g.add_namespace(fixture::namespace(&format!("ns-{n}"), &format!("uid-ns-{n}")));
+            g.add_namespace(fixture::namespace(
+                &format!("ns-{n}"),
+                &format!("uid-ns-{n}"),
+            ));
             for p in 0..10 {
-                g.add_pod(fixture::pod(&format!("ns-{n}"), &format!("pod-{p}"), &format!("uid-{n}-{p}"), "node-1", &[("app", "web")]));
+                g.add_pod(fixture::pod(
+                    &format!("ns-{n}"),
+                    &format!("pod-{p}"),
+                    &format!("uid-{n}-{p}"),
+                    "node-1",
+                    &[("app", "web")],
+                ));
             }
         }
         let mut cache = DesiredCache::new(&g, "k8s-a", 24);
         let before = g.clone();
-        g.add_pod(fixture::pod("ns-7", "pod-3", "uid-7-3", "node-1", &[("app", "db")]));
+        g.add_pod(fixture::pod(
+            "ns-7",
+            "pod-3",
+            "uid-7-3",
+            "node-1",
+            &[("app", "db")],
+        ));
         let touched = cache.update(&g, &ViewChanges::between(&before, &g));
         assert_eq!(touched, [Key::PodPort("uid-7-3".into())].into());
         // A status-only change (what NCP does not read) is no change at all.

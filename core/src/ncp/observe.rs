@@ -38,10 +38,26 @@ pub struct Observed {
     /// Read from the search index, which may lag behind writes: good to tell that nothing is to
     /// be done, not to decide what to write.
     pub from_search: bool,
-    /// The desired state these documents were made to match by the pass that left them
-    /// (every object realized, nothing refused): a key whose spec is still the same needs no
-    /// rendering and comparing again. Only a running NCP's cache has it.
+    /// The pass that left these documents realized everything it was asked (nothing refused,
+    /// nothing unrealizable): NSX then held exactly that pass's desired state, so the next pass
+    /// need only look at the keys whose spec changed since ([`super::plan::plan_changes`]).
+    /// Only a running NCP's cache has it.
+    pub synced: bool,
+    /// The desired state of that pass, kept by callers that do not track their changes
+    /// themselves ([`super::reconcile::reconcile_cached`]), to find them by comparison.
     pub verified: Option<std::sync::Arc<super::desired::Desired>>,
+    /// VLANs in use under each parent VIF, by every port document held (kept or duplicate),
+    /// with counts: what a new port's VLAN is chosen against, without a pass over all ports.
+    vlans: BTreeMap<String, BTreeMap<i64, usize>>,
+}
+
+/// A pod port document's parent VIF and VLAN.
+pub fn port_vlan(doc: &Value) -> Option<(&str, i64)> {
+    let ctx = doc.get("attachment")?.get("context")?;
+    Some((
+        ctx.get("parent_vif_id")?.as_str()?,
+        ctx.get("traffic_tag")?.as_i64()?,
+    ))
 }
 
 fn tag_value<'a>(doc: &'a Value, scope_name: &str) -> Option<&'a str> {
@@ -145,37 +161,89 @@ impl Observed {
                 key(a).cmp(&key(b))
             });
         }
-        Self {
+        let mut observed = Self {
             objects,
-            snat_allocations: BTreeSet::new(),
-            lb_vips: BTreeMap::new(),
-            calls: 0,
-            from_search: false,
-            verified: None,
+            ..Self::default()
+        };
+        for (k, docs) in &observed.objects {
+            if matches!(k, Key::PodPort(_)) {
+                for (parent, tag) in docs.iter().filter_map(port_vlan) {
+                    *observed
+                        .vlans
+                        .entry(parent.to_string())
+                        .or_default()
+                        .entry(tag)
+                        .or_default() += 1;
+                }
+            }
         }
+        observed
     }
 
-    /// What NSX holds after `report`'s plan ran to its end, as far as NCP's own writes tell:
-    /// the observation the next incremental pass plans against, without reading NSX again.
-    /// Changes made by others are seen at the next full observation (the periodic resync).
-    pub fn after(report: &super::apply::ApplyReport) -> Self {
-        Self {
-            objects: report
-                .realized
-                .iter()
-                .map(|(k, d)| (k.clone(), vec![d.clone()]))
-                .collect(),
-            snat_allocations: report.snat_allocations.clone(),
-            lb_vips: report.lb_vips.clone(),
-            calls: 0,
-            from_search: false,
-            verified: None,
+    fn count_vlan(&mut self, doc: &Value, add: bool) {
+        let Some((parent, tag)) = port_vlan(doc) else {
+            return;
+        };
+        let under = self.vlans.entry(parent.to_string()).or_default();
+        if add {
+            *under.entry(tag).or_default() += 1;
+        } else if let Some(n) = under.get_mut(&tag) {
+            *n -= 1;
+            if *n == 0 {
+                under.remove(&tag);
+            }
         }
     }
 
     /// The kept (oldest) document of a key.
     pub fn get(&self, key: &Key) -> Option<&Value> {
         self.objects.get(key).and_then(|v| v.first())
+    }
+
+    /// Makes `doc` the only document of `key` (it was created or updated).
+    pub fn put(&mut self, key: Key, doc: Value) {
+        let is_port = matches!(key, Key::PodPort(_));
+        if is_port {
+            self.count_vlan(&doc, true);
+        }
+        if let Some(old) = self.objects.insert(key, vec![doc])
+            && is_port
+        {
+            for d in &old {
+                self.count_vlan(d, false);
+            }
+        }
+    }
+
+    /// Forgets the document `id` of `key` (it was deleted).
+    pub fn remove(&mut self, key: &Key, id: &str) {
+        let Some(docs) = self.objects.get_mut(key) else {
+            return;
+        };
+        let Some(i) = docs.iter().position(|d| d["id"] == id) else {
+            return;
+        };
+        let doc = docs.remove(i);
+        if docs.is_empty() {
+            self.objects.remove(key);
+        }
+        if matches!(key, Key::PodPort(_)) {
+            self.count_vlan(&doc, false);
+        }
+    }
+
+    /// The VLANs in use under a parent VIF.
+    pub fn vlans_under(&self, parent: &str) -> impl Iterator<Item = i64> + '_ {
+        self.vlans
+            .get(parent)
+            .into_iter()
+            .flat_map(|m| m.keys().copied())
+    }
+}
+
+impl super::plan::Resolve for Observed {
+    fn resolve(&self, key: &Key) -> Option<&Value> {
+        self.get(key)
     }
 }
 

@@ -640,77 +640,178 @@ pub fn tag_of<'a>(doc: &'a Value, scope_name: &str) -> Option<&'a str> {
         .as_str()
 }
 
-/// Plans the operations that take NSX from `observed` to `desired`.
+/// Plans the operations that take NSX from `observed` to `desired`: every key is looked at.
 pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
-    let mut deletes: Vec<(Key, Value)> = Vec::new();
-    let mut upserts: Vec<Op> = Vec::new();
-    let mut unrealizable = Vec::new();
+    let mut p = Planner::new(desired, observed, infra, false);
     for (key, docs) in &observed.objects {
         let wanted = desired.objects.contains_key(key);
         for (i, d) in docs.iter().enumerate() {
             if !wanted || i > 0 {
-                deletes.push((key.clone(), d.clone()));
+                p.deletes.push((key.clone(), d.clone()));
             }
         }
     }
-    let kept = Kept { observed, desired };
     // VLANs in use under each parent VIF, by every observed port (kept, duplicate or doomed).
-    let mut vlans: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     for (key, docs) in &observed.objects {
         if matches!(key, Key::PodPort(_)) {
             for d in docs {
-                if let (Some(p), Some(t)) = (
-                    at(d, "attachment.context.parent_vif_id").and_then(Value::as_str),
-                    at(d, "attachment.context.traffic_tag").and_then(Value::as_i64),
-                ) {
-                    vlans.entry(p.to_string()).or_default().insert(t);
+                if let Some((parent, tag)) = super::observe::port_vlan(d) {
+                    p.vlans.entry(parent.to_string()).or_default().insert(tag);
                 }
             }
         }
     }
     let mut keys: Vec<(&Key, &Spec)> = desired.objects.iter().collect();
     keys.sort_by(|(a, _), (b, _)| (a.rank(), *a).cmp(&(b.rank(), *b)));
-    let mut created: BTreeSet<Key> = BTreeSet::new();
-    let mut skipped: BTreeSet<Key> = BTreeSet::new();
     for (key, wanted) in keys {
+        p.key(key, wanted);
+    }
+    p.finish(None)
+}
+
+/// Plans only the keys in `touched`, for a cache NSX is known to match except for them
+/// ([`Observed::synced`]: the previous pass realized everything, and `touched` holds every
+/// key whose spec appeared, changed or went away since). The cost is that of the touched keys,
+/// not the cluster's. The result is the plan [`plan`] would make; `None` when this plan cannot
+/// tell it without looking further (an existing object is to be recreated, so its dependents
+/// are too; an object that others depend on cannot be realized), and the caller plans in full.
+pub fn plan_changes(
+    desired: &Desired,
+    observed: &Observed,
+    infra: &Infra,
+    touched: &BTreeSet<Key>,
+) -> Option<Plan> {
+    if !observed.synced {
+        return None;
+    }
+    let mut p = Planner::new(desired, observed, infra, true);
+    let mut keys: Vec<(&Key, &Spec)> = Vec::new();
+    for key in touched {
+        match desired.objects.get(key) {
+            Some(spec) => keys.push((key, spec)),
+            None => {
+                for d in observed.objects.get(key).into_iter().flatten() {
+                    p.deletes.push((key.clone(), d.clone()));
+                }
+            }
+        }
+    }
+    keys.sort_by(|(a, _), (b, _)| (a.rank(), *a).cmp(&(b.rank(), *b)));
+    for (key, wanted) in keys {
+        p.key(key, wanted);
+        if p.recreated
+            || p.unrealizable
+                .iter()
+                .any(|u| !matches!(u.key, Key::PodPort(_)))
+        {
+            return None;
+        }
+    }
+    Some(p.finish(Some(touched)))
+}
+
+/// The state of one planning pass.
+struct Planner<'a> {
+    desired: &'a Desired,
+    observed: &'a Observed,
+    infra: &'a Infra,
+    kept: Kept<'a>,
+    /// VLANs in use or chosen, by parent VIF.
+    vlans: BTreeMap<String, BTreeSet<i64>>,
+    /// Fill `vlans` from the observation's index when a parent is first needed (an
+    /// incremental plan), rather than from a pass over every port.
+    vlans_from_index: bool,
+    created: BTreeSet<Key>,
+    skipped: BTreeSet<Key>,
+    deletes: Vec<(Key, Value)>,
+    upserts: Vec<Op>,
+    unrealizable: Vec<Unrealizable>,
+    /// An object that exists is to be recreated.
+    recreated: bool,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        desired: &'a Desired,
+        observed: &'a Observed,
+        infra: &'a Infra,
+        vlans_from_index: bool,
+    ) -> Self {
+        Self {
+            desired,
+            observed,
+            infra,
+            kept: Kept { observed, desired },
+            vlans: BTreeMap::new(),
+            vlans_from_index,
+            created: BTreeSet::new(),
+            skipped: BTreeSet::new(),
+            deletes: Vec::new(),
+            upserts: Vec::new(),
+            unrealizable: Vec::new(),
+            recreated: false,
+        }
+    }
+
+    fn unrealizable(&mut self, key: &Key, reason: String) {
+        self.unrealizable.push(Unrealizable {
+            key: key.clone(),
+            reason,
+        });
+        self.skipped.insert(key.clone());
+    }
+
+    fn recreate(&mut self, key: &Key, doc: &Value, spec: Spec) {
+        self.deletes.push((key.clone(), doc.clone()));
+        self.created.insert(key.clone());
+        self.recreated = true;
+        self.upserts.push(Op::Create {
+            key: key.clone(),
+            spec,
+        });
+    }
+
+    /// Decides one desired key: create, update, replace, nothing, or unrealizable.
+    fn key(&mut self, key: &Key, wanted: &Spec) {
         // Borrowed until an operation needs it: most keys of a pass need none.
         let mut spec = std::borrow::Cow::Borrowed(wanted);
         let deps = key.deps(Some(&spec.detail));
         if let Some(d) = deps
             .iter()
-            .find(|d| skipped.contains(d) || !desired.objects.contains_key(d))
+            .find(|d| self.skipped.contains(d) || !self.desired.objects.contains_key(d))
         {
-            unrealizable.push(Unrealizable {
-                key: key.clone(),
-                reason: format!("depends on {d:?}, which cannot be realized"),
-            });
-            skipped.insert(key.clone());
-            continue;
+            let reason = format!("depends on {d:?}, which cannot be realized");
+            self.unrealizable(key, reason);
+            return;
         }
-        let have = kept.get(key);
+        let have = self.kept.get(key);
         if let Detail::PodPort { node, .. } = &spec.detail {
             let node = node.clone();
-            let Some(parent) = infra.node_vifs.get(&node) else {
-                unrealizable.push(Unrealizable {
-                    key: key.clone(),
-                    reason: format!("node {node:?} has no VIF tagged ncp/node_name"),
-                });
-                skipped.insert(key.clone());
-                continue;
+            let Some(parent) = self.infra.node_vifs.get(&node) else {
+                self.unrealizable(
+                    key,
+                    format!("node {node:?} has no VIF tagged ncp/node_name"),
+                );
+                return;
             };
             // A VLAN is unique under one parent: the observed one is kept only if the port
             // stays under the same parent (a pod recreated on another node gets a new one).
             let observed_tag = have
-                .filter(|d| {
-                    at(d, "attachment.context.parent_vif_id").and_then(Value::as_str)
-                        == Some(parent.as_str())
-                })
-                .and_then(|d| at(d, "attachment.context.traffic_tag"))
-                .and_then(Value::as_i64);
+                .and_then(super::observe::port_vlan)
+                .filter(|(p, _)| *p == parent.as_str())
+                .map(|(_, t)| t);
             let chosen = match observed_tag {
                 Some(t) if (1..=4093).contains(&t) => Some(t),
                 _ => {
-                    let used = vlans.entry(parent.clone()).or_default();
+                    let observed = self.observed;
+                    let from_index = self.vlans_from_index;
+                    let used = self.vlans.entry(parent.clone()).or_insert_with(|| {
+                        if from_index {
+                            observed.vlans_under(parent).collect()
+                        } else {
+                            BTreeSet::new()
+                        }
+                    });
                     let free = (1..=4093).find(|v| !used.contains(v));
                     if let Some(v) = free {
                         used.insert(v);
@@ -728,66 +829,47 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                     }
                 }
                 None => {
-                    unrealizable.push(Unrealizable {
-                        key: key.clone(),
-                        reason: format!("no free VLAN under {parent}"),
-                    });
-                    skipped.insert(key.clone());
-                    continue;
+                    self.unrealizable(key, format!("no free VLAN under {parent}"));
+                    return;
                 }
             }
         }
-        let parent_recreated = deps.iter().any(|d| created.contains(d));
+        let parent_recreated = deps.iter().any(|d| self.created.contains(d));
         // A group listing ports or groups by id must follow their recreation (new ids).
         let member_recreated = match &spec.detail {
             Detail::Group {
                 selection: Selection::Pods(uids),
             } => uids
                 .iter()
-                .any(|u| created.contains(&Key::PodPort(u.clone()))),
+                .any(|u| self.created.contains(&Key::PodPort(u.clone()))),
             Detail::Group {
                 selection: Selection::Namespaces(uids),
             } => uids
                 .iter()
-                .any(|u| created.contains(&Key::NsGroup(u.clone()))),
+                .any(|u| self.created.contains(&Key::NsGroup(u.clone()))),
             _ => false,
         };
         match have {
             None => {
-                created.insert(key.clone());
-                upserts.push(Op::Create {
+                self.created.insert(key.clone());
+                self.upserts.push(Op::Create {
                     key: key.clone(),
                     spec: spec.into_owned(),
                 });
             }
-            Some(doc) if parent_recreated => {
-                deletes.push((key.clone(), (*doc).clone()));
-                created.insert(key.clone());
-                upserts.push(Op::Create {
-                    key: key.clone(),
-                    spec: spec.into_owned(),
-                });
-            }
-            Some(doc) if member_recreated => upserts.push(Op::Update {
+            Some(doc) if parent_recreated => self.recreate(key, doc, spec.into_owned()),
+            Some(doc) if member_recreated => self.upserts.push(Op::Update {
                 key: key.clone(),
                 id: doc["id"].as_str().unwrap_or_default().to_string(),
                 spec: spec.into_owned(),
             }),
-            // The previous pass made this document match this very spec, and nothing it
-            // depends on was recreated since: it still matches.
-            Some(_)
-                if observed
-                    .verified
-                    .as_deref()
-                    .and_then(|v| v.objects.get(key))
-                    == Some(wanted) => {}
             Some(doc) => {
                 let address = match key {
                     Key::LbVirtualServer(_) => doc["ip_address"].as_str(),
                     _ => doc["translated_network"].as_str(),
                 }
                 .filter(|s| !s.is_empty());
-                let d = match render(key, &spec, infra, &kept, address) {
+                let d = match render(key, &spec, self.infra, &self.kept, address) {
                     Ok(want) => drift(key, &want, doc),
                     // A dependency exists but lacks what we need (a subnet without a cidr).
                     Err(_) => Drift::Replace,
@@ -795,153 +877,190 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
                 let id = doc["id"].as_str().unwrap_or_default().to_string();
                 match d {
                     Drift::None => {}
-                    Drift::Update => upserts.push(Op::Update {
+                    Drift::Update => self.upserts.push(Op::Update {
                         key: key.clone(),
                         id,
                         spec: spec.into_owned(),
                     }),
-                    Drift::Replace => {
-                        deletes.push((key.clone(), (*doc).clone()));
-                        created.insert(key.clone());
-                        upserts.push(Op::Create {
-                            key: key.clone(),
-                            spec: spec.into_owned(),
-                        });
-                    }
+                    Drift::Replace => self.recreate(key, doc, spec.into_owned()),
                 }
             }
         }
     }
-    let mut ops: Vec<Op> = Vec::new();
-    deletes.sort_by(|a, b| {
-        (std::cmp::Reverse(a.0.rank()), &a.0, a.1["id"].as_str()).cmp(&(
-            std::cmp::Reverse(b.0.rank()),
-            &b.0,
-            b.1["id"].as_str(),
-        ))
-    });
-    let mut released: BTreeSet<String> = BTreeSet::new();
-    for (key, doc) in deletes {
-        if matches!(key, Key::Snat(_))
-            && let Some(ip) = tag_of(&doc, scope::SNAT_IP)
-        {
-            released.insert(ip.to_string());
+
+    /// Orders the operations, and adds the releases and LB service updates they call for.
+    /// `touched`: the keys an incremental plan looked at (`None`: all of them).
+    fn finish(self, touched: Option<&BTreeSet<Key>>) -> Plan {
+        let Planner {
+            desired,
+            observed,
+            infra,
+            kept,
+            mut deletes,
+            mut upserts,
+            unrealizable,
+            ..
+        } = self;
+        let mut ops: Vec<Op> = Vec::new();
+        deletes.sort_by(|a, b| {
+            (std::cmp::Reverse(a.0.rank()), &a.0, a.1["id"].as_str()).cmp(&(
+                std::cmp::Reverse(b.0.rank()),
+                &b.0,
+                b.1["id"].as_str(),
+            ))
+        });
+        let mut released: BTreeSet<String> = BTreeSet::new();
+        for (key, doc) in deletes {
+            if matches!(key, Key::Snat(_))
+                && let Some(ip) = tag_of(&doc, scope::SNAT_IP)
+            {
+                released.insert(ip.to_string());
+            }
+            ops.push(Op::Delete { key, doc });
         }
-        ops.push(Op::Delete { key, doc });
-    }
-    if let Some(pool) = &infra.snat_pool {
-        let doomed: BTreeSet<&str> = ops
-            .iter()
-            .filter_map(|o| match o {
-                Op::Delete {
-                    key: Key::Snat(_),
-                    doc,
-                } => doc["id"].as_str(),
-                _ => None,
-            })
-            .collect();
-        let in_use: BTreeSet<&str> = kept
-            .iter()
-            .filter(|(k, d)| {
-                matches!(k, Key::Snat(_)) && !d["id"].as_str().is_some_and(|id| doomed.contains(id))
-            })
-            .filter_map(|(_, d)| tag_of(d, scope::SNAT_IP))
-            .collect();
-        for a in &observed.snat_allocations {
-            if !in_use.contains(a.as_str()) && !released.contains(a) {
-                ops.push(Op::ReleaseIp {
-                    pool: pool.clone(),
-                    ip: a.clone(),
-                });
+        // SNAT addresses no kept rule carries. A synced cache has none beyond those of the
+        // rules deleted here (released with them), so an incremental plan need not look.
+        if let (Some(pool), None) = (&infra.snat_pool, touched) {
+            let doomed: BTreeSet<&str> = ops
+                .iter()
+                .filter_map(|o| match o {
+                    Op::Delete {
+                        key: Key::Snat(_),
+                        doc,
+                    } => doc["id"].as_str(),
+                    _ => None,
+                })
+                .collect();
+            let in_use: BTreeSet<&str> = kept
+                .iter()
+                .filter(|(k, d)| {
+                    matches!(k, Key::Snat(_))
+                        && !d["id"].as_str().is_some_and(|id| doomed.contains(id))
+                })
+                .filter_map(|(_, d)| tag_of(d, scope::SNAT_IP))
+                .collect();
+            for a in &observed.snat_allocations {
+                if !in_use.contains(a.as_str()) && !released.contains(a) {
+                    ops.push(Op::ReleaseIp {
+                        pool: pool.clone(),
+                        ip: a.clone(),
+                    });
+                }
             }
         }
-    }
-    // The LB service lists its virtual servers: it must drop the doomed ones before they are
-    // deleted, and take the new ones after they are created.
-    if let Some((lb_key, lb_doc)) = kept.iter().find(|(k, _)| matches!(k, Key::LbService(_))) {
-        let lb_id = lb_doc["id"].as_str().unwrap_or_default().to_string();
-        let spec = desired.objects[lb_key].clone();
-        let vs_deleted = ops.iter().any(|o| {
-            matches!(
-                o,
-                Op::Delete {
-                    key: Key::LbVirtualServer(_),
-                    ..
-                }
-            )
-        });
-        let vs_created = upserts.iter().any(|o| {
-            matches!(
-                o,
-                Op::Create {
-                    key: Key::LbVirtualServer(_),
-                    ..
-                }
-            )
-        });
-        let already = upserts.iter().any(|o| {
-            matches!(
-                o,
-                Op::Update {
-                    key: Key::LbService(_),
-                    ..
-                } | Op::Create {
-                    key: Key::LbService(_),
-                    ..
-                }
-            )
-        });
-        if vs_deleted {
-            ops.insert(
-                0,
-                Op::Update {
-                    key: lb_key.clone(),
-                    id: lb_id.clone(),
-                    spec: spec.clone(),
-                },
-            );
-        }
-        if vs_created && !already {
-            upserts.push(Op::Update {
-                key: lb_key.clone(),
-                id: lb_id,
-                spec,
-            });
-        }
-    }
-    // VIPs of services that no longer need one.
-    if let Some(pool) = &infra.lb_pool {
-        // Virtual server keys are `<service uid>/<port>`.
-        let served: BTreeSet<&str> = desired
+        // The LB service lists its virtual servers: it must drop the doomed ones before they
+        // are deleted, and take the new ones after they are created. There is one per cluster.
+        let lb = observed
             .objects
-            .keys()
-            .filter_map(|k| match k {
-                Key::LbVirtualServer(v) => v.split_once('/').map(|(svc, _)| svc),
-                _ => None,
-            })
-            .collect();
-        for (svc, ip) in &observed.lb_vips {
-            if !served.contains(svc.as_str()) {
-                ops.push(Op::ReleaseIp {
-                    pool: pool.clone(),
-                    ip: ip.clone(),
+            .range(Key::LbService(String::new())..)
+            .take_while(|(k, _)| matches!(k, Key::LbService(_)))
+            .find_map(|(k, _)| kept.get(k).map(|d| (k, d)));
+        if let Some((lb_key, lb_doc)) = lb {
+            let lb_id = lb_doc["id"].as_str().unwrap_or_default().to_string();
+            let spec = desired.objects[lb_key].clone();
+            let vs_deleted = ops.iter().any(|o| {
+                matches!(
+                    o,
+                    Op::Delete {
+                        key: Key::LbVirtualServer(_),
+                        ..
+                    }
+                )
+            });
+            let vs_created = upserts.iter().any(|o| {
+                matches!(
+                    o,
+                    Op::Create {
+                        key: Key::LbVirtualServer(_),
+                        ..
+                    }
+                )
+            });
+            let already = upserts.iter().any(|o| {
+                matches!(
+                    o,
+                    Op::Update {
+                        key: Key::LbService(_),
+                        ..
+                    } | Op::Create {
+                        key: Key::LbService(_),
+                        ..
+                    }
+                )
+            });
+            if vs_deleted {
+                ops.insert(
+                    0,
+                    Op::Update {
+                        key: lb_key.clone(),
+                        id: lb_id.clone(),
+                        spec: spec.clone(),
+                    },
+                );
+            }
+            if vs_created && !already {
+                upserts.push(Op::Update {
+                    key: lb_key.clone(),
+                    id: lb_id,
+                    spec,
                 });
             }
         }
-    }
-    // Groups and IPSets go last: a section or group that stays may still name one until its
-    // update (among the upserts) drops the reference, and NSX refuses to delete a referenced
-    // group.
-    let (late, mut ops): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(|o| {
-        matches!(
-            o,
-            Op::Delete {
-                key: Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::NsGroup(_),
-                ..
+        // VIPs of services that no longer need one (virtual server keys are
+        // `<service uid>/<port>`). An incremental plan looks at the services it touched.
+        if let Some(pool) = &infra.lb_pool {
+            let serves = |svc: &str| {
+                let prefix = format!("{svc}/");
+                desired
+                    .objects
+                    .range(Key::LbVirtualServer(prefix.clone())..)
+                    .next()
+                    .is_some_and(
+                        |(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&prefix)),
+                    )
+            };
+            let candidates: Vec<(&String, &String)> = match touched {
+                None => observed.lb_vips.iter().collect(),
+                Some(t) => {
+                    let svcs: BTreeSet<&str> = t
+                        .iter()
+                        .filter_map(|k| match k {
+                            Key::LbVirtualServer(v) | Key::LbPool(v) => {
+                                v.split_once('/').map(|(svc, _)| svc)
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    observed
+                        .lb_vips
+                        .iter()
+                        .filter(|(svc, _)| svcs.contains(svc.as_str()))
+                        .collect()
+                }
+            };
+            for (svc, ip) in candidates {
+                if !serves(svc) {
+                    ops.push(Op::ReleaseIp {
+                        pool: pool.clone(),
+                        ip: ip.clone(),
+                    });
+                }
             }
-        )
-    });
-    ops.extend(upserts);
-    ops.extend(late);
-    Plan { ops, unrealizable }
+        }
+        // Groups and IPSets go last: a section or group that stays may still name one until
+        // its update (among the upserts) drops the reference, and NSX refuses to delete a
+        // referenced group.
+        let (late, mut ops): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(|o| {
+            matches!(
+                o,
+                Op::Delete {
+                    key: Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::NsGroup(_),
+                    ..
+                }
+            )
+        });
+        ops.extend(upserts);
+        ops.extend(late);
+        Plan { ops, unrealizable }
+    }
 }

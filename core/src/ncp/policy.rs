@@ -452,7 +452,11 @@ fn pod_scope(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec) -> PodS
             .flatten()
             .any(|p| matches!(p.port, Some(IntOrString::String(_))))
     };
-    let ingress = spec.ingress.iter().flatten().any(|r| cross(r.from.as_ref()));
+    let ingress = spec
+        .ingress
+        .iter()
+        .flatten()
+        .any(|r| cross(r.from.as_ref()));
     let egress = spec.egress.iter().flatten().any(|r| {
         let peers = r.to.as_ref().filter(|t| !t.is_empty());
         cross(peers)

@@ -3,10 +3,12 @@
 use hyper_util::client::legacy::connect::Connect;
 
 use super::apply::{Applier, ApplyError, ApplyReport};
-use super::desired::desired;
+use std::collections::BTreeSet;
+
+use super::desired::{Desired, Key, desired};
 use super::infra::Infra;
 use super::observe::{Observed, observe, observe_by_search};
-use super::plan::{Plan, plan};
+use super::plan::{Plan, plan, plan_changes};
 use crate::k8s::ClusterView;
 use crate::nsx::{NsxClient, NsxError};
 
@@ -19,6 +21,9 @@ pub struct Outcome {
     pub observe_calls: usize,
     /// What the cluster asks that NSX cannot do exactly.
     pub problems: Vec<super::policy::Problem>,
+    /// The plan covered only the keys that changed ([`plan_changes`]), so only their owners
+    /// can need new annotations.
+    pub incremental: bool,
 }
 
 #[derive(thiserror::Error)]
@@ -73,7 +78,8 @@ pub async fn reconcile_once<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    reconcile_cached(client, cluster, subnet_prefix, infra, view, gate, &mut None).await
+    let want = desired(view, cluster, subnet_prefix);
+    reconcile_desired(client, cluster, infra, &want, None, gate, &mut None).await
 }
 
 /// Plan against `cache` (what NSX held after the previous pass, by NCP's own account) when
@@ -82,6 +88,9 @@ where
 /// what NSX holds. A change in Kubernetes then costs the NSX calls of its own writes, not a
 /// read of every object; the caller empties the cache for the periodic full resync, which is
 /// also what finds changes others made in NSX.
+///
+/// The keys to plan are found by comparing `view`'s desired state with the one the cache was
+/// left for; a controller that tracks its changes calls [`reconcile_desired`] instead.
 pub async fn reconcile_cached<C>(
     client: &NsxClient<C>,
     cluster: &str,
@@ -95,31 +104,60 @@ where
     C: Connect + Clone + Send + Sync + 'static,
 {
     let want = desired(view, cluster, subnet_prefix);
+    let touched = cache
+        .as_ref()
+        .and_then(|o| o.verified.as_deref())
+        .map(|before| before.changed_keys(&want));
+    let outcome =
+        reconcile_desired(client, cluster, infra, &want, touched.as_ref(), gate, cache).await?;
+    if let Some(o) = cache.as_mut().filter(|o| o.synced) {
+        o.verified = Some(std::sync::Arc::new(want));
+    }
+    Ok(outcome)
+}
+
+/// One pass for `want`: against the cache when there is one (planning only `touched` when
+/// given and the cache is synced, see [`plan_changes`]), else against a full observation.
+pub async fn reconcile_desired<C>(
+    client: &NsxClient<C>,
+    cluster: &str,
+    infra: &Infra,
+    want: &Desired,
+    touched: Option<&BTreeSet<Key>>,
+    gate: &WriteGate,
+    cache: &mut Option<Observed>,
+) -> Result<Outcome, ReconcileError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let mut incremental = false;
     let (observed, plan, observe_calls) = match cache.take() {
         Some(o) => {
-            let p = plan(&want, &o, infra);
+            let p = match touched.and_then(|t| plan_changes(want, &o, infra, t)) {
+                Some(p) => {
+                    incremental = true;
+                    p
+                }
+                None => plan(want, &o, infra),
+            };
             (o, p, 0)
         }
-        None => look(client, cluster, infra, &want).await?,
+        None => look(client, cluster, infra, want).await?,
     };
     let mut applier = Applier::new(client, infra, observed);
     applier.write_budget = gate.write_budget;
     applier.fence = gate.fence.clone();
     match applier.apply(&plan).await {
-        Ok(report) => {
-            let mut want = want;
-            let problems = std::mem::take(&mut want.problems);
-            let mut after = Observed::after(&report);
-            // Everything realized as wanted: the next pass need not re-check unchanged keys.
-            if report.failed.is_empty() && plan.unrealizable.is_empty() {
-                after.verified = Some(std::sync::Arc::new(want));
-            }
+        Ok((report, mut after)) => {
+            // Everything realized as wanted: the next pass need only look at what changes.
+            after.synced = report.failed.is_empty() && plan.unrealizable.is_empty();
             *cache = Some(after);
             Ok(Outcome {
                 plan,
                 report,
                 observe_calls,
-                problems,
+                problems: want.problems.clone(),
+                incremental,
             })
         }
         Err((source, report)) => Err(ReconcileError::Apply {
