@@ -800,10 +800,9 @@ pub async fn run<C>(
         timing.progress.take();
         let dirty = stores.take_dirty();
         let started = tokio::time::Instant::now();
-        let changes = match &mut tracked {
-            Some((view, _)) => Some(stores.refresh(view, dirty)),
-            None => None,
-        };
+        let changes = tracked
+            .as_mut()
+            .map(|(view, _)| stores.refresh(view, dirty));
         if clean
             && cache.is_some()
             && changes.as_ref().is_some_and(ViewChanges::is_empty)

@@ -43,6 +43,9 @@ pub struct Observed {
     /// need only look at the keys whose spec changed since ([`super::plan::plan_changes`]).
     /// Only a running NCP's cache has it.
     pub synced: bool,
+    /// Pod ports a synced cache still lacks (refused, or unrealizable: a node without a VIF):
+    /// planned again by every incremental pass. Set by [`super::plan::settle`].
+    pub pending: BTreeSet<Key>,
     /// The desired state of that pass, kept by callers that do not track their changes
     /// themselves ([`super::reconcile::reconcile_cached`]), to find them by comparison.
     pub verified: Option<std::sync::Arc<super::desired::Desired>>,

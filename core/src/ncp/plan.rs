@@ -686,7 +686,8 @@ pub fn plan_changes(
     }
     let mut p = Planner::new(desired, observed, infra, true);
     let mut keys: Vec<(&Key, &Spec)> = Vec::new();
-    for key in touched {
+    let pending = observed.pending.iter().filter(|k| !touched.contains(*k));
+    for key in touched.iter().chain(pending) {
         match desired.objects.get(key) {
             Some(spec) => keys.push((key, spec)),
             None => {
@@ -708,6 +709,31 @@ pub fn plan_changes(
         }
     }
     Some(p.finish(Some(touched)))
+}
+
+/// Records on `observed` (what a pass left) whether NSX now holds `desired` exactly but for
+/// `left` (the keys refused or unrealizable): then the next pass need only plan what changes,
+/// and those keys again. That holds when every key left is a pod port no group lists by id (a
+/// group rendered without a missing member needs a full look once the member exists, and what
+/// depends on any other object is beyond a list of keys).
+pub fn settle(observed: &mut Observed, desired: &Desired, left: BTreeSet<Key>) {
+    let listed = |uid: &str| {
+        desired
+            .objects
+            .range(Key::PolicyGroup(String::new())..)
+            .take_while(|(k, _)| matches!(k, Key::PolicyGroup(_)))
+            .any(|(_, s)| {
+                matches!(&s.detail, Detail::Group { selection: Selection::Pods(uids) } if uids.iter().any(|u| u == uid))
+            })
+    };
+    observed.synced = left
+        .iter()
+        .all(|k| matches!(k, Key::PodPort(uid) if !listed(uid)));
+    observed.pending = if observed.synced {
+        left
+    } else {
+        BTreeSet::new()
+    };
 }
 
 /// The state of one planning pass.

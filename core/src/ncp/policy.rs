@@ -128,7 +128,7 @@ fn select(
 ) -> Selection {
     let uids: Vec<String> = namespaces
         .iter()
-        .filter_map(|n| live_ns.get(n).map(|ns| uid_of(ns)))
+        .filter_map(|n| live_ns.get(n).map(uid_of))
         .collect();
     let dnf = selector::positive_dnf(sel, CRITERIA_MAX);
     if let Some(dnf) = dnf

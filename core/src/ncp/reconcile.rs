@@ -149,8 +149,15 @@ where
     applier.fence = gate.fence.clone();
     match applier.apply(&plan).await {
         Ok((report, mut after)) => {
-            // Everything realized as wanted: the next pass need only look at what changes.
-            after.synced = report.failed.is_empty() && plan.unrealizable.is_empty();
+            // Everything realized as wanted (but pod ports that wait for something): the next
+            // pass need only look at what changes.
+            let left = report
+                .failed
+                .keys()
+                .chain(plan.unrealizable.iter().map(|u| &u.key))
+                .cloned()
+                .collect();
+            super::plan::settle(&mut after, want, left);
             *cache = Some(after);
             Ok(Outcome {
                 plan,
