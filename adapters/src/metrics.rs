@@ -23,6 +23,8 @@ pub struct Metrics {
     annotations: AtomicU64,
     objects_refused: AtomicU64,
     last_pass_ms: AtomicU64,
+    last_pass_planned: AtomicU64,
+    passes_incremental: AtomicU64,
     /// Converged passes by duration: counts per bucket of [`PASS_BUCKETS_MS`] (cumulative
     /// when rendered), and the sum.
     pass_buckets: [AtomicU64; PASS_BUCKETS_MS.len()],
@@ -47,9 +49,16 @@ impl Metrics {
                 annotations,
                 failed,
                 took_ms,
+                planned,
+                incremental,
                 ..
             } => {
                 let took_ms = *took_ms;
+                self.last_pass_planned
+                    .store(*planned as u64, Ordering::Relaxed);
+                if *incremental {
+                    self.passes_incremental.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Some(i) = PASS_BUCKETS_MS.iter().position(|b| took_ms <= *b) {
                     self.pass_buckets[i].fetch_add(1, Ordering::Relaxed);
                 }
@@ -105,6 +114,18 @@ impl Metrics {
             "gauge",
             "Duration of the last converged pass.",
             &[(String::new(), load(&self.last_pass_ms))],
+        );
+        metric(
+            "ncp_reconcile_last_pass_keys_planned",
+            "gauge",
+            "NSX objects the last converged pass planned: what changed, or all of them.",
+            &[(String::new(), load(&self.last_pass_planned))],
+        );
+        metric(
+            "ncp_reconcile_incremental_passes_total",
+            "counter",
+            "Converged passes that planned only what changed since the previous one.",
+            &[(String::new(), load(&self.passes_incremental))],
         );
         metric(
             "ncp_queue_depth",
@@ -366,6 +387,8 @@ mod tests {
             annotations: 2,
             failed: 0,
             took_ms: 40,
+            planned: 7,
+            incremental: true,
         });
         m.record(&PassEvent::Failed { error: "x".into() });
         assert!(m.is_ready());
@@ -375,6 +398,14 @@ mod tests {
         let text = m.render(&s);
         assert!(
             text.contains("ncp_reconcile_passes_total{result=\"converged\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ncp_reconcile_last_pass_keys_planned 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ncp_reconcile_incremental_passes_total 1"),
             "{text}"
         );
         assert!(

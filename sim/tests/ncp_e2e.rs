@@ -326,3 +326,95 @@ fn network_policies_are_watched_realized_reported_and_removed() {
     assert_eq!(sections(&w).len(), 1, "only the default section is left");
     assert_eq!(w.ncp_objects(), 10 + 1);
 }
+
+/// The converged passes since pass `mark`: (planned keys, incremental, operations).
+fn passes_since(w: &World, mark: usize) -> Vec<(usize, bool, usize)> {
+    w.passes.borrow()[mark..]
+        .iter()
+        .filter_map(|p| match p {
+            PassEvent::Converged {
+                planned,
+                incremental,
+                ops,
+                ..
+            } => Some((*planned, *incremental, *ops)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A running NCP's cost per change is the change's: a new pod, a relabelled pod and a
+/// relabelled namespace are planned from the keys they touch, the same at 60 and at 600 pods.
+/// Every pass after the first plans incrementally, including those that only take in NCP's
+/// own annotations.
+#[test]
+fn a_change_plans_what_it_touches_whatever_the_size_of_the_cluster() {
+    let mut seen = Vec::new();
+    for namespaces in [6, 60] {
+        let mut w = world(11);
+        w.apply(node("node-1"));
+        for n in 0..namespaces {
+            w.apply(namespace(&format!("ns-{n}")));
+            for p in 0..10 {
+                w.apply(pod(&format!("ns-{n}"), &format!("p-{p}"), "node-1"));
+            }
+        }
+        // The first pass creates everything (about 2,000 requests at 600 pods).
+        for _ in 0..60 {
+            w.run_for(5_000);
+            if w.pod_annotation(&format!("ns-{}", namespaces - 1), "p-9")
+                .is_some()
+            {
+                break;
+            }
+        }
+        w.run_for(5_000);
+        assert!(
+            w.pod_annotation(&format!("ns-{}", namespaces - 1), "p-9")
+                .is_some(),
+            "{:?}",
+            w.passes.borrow().last()
+        );
+        assert_eq!(w.ncp_objects(), namespaces * 10 + namespaces * 10);
+        // A new pod: its port, planned alone.
+        let mark = w.passes.borrow().len();
+        w.apply(pod("ns-3", "late", "node-1"));
+        w.run_for(3_000);
+        assert!(w.pod_annotation("ns-3", "late").is_some());
+        let added = passes_since(&w, mark);
+        // A relabelled pod: its port's tags.
+        let mark = w.passes.borrow().len();
+        w.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "late", "namespace": "ns-3", "labels": {"app": "moved"}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}}));
+        w.run_for(3_000);
+        let relabelled = passes_since(&w, mark);
+        // A relabelled namespace: nothing NSX holds depends on namespace labels here.
+        let mark = w.passes.borrow().len();
+        w.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns-3", "labels": {"team": "a"}}}));
+        w.run_for(3_000);
+        let namespace_labelled = passes_since(&w, mark);
+        for (what, passes, ops) in [
+            ("new pod", &added, 1),
+            ("relabelled pod", &relabelled, 1),
+            ("relabelled namespace", &namespace_labelled, 0),
+        ] {
+            assert!(!passes.is_empty(), "{what}: no pass");
+            assert!(
+                passes.iter().all(|(_, incremental, _)| *incremental),
+                "{what}: {passes:?}"
+            );
+            assert_eq!(
+                passes.iter().map(|p| p.2).sum::<usize>(),
+                ops,
+                "{what}: {passes:?}"
+            );
+            assert!(
+                passes.iter().all(|(planned, _, _)| *planned <= 1),
+                "{what}: {passes:?}"
+            );
+        }
+        w.nsx.with_store(|s| s.check_invariants()).unwrap();
+        seen.push((added, relabelled, namespace_labelled));
+    }
+    assert_eq!(seen[0], seen[1], "the same passes at both sizes");
+}

@@ -211,7 +211,18 @@ async fn main() -> anyhow::Result<()> {
                 annotations,
                 failed,
                 took_ms,
-            } => tracing::info!(ops, writes, annotations, failed, took_ms, "pass converged"),
+                planned,
+                incremental,
+            } => tracing::info!(
+                ops,
+                writes,
+                annotations,
+                failed,
+                took_ms,
+                planned,
+                incremental,
+                "pass converged"
+            ),
             PassEvent::Failed { error } => tracing::warn!(%error, "pass failed; retrying"),
             PassEvent::Leadership(l) => tracing::info!(leadership = ?l, "leadership changed"),
         }

@@ -79,6 +79,12 @@ pub enum PassEvent {
         failed: usize,
         /// From reading the view to the last write-back (tokio time: simulated under turmoil).
         took_ms: u64,
+        /// Desired keys the plan looked at: those that changed (and pod ports still waiting)
+        /// when `incremental`, every key otherwise. The measure of a pass's CPU that does not
+        /// depend on the machine.
+        planned: usize,
+        /// The pass planned only what changed, against what the previous pass left.
+        incremental: bool,
     },
     Failed {
         error: String,
@@ -905,6 +911,8 @@ pub async fn run<C>(
                             annotations,
                             failed: outcome.report.failed.len(),
                             took_ms: started.elapsed().as_millis() as u64,
+                            planned: outcome.planned,
+                            incremental: outcome.incremental,
                         }
                     }
                     Err(error) => PassEvent::Failed { error },

@@ -24,6 +24,8 @@ pub struct Outcome {
     /// The plan covered only the keys that changed ([`plan_changes`]), so only their owners
     /// can need new annotations.
     pub incremental: bool,
+    /// Desired keys the plan looked at.
+    pub planned: usize,
 }
 
 #[derive(thiserror::Error)]
@@ -131,11 +133,17 @@ where
     C: Connect + Clone + Send + Sync + 'static,
 {
     let mut incremental = false;
+    let mut planned = want.objects.len();
     let (observed, plan, observe_calls) = match cache.take() {
         Some(o) => {
             let p = match touched.and_then(|t| plan_changes(want, &o, infra, t)) {
                 Some(p) => {
                     incremental = true;
+                    planned = touched.map_or(0, BTreeSet::len)
+                        + o.pending
+                            .iter()
+                            .filter(|k| touched.is_none_or(|t| !t.contains(*k)))
+                            .count();
                     p
                 }
                 None => plan(want, &o, infra),
@@ -165,6 +173,7 @@ where
                 observe_calls,
                 problems: want.problems.clone(),
                 incremental,
+                planned,
             })
         }
         Err((source, report)) => Err(ReconcileError::Apply {
