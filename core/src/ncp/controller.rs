@@ -1,17 +1,22 @@
 //! The NCP controller: Kubernetes watches in, NSX objects and annotations out.
 //!
-//! Layered like kube-runtime: `watcher` -> reflector stores (one per kind) -> a change signal;
-//! the reconcile loop waits for the stores to be ready, finds the admin infra, then on every
-//! change (after a short debounce, to fold bursts) runs one plan-apply pass over the whole
-//! cluster and writes back what Kubernetes must know:
-//! each pod's network (`ncp/network`: ip/prefix, mac, gateway, vlan, logical port) which the
-//! node agent waits for, and each namespace's subnet and SNAT address. Annotations are patched
-//! only when they differ, so a restart of a converged cluster writes nothing anywhere.
+//! Layered like kube-runtime: `watcher` -> reflector stores (one per kind) -> a change signal,
+//! and every event also names its object in a dirty set. The reconcile loop waits for the stores
+//! to be ready and finds the admin infra. Its first pass builds the view, the desired state
+//! ([`DesiredCache`]) and observes NSX; every later pass (after a short debounce, to fold bursts)
+//! takes the dirty set, brings its view up to date for those objects only (a change NCP does not
+//! read, such as a pod's status, is none), recomputes the desired fragments they own, plans the
+//! keys whose spec changed ([`super::plan::plan_changes`]), and writes back what Kubernetes must
+//! know for the owners concerned: each pod's network (`ncp/network`: ip/prefix, mac, gateway,
+//! vlan, logical port) which the node agent waits for, each namespace's subnet and SNAT address,
+//! each LoadBalancer service's VIP. Annotations are patched only when they differ, so a restart
+//! of a converged cluster writes nothing anywhere.
 //!
-//! A pass plans against what NSX held after the previous pass by NCP's own account (the
-//! cache, see [`reconcile_cached`]), so a change costs NSX calls for its own writes only; the
-//! first pass, the periodic resync (`LoopConfig::resync`) and every pass after an error observe
-//! NSX in full, which is also what puts back objects others changed or deleted.
+//! A pass plans against what NSX held after the previous pass by NCP's own account (the cache,
+//! see [`reconcile_desired`]), so a change costs NSX calls for its own writes only, and CPU for
+//! its own objects only. The first pass, the periodic resync (`LoopConfig::resync`), and every
+//! pass after an error or a refused object observe NSX in full and plan every key, which is also
+//! what puts back objects others changed or deleted.
 //!
 //! Errors are not fatal: a failed pass is retried with exponential backoff (bounded), and the
 //! next pass re-observes NSX, so nothing is assumed about how far the failed one got.

@@ -4,7 +4,7 @@
 //! The desired state is a union of fragments, each computed from one owner: a namespace (its
 //! router, switch, subnet, SNAT rule and NSGroup), a pod (its port), a LoadBalancer service
 //! (its pools and virtual servers), a NetworkPolicy (its groups, IPSets and sections), and two
-//! cluster-wide ones (the load balancer, the firewall markers). [`desired`] computes them all;
+//! cluster-wide ones (the load balancer, the firewall markers). [`super::desired::desired`] computes them all;
 //! [`DesiredCache::update`] recomputes the owners a change can reach and reports the keys
 //! whose spec changed, which is what the incremental planner looks at:
 //!
@@ -18,7 +18,7 @@
 //! | node | nothing (a node's VIF comes from NSX) |
 //!
 //! A property test (`tests::updates_match_a_fresh_computation`) checks that the result is
-//! exactly [`desired`] of the new view, and that every key whose spec changed is reported.
+//! exactly `desired` of the new view, and that every key whose spec changed is reported.
 
 use std::collections::{BTreeMap, BTreeSet};
 
