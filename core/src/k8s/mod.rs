@@ -67,9 +67,9 @@ fn hash_meta<H: std::hash::Hasher>(
 }
 
 /// Hashes of what NCP reads of each object: names, uids, labels, annotations and specs (and a
-/// Service's status, which NCP writes); not pod or namespace status, nor resourceVersions. A
-/// view's fingerprint is the wrapping sum of its objects' hashes, so it does not depend on the
-/// order a store hands them out in.
+/// Service's status, which NCP writes, and a pod's phase); not the rest of the status, nor
+/// resourceVersions. Two versions of an object with the same hash are the same change-wise: a
+/// watch event that changes nothing else costs a pass nothing.
 pub mod fingerprint {
     use std::hash::{Hash, Hasher};
 
@@ -241,28 +241,6 @@ impl ViewChanges {
 }
 
 impl ClusterView {
-    /// Equal fingerprints mean a pass would compute the same desired state (see
-    /// [`fingerprint`]).
-    pub fn fingerprint(&self) -> u64 {
-        let mut sum = 0u64;
-        let mut add = |x: u64| sum = sum.wrapping_add(x);
-        self.namespaces
-            .values()
-            .for_each(|o| add(fingerprint::namespace(o)));
-        self.pods.values().for_each(|o| add(fingerprint::pod(o)));
-        self.nodes.values().for_each(|o| add(fingerprint::node(o)));
-        self.services
-            .values()
-            .for_each(|o| add(fingerprint::service(o)));
-        self.endpoint_slices
-            .values()
-            .for_each(|o| add(fingerprint::endpoint_slice(o)));
-        self.network_policies
-            .values()
-            .for_each(|o| add(fingerprint::network_policy(o)));
-        sum
-    }
-
     pub fn add_namespace(&mut self, ns: Namespace) {
         let name = ns.metadata.name.clone().unwrap_or_default();
         self.namespaces.insert(name, ns);

@@ -278,32 +278,6 @@ impl Stores {
         c
     }
 
-    /// The view's fingerprint without building the view (see [`ClusterView::fingerprint`]).
-    pub fn fingerprint(&self) -> u64 {
-        use crate::k8s::fingerprint as f;
-        let mut sum = 0u64;
-        let mut add = |x: u64| sum = sum.wrapping_add(x);
-        self.namespaces
-            .state()
-            .iter()
-            .for_each(|o| add(f::namespace(o)));
-        self.pods.state().iter().for_each(|o| add(f::pod(o)));
-        self.nodes.state().iter().for_each(|o| add(f::node(o)));
-        self.services
-            .state()
-            .iter()
-            .for_each(|o| add(f::service(o)));
-        self.endpoint_slices
-            .state()
-            .iter()
-            .for_each(|o| add(f::endpoint_slice(o)));
-        self.network_policies
-            .state()
-            .iter()
-            .for_each(|o| add(f::network_policy(o)));
-        sum
-    }
-
     pub fn view(&self) -> ClusterView {
         let mut v = ClusterView::default();
         for n in self.namespaces.state() {
