@@ -74,28 +74,10 @@ impl WatchProgress {
 }
 
 /// Starts watching `api` into a store; every event notifies `changed` (and counts in
-/// `progress`, when given). The task runs until aborted or the runtime ends.
-pub fn watch<K>(
-    api: Api<K>,
-    changed: Arc<Notify>,
-    progress: Option<Arc<WatchProgress>>,
-) -> (Store<K>, tokio::task::JoinHandle<()>)
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    watch_with(api, changed, progress, |_| {})
-}
-
-/// [`watch`], and `on_event` sees every event once the store holds it: how a consumer learns
-/// which objects changed rather than comparing whole stores.
-pub fn watch_with<K, F>(
+/// `progress`, when given), and `on_event` sees it once the store holds it: how a consumer
+/// learns which objects changed rather than comparing whole stores. The task runs until
+/// aborted or the runtime ends.
+pub fn watch<K, F>(
     api: Api<K>,
     changed: Arc<Notify>,
     progress: Option<Arc<WatchProgress>>,

@@ -337,7 +337,7 @@ pub fn start_watches(
     {
         let dirty = dirty.clone();
         let (reader, handle) =
-            crate::k8s::watch::watch_with(api, changed, Some(progress.clone()), move |e| {
+            crate::k8s::watch::watch(api, changed, Some(progress.clone()), move |e| {
                 kind(&mut dirty.lock().unwrap_or_else(|e| e.into_inner())).record(e)
             });
         tasks.push(handle);

@@ -203,29 +203,12 @@ impl DesiredCache {
     ) {
         let lb = owners.iter().any(|o| matches!(o, Owner::Service(..)));
         let markers = owners.iter().any(|o| matches!(o, Owner::Policy(..)));
-        let fragments: Vec<(Owner, BTreeMap<Key, Spec>)> = owners
-            .into_iter()
-            .map(|o| {
-                let f = self.fragment(view, &o);
-                (o, f)
-            })
-            .collect();
-        self.replace(fragments, touched);
-        let mut global = Vec::new();
-        if lb {
-            global.push(Owner::LoadBalancer);
-        }
-        if markers {
-            global.push(Owner::Markers);
-        }
-        let fragments: Vec<(Owner, BTreeMap<Key, Spec>)> = global
-            .into_iter()
-            .map(|o| {
-                let f = self.fragment(view, &o);
-                (o, f)
-            })
-            .collect();
-        self.replace(fragments, touched);
+        self.batch(view, owners, touched);
+        let global = [
+            lb.then_some(Owner::LoadBalancer),
+            markers.then_some(Owner::Markers),
+        ];
+        self.batch(view, global.into_iter().flatten(), touched);
         if markers {
             let mut problems: Vec<Problem> = self
                 .policies
@@ -235,6 +218,23 @@ impl DesiredCache {
             sort_problems(&mut problems);
             self.desired.problems = problems;
         }
+    }
+
+    /// Recomputes `owners` and puts their fragments in place.
+    fn batch(
+        &mut self,
+        view: &ClusterView,
+        owners: impl IntoIterator<Item = Owner>,
+        touched: &mut BTreeSet<Key>,
+    ) {
+        let fragments: Vec<(Owner, BTreeMap<Key, Spec>)> = owners
+            .into_iter()
+            .map(|o| {
+                let f = self.fragment(view, &o);
+                (o, f)
+            })
+            .collect();
+        self.replace(fragments, touched);
     }
 
     /// One owner's fragment as the view has it now (and what the cache keeps about the owner).

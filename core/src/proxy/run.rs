@@ -84,11 +84,13 @@ pub async fn run<B: OpenFlowBridge>(
         Api::<Service>::all(kube.clone()),
         signals.changed.clone(),
         None,
+        |_| {},
     );
     let (slices, h2) = crate::k8s::watch::watch(
         Api::<EndpointSlice>::all(kube),
         signals.changed.clone(),
         None,
+        |_| {},
     );
     let _abort = AbortOnDrop(vec![h1, h2]);
     let _ = services.wait_until_ready().await;

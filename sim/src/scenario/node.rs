@@ -282,7 +282,7 @@ async fn exchange(host: &str, req: &WireRequest) -> Result<WireResponse, String>
 async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
     let changed = Arc::new(Notify::new());
     let (pods, _h) =
-        nsx_core::k8s::watch::watch(Api::<Pod>::all(kube.clone()), changed.clone(), None);
+        nsx_core::k8s::watch::watch(Api::<Pod>::all(kube.clone()), changed.clone(), None, |_| {});
     let _ = pods.wait_until_ready().await;
     loop {
         node.events.set(node.events.get() + 1);
