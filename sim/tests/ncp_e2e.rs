@@ -29,6 +29,11 @@ fn sim_clock() -> i64 {
 }
 
 fn world(seed: u64) -> World {
+    world_with_prefix(seed, 24)
+}
+
+/// A world whose NCP carves namespace subnets of this prefix length.
+fn world_with_prefix(seed: u64, subnet_prefix: u8) -> World {
     let api = ApiServer::new(seed, sim_clock);
     let mut mc = ManagerConfig {
         clock: Clock::new(sim_clock),
@@ -76,6 +81,7 @@ fn world(seed: u64) -> World {
             let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
             let mut config = NcpConfig::for_cluster("k8s-a");
             config.external_ip_pools = vec![snat];
+            config.subnet_prefix = subnet_prefix;
             controller::run(kube, nsx, config, LoopConfig::default(), None, move |e| {
                 p.borrow_mut().push(e.clone())
             })
@@ -417,4 +423,64 @@ fn a_change_plans_what_it_touches_whatever_the_size_of_the_cluster() {
         seen.push((added, relabelled, namespace_labelled));
     }
     assert_eq!(seen[0], seen[1], "the same passes at both sizes");
+}
+
+/// A pod NSX refuses (its namespace's /28 is full) waits in a synced cache: the passes stay
+/// incremental, and once another pod leaves, the next pass wires it.
+#[test]
+fn a_pod_refused_for_a_full_subnet_is_wired_once_another_leaves() {
+    let mut w = world_with_prefix(12, 28);
+    w.apply(node("node-1"));
+    w.apply(namespace("shop"));
+    // A /28 pool holds 13 addresses (the gateway takes one).
+    for p in 0..14 {
+        w.apply(pod("shop", &format!("p-{p:02}"), "node-1"));
+    }
+    w.run_for(10_000);
+    let wired = |w: &World| -> Vec<bool> {
+        (0..14)
+            .map(|p| w.pod_annotation("shop", &format!("p-{p:02}")).is_some())
+            .collect()
+    };
+    let before = wired(&w);
+    assert_eq!(before.iter().filter(|x| **x).count(), 13, "{before:?}");
+    let waiting = before.iter().position(|x| !x).unwrap();
+    let events = w.api.list("events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "NSXRealizationFailed"
+            && e["involvedObject"]["kind"] == "Pod"
+            && e["involvedObject"]["name"] == format!("p-{waiting:02}")),
+        "{events:?}"
+    );
+    // With no change at all, the refused port is retried on backoff, by itself.
+    let mark = w.passes.borrow().len();
+    w.run_for(5_000);
+    let retries = passes_since(&w, mark);
+    assert!(!retries.is_empty(), "no retry");
+    assert!(
+        retries.iter().all(|p| *p == (1, true, 1)),
+        "one key planned, incrementally, one create tried: {retries:?}"
+    );
+    let mark = w.passes.borrow().len();
+    let leaving = (waiting + 1) % 14;
+    w.api
+        .delete("pods", "shop", &format!("p-{leaving:02}"))
+        .unwrap();
+    w.run_for(5_000);
+    assert!(
+        w.pod_annotation("shop", &format!("p-{waiting:02}"))
+            .is_some(),
+        "{:?}",
+        &w.passes.borrow()[mark..]
+    );
+    let after = passes_since(&w, mark);
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|(_, incremental, _)| *incremental),
+        "{after:?}"
+    );
+    // The waiting port and the leaving one: a delete and a create.
+    assert_eq!(after.iter().map(|p| p.2).sum::<usize>(), 2, "{after:?}");
+    assert_eq!(w.ncp_objects(), 10 + 13);
+    w.nsx.with_store(|s| s.check_invariants()).unwrap();
 }

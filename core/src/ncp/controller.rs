@@ -776,8 +776,13 @@ pub async fn run<C>(
     // The view and its desired state, kept between passes and updated by what the watches
     // name: a change costs the objects it touches, not the cluster.
     let mut tracked: Option<(ClusterView, DesiredCache)> = None;
-    // The last pass realized everything and wrote every annotation: a change NCP does not
-    // read (a pod's status, a resourceVersion) then costs no pass at all.
+    // The last pass left NSX matching the desired state but for pod ports still waiting (see
+    // `Observed::synced`) and wrote every annotation: the next pass need only plan what
+    // changed, and those ports.
+    let mut synced = false;
+    // ... and NSX refused nothing: with no change at all, there is nothing to do (a change NCP
+    // does not read, such as a pod's status, costs no pass). Refused objects are retried on
+    // backoff.
     let mut clean = false;
     loop {
         // What the stores hold from here on is taken in (reconciled, or skipped as a change
@@ -824,9 +829,9 @@ pub async fn run<C>(
         if cache.is_none() {
             next_full = tokio::time::Instant::now() + timing.resync;
         }
-        // Only a clean previous pass leaves nothing but `touched` to look at.
-        let touched = touched.filter(|_| clean);
-        clean = false;
+        // Only a synced previous pass leaves nothing but `touched` to look at.
+        let touched = touched.filter(|_| synced);
+        (synced, clean) = (false, false);
         let result = reconcile_desired(
             &nsx,
             &config.cluster,
@@ -883,7 +888,8 @@ pub async fn run<C>(
                             )
                             .await;
                         }
-                        clean = realized.synced;
+                        synced = realized.synced;
+                        clean = synced && outcome.report.failed.is_empty();
                         PassEvent::Converged {
                             ops: outcome.plan.len(),
                             writes: outcome.report.writes,
