@@ -11,6 +11,7 @@
 //! - [`apply`]: executes a plan with the NSX client.
 //! - [`controller`]: watches, reflector stores, the reconcile loop, annotation write-back.
 //! - [`reconcile`]: one pass of observe, plan, apply.
+//! - [`write_back`]: annotations, service status and Events a pass writes to Kubernetes.
 //! - [`leader`]: leader election on a Lease, with fencing.
 //! - [`infra`]: the admin-created objects NCP builds on (transport zone, tier-0, block, pools,
 //!   node VIFs), found by config or tag.
@@ -27,3 +28,4 @@ pub mod observe;
 pub mod plan;
 pub mod policy;
 pub mod reconcile;
+pub mod write_back;

@@ -1,0 +1,356 @@
+//! What a pass writes back to Kubernetes: each pod's network annotation (which the node agent
+//! waits for), each namespace's subnet and SNAT address, each LoadBalancer service's VIP, and
+//! Warning Events for what NSX refused or cannot express. Everything is patched only when it
+//! differs, so a pass that changes nothing writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hyper_util::client::legacy::connect::Connect;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use super::desired::{Detail, Key};
+use super::leader::Fence;
+use super::naming;
+use super::observe::Observed;
+use super::plan::{Op, subnet_layout};
+use super::reconcile::Outcome;
+use crate::k8s::{ClusterView, ViewChanges, annotation};
+use crate::nsx::NsxClient;
+
+/// The annotation a pod gets: what the node agent needs to wire it.
+pub fn pod_network_annotation(
+    ip: &str,
+    mac: &str,
+    vlan: u64,
+    cidr: &str,
+    port_id: &str,
+) -> Option<String> {
+    let (_, gw, _, _, prefix) = subnet_layout(cidr)?;
+    Some(
+        json!({"ip": format!("{ip}/{prefix}"), "mac": mac, "gateway": std::net::Ipv4Addr::from(gw).to_string(), "vlan": vlan, "logical_port_id": port_id})
+            .to_string(),
+    )
+}
+
+fn annotations_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> BTreeMap<String, String> {
+    meta.annotations.clone().unwrap_or_default()
+}
+
+/// The objects whose annotations or status a pass checks, when not all of them.
+#[derive(Debug, Default)]
+pub(super) struct WriteScope {
+    namespaces: BTreeSet<String>,
+    pods: BTreeSet<(String, String)>,
+    services: BTreeSet<(String, String)>,
+}
+
+impl WriteScope {
+    /// What changed in the cluster, and the owners of what the plan created or updated.
+    pub(super) fn of(changes: &ViewChanges, outcome: &Outcome) -> Self {
+        let mut w = Self {
+            namespaces: changes.namespaces.clone(),
+            pods: changes.pods.clone(),
+            services: changes.services.clone(),
+        };
+        let pair = |text: &str| {
+            text.split_once('/')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        };
+        for op in &outcome.plan.ops {
+            let (Op::Create { key, spec } | Op::Update { key, spec, .. }) = op else {
+                continue;
+            };
+            let tag = |scope_name: &str| {
+                spec.tags
+                    .iter()
+                    .find(|t| t.scope == scope_name)
+                    .map(|t| t.tag.as_str())
+            };
+            match (key, &spec.detail) {
+                (Key::PodPort(_), Detail::PodPort { app_id, .. }) => {
+                    w.pods.extend(pair(app_id));
+                }
+                (Key::Subnet(_) | Key::Snat(_), _) => {
+                    w.namespaces
+                        .extend(tag(naming::scope::PROJECT).map(str::to_string));
+                }
+                (Key::LbVirtualServer(_), _) => {
+                    w.services
+                        .extend(tag(naming::scope::SERVICE).and_then(pair));
+                }
+                _ => {}
+            }
+        }
+        w
+    }
+}
+
+/// Writes the annotations that differ (of every object, or of those in `scope`); returns how
+/// many objects were patched.
+pub(super) async fn write_back<C>(
+    kube: &kube::Client,
+    nsx: &NsxClient<C>,
+    view: &ClusterView,
+    realized: &Observed,
+    outcome: &Outcome,
+    scope: Option<&WriteScope>,
+    fence: Option<&Fence>,
+) -> Result<usize, String>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let mut patched = 0;
+    let allowed = || fence.is_none_or(Fence::allows_writes);
+    let namespaces: Vec<(&String, &Namespace)> = match scope {
+        None => view.namespaces.iter().collect(),
+        Some(s) => s
+            .namespaces
+            .iter()
+            .filter_map(|n| view.namespaces.get_key_value(n))
+            .collect(),
+    };
+    let services: Vec<(&(String, String), &Service)> = match scope {
+        None => view.services.iter().collect(),
+        Some(s) => s
+            .services
+            .iter()
+            .filter_map(|k| view.services.get_key_value(k))
+            .collect(),
+    };
+    let pods: Vec<(&(String, String), &Pod)> = match scope {
+        None => view.pods.iter().collect(),
+        Some(s) => s
+            .pods
+            .iter()
+            .filter_map(|k| view.pods.get_key_value(k))
+            .collect(),
+    };
+    for (name, ns) in namespaces {
+        let Some(uid) = ns.metadata.uid.clone() else {
+            continue;
+        };
+        let current = annotations_of(&ns.metadata);
+        let mut want = BTreeMap::new();
+        if let Some(cidr) = realized
+            .get(&Key::Subnet(uid.clone()))
+            .and_then(|d| d["cidr"].as_str())
+        {
+            want.insert(annotation::SUBNET.to_string(), cidr.to_string());
+        }
+        if let Some(ip) = realized
+            .get(&Key::Snat(uid.clone()))
+            .and_then(|d| d["translated_network"].as_str())
+        {
+            want.insert(annotation::SNAT_IP.to_string(), ip.to_string());
+        }
+        if want.iter().any(|(k, v)| current.get(k) != Some(v)) {
+            if !allowed() {
+                return Err("no longer the leader".into());
+            }
+            let api: Api<Namespace> = Api::all(kube.clone());
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": want}})),
+            )
+            .await
+            .map_err(|e| format!("failed to annotate namespace {name}: {e}"))?;
+            patched += 1;
+        }
+    }
+    for ((ns_name, svc_name), svc) in services {
+        let Some(uid) = svc.metadata.uid.clone() else {
+            continue;
+        };
+        // The service's virtual servers (`<uid>/<port>`) sort together: found by range.
+        let prefix = format!("{uid}/");
+        let vip = realized
+            .objects
+            .range(Key::LbVirtualServer(prefix.clone())..)
+            .next()
+            .filter(|(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&prefix)))
+            .and_then(|(_, d)| d.first())
+            .and_then(|d| d["ip_address"].as_str());
+        let Some(vip) = vip else { continue };
+        let current = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref())
+            .and_then(|i| i.first())
+            .and_then(|i| i.ip.clone());
+        if current.as_deref() == Some(vip) {
+            continue;
+        }
+        if !allowed() {
+            return Err("no longer the leader".into());
+        }
+        let api: Api<Service> = Api::namespaced(kube.clone(), ns_name);
+        match api
+            .patch_status(
+                svc_name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": vip}]}}})),
+            )
+            .await
+        {
+            Ok(_) => patched += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(format!(
+                    "failed to set the VIP of service {ns_name}/{svc_name}: {e}"
+                ));
+            }
+        }
+    }
+    for ((ns_name, pod_name), pod) in pods {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            continue;
+        };
+        let Some(port) = realized.get(&Key::PodPort(uid.clone())) else {
+            continue;
+        };
+        let Some(ns_uid) = view
+            .namespaces
+            .get(ns_name)
+            .and_then(|n| n.metadata.uid.clone())
+        else {
+            continue;
+        };
+        let Some(cidr) = realized
+            .get(&Key::Subnet(ns_uid))
+            .and_then(|d| d["cidr"].as_str())
+        else {
+            continue;
+        };
+        let port_id = port["id"].as_str().unwrap_or_default();
+        let current = annotations_of(&pod.metadata)
+            .get(annotation::POD_NETWORK)
+            .cloned();
+        if current
+            .as_deref()
+            .and_then(|c| serde_json::from_str::<Value>(c).ok())
+            .is_some_and(|c| c["logical_port_id"] == port_id)
+        {
+            continue;
+        }
+        let vlan = port["attachment"]["context"]["traffic_tag"]
+            .as_u64()
+            .unwrap_or(0);
+        let (ip, mac) = match outcome.report.pod_networks.get(&uid) {
+            Some(n) => (n.ip.clone(), n.mac.clone()),
+            None => {
+                // A port created by an earlier pass whose annotation never made it.
+                let state: Value = nsx
+                    .get(&format!("logical-ports/{port_id}/state"))
+                    .await
+                    .map_err(|e| format!("failed to read the state of port {port_id}: {e}"))?;
+                let b = &state["realized_bindings"][0]["binding"];
+                (
+                    b["ip_address"].as_str().unwrap_or_default().to_string(),
+                    b["mac_address"].as_str().unwrap_or_default().to_string(),
+                )
+            }
+        };
+        if ip.is_empty() {
+            continue;
+        }
+        let Some(value) = pod_network_annotation(&ip, &mac, vlan, cidr, port_id) else {
+            continue;
+        };
+        if !allowed() {
+            return Err("no longer the leader".into());
+        }
+        let api: Api<Pod> = Api::namespaced(kube.clone(), ns_name);
+        match api
+            .patch(
+                pod_name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {annotation::POD_NETWORK: value}}}),
+                ),
+            )
+            .await
+        {
+            Ok(_) => patched += 1,
+            // The pod went away meanwhile: the next pass cleans up its port.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(format!("failed to annotate pod {ns_name}/{pod_name}: {e}")),
+        }
+    }
+    Ok(patched)
+}
+
+/// Posts a Warning Event on the Kubernetes owner of each object NSX refused, once per distinct
+/// message (`reported` remembers what was said).
+pub(super) async fn report_failures(
+    kube: &kube::Client,
+    view: &ClusterView,
+    failed: &BTreeMap<Key, String>,
+    reported: &mut BTreeMap<Key, String>,
+    reason: &str,
+) {
+    reported.retain(|k, _| failed.contains_key(k));
+    for (key, message) in failed {
+        if reported.get(key) == Some(message) {
+            continue;
+        }
+        // Per-policy and per-service-port keys are `<owner uid>/<part>`.
+        let uid = key.owner_uid().split('/').next().unwrap_or_default();
+        let owner = view
+            .namespaces
+            .values()
+            .find(|n| n.metadata.uid.as_deref() == Some(uid))
+            .map(|n| {
+                (
+                    "Namespace",
+                    n.metadata.name.clone().unwrap_or_default(),
+                    n.metadata.name.clone().unwrap_or_default(),
+                )
+            })
+            .or_else(|| {
+                view.pods
+                    .iter()
+                    .find(|(_, p)| p.metadata.uid.as_deref() == Some(uid))
+                    .map(|((ns, name), _)| ("Pod", ns.clone(), name.clone()))
+            })
+            .or_else(|| {
+                view.network_policies
+                    .iter()
+                    .find(|(_, p)| p.metadata.uid.as_deref() == Some(uid))
+                    .map(|((ns, name), _)| ("NetworkPolicy", ns.clone(), name.clone()))
+            })
+            .or_else(|| {
+                view.services
+                    .iter()
+                    .find(|(_, s)| s.metadata.uid.as_deref() == Some(uid))
+                    .map(|((ns, name), _)| ("Service", ns.clone(), name.clone()))
+            });
+        let Some((kind, ns, name)) = owner else {
+            continue;
+        };
+        let event = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": format!("{name}.ncp-"), "namespace": ns},
+            "involvedObject": {"kind": kind, "name": name, "namespace": if kind == "Namespace" { None } else { Some(ns.clone()) }, "uid": uid},
+            "reason": reason,
+            "message": format!("{key:?}: {message}"),
+            "type": "Warning",
+            "source": {"component": "ncp"},
+        });
+        let Ok(event) = serde_json::from_value::<k8s_openapi::api::core::v1::Event>(event) else {
+            continue;
+        };
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(kube.clone(), &ns);
+        match api.create(&Default::default(), &event).await {
+            Ok(_) => {
+                reported.insert(key.clone(), message.clone());
+            }
+            Err(e) => tracing::warn!(error = %e, "failed to post an Event"),
+        }
+    }
+}
