@@ -4,7 +4,8 @@
 //! Two pods get real network namespaces with their veth, NSX's MAC, address and route;
 //! traffic between them leaves through the uplink with each pod's VLAN (a second bridge plays
 //! NSX: it switches by VLAN, answers ARP for the gateway and routes), and ClusterIP services
-//! are load-balanced by nsx-kube-proxy's flows, the replies un-NATed. Then ovs-vswitchd
+//! are load-balanced by nsx-kube-proxy's flows, the replies un-NATed, a pod reaching itself
+//! through its own Service turned around on the node. Then ovs-vswitchd
 //! restarts (both processes replay), the proxy restarts (a new round replaces the old), a
 //! Service added through the API is served, and CHECK, DEL (twice) and GC behave as the spec
 //! says. It runs in a network namespace of its own. Needs root and Debian's
@@ -385,6 +386,16 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         assert_eq!(got, "200 pod-b", "GET {what} from a\n{}", sw.dump());
     }
     assert_eq!(metric(proxy_port, "nsx_kube_proxy_service_ports"), Some(1));
+    // b reaches itself through its own ClusterIP (hairpin): the node turns the connection
+    // around with the hairpin source address; "NSX" has no flow that would send b's packets
+    // back to b, and b's kernel would drop a packet from its own address.
+    let got = get(&pods[1], "http://10.96.0.10/");
+    assert_eq!(
+        got,
+        "200 pod-b",
+        "GET the ClusterIP from b itself\n{}",
+        sw.dump()
+    );
 
     // ovs-vswitchd restarts: flows and groups are gone; both processes notice and replay
     // (NSX's stand-in is replayed by the test).
@@ -399,6 +410,13 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     sw.play_nsx(&pods);
     let got = get(&pods[0], "http://10.96.0.10/");
     assert_eq!(got, "200 pod-b", "after the OVS restart\n{}", sw.dump());
+    let got = get(&pods[1], "http://10.96.0.10/");
+    assert_eq!(
+        got,
+        "200 pod-b",
+        "hairpin after the OVS restart\n{}",
+        sw.dump()
+    );
 
     // nsx-kube-proxy restarts: round 2 replaces round 1 in one bundle, traffic goes on.
     let before = cookie::previous_round(sw.bridge().cookies().unwrap());

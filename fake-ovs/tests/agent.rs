@@ -1,6 +1,6 @@
 //! The node agent on fake-ovs: pods wired with their VLAN so every packet goes through the
 //! uplink (also between pods of one node), SpoofGuard, ClusterIP through the proxy with the
-//! reply un-NATed, idempotent ADD and DEL, port-number reuse, DEL overtaking ADD, agent and
+//! reply un-NATed, a pod reaching itself through its Service (hairpin), idempotent ADD and DEL, port-number reuse, DEL overtaking ADD, agent and
 //! OVS restarts.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -142,6 +142,88 @@ fn a_clusterip_connection_is_dnated_on_the_way_out_and_un_nated_on_the_way_back(
     let back = t.outputs[0].packet;
     assert_eq!(back.get(Field::IpSrc), u128::from(ip("10.96.0.10")));
     assert_eq!(back.get(Field::TpSrc), 80);
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service_without_leaving_the_node() {
+    let (mut b, mut agent) = node();
+    // a is the only endpoint of the service it dials.
+    let _proxy = proxy_with(&mut b, ip("10.96.0.10"), (ip("10.4.0.5"), 8080));
+    let a = agent
+        .add(&mut b, &req("c-a", "a"), net("10.4.0.5", 5))
+        .unwrap();
+    let other = agent
+        .add(&mut b, &req("c-b", "b"), net("10.4.0.6", 6))
+        .unwrap();
+    let hairpin = u128::from(nsx_core::agent::wiring::HAIRPIN_SOURCE);
+    let gateway_mac = 0x02_00_0a_04_00_01_u128;
+    for round in 0..2 {
+        // The SYN (then a later segment of the same connection): back out of a's own port,
+        // DNATed to a, from the hairpin address, addressed to a's MAC by the gateway's.
+        let mut syn = from_pod(a.ofport, "10.4.0.5", "10.96.0.10");
+        syn.set(Field::EthSrc, 0x02_00_00_00_00_05);
+        syn.set(Field::EthDst, gateway_mac);
+        let t = b.process(syn, 60);
+        assert_eq!(t.ports(), vec![a.ofport], "round {round}: {:?}", t.lines);
+        let got = t.outputs[0].packet;
+        assert_eq!(got.get(Field::IpSrc), hairpin);
+        assert_eq!(got.get(Field::TpSrc), 40000);
+        assert_eq!(got.get(Field::IpDst), u128::from(ip("10.4.0.5")));
+        assert_eq!(got.get(Field::TpDst), 8080);
+        assert_eq!(got.get(Field::EthDst), 0x02_00_00_00_00_05);
+        assert_eq!(got.get(Field::EthSrc), gateway_mac);
+        assert_eq!(got.get(Field::VlanTci), 0, "never tagged: it did not leave");
+        // a answers the hairpin address: back to a, from the VIP it dialled.
+        let mut reply = Packet::parse(&format!(
+            "in_port={},tcp,nw_src=10.4.0.5,nw_dst=169.254.169.252,tcp_src=8080,tcp_dst=40000",
+            a.ofport
+        ))
+        .unwrap();
+        reply.set(Field::EthSrc, 0x02_00_00_00_00_05);
+        reply.set(Field::EthDst, gateway_mac);
+        let t = b.process(reply, 60);
+        assert_eq!(t.ports(), vec![a.ofport], "round {round}: {:?}", t.lines);
+        let back = t.outputs[0].packet;
+        assert_eq!(back.get(Field::IpSrc), u128::from(ip("10.96.0.10")));
+        assert_eq!(back.get(Field::TpSrc), 80);
+        assert_eq!(back.get(Field::IpDst), u128::from(ip("10.4.0.5")));
+        assert_eq!(back.get(Field::TpDst), 40000);
+        assert_eq!(back.get(Field::EthDst), 0x02_00_00_00_00_05);
+    }
+    // Another pod dialling the same service still goes out through NSX to a.
+    let t = b.process(from_pod(other.ofport, "10.4.0.6", "10.96.0.10"), 60);
+    assert_eq!(t.ports(), vec![UPLINK], "{:?}", t.lines);
+    assert_eq!(
+        t.outputs[0].packet.get(Field::IpSrc),
+        u128::from(ip("10.4.0.6"))
+    );
+    assert_eq!(t.outputs[0].packet.get(Field::VlanTci), 0x1006);
+    // The hairpin address from another pod is not a's: b's own flows turn it to b, never to a.
+    let stray = Packet::parse(&format!(
+        "in_port={},tcp,nw_src=10.4.0.6,nw_dst=169.254.169.252,tcp_src=8080,tcp_dst=40000",
+        other.ofport
+    ))
+    .unwrap();
+    let t = b.process(stray, 60);
+    assert!(!t.ports().contains(&a.ofport), "{:?}", t.lines);
+}
+
+#[test]
+fn a_malformed_mac_in_the_annotation_is_refused() {
+    for mac in [
+        "02:00:00:00:00",
+        "02:00:00:00:00:0g",
+        "0200.0000.0005",
+        "02:00:00:00:00:005",
+    ] {
+        let text = format!(
+            r#"{{"ip": "10.4.0.5/24", "mac": "{mac}", "gateway": "10.4.0.1", "vlan": 5, "logical_port_id": "lp"}}"#
+        );
+        match PodNetwork::parse(&text) {
+            Err(AgentError::BadAnnotation(m)) => assert!(m.contains(mac), "{mac}: {m}"),
+            other => panic!("{mac}: {other:?}"),
+        }
+    }
 }
 
 #[test]

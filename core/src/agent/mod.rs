@@ -12,7 +12,10 @@
 //! - table 0, from the uplink with the pod's VLAN: untag, `reg7` = the pod's port, then the
 //!   proxy; non-IP is delivered directly;
 //! - table 40 (after the proxy): `reg7` set: out to that pod; `reg5` set: tag with the pod's
-//!   VLAN and out to the uplink.
+//!   VLAN and out to the uplink, unless the proxy DNATed the pod's packet to the pod itself
+//!   (hairpin): then back out of its own port from [`wiring::HAIRPIN_SOURCE`], the one case
+//!   that never reaches NSX: the distributed firewall does not see a pod talk to itself,
+//!   which other CNIs (Cilium's service loopback) exempt from policy too.
 //!
 //! Every flow of a pod carries a cookie derived from its container id, so DEL removes exactly
 //! that pod's flows even after its OpenFlow port number was reused by another pod. The pods'

@@ -65,7 +65,26 @@ impl PodNetwork {
             )));
         }
         n.address()?;
+        n.mac_address()?;
         Ok(n)
+    }
+
+    /// The pod's MAC as a number (what the hairpin flows write into `eth_dst`).
+    pub fn mac_address(&self) -> Result<u64, AgentError> {
+        let bad = || AgentError::BadAnnotation(format!("mac {:?}", self.mac));
+        let mut v: u64 = 0;
+        let mut n = 0;
+        for part in self.mac.split(':') {
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            v = (v << 8) | u64::from(u8::from_str_radix(part, 16).map_err(|_| bad())?);
+            n += 1;
+        }
+        if n != 6 {
+            return Err(bad());
+        }
+        Ok(v)
     }
 
     /// The pod's address and prefix length.
@@ -157,16 +176,49 @@ fn reg(n: u8) -> Subfield {
     Subfield::whole(Field::Reg(n))
 }
 
+/// The source address a pod sees on a connection to itself through a Service (hairpin):
+/// link-local, so it is never another pod's or a node's, and the pod's reply to it leaves by
+/// its default route into this bridge. Without it the pod would receive a packet from its own
+/// address, which Linux drops as a martian.
+pub const HAIRPIN_SOURCE: u32 = 0xa9fe_a9fc; // 169.254.169.252
+
+/// Back to the port the packet came from, addressed to the pod as its gateway would address
+/// it (the pod sent it to the gateway's MAC).
+fn hairpin_turn(mac: u64) -> [Action; 3] {
+    [
+        Action::Move {
+            src: Subfield::whole(Field::EthDst),
+            dst: Subfield::whole(Field::EthSrc),
+        },
+        Action::SetField {
+            field: Field::EthDst,
+            value: u128::from(mac),
+        },
+        Action::InPort,
+    ]
+}
+
 /// The flows of one pod.
+///
+/// Besides the path through the uplink, a pod that reaches itself through a Service
+/// (nsx-kube-proxy's DNAT picked the pod's own address) is answered on the node: NSX would not
+/// send a packet back out of the port it came in on, and the pod would drop one from its own
+/// address. The connection is turned around in table 40 with the source rewritten to
+/// [`HAIRPIN_SOURCE`] (stateless: only this pod ever talks to itself through it); the pod's
+/// replies to that address get their destination back in table 0, before conntrack, so the
+/// proxy's zone sees the connection's own reply and un-DNATs it.
 pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32) -> Vec<Flow> {
     let cookie = pod_cookie(container_id);
     let (ip, _) = net.address().unwrap_or((0, 32));
+    let mac = net.mac_address().unwrap_or(0);
     let vid = 0x1000 | u128::from(net.vlan);
     let mut from_pod_ip = Match::default();
     from_pod_ip.exact(Field::InPort, u128::from(ofport));
     from_pod_ip.exact(Field::EthType, 0x0800);
     let spoofed = from_pod_ip.clone();
     from_pod_ip.exact(Field::IpSrc, u128::from(ip));
+    let mut hairpin_reply = from_pod_ip.clone();
+    hairpin_reply.exact(Field::IpDst, u128::from(HAIRPIN_SOURCE));
     let mut from_pod = Match::default();
     from_pod.exact(Field::InPort, u128::from(ofport));
     let mut from_uplink = Match::default();
@@ -178,6 +230,13 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
     to_pod.exact(Field::Reg(7), u128::from(ofport));
     let mut out_of_pod = Match::default();
     out_of_pod.exact(Field::Reg(5), u128::from(ofport));
+    let mut to_itself = out_of_pod.clone();
+    to_itself.exact(Field::EthType, 0x0800);
+    to_itself.exact(Field::IpDst, u128::from(ip));
+    // +trk-rpl: the pod's own packets of the connection (the replies, +rpl, keep the source
+    // the proxy's un-DNAT gave them).
+    let mut to_itself_request = to_itself.clone();
+    to_itself_request.set(Field::CtState, 0x20, 0x28);
     let tag = vec![
         Action::PushVlan(0x8100),
         Action::SetField {
@@ -194,26 +253,39 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
         actions,
         ..Flow::default()
     };
+    // Into the proxy's tables, with the pod's port in `marker` (reg5: from the pod, reg7: to
+    // it) and as the conntrack zone.
+    let to_proxy = |marker: u8| {
+        [
+            Action::Load {
+                dst: reg(marker),
+                value: u128::from(ofport),
+            },
+            Action::Load {
+                dst: crate::proxy::compile::ZONE_FIELD,
+                value: u128::from(ofport),
+            },
+            Action::Resubmit {
+                port: None,
+                table: Some(table::CT_ZONE),
+            },
+        ]
+    };
+    let from_pod_actions = to_proxy(5);
+    let mut hairpin_back = vec![Action::SetField {
+        field: Field::IpDst,
+        value: u128::from(ip),
+    }];
+    hairpin_back.extend(from_pod_actions.iter().cloned());
+    let mut hairpin_request = vec![Action::SetField {
+        field: Field::IpSrc,
+        value: u128::from(HAIRPIN_SOURCE),
+    }];
+    hairpin_request.extend(hairpin_turn(mac));
     vec![
-        flow(
-            0,
-            200,
-            from_pod_ip,
-            vec![
-                Action::Load {
-                    dst: reg(5),
-                    value: u128::from(ofport),
-                },
-                Action::Load {
-                    dst: crate::proxy::compile::ZONE_FIELD,
-                    value: u128::from(ofport),
-                },
-                Action::Resubmit {
-                    port: None,
-                    table: Some(table::CT_ZONE),
-                },
-            ],
-        ),
+        flow(0, 200, from_pod_ip, from_pod_actions.to_vec()),
+        // A reply to the hairpin address: to the pod itself, as the connection was.
+        flow(0, 210, hairpin_reply, hairpin_back),
         // Any other source address from this pod: SpoofGuard.
         flow(0, 150, spoofed, vec![]),
         flow(0, 100, from_pod, tag.clone()),
@@ -221,21 +293,7 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
             0,
             200,
             from_uplink_ip,
-            vec![
-                Action::PopVlan,
-                Action::Load {
-                    dst: reg(7),
-                    value: u128::from(ofport),
-                },
-                Action::Load {
-                    dst: crate::proxy::compile::ZONE_FIELD,
-                    value: u128::from(ofport),
-                },
-                Action::Resubmit {
-                    port: None,
-                    table: Some(table::CT_ZONE),
-                },
-            ],
+            [Action::PopVlan].into_iter().chain(to_proxy(7)).collect(),
         ),
         flow(
             0,
@@ -244,6 +302,8 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
             vec![Action::PopVlan, Action::Output(ofport)],
         ),
         flow(table::FORWARD, 200, to_pod, vec![Action::Output(ofport)]),
+        flow(table::FORWARD, 210, to_itself_request, hairpin_request),
+        flow(table::FORWARD, 205, to_itself, hairpin_turn(mac).to_vec()),
         flow(table::FORWARD, 100, out_of_pod, tag),
     ]
 }

@@ -223,6 +223,38 @@ impl World {
         }
     }
 
+    /// The pod's answer to a connection its node turned back to it (`delivered` as it reached
+    /// the pod): it must come back out of the same port, from the address the pod dialled.
+    fn hairpin_reply(
+        &self,
+        pod: &PodAt,
+        delivered: &Packet,
+        dst_ip: u32,
+        dport: u16,
+        path: &mut Vec<String>,
+    ) -> bool {
+        let mut r = Packet::default();
+        r.set(Field::InPort, u128::from(pod.ofport));
+        r.set(Field::EthSrc, u128::from(pod.mac));
+        r.set(Field::EthType, 0x0800);
+        r.set(Field::IpSrc, delivered.get(Field::IpDst));
+        r.set(Field::IpDst, delivered.get(Field::IpSrc));
+        r.set(Field::IpProto, delivered.get(Field::IpProto));
+        r.set(Field::TpSrc, delivered.get(Field::TpDst));
+        r.set(Field::TpDst, delivered.get(Field::TpSrc));
+        path.push("reply:".into());
+        match self.ovs(&pod.node, r, path) {
+            OvsOut::Port(port, out) => {
+                port == pod.ofport
+                    && out.get(Field::IpSrc) == u128::from(dst_ip)
+                    && out.get(Field::TpSrc) == u128::from(dport)
+                    && out.get(Field::IpDst) == u128::from(pod.ip)
+                    && out.get(Field::EthDst) == u128::from(pod.mac)
+            }
+            _ => false,
+        }
+    }
+
     /// A connection from `from` to `dst_ip:dport` (and its reply), from source port `sport`.
     pub fn connect(
         &self,
@@ -248,6 +280,18 @@ impl World {
                 p.set(Field::TpDst, u128::from(dport));
                 let (vlan, out) = match self.ovs(&pod.node, p, &mut path) {
                     OvsOut::Uplink(v, out) => (v, out),
+                    // Hairpin: the proxy chose the pod itself; the node turns it around.
+                    OvsOut::Port(port, out) if port == pod.ofport => {
+                        let reply_ok = self.hairpin_reply(&pod, &out, dst_ip, dport, &mut path);
+                        return Ok(Outcome {
+                            reached: Reached::Pod {
+                                namespace: pod.namespace,
+                                name: pod.name,
+                            },
+                            reply_ok,
+                            path,
+                        });
+                    }
                     OvsOut::Port(port, _) => {
                         return Ok(Outcome {
                             reached: Reached::Dropped(format!(

@@ -60,8 +60,16 @@ fn redact(s: &str) -> String {
         }
         token.clear();
     };
-    for ch in s.chars() {
-        if ch.is_ascii_alphanumeric() || ch == '.' || ch == ':' || ch == '-' {
+    let mut chars = s.chars().peekable();
+    while let Some(ch) = chars.next() {
+        // `->` (a flow action's destination) ends a token: `set_field:10.4.0.2->ip_dst`.
+        let arrow = ch == '-' && chars.peek() == Some(&'>');
+        // `set_field:` ends one too, so the value after it is a token of its own.
+        if ch == ':' && token == "field" {
+            token.push(ch);
+            out.push_str(&token);
+            token.clear();
+        } else if !arrow && (ch.is_ascii_alphanumeric() || ch == '.' || ch == ':' || ch == '-') {
             token.push(ch);
         } else {
             flush(&mut token, &mut out);
@@ -237,5 +245,24 @@ pub fn check(w: &World, label: &str, update: bool) -> Result<(), String> {
                 b.get(first).copied().unwrap_or("<end>")
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn addresses_written_by_actions_are_redacted_like_matched_ones() {
+        assert_eq!(
+            redact(
+                "priority=210,ip,nw_dst=10.4.0.2 actions=set_field:10.4.0.2->ip_dst,\
+                 set_field:02:50:56:00:00:01->eth_dst,set_field:4101->vlan_vid,\
+                 set_field:0x3->reg1,move:NXM_OF_ETH_DST[]->NXM_OF_ETH_SRC[]"
+            ),
+            "priority=210,ip,nw_dst=<ip> actions=set_field:<ip>->ip_dst,\
+             set_field:<mac>->eth_dst,set_field:N->vlan_vid,\
+             set_field:<hex>->reg1,move:NXM_OF_ETH_DST[]->NXM_OF_ETH_SRC[]"
+        );
     }
 }
