@@ -434,19 +434,7 @@ async fn an_exhausted_snat_pool_fails_only_the_snat_rules_and_heals_when_address
     let w = World::new(&["k8s-a"]).await;
     let pool = w.infra("k8s-a").await.snat_pool.unwrap();
     // Someone else took every address of the SNAT pool.
-    let mut taken = Vec::new();
-    loop {
-        let r = w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-            method: "POST",
-            path: &format!("/api/v1/pools/ip-pools/{pool}"),
-            query: &[("action".into(), "ALLOCATE".into())],
-            body: b"{}",
-        });
-        match r.body.as_ref().and_then(|b| b["allocation_id"].as_str()) {
-            Some(ip) if r.status == 200 => taken.push(ip.to_string()),
-            _ => break,
-        }
-    }
+    let taken = common::take_every_address(&w.nsx, &pool);
     let v = view(2, 2);
     let out = w.reconcile("k8s-a", &v, None).await.unwrap();
     let failed: Vec<&Key> = out.report.failed.keys().collect();
@@ -470,12 +458,7 @@ async fn an_exhausted_snat_pool_fails_only_the_snat_rules_and_heals_when_address
     assert_eq!(c.get("NatRule"), None);
     // Release two addresses: the next pass creates the rules.
     for ip in &taken[..2] {
-        w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-            method: "POST",
-            path: &format!("/api/v1/pools/ip-pools/{pool}"),
-            query: &[("action".into(), "RELEASE".into())],
-            body: format!("{{\"allocation_id\": \"{ip}\"}}").as_bytes(),
-        });
+        common::give_back(&w.nsx, &pool, ip);
     }
     let healed = w.reconcile("k8s-a", &v, None).await.unwrap();
     assert!(

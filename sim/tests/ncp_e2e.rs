@@ -15,6 +15,8 @@ use nsx_sim::apiserver::ApiServer;
 use nsx_sim::net::{TurmoilConnector, kube_client, serve};
 use serde_json::{Value, json};
 
+mod common;
+
 const EPOCH_MS: i64 = 1_767_225_600_000;
 
 struct World {
@@ -425,6 +427,19 @@ fn a_change_plans_what_it_touches_whatever_the_size_of_the_cluster() {
     assert_eq!(seen[0], seen[1], "the same passes at both sizes");
 }
 
+/// With no change for 5 s, the one refused object is retried on backoff: each pass plans that
+/// key alone, incrementally, and tries one create.
+fn retried_alone(w: &mut World) {
+    let mark = w.passes.borrow().len();
+    w.run_for(5_000);
+    let retries = passes_since(w, mark);
+    assert!(!retries.is_empty(), "no retry");
+    assert!(
+        retries.iter().all(|p| *p == (1, true, 1)),
+        "one key planned, incrementally, one create tried: {retries:?}"
+    );
+}
+
 /// A pod NSX refuses (its namespace's /28 is full) waits in a synced cache: the passes stay
 /// incremental, and once another pod leaves, the next pass wires it.
 #[test]
@@ -453,14 +468,7 @@ fn a_pod_refused_for_a_full_subnet_is_wired_once_another_leaves() {
         "{events:?}"
     );
     // With no change at all, the refused port is retried on backoff, by itself.
-    let mark = w.passes.borrow().len();
-    w.run_for(5_000);
-    let retries = passes_since(&w, mark);
-    assert!(!retries.is_empty(), "no retry");
-    assert!(
-        retries.iter().all(|p| *p == (1, true, 1)),
-        "one key planned, incrementally, one create tried: {retries:?}"
-    );
+    retried_alone(&mut w);
     let mark = w.passes.borrow().len();
     let leaving = (waiting + 1) % 14;
     w.api
@@ -482,5 +490,86 @@ fn a_pod_refused_for_a_full_subnet_is_wired_once_another_leaves() {
     // The waiting port and the leaving one: a delete and a create.
     assert_eq!(after.iter().map(|p| p.2).sum::<usize>(), 2, "{after:?}");
     assert_eq!(w.ncp_objects(), 10 + 13);
+    w.nsx.with_store(|s| s.check_invariants()).unwrap();
+}
+
+/// A namespace whose SNAT rule NSX refuses (someone else took every address of the SNAT pool)
+/// waits in a synced cache too: its other objects and its pods are realized, the rule is
+/// retried on backoff by itself, a change elsewhere plans only its own keys (and the waiting
+/// rule), and once an address frees up the next pass creates the rule and annotates the
+/// namespace. Planned in full, every one of those passes would look at every key.
+#[test]
+fn a_namespace_refused_a_snat_address_waits_without_making_passes_full() {
+    let mut w = world(14);
+    w.apply(node("node-1"));
+    for ns in ["shop", "db", "web"] {
+        w.apply(namespace(ns));
+        for p in 0..4 {
+            w.apply(pod(ns, &format!("p-{p}"), "node-1"));
+        }
+    }
+    w.run_for(10_000);
+    let pool = w.nsx.bootstrap().unwrap().clusters["k8s-a"]
+        .snat_pool
+        .clone();
+    let taken = common::take_every_address(&w.nsx, &pool);
+    assert!(!taken.is_empty());
+    let snat_ip = |w: &World, ns: &str| {
+        w.api.get("namespaces", "", ns).and_then(|n| {
+            n["metadata"]["annotations"][nsx_core::k8s::annotation::SNAT_IP]
+                .as_str()
+                .map(str::to_string)
+        })
+    };
+    w.apply(namespace("late"));
+    w.apply(pod("late", "p-0", "node-1"));
+    w.run_for(5_000);
+    assert!(
+        w.pod_annotation("late", "p-0").is_some(),
+        "the pod is wired"
+    );
+    assert_eq!(snat_ip(&w, "late"), None);
+    let events = w.api.list("events");
+    assert!(
+        events.iter().any(|e| e["reason"] == "NSXRealizationFailed"
+            && e["involvedObject"]["kind"] == "Namespace"
+            && e["involvedObject"]["name"] == "late"),
+        "{events:?}"
+    );
+    // With no change, the rule alone is retried, incrementally.
+    retried_alone(&mut w);
+    // A new pod elsewhere: its port and the waiting rule, nothing else.
+    let mark = w.passes.borrow().len();
+    w.apply(pod("shop", "p-new", "node-1"));
+    w.run_for(3_000);
+    assert!(w.pod_annotation("shop", "p-new").is_some());
+    let changed = passes_since(&w, mark);
+    assert!(!changed.is_empty());
+    assert!(
+        changed
+            .iter()
+            .all(|(planned, incremental, _)| *incremental && *planned <= 2),
+        "{changed:?}"
+    );
+    // An address frees up: the rule is created and the namespace learns its SNAT address.
+    common::give_back(&w.nsx, &pool, &taken[0]);
+    // The retry comes on backoff (doubling from 0.5 s to at most 30 s).
+    let mark = w.passes.borrow().len();
+    w.run_for(35_000);
+    assert_eq!(
+        snat_ip(&w, "late").as_deref(),
+        Some(taken[0].as_str()),
+        "{:?} objects {}",
+        &w.passes.borrow()[mark..],
+        w.ncp_objects()
+    );
+    let healed = passes_since(&w, mark);
+    assert!(
+        healed.iter().all(|(_, incremental, _)| *incremental),
+        "{healed:?}"
+    );
+    assert_eq!(healed.iter().map(|p| p.2).sum::<usize>(), 1, "{healed:?}");
+    // Four namespaces (ten objects each), 14 pods.
+    assert_eq!(w.ncp_objects(), 4 * 10 + 14);
     w.nsx.with_store(|s| s.check_invariants()).unwrap();
 }

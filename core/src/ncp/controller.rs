@@ -14,9 +14,12 @@
 //!
 //! A pass plans against what NSX held after the previous pass by NCP's own account (the cache,
 //! see [`reconcile_desired`]), so a change costs NSX calls for its own writes only, and CPU for
-//! its own objects only. The first pass, the periodic resync (`LoopConfig::resync`), and every
-//! pass after an error or a refused object observe NSX in full and plan every key, which is also
-//! what puts back objects others changed or deleted.
+//! its own objects only. An object NSX refused (and what depends on it) is retried on backoff as
+//! part of that change set, so a refusal that lasts does not make passes cost the cluster either
+//! (but for the few kinds whose realization changes others, see [`super::plan::settle`]). The
+//! first pass, the periodic resync (`LoopConfig::resync`), and every pass after an error observe
+//! NSX in full and plan every key, which is also what puts back objects others changed or
+//! deleted.
 //!
 //! Errors are not fatal: a failed pass is retried with exponential backoff (bounded), and the
 //! next pass re-observes NSX, so nothing is assumed about how far the failed one got.

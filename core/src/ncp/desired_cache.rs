@@ -522,21 +522,57 @@ mod tests {
         }
     }
 
+    /// How NSX answers a pass's writes: `seed` 0 takes them all; any other refuses about one
+    /// key in ten (a 4xx), the same keys for the same seed. A refused SNAT rule may have had
+    /// its address allocated first.
+    #[derive(Clone, Copy, Debug)]
+    struct Refusals(u64);
+
+    impl Refusals {
+        fn pick(self, key: &Key) -> Option<bool> {
+            if self.0 == 0 {
+                return None;
+            }
+            let h = crate::ncp::naming::stable_hash(&format!("{key:?}/{}", self.0));
+            h.is_multiple_of(10).then_some(h & 0x100 != 0)
+        }
+    }
+
     /// Plays `plan` on `o` as NSX and the applier would: ids, subnets and addresses assigned
-    /// on create, bodies rendered against what exists, deletes and releases forgotten.
+    /// on create, bodies rendered against what exists, deletes and releases forgotten; a write
+    /// NSX refuses leaves its key failed, and so every later operation that depends on it.
+    /// Returns whether anything was refused.
     fn play(
         plan: &crate::ncp::plan::Plan,
         desired: &crate::ncp::desired::Desired,
         o: &mut crate::ncp::observe::Observed,
         infra: &crate::ncp::infra::Infra,
         n: &mut u32,
-    ) {
+        refusals: Refusals,
+    ) -> bool {
         use crate::ncp::plan::{Op, render};
+        let mut failed: BTreeSet<Key> = BTreeSet::new();
+        let mut delete_refused = false;
         for op in &plan.ops {
             *n += 1;
             match op {
                 Op::Create { key, spec } | Op::Update { key, spec, .. } => {
+                    if key
+                        .deps(Some(&spec.detail))
+                        .iter()
+                        .any(|d| failed.contains(d))
+                    {
+                        failed.insert(key.clone());
+                        continue;
+                    }
                     let old = o.get(key).cloned();
+                    if let Some(allocated) = refusals.pick(key) {
+                        if let (Key::Snat(_), None, true) = (key, &old, allocated) {
+                            o.snat_allocations.insert(format!("192.0.2.{}", *n % 250));
+                        }
+                        failed.insert(key.clone());
+                        continue;
+                    }
                     let address = match (key, &old) {
                         (_, Some(d)) if d.get("translated_network").is_some() => {
                             d["translated_network"].as_str().map(str::to_string)
@@ -558,7 +594,7 @@ mod tests {
                         );
                     }
                     let mut doc = render(key, spec, infra, &*o, address.as_deref())
-                        .expect("dependencies first");
+                        .unwrap_or_else(|e| panic!("dependencies first: {key:?}: {e:?}"));
                     doc["id"] = old
                         .as_ref()
                         .map_or(json!(format!("id-{n}")), |d| d["id"].clone());
@@ -576,6 +612,13 @@ mod tests {
                     o.put(key.clone(), doc);
                 }
                 Op::Delete { key, doc } => {
+                    // Deletes go dependents first: once one is refused, NSX refuses the rest
+                    // (what they would leave behind is still in use).
+                    if delete_refused || refusals.pick(key).is_some() {
+                        delete_refused = true;
+                        failed.insert(key.clone());
+                        continue;
+                    }
                     let id = doc["id"].as_str().unwrap_or_default().to_string();
                     if let (Key::Snat(_), Some(ip)) =
                         (key, crate::ncp::plan::tag_of(doc, "ncp/snat_ip"))
@@ -590,57 +633,90 @@ mod tests {
                 }
             }
         }
-        let left = plan.unrealizable.iter().map(|u| u.key.clone()).collect();
+        let refused = !failed.is_empty();
+        let left = plan
+            .unrealizable
+            .iter()
+            .map(|u| u.key.clone())
+            .chain(failed)
+            .collect();
         crate::ncp::plan::settle(o, desired, left);
+        refused
     }
 
     static PASSES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     static INCREMENTAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    /// Incremental passes that retried refused keys other than pod ports.
+    static RETRIED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     #[test]
     fn plans_of_the_changed_keys_equal_full_plans() {
         plans_of_the_changed_keys_equal_full_plans_cases();
         // The comparison means something only if the incremental planner mostly answers (it
-        // declines when an existing object is to be recreated, or the cache is not synced).
-        let (passes, incremental) = (
-            PASSES.load(std::sync::atomic::Ordering::Relaxed),
-            INCREMENTAL.load(std::sync::atomic::Ordering::Relaxed),
-        );
+        // declines when an existing object is to be recreated, or the cache is not synced),
+        // and if it answers after refusals too.
+        let load =
+            |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::Relaxed);
+        let (passes, incremental, retried) = (load(&PASSES), load(&INCREMENTAL), load(&RETRIED));
         assert!(
             incremental * 2 > passes,
             "{incremental} of {passes} passes incremental"
+        );
+        assert!(
+            retried * 20 > passes,
+            "{retried} of {passes} passes retried refused objects"
         );
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
-        /// A running NCP's plan over the keys that changed is the plan over every key, through
-        /// a chain of changes where each pass's result is the next one's cache.
-        fn plans_of_the_changed_keys_equal_full_plans_cases(a in clusters(), b in clusters(), c in clusters(), d in clusters()) {
-            let (passes, incremental) = (&PASSES, &INCREMENTAL);
+        /// A running NCP's plan over the keys that changed (and those NSX refused before) is
+        /// the plan over every key, through a chain of changes where each pass's result is the
+        /// next one's cache, and NSX refuses some writes of some passes.
+        fn plans_of_the_changed_keys_equal_full_plans_cases(
+            a in clusters(), b in clusters(), c in clusters(), d in clusters(),
+            refusals in proptest::collection::vec(prop_oneof![Just(0u64), 1u64..1_000_000], 4),
+        ) {
+            let count = |c: &std::sync::atomic::AtomicUsize| {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            };
             let infra = infra();
             let views = [view(&a), view(&b), view(&c), view(&d)];
             let mut cache = DesiredCache::new(&views[0], "k8s-a", 24);
             let mut o = crate::ncp::observe::Observed::default();
             let mut n = 0;
             let first = crate::ncp::plan::plan(cache.desired(), &o, &infra);
-            play(&first, cache.desired(), &mut o, &infra, &mut n);
-            for pair in views.windows(2) {
+            play(&first, cache.desired(), &mut o, &infra, &mut n, Refusals(refusals[0]));
+            for (pair, r) in views.windows(2).zip(&refusals[1..]) {
                 let touched = cache.update(&pair[1], &ViewChanges::between(&pair[0], &pair[1]));
                 let full = crate::ncp::plan::plan(cache.desired(), &o, &infra);
+                let retrying = o.synced && o.pending.iter().any(|k| !matches!(k, Key::PodPort(_)));
                 if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &infra, &touched) {
                     prop_assert_eq!(&inc, &full);
-                    incremental.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    count(&INCREMENTAL);
+                    if retrying {
+                        count(&RETRIED);
+                    }
                 }
-                passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                play(&full, cache.desired(), &mut o, &infra, &mut n);
+                count(&PASSES);
+                let refused = play(&full, cache.desired(), &mut o, &infra, &mut n, Refusals(*r));
                 let again = crate::ncp::plan::plan(cache.desired(), &o, &infra);
-                prop_assert!(again.ops.is_empty(), "not converged: {:?}", again.ops);
+                if !refused {
+                    prop_assert!(again.ops.is_empty(), "not converged: {:?}", again.ops);
+                }
                 if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &infra, &BTreeSet::new()) {
                     prop_assert_eq!(inc, again);
                 }
             }
+            // NSX takes everything again: one retry converges, whether planned in full or not.
+            let retry = crate::ncp::plan::plan(cache.desired(), &o, &infra);
+            if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &infra, &BTreeSet::new()) {
+                prop_assert_eq!(&inc, &retry);
+            }
+            play(&retry, cache.desired(), &mut o, &infra, &mut n, Refusals(0));
+            let done = crate::ncp::plan::plan(cache.desired(), &o, &infra);
+            prop_assert!(done.ops.is_empty(), "not converged after the retry: {:?}", done.ops);
         }
     }
 

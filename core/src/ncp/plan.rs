@@ -712,23 +712,70 @@ pub fn plan_changes(
 }
 
 /// Records on `observed` (what a pass left) whether NSX now holds `desired` exactly but for
-/// `left` (the keys refused or unrealizable): then the next pass need only plan what changes,
-/// and those keys again. That holds when every key left is a pod port no group lists by id (a
-/// group rendered without a missing member needs a full look once the member exists, and what
-/// depends on any other object is beyond a list of keys).
+/// `left` (the keys refused or unrealizable, with everything that depends on them, which the
+/// apply refuses in turn): then the next pass need only plan what changes, and those keys
+/// again, so a refusal that lasts (an exhausted SNAT pool, a rule NSX will not take) does not
+/// make every pass cost the cluster. That holds when every key left is one whose realization
+/// later changes nothing else:
+/// - not one a group lists by id (a pod port, a namespace's NSGroup): the group was rendered
+///   without it and needs a full look once it exists;
+/// - not an LB object or a firewall marker: the LB service lists the virtual servers, a
+///   virtual server's VIP is allocated before it is created, and every section hangs off the
+///   markers;
+/// - and no SNAT address is allocated without its rule (an allocation whose rule NSX then
+///   refused), which only a full plan finds and releases.
 pub fn settle(observed: &mut Observed, desired: &Desired, left: BTreeSet<Key>) {
-    let listed = |uid: &str| {
+    let listed = |key: &Key| {
+        let (uid, by_pod) = match key {
+            Key::PodPort(u) => (u, true),
+            Key::NsGroup(u) => (u, false),
+            _ => return false,
+        };
         desired
             .objects
             .range(Key::PolicyGroup(String::new())..)
             .take_while(|(k, _)| matches!(k, Key::PolicyGroup(_)))
-            .any(|(_, s)| {
-                matches!(&s.detail, Detail::Group { selection: Selection::Pods(uids) } if uids.iter().any(|u| u == uid))
+            .any(|(_, s)| match &s.detail {
+                Detail::Group {
+                    selection: Selection::Pods(uids),
+                } if by_pod => uids.iter().any(|u| u == uid),
+                Detail::Group {
+                    selection: Selection::Namespaces(uids),
+                } if !by_pod => uids.iter().any(|u| u == uid),
+                _ => false,
             })
     };
-    observed.synced = left
-        .iter()
-        .all(|k| matches!(k, Key::PodPort(uid) if !listed(uid)));
+    let retried_alone = |key: &Key| {
+        matches!(
+            key,
+            Key::PodPort(_)
+                | Key::Subnet(_)
+                | Key::Pool(_)
+                | Key::Switch(_)
+                | Key::Tier1(_)
+                | Key::T0Link(_)
+                | Key::T1Link(_)
+                | Key::DownlinkSwitchPort(_)
+                | Key::Downlink(_)
+                | Key::Snat(_)
+                | Key::NsGroup(_)
+                | Key::PolicyGroup(_)
+                | Key::PolicyIpSet(_)
+                | Key::AllowSection(_)
+                | Key::IsolationSection(_)
+        ) && !listed(key)
+    };
+    let snat_allocations_match_rules = || {
+        let rules = observed
+            .objects
+            .range(Key::Snat(String::new())..)
+            .take_while(|(k, _)| matches!(k, Key::Snat(_)))
+            .map(|(_, docs)| docs.len())
+            .sum::<usize>();
+        observed.snat_allocations.len() == rules
+    };
+    observed.synced = left.iter().all(retried_alone)
+        && (!left.iter().any(|k| matches!(k, Key::Snat(_))) || snat_allocations_match_rules());
     observed.pending = if observed.synced {
         left
     } else {

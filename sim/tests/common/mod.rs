@@ -182,3 +182,32 @@ pub fn view_with_uids(prefix: &str, namespaces: usize, pods: usize) -> ClusterVi
     }
     v
 }
+
+/// Someone else takes every free address of `pool` (as an admin would): what NCP asks for
+/// next is refused with NSX's pool-exhausted error. Returns the addresses taken.
+pub fn take_every_address(nsx: &FakeNsxManager, pool: &str) -> Vec<String> {
+    let mut taken = Vec::new();
+    loop {
+        let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+            method: "POST",
+            path: &format!("/api/v1/pools/ip-pools/{pool}"),
+            query: &[("action".into(), "ALLOCATE".into())],
+            body: b"{}",
+        });
+        match r.body.as_ref().and_then(|b| b["allocation_id"].as_str()) {
+            Some(ip) if r.status == 200 => taken.push(ip.to_string()),
+            _ => return taken,
+        }
+    }
+}
+
+/// Gives an address taken by [`take_every_address`] back to `pool`.
+pub fn give_back(nsx: &FakeNsxManager, pool: &str, ip: &str) {
+    let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+        method: "POST",
+        path: &format!("/api/v1/pools/ip-pools/{pool}"),
+        query: &[("action".into(), "RELEASE".into())],
+        body: format!("{{\"allocation_id\": \"{ip}\"}}").as_bytes(),
+    });
+    assert_eq!(r.status, 200, "release {ip}: {:?}", r.body);
+}
