@@ -8,8 +8,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nsx_core::k8s::ClusterView;
 use nsx_core::ncp::desired::{Key, desired};
-use nsx_core::ncp::observe::{Observed, classify};
+use nsx_core::ncp::observe::classify_object;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 use crate::apiserver::ApiServer;
 
@@ -42,45 +43,80 @@ pub fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
     Ok(v)
 }
 
+/// What the converge check reads of NSX's documents (taken without copying them).
+#[derive(Debug, Default)]
+pub struct Realized {
+    /// Logical port id by pod uid.
+    pub port_ids: BTreeMap<String, String>,
+    /// Subnet CIDR by namespace uid.
+    cidrs: BTreeMap<String, String>,
+    /// VIP of each LoadBalancer service's first virtual server, by service uid.
+    vips: BTreeMap<String, String>,
+    snat_rules: usize,
+}
+
 /// `Err` says the first thing that is not there yet.
 pub fn ncp_converged(
     api: &ApiServer,
     nsx: &FakeNsxManager,
     cluster: &str,
     subnet_prefix: u8,
-) -> Result<(ClusterView, Observed), String> {
+) -> Result<(ClusterView, Realized), String> {
     let view = view_from(api)?;
     let want = desired(&view, cluster, subnet_prefix);
-    let docs: Vec<Value> = nsx.with_store(|s| {
-        s.objects()
-            .map(|(_, o)| Value::Object(o.doc.clone()))
-            .collect()
-    });
-    // Pod ports (tagged with a pod uid) that NCP would not recognise as its own.
-    let strays = docs
-        .iter()
-        .filter(|d| {
-            d["tags"]
-                .as_array()
-                .is_some_and(|t| t.iter().any(|t| t["scope"] == "ncp/pod_uid"))
-                && classify(d, cluster).is_none()
-        })
-        .count();
-    let observed = Observed::from_docs(docs, cluster);
-    for key in want.objects.keys() {
-        match observed.objects.get(key).map(Vec::len) {
-            Some(1) => {}
-            Some(n) => return Err(format!("{key:?} exists {n} times")),
-            None => return Err(format!("{key:?} is missing")),
+    let (observed, strays) = nsx.with_store(|s| -> Result<(Realized, usize), String> {
+        let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
+        // Pod ports (tagged with a pod uid) that NCP would not recognise as its own.
+        let mut strays = 0;
+        for (_, o) in s.objects() {
+            match classify_object(&o.doc, cluster) {
+                Some(k) => ours.entry(k).or_default().push(&o.doc),
+                None => {
+                    strays += usize::from(
+                        o.doc
+                            .get("tags")
+                            .and_then(Value::as_array)
+                            .is_some_and(|t| t.iter().any(|t| t["scope"] == "ncp/pod_uid")),
+                    );
+                }
+            }
         }
-    }
-    if let Some(extra) = observed
-        .objects
-        .keys()
-        .find(|k| !want.objects.contains_key(k))
-    {
-        return Err(format!("{extra:?} should be gone"));
-    }
+        for key in want.objects.keys() {
+            match ours.get(key).map(Vec::len) {
+                Some(1) => {}
+                Some(n) => return Err(format!("{key:?} exists {n} times")),
+                None => return Err(format!("{key:?} is missing")),
+            }
+        }
+        if let Some(extra) = ours.keys().find(|k| !want.objects.contains_key(k)) {
+            return Err(format!("{extra:?} should be gone"));
+        }
+        let text = |d: &serde_json::Map<String, Value>, field: &str| {
+            d.get(field)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        let mut r = Realized::default();
+        for (k, docs) in &ours {
+            let d = docs[0];
+            match k {
+                Key::PodPort(uid) => {
+                    r.port_ids.insert(uid.clone(), text(d, "id"));
+                }
+                Key::Subnet(uid) => {
+                    r.cidrs.insert(uid.clone(), text(d, "cidr"));
+                }
+                Key::LbVirtualServer(v) => {
+                    let uid = v.split('/').next().unwrap_or_default().to_string();
+                    r.vips.entry(uid).or_insert_with(|| text(d, "ip_address"));
+                }
+                Key::Snat(_) => r.snat_rules += 1,
+                _ => {}
+            }
+        }
+        Ok((r, strays))
+    })?;
     for (name, ns) in &view.namespaces {
         let Some(uid) = ns.metadata.uid.clone() else {
             continue;
@@ -89,10 +125,7 @@ pub fn ncp_converged(
             continue;
         }
         let ann = ns.metadata.annotations.clone().unwrap_or_default();
-        let cidr = observed
-            .get(&Key::Subnet(uid.clone()))
-            .and_then(|d| d["cidr"].as_str())
-            .unwrap_or("");
+        let cidr = observed.cidrs.get(&uid).map_or("", String::as_str);
         if ann
             .get(nsx_core::k8s::annotation::SUBNET)
             .map(String::as_str)
@@ -106,7 +139,7 @@ pub fn ncp_converged(
     }
     for ((ns, name), pod) in &view.pods {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let Some(port) = observed.get(&Key::PodPort(uid)) else {
+        let Some(port) = observed.port_ids.get(&uid) else {
             continue;
         };
         let ann = pod.metadata.annotations.clone().unwrap_or_default();
@@ -114,10 +147,10 @@ pub fn ncp_converged(
             .get(nsx_core::k8s::annotation::POD_NETWORK)
             .and_then(|s| serde_json::from_str(s).ok())
             .ok_or(format!("pod {ns}/{name} has no network annotation"))?;
-        if net["logical_port_id"] != port["id"] {
+        if net["logical_port_id"] != port.as_str() {
             return Err(format!(
-                "pod {ns}/{name}: annotation names port {}, NSX has {}",
-                net["logical_port_id"], port["id"]
+                "pod {ns}/{name}: annotation names port {}, NSX has \"{port}\"",
+                net["logical_port_id"]
             ));
         }
         let subnet = view
@@ -137,14 +170,7 @@ pub fn ncp_converged(
     }
     for ((ns, name), svc) in &view.services {
         let uid = svc.metadata.uid.clone().unwrap_or_default();
-        let Some(vs) = observed
-            .objects
-            .iter()
-            .find(
-                |(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&format!("{uid}/"))),
-            )
-            .and_then(|(_, d)| d.first())
-        else {
+        let Some(vip) = observed.vips.get(&uid) else {
             continue;
         };
         let ingress = svc
@@ -154,18 +180,13 @@ pub fn ncp_converged(
             .and_then(|l| l.ingress.as_ref())
             .and_then(|i| i.first())
             .and_then(|i| i.ip.clone());
-        if ingress.as_deref() != vs["ip_address"].as_str() {
+        if ingress.as_deref() != Some(vip.as_str()) {
             return Err(format!(
-                "service {ns}/{name}: status shows {ingress:?}, the VIP is {}",
-                vs["ip_address"]
+                "service {ns}/{name}: status shows {ingress:?}, the VIP is \"{vip}\""
             ));
         }
     }
-    let snat_rules = observed
-        .objects
-        .keys()
-        .filter(|k| matches!(k, Key::Snat(_)))
-        .count();
+    let snat_rules = observed.snat_rules;
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
     let pool = &boot
         .clusters

@@ -15,8 +15,6 @@ use fake_nsx_manager::server::Counters;
 use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
 use nsx_core::k8s::ClusterView;
-use nsx_core::ncp::desired::Key;
-use nsx_core::ncp::observe::Observed;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -293,7 +291,11 @@ impl World {
     /// The `web` policy through the NSX dataplane model: every `app-0` pod of `ns-0` accepts
     /// TCP 80 from `app-1` pods of any namespace and from nobody else (up to 3 servers and 12
     /// clients, enough to cover both answers without making the check quadratic).
-    fn check_connectivity(&self, view: &ClusterView, observed: &Observed) -> Result<(), String> {
+    fn check_connectivity(
+        &self,
+        view: &ClusterView,
+        observed: &crate::converge::Realized,
+    ) -> Result<(), String> {
         use fake_nsx_manager::store::{Entry, Packet, Protocol};
         if view.network_policies.is_empty() {
             return Ok(());
@@ -303,8 +305,7 @@ impl World {
             .pods
             .iter()
             .filter_map(|(k, p)| {
-                let port = observed.get(&Key::PodPort(p.metadata.uid.clone()?))?;
-                let id = port["id"].as_str()?.to_string();
+                let id = observed.port_ids.get(p.metadata.uid.as_deref()?)?.clone();
                 let ip = addresses.get(&id)?.first()?.clone();
                 Some((k, p, id, ip))
             })

@@ -74,11 +74,28 @@ fn tag_value<'a>(doc: &'a Value, scope_name: &str) -> Option<&'a str> {
 
 /// The identity of one NSX document, if it is one of this cluster's NCP objects.
 pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
-    if !has_tag(doc, scope::CLUSTER, cluster) {
+    classify_object(doc.as_object()?, cluster)
+}
+
+/// [`classify`] of a document held as a JSON object, for callers that hold many and would
+/// rather not copy them (the harness classifies every object of the fake's store).
+pub fn classify_object(doc: &serde_json::Map<String, Value>, cluster: &str) -> Option<Key> {
+    let tags = doc.get("tags").and_then(Value::as_array);
+    let tag_value = |scope_name: &str| -> Option<&str> {
+        tags?
+            .iter()
+            .find(|t| t["scope"] == scope_name)?
+            .get("tag")?
+            .as_str()
+    };
+    if !tags.is_some_and(|t| {
+        t.iter()
+            .any(|t| t["scope"] == scope::CLUSTER && t["tag"] == cluster)
+    }) {
         return None;
     }
     let rt = doc.get("resource_type")?.as_str()?;
-    if tag_value(doc, scope::ROLE) == Some("lb") {
+    if tag_value(scope::ROLE) == Some("lb") {
         let c = cluster.to_string();
         return match rt {
             "LogicalRouter" => Some(Key::LbTier1(c)),
@@ -89,8 +106,8 @@ pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
         };
     }
     if let (Some(svc), Some(port)) = (
-        tag_value(doc, scope::SERVICE_UID),
-        tag_value(doc, scope::SERVICE_PORT),
+        tag_value(scope::SERVICE_UID),
+        tag_value(scope::SERVICE_PORT),
     ) {
         let k = format!("{svc}/{port}");
         return match rt {
@@ -101,8 +118,8 @@ pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
     }
     if rt == "FirewallSection" {
         let c = cluster.to_string();
-        let policy = tag_value(doc, POLICY_UID).map(str::to_string);
-        return match (tag_value(doc, FW_SECT_TYPE)?, policy) {
+        let policy = tag_value(POLICY_UID).map(str::to_string);
+        return match (tag_value(FW_SECT_TYPE)?, policy) {
             ("marker_top", _) => Some(Key::FwMarkerTop(c)),
             ("marker_bottom", _) => Some(Key::FwMarkerBottom(c)),
             ("allow", Some(p)) => Some(Key::AllowSection(p)),
@@ -110,7 +127,7 @@ pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
             _ => None,
         };
     }
-    if let (Some(policy), Some(role)) = (tag_value(doc, POLICY_UID), tag_value(doc, scope::ROLE)) {
+    if let (Some(policy), Some(role)) = (tag_value(POLICY_UID), tag_value(scope::ROLE)) {
         let k = format!("{policy}/{role}");
         return match rt {
             "NSGroup" => Some(Key::PolicyGroup(k)),
@@ -118,23 +135,21 @@ pub fn classify(doc: &Value, cluster: &str) -> Option<Key> {
             _ => None,
         };
     }
-    if let Some(pod) = tag_value(doc, scope::POD_UID) {
+    if let Some(pod) = tag_value(scope::POD_UID) {
         return (rt == "LogicalPort").then(|| Key::PodPort(pod.to_string()));
     }
-    let ns = tag_value(doc, scope::PROJECT_UID)?.to_string();
+    let ns = tag_value(scope::PROJECT_UID)?.to_string();
     Some(match rt {
         "IpBlockSubnet" => Key::Subnet(ns),
         "IpPool" => Key::Pool(ns),
         "LogicalSwitch" => Key::Switch(ns),
-        "LogicalRouter" if doc["router_type"] == "TIER1" => Key::Tier1(ns),
+        "LogicalRouter" if doc.get("router_type").is_some_and(|t| t == "TIER1") => Key::Tier1(ns),
         "LogicalRouterLinkPortOnTIER0" => Key::T0Link(ns),
         "LogicalRouterLinkPortOnTIER1" => Key::T1Link(ns),
         "LogicalRouterDownLinkPort" => Key::Downlink(ns),
-        "LogicalPort" if tag_value(doc, scope::ROLE) == Some("downlink") => {
-            Key::DownlinkSwitchPort(ns)
-        }
+        "LogicalPort" if tag_value(scope::ROLE) == Some("downlink") => Key::DownlinkSwitchPort(ns),
         "NatRule" => Key::Snat(ns),
-        "NSGroup" if tag_value(doc, scope::ROLE) == Some("ns") => Key::NsGroup(ns),
+        "NSGroup" if tag_value(scope::ROLE) == Some("ns") => Key::NsGroup(ns),
         _ => return None,
     })
 }

@@ -11,7 +11,8 @@ use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
 use nsx_core::agent::wiring::{external_id, pod_cookie, port_name};
 use nsx_core::k8s::{ClusterView, annotation};
-use nsx_core::ncp::observe::Observed;
+use nsx_core::ncp::desired::Key;
+use nsx_core::ncp::observe::classify_object;
 use nsx_core::ovs::flow::Action;
 use serde_json::{Value, json};
 
@@ -767,22 +768,53 @@ impl World {
         if let Some(c) = changed {
             return Err(c);
         }
-        let docs: Vec<Value> = self.nsx.with_store(|s| {
-            s.objects()
-                .map(|(_, o)| Value::Object(o.doc.clone()))
-                .collect()
-        });
-        let observed = Observed::from_docs(docs, cluster);
-        if let Some((k, v)) = observed.objects.iter().find(|(_, v)| v.len() > 1) {
-            return Err(format!(
-                "NCP created {} NSX objects for {k:?}: {}",
-                v.len(),
-                v.iter()
-                    .map(|d| d["id"].as_str().unwrap_or("?").to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
+        // NCP's objects, one per key, and no VLAN twice under one VIF (read in place: the
+        // store's documents are many, and this runs every few seconds).
+        self.nsx.with_store(|s| -> Result<(), String> {
+            let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
+            for (_, o) in s.objects() {
+                if let Some(k) = classify_object(&o.doc, cluster) {
+                    ours.entry(k).or_default().push(&o.doc);
+                }
+            }
+            let id = |d: &serde_json::Map<String, Value>| {
+                d.get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            for docs in ours.values_mut() {
+                docs.sort_by_key(|d| {
+                    (
+                        d.get("_create_time").and_then(Value::as_i64).unwrap_or(0),
+                        id(d),
+                    )
+                });
+            }
+            if let Some((k, v)) = ours.iter().find(|(_, v)| v.len() > 1) {
+                return Err(format!(
+                    "NCP created {} NSX objects for {k:?}: {}",
+                    v.len(),
+                    v.iter().map(|d| id(d)).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            let mut vlans: BTreeMap<(String, i64), String> = BTreeMap::new();
+            for d in ours.values().flatten() {
+                let Some(ctx) = d.get("attachment").map(|a| &a["context"]) else {
+                    continue;
+                };
+                if let (Some(parent), Some(tag)) =
+                    (ctx["parent_vif_id"].as_str(), ctx["traffic_tag"].as_i64())
+                    && let Some(other) = vlans.insert((parent.to_string(), tag), id(d))
+                {
+                    return Err(format!(
+                        "ports {other} and {} share VLAN {tag} under VIF {parent}",
+                        id(d)
+                    ));
+                }
+            }
+            Ok(())
+        })?;
         // Pods: addresses unique, inside their namespace's subnet; VLANs unique per VIF.
         let mut ips: BTreeMap<String, String> = BTreeMap::new();
         let mut macs: BTreeMap<String, String> = BTreeMap::new();
@@ -824,24 +856,6 @@ impl World {
                 if a & mask != net_addr {
                     return Err(format!(
                         "pod {who} has {ip}, outside its namespace's {subnet}"
-                    ));
-                }
-            }
-        }
-        let mut vlans: BTreeMap<(String, i64), String> = BTreeMap::new();
-        for docs in observed.objects.values() {
-            for d in docs {
-                let ctx = &d["attachment"]["context"];
-                if let (Some(parent), Some(tag)) =
-                    (ctx["parent_vif_id"].as_str(), ctx["traffic_tag"].as_i64())
-                    && let Some(other) = vlans.insert(
-                        (parent.to_string(), tag),
-                        d["id"].as_str().unwrap_or("").to_string(),
-                    )
-                {
-                    return Err(format!(
-                        "ports {other} and {} share VLAN {tag} under VIF {parent}",
-                        d["id"].as_str().unwrap_or("")
                     ));
                 }
             }
