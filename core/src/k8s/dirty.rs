@@ -112,31 +112,46 @@ mod tests {
         )
     }
 
+    /// The events into the store, and what they name.
+    fn feed(
+        writer: &mut reflector::store::Writer<Pod>,
+        events: Vec<watcher::Event<Pod>>,
+    ) -> KindDirty {
+        let mut dirty = KindDirty::default();
+        for e in events {
+            writer.apply_watcher_event(&e);
+            dirty.record(&e);
+        }
+        dirty
+    }
+
+    /// The keys `refresh_kind` reports changed.
+    fn refresh(
+        store: &reflector::Store<Pod>,
+        view: &mut BTreeMap<(String, String), Pod>,
+        dirty: KindDirty,
+    ) -> BTreeSet<(String, String)> {
+        let mut out = BTreeSet::new();
+        refresh_kind(store, view, dirty, Clone::clone, fingerprint::pod, &mut out);
+        out
+    }
+
     #[test]
     fn named_objects_are_brought_up_to_date_and_a_relist_finds_silent_deletions() {
         let (store, mut writer) = reflector::store::<Pod>();
         let a = fixture::pod("shop", "a", "uid-a", "node-1", &[("app", "web")]);
         let b = fixture::pod("shop", "b", "uid-b", "node-1", &[]);
-        let mut dirty = KindDirty::default();
-        for e in [
-            watcher::Event::Init,
-            watcher::Event::InitApply(a.clone()),
-            watcher::Event::InitApply(b.clone()),
-            watcher::Event::InitDone,
-        ] {
-            writer.apply_watcher_event(&e);
-            dirty.record(&e);
-        }
-        let mut view: BTreeMap<(String, String), Pod> = BTreeMap::new();
-        let mut out = BTreeSet::new();
-        refresh_kind(
-            &store,
-            &mut view,
-            dirty,
-            Clone::clone,
-            fingerprint::pod,
-            &mut out,
+        let dirty = feed(
+            &mut writer,
+            vec![
+                watcher::Event::Init,
+                watcher::Event::InitApply(a.clone()),
+                watcher::Event::InitApply(b.clone()),
+                watcher::Event::InitDone,
+            ],
         );
+        let mut view: BTreeMap<(String, String), Pod> = BTreeMap::new();
+        let out = refresh(&store, &mut view, dirty);
         assert_eq!(out, [key(&a), key(&b)].into());
         assert_eq!(view.len(), 2);
 
@@ -148,48 +163,30 @@ mod tests {
         });
         let mut b_relabelled = b.clone();
         b_relabelled.metadata.labels = Some([("app".to_string(), "db".to_string())].into());
-        let mut dirty = KindDirty::default();
-        for e in [
-            watcher::Event::Apply(a_status),
-            watcher::Event::Apply(b_relabelled.clone()),
-        ] {
-            writer.apply_watcher_event(&e);
-            dirty.record(&e);
-        }
-        assert!(!dirty.relisted);
-        let mut out = BTreeSet::new();
-        refresh_kind(
-            &store,
-            &mut view,
-            dirty,
-            Clone::clone,
-            fingerprint::pod,
-            &mut out,
+        let dirty = feed(
+            &mut writer,
+            vec![
+                watcher::Event::Apply(a_status),
+                watcher::Event::Apply(b_relabelled.clone()),
+            ],
         );
+        assert!(!dirty.relisted);
+        let out = refresh(&store, &mut view, dirty);
         assert_eq!(out, [key(&b)].into());
         assert_eq!(view[&key(&b)], b_relabelled);
 
         // A relist after a gap: `a` went away with no event of its own, `c` is new.
         let c = fixture::pod("shop", "c", "uid-c", "node-2", &[]);
-        let mut dirty = KindDirty::default();
-        for e in [
-            watcher::Event::Init,
-            watcher::Event::InitApply(b_relabelled.clone()),
-            watcher::Event::InitApply(c.clone()),
-            watcher::Event::InitDone,
-        ] {
-            writer.apply_watcher_event(&e);
-            dirty.record(&e);
-        }
-        let mut out = BTreeSet::new();
-        refresh_kind(
-            &store,
-            &mut view,
-            dirty,
-            Clone::clone,
-            fingerprint::pod,
-            &mut out,
+        let dirty = feed(
+            &mut writer,
+            vec![
+                watcher::Event::Init,
+                watcher::Event::InitApply(b_relabelled.clone()),
+                watcher::Event::InitApply(c.clone()),
+                watcher::Event::InitDone,
+            ],
         );
+        let out = refresh(&store, &mut view, dirty);
         assert_eq!(out, [key(&a), key(&c)].into());
         assert_eq!(
             view.keys().cloned().collect::<Vec<_>>(),
@@ -197,19 +194,8 @@ mod tests {
         );
 
         // A delete event.
-        let mut dirty = KindDirty::default();
-        let e = watcher::Event::Delete(c.clone());
-        writer.apply_watcher_event(&e);
-        dirty.record(&e);
-        let mut out = BTreeSet::new();
-        refresh_kind(
-            &store,
-            &mut view,
-            dirty,
-            Clone::clone,
-            fingerprint::pod,
-            &mut out,
-        );
+        let dirty = feed(&mut writer, vec![watcher::Event::Delete(c.clone())]);
+        let out = refresh(&store, &mut view, dirty);
         assert_eq!(out, [key(&c)].into());
         assert!(!view.contains_key(&key(&c)));
     }
