@@ -173,13 +173,7 @@ pub fn ncp_converged(
         let Some(vip) = observed.vips.get(&uid) else {
             continue;
         };
-        let ingress = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref())
-            .and_then(|i| i.first())
-            .and_then(|i| i.ip.clone());
+        let ingress = nsx_core::k8s::lb_ingress_ip(svc);
         if ingress.as_deref() != Some(vip.as_str()) {
             return Err(format!(
                 "service {ns}/{name}: status shows {ingress:?}, the VIP is \"{vip}\""

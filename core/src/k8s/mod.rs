@@ -14,6 +14,16 @@ pub mod selector;
 pub mod watch;
 
 /// Annotations NCP reads and writes.
+/// The first ingress IP a LoadBalancer service's status shows (what NCP writes there).
+pub fn lb_ingress_ip(svc: &k8s_openapi::api::core::v1::Service) -> Option<String> {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .and_then(|i| i.first())
+        .and_then(|i| i.ip.clone())
+}
+
 pub mod annotation {
     /// On a namespace: `"true"` opts it out of SNAT.
     pub const NO_SNAT: &str = "ncp/no_snat";

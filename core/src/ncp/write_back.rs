@@ -89,6 +89,17 @@ impl WriteScope {
     }
 }
 
+/// The objects of `all` named in `keys`, or all of them.
+fn in_scope<'a, K: Ord, V>(
+    all: &'a BTreeMap<K, V>,
+    keys: Option<&BTreeSet<K>>,
+) -> Vec<(&'a K, &'a V)> {
+    match keys {
+        None => all.iter().collect(),
+        Some(keys) => keys.iter().filter_map(|k| all.get_key_value(k)).collect(),
+    }
+}
+
 /// Writes the annotations that differ (of every object, or of those in `scope`); returns how
 /// many objects were patched.
 pub(super) async fn write_back<C>(
@@ -105,30 +116,9 @@ where
 {
     let mut patched = 0;
     let allowed = || fence.is_none_or(Fence::allows_writes);
-    let namespaces: Vec<(&String, &Namespace)> = match scope {
-        None => view.namespaces.iter().collect(),
-        Some(s) => s
-            .namespaces
-            .iter()
-            .filter_map(|n| view.namespaces.get_key_value(n))
-            .collect(),
-    };
-    let services: Vec<(&(String, String), &Service)> = match scope {
-        None => view.services.iter().collect(),
-        Some(s) => s
-            .services
-            .iter()
-            .filter_map(|k| view.services.get_key_value(k))
-            .collect(),
-    };
-    let pods: Vec<(&(String, String), &Pod)> = match scope {
-        None => view.pods.iter().collect(),
-        Some(s) => s
-            .pods
-            .iter()
-            .filter_map(|k| view.pods.get_key_value(k))
-            .collect(),
-    };
+    let namespaces = in_scope(&view.namespaces, scope.map(|s| &s.namespaces));
+    let services = in_scope(&view.services, scope.map(|s| &s.services));
+    let pods = in_scope(&view.pods, scope.map(|s| &s.pods));
     for (name, ns) in namespaces {
         let Some(uid) = ns.metadata.uid.clone() else {
             continue;
@@ -176,13 +166,7 @@ where
             .and_then(|(_, d)| d.first())
             .and_then(|d| d["ip_address"].as_str());
         let Some(vip) = vip else { continue };
-        let current = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref())
-            .and_then(|i| i.first())
-            .and_then(|i| i.ip.clone());
+        let current = crate::k8s::lb_ingress_ip(svc);
         if current.as_deref() == Some(vip) {
             continue;
         }
