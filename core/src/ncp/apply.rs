@@ -25,7 +25,7 @@ use super::desired::{Collection, Detail, Key, Spec};
 use super::infra::Infra;
 use super::naming::scope;
 use super::observe::Observed;
-use super::plan::{ADVERTISED, Missing, Op, Plan, render, tag_of};
+use super::plan::{ADVERTISED, Missing, Op, Plan, advertised_tag, render, tag_of};
 use crate::nsx::{NsxClient, NsxError};
 
 #[derive(Debug, thiserror::Error)]
@@ -522,10 +522,10 @@ where
     async fn update(&mut self, key: &Key, id: &str, spec: &Spec) -> Result<(), ApplyError> {
         let p = format!("{}/{id}", path(key.collection(), self.infra));
         let current = self.resolved.get(key).cloned();
-        if let Key::Tier1(_) = key
+        if let Some((scope_name, value)) = advertised_tag(key)
             && current
                 .as_ref()
-                .is_none_or(|d| tag_of(d, ADVERTISED.0).is_none())
+                .is_none_or(|d| tag_of(d, scope_name) != Some(value))
         {
             self.write_advertisement(id).await?;
         }

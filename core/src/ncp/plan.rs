@@ -37,6 +37,21 @@ use crate::nsx::model::Tag;
 /// seen as drift and repaired.
 pub const ADVERTISED: (&str, &str) = ("ncp/route_adv", "connected,nat");
 
+/// The same marker on the load balancer's tier-1, whose VIPs the tier-0 only learns when the
+/// router advertises them. Its value differs from [`ADVERTISED`]'s because NCP once tagged
+/// that router without writing its advertisement: a router with the old value is drift, and
+/// the update writes the advertisement.
+pub const ADVERTISED_LB: (&str, &str) = ("ncp/route_adv", "connected,nat,lb_vip");
+
+/// The advertisement marker tag a router of this key carries once advertised, if any.
+pub fn advertised_tag(key: &Key) -> Option<(&'static str, &'static str)> {
+    match key {
+        Key::Tier1(_) => Some(ADVERTISED),
+        Key::LbTier1(_) => Some(ADVERTISED_LB),
+        _ => None,
+    }
+}
+
 /// One step of a plan.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
@@ -200,7 +215,7 @@ pub fn render<R: Resolve + ?Sized>(
             json!({"resource_type": "FirewallSection", "section_type": "LAYER3", "stateful": true, "rules": rules})
         }
         Detail::LbTier1 => {
-            tags.push(Tag::new(ADVERTISED.0, ADVERTISED.1));
+            tags.push(Tag::new(ADVERTISED_LB.0, ADVERTISED_LB.1));
             json!({"resource_type": "LogicalRouter", "router_type": "TIER1"})
         }
         Detail::LbT0Link => {

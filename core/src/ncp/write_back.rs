@@ -124,20 +124,33 @@ where
             continue;
         };
         let current = annotations_of(&ns.metadata);
-        let mut want = BTreeMap::new();
+        // A value to set, or null to remove (a merge patch).
+        let mut want: BTreeMap<String, Value> = BTreeMap::new();
         if let Some(cidr) = realized
             .get(&Key::Subnet(uid.clone()))
             .and_then(|d| d["cidr"].as_str())
         {
-            want.insert(annotation::SUBNET.to_string(), cidr.to_string());
+            want.insert(annotation::SUBNET.to_string(), json!(cidr));
         }
-        if let Some(ip) = realized
+        match realized
             .get(&Key::Snat(uid.clone()))
             .and_then(|d| d["translated_network"].as_str())
         {
-            want.insert(annotation::SNAT_IP.to_string(), ip.to_string());
+            Some(ip) => {
+                want.insert(annotation::SNAT_IP.to_string(), json!(ip));
+            }
+            // No SNAT rule (the namespace opted out, or NSX refused it): no SNAT address to
+            // show, and an old one would mislead.
+            None if current.contains_key(annotation::SNAT_IP) => {
+                want.insert(annotation::SNAT_IP.to_string(), Value::Null);
+            }
+            None => {}
         }
-        if want.iter().any(|(k, v)| current.get(k) != Some(v)) {
+        let differs = |(k, v): (&String, &Value)| match v {
+            Value::Null => current.contains_key(k),
+            v => current.get(k).map(String::as_str) != v.as_str(),
+        };
+        if want.iter().any(differs) {
             if !allowed() {
                 return Err("no longer the leader".into());
             }

@@ -10,6 +10,10 @@
 //!   node's addresses) to its select group, or to the controller when it has no endpoint (the
 //!   agent rejects: TCP RST / ICMP unreachable); with session affinity, first the learned flows
 //!   of [`table::AFFINITY`], then [`table::AFFINITY_CHECK`];
+//! - [`table::SERVICE_LB`] also holds one flow per ClusterIP, below its ports' flows: any
+//!   other port or protocol to that address goes to the controller and is rejected, as
+//!   kube-proxy's nftables mode rejects traffic to a ClusterIP on a port it does not expose
+//!   (without it the packet would be routed out as if the address were outside the cluster);
 //! - the group's buckets (one per endpoint, `selection_method=hash`) load the endpoint into
 //!   `reg0` (address) and `reg1[0..15]` (port) and resubmit to [`table::ENDPOINT_DNAT`], where
 //!   one flow per endpoint, shared by every service that uses it, commits the connection with
@@ -52,6 +56,8 @@ pub mod cookie {
     pub const KIND_STATIC: u64 = 1 << 40;
     pub const KIND_SERVICE: u64 = 2 << 40;
     pub const KIND_ENDPOINT: u64 = 3 << 40;
+    /// The reject flow of a ClusterIP's unexposed ports (4 and 5 are the agent's).
+    pub const KIND_CLUSTER_IP: u64 = 6 << 40;
     pub const ID_MASK: u64 = (1 << 40) - 1;
 
     pub fn make(round: u16, kind: u64, id: u64) -> u64 {
@@ -65,7 +71,10 @@ pub mod cookie {
             .into_iter()
             .filter(|c| {
                 let kind = c & !ROUND_MASK & !ID_MASK;
-                kind == KIND_STATIC || kind == KIND_SERVICE || kind == KIND_ENDPOINT
+                kind == KIND_STATIC
+                    || kind == KIND_SERVICE
+                    || kind == KIND_ENDPOINT
+                    || kind == KIND_CLUSTER_IP
             })
             .map(|c| ((c & ROUND_MASK) >> ROUND_SHIFT) as u16)
             .max()
@@ -178,6 +187,26 @@ pub fn endpoint_id(protocol: u8, e: &Endpoint) -> u64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     h
+}
+
+/// Priority of a ClusterIP's reject flow: below every service port's (200) and NodePort's
+/// (190) entry flow.
+pub const CLUSTER_IP_REJECT_PRIORITY: u16 = 100;
+
+/// The flow that rejects traffic to `cluster_ip` that no service port of it takes, shared by
+/// the service's ports (reference counted by the proxy).
+pub fn cluster_ip_flow(round: u16, cluster_ip: u32) -> Flow {
+    Flow {
+        cookie: cookie::make(round, cookie::KIND_CLUSTER_IP, u64::from(cluster_ip)),
+        table: table::SERVICE_LB,
+        priority: CLUSTER_IP_REJECT_PRIORITY,
+        matches: Match::from_constraints(&[
+            (Field::EthType, 0x0800, u128::MAX),
+            (Field::IpDst, u128::from(cluster_ip), u128::MAX),
+        ]),
+        actions: vec![Action::Controller(65535)],
+        ..Flow::default()
+    }
 }
 
 /// The shared DNAT flow of one endpoint.

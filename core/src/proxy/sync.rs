@@ -12,7 +12,7 @@ use crate::hash::WordMap;
 use crate::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
 use crate::ovs::flow::Group;
 
-use super::compile::{cookie, endpoint_flow, group, service_flows, static_flows};
+use super::compile::{cluster_ip_flow, cookie, endpoint_flow, group, service_flows, static_flows};
 use super::model::{Endpoint, ServicePort, ServicePortKey};
 
 /// Bytes an OpenFlow message may carry, and what a group message and a bucket take (a
@@ -73,6 +73,8 @@ pub struct Proxy {
     installed: KeyMap<Installed>,
     /// (protocol, endpoint) -> how many service ports use its DNAT flow.
     endpoint_refs: RefMap,
+    /// ClusterIP -> how many installed service ports use it (and so its reject flow).
+    cluster_ip_refs: BTreeMap<u32, u32>,
     group_ids: KeyMap<u32>,
     free_ids: BTreeSet<u32>,
     next_id: u32,
@@ -117,6 +119,7 @@ impl Proxy {
             static_installed: false,
             installed: KeyMap::default(),
             endpoint_refs: RefMap::default(),
+            cluster_ip_refs: BTreeMap::new(),
             group_ids: KeyMap::default(),
             free_ids: BTreeSet::new(),
             next_id: 1,
@@ -149,6 +152,7 @@ impl Proxy {
             i.present = false;
         }
         self.endpoint_refs.clear();
+        self.cluster_ip_refs.clear();
     }
 
     fn group_id(&mut self, key: &ServicePortKey) -> u32 {
@@ -212,9 +216,21 @@ impl Proxy {
         refs.delta.reserve(endpoints);
         let mut new_installed: Vec<(ServicePortKey, Option<Installed>)> = Vec::new();
         let mut released: Vec<ServicePortKey> = Vec::new();
+        // ClusterIP reference changes of this sync.
+        let mut ip_delta: BTreeMap<u32, i64> = BTreeMap::new();
         for &(key, wanted) in keys {
             let id = wanted.is_some().then(|| self.group_id(key));
             let old = self.installed.get(key);
+            let old_ip = old.filter(|o| o.present).map(|o| o.sp.cluster_ip);
+            let new_ip = wanted.map(|sp| sp.cluster_ip);
+            if old_ip != new_ip {
+                if let Some(ip) = old_ip {
+                    *ip_delta.entry(ip).or_default() -= 1;
+                }
+                if let Some(ip) = new_ip {
+                    *ip_delta.entry(ip).or_default() += 1;
+                }
+            }
             let node_ips = &self.cfg.node_ips;
             // What the last sync installed, compiled again (see `Installed`).
             let (old_flows, old_group) = match old {
@@ -338,6 +354,22 @@ impl Proxy {
                 }
             }
         }
+        let mut ip_refs: Vec<(u32, u32)> = Vec::with_capacity(ip_delta.len());
+        for (ip, d) in ip_delta {
+            let before = self.cluster_ip_refs.get(&ip).copied().unwrap_or(0);
+            let after = u32::try_from(i64::from(before) + d).unwrap_or(0);
+            let f = cluster_ip_flow(round, ip);
+            if before == 0 && after > 0 {
+                ops.push(OfOp::AddFlow(f));
+            } else if before > 0 && after == 0 {
+                tail.push(OfOp::DelFlowStrict {
+                    table: f.table,
+                    priority: f.priority,
+                    matches: f.matches,
+                });
+            }
+            ip_refs.push((ip, after));
+        }
         if !self.static_installed
             && let Some(prev) = self.previous_round.filter(|p| *p != round)
         {
@@ -359,6 +391,13 @@ impl Proxy {
         self.uncertain_groups.clear();
         self.previous_round = None;
         refs_commit(&mut self.endpoint_refs, delta);
+        for (ip, n) in ip_refs {
+            if n == 0 {
+                self.cluster_ip_refs.remove(&ip);
+            } else {
+                self.cluster_ip_refs.insert(ip, n);
+            }
+        }
         for (k, v) in new_installed {
             match v {
                 Some(i) => {

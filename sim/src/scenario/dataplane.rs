@@ -78,6 +78,31 @@ enum OvsOut {
 }
 
 impl World {
+    /// Which of the cluster's own ranges holds `ip` (pods, services, nodes, the SNAT and LB
+    /// pools), if any.
+    pub fn cluster_range_of(&self, ip: u32) -> Option<&'static str> {
+        let c = &self.sc.cluster;
+        let within = |cidr: &str| {
+            super::names::parse_cidr(cidr).is_ok_and(|(net, len)| {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                ip & mask == net
+            })
+        };
+        if within(&c.ip_block) {
+            Some("pod range")
+        } else if within(&c.service_cidr) {
+            Some("service range")
+        } else if self.nodes.values().any(|n| n.node_ip == ip) {
+            Some("node addresses")
+        } else if within(&c.snat_pool) {
+            Some("SNAT pool")
+        } else if within(&c.lb_pool) {
+            Some("LoadBalancer pool")
+        } else {
+            None
+        }
+    }
+
     /// A pod by `ns/name`, as wired.
     pub fn pod_at(&self, ns: &str, name: &str) -> Result<PodAt, String> {
         let p = self
@@ -179,7 +204,19 @@ impl World {
         }
         match t.verdict {
             Verdict::Dropped { reason } => Ok((None, Reached::Dropped(format!("NSX: {reason}")))),
-            Verdict::External { packet } => Ok((None, Reached::External { src: packet.src_ip })),
+            Verdict::External { packet } => match self.cluster_range_of(packet.dst_ip) {
+                // Routed out as if it were an outside address: nothing out there answers for
+                // the cluster's own ranges.
+                Some(range) => Ok((
+                    None,
+                    Reached::Dropped(format!(
+                        "left through the tier-0 toward {}, an address of the cluster's {range}: \
+                         nothing outside answers there",
+                        ip_string(packet.dst_ip)
+                    )),
+                )),
+                None => Ok((None, Reached::External { src: packet.src_ip })),
+            },
             Verdict::Delivered {
                 parent_vif_id,
                 vlan,

@@ -51,6 +51,10 @@ pub struct World {
     next_service_ip: u32,
     next_node_port: u16,
     next_node: usize,
+    /// The annotations each object's last `apply` set, by (plural, namespace, name): what
+    /// kubectl keeps in `last-applied-configuration`, so that an annotation dropped from the
+    /// manifest is removed while those others wrote stay.
+    applied_annotations: BTreeMap<(String, String, String), BTreeSet<String>>,
     pub passes: Rc<RefCell<usize>>,
     /// The next ephemeral source port for a connectivity check (fresh for every connection,
     /// as a client's stack would pick, so old conntrack entries are not reused).
@@ -171,6 +175,7 @@ impl World {
             next_service_ip: base + 10,
             next_node_port: 30000,
             next_node: 0,
+            applied_annotations: BTreeMap::new(),
             passes,
             next_sport: std::cell::Cell::new(32768),
             endpoints_seen: std::cell::Cell::new(0),
@@ -255,10 +260,17 @@ impl World {
                 self.sc.cluster.nodes.join(", ")
             ));
         }
+        let id = (plural.to_string(), ns.clone(), name.clone());
+        let applied: BTreeSet<String> = v["metadata"]["annotations"]
+            .as_object()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default();
+        let last = self.applied_annotations.insert(id, applied);
         if let Some(cur) = &existing {
             if let Some(a) = cur["metadata"]["annotations"].as_object() {
                 for (k, val) in a {
-                    if v["metadata"]["annotations"].get(k).is_none() {
+                    let dropped = last.as_ref().is_some_and(|l| l.contains(k));
+                    if v["metadata"]["annotations"].get(k).is_none() && !dropped {
                         v["metadata"]["annotations"][k] = val.clone();
                     }
                 }

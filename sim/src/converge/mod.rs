@@ -1,0 +1,445 @@
+//! The liveness check of the NCP side: NSX holds exactly what `desired()` computes from the
+//! apiserver's objects (one each, nothing extra), each with the content NCP would write for it
+//! now (every field NCP sets, compared by [`content`]; route advertisement on; a pod port's
+//! VLAN a real one), namespaces and pods carry the annotations that match what NSX allocated,
+//! LoadBalancer services show their VIP, SNAT rules use exactly the addresses allocated for
+//! them, and the fake NSX store's own invariants hold.
+//!
+//! The desired state is computed from scratch here (the slow path), never taken from NCP's
+//! caches, so a change NCP's change-driven passes miss shows up as a content mismatch.
+
+pub mod content;
+
+use fake_nsx_manager::FakeNsxManager;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use nsx_core::k8s::ClusterView;
+use nsx_core::ncp::desired::{Detail, Key, desired};
+use nsx_core::ncp::infra::Infra;
+use nsx_core::ncp::observe::classify_object;
+use nsx_core::ncp::plan::{Missing, render};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use crate::apiserver::ApiServer;
+
+/// The cluster as the apiserver holds it.
+pub fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
+    let mut v = ClusterView::default();
+    for o in api.list("namespaces") {
+        v.add_namespace(serde_json::from_value::<Namespace>(o).map_err(|e| e.to_string())?);
+    }
+    for o in api.list("pods") {
+        v.add_pod(serde_json::from_value::<Pod>(o).map_err(|e| e.to_string())?);
+    }
+    for o in api.list("nodes") {
+        v.add_node(serde_json::from_value::<Node>(o).map_err(|e| e.to_string())?);
+    }
+    for o in api.list("services") {
+        v.add_service(serde_json::from_value::<Service>(o).map_err(|e| e.to_string())?);
+    }
+    for o in api.list("endpointslices") {
+        v.add_endpoint_slice(
+            serde_json::from_value::<EndpointSlice>(o).map_err(|e| e.to_string())?,
+        );
+    }
+    for o in api.list("networkpolicies") {
+        v.add_network_policy(
+            serde_json::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(o)
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(v)
+}
+
+/// What the converge check reads of NSX's documents (taken without copying them).
+#[derive(Debug, Default)]
+pub struct Realized {
+    /// Logical port id by pod uid.
+    pub port_ids: BTreeMap<String, String>,
+    /// Subnet CIDR by namespace uid.
+    cidrs: BTreeMap<String, String>,
+    /// VIP of each LoadBalancer service's first virtual server, by service uid.
+    vips: BTreeMap<String, String>,
+    /// Translated address of each namespace's SNAT rule, by namespace uid.
+    snat: BTreeMap<String, String>,
+    /// What NSX allocated to each pod's port, by pod uid.
+    pod_addresses: BTreeMap<String, PortAddress>,
+}
+
+/// The addresses and VLAN NSX gave a pod's port.
+#[derive(Debug, Default)]
+struct PortAddress {
+    ip: String,
+    mac: String,
+    vlan: i64,
+}
+
+/// The admin objects NCP builds on, read from the fake's bootstrap and store (as NCP's
+/// discovery would find them).
+fn infra_of(
+    boot: &fake_nsx_manager::Bootstrap,
+    s: &fake_nsx_manager::store::Store,
+    cluster: &str,
+) -> Result<Infra, String> {
+    let c = boot
+        .clusters
+        .get(cluster)
+        .ok_or("cluster not bootstrapped")?;
+    let profile = |rt: &str| {
+        s.objects()
+            .find(|(_, o)| o.resource_type() == rt)
+            .map(|(id, _)| id.clone())
+    };
+    Ok(Infra {
+        transport_zone: boot.transport_zone.clone(),
+        tier0: boot.tier0_router.clone(),
+        ip_block: c.ip_block.clone(),
+        snat_pool: Some(c.snat_pool.clone()),
+        lb_pool: Some(c.lb_pool.clone()),
+        lb_tcp_profile: profile("LbFastTcpProfile"),
+        lb_udp_profile: profile("LbFastUdpProfile"),
+        node_vifs: c
+            .node_ports
+            .iter()
+            .map(|(n, p)| (n.clone(), p.vif_id.clone()))
+            .collect(),
+    })
+}
+
+fn text(d: &serde_json::Map<String, Value>, field: &str) -> String {
+    d.get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Each object's content against the body NCP would write for it, rendered from scratch with
+/// references to the objects NSX holds.
+fn check_content(
+    boot: &fake_nsx_manager::Bootstrap,
+    s: &fake_nsx_manager::store::Store,
+    cluster: &str,
+    want: &nsx_core::ncp::desired::Desired,
+    ours: &BTreeMap<Key, Vec<&serde_json::Map<String, Value>>>,
+) -> Result<(), String> {
+    let infra = infra_of(boot, s, cluster)?;
+    // What references resolve to: the id (and a subnet's CIDR) of the one document NSX holds.
+    let refs: BTreeMap<Key, Value> = ours
+        .iter()
+        .map(|(k, docs)| {
+            let mut stub = serde_json::Map::new();
+            for f in ["id", "cidr"] {
+                if let Some(v) = docs[0].get(f) {
+                    stub.insert(f.to_string(), v.clone());
+                }
+            }
+            (k.clone(), Value::Object(stub))
+        })
+        .collect();
+    for (key, spec) in &want.objects {
+        let have = ours[key][0];
+        let name = || {
+            format!(
+                "{key:?} ({} {} {:?})",
+                text(have, "resource_type"),
+                text(have, "id"),
+                text(have, "display_name")
+            )
+        };
+        let mut spec = spec.clone();
+        if let Detail::PodPort { vlan, .. } = &mut spec.detail {
+            // The planner picks the VLAN; any real one will do, unique under the parent VIF
+            // (a standing invariant).
+            let tag = have
+                .get("attachment")
+                .and_then(|a| a.get("context"))
+                .and_then(|c| c.get("traffic_tag"))
+                .and_then(Value::as_i64);
+            match tag
+                .and_then(|t| u16::try_from(t).ok())
+                .filter(|t| (1..=4094).contains(t))
+            {
+                Some(t) => *vlan = Some(t),
+                None => return Err(format!("{}: traffic_tag {tag:?} is not a VLAN", name())),
+            }
+        }
+        let address = match key {
+            Key::Snat(_) => have.get("translated_network").and_then(Value::as_str),
+            Key::LbVirtualServer(_) => have.get("ip_address").and_then(Value::as_str),
+            _ => None,
+        };
+        let body = render(key, &spec, &infra, &refs, address)
+            .map_err(|Missing(m)| format!("{}: cannot be rendered, {m:?} is missing", name()))?;
+        let Value::Object(body) = body else {
+            return Err(format!("{}: rendered as a non-object", name()));
+        };
+        let mismatch = if let Key::AllowSection(_) | Key::IsolationSection(_) = key {
+            let mut with_rules = have.clone();
+            let id = text(have, "id");
+            let rules: Vec<Value> = s
+                .rules_of(&id)
+                .iter()
+                .filter_map(|r| s.object(r))
+                .map(|o| Value::Object(o.doc.clone()))
+                .collect();
+            with_rules.insert("rules".into(), Value::Array(rules));
+            content::compare(&body, &with_rules)
+        } else {
+            content::compare(&body, have)
+        };
+        if let Some(m) = mismatch {
+            return Err(format!("{}: {m}", name()));
+        }
+        if let Key::Tier1(_) | Key::LbTier1(_) = key {
+            let adv = s
+                .advertisement_get(&text(have, "id"))
+                .map_err(|e| format!("{}: advertisement: {e:?}", name()))?;
+            for f in [
+                "enabled",
+                "advertise_nsx_connected_routes",
+                "advertise_nat_routes",
+                "advertise_lb_vip",
+            ] {
+                if adv.get(f) != Some(&Value::Bool(true)) {
+                    return Err(format!(
+                        "{}: route advertisement {f}: wanted true, NSX holds {}",
+                        name(),
+                        adv.get(f).unwrap_or(&Value::Null)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The addresses allocated in `pool` tagged with the cluster: allocation id -> its tags.
+fn allocations(nsx: &FakeNsxManager, pool: &str, cluster: &str) -> BTreeMap<String, Vec<Value>> {
+    let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
+        method: "GET",
+        path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
+        query: &[],
+        body: b"",
+    });
+    r.body.unwrap_or_default()["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| {
+            a["tags"].as_array().is_some_and(|t| {
+                t.iter().any(|t| {
+                    t["scope"] == nsx_core::ncp::naming::scope::CLUSTER && t["tag"] == cluster
+                })
+            })
+        })
+        .map(|a| {
+            (
+                a["allocation_id"].as_str().unwrap_or_default().to_string(),
+                a["tags"].as_array().cloned().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// `Err` says the first thing that is not there yet.
+pub fn ncp_converged(
+    api: &ApiServer,
+    nsx: &FakeNsxManager,
+    cluster: &str,
+    subnet_prefix: u8,
+) -> Result<(ClusterView, Realized), String> {
+    let view = view_from(api)?;
+    let want = desired(&view, cluster, subnet_prefix);
+    let boot = nsx.bootstrap().ok_or("no bootstrap")?;
+    let (observed, strays) = nsx.with_store(|s| -> Result<(Realized, usize), String> {
+        let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
+        // Pod ports (tagged with a pod uid) that NCP would not recognise as its own.
+        let mut strays = 0;
+        for (_, o) in s.objects() {
+            match classify_object(&o.doc, cluster) {
+                Some(k) => ours.entry(k).or_default().push(&o.doc),
+                None => {
+                    strays += usize::from(
+                        o.doc
+                            .get("tags")
+                            .and_then(Value::as_array)
+                            .is_some_and(|t| t.iter().any(|t| t["scope"] == "ncp/pod_uid")),
+                    );
+                }
+            }
+        }
+        for key in want.objects.keys() {
+            match ours.get(key).map(Vec::len) {
+                Some(1) => {}
+                Some(n) => return Err(format!("{key:?} exists {n} times")),
+                None => return Err(format!("{key:?} is missing")),
+            }
+        }
+        if let Some(extra) = ours.keys().find(|k| !want.objects.contains_key(k)) {
+            return Err(format!("{extra:?} should be gone"));
+        }
+        check_content(&boot, s, cluster, &want, &ours)?;
+        let mut r = Realized::default();
+        for (k, docs) in &ours {
+            let d = docs[0];
+            match k {
+                Key::PodPort(uid) => {
+                    let id = text(d, "id");
+                    let alloc = s.port_allocation(&id);
+                    r.pod_addresses.insert(
+                        uid.clone(),
+                        PortAddress {
+                            ip: alloc
+                                .and_then(|a| a.ip)
+                                .map(fake_nsx_manager::ipam::ip_to_string)
+                                .unwrap_or_default(),
+                            mac: alloc.and_then(|a| a.mac.clone()).unwrap_or_default(),
+                            vlan: d
+                                .get("attachment")
+                                .and_then(|a| a.get("context"))
+                                .and_then(|c| c.get("traffic_tag"))
+                                .and_then(Value::as_i64)
+                                .unwrap_or(-1),
+                        },
+                    );
+                    r.port_ids.insert(uid.clone(), id);
+                }
+                Key::Subnet(uid) => {
+                    r.cidrs.insert(uid.clone(), text(d, "cidr"));
+                }
+                Key::LbVirtualServer(v) => {
+                    let uid = v.split('/').next().unwrap_or_default().to_string();
+                    let ip = text(d, "ip_address");
+                    let first = r.vips.entry(uid.clone()).or_insert_with(|| ip.clone());
+                    if *first != ip {
+                        return Err(format!(
+                            "service {uid} has virtual servers on {first} and on {ip}"
+                        ));
+                    }
+                }
+                Key::Snat(uid) => {
+                    r.snat.insert(uid.clone(), text(d, "translated_network"));
+                }
+                _ => {}
+            }
+        }
+        Ok((r, strays))
+    })?;
+    let ann = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, k: &str| {
+        meta.annotations.as_ref().and_then(|a| a.get(k)).cloned()
+    };
+    for (name, ns) in &view.namespaces {
+        let Some(uid) = ns.metadata.uid.clone() else {
+            continue;
+        };
+        if !want.objects.contains_key(&Key::Subnet(uid.clone())) {
+            continue;
+        }
+        let cidr = observed.cidrs.get(&uid).map_or("", String::as_str);
+        let have = ann(&ns.metadata, nsx_core::k8s::annotation::SUBNET);
+        if have.as_deref() != Some(cidr) {
+            return Err(format!(
+                "namespace {name}: subnet annotation {have:?}, NSX has {cidr}"
+            ));
+        }
+        let snat = observed.snat.get(&uid);
+        let have = ann(&ns.metadata, nsx_core::k8s::annotation::SNAT_IP);
+        if have.as_ref() != snat {
+            return Err(format!(
+                "namespace {name}: {} annotation {have:?}, its SNAT rule translates to {snat:?}",
+                nsx_core::k8s::annotation::SNAT_IP
+            ));
+        }
+    }
+    for ((ns, name), pod) in &view.pods {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let Some(port) = observed.port_ids.get(&uid) else {
+            continue;
+        };
+        let net: Value = ann(&pod.metadata, nsx_core::k8s::annotation::POD_NETWORK)
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .ok_or(format!("pod {ns}/{name} has no network annotation"))?;
+        if net["logical_port_id"] != port.as_str() {
+            return Err(format!(
+                "pod {ns}/{name}: annotation names port {}, NSX has \"{port}\"",
+                net["logical_port_id"]
+            ));
+        }
+        let subnet = view
+            .namespaces
+            .get(ns)
+            .and_then(|n| n.metadata.uid.as_ref())
+            .and_then(|u| observed.cidrs.get(u))
+            .cloned()
+            .unwrap_or_default();
+        let Some((_, gw, _, _, prefix)) = nsx_core::ncp::plan::subnet_layout(&subnet) else {
+            return Err(format!("pod {ns}/{name}: its namespace has no subnet"));
+        };
+        let a = observed.pod_addresses.get(&uid).map(|a| {
+            json!({"ip": format!("{}/{prefix}", a.ip), "mac": a.mac, "vlan": a.vlan,
+                "gateway": std::net::Ipv4Addr::from(gw).to_string()})
+        });
+        let Some(Value::Object(a)) = a else {
+            return Err(format!(
+                "pod {ns}/{name}: NSX allocated nothing to its port"
+            ));
+        };
+        for (field, want) in &a {
+            if net.get(field) != Some(want) {
+                return Err(format!(
+                    "pod {ns}/{name}: annotation {field} is {}, NSX gave its port {want}",
+                    net.get(field).unwrap_or(&Value::Null)
+                ));
+            }
+        }
+    }
+    for ((ns, name), svc) in &view.services {
+        let uid = svc.metadata.uid.clone().unwrap_or_default();
+        let Some(vip) = observed.vips.get(&uid) else {
+            continue;
+        };
+        let ingress = nsx_core::k8s::lb_ingress_ip(svc);
+        if ingress.as_deref() != Some(vip.as_str()) {
+            return Err(format!(
+                "service {ns}/{name}: status shows {ingress:?}, the VIP is \"{vip}\""
+            ));
+        }
+    }
+    let ids = boot
+        .clusters
+        .get(cluster)
+        .ok_or("cluster not bootstrapped")?;
+    // Every SNAT rule uses an address allocated for it, and no allocation is left over.
+    let allocated: std::collections::BTreeSet<String> = allocations(nsx, &ids.snat_pool, cluster)
+        .into_keys()
+        .collect();
+    let used: std::collections::BTreeSet<String> = observed.snat.values().cloned().collect();
+    if used.len() != observed.snat.len() {
+        return Err("two SNAT rules translate to one address".into());
+    }
+    if allocated != used {
+        return Err(format!(
+            "SNAT addresses allocated {allocated:?}, used by SNAT rules {used:?}"
+        ));
+    }
+    // Every VIP is allocated from the LB pool for its service.
+    let lb = allocations(nsx, &ids.lb_pool, cluster);
+    for (svc, vip) in &observed.vips {
+        let for_it = lb.get(vip).is_some_and(|tags| {
+            tags.iter().any(|t| {
+                t["scope"] == nsx_core::ncp::naming::scope::SERVICE_UID && t["tag"] == svc.as_str()
+            })
+        });
+        if !for_it {
+            return Err(format!(
+                "VIP {vip} of service {svc} is not allocated for it in the LB pool"
+            ));
+        }
+    }
+    nsx.with_store(|s| s.check_invariants())?;
+    if strays > 0 {
+        return Err(format!("{strays} pod ports not classified"));
+    }
+    Ok((view, observed))
+}
