@@ -17,9 +17,27 @@ use crate::net::{TurmoilConnector, kube_client};
 use crate::spine::EPOCH_MS;
 use crate::trace::Trace;
 
-/// Milliseconds since the epoch in simulated time.
+thread_local! {
+    /// The simulated time the harness last stepped to, for clock reads outside any host.
+    static HARNESS_MS: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// Milliseconds since the epoch in simulated time. Inside a host, turmoil's time; outside
+/// (the harness applying a manifest or editing NSX between steps), the time the harness last
+/// stepped to ([`note_sim_time`]), not the start of the run: a write stamped in the past sorts
+/// before writes already made (the fake's search index would apply it first and then bury it
+/// under an older one).
 pub fn sim_clock() -> i64 {
-    EPOCH_MS + turmoil::sim_elapsed().map_or(0, |d| d.as_millis() as i64)
+    let ms = match turmoil::sim_elapsed() {
+        Some(d) => d.as_millis() as i64,
+        None => HARNESS_MS.get(),
+    };
+    EPOCH_MS + ms
+}
+
+/// Records where the harness's simulation stands (after every step, and 0 for a new one).
+pub fn note_sim_time(elapsed: Duration) {
+    HARNESS_MS.set(elapsed.as_millis() as i64);
 }
 
 /// The host (and NSX user) name of replica `i`.

@@ -190,6 +190,7 @@ struct World {
 impl World {
     fn new(cfg: &NcpWorldConfig) -> Self {
         let trace = Trace::default();
+        crate::ncp_host::note_sim_time(std::time::Duration::ZERO);
         let api = ApiServer::new(cfg.seed, sim_clock);
         let mut mc = ManagerConfig {
             clock: Clock::new(sim_clock),
@@ -425,6 +426,7 @@ pub fn run(cfg: &NcpWorldConfig) -> NcpReport {
             error = Some(format!("simulation failed: {e}"));
             break;
         }
+        crate::ncp_host::note_sim_time(w.sim.elapsed());
     }
     for line in w.api.request_log() {
         if let Some((ms, rest)) = line.split_once(' ') {

@@ -104,6 +104,7 @@ impl World {
         let until = self.sim.elapsed() + Duration::from_millis(ms);
         while self.sim.elapsed() < until {
             self.sim.step().unwrap();
+            nsx_sim::ncp_host::note_sim_time(self.sim.elapsed());
         }
     }
 

@@ -624,16 +624,15 @@ pub fn drift(key: &Key, want: &Value, have: &Value) -> Drift {
             set_of(want, "ip_addresses", &plain) != set_of(have, "ip_addresses", &plain)
         }
         Key::AllowSection(_) | Key::IsolationSection(_) => {
-            // Observed sections carry their rules (read with the section).
+            // Observed sections carry their rules (read with the section), in the order NSX
+            // evaluates them: a reordered rule is drift.
             let digests = |v: &Value| -> Vec<String> {
-                let mut d: Vec<String> = v["rules"]
+                v["rules"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .map(rule_digest)
-                    .collect();
-                d.sort();
-                d
+                    .collect()
             };
             digests(want) != digests(have)
         }

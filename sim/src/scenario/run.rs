@@ -102,7 +102,6 @@ impl Runner {
                 }
             }
             self.w
-                .sim
                 .step()
                 .map_err(|e| format!("the simulation failed: {e}"))?;
             self.w.crash_frozen();

@@ -68,6 +68,7 @@ impl World {
     pub fn new(sc: &Scenario, seed: u64) -> Result<World, String> {
         let c = &sc.cluster;
         let trace = Trace::default();
+        crate::ncp_host::note_sim_time(Duration::ZERO);
         let api = ApiServer::new(seed, sim_clock);
         let mut mc = ManagerConfig {
             clock: Clock::new(sim_clock),
@@ -223,6 +224,13 @@ impl World {
 
     pub fn now_ms(&self) -> u64 {
         self.sim.elapsed().as_millis() as u64
+    }
+
+    /// One simulation step; the harness's clock (for what it does between steps) follows.
+    pub fn step(&mut self) -> Result<(), String> {
+        let r = self.sim.step().map(|_| ()).map_err(|e| e.to_string());
+        crate::ncp_host::note_sim_time(self.sim.elapsed());
+        r
     }
 
     pub fn record(&self, what: impl Into<String>) {

@@ -1,0 +1,179 @@
+//! The converge check compares content, not only which objects exist: one changed tag, one
+//! reordered firewall rule and one missing NSGroup criterion each make a converged cluster
+//! fail the check, with the object and the field named. NCP then puts each back at its next
+//! resync, and the check passes again.
+
+use std::path::Path;
+
+use fake_nsx_manager::dispatch::ApiRequest;
+use nsx_sim::scenario::run::{RunOptions, run};
+use nsx_sim::scenario::spec::parse;
+use nsx_sim::scenario::world::World;
+use serde_json::Value;
+
+const CLUSTER: &str = r#"
+name: content
+steps:
+  - apply: |
+      apiVersion: v1
+      kind: Namespace
+      metadata: {name: x, labels: {ns: x}}
+      ---
+      apiVersion: v1
+      kind: Pod
+      metadata: {name: a, namespace: x, labels: {pod: a}}
+      spec: {containers: [{name: c, image: x}]}
+      ---
+      apiVersion: v1
+      kind: Pod
+      metadata: {name: b, namespace: x, labels: {pod: b}}
+      spec: {containers: [{name: c, image: x}]}
+      ---
+      apiVersion: networking.k8s.io/v1
+      kind: NetworkPolicy
+      metadata: {name: p, namespace: x}
+      spec:
+        podSelector: {matchLabels: {pod: a}}
+        ingress:
+          - from: [{podSelector: {matchLabels: {pod: b}}}]
+            ports: [{port: 80}]
+          - from: [{podSelector: {matchLabels: {pod: b}}}]
+            ports: [{port: 443}]
+  - converge: {within: 60s}
+"#;
+
+/// A converged world of the cluster above.
+fn converged_world() -> World {
+    let sc = parse(Path::new("content.yaml"), CLUSTER).expect("scenario parses");
+    let (report, w) = run(&sc, 1, &RunOptions::default());
+    assert!(report.passed, "{:?}", report.message);
+    let w = w.expect("a world");
+    w.converged().expect("converged before the edit");
+    w
+}
+
+fn call(w: &World, method: &str, path: &str, body: Option<&Value>) -> Value {
+    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+    let r = w.nsx.call_as_admin(ApiRequest {
+        method,
+        path,
+        query: &[],
+        body: bytes.as_bytes(),
+    });
+    assert!(r.status < 300, "{method} {path}: {} {:?}", r.status, r.body);
+    r.body.unwrap_or_default()
+}
+
+/// Runs the simulation past NCP's periodic resync (300 s), which repairs what others changed.
+fn past_resync(w: &mut World) {
+    let until = w.now_ms() + 310_000;
+    while w.now_ms() < until {
+        w.step().expect("the simulation runs");
+        w.endpoints_controller();
+    }
+    if let Err(e) = w.converged() {
+        for l in w.trace.lines().iter().rev().take(40) {
+            eprintln!("{l}");
+        }
+        panic!("NCP did not put it back at its resync: {e}");
+    }
+}
+
+/// The first object of `collection` whose display name contains `name`.
+fn find(w: &World, collection: &str, name: &str) -> Value {
+    let list = call(w, "GET", &format!("/api/v1/{collection}"), None);
+    list["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["display_name"].as_str().is_some_and(|n| n.contains(name)))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {collection} named like {name}"))
+}
+
+#[test]
+fn one_changed_tag_fails_converge() {
+    let mut w = converged_world();
+    let mut port = find(&w, "logical-ports", "k8s-a-x-a");
+    for t in port["tags"].as_array_mut().expect("tags") {
+        if t["scope"] == "pod" {
+            t["tag"] = "c".into();
+        }
+    }
+    let id = port["id"].as_str().expect("id").to_string();
+    call(
+        &w,
+        "PUT",
+        &format!("/api/v1/logical-ports/{id}"),
+        Some(&port),
+    );
+    let e = w.converged().expect_err("a changed tag is not converged");
+    assert!(e.contains("PodPort") && e.contains("tags"), "{e}");
+    assert!(
+        e.contains(r#""tag":"a""#) && e.contains(r#""tag":"c""#),
+        "{e}"
+    );
+    past_resync(&mut w);
+}
+
+#[test]
+fn one_reordered_rule_fails_converge() {
+    let mut w = converged_world();
+    let section = find(&w, "firewall/sections", "k8s-a-x-p");
+    let id = section["id"].as_str().expect("id").to_string();
+    let rules = call(
+        &w,
+        "GET",
+        &format!("/api/v1/firewall/sections/{id}/rules"),
+        None,
+    );
+    let mut rules = rules["results"].as_array().cloned().expect("rules");
+    assert_eq!(rules.len(), 2, "the allow section has two rules");
+    rules.reverse();
+    let mut body = section.clone();
+    body["rules"] = Value::Array(rules);
+    let r = w.nsx.call_as_admin(ApiRequest {
+        method: "POST",
+        path: &format!("/api/v1/firewall/sections/{id}"),
+        query: &[("action".into(), "update_with_rules".into())],
+        body: body.to_string().as_bytes(),
+    });
+    assert!(r.status < 300, "{} {:?}", r.status, r.body);
+    let e = w
+        .converged()
+        .expect_err("a reordered rule is not converged");
+    assert!(e.contains("AllowSection") && e.contains("rules[0]"), "{e}");
+    past_resync(&mut w);
+}
+
+#[test]
+fn one_missing_group_criterion_fails_converge() {
+    let mut w = converged_world();
+    // A group of the policy's, selected by tag criteria (the pods it applies to).
+    let list = call(&w, "GET", "/api/v1/ns-groups", None);
+    let mut group = list["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| {
+            g["display_name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("k8s-a-x-p"))
+                && g["membership_criteria"]
+                    .as_array()
+                    .is_some_and(|c| !c.is_empty())
+        })
+        .cloned()
+        .expect("a policy group with criteria");
+    group["membership_criteria"] = Value::Array(vec![]);
+    let id = group["id"].as_str().expect("id").to_string();
+    call(&w, "PUT", &format!("/api/v1/ns-groups/{id}"), Some(&group));
+    let e = w
+        .converged()
+        .expect_err("a missing criterion is not converged");
+    assert!(
+        e.contains("PolicyGroup") && e.contains("membership_criteria"),
+        "{e}"
+    );
+    past_resync(&mut w);
+}
