@@ -22,12 +22,12 @@ steps:
       apiVersion: v1
       kind: Pod
       metadata: {name: a, namespace: x, labels: {pod: a}}
-      spec: {containers: [{name: c, image: x}]}
+      spec: {containers: [{name: c, image: x, ports: [{containerPort: 80}, {containerPort: 443}]}]}
       ---
       apiVersion: v1
       kind: Pod
       metadata: {name: b, namespace: x, labels: {pod: b}}
-      spec: {containers: [{name: c, image: x}]}
+      spec: {containers: [{name: c, image: x, ports: [{containerPort: 80}, {containerPort: 443}]}]}
       ---
       apiVersion: networking.k8s.io/v1
       kind: NetworkPolicy
@@ -176,4 +176,42 @@ fn one_missing_group_criterion_fails_converge() {
         "{e}"
     );
     past_resync(&mut w);
+}
+
+/// The policy oracle sees a dataplane that disagrees with the Kubernetes rules: an admin
+/// empties the NSGroup a policy's rule admits, so the pod it admits is blocked; the step
+/// `expect: {policy_oracle: false}` holds, `true` fails with the cell named, and once NCP has
+/// put the group back both the converge and the oracle pass.
+#[test]
+fn the_policy_oracle_catches_a_dataplane_that_disagrees() {
+    let edited = format!(
+        "{CLUSTER}{}",
+        r#"  - fault: {admin_edit: {resource_type: NSGroup, name_contains: k8s-a-x-p-in0-0, set: {membership_criteria: []}}}
+  - expect: {policy_oracle: false}
+  - converge: {within: 60s}
+  - expect: {policy_oracle: true, converged: true}
+"#
+    );
+    let sc = parse(Path::new("oracle.yaml"), &edited).expect("scenario parses");
+    let (report, _) = run(&sc, 1, &RunOptions::default());
+    assert!(report.passed, "{:?}", report.message);
+
+    let wrong = format!(
+        "{CLUSTER}{}",
+        r#"  - fault: {admin_edit: {resource_type: NSGroup, name_contains: k8s-a-x-p-in0-0, set: {membership_criteria: []}}}
+  - expect: {policy_oracle: true}
+"#
+    );
+    let sc = parse(Path::new("oracle.yaml"), &wrong).expect("scenario parses");
+    let (report, _) = run(&sc, 1, &RunOptions::default());
+    assert!(!report.passed);
+    let m = report.message.unwrap_or_default();
+    assert!(
+        m.contains("TCP 80:") && m.contains("x/b") && m.contains(".!"),
+        "{m}"
+    );
+    assert!(
+        !m.contains("TCP 443:"),
+        "443 is still blocked as the rules say: {m}"
+    );
 }

@@ -11,6 +11,7 @@
 pub mod dataplane;
 pub mod names;
 pub mod node;
+pub mod oracle;
 pub mod run;
 pub mod snapshot;
 pub mod spec;

@@ -67,6 +67,8 @@ struct Runner {
     /// convergence check with its answer: unchanged tokens within a step skip the work.
     invariants_ok_at: Option<u64>,
     not_converged_at: Option<(u64, String)>,
+    /// The scenario applies a NetworkPolicy: every converge also checks the policy oracle.
+    policy_oracle: bool,
 }
 
 impl Runner {
@@ -116,6 +118,12 @@ impl Runner {
         loop {
             self.w.endpoints_controller();
             match self.converged() {
+                Ok(()) if self.policy_oracle => {
+                    return self
+                        .w
+                        .check_policy_oracle()
+                        .map_err(|e| format!("converged, but {e}"));
+                }
                 Ok(()) => return Ok(()),
                 Err(e) => last = e,
             }
@@ -177,6 +185,15 @@ impl Runner {
         }
         if e.converged == Some(false) && self.w.converged().is_ok() {
             return Err("expected not converged, but everything is realized".into());
+        }
+        match e.policy_oracle {
+            Some(true) => self.w.check_policy_oracle()?,
+            Some(false) if self.w.check_policy_oracle().is_ok() => {
+                return Err(
+                    "expected the dataplane to differ from the policy oracle; it agrees".into(),
+                );
+            }
+            _ => {}
         }
         if e.invariants.is_some() {
             let r = self.w.invariants();
@@ -447,6 +464,10 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         marks: Vec::new(),
         invariants_ok_at: None,
         not_converged_at: None,
+        policy_oracle: sc.steps.iter().any(|s| match &s.kind {
+            StepKind::Apply(docs) => docs.iter().any(|d| d["kind"] == "NetworkPolicy"),
+            _ => false,
+        }),
     };
     let mut failure = None;
     for (i, s) in sc.steps.iter().enumerate() {

@@ -181,6 +181,10 @@ pub struct Expect {
     pub connectivity: Vec<Connectivity>,
     #[serde(default)]
     pub reachability: Option<Reachability>,
+    /// Every pod pair on every declared port (and one undeclared) as the NetworkPolicy oracle
+    /// says (`true`), checked against the traced dataplane.
+    #[serde(default)]
+    pub policy_oracle: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
