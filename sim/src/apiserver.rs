@@ -621,6 +621,21 @@ impl ApiServer {
                 ),
             ));
         }
+        // A uid in the patch is a precondition: a patch meant for an object that was deleted
+        // and recreated under the same name must not land on the new one.
+        if let Some(uid) = patch["metadata"]["uid"].as_str()
+            && uid != cur["metadata"]["uid"].as_str().unwrap_or("")
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    def.plural,
+                    cur["metadata"]["uid"].as_str().unwrap_or("")
+                ),
+            ));
+        }
         let mut next = cur.clone();
         match sub {
             Some("status") => merge_patch(&mut next["status"], &patch["status"]),

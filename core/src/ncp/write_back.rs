@@ -267,15 +267,18 @@ where
             .patch(
                 pod_name,
                 &PatchParams::default(),
+                // The uid is a precondition: if the pod was deleted and recreated under its
+                // name meanwhile, the old pod's network must not land on the new one (its
+                // node agent would wire it with the old port's VLAN).
                 &Patch::Merge(
-                    json!({"metadata": {"annotations": {annotation::POD_NETWORK: value}}}),
+                    json!({"metadata": {"uid": uid, "annotations": {annotation::POD_NETWORK: value}}}),
                 ),
             )
             .await
         {
             Ok(_) => patched += 1,
-            // The pod went away meanwhile: the next pass cleans up its port.
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            // The pod went away meanwhile (or was replaced): the next pass cleans up its port.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
             Err(e) => return Err(format!("failed to annotate pod {ns_name}/{pod_name}: {e}")),
         }
     }

@@ -969,8 +969,27 @@ impl World {
                         key.0, key.1, kp.ip, ann["ip"]
                     ));
                 }
-                if b.port(&port_name(&kp.container_id)).is_none() {
+                let Some(port) = b.port(&port_name(&kp.container_id)) else {
                     return Err(format!("pod {}/{}: no OVS port on {name}", key.0, key.1));
+                };
+                // Wired on the VLAN and logical port NCP annotated (what NSX holds): a pod
+                // wired with another pod's network passes its traffic to the wrong port.
+                for (id, field) in [
+                    (external_id::VLAN, "vlan"),
+                    (external_id::IFACE_ID, "logical_port_id"),
+                ] {
+                    let want = match &ann[field] {
+                        Value::String(s) => s.clone(),
+                        v => v.to_string(),
+                    };
+                    if port.external_ids.get(id) != Some(&want) {
+                        return Err(format!(
+                            "pod {}/{}: wired on {name} with {id} {:?}, NCP's annotation says {want}",
+                            key.0,
+                            key.1,
+                            port.external_ids.get(id)
+                        ));
+                    }
                 }
                 cookies.insert(pod_cookie(&kp.container_id));
                 containers.insert(kp.container_id.clone());
