@@ -262,6 +262,123 @@ pub fn ports_to_check(dst: &OraclePod) -> Vec<(u16, String)> {
     out
 }
 
+/// Reads a pod's document as the oracle sees it (`None`: host network, or no address yet).
+fn oracle_pod(doc: &Value, ip: u32) -> Option<OraclePod> {
+    if doc["spec"]["hostNetwork"].as_bool() == Some(true) {
+        return None;
+    }
+    let mut ports = Vec::new();
+    for c in doc["spec"]["containers"].as_array().into_iter().flatten() {
+        for p in c["ports"].as_array().into_iter().flatten() {
+            let Some(n) = p["containerPort"]
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+            else {
+                continue;
+            };
+            ports.push((
+                p["name"].as_str().map(str::to_string),
+                n,
+                p["protocol"].as_str().unwrap_or("TCP").to_string(),
+            ));
+        }
+    }
+    Some(OraclePod {
+        namespace: doc["metadata"]["namespace"].as_str()?.to_string(),
+        name: doc["metadata"]["name"].as_str()?.to_string(),
+        labels: labels_of(&doc["metadata"]["labels"]),
+        ip,
+        ports,
+    })
+}
+
+impl super::world::World {
+    /// Compares the oracle's verdict with the traced dataplane for every pair of wired pods,
+    /// on every port the destination declares and one it does not. `Err` prints the differing
+    /// cells as reachability tables, one per port.
+    pub fn check_policy_oracle(&self) -> Result<(), String> {
+        let policy = PolicyWorld::from_docs(
+            &self.api.list("namespaces"),
+            &self.api.list("networkpolicies"),
+        )?;
+        let mut pods: Vec<OraclePod> = Vec::new();
+        for doc in self.api.list("pods") {
+            let (Some(ns), Some(name)) = (
+                doc["metadata"]["namespace"].as_str(),
+                doc["metadata"]["name"].as_str(),
+            ) else {
+                continue;
+            };
+            // Only pods wired on their node (a converged cluster wires every one that needs it).
+            let Ok(at) = self.pod_at(ns, name) else {
+                continue;
+            };
+            pods.extend(oracle_pod(&doc, at.ip));
+        }
+        // (port, protocol) -> (source, destination) -> (oracle, traced), differing cells only.
+        let mut wrong: BTreeMap<(u16, String), BTreeMap<(usize, usize), bool>> = BTreeMap::new();
+        for (j, dst) in pods.iter().enumerate() {
+            for (port, protocol) in ports_to_check(dst) {
+                let proto = super::names::protocol(&protocol)?;
+                for (i, src) in pods.iter().enumerate() {
+                    if i == j {
+                        continue;
+                    }
+                    let want = policy.allows(src, dst, port, &protocol);
+                    let from = super::names::Endpoint::Pod {
+                        namespace: src.namespace.clone(),
+                        name: src.name.clone(),
+                    };
+                    let got = self
+                        .connect(&from, dst.ip, proto, self.ephemeral_port(), port)?
+                        .works();
+                    if got != want {
+                        wrong
+                            .entry((port, protocol.clone()))
+                            .or_default()
+                            .insert((i, j), want);
+                    }
+                }
+            }
+        }
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        let name = |p: &OraclePod| format!("{}/{}", p.namespace, p.name);
+        let mut out = String::from(
+            "the traced dataplane differs from the Kubernetes NetworkPolicy rules \
+             (cells: what the rules say; `!` marks a cell the dataplane gets wrong)",
+        );
+        for ((port, protocol), cells) in &wrong {
+            let rows: std::collections::BTreeSet<usize> = cells.keys().map(|(i, _)| *i).collect();
+            let cols: std::collections::BTreeSet<usize> = cells.keys().map(|(_, j)| *j).collect();
+            out.push_str(&format!("\n{protocol} {port}:\n-"));
+            for j in &cols {
+                out.push_str(&format!(" {:>8}", name(&pods[*j])));
+            }
+            for i in &rows {
+                out.push_str(&format!("\n{}", name(&pods[*i])));
+                for j in &cols {
+                    let cell = match cells.get(&(*i, *j)) {
+                        Some(true) => ".!".to_string(),
+                        Some(false) => "X!".to_string(),
+                        None if *i == *j => "-".to_string(),
+                        None => {
+                            if policy.allows(&pods[*i], &pods[*j], *port, protocol) {
+                                ".".into()
+                            } else {
+                                "X".into()
+                            }
+                        }
+                    };
+                    out.push_str(&format!(" {cell:>8}"));
+                }
+            }
+        }
+        Err(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,122 +499,5 @@ mod tests {
             ports_to_check(&a),
             vec![(8080, "TCP".into()), (81, "TCP".into())]
         );
-    }
-}
-
-/// Reads a pod's document as the oracle sees it (`None`: host network, or no address yet).
-fn oracle_pod(doc: &Value, ip: u32) -> Option<OraclePod> {
-    if doc["spec"]["hostNetwork"].as_bool() == Some(true) {
-        return None;
-    }
-    let mut ports = Vec::new();
-    for c in doc["spec"]["containers"].as_array().into_iter().flatten() {
-        for p in c["ports"].as_array().into_iter().flatten() {
-            let Some(n) = p["containerPort"]
-                .as_u64()
-                .and_then(|n| u16::try_from(n).ok())
-            else {
-                continue;
-            };
-            ports.push((
-                p["name"].as_str().map(str::to_string),
-                n,
-                p["protocol"].as_str().unwrap_or("TCP").to_string(),
-            ));
-        }
-    }
-    Some(OraclePod {
-        namespace: doc["metadata"]["namespace"].as_str()?.to_string(),
-        name: doc["metadata"]["name"].as_str()?.to_string(),
-        labels: labels_of(&doc["metadata"]["labels"]),
-        ip,
-        ports,
-    })
-}
-
-impl super::world::World {
-    /// Compares the oracle's verdict with the traced dataplane for every pair of wired pods,
-    /// on every port the destination declares and one it does not. `Err` prints the differing
-    /// cells as reachability tables, one per port.
-    pub fn check_policy_oracle(&self) -> Result<(), String> {
-        let policy = PolicyWorld::from_docs(
-            &self.api.list("namespaces"),
-            &self.api.list("networkpolicies"),
-        )?;
-        let mut pods: Vec<OraclePod> = Vec::new();
-        for doc in self.api.list("pods") {
-            let (Some(ns), Some(name)) = (
-                doc["metadata"]["namespace"].as_str(),
-                doc["metadata"]["name"].as_str(),
-            ) else {
-                continue;
-            };
-            // Only pods wired on their node (a converged cluster wires every one that needs it).
-            let Ok(at) = self.pod_at(ns, name) else {
-                continue;
-            };
-            pods.extend(oracle_pod(&doc, at.ip));
-        }
-        // (port, protocol) -> (source, destination) -> (oracle, traced), differing cells only.
-        let mut wrong: BTreeMap<(u16, String), BTreeMap<(usize, usize), bool>> = BTreeMap::new();
-        for (j, dst) in pods.iter().enumerate() {
-            for (port, protocol) in ports_to_check(dst) {
-                let proto = super::names::protocol(&protocol)?;
-                for (i, src) in pods.iter().enumerate() {
-                    if i == j {
-                        continue;
-                    }
-                    let want = policy.allows(src, dst, port, &protocol);
-                    let from = super::names::Endpoint::Pod {
-                        namespace: src.namespace.clone(),
-                        name: src.name.clone(),
-                    };
-                    let got = self
-                        .connect(&from, dst.ip, proto, self.ephemeral_port(), port)?
-                        .works();
-                    if got != want {
-                        wrong
-                            .entry((port, protocol.clone()))
-                            .or_default()
-                            .insert((i, j), want);
-                    }
-                }
-            }
-        }
-        if wrong.is_empty() {
-            return Ok(());
-        }
-        let name = |p: &OraclePod| format!("{}/{}", p.namespace, p.name);
-        let mut out = String::from(
-            "the traced dataplane differs from the Kubernetes NetworkPolicy rules \
-             (cells: what the rules say; `!` marks a cell the dataplane gets wrong)",
-        );
-        for ((port, protocol), cells) in &wrong {
-            let rows: std::collections::BTreeSet<usize> = cells.keys().map(|(i, _)| *i).collect();
-            let cols: std::collections::BTreeSet<usize> = cells.keys().map(|(_, j)| *j).collect();
-            out.push_str(&format!("\n{protocol} {port}:\n-"));
-            for j in &cols {
-                out.push_str(&format!(" {:>8}", name(&pods[*j])));
-            }
-            for i in &rows {
-                out.push_str(&format!("\n{}", name(&pods[*i])));
-                for j in &cols {
-                    let cell = match cells.get(&(*i, *j)) {
-                        Some(true) => ".!".to_string(),
-                        Some(false) => "X!".to_string(),
-                        None if *i == *j => "-".to_string(),
-                        None => {
-                            if policy.allows(&pods[*i], &pods[*j], *port, protocol) {
-                                ".".into()
-                            } else {
-                                "X".into()
-                            }
-                        }
-                    };
-                    out.push_str(&format!(" {cell:>8}"));
-                }
-            }
-        }
-        Err(out)
     }
 }
