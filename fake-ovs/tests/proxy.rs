@@ -474,12 +474,16 @@ fn an_ovs_restart_learned_after_a_sync_to_the_new_bridge_still_replays() {
 
 #[derive(Debug, Clone)]
 enum Change {
-    /// Service i exists with protocol UDP when true, affinity when `sticky`, nodePort when `np`.
+    /// Service i exists with protocol UDP when true, affinity when `sticky`, nodePort when `np`,
+    /// a second port `q` when `two_ports` (both share the ClusterIP and its reject flow), on
+    /// another ClusterIP when `moved`.
     Service {
         i: u8,
         udp: bool,
         sticky: bool,
         np: bool,
+        two_ports: bool,
+        moved: bool,
     },
     DropService(u8),
     /// Slice of service i: endpoints from a pool of 6 addresses (bit set), ready flags.
@@ -492,8 +496,22 @@ enum Change {
 
 fn arb_change() -> impl Strategy<Value = Change> {
     prop_oneof![
-        (0u8..5, any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(|(i, udp, sticky, np)| Change::Service { i, udp, sticky, np }),
+        (
+            0u8..5,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(i, udp, sticky, np, two_ports, moved)| Change::Service {
+                i,
+                udp,
+                sticky,
+                np,
+                two_ports,
+                moved
+            }),
         (0u8..5).prop_map(Change::DropService),
         (0u8..5, any::<u8>(), any::<u8>()).prop_map(|(i, set, ready)| Change::Endpoints {
             i,
@@ -503,27 +521,48 @@ fn arb_change() -> impl Strategy<Value = Change> {
     ]
 }
 
-fn apply(w: &mut World, c: &Change) -> ServicePortKey {
+/// Applies `c`; returns the service's ports (every one it may have: both are synced).
+fn apply(w: &mut World, c: &Change) -> [ServicePortKey; 2] {
     let name = |i: u8| format!("svc-{i}");
-    let key = |i: u8| ServicePortKey {
-        namespace: "default".into(),
-        name: name(i).into(),
-        port: "p".into(),
+    let key = |i: u8| {
+        ["p", "q"].map(|port| ServicePortKey {
+            namespace: "default".into(),
+            name: name(i).into(),
+            port: port.into(),
+        })
     };
     match c {
-        Change::Service { i, udp, sticky, np } => {
+        Change::Service {
+            i,
+            udp,
+            sticky,
+            np,
+            two_ports,
+            moved,
+        } => {
             let proto = if *udp { "UDP" } else { "TCP" };
-            let mut extra = json!({"ports": [{"name": "p", "port": 80, "protocol": proto}]});
+            let mut ports = vec![json!({"name": "p", "port": 80, "protocol": proto})];
             if *np {
-                extra = json!({"type": "NodePort", "ports": [{"name": "p", "port": 80, "protocol": proto, "nodePort": 30000 + u16::from(*i)}]});
+                ports[0]["nodePort"] = json!(30000 + u16::from(*i));
+            }
+            if *two_ports {
+                ports.push(json!({"name": "q", "port": 81, "protocol": proto}));
+            }
+            let mut extra = json!({"ports": ports});
+            if *np {
+                extra["type"] = json!("NodePort");
             }
             if *sticky {
                 extra["sessionAffinity"] = json!("ClientIP");
             }
             w.services
                 .retain(|s| s.metadata.name.as_deref() != Some(&name(*i)));
-            w.services
-                .push(service(&name(*i), &format!("10.96.0.{}", 100 + i), extra));
+            let subnet = if *moved { 1 } else { 0 };
+            w.services.push(service(
+                &name(*i),
+                &format!("10.96.{subnet}.{}", 100 + i),
+                extra,
+            ));
             // The slice's protocol follows the service.
             if let Some(s) = w
                 .slices
@@ -618,8 +657,8 @@ proptest! {
         for c in &changes {
             let k = apply(&mut w, c);
             let want = w.want();
-            // The changed service port (and its siblings: one port per service here).
-            let changed: BTreeSet<ServicePortKey> = [k].into();
+            // The changed service's ports.
+            let changed: BTreeSet<ServicePortKey> = k.into_iter().collect();
             w.proxy.sync(&mut w.bridge, &want, &changed).unwrap();
         }
         let mut fresh = World::new();

@@ -175,6 +175,14 @@ impl ApiError {
             format!("{} \"{name}\" not found", kind.to_lowercase()),
         )
     }
+    /// 409 Conflict: "Operation cannot be fulfilled on <plural> "<name>": <why>".
+    fn conflict(plural: &str, name: &str, why: &str) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on {plural} \"{name}\": {why}"),
+        )
+    }
     fn status(&self) -> Value {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message, "reason": self.reason, "code": self.code})
     }
@@ -570,13 +578,10 @@ impl ApiServer {
             .ok_or_else(|| ApiError::not_found(def.plural, name))?;
         let given = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
         if !given.is_empty() && given != cur["metadata"]["resourceVersion"].as_str().unwrap_or("") {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
-                    def.plural
-                ),
+            return Err(ApiError::conflict(
+                def.plural,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
             ));
         }
         g.rv += 1;
@@ -612,13 +617,10 @@ impl ApiServer {
         if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
             && rv != cur["metadata"]["resourceVersion"].as_str().unwrap_or("")
         {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on {} \"{name}\": the object has been modified",
-                    def.plural
-                ),
+            return Err(ApiError::conflict(
+                def.plural,
+                name,
+                "the object has been modified",
             ));
         }
         // A uid in the patch is a precondition: a patch meant for an object that was deleted
@@ -626,12 +628,11 @@ impl ApiServer {
         if let Some(uid) = patch["metadata"]["uid"].as_str()
             && uid != cur["metadata"]["uid"].as_str().unwrap_or("")
         {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!(
-                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    def.plural,
+            return Err(ApiError::conflict(
+                def.plural,
+                name,
+                &format!(
+                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
                     cur["metadata"]["uid"].as_str().unwrap_or("")
                 ),
             ));

@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nsx_core::k8s::ClusterView;
 use nsx_core::ncp::desired::{Detail, Key, desired};
-use nsx_core::ncp::infra::Infra;
+use nsx_core::ncp::infra::{Infra, has_tag};
+use nsx_core::ncp::naming::scope;
 use nsx_core::ncp::observe::classify_object;
 use nsx_core::ncp::plan::{Missing, render};
 use serde_json::{Value, json};
@@ -214,8 +215,8 @@ fn check_content(
     Ok(())
 }
 
-/// The addresses allocated in `pool` tagged with the cluster: allocation id -> its tags.
-fn allocations(nsx: &FakeNsxManager, pool: &str, cluster: &str) -> BTreeMap<String, Vec<Value>> {
+/// The allocations in `pool` tagged with the cluster, by address.
+fn allocations(nsx: &FakeNsxManager, pool: &str, cluster: &str) -> BTreeMap<String, Value> {
     let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
         method: "GET",
         path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
@@ -226,17 +227,11 @@ fn allocations(nsx: &FakeNsxManager, pool: &str, cluster: &str) -> BTreeMap<Stri
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|a| {
-            a["tags"].as_array().is_some_and(|t| {
-                t.iter().any(|t| {
-                    t["scope"] == nsx_core::ncp::naming::scope::CLUSTER && t["tag"] == cluster
-                })
-            })
-        })
+        .filter(|a| has_tag(a, scope::CLUSTER, cluster))
         .map(|a| {
             (
                 a["allocation_id"].as_str().unwrap_or_default().to_string(),
-                a["tags"].as_array().cloned().unwrap_or_default(),
+                a.clone(),
             )
         })
         .collect()
@@ -426,11 +421,9 @@ pub fn ncp_converged(
     // Every VIP is allocated from the LB pool for its service.
     let lb = allocations(nsx, &ids.lb_pool, cluster);
     for (svc, vip) in &observed.vips {
-        let for_it = lb.get(vip).is_some_and(|tags| {
-            tags.iter().any(|t| {
-                t["scope"] == nsx_core::ncp::naming::scope::SERVICE_UID && t["tag"] == svc.as_str()
-            })
-        });
+        let for_it = lb
+            .get(vip)
+            .is_some_and(|a| has_tag(a, scope::SERVICE_UID, svc));
         if !for_it {
             return Err(format!(
                 "VIP {vip} of service {svc} is not allocated for it in the LB pool"
