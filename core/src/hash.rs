@@ -2,7 +2,7 @@
 //! service port keys, classifier keys): multiplicative, a word at a time. SipHash's DoS
 //! resistance buys little for keys from the cluster's own objects, and these tables take a
 //! lookup per endpoint and per flow. Fixed, not seeded: no map hashed with it may be iterated
-//! into output (DESIGN.md), and a fixed hash keeps even an accident of order reproducible.
+//! into output (the determinism rules in the README), and a fixed hash keeps even an accident of order reproducible.
 
 /// Builds [`WordHasher`]s.
 pub type WordBuild = std::hash::BuildHasherDefault<WordHasher>;

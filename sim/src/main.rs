@@ -1,6 +1,6 @@
 //! `nsx-sim`: runs the deterministic harness.
 //!
-//! `run`, `check`, `dump` and `trace` work on scenario files (SCENARIOS.md); `ncp` and `spine`
+//! `run`, `check`, `dump` and `trace` work on scenario files (format in `scenario::spec`); `ncp` and `spine`
 //! run the built-in storm worlds of the NCP stack and of the NSX client alone.
 
 use std::io::IsTerminal;

@@ -96,7 +96,7 @@ pub struct SpineConfig {
     pub seed: u64,
     pub namespaces: usize,
     pub ports_per_namespace: usize,
-    /// turmoil's tick: the resolution of simulated time (see DESIGN.md on speed).
+    /// turmoil's tick: the resolution of simulated time (the README's note on simulation speed).
     pub tick_ms: u64,
     /// Give up (and report not finished) after this much simulated time.
     pub max_sim_time_ms: u64,

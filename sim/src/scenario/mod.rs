@@ -1,4 +1,4 @@
-//! The scenario engine: YAML scenarios (SCENARIOS.md) run against the whole system on turmoil.
+//! The scenario engine: YAML scenarios (format in `spec`) run against the whole system on turmoil.
 //!
 //! - [`spec`]: the file format, loading and validation (file and line in every error).
 //! - [`names`]: endpoints, protocols, NSX resource types.

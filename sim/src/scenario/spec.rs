@@ -1,4 +1,4 @@
-//! The scenario file (SCENARIOS.md): its schema, and loading it into a validated
+//! The scenario file: its schema, and loading it into a validated
 //! [`Scenario`]. Every mistake is reported with the file, the line and what is wrong; unknown
 //! keys are errors, in the scenario and in the Kubernetes manifests it carries.
 

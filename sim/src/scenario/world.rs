@@ -755,7 +755,7 @@ impl World {
 
     // ----- checks ------------------------------------------------------------------------
 
-    /// The standing safety checks (SCENARIOS.md), cheap enough to run after every step.
+    /// The standing safety checks (the README's "standing invariants"), cheap enough to run after every step.
     pub fn invariants(&self) -> Result<(), String> {
         let cluster = &self.sc.cluster.name;
         self.nsx
