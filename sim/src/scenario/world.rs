@@ -976,19 +976,13 @@ impl World {
                 // pod's network passes its traffic to the wrong port. (The iface-id is not
                 // compared: the agent does not follow a later annotation change, so a port an
                 // admin deleted and NCP recreated keeps its old id in OVS; a known gap.)
-                for (id, field) in [(external_id::VLAN, "vlan")] {
-                    let want = match &ann[field] {
-                        Value::String(s) => s.clone(),
-                        v => v.to_string(),
-                    };
-                    if port.external_ids.get(id) != Some(&want) {
-                        return Err(format!(
-                            "pod {}/{}: wired on {name} with {id} {:?}, NCP's annotation says {want}",
-                            key.0,
-                            key.1,
-                            port.external_ids.get(id)
-                        ));
-                    }
+                let want = ann["vlan"].to_string();
+                let held = port.external_ids.get(external_id::VLAN);
+                if held != Some(&want) {
+                    return Err(format!(
+                        "pod {}/{}: wired on {name} with vlan {held:?}, NCP's annotation says {want}",
+                        key.0, key.1
+                    ));
                 }
                 cookies.insert(pod_cookie(&kp.container_id));
                 containers.insert(kp.container_id.clone());
