@@ -367,6 +367,16 @@ async fn check_with(
     if !first.report.failed.is_empty() {
         return Err(format!("NSX refused: {:?}", first.report.failed));
     }
+    // NCP writes each pod's address back into its network annotation, and reads it again (an
+    // ipBlock peer's named ports resolve on the pods whose addresses the block holds).
+    let view = &annotated(view, &wiring(w).await);
+    let second = w
+        .reconcile_cached("k8s-a", &infra, view, cache)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    if !second.report.failed.is_empty() {
+        return Err(format!("NSX refused: {:?}", second.report.failed));
+    }
     let cached = w
         .reconcile_cached("k8s-a", &infra, view, cache)
         .await
@@ -417,6 +427,23 @@ async fn check_with(
         }
     }
     Ok(allowed)
+}
+
+/// `view` with each pod's address in its network annotation, as NCP's write-back leaves it.
+fn annotated(view: &ClusterView, wiring: &Wiring) -> ClusterView {
+    let mut v = view.clone();
+    for pod in v.pods.values_mut() {
+        let Some((_, _, _, ip)) = pod.metadata.uid.as_ref().and_then(|u| wiring.ports.get(u))
+        else {
+            continue;
+        };
+        let ip = std::net::Ipv4Addr::from(*ip);
+        pod.metadata.annotations.get_or_insert_default().insert(
+            nsx_core::k8s::annotation::POD_NETWORK.to_string(),
+            serde_json::json!({"ip": format!("{ip}/24")}).to_string(),
+        );
+    }
+    v
 }
 
 fn pairs(view: &ClusterView) -> usize {

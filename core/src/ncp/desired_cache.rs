@@ -421,10 +421,15 @@ mod tests {
                 &format!("node-{node}"),
                 labels,
             );
+            // `http` is 8080 but on db pods of node-1: one name, two numbers (each pod is
+            // allowed its own), without making most policies split their rules.
+            let http = 8080 + u32::from(*node == 1 && *label == 2);
             if let Some(spec) = pod.spec.as_mut() {
                 spec.containers = vec![
-                    serde_json::from_value(json!({"name": "c", "ports": [{"name": "http", "containerPort": 8080 + u32::from(*node)}]}))
-                        .unwrap(),
+                    serde_json::from_value(
+                        json!({"name": "c", "ports": [{"name": "http", "containerPort": http}]}),
+                    )
+                    .unwrap(),
                 ];
             }
             if *finished {

@@ -21,10 +21,17 @@
 //! an NSGroup whose members are the selected namespaces' NSGroups. `ipBlock` becomes an IPSet
 //! of the CIDR minus its exceptions.
 //!
-//! **Ports.** Numbers and ranges (`endPort`) become L4 port-set services; a named port is
-//! resolved against the pods on the receiving side (the selected pods for ingress, the peer
-//! pods for egress) to the numbers they give that name. NSX 2.4 cannot match SCTP ports: an
-//! SCTP port becomes the SCTP protocol, which allows every SCTP port, and is reported.
+//! **Ports.** Numbers and ranges (`endPort`) become L4 port-set services. A named port is the
+//! number each pod on the receiving side (the selected pods for ingress, the peer pods for
+//! egress) gives that name, and two pods may give it different numbers: each receiver must get
+//! its own number only. When every receiver resolves a rule's names alike, the numbers join the
+//! rule's other ports; otherwise the receivers are grouped by the numbers they resolve to, and
+//! each group (an NSGroup of explicit pods, one per distinct resolution) gets a rule of its own
+//! that reaches only it (as destination). A name resolves only on a pod: an egress rule without
+//! peers reaches the cluster's pods by name (a group of every pod port by tag when they all
+//! agree), and an ipBlock peer's named ports reach only the pods whose addresses the block
+//! holds, never an address outside the cluster. NSX 2.4 cannot match SCTP ports: an SCTP port
+//! becomes the SCTP protocol, which allows every SCTP port, and is reported.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -332,72 +339,152 @@ impl<'a> PolicyCtx<'a> {
         Some((key, pods))
     }
 
-    /// The services of a rule's ports, resolving names against `receivers`. `None` when the
-    /// ports can match nothing (every named port unresolved).
-    fn services(
+    /// What one Kubernetes rule's ports become: NSX rules as (the pods they reach, when not
+    /// every peer the rule names; their services). Empty when the rule can allow nothing.
+    ///
+    /// Numbers, ranges and whole protocols hold for every peer, in one rule. A named port is
+    /// the number each receiving pod gives that name (the selected pods for ingress, the
+    /// peer pods for egress), so it may differ between them: the receivers are grouped by the
+    /// numbers they resolve the rule's names to, and each group gets its own rule reaching
+    /// only its pods (an NSGroup of explicit pods). When every receiver resolves the names
+    /// alike, `receivers` says what reaches them without listing pods.
+    fn rule_parts(
         &mut self,
         ports: Option<&Vec<NetworkPolicyPort>>,
         receivers: &[&'a Pod],
-    ) -> Option<Vec<ServiceSpec>> {
+        reach: Reach,
+        role: &str,
+        objects: &mut BTreeMap<Key, Spec>,
+    ) -> Vec<(Option<Key>, Vec<ServiceSpec>)> {
         let Some(ports) = ports.filter(|p| !p.is_empty()) else {
-            return Some(vec![]);
+            return vec![(None, vec![])];
         };
-        let mut numbered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        let mut whole: BTreeSet<String> = BTreeSet::new();
+        let mut common = PortSet::default();
+        let mut named: BTreeSet<(String, String)> = BTreeSet::new();
         for p in ports {
             let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-            let ranges: Vec<String> = match &p.port {
+            match &p.port {
                 None => {
-                    whole.insert(protocol);
-                    continue;
+                    common.whole.insert(protocol);
                 }
-                Some(IntOrString::Int(n)) => match p.end_port {
-                    Some(end) if end > *n => vec![format!("{n}-{end}")],
-                    _ => vec![n.to_string()],
-                },
+                Some(IntOrString::Int(n)) => {
+                    let range = match p.end_port {
+                        Some(end) if end > *n => format!("{n}-{end}"),
+                        _ => n.to_string(),
+                    };
+                    common.add(&protocol, range);
+                }
                 Some(IntOrString::String(name)) => {
-                    let mut found: BTreeSet<i32> = BTreeSet::new();
-                    for pod in receivers {
-                        for c in pod.spec.iter().flat_map(|s| &s.containers) {
-                            for cp in c.ports.iter().flatten() {
-                                if cp.name.as_deref() == Some(name.as_str())
-                                    && cp.protocol.as_deref().unwrap_or("TCP") == protocol
-                                {
-                                    found.insert(cp.container_port);
-                                }
-                            }
+                    named.insert((protocol, name.clone()));
+                }
+            }
+        }
+        named.retain(|(protocol, _)| !common.whole.contains(protocol));
+        // Receivers by the numbers they give the rule's names (uids, deduplicated).
+        let mut groups: BTreeMap<PortSet, BTreeSet<String>> = BTreeMap::new();
+        let mut resolving: BTreeSet<&str> = BTreeSet::new();
+        let mut all: BTreeSet<&str> = BTreeSet::new();
+        for pod in receivers {
+            let Some(uid) = pod.metadata.uid.as_deref() else {
+                continue;
+            };
+            all.insert(uid);
+            let mut own = PortSet::default();
+            for (protocol, name) in &named {
+                for c in pod.spec.iter().flat_map(|s| &s.containers) {
+                    for cp in c.ports.iter().flatten() {
+                        if cp.name.as_deref() == Some(name.as_str())
+                            && cp.protocol.as_deref().unwrap_or("TCP") == protocol
+                        {
+                            own.add(protocol, cp.container_port.to_string());
                         }
                     }
-                    found.into_iter().map(|n| n.to_string()).collect()
                 }
-            };
-            if protocol == "SCTP" {
-                if !ranges.is_empty() {
-                    self.problem(
-                        "NSX cannot match SCTP ports: every SCTP port of the peers is allowed"
-                            .into(),
-                    );
-                    whole.insert(protocol);
-                }
-                continue;
             }
-            numbered.entry(protocol).or_default().extend(ranges);
+            if !own.is_empty() && resolving.insert(uid) {
+                groups.entry(own).or_default().insert(uid.to_string());
+            }
+        }
+        let mut uniform = None;
+        if groups.len() == 1 && resolving.len() == all.len() && reach != Reach::Listed {
+            uniform = groups.pop_first().map(|(own, _)| own);
         }
         let mut out = Vec::new();
+        match (uniform, reach) {
+            (Some(own), Reach::Peers) => common.extend(own),
+            (Some(own), _) => {
+                // Every pod of the cluster resolves the names alike: a group of them all by
+                // their tags, which no pod's coming or going changes.
+                let every_pod = Selection::Criteria(vec![vec![
+                    (scope::CLUSTER.to_string(), Some(self.cluster.to_string())),
+                    (scope::POD_UID.to_string(), None),
+                ]]);
+                let key = self.group(&format!("{role}-pods"), every_pod, objects);
+                out.push((Some(key), self.services_of(&own)));
+            }
+            (None, _) => {}
+        }
+        if !common.is_empty() {
+            out.insert(0, (None, self.services_of(&common)));
+        }
+        for (own, uids) in groups {
+            if uids.len() > MEMBERS_MAX {
+                self.problem(format!(
+                    "{} pods give the named ports of rule {role} the numbers {}; an NSGroup holds {MEMBERS_MAX}",
+                    uids.len(),
+                    own.label()
+                ));
+                continue;
+            }
+            let role = format!("{role}-{}", naming::fit(&own.label(), 48));
+            let key = self.group(&role, Selection::Pods(uids.into_iter().collect()), objects);
+            out.push((Some(key), self.services_of(&own)));
+        }
+        out
+    }
+
+    /// Adds the policy's NSGroup of `role` holding `selection`; returns its key.
+    fn group(&self, role: &str, selection: Selection, objects: &mut BTreeMap<Key, Spec>) -> Key {
+        let key = Key::PolicyGroup(format!("{}/{role}", self.uid));
+        objects.insert(
+            key.clone(),
+            Spec {
+                display_name: naming::name(self.cluster, &[self.ns_name, self.name, role]),
+                tags: self.tags(role),
+                detail: Detail::Group { selection },
+            },
+        );
+        key
+    }
+
+    /// NSX services for `ports`. NSX 2.4 cannot match SCTP ports: an SCTP port allows the
+    /// whole protocol, and the policy says so in a Warning Event.
+    fn services_of(&mut self, ports: &PortSet) -> Vec<ServiceSpec> {
+        if ports.numbered.contains_key("SCTP") {
+            self.problem(
+                "NSX cannot match SCTP ports: every SCTP port of the peers is allowed".into(),
+            );
+        }
+        let mut out = Vec::new();
+        let whole = ports
+            .whole
+            .iter()
+            .chain(ports.numbered.keys().filter(|p| *p == "SCTP"))
+            .collect::<BTreeSet<_>>();
         for protocol in &whole {
             out.push(match protocol.as_str() {
                 "SCTP" => ServiceSpec::Ip { number: 132 },
                 _ => ServiceSpec::L4 {
-                    protocol: protocol.clone(),
+                    protocol: protocol.to_string(),
                     ports: vec![],
                 },
             });
         }
-        for (protocol, ranges) in numbered {
-            if whole.contains(&protocol) {
+        for (protocol, ranges) in &ports.numbered {
+            if whole.contains(protocol) {
                 continue;
             }
-            let ranges: Vec<String> = ranges.into_iter().collect();
+            let ranges: Vec<String> = ranges.iter().cloned().collect();
             for chunk in ranges.chunks(PORTS_PER_SERVICE) {
                 out.push(ServiceSpec::L4 {
                     protocol: protocol.clone(),
@@ -405,8 +492,111 @@ impl<'a> PolicyCtx<'a> {
                 });
             }
         }
-        (!out.is_empty()).then_some(out)
+        out
     }
+}
+
+/// What the receivers of a rule's named ports are, when they all resolve the names alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Exactly the pods the rule's peers select: the numbers join the rule's other ports.
+    Peers,
+    /// Every pod of the cluster (an egress rule without peers): one group of them all.
+    AllPods,
+    /// Some of the pods an ipBlock holds: always listed, one group per resolution.
+    Listed,
+}
+
+/// A set of ports: protocols allowed whole, and numbers or ranges per protocol.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct PortSet {
+    whole: BTreeSet<String>,
+    numbered: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl PortSet {
+    fn add(&mut self, protocol: &str, range: String) {
+        self.numbered
+            .entry(protocol.to_string())
+            .or_default()
+            .insert(range);
+    }
+
+    fn extend(&mut self, other: PortSet) {
+        self.whole.extend(other.whole);
+        for (protocol, ranges) in other.numbered {
+            self.numbered.entry(protocol).or_default().extend(ranges);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.whole.is_empty() && self.numbered.is_empty()
+    }
+
+    /// `tcp-80-8080.udp-53`: names the group of the pods that resolve a rule's names to these.
+    fn label(&self) -> String {
+        let mut parts: Vec<String> = self.whole.iter().map(|p| p.to_lowercase()).collect();
+        for (protocol, ranges) in &self.numbered {
+            let mut part = protocol.to_lowercase();
+            if protocol != "SCTP" {
+                for r in ranges {
+                    part.push('-');
+                    part.push_str(r);
+                }
+            }
+            parts.push(part);
+        }
+        parts.join(".")
+    }
+}
+
+/// The display name of the `k`th NSX rule made of a policy's `i`th rule of one direction.
+fn rule_name(prefix: &str, cluster: &str, ns: &str, name: &str, i: usize, k: usize) -> String {
+    let text = match k {
+        0 => format!("{prefix}-{cluster}-{ns}-{name}-{i}"),
+        _ => format!("{prefix}-{cluster}-{ns}-{name}-{i}.{k}"),
+    };
+    naming::fit(&text, naming::DISPLAY_NAME_MAX)
+}
+
+/// The cluster's wired pods whose address (as NCP allocated it, in the pod's network
+/// annotation) lies in `block`: where a named port of an ipBlock peer can resolve.
+fn pods_in_block<'v>(
+    view: &'v ClusterView,
+    live_ns: LiveNamespaces<'_>,
+    block: &k8s_openapi::api::networking::v1::IPBlock,
+) -> Vec<&'v Pod> {
+    let Some(cidr) = parse_cidr(&block.cidr) else {
+        return vec![];
+    };
+    let except: Vec<(u32, u8)> = block
+        .except
+        .iter()
+        .flatten()
+        .filter_map(|e| parse_cidr(e))
+        .collect();
+    let every: BTreeSet<&str> = live_ns.iter().map(|(n, _)| n).collect();
+    wired_pods(view, &every, None)
+        .into_iter()
+        .filter(|p| {
+            pod_address(p).is_some_and(|ip| {
+                contains(cidr, (ip, 32)) && !except.iter().any(|e| contains(*e, (ip, 32)))
+            })
+        })
+        .collect()
+}
+
+/// The address NCP gave a pod, from its network annotation.
+fn pod_address(pod: &Pod) -> Option<u32> {
+    let text = pod
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(crate::k8s::annotation::POD_NETWORK)?;
+    let doc: serde_json::Value = serde_json::from_str(text).ok()?;
+    let ip = doc.get("ip")?.as_str()?;
+    let ip = ip.split_once('/').map_or(ip, |(a, _)| a);
+    ip.parse::<std::net::Ipv4Addr>().ok().map(u32::from)
 }
 
 /// A namespace's NSGroup: every pod port of the namespace (by its `ncp/project_uid` tag).
@@ -574,21 +764,19 @@ pub fn policy_objects(
             if peers.is_some() && sources.is_empty() {
                 continue;
             }
-            let Some(services) = cx.services(r.ports.as_ref(), &selected) else {
-                continue;
-            };
-            rules.push(RuleSpec {
-                display_name: naming::fit(
-                    &format!("ir-{cluster}-{ns_name}-{name}-{i}"),
-                    naming::DISPLAY_NAME_MAX,
-                ),
-                action: "ALLOW".into(),
-                direction: "IN".into(),
-                sources,
-                destinations: vec![],
-                services,
-                applied_to: applied.clone(),
-            });
+            let role = format!("in{i}");
+            let parts = cx.rule_parts(r.ports.as_ref(), &selected, Reach::Peers, &role, objects);
+            for (k, (target, services)) in parts.into_iter().enumerate() {
+                rules.push(RuleSpec {
+                    display_name: rule_name("ir", cluster, ns_name, name, i, k),
+                    action: "ALLOW".into(),
+                    direction: "IN".into(),
+                    sources: sources.clone(),
+                    destinations: target.into_iter().collect(),
+                    services,
+                    applied_to: applied.clone(),
+                });
+            }
         }
     }
     if types.contains("Egress") {
@@ -601,32 +789,42 @@ pub fn policy_objects(
                 if let Some((k, pods)) = cx.peer(p, &format!("eg{i}-{j}"), objects) {
                     destinations.push(k);
                     receivers.extend(pods);
-                    any_block |= p.ip_block.is_some();
+                    if let Some(block) = &p.ip_block {
+                        any_block = true;
+                        receivers.extend(pods_in_block(view, live_ns, block));
+                    }
                 }
             }
             if peers.is_some() && destinations.is_empty() {
                 continue;
             }
-            // An ipBlock may hold any pod's address: a named port resolves on all of them.
-            if peers.is_none() || any_block {
+            // No peers: a named port resolves on every pod of the cluster (and on nothing
+            // outside it, so the rule's named ports never reach an outside address).
+            if peers.is_none() {
                 let every: BTreeSet<&str> = live_ns.iter().map(|(n, _)| n).collect();
                 receivers = wired_pods(view, &every, None);
             }
-            let Some(services) = cx.services(r.ports.as_ref(), &receivers) else {
-                continue;
+            let reach = match (peers, any_block) {
+                (None, _) => Reach::AllPods,
+                (Some(_), true) => Reach::Listed,
+                (Some(_), false) => Reach::Peers,
             };
-            rules.push(RuleSpec {
-                display_name: naming::fit(
-                    &format!("er-{cluster}-{ns_name}-{name}-{i}"),
-                    naming::DISPLAY_NAME_MAX,
-                ),
-                action: "ALLOW".into(),
-                direction: "OUT".into(),
-                sources: vec![],
-                destinations,
-                services,
-                applied_to: applied.clone(),
-            });
+            let role = format!("eg{i}");
+            let parts = cx.rule_parts(r.ports.as_ref(), &receivers, reach, &role, objects);
+            for (k, (target, services)) in parts.into_iter().enumerate() {
+                rules.push(RuleSpec {
+                    display_name: rule_name("er", cluster, ns_name, name, i, k),
+                    action: "ALLOW".into(),
+                    direction: "OUT".into(),
+                    sources: vec![],
+                    destinations: match target {
+                        Some(t) => vec![t],
+                        None => destinations.clone(),
+                    },
+                    services,
+                    applied_to: applied.clone(),
+                });
+            }
         }
     }
     let mut isolation = Vec::new();
