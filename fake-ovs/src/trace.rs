@@ -57,8 +57,20 @@ impl Trace {
 
 const MAX_DEPTH: usize = 64;
 
+/// Adds a line to the trace's explanation, formatting it only when one is wanted (a packet
+/// forwarded for a connectivity check needs the outputs, not the text).
+macro_rules! explain {
+    ($ctx:expr, $text:expr $(,)?) => {
+        if $ctx.explain {
+            Bridge::explain_line($ctx, $text)
+        }
+    };
+}
+
 struct Ctx {
     record: bool,
+    /// Whether `trace.lines` is written.
+    explain: bool,
     bytes: u64,
     depth: usize,
     trace: Trace,
@@ -125,66 +137,79 @@ fn default_hash(p: &Packet) -> u32 {
 impl Bridge {
     /// Explains what the bridge would do with `p`, changing nothing.
     pub fn trace(&mut self, p: Packet) -> Trace {
-        self.run(p, 0, false)
+        self.run(p, 0, false, true)
     }
 
     /// Sends `p` (of `bytes` bytes) through the bridge: counters, conntrack and learned flows
     /// change as they would.
     pub fn process(&mut self, p: Packet, bytes: u64) -> Trace {
-        self.run(p, bytes, true)
+        self.run(p, bytes, true, true)
     }
 
-    fn run(&mut self, mut p: Packet, bytes: u64, record: bool) -> Trace {
+    /// `process` without the explanation (`lines` stays empty): the same outputs, counters,
+    /// conntrack entries and learned flows, at a fraction of the cost, for callers that only
+    /// want where the packet went.
+    pub fn forward(&mut self, p: Packet, bytes: u64) -> Trace {
+        self.run(p, bytes, true, false)
+    }
+
+    fn run(&mut self, mut p: Packet, bytes: u64, record: bool, explain: bool) -> Trace {
         let mut ctx = Ctx {
             record,
+            explain,
             bytes,
             depth: 0,
             trace: Trace::default(),
             recirc: Vec::new(),
             stop: false,
         };
-        ctx.trace.lines.push(format!("Flow: {}", p.describe()));
+        if ctx.explain {
+            ctx.trace.lines.push(format!("Flow: {}", p.describe()));
+        }
         self.table(&mut ctx, &mut p, 0);
         let mut n = 0;
         while !ctx.recirc.is_empty() && n < MAX_DEPTH {
             n += 1;
             let (mut q, t) = ctx.recirc.remove(0);
-            ctx.trace.lines.push(format!(
-                "recirc: ct_state={} -> table {t}: {}",
-                format_ct_state(q.get(Field::CtState) as u32, 0xff),
-                q.describe()
-            ));
+            if ctx.explain {
+                ctx.trace.lines.push(format!(
+                    "recirc: ct_state={} -> table {t}: {}",
+                    format_ct_state(q.get(Field::CtState) as u32, 0xff),
+                    q.describe()
+                ));
+            }
             ctx.depth = 0;
             ctx.stop = false;
             self.table(&mut ctx, &mut q, t);
         }
-        ctx.trace.lines.push(format!(
-            "Datapath actions: {}",
-            ctx.trace.datapath_actions()
-        ));
+        if ctx.explain {
+            ctx.trace.lines.push(format!(
+                "Datapath actions: {}",
+                ctx.trace.datapath_actions()
+            ));
+        }
         ctx.trace
     }
 
-    fn line(ctx: &mut Ctx, text: String) {
+    fn explain_line(ctx: &mut Ctx, text: String) {
         let pad = "    ".repeat(ctx.depth);
         ctx.trace.lines.push(format!("{pad}{text}"));
     }
 
     fn table(&mut self, ctx: &mut Ctx, p: &mut Packet, table: u8) {
         if ctx.depth >= MAX_DEPTH {
-            Self::line(ctx, "over 64 resubmit actions: dropped".into());
+            explain!(ctx, "over 64 resubmit actions: dropped".into());
             ctx.stop = true;
             return;
         }
         let found = self.tables.get(&table).and_then(|c| c.lookup(p));
         let Some(id) = found else {
-            Self::line(ctx, format!("{table}. No match. drop"));
+            explain!(ctx, format!("{table}. No match. drop"));
             return;
         };
-        let flow = self.flows[&id].flow.clone();
-        let m = flow.matches.to_string();
-        Self::line(
-            ctx,
+        let flow = &self.flows[&id].flow;
+        explain!(ctx, {
+            let m = flow.matches.to_string();
             format!(
                 "{table}. {}priority {}{}",
                 if m.is_empty() {
@@ -198,19 +223,20 @@ impl Bridge {
                 } else {
                     String::new()
                 }
-            ),
-        );
+            )
+        });
+        let actions = flow.actions.clone();
         if ctx.record {
             self.count(id, ctx.bytes);
         }
         ctx.depth += 1;
-        self.actions(ctx, p, &flow.actions, table);
+        self.actions(ctx, p, &actions, table);
         ctx.depth -= 1;
     }
 
     fn actions(&mut self, ctx: &mut Ctx, p: &mut Packet, actions: &[Action], table: u8) {
         if actions.is_empty() {
-            Self::line(ctx, "drop".into());
+            explain!(ctx, "drop".into());
         }
         for a in actions {
             if ctx.stop {
@@ -219,9 +245,9 @@ impl Bridge {
             match a {
                 Action::Output(port) => {
                     if u128::from(*port) == p.get(Field::InPort) {
-                        Self::line(ctx, format!("output:{port}: skipping output to input port"));
+                        explain!(ctx, format!("output:{port}: skipping output to input port"));
                     } else {
-                        Self::line(ctx, format!("output:{port}"));
+                        explain!(ctx, format!("output:{port}"));
                         ctx.trace.outputs.push(Output {
                             port: *port,
                             packet: *p,
@@ -230,26 +256,26 @@ impl Bridge {
                 }
                 Action::InPort => {
                     let port = p.get(Field::InPort) as u32;
-                    Self::line(ctx, format!("IN_PORT ({port})"));
+                    explain!(ctx, format!("IN_PORT ({port})"));
                     ctx.trace.outputs.push(Output { port, packet: *p });
                 }
                 Action::Controller(_) => {
-                    Self::line(ctx, "CONTROLLER".into());
+                    explain!(ctx, "CONTROLLER".into());
                     ctx.trace.controller += 1;
                 }
                 Action::Normal => {
-                    Self::line(ctx, "NORMAL (not modelled)".into());
+                    explain!(ctx, "NORMAL (not modelled)".into());
                     ctx.trace.normal = true;
                 }
                 Action::Group(g) => self.run_group(ctx, p, *g, table),
                 Action::GotoTable(t) => {
-                    Self::line(ctx, format!("goto_table:{t}"));
+                    explain!(ctx, format!("goto_table:{t}"));
                     self.table(ctx, p, *t);
                     return;
                 }
                 Action::Resubmit { port, table: t } => {
                     let t = t.unwrap_or(table);
-                    Self::line(ctx, a.to_string());
+                    explain!(ctx, a.to_string());
                     let saved = p.get(Field::InPort);
                     if let Some(port) = port {
                         p.set(Field::InPort, u128::from(*port));
@@ -261,24 +287,24 @@ impl Bridge {
                 }
                 Action::PushVlan(_) => {
                     p.set(Field::VlanTci, 0x1000);
-                    Self::line(ctx, a.to_string());
+                    explain!(ctx, a.to_string());
                 }
                 Action::PopVlan => {
                     p.set(Field::VlanTci, 0);
-                    Self::line(ctx, a.to_string());
+                    explain!(ctx, a.to_string());
                 }
                 Action::SetField { field, value } => {
                     p.set(*field, *value);
-                    Self::line(ctx, a.to_string());
+                    explain!(ctx, a.to_string());
                 }
                 Action::Load { dst, value } => {
                     p.set_bits(dst.field, dst.ofs, dst.bits, *value);
-                    Self::line(ctx, a.to_string());
+                    explain!(ctx, a.to_string());
                 }
                 Action::Move { src, dst } => {
                     let v = p.get_bits(src.field, src.ofs, src.bits);
                     p.set_bits(dst.field, dst.ofs, dst.bits, v);
-                    Self::line(ctx, a.to_string());
+                    explain!(ctx, a.to_string());
                 }
                 Action::Ct {
                     commit,
@@ -325,7 +351,7 @@ impl Bridge {
                         now,
                         ctx.record,
                     );
-                    Self::line(
+                    explain!(
                         ctx,
                         format!("{a} -> ct_state={}", format_ct_state(r.state as u32, 0xff)),
                     );
@@ -346,17 +372,17 @@ impl Bridge {
                     for f in nsx_core::ovs::field::CT_FIELDS {
                         p.set(f, 0);
                     }
-                    Self::line(ctx, "ct_clear".into());
+                    explain!(ctx, "ct_clear".into());
                 }
                 Action::DecTtl => {
                     let ttl = p.get(Field::IpTtl);
                     if ttl <= 1 {
-                        Self::line(ctx, "dec_ttl: TTL exceeded: dropped".into());
+                        explain!(ctx, "dec_ttl: TTL exceeded: dropped".into());
                         ctx.stop = true;
                         return;
                     }
                     p.set(Field::IpTtl, ttl - 1);
-                    Self::line(ctx, "dec_ttl".into());
+                    explain!(ctx, "dec_ttl".into());
                 }
                 Action::Learn(l) => {
                     let mut flow = nsx_core::ovs::Flow {
@@ -414,9 +440,9 @@ impl Bridge {
                         if self.add_flow(flow).is_ok() {
                             ctx.trace.learned += 1;
                         }
-                        Self::line(ctx, format!("learn: {text}"));
+                        explain!(ctx, format!("learn: {text}"));
                     } else {
-                        Self::line(
+                        explain!(
                             ctx,
                             format!(
                                 "learn (not applied by a trace): {}",
@@ -431,10 +457,10 @@ impl Bridge {
 
     fn run_group(&mut self, ctx: &mut Ctx, p: &mut Packet, id: u32, table: u8) {
         let Some(g) = self.groups.get(&id).cloned() else {
-            Self::line(ctx, format!("group:{id}: no such group: dropped"));
+            explain!(ctx, format!("group:{id}: no such group: dropped"));
             return;
         };
-        Self::line(ctx, format!("group:{id}"));
+        explain!(ctx, format!("group:{id}"));
         let chosen: Vec<usize> = match g.group_type {
             GroupType::All => (0..g.buckets.len()).collect(),
             GroupType::Indirect => vec![0],
@@ -452,12 +478,12 @@ impl Bridge {
             }
         };
         if chosen.is_empty() {
-            Self::line(ctx, "no live bucket: dropped".into());
+            explain!(ctx, "no live bucket: dropped".into());
         }
         ctx.depth += 1;
         for i in chosen {
             let b = &g.buckets[i];
-            Self::line(ctx, format!("bucket {}", b.bucket_id));
+            explain!(ctx, format!("bucket {}", b.bucket_id));
             // A bucket works on a copy; the packet after the group is the one before it.
             let mut q = *p;
             let actions = b.actions.clone();

@@ -366,3 +366,55 @@ proptest! {
         }
     }
 }
+
+/// A pipeline with every kind of action the agent and the proxy use: VLANs, registers,
+/// resubmits, conntrack with NAT and marks, a select group, learn, the controller.
+const PIPELINE: &[&str] = &[
+    "table=0,priority=100,in_port=1,dl_vlan=5,actions=pop_vlan,resubmit(,10)",
+    "table=0,priority=90,ct_state=-trk,ip,actions=ct(table=10,zone=5,nat)",
+    "table=0,priority=0,actions=drop",
+    "table=10,priority=200,tcp,nw_dst=10.96.0.10,tp_dst=80,ct_state=+trk+new,actions=group:1",
+    "table=10,priority=190,ct_state=+trk+est,ip,actions=resubmit(,20)",
+    "table=10,priority=150,udp,actions=learn(table=30,priority=100,eth_type=0x800,nw_proto=17,NXM_OF_IP_SRC[],load:0x1->NXM_NX_REG0[]),resubmit(,30)",
+    "table=10,priority=100,ip,nw_dst=10.1.0.0/16,actions=load:0x2->NXM_NX_REG1[],resubmit(,15)",
+    "table=10,priority=50,tcp,tp_dst=81,actions=CONTROLLER:65535",
+    "table=15,priority=10,reg1=0x2,actions=push_vlan:0x8100,set_field:4103->vlan_vid,output:3",
+    "table=20,priority=10,ip,actions=output:2",
+    "table=30,priority=100,reg0=0x1,actions=output:4",
+    "table=30,priority=1,actions=output:2",
+];
+
+proptest! {
+    /// `forward` (no explanation) is `process`: for the same packets in the same order, the
+    /// same outputs, controller copies, learned flows, counters and conntrack entries.
+    #[test]
+    fn forward_is_process_without_the_explanation(
+        packets in prop::collection::vec((1u32..3, 0u8..3, 0u8..4, 0u8..3, 78u16..83, any::<bool>()), 1..40),
+    ) {
+        let group = "group_id=1,type=select,selection_method=hash,fields(ip_src,tcp_src),bucket=bucket_id:0,actions=ct(commit,table=20,zone=5,exec(set_field:0x7->ct_mark),nat(dst=10.1.0.21:8080)),bucket=bucket_id:1,actions=ct(commit,table=20,zone=5,nat(dst=10.1.0.22:8080))";
+        let mut explained = bridge(&[]);
+        let mut quiet = bridge(&[]);
+        for b in [&mut explained, &mut quiet] {
+            b.add_group(parse_group(group).unwrap()).unwrap();
+            for f in PIPELINE {
+                b.add_flow(parse_flow(f).unwrap()).unwrap();
+            }
+        }
+        for (port, proto, dst, src, tp, vlan) in packets {
+            let dst = ["10.96.0.10", "10.1.0.21", "10.1.3.4", "10.2.0.1"][dst as usize];
+            let proto = ["tcp", "udp", "tcp"][proto as usize];
+            let vlan = if vlan { ",dl_vlan=5" } else { "" };
+            let p = pkt(&format!(
+                "in_port={port}{vlan},{proto},nw_src=10.1.0.{src},nw_dst={dst},{proto}_src=4000{src},{proto}_dst={tp}"
+            ));
+            let a = explained.process(p, 64);
+            let b = quiet.forward(p, 64);
+            prop_assert!(!a.lines.is_empty() && b.lines.is_empty());
+            prop_assert_eq!(&a.outputs, &b.outputs);
+            prop_assert_eq!((a.controller, a.normal, a.learned), (b.controller, b.normal, b.learned));
+        }
+        prop_assert_eq!(explained.dump_flows(true), quiet.dump_flows(true));
+        let conns = |b: &Bridge| b.conntrack.connections().map(|c| format!("{c:?}")).collect::<Vec<_>>();
+        prop_assert_eq!(conns(&explained), conns(&quiet));
+    }
+}

@@ -244,9 +244,22 @@ impl Store {
         ips
     }
 
+    /// `port_ips(port).contains(&ip)` without collecting them.
+    fn port_has_ip(&self, port: &str, ip: u32) -> bool {
+        self.port_alloc.get(port).and_then(|a| a.ip) == Some(ip)
+            || self.objects[port]
+                .doc
+                .get("address_bindings")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.get("ip_address").and_then(Value::as_str))
+                .any(|t| ipam::parse_ip(t).ok() == Some(ip))
+    }
+
     fn port_for_ip(&self, ip: u32) -> Option<String> {
         self.ids_of(Kind::LogicalPort)
-            .find(|p| self.port_ips(p).contains(&ip))
+            .find(|p| self.port_has_ip(p, ip))
             .cloned()
     }
 
@@ -287,7 +300,7 @@ impl Store {
             match t.get("target_type").and_then(Value::as_str).unwrap_or("") {
                 "LogicalPort" => id == port,
                 "LogicalSwitch" => self.objects[port].str("logical_switch_id") == Some(id),
-                "NSGroup" => self.nsgroup_effective(id, Kind::LogicalPort).contains(port),
+                "NSGroup" => self.nsgroup_holds(id, Kind::LogicalPort, port),
                 _ => false,
             }
         })
@@ -311,16 +324,16 @@ impl Store {
         targets.iter().any(|t| {
             let id = t.get("target_id").and_then(Value::as_str).unwrap_or("");
             match t.get("target_type").and_then(Value::as_str).unwrap_or("") {
-                "LogicalPort" => self.objects.contains_key(id) && self.port_ips(id).contains(&ip),
+                "LogicalPort" => self.objects.contains_key(id) && self.port_has_ip(id, ip),
                 "LogicalSwitch" => self
                     .ids_of(Kind::LogicalPort)
                     .filter(|p| self.objects[*p].str("logical_switch_id") == Some(id))
-                    .any(|p| self.port_ips(p).contains(&ip)),
+                    .any(|p| self.port_has_ip(p, ip)),
                 "IPSet" => self.ipset_holds(id, ip),
                 "NSGroup" => {
-                    self.nsgroup_effective(id, Kind::LogicalPort)
-                        .iter()
-                        .any(|p| self.port_ips(p).contains(&ip))
+                    self.ids_of(Kind::LogicalPort)
+                        .filter(|p| self.port_has_ip(p, ip))
+                        .any(|p| self.nsgroup_holds(id, Kind::LogicalPort, p))
                         || self
                             .nsgroup_effective(id, Kind::IpSet)
                             .iter()

@@ -256,12 +256,11 @@ impl Store {
         let Some(o) = self.objects.get(obj_id) else {
             return false;
         };
-        let tags = o
+        let tags: &[Value] = o
             .doc
             .get("tags")
             .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
+            .map_or(&[], Vec::as_slice);
         match expr.get("resource_type").and_then(Value::as_str) {
             Some("NSGroupComplexExpression") => expr
                 .get("expressions")
@@ -365,6 +364,56 @@ impl Store {
                 _ => {}
             }
         }
+    }
+
+    /// Whether `obj` (of kind `want`) is an effective member of NSGroup `id`: what
+    /// `nsgroup_effective(id, want).contains(obj)` says, without listing every member. The
+    /// firewall asks this for one port per rule and packet, which is why it exists.
+    pub fn nsgroup_holds(&self, id: &str, want: Kind, obj: &str) -> bool {
+        self.holds(id, want, obj, &mut BTreeSet::new())
+    }
+
+    fn holds(&self, id: &str, want: Kind, obj: &str, seen: &mut BTreeSet<String>) -> bool {
+        if !seen.insert(id.to_string()) {
+            return false;
+        }
+        let Some(g) = self.objects.get(id) else {
+            return false;
+        };
+        let Some(o) = self.objects.get(obj).filter(|o| o.kind == want) else {
+            return false;
+        };
+        let switch_of_port = || o.str("logical_switch_id");
+        let members = g.doc.get("members").and_then(Value::as_array);
+        for m in members.into_iter().flatten() {
+            let target = m.get("target_type").and_then(Value::as_str).unwrap_or("");
+            let value = m.get("value").and_then(Value::as_str).unwrap_or("");
+            let hit = match (kind_of_target(target), want) {
+                (Some(k), w) if k == w => value == obj,
+                (Some(Kind::LogicalSwitch), Kind::LogicalPort) => switch_of_port() == Some(value),
+                (Some(Kind::NsGroup), _) => self.holds(value, want, obj, seen),
+                _ => false,
+            };
+            if hit {
+                return true;
+            }
+        }
+        let criteria = g.doc.get("membership_criteria").and_then(Value::as_array);
+        criteria
+            .into_iter()
+            .flatten()
+            .any(|c| match (Self::criterion_target(c), want) {
+                (Some(k), w) if k == w => self.tag_matches(obj, c),
+                (Some(Kind::LogicalSwitch), Kind::LogicalPort) => {
+                    switch_of_port().is_some_and(|s| {
+                        self.objects
+                            .get(s)
+                            .is_some_and(|sw| sw.kind == Kind::LogicalSwitch)
+                            && self.tag_matches(s, c)
+                    })
+                }
+                _ => false,
+            })
     }
 
     fn ports_on(&self, switch: &str) -> Vec<String> {

@@ -157,7 +157,7 @@ impl World {
             return OvsOut::Dropped(format!("{node}: bridge busy"));
         };
         b.now_ms = self.now_ms();
-        let t = b.process(p, 64);
+        let t = b.forward(p, 64);
         path.push(format!(
             "{node} ovs: {} -> {}",
             p.describe(),

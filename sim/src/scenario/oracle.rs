@@ -17,6 +17,9 @@
 //! - A port is a protocol (TCP by default) with a number, a range (`endPort`), a name (the
 //!   destination pod's container port of that name and protocol), or no port (all of them).
 //! - A pod always reaches itself (the e2e suite's `AllowLoopback`).
+//!
+//! One deviation is expected on purpose: NSX 2.4 cannot match SCTP ports, so a rule's SCTP
+//! port allows the whole SCTP protocol (see `sctp_port_matches`).
 
 use std::collections::BTreeMap;
 
@@ -221,6 +224,9 @@ fn port_matches(p: &NetworkPolicyPort, destination: &OraclePod, port: u16, proto
     if proto != protocol {
         return false;
     }
+    if protocol == "SCTP" {
+        return sctp_port_matches(p, destination);
+    }
     match &p.port {
         None => true,
         Some(IntOrString::Int(n)) => {
@@ -231,6 +237,22 @@ fn port_matches(p: &NetworkPolicyPort, destination: &OraclePod, port: u16, proto
             .ports
             .iter()
             .any(|(n, number, pr)| n.as_deref() == Some(name) && pr == protocol && *number == port),
+    }
+}
+
+/// The one deviation from the Kubernetes rules the oracle expects, because NSX 2.4 documents
+/// it: its firewall services match TCP and UDP ports but not SCTP ports, so an SCTP port in a
+/// rule can only be realized as the whole SCTP protocol. A numbered or ranged SCTP port then
+/// allows every SCTP port; a named one allows every SCTP port of a destination that declares
+/// the name over SCTP (and nothing on one that does not). NCP reports it as a Warning Event on
+/// the policy.
+fn sctp_port_matches(p: &NetworkPolicyPort, destination: &OraclePod) -> bool {
+    match &p.port {
+        None | Some(IntOrString::Int(_)) => true,
+        Some(IntOrString::String(name)) => destination
+            .ports
+            .iter()
+            .any(|(n, _, pr)| n.as_deref() == Some(name) && pr == "SCTP"),
     }
 }
 
@@ -461,6 +483,27 @@ mod tests {
         )]);
         assert!(exprs.allows(&yb, &a, 80, "TCP"));
         assert!(!exprs.allows(&yc, &a, 80, "TCP"));
+    }
+
+    #[test]
+    fn an_sctp_port_allows_the_whole_protocol_as_nsx_realizes_it() {
+        let a = pod("x", "a", &[], 1);
+        let mut b = pod("x", "b", &[], 2);
+        b.ports.push((Some("assoc".into()), 80, "SCTP".into()));
+        let c = pod("x", "c", &[], 3);
+        let numbered = world(vec![policy(
+            "x",
+            json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "SCTP", "port": 80}]}]}),
+        )]);
+        assert!(numbered.allows(&a, &b, 80, "SCTP"));
+        assert!(numbered.allows(&a, &b, 81, "SCTP"), "NSX: every SCTP port");
+        assert!(!numbered.allows(&a, &b, 80, "TCP"));
+        let named = world(vec![policy(
+            "x",
+            json!({"podSelector": {}, "ingress": [{"ports": [{"protocol": "SCTP", "port": "assoc"}]}]}),
+        )]);
+        assert!(named.allows(&a, &b, 9, "SCTP"), "b declares the name");
+        assert!(!named.allows(&a, &c, 80, "SCTP"), "c does not");
     }
 
     #[test]
