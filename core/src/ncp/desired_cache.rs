@@ -421,9 +421,10 @@ mod tests {
                 &format!("node-{node}"),
                 labels,
             );
-            // `http` is 8080 but on db pods of node-1: one name, two numbers (each pod is
-            // allowed its own), without making most policies split their rules.
-            let http = 8080 + u32::from(*node == 1 && *label == 2);
+            // `http` is 8080, but 8081 on the last pod slot in one of its generations: one
+            // name, two numbers (each pod is allowed its own, by groups of explicit pods) in
+            // about a tenth of the clusters, so that most passes still plan incrementally.
+            let http = 8080 + u32::from(i == 7 && *node == 1 && *generation == 1);
             if let Some(spec) = pod.spec.as_mut() {
                 spec.containers = vec![
                     serde_json::from_value(
@@ -657,14 +658,17 @@ mod tests {
     #[test]
     fn plans_of_the_changed_keys_equal_full_plans() {
         plans_of_the_changed_keys_equal_full_plans_cases();
-        // The comparison means something only if the incremental planner mostly answers (it
+        // The comparison means something only if the incremental planner often answers (it
         // declines when an existing object is to be recreated, or the cache is not synced),
         // and if it answers after refusals too.
         let load =
             |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::Relaxed);
         let (passes, incremental, retried) = (load(&PASSES), load(&INCREMENTAL), load(&RETRIED));
+        // 40%: an egress rule's named port now reaches pods through a group, and passes that
+        // create or retry such groups plan in full; measured 185 to 235 of 393 passes over
+        // eight runs (65% before named ports resolved per pod).
         assert!(
-            incremental * 2 > passes,
+            incremental * 5 > passes * 2,
             "{incremental} of {passes} passes incremental"
         );
         assert!(

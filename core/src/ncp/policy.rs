@@ -629,18 +629,20 @@ pub enum PodScope {
     All,
 }
 
+/// Whether a rule's ports include a named one.
+fn names_a_port(ports: Option<&Vec<NetworkPolicyPort>>) -> bool {
+    ports
+        .into_iter()
+        .flatten()
+        .any(|p| matches!(p.port, Some(IntOrString::String(_))))
+}
+
 fn pod_scope(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec) -> PodScope {
     let cross = |peers: Option<&Vec<NetworkPolicyPeer>>| {
         peers
             .into_iter()
             .flatten()
             .any(|p| p.namespace_selector.is_some())
-    };
-    let named = |ports: Option<&Vec<NetworkPolicyPort>>| {
-        ports
-            .into_iter()
-            .flatten()
-            .any(|p| matches!(p.port, Some(IntOrString::String(_))))
     };
     let ingress = spec
         .ingress
@@ -650,7 +652,7 @@ fn pod_scope(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec) -> PodS
     let egress = spec.egress.iter().flatten().any(|r| {
         let peers = r.to.as_ref().filter(|t| !t.is_empty());
         cross(peers)
-            || (named(r.ports.as_ref())
+            || (names_a_port(r.ports.as_ref())
                 && peers.is_none_or(|ps| ps.iter().any(|p| p.ip_block.is_some())))
     });
     if ingress || egress {
@@ -785,13 +787,18 @@ pub fn policy_objects(
             let mut receivers: Vec<&Pod> = Vec::new();
             let peers = r.to.as_ref().filter(|f| !f.is_empty());
             let mut any_block = false;
+            // The pods a named port could resolve on are looked for only when the rule names
+            // a port: finding those an ipBlock holds, or every pod, costs the cluster.
+            let named = names_a_port(r.ports.as_ref());
             for (j, p) in peers.into_iter().flatten().enumerate() {
                 if let Some((k, pods)) = cx.peer(p, &format!("eg{i}-{j}"), objects) {
                     destinations.push(k);
                     receivers.extend(pods);
                     if let Some(block) = &p.ip_block {
                         any_block = true;
-                        receivers.extend(pods_in_block(view, live_ns, block));
+                        if named {
+                            receivers.extend(pods_in_block(view, live_ns, block));
+                        }
                     }
                 }
             }
@@ -800,7 +807,7 @@ pub fn policy_objects(
             }
             // No peers: a named port resolves on every pod of the cluster (and on nothing
             // outside it, so the rule's named ports never reach an outside address).
-            if peers.is_none() {
+            if peers.is_none() && named {
                 let every: BTreeSet<&str> = live_ns.iter().map(|(n, _)| n).collect();
                 receivers = wired_pods(view, &every, None);
             }
