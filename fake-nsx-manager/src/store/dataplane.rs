@@ -219,42 +219,27 @@ impl Dir {
 }
 
 impl Store {
-    fn port_ips(&self, port: &str) -> Vec<u32> {
-        let mut ips: Vec<u32> = self
-            .port_alloc
-            .get(port)
-            .and_then(|a| a.ip)
-            .into_iter()
-            .collect();
-        for b in self.objects[port]
+    /// A port's addresses: its allocation, then its address bindings.
+    fn port_addrs(&self, port: &str) -> impl Iterator<Item = u32> + '_ {
+        let allocated = self.port_alloc.get(port).and_then(|a| a.ip);
+        let bound = self.objects[port]
             .doc
             .get("address_bindings")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-        {
-            if let Some(ip) = b
-                .get("ip_address")
-                .and_then(Value::as_str)
-                .and_then(|t| ipam::parse_ip(t).ok())
-            {
-                ips.push(ip);
-            }
-        }
-        ips
+            .filter_map(|b| b.get("ip_address").and_then(Value::as_str))
+            .filter_map(|t| ipam::parse_ip(t).ok());
+        allocated.into_iter().chain(bound)
+    }
+
+    fn port_ips(&self, port: &str) -> Vec<u32> {
+        self.port_addrs(port).collect()
     }
 
     /// `port_ips(port).contains(&ip)` without collecting them.
     fn port_has_ip(&self, port: &str, ip: u32) -> bool {
-        self.port_alloc.get(port).and_then(|a| a.ip) == Some(ip)
-            || self.objects[port]
-                .doc
-                .get("address_bindings")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|b| b.get("ip_address").and_then(Value::as_str))
-                .any(|t| ipam::parse_ip(t).ok() == Some(ip))
+        self.port_addrs(port).any(|a| a == ip)
     }
 
     fn port_for_ip(&self, ip: u32) -> Option<String> {
