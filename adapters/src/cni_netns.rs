@@ -49,20 +49,24 @@ impl<A: AgentClient> AgentClient for NetnsAgent<A> {
     fn add(&mut self, env: &Env) -> Result<PodAddress, CniError> {
         let host = port_name(&env.container_id);
         let ns = Path::new(&env.netns);
-        netns::create_pod_link(&host, ns, &env.ifname, self.mtu)
-            .map_err(|e| io("creating the pod's interface failed", e))?;
-        let answer = match self.inner.add(env) {
-            Ok(a) => a,
-            Err(e) => {
-                // Leave nothing behind; the runtime will retry (or DEL).
-                let _ = netns::delete_host_link(&host);
-                return Err(e);
-            }
-        };
-        let (ip, prefix, gw) = parse_address(&answer)?;
-        netns::configure_pod_link(ns, &env.ifname, &answer.mac, ip, prefix, gw, self.mtu)
-            .map_err(|e| io("configuring the pod's interface failed", e))?;
-        Ok(answer)
+        // A failed ADD undoes what it did: the pair goes (deleting the host end deletes the
+        // pod's end too), so a later ADD into the same namespace starts clean instead of
+        // configuring a leftover interface.
+        let result = netns::create_pod_link(&host, ns, &env.ifname, self.mtu)
+            .map_err(|e| io("creating the pod's interface failed", e))
+            .and_then(|()| {
+                let answer = self.inner.add(env)?;
+                let (ip, prefix, gw) = parse_address(&answer)?;
+                netns::configure_pod_link(ns, &env.ifname, &answer.mac, ip, prefix, gw, self.mtu)
+                    .map_err(|e| io("configuring the pod's interface failed", e))?;
+                Ok(answer)
+            });
+        if result.is_err()
+            && let Err(e) = netns::delete_host_link(&host)
+        {
+            tracing::warn!(%host, error = %e, "could not remove the interface of a failed ADD");
+        }
+        result
     }
 
     fn del(&mut self, env: &Env) -> Result<(), CniError> {

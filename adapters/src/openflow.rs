@@ -762,6 +762,12 @@ impl Session {
             index: 0,
             message: format!("connecting to {}: {e}", path.display()),
         })?;
+        Self::over(stream)
+    }
+
+    /// Agrees on OpenFlow 1.5 over a connected stream (the management socket, or a socket
+    /// pair whose other end plays the switch: the fuzz target feeds it arbitrary answers).
+    pub fn over(stream: UnixStream) -> Result<Self, BridgeError> {
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(io_error)?;

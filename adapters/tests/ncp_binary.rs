@@ -85,7 +85,14 @@ fn servers(name: &str) -> Servers {
     let (nsx_addr, api_addr) = rt.block_on(async {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let nsx_addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(fake_nsx_manager::tls::serve(l, nsx.router(), tls));
+        tokio::spawn(fake_nsx_manager::listen::serve(
+            nsx.clone(),
+            l,
+            fake_nsx_manager::listen::ServeOptions {
+                tls: Some(tls),
+                ..Default::default()
+            },
+        ));
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api_addr = l.local_addr().unwrap().to_string();
         let router = api.router();
@@ -427,4 +434,49 @@ fn ncp_authenticates_as_a_principal_identity_with_its_certificate() {
         .unwrap_err();
     assert_eq!(denied.status(), Some(400), "{denied}");
     assert_eq!(denied.error_code(), Some(289), "{denied}");
+}
+
+#[test]
+fn durations_from_the_command_line_are_range_checked_not_a_panic() {
+    for (bin, args) in [
+        (
+            env!("CARGO_BIN_EXE_ncp"),
+            vec![
+                "--config",
+                "/nonexistent.ini",
+                "--resync-seconds",
+                "18446744073709551615",
+            ],
+        ),
+        (
+            env!("CARGO_BIN_EXE_ncp"),
+            vec!["--config", "/nonexistent.ini", "--resync-seconds", "0"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_nsx-node-agent"),
+            vec!["--ovs-check-ms", "18446744073709551615", "agent"],
+        ),
+        (
+            env!("CARGO_BIN_EXE_nsx-node-agent"),
+            vec![
+                "agent",
+                "--annotation-timeout-seconds",
+                "18446744073709551615",
+            ],
+        ),
+        (
+            env!("CARGO_BIN_EXE_nsx-node-agent"),
+            vec!["kube-proxy", "--debounce-ms", "18446744073709551615"],
+        ),
+    ] {
+        let out = run_to_exit({
+            let mut c = Command::new(bin);
+            c.args(&args);
+            c
+        });
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("is not in"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
 }

@@ -7,6 +7,8 @@ use nsx_core::nsx::ErrorBody;
 
 /// Object not found (documented; vmware-nsxlib maps it to BackendResourceNotFound).
 pub const NOT_FOUND: i64 = 202;
+/// A server-side failure (the general error code NSX gives a 500).
+pub const INTERNAL: i64 = 100;
 /// "Field level validation errors" on a body.
 pub const FIELD_VALIDATION: i64 = 255;
 /// A body that is not JSON at all (chosen).

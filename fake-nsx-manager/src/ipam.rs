@@ -25,10 +25,17 @@ impl Cidr {
     /// Parses `a.b.c.d/n` (host bits cleared) or a bare address (`/32`).
     pub fn parse_loose(s: &str) -> Result<Self, String> {
         let (ip, prefix) = match s.split_once('/') {
+            // Digits only, without a leading zero: `u8::from_str` alone would take `+8`
+            // and `08`, which NSX refuses.
             Some((ip, p)) => (
                 ip,
-                p.parse::<u8>()
-                    .ok()
+                Some(p)
+                    .filter(|p| {
+                        !p.is_empty()
+                            && p.bytes().all(|b| b.is_ascii_digit())
+                            && (p.len() == 1 || !p.starts_with('0'))
+                    })
+                    .and_then(|p| p.parse::<u8>().ok())
                     .filter(|p| *p <= 32)
                     .ok_or_else(|| format!("{s} has an invalid prefix length"))?,
             ),
@@ -76,9 +83,10 @@ pub fn mask(prefix: u8) -> u32 {
     }
 }
 
+/// A dotted-quad IPv4 address, exactly: no surrounding blanks and no leading zeros (which
+/// NSX refuses rather than guess whether they are octal).
 pub fn parse_ip(s: &str) -> Result<u32, String> {
-    s.trim()
-        .parse::<Ipv4Addr>()
+    s.parse::<Ipv4Addr>()
         .map(u32::from)
         .map_err(|_| format!("'{s}' is not a valid IPv4 address"))
 }

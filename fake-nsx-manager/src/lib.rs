@@ -29,6 +29,7 @@ pub mod dispatch;
 pub mod error;
 pub mod ipam;
 pub mod kind;
+pub mod listen;
 pub mod search;
 pub mod server;
 pub mod store;

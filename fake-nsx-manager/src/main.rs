@@ -43,11 +43,11 @@ struct Args {
     /// Seed of object ids and injected faults.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Delay before every API answer.
-    #[arg(long, default_value_t = 0)]
+    /// Delay before every API answer (at most an hour).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     latency_ms: u64,
-    /// How long a write takes to show in search.
-    #[arg(long, default_value_t = 0)]
+    /// How long a write takes to show in search (at most an hour).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=3_600_000))]
     search_lag_ms: i64,
     /// Requests per second per client (429 beyond); 0 = none.
     #[arg(long, default_value_t = 100)]
@@ -55,6 +55,13 @@ struct Args {
     /// Requests in flight per client (503 beyond); 0 = none.
     #[arg(long, default_value_t = 40)]
     concurrency_limit: u32,
+    /// Seconds a client may take to send a request's headers or body, or idle between
+    /// requests, before its connection is closed (the API service's `connection_timeout`).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    connection_timeout: u32,
+    /// Connections one client address may hold at once; more are closed on accept.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    max_connections_per_client: u32,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -105,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
     };
     store.api_service.client_api_rate_limit = args.rate_limit;
     store.api_service.client_api_concurrency_limit = args.concurrency_limit;
+    store.api_service.connection_timeout = args.connection_timeout;
     let config = ManagerConfig {
         store,
         bootstrap: Some(BootstrapConfig {
@@ -133,19 +141,13 @@ async fn main() -> anyhow::Result<()> {
     println!("listening on {scheme}://{local}");
     use std::io::Write;
     std::io::stdout().flush()?;
-    match tls {
-        Some(config) => {
-            tokio::select! {
-                r = fake_nsx_manager::tls::serve(listener, nsx.router(), config) => r.context("server failed")?,
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        None => axum::serve(listener, nsx.router())
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await
-            .context("server failed")?,
+    let options = fake_nsx_manager::listen::ServeOptions {
+        tls,
+        max_connections_per_client: args.max_connections_per_client as usize,
+    };
+    tokio::select! {
+        () = fake_nsx_manager::listen::serve(nsx, listener, options) => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
     Ok(())
 }

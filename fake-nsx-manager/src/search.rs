@@ -170,7 +170,11 @@ pub fn parse(q: &str) -> Result<Query, String> {
     if toks.is_empty() {
         return Err("the query is empty".into());
     }
-    let mut p = Parser { toks, pos: 0 };
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        depth: 0,
+    };
     let query = p.or_expr(None)?;
     if p.pos != p.toks.len() {
         return Err(format!("unexpected {:?} at token {}", p.toks[p.pos], p.pos));
@@ -178,9 +182,16 @@ pub fn parse(q: &str) -> Result<Query, String> {
     Ok(query)
 }
 
+/// How deep parentheses and `NOT`s may nest. The parser and the evaluator recurse once per
+/// level, so without a bound one request of a few thousand `(` or `!` overflows the stack and
+/// takes the manager down. Real queries nest two or three levels; Lucene's own limit is the
+/// JVM stack, which NSX turns into a 400.
+pub const MAX_NESTING: usize = 64;
+
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    depth: usize,
 }
 
 impl Parser {
@@ -224,6 +235,20 @@ impl Parser {
     }
 
     fn unary(&mut self, field: Option<&str>) -> Result<Query, String> {
+        self.depth += 1;
+        let q = if self.depth > MAX_NESTING {
+            Err(format!(
+                "the query nests parentheses and NOT deeper than {MAX_NESTING} levels (at token {})",
+                self.pos
+            ))
+        } else {
+            self.unary_at_depth(field)
+        };
+        self.depth -= 1;
+        q
+    }
+
+    fn unary_at_depth(&mut self, field: Option<&str>) -> Result<Query, String> {
         match self.toks.get(self.pos).cloned() {
             Some(Tok::Not) => {
                 self.pos += 1;
@@ -675,6 +700,21 @@ mod tests {
         ix.catch_up(1200);
         assert!(ids(&ix, "id:p3").is_empty());
         assert_eq!(ix.pending_len(), 0);
+    }
+
+    #[test]
+    fn nesting_is_bounded_instead_of_overflowing_the_stack() {
+        let deep = |n: usize| format!("{}a{}", "(".repeat(n), ")".repeat(n));
+        assert!(parse(&deep(MAX_NESTING - 1)).is_ok());
+        for q in [
+            deep(2_100),
+            "!".repeat(3_500) + "a",
+            "NOT ".repeat(5_000) + "a",
+            format!("tags.tag:{}a{}", "(".repeat(500), ")".repeat(500)),
+        ] {
+            let err = parse(&q).expect_err("a query nested thousands deep must be refused");
+            assert!(err.contains("deeper than 64"), "{err}");
+        }
     }
 
     #[test]

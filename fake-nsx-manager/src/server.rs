@@ -35,7 +35,13 @@ use crate::dispatch::{self, ApiRequest, ApiResponse, changes_state, parse_query}
 use crate::error;
 use crate::store::{Ctx, Store, StoreConfig};
 
-const MAX_BODY_BYTES: usize = 64 << 20;
+/// The largest body of one API request. NSX objects are small (an IP set's 4,000 addresses
+/// are under 200 KB); bigger bodies are refused with 413 before they are parsed.
+const MAX_BODY_BYTES: usize = 4 << 20;
+/// The largest `POST /api/v1/batch` body (many requests with their bodies).
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// The largest login form.
+const MAX_FORM_BYTES: usize = 64 << 10;
 const LOG_CAPACITY: usize = 200_000;
 
 /// Where the fake's time comes from, in milliseconds since the Unix epoch.
@@ -100,7 +106,7 @@ impl User {
 }
 
 /// The SHA-256 of the client certificate a TLS connection presented (lower-case hex), put
-/// on each of its requests by [`crate::tls::serve`].
+/// on each of its requests by [`crate::listen::serve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCertificate(pub String);
 
@@ -116,11 +122,14 @@ const PI_ROLES: &[&str] = &[
     "lb_auditor",
 ];
 
-/// An injected failure: requests matching `method` (any if None) and `path` (a prefix; any if
-/// None) are answered with `status` and `error_code` with probability `rate`, at most
-/// `remaining` times.
+/// An injected failure: requests matching `method` (any if None), `path` (a prefix; any if
+/// None) and `user` (any if None) are answered with `status` and `error_code` with probability
+/// `rate`, at most `remaining` times.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultRule {
+    /// Only this client's requests (one replica throttled, say).
+    #[serde(default)]
+    pub user: Option<String>,
     #[serde(default)]
     pub method: Option<String>,
     #[serde(default)]
@@ -483,26 +492,55 @@ impl FakeNsxManager {
             ("GET", "/fake-admin/config") => Ok(self.admin_config()),
             ("PUT", "/fake-admin/config") => {
                 let v = parse()?;
+                let Some(fields) = v.as_object() else {
+                    return Err((400, "the config must be a JSON object".into()));
+                };
+                // Every value is checked before any is applied: a number out of range is a
+                // 400, never wrapped into another setting (4294967296 into a rate limit of 0).
+                const RANGES: [(&str, u64, u64); 7] = [
+                    ("latency_ms", 0, 3_600_000),
+                    ("search_lag_ms", 0, 3_600_000),
+                    ("rate_limit", 0, u32::MAX as u64),
+                    ("concurrency_limit", 0, u32::MAX as u64),
+                    ("global_concurrency_limit", 0, u32::MAX as u64),
+                    ("stale_revision_error_code", 0, 1_000_000),
+                    ("connection_timeout", 1, 86_400),
+                ];
+                let mut checked = BTreeMap::new();
+                for (k, val) in fields {
+                    let Some(&(_, lo, hi)) = RANGES.iter().find(|(name, ..)| name == k) else {
+                        let known: Vec<&str> = RANGES.iter().map(|(n, ..)| *n).collect();
+                        return Err((
+                            400,
+                            format!("unknown setting '{k}' (known: {})", known.join(", ")),
+                        ));
+                    };
+                    match val.as_u64().filter(|n| (lo..=hi).contains(n)) {
+                        Some(n) => checked.insert(k.as_str(), n),
+                        None => {
+                            return Err((
+                                400,
+                                format!("{k} must be an integer from {lo} to {hi}, not {val}"),
+                            ));
+                        }
+                    };
+                }
                 {
                     let mut g = self.lock();
-                    let get = |k: &str| v.get(k).and_then(Value::as_u64);
-                    if let Some(x) = get("latency_ms") {
-                        g.latency_ms = x;
-                    }
-                    if let Some(x) = get("search_lag_ms") {
-                        g.store.config.search_lag_ms = x as i64;
-                    }
-                    if let Some(x) = get("rate_limit") {
-                        g.store.config.api_service.client_api_rate_limit = x as u32;
-                    }
-                    if let Some(x) = get("concurrency_limit") {
-                        g.store.config.api_service.client_api_concurrency_limit = x as u32;
-                    }
-                    if let Some(x) = get("global_concurrency_limit") {
-                        g.store.config.api_service.global_api_concurrency_limit = x as u32;
-                    }
-                    if let Some(x) = get("stale_revision_error_code") {
-                        g.store.config.stale_revision_error_code = x as i64;
+                    let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+                    for (k, n) in checked {
+                        let api = &mut g.store.config.api_service;
+                        match k {
+                            "rate_limit" => api.client_api_rate_limit = small(n),
+                            "concurrency_limit" => api.client_api_concurrency_limit = small(n),
+                            "global_concurrency_limit" => {
+                                api.global_api_concurrency_limit = small(n)
+                            }
+                            "connection_timeout" => api.connection_timeout = small(n),
+                            "latency_ms" => g.latency_ms = n,
+                            "search_lag_ms" => g.store.config.search_lag_ms = n as i64,
+                            _ => g.store.config.stale_revision_error_code = n as i64,
+                        }
                     }
                 }
                 Ok(self.admin_config())
@@ -559,6 +597,13 @@ impl FakeNsxManager {
         }
     }
 
+    /// The API service's `connection_timeout`, the bound on a handshake, on sending a
+    /// request's headers or body, and on idling between requests.
+    pub fn connection_timeout(&self) -> Duration {
+        let secs = self.lock().store.config.api_service.connection_timeout;
+        Duration::from_secs(u64::from(secs.max(1)))
+    }
+
     fn admin_config(&self) -> Value {
         let g = self.lock();
         json!({
@@ -568,6 +613,7 @@ impl FakeNsxManager {
             "concurrency_limit": g.store.config.api_service.client_api_concurrency_limit,
             "global_concurrency_limit": g.store.config.api_service.global_api_concurrency_limit,
             "stale_revision_error_code": g.store.config.stale_revision_error_code,
+            "connection_timeout": g.store.config.api_service.connection_timeout,
             "search_pending": g.store.search_pending(),
             "objects": g.store.len(),
         })
@@ -647,14 +693,14 @@ impl Inner {
         }
     }
 
-    fn matching_fault(&mut self, method: &str, path: &str) -> Option<FaultRule> {
+    fn matching_fault(&mut self, user: &str, method: &str, path: &str) -> Option<FaultRule> {
         let mut hit = None;
         for i in 0..self.faults.len() {
             let f = &self.faults[i];
-            let applies = f
-                .method
-                .as_deref()
-                .is_none_or(|m| m.eq_ignore_ascii_case(method))
+            let applies = f.user.as_deref().is_none_or(|u| u == user)
+                && f.method
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method))
                 && f.path.as_deref().is_none_or(|p| path.starts_with(p));
             if !applies {
                 continue;
@@ -789,11 +835,14 @@ impl FakeNsxManager {
                 .get("x-xsrf-token")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            let valid = g
+            // An expired session is gone; a live one presented with the wrong token stays (a
+            // forged or garbled request must not log the legitimate client out).
+            let live = g
                 .sessions
                 .get(&sid)
-                .filter(|s| now - s.last_used_ms <= timeout_ms && s.xsrf == xsrf)
-                .map(|s| s.user.clone());
+                .filter(|s| now - s.last_used_ms <= timeout_ms);
+            let valid = live.filter(|s| s.xsrf == xsrf).map(|s| s.user.clone());
+            let expired = live.is_none();
             return match valid.and_then(|u| g.users.get(&u).cloned()) {
                 Some(u) => {
                     if let Some(s) = g.sessions.get_mut(&sid) {
@@ -806,7 +855,9 @@ impl FakeNsxManager {
                     })
                 }
                 None => {
-                    g.sessions.remove(&sid);
+                    if expired {
+                        g.sessions.remove(&sid);
+                    }
                     Err(ErrorBody::new(
                         403,
                         error::SESSION_EXPIRED,
@@ -920,6 +971,7 @@ impl FakeNsxManager {
             }
             ("POST", "with-certificate") => match self.create_principal_identity(body) {
                 Ok(v) => (201, v),
+                Err((code, msg)) if code == error::INTERNAL => err(500, code, msg),
                 Err((code, msg)) => err(400, code, msg),
             },
             ("GET", id) => match records(&self.lock()).into_iter().find(|r| r["id"] == id) {
@@ -941,8 +993,16 @@ impl FakeNsxManager {
                     .map(|u| u.name.clone());
                 match name {
                     Some(n) => {
-                        g.users.remove(&n);
-                        (200, Value::Null)
+                        let removed = g.users.remove(&n);
+                        match g.save() {
+                            Ok(()) => (200, Value::Null),
+                            Err(e) => {
+                                if let Some(u) = removed {
+                                    g.users.insert(n, u);
+                                }
+                                err(500, error::INTERNAL, format!("failed to persist: {e}"))
+                            }
+                        }
                     }
                     None => err(
                         404,
@@ -1001,6 +1061,13 @@ impl FakeNsxManager {
                 format!("Invalid PEM certificate: {e}"),
             )
         })?;
+        // PEM markers around anything are not a certificate: the DER must parse as X.509.
+        webpki::EndEntityCert::try_from(&der).map_err(|e| {
+            (
+                error::FIELD_VALIDATION,
+                format!("Invalid PEM certificate: not an X.509 certificate ({e})"),
+            )
+        })?;
         let thumbprint = crate::tls::sha256_hex(der.as_ref());
         let mut g = self.lock();
         let taken = g.users.values().any(|u| {
@@ -1033,8 +1100,14 @@ impl FakeNsxManager {
             // No password: this identity authenticates by certificate only.
             ..User::new(&name, "", &role)
         };
-        g.users.insert(name, user);
-        let _ = g.save();
+        let previous = g.users.insert(name.clone(), user);
+        if let Err(e) = g.save() {
+            match previous {
+                Some(p) => g.users.insert(name, p),
+                None => g.users.remove(&name),
+            };
+            return Err((error::INTERNAL, format!("failed to persist: {e}")));
+        }
         Ok(record)
     }
 }
@@ -1055,6 +1128,41 @@ impl Drop for InFlight {
     }
 }
 
+/// Reads a request body of at most `limit` bytes within `timeout` (the API service's
+/// `connection_timeout`): a larger body is a 413 and a body that stops arriving a 408, both
+/// with NSX's error body, and neither holds the connection or memory any longer.
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<bytes::Bytes, Response> {
+    match tokio::time::timeout(timeout, to_bytes(body, limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let (status, msg) = if too_large {
+                (
+                    413,
+                    format!("The request body is larger than {limit} bytes."),
+                )
+            } else {
+                (400, format!("failed to read the request body: {e}"))
+            };
+            let b = ErrorBody::new(status, error::INVALID_JSON, "common-services", msg);
+            Err(error_response(status, &b))
+        }
+        Err(_) => {
+            let b = ErrorBody::new(
+                408,
+                error::INVALID_JSON,
+                "common-services",
+                format!(
+                    "The request body did not arrive within {} s.",
+                    timeout.as_secs()
+                ),
+            );
+            Err(error_response(408, &b))
+        }
+    }
+}
+
 async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let method = parts.method.as_str().to_string();
@@ -1066,19 +1174,12 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
     } else {
         format!("{path}?{raw_query}")
     };
-    let bytes = match to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(e) => {
-            let b = ErrorBody::new(
-                400,
-                error::INVALID_JSON,
-                "common-services",
-                format!("failed to read the request body: {e}"),
-            );
-            return error_response(400, &b);
-        }
-    };
+    let timeout = nsx.connection_timeout();
     if path.starts_with("/fake-admin/") {
+        let bytes = match read_body(body, MAX_BODY_BYTES, timeout).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
         return match nsx.admin(&method, &path, &query, &bytes) {
             Ok(v) => json_response(200, Some(v), HeaderMap::new()),
             Err((status, msg)) => {
@@ -1087,6 +1188,10 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
         };
     }
     if path == "/api/session/create" && method == "POST" {
+        let bytes = match read_body(body, MAX_FORM_BYTES, timeout).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
         return nsx.session_create(&bytes);
     }
     if path == "/api/session/destroy" && method == "POST" {
@@ -1095,14 +1200,35 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
         }
         return json_response(200, None, HeaderMap::new());
     }
-    let write = changes_state(&method, &path, &bytes);
+    // Who is asking is known from the headers alone: a caller without credentials is refused
+    // before a byte of its body is read or parsed.
     let principal = match nsx.authenticate(&parts.headers, parts.extensions.get()) {
         Ok(p) => p,
         Err(body) => {
-            nsx.lock().log("", &method, &full_path, 403, write);
+            nsx.lock()
+                .log("", &method, &full_path, 403, dispatch::is_write(&method));
             return error_response(403, &body);
         }
     };
+    let limit = if path.trim_end_matches('/') == "/api/v1/batch" {
+        MAX_BATCH_BYTES
+    } else {
+        MAX_BODY_BYTES
+    };
+    let bytes = match read_body(body, limit, timeout).await {
+        Ok(b) => b,
+        Err(resp) => {
+            nsx.lock().log(
+                &principal.user,
+                &method,
+                &full_path,
+                resp.status().as_u16(),
+                false,
+            );
+            return resp;
+        }
+    };
+    let write = changes_state(&method, &path, &bytes);
     if principal.role == "auditor" && write {
         nsx.lock()
             .log(&principal.user, &method, &full_path, 403, write);
@@ -1145,6 +1271,10 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
     let resp = {
         let mut g = nsx.lock();
         let now = g.clock.now_ms();
+        // With a state file, a write is kept only once it is saved: a failed save answers 500
+        // and puts the store back, so a client retrying the 500 does not create twice what a
+        // restart would then lose.
+        let before = (write && g.state_file.is_some()).then(|| g.store.clone());
         let ctx = Ctx {
             user: principal.user.clone(),
             superuser: principal.role == "enterprise_admin",
@@ -1171,12 +1301,15 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
             && r.status < 400
             && let Err(e) = g.save()
         {
-            tracing::error!(error = %e, "failed to save the state file");
+            tracing::error!(error = %e, "failed to save the state file; the write is undone");
+            if let Some(before) = before {
+                g.store = before;
+            }
             r = ApiResponse {
                 status: 500,
                 body: serde_json::to_value(ErrorBody::new(
                     500,
-                    100,
+                    error::INTERNAL,
                     "common-services",
                     format!("failed to persist: {e}"),
                 ))
@@ -1232,7 +1365,7 @@ fn admit(
         );
         return Err(error_response(503, &b));
     }
-    if let Some(f) = g.matching_fault(method, path) {
+    if let Some(f) = g.matching_fault(&p.user, method, path) {
         g.log(&p.user, method, full_path, f.status, write);
         let b = ErrorBody::new(
             f.status,

@@ -1,5 +1,5 @@
-//! TLS for the standalone binary: a PEM certificate chain and key, and an accept loop that
-//! wraps each TCP connection in TLS before handing it to the app.
+//! TLS for the standalone binary: a PEM certificate chain and key ([`crate::listen`] wraps
+//! each accepted connection in TLS before handing it to the app).
 //!
 //! Like NSX Manager, the server asks for a client certificate but does not require one: a
 //! client that presents one proves it holds the key (the handshake signature is verified)
@@ -9,8 +9,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -113,44 +111,5 @@ impl rustls::server::danger::ClientCertVerifier for AnyClientCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.algorithms.supported_schemes()
-    }
-}
-
-/// Serves `app` over TLS on `listener` until the process ends. A failed handshake ends only
-/// that connection.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    config: Arc<rustls::ServerConfig>,
-) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (stream, peer) = listener.accept().await?;
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            // The client certificate, if any, travels with each request of this connection.
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| crate::server::PeerCertificate(sha256_hex(c.as_ref())));
-            let app = match peer {
-                Some(p) => app.layer(axum::Extension(p)),
-                None => app,
-            };
-            let svc = TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
-        });
     }
 }

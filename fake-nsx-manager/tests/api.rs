@@ -82,7 +82,14 @@ async fn session_login_gives_cookie_and_xsrf_and_an_expired_session_answers_98()
         ("x-xsrf-token".into(), "forged".into()),
     ];
     assert_eq!(s.get("logical-switches").await.expect(403).code(), Some(98));
-    // That failure ended the session; a new login works, and expiry answers 98 again.
+    // A forged token is refused without ending the session: the client holding the right
+    // token is not logged out by somebody else's bad request.
+    s.extra = vec![
+        ("cookie".into(), cookie.clone()),
+        ("x-xsrf-token".into(), xsrf.clone()),
+    ];
+    s.get("logical-switches").await.expect(200);
+    // A bad password is refused; a new login works, and expiry answers 98 again.
     let bad = c
         .raw(
             "POST",
@@ -1462,6 +1469,7 @@ async fn concurrent_requests_beyond_the_client_limit_get_503() {
 async fn injected_faults_match_method_and_path_and_run_out() {
     let c = Client::new();
     c.nsx.add_fault(fake_nsx_manager::FaultRule {
+        user: None,
         method: Some("POST".into()),
         path: Some("/api/v1/logical-ports".into()),
         status: 500,

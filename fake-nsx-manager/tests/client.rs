@@ -156,6 +156,7 @@ async fn throttling_and_overload_are_retried_with_backoff_but_validation_errors_
     let c = client(&url, basic());
     for (status, code) in [(429, 102), (503, 503), (500, 607)] {
         nsx.add_fault(FaultRule {
+            user: None,
             method: None,
             path: Some("/api/v1/ip-sets".into()),
             status,
@@ -184,6 +185,7 @@ async fn throttling_and_overload_are_retried_with_backoff_but_validation_errors_
     assert_eq!(c.stats().retries, s.retries, "a 400 is not retried");
     // A fault that never heals exhausts the attempts and surfaces the last error.
     nsx.add_fault(FaultRule {
+        user: None,
         method: Some("GET".into()),
         path: Some("/api/v1/ip-sets".into()),
         status: 503,

@@ -159,7 +159,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     fn one_port_membership_equals_the_effective_listing(w in world()) {
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
         let c = Client::new();
         let (groups, ports) = rt.block_on(build(&c, &w));
         let mut members = 0;

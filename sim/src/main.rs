@@ -149,6 +149,10 @@ enum Schedule {
     Storm,
 }
 
+/// The most seeds one invocation runs: a million runs of the cheapest scenario already take
+/// hours on one machine, and every seed's result is kept for the report.
+const MAX_SEEDS: u64 = 1_000_000;
+
 fn parse_seeds(seed: Option<u64>, seeds: Option<&str>) -> anyhow::Result<Vec<u64>> {
     match (seed, seeds) {
         (Some(s), _) => Ok(vec![s]),
@@ -169,11 +173,26 @@ fn parse_seeds(seed: Option<u64>, seeds: Option<&str>) -> anyhow::Result<Vec<u64
                 .trim()
                 .parse()
                 .with_context(|| format!("bad end in --seeds {r}"))?;
-            let end = if inclusive { b.saturating_add(1) } else { b };
-            if end <= a {
+            // Inclusive bounds in u128: `u64::MAX..=u64::MAX` is one seed, and no bound
+            // overflows.
+            let last = if inclusive {
+                u128::from(b)
+            } else if b == 0 {
+                bail!("--seeds {r} is empty");
+            } else {
+                u128::from(b) - 1
+            };
+            if last < u128::from(a) {
                 bail!("--seeds {r} is empty");
             }
-            Ok((a..end).collect())
+            let count = last - u128::from(a) + 1;
+            if count > MAX_SEEDS as u128 {
+                bail!(
+                    "--seeds {r} names {count} seeds; one run takes at most {MAX_SEEDS} \
+                     (split a larger sweep into ranges, or shards of one)"
+                );
+            }
+            Ok((a..=last as u64).collect())
         }
     }
 }

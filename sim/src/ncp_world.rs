@@ -88,6 +88,7 @@ impl NcpWorldConfig {
             Scheduled {
                 at_ms: at(500, 1_500),
                 fault: NcpFault::NsxErrors(FaultRule {
+                    user: None,
                     method: None,
                     path: Some("/api/v1/logical-ports".into()),
                     status: 503,

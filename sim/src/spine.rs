@@ -73,6 +73,7 @@ pub fn storm_faults() -> Vec<ScheduledFault> {
         at(
             0,
             Fault::NsxErrors(FaultRule {
+                user: None,
                 method: None,
                 path: Some("/api/v1/logical-ports".into()),
                 status: 503,

@@ -138,8 +138,34 @@ const BAD: &[(&str, u64, &str)] = &[
     ),
     (
         "name: x\ncluster: {nodes: 2, subnet_prefix: 12}\nsteps: []\n",
-        0,
+        2,
         "subnet_prefix 12",
+    ),
+    // A huge node count is refused before any node name is made (it used to exhaust memory).
+    (
+        "name: x\ncluster: {nodes: 100000000000}\nsteps: []\n",
+        2,
+        "1 to 64 nodes, not 100000000000",
+    ),
+    (
+        "name: x\ncluster:\n  name: k\n  # a comment\n\n  nodes: 0\nsteps: []\n",
+        6,
+        "1 to 64 nodes, not 0",
+    ),
+    (
+        "name: x\ncluster:\n  nodes: [node-1, ncp]\n  ip_block: 10.4.0.0/16\nsteps: []\n",
+        3,
+        "`ncp` is not a usable node name",
+    ),
+    (
+        "name: x\ncluster:\n  nodes: 2\n  snat_pool: 192.0.2.0/33\nsteps: []\n",
+        4,
+        "cluster.snat_pool",
+    ),
+    (
+        "name: x\ncluster:\n  nodes: 2\n  ncp_replicas: 7\nsteps: []\n",
+        4,
+        "ncp_replicas must be 1, 2 or 3",
     ),
     (
         "name: x\nsteps:\n  - heal: everything\n",
@@ -219,11 +245,55 @@ fn cli_exit_codes_json_report_and_shards() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Seed ranges: refused with a message, never a panic or an attempt to allocate them;
+    // the largest seed is a seed.
+    for (range, needle) in [
+        ("5..2", "is empty"),
+        ("3..3", "is empty"),
+        ("0..0", "is empty"),
+        (
+            "0..18446744073709551615",
+            "names 18446744073709551615 seeds",
+        ),
+        (
+            "0..=18446744073709551615",
+            "names 18446744073709551616 seeds",
+        ),
+        ("1..x", "bad end"),
+        ("7", "takes A..B or A..=B"),
+    ] {
+        let out = bin()
+            .args(["run", good.to_str().unwrap(), "--seeds", range])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{range}: {err}");
+        assert!(err.contains(needle), "{range}: {err}");
+    }
     let out = bin()
-        .args(["run", good.to_str().unwrap(), "--seeds", "5..2"])
+        .args(["spine", "--seeds", "0..100000000000"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 1000000"));
+    let out = bin()
+        .args([
+            "run",
+            good.to_str().unwrap(),
+            "--seeds",
+            "18446744073709551615..=18446744073709551615",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["scenarios"][0]["seeds"][0]["seed"], u64::MAX);
 
     // Shards are disjoint and together cover every (scenario, seed) pair.
     let mut seen = Vec::new();

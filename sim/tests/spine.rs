@@ -160,6 +160,7 @@ fn nsx_503_storms_are_retried_and_leave_no_duplicates() {
     cfg.faults = vec![at(
         0,
         Fault::NsxErrors(FaultRule {
+            user: None,
             method: None,
             path: None,
             status: 503,

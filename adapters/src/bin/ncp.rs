@@ -41,8 +41,9 @@ struct Args {
     /// This replica's identity in the Lease (default: the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds between full re-reads of NSX (objects changed by others are put back).
-    #[arg(long, default_value_t = 300)]
+    /// Seconds between full re-reads of NSX (objects changed by others are put back), 1 to
+    /// 604800 (a week).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     resync_seconds: u64,
     /// Log lines as JSON objects.
     #[arg(long)]

@@ -57,7 +57,8 @@ struct Args {
     ovs_rundir: Option<PathBuf>,
     /// How often to look for one of this process's flows (a restart of ovs-vswitchd
     /// removes them all).
-    #[arg(long, default_value_t = 2000, global = true)]
+    #[arg(long, default_value_t = 2000, global = true,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     ovs_check_ms: u64,
     /// `/metrics`, `/healthz`, `/readyz` (none when not given).
     #[arg(long, global = true)]
@@ -78,7 +79,7 @@ enum Role {
         #[arg(long, default_value = DEFAULT_AGENT_SOCKET)]
         cni_socket: PathBuf,
         /// How long an ADD waits for NCP's pod annotation.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
         annotation_timeout_seconds: u64,
     },
     /// nsx-kube-proxy: Services and EndpointSlices to flows and groups.
@@ -87,7 +88,7 @@ enum Role {
         #[arg(long = "node-ip")]
         node_ips: Vec<Ipv4Addr>,
         /// Quiet time gathering a burst of watch events into one bundle.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=60_000))]
         debounce_ms: u64,
     },
 }

@@ -18,8 +18,15 @@ impl<T: Read + Write> StreamAgent<T> {
     }
 
     fn round_trip(&mut self, req: &WireRequest) -> Result<WireResponse, CniError> {
-        let io = |e: std::io::Error| {
-            CniError::new(code::IO, "cannot reach the node agent", e.to_string())
+        // A read that times out (the stream's timeout) means the agent is busy or stuck: the
+        // runtime should try again later, not treat the node as broken.
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => CniError::new(
+                code::TRY_AGAIN_LATER,
+                "the node agent did not answer in time",
+                e.to_string(),
+            ),
+            _ => CniError::new(code::IO, "cannot reach the node agent", e.to_string()),
         };
         let mut line = serde_json::to_string(req)
             .map_err(|e| CniError::new(code::IO, "cannot encode the request", e.to_string()))?;

@@ -159,6 +159,10 @@ pub struct NetConf {
     /// Where the node agent listens (ours; default [`DEFAULT_AGENT_SOCKET`]).
     #[serde(rename = "agentSocket", default)]
     pub agent_socket: Option<String>,
+    /// How long to wait for the agent's answer, in seconds (ours; 1 to 600). Without it ADD
+    /// waits 75 s (the agent's own wait for NCP, and the wiring) and the others 15 s.
+    #[serde(rename = "agentTimeoutSeconds", default)]
+    pub agent_timeout_seconds: Option<u64>,
     /// GC: the attachments the runtime still uses.
     #[serde(rename = "cni.dev/valid-attachments", default)]
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -187,6 +191,15 @@ impl NetConf {
                 e.to_string(),
             )
         })?;
+        if let Some(t) = conf.agent_timeout_seconds
+            && !(1..=600).contains(&t)
+        {
+            return Err(CniError::new(
+                code::INVALID_CONFIG,
+                "invalid network configuration",
+                format!("agentTimeoutSeconds must be from 1 to 600, not {t}"),
+            ));
+        }
         if conf.name.is_empty() {
             return Err(CniError::new(
                 code::INVALID_CONFIG,
@@ -270,6 +283,46 @@ pub fn result_json(version: &str, env: &Env, a: &PodAddress) -> Value {
         "routes": [{"dst": "0.0.0.0/0", "gw": a.gateway}],
         "dns": {}
     })
+}
+
+/// The `CNI_*` variables of a process environment. The runtime's variables must be UTF-8: one
+/// that is not (its name or its value) is error 4 naming it; variables that are not the
+/// runtime's are ignored, whatever their bytes.
+pub fn cni_vars(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<BTreeMap<String, String>, CniError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in vars {
+        let name = k.to_string_lossy();
+        if !name.starts_with("CNI_") {
+            continue;
+        }
+        match (k.to_str(), v.to_str()) {
+            (Some(k), Some(v)) => {
+                out.insert(k.to_string(), v.to_string());
+            }
+            _ => {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!("{name} is not valid UTF-8"),
+                    format!("value: {:?}", v.to_string_lossy()),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The error answer for a failure before [`run`] can start (the environment itself is
+/// unreadable): in the configuration's `cniVersion` when stdin names a supported one.
+pub fn fail_early(stdin: &[u8], e: &CniError) -> (i32, String) {
+    let newest = SUPPORTED_VERSIONS[SUPPORTED_VERSIONS.len() - 1];
+    let version = NetConf::parse(stdin)
+        .ok()
+        .map(|c| c.cni_version)
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| newest.to_string());
+    (1, e.to_json(&version).to_string())
 }
 
 /// Runs one plugin invocation: `(exit code, stdout)`.
@@ -363,6 +416,39 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn runtime_variables_must_be_utf8_and_others_are_ignored() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(vec![0x66, 0xff, 0xfe]);
+        let ok = |k: &str, v: &str| (OsString::from(k), OsString::from(v));
+        let vars = cni_vars([ok("CNI_COMMAND", "ADD"), (OsString::from("LANG"), bad())])
+            .expect("an unrelated variable is ignored");
+        assert_eq!(vars.len(), 1);
+        for (k, v) in [
+            (OsString::from("CNI_ARGS"), bad()),
+            (OsString::from("CNI_CONTAINERID"), bad()),
+            (
+                OsString::from_vec(b"CNI_\xff".to_vec()),
+                OsString::from("x"),
+            ),
+        ] {
+            let e = cni_vars([ok("CNI_COMMAND", "ADD"), (k, v)]).expect_err("not UTF-8");
+            assert_eq!(e.code, code::INVALID_ENV, "{e:?}");
+        }
+        let e = cni_vars([(OsString::from("CNI_ARGS"), bad())]).unwrap_err();
+        let (rc, out) = fail_early(
+            br#"{"cniVersion": "1.0.0", "name": "n", "type": "nsx-cni"}"#,
+            &e,
+        );
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (rc, v["code"].as_u64(), v["cniVersion"].as_str()),
+            (1, Some(4), Some("1.0.0"))
+        );
+        assert!(v["msg"].as_str().unwrap().contains("CNI_ARGS"), "{v}");
     }
 
     #[test]

@@ -173,6 +173,9 @@ impl NcpConfig {
 
     /// Parses `ncp.ini` text, with credentials from elsewhere taking the keys' place.
     pub fn parse_with(text: &str, overrides: &CredentialOverrides) -> Result<Parsed, ConfigError> {
+        // A byte-order mark (Windows editors write one) is not part of the first line, as
+        // Python's configparser reading `utf-8-sig` has it.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let sections = parse_ini(text)?;
         let mut warnings = Vec::new();
         for (name, entries) in &sections {
@@ -407,6 +410,14 @@ x = 1
             "{:?}",
             p.warnings
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_line() {
+        let with_bom = format!("\u{feff}{GOOD}");
+        let p = NcpConfig::parse(&with_bom).expect("a BOM is accepted");
+        assert_eq!(p.config, NcpConfig::parse(GOOD).unwrap().config);
+        assert_eq!(p.warnings, NcpConfig::parse(GOOD).unwrap().warnings);
     }
 
     #[test]

@@ -532,6 +532,10 @@ pub async fn run_ha<C>(
 {
     let on_pass = std::cell::RefCell::new(on_pass);
     let elector = Elector::new(kube.clone(), leader, now_ms);
+    // Every write of this replica's client checks the fence on every attempt, not only the
+    // planner before each logical write: a retry or a re-login after the fence falls, or an
+    // attempt outliving it, would land a deposed leader's write after its successor's.
+    nsx.set_write_fence(Some(elector.fence.clone()));
     run_elected(
         elector,
         |l| (on_pass.borrow_mut())(&PassEvent::Leadership(l)),

@@ -80,6 +80,12 @@ impl Fence {
     }
 }
 
+impl crate::nsx::client::WriteFence for Fence {
+    fn writes_until(&self) -> Option<Instant> {
+        self.valid_until().filter(|u| Instant::now() < *u)
+    }
+}
+
 /// A replica's side of the election.
 pub struct Elector {
     api: Api<Lease>,
@@ -224,10 +230,15 @@ pub async fn run_elected<F, Fut>(
                 if !elector.fence.allows_writes() {
                     return;
                 }
-                match elector.try_acquire_or_renew().await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+                // A renewal that hangs (an apiserver that does not answer) must not keep this
+                // replica leading past its fence: it is abandoned when the fence falls.
+                let Some(until) = elector.fence.valid_until() else {
+                    return;
+                };
+                match tokio::time::timeout_at(until, elector.try_acquire_or_renew()).await {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) | Err(_) => return,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "lease renewal failed"),
                 }
                 if !elector.fence.allows_writes() {
                     return;

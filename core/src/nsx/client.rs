@@ -134,6 +134,10 @@ pub enum NsxError {
     },
     #[error("failed to build the request for {op}: {reason}")]
     BadRequest { op: String, reason: String },
+    /// This client's write fence is down (its replica no longer leads, or may not know that
+    /// it still does): the write was not sent, or its attempt was abandoned at the fence.
+    #[error("refused to {op}: this replica's write fence is down")]
+    Fenced { op: String },
 }
 
 impl NsxError {
@@ -171,9 +175,20 @@ impl NsxError {
                 _ => false,
             },
             NsxError::Transport { .. } | NsxError::Timeout { .. } => true,
-            NsxError::Decode { .. } | NsxError::BadRequest { .. } => false,
+            NsxError::Decode { .. } | NsxError::BadRequest { .. } | NsxError::Fenced { .. } => {
+                false
+            }
         }
     }
+}
+
+/// Until when this client may write: the leader's fence (see `ncp::leader`). NSX has no
+/// fencing token, so the client enforces it on every attempt: a write is not sent once the
+/// fence is down, an attempt in flight is abandoned when it falls, and no retry or re-login
+/// happens after it.
+pub trait WriteFence: Send + Sync {
+    /// The instant writes stop being allowed; `None` when they are not allowed now.
+    fn writes_until(&self) -> Option<Instant>;
 }
 
 /// What the client has sent, for reports and tests.
@@ -187,6 +202,8 @@ pub struct ClientStats {
     pub sessions_created: u64,
     /// Moves to another manager after one did not answer.
     pub failovers: u64,
+    /// Writes refused or abandoned because the write fence was down.
+    pub fenced: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +259,8 @@ pub struct NsxClient<C> {
     stats: Mutex<ClientStats>,
     /// Index into `[base_url] + standby_urls` of the manager in use.
     current: std::sync::atomic::AtomicUsize,
+    /// Checked before every attempt of a write (any method but GET).
+    fence: Mutex<Option<Arc<dyn WriteFence>>>,
 }
 
 impl<C> NsxClient<C>
@@ -265,7 +284,30 @@ where
             session: Mutex::new(None),
             stats: Mutex::new(ClientStats::default()),
             current: std::sync::atomic::AtomicUsize::new(0),
+            fence: Mutex::new(None),
             config,
+        }
+    }
+
+    /// Fences every later write of this client (`None`: unfenced, a single replica).
+    pub fn set_write_fence(&self, fence: Option<Arc<dyn WriteFence>>) {
+        *lock(&self.fence) = fence;
+    }
+
+    /// For a write: the fence's deadline (`None` when unfenced), or `Fenced` when it is down.
+    fn write_deadline(&self, op: &str, method: &Method) -> Result<Option<Instant>, NsxError> {
+        if *method == Method::GET {
+            return Ok(None);
+        }
+        let Some(fence) = lock(&self.fence).clone() else {
+            return Ok(None);
+        };
+        match fence.writes_until() {
+            Some(until) if Instant::now() < until => Ok(Some(until)),
+            _ => {
+                lock(&self.stats).fenced += 1;
+                Err(NsxError::Fenced { op: op.to_string() })
+            }
         }
     }
 
@@ -349,7 +391,7 @@ where
                 Err(e) if e.is_stale_revision() && attempt < self.config.max_attempts => {
                     lock(&self.stats).retries += 1;
                     tracing::debug!(path, attempt, "stale revision, re-reading");
-                    self.backoff(attempt).await;
+                    tokio::time::sleep(self.backoff(attempt)).await;
                 }
                 other => return other,
             }
@@ -439,6 +481,11 @@ where
 
     /// Creates a session now (otherwise the first request does).
     pub async fn login(&self) -> Result<(), NsxError> {
+        self.login_until(None).await
+    }
+
+    /// Creates a session, abandoning the attempt at `deadline` (a write's fence).
+    async fn login_until(&self, deadline: Option<Instant>) -> Result<(), NsxError> {
         let (user, password) = match &self.config.auth {
             Auth::Session { user, password } => (user.clone(), password.clone()),
             Auth::Basic { .. } | Auth::ClientCertificate => return Ok(()),
@@ -459,7 +506,7 @@ where
                 op: op.clone(),
                 reason: e.to_string(),
             })?;
-        let answer = self.send_once(&op, req).await?;
+        let answer = self.send_once(&op, req, deadline).await?;
         if !answer.status.is_success() {
             return Err(api_error(&op, &answer));
         }
@@ -503,18 +550,21 @@ where
         let mut relogged = false;
         loop {
             attempt += 1;
+            // A write checks the fence before every attempt and every re-login, and each
+            // attempt ends when the fence does: a deposed leader sends nothing more.
+            let deadline = self.write_deadline(op, method)?;
             if matches!(self.config.auth, Auth::Session { .. })
                 && lock(&self.session).is_none()
-                && let Err(e) = self.login().await
+                && let Err(e) = self.login_until(deadline).await
             {
                 if e.is_retryable() && attempt < self.config.max_attempts {
-                    self.note_retry(op, attempt, &e).await;
+                    self.note_retry(op, attempt, &e, deadline).await?;
                     continue;
                 }
                 return Err(e);
             }
             let req = self.build(op, method, path, body.clone())?;
-            let err = match self.send_once(op, req).await {
+            let err = match self.send_once(op, req, deadline).await {
                 Ok(answer) if answer.status.is_success() => return Ok(answer),
                 Ok(answer) => api_error(op, &answer),
                 Err(e) => e,
@@ -531,7 +581,7 @@ where
             }
             let may_repeat = !transport || *method != Method::POST;
             if err.is_retryable() && may_repeat && attempt < self.config.max_attempts {
-                self.note_retry(op, attempt, &err).await;
+                self.note_retry(op, attempt, &err, deadline).await?;
                 continue;
             }
             return Err(err);
@@ -570,20 +620,32 @@ where
         }
     }
 
-    async fn note_retry(&self, op: &str, attempt: u32, err: &NsxError) {
+    /// Waits before the next attempt; a fenced write whose fence falls first gives up now.
+    async fn note_retry(
+        &self,
+        op: &str,
+        attempt: u32,
+        err: &NsxError,
+        deadline: Option<Instant>,
+    ) -> Result<(), NsxError> {
+        let wait = self.backoff(attempt);
+        if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            lock(&self.stats).fenced += 1;
+            return Err(NsxError::Fenced { op: op.to_string() });
+        }
         lock(&self.stats).retries += 1;
         tracing::debug!(op, attempt, error = %err, "retrying NSX request");
-        self.backoff(attempt).await;
+        tokio::time::sleep(wait).await;
+        Ok(())
     }
 
-    async fn backoff(&self, attempt: u32) {
+    fn backoff(&self, attempt: u32) -> Duration {
         let ceiling = self
             .config
             .backoff_base_ms
             .saturating_mul(1u64 << attempt.min(20).saturating_sub(1))
             .min(self.config.backoff_max_ms);
-        let wait = lock(&self.rng).range_u64(ceiling / 2, ceiling);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        Duration::from_millis(lock(&self.rng).range_u64(ceiling / 2, ceiling))
     }
 
     fn uri(&self, op: &str, path: &str) -> Result<Uri, NsxError> {
@@ -631,22 +693,38 @@ where
         })
     }
 
-    async fn send_once(&self, op: &str, req: Request<Full<Bytes>>) -> Result<Answer, NsxError> {
+    /// One exchange, abandoned at `deadline` (a write's fence) or after the request timeout.
+    async fn send_once(
+        &self,
+        op: &str,
+        req: Request<Full<Bytes>>,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, NsxError> {
         let wait = {
             let mut limiter = lock(&self.limiter);
             limiter.as_mut().map(|l| l.reserve(Instant::now()))
         };
+        let fenced = || {
+            lock(&self.stats).fenced += 1;
+            NsxError::Fenced { op: op.to_string() }
+        };
         if let Some(w) = wait.filter(|w| !w.is_zero()) {
+            if deadline.is_some_and(|d| Instant::now() + w >= d) {
+                return Err(fenced());
+            }
             tokio::time::sleep(w).await;
         }
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|e| NsxError::Transport {
-                op: op.to_string(),
-                source: Box::new(e),
-            })?;
+        let permit = self.in_flight.acquire();
+        let permit = match deadline {
+            Some(d) => tokio::time::timeout_at(d, permit)
+                .await
+                .map_err(|_| fenced())?,
+            None => permit.await,
+        };
+        let _permit = permit.map_err(|e| NsxError::Transport {
+            op: op.to_string(),
+            source: Box::new(e),
+        })?;
         let is_write = req.method() != Method::GET;
         {
             let mut s = lock(&self.stats);
@@ -680,8 +758,13 @@ where
                 body,
             })
         };
-        let result = match tokio::time::timeout(timeout, exchange).await {
+        let cut_by_fence = deadline.is_some_and(|d| d < Instant::now() + timeout);
+        let until = deadline.map_or(Instant::now() + timeout, |d| {
+            d.min(Instant::now() + timeout)
+        });
+        let result = match tokio::time::timeout_at(until, exchange).await {
             Ok(r) => r,
+            Err(_) if cut_by_fence => Err(fenced()),
             Err(_) => Err(NsxError::Timeout {
                 op: op.to_string(),
                 timeout_ms: self.config.request_timeout_ms,

@@ -60,10 +60,18 @@ pub struct ApiServiceConfig {
     /// Requests in flight in all (503 beyond); 0 = no limit.
     pub global_api_concurrency_limit: u32,
     pub session_timeout: u32,
+    /// Seconds a connection may take to send a request's headers or body, and may sit idle
+    /// between requests, before the manager closes it (NSX's default 30).
+    #[serde(default = "default_connection_timeout")]
+    pub connection_timeout: u32,
     #[serde(default)]
     pub resource_type: String,
     #[serde(rename = "_revision", default)]
     pub revision: i64,
+}
+
+fn default_connection_timeout() -> u32 {
+    30
 }
 
 impl Default for ApiServiceConfig {
@@ -73,6 +81,7 @@ impl Default for ApiServiceConfig {
             client_api_concurrency_limit: 40,
             global_api_concurrency_limit: 199,
             session_timeout: 1800,
+            connection_timeout: default_connection_timeout(),
             resource_type: "ApiServiceConfig".into(),
             revision: 0,
         }
@@ -113,6 +122,7 @@ impl ApiServiceConfig {
                 self.global_api_concurrency_limit,
             )?,
             session_timeout: num("session_timeout", self.session_timeout)?,
+            connection_timeout: num("connection_timeout", self.connection_timeout)?,
             resource_type: self.resource_type.clone(),
             revision: self.revision + 1,
         };

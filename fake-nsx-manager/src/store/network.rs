@@ -876,6 +876,13 @@ impl Store {
                 "translated_network is required for a {action} rule"
             )));
         }
+        if let Some(p) = doc.get("rule_priority")
+            && !p.as_i64().is_some_and(|p| (0..=2_147_483_647).contains(&p))
+        {
+            return Err(ApiError::validation(format!(
+                "rule_priority must be an integer from 0 to 2147483647, not {p}"
+            )));
+        }
         for field in [
             "translated_network",
             "match_source_network",

@@ -148,6 +148,28 @@ impl Client {
         self.call("DELETE", path, None).await
     }
 
+    /// Logs in as admin with a session: `(cookie, xsrf token)`.
+    pub async fn session(&self) -> (String, String) {
+        let login = self
+            .raw(
+                "POST",
+                "/api/session/create",
+                b"j_username=admin&j_password=admin",
+                &[],
+            )
+            .await
+            .expect(200);
+        let cookie = login.headers["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let xsrf = login.headers["x-xsrf-token"].to_str().unwrap().to_string();
+        (cookie, xsrf)
+    }
+
     pub fn boot(&self) -> fake_nsx_manager::Bootstrap {
         self.nsx.bootstrap().expect("bootstrapped")
     }

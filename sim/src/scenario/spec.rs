@@ -480,18 +480,28 @@ pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         return Err(ctx.err(Some(1), "`name` must not be empty"));
     }
     let c = doc.cluster;
+    let at = |key: &str| cluster_line(text, key);
+    // The count is checked before any name is made: `nodes: 100000000000` is an error, not
+    // an attempt to allocate them.
+    let count = match &c.nodes {
+        None => 3,
+        Some(Nodes::Count(n)) => *n,
+        Some(Nodes::Names(v)) => v.len(),
+    };
+    if !(1..=MAX_NODES).contains(&count) {
+        return Err(ctx.err(
+            at("nodes"),
+            format!("cluster.nodes must be 1 to {MAX_NODES} nodes, not {count}"),
+        ));
+    }
     let nodes = match c.nodes {
-        None => (1..=3).map(|i| format!("node-{i}")).collect(),
-        Some(Nodes::Count(n)) => (1..=n).map(|i| format!("node-{i}")).collect(),
+        None | Some(Nodes::Count(_)) => (1..=count).map(|i| format!("node-{i}")).collect(),
         Some(Nodes::Names(v)) => v,
     };
-    if nodes.is_empty() || nodes.len() > 64 {
-        return Err(ctx.err(None, "cluster.nodes must be 1 to 64 nodes"));
-    }
     for n in &nodes {
         if !crate::scenario::names::is_dns_label(n) || reserved_host(n) {
             return Err(ctx.err(
-                None,
+                at("nodes"),
                 format!("cluster.nodes: `{n}` is not a usable node name (a DNS label that is not a host name the harness uses)"),
             ));
         }
@@ -503,12 +513,12 @@ pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         ("service_cidr", &c.service_cidr),
     ] {
         crate::scenario::names::parse_cidr(cidr)
-            .map_err(|e| ctx.err(None, format!("cluster.{key}: {e}")))?;
+            .map_err(|e| ctx.err(at(key), format!("cluster.{key}: {e}")))?;
     }
     let (_, block_len) = crate::scenario::names::parse_cidr(&c.ip_block).unwrap_or((0, 16));
     if c.subnet_prefix <= block_len || c.subnet_prefix > 30 {
         return Err(ctx.err(
-            None,
+            at("subnet_prefix"),
             format!(
                 "cluster.subnet_prefix {} must be longer than the block's /{block_len} and at most 30",
                 c.subnet_prefix
@@ -516,7 +526,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         ));
     }
     if !(1..=3).contains(&c.ncp_replicas) {
-        return Err(ctx.err(None, "cluster.ncp_replicas must be 1, 2 or 3"));
+        return Err(ctx.err(at("ncp_replicas"), "cluster.ncp_replicas must be 1, 2 or 3"));
     }
     let cluster = Cluster {
         name: c.name,
@@ -590,6 +600,33 @@ fn line_of(text: &str, needle: &str) -> Option<u64> {
     text.lines()
         .position(|l| l.trim_start().starts_with(needle))
         .map(|i| i as u64 + 1)
+}
+
+/// The most nodes a scenario's cluster may have.
+pub const MAX_NODES: usize = 64;
+
+/// The line of `cluster.<key>` (the `cluster:` line when the key is written on it, in flow
+/// style, or is absent and defaulted), for errors about the cluster's settings.
+fn cluster_line(text: &str, key: &str) -> Option<u64> {
+    let start = line_of(text, "cluster:")?;
+    let lines: Vec<&str> = text.lines().collect();
+    let field = format!("{key}:");
+    if lines.get(start as usize - 1)?.contains(&field) {
+        return Some(start);
+    }
+    for (i, l) in lines.iter().enumerate().skip(start as usize) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if !l.starts_with([' ', '\t']) {
+            break;
+        }
+        if t.starts_with(&field) {
+            return Some(i as u64 + 1);
+        }
+    }
+    Some(start)
 }
 
 fn reserved_host(n: &str) -> bool {

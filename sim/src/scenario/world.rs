@@ -540,6 +540,7 @@ impl World {
                 }
             }
             Fault::NsxErrors(e) => self.nsx.add_fault(FaultRule {
+                user: None,
                 method: e.method.clone(),
                 path: e.path.clone(),
                 status: e.status,
