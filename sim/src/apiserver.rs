@@ -607,6 +607,23 @@ impl ApiServer {
         patch: &Value,
         sub: Option<&str>,
     ) -> Result<Value, ApiError> {
+        // A merge patch of an object is an object; its metadata an object; kind and
+        // apiVersion are the object's (as the apiserver, which refuses anything else with 400
+        // or 422 and changes nothing).
+        if !patch.is_object() {
+            return Err(ApiError::new(
+                400,
+                "BadRequest",
+                format!("the patch must be a JSON object, not {patch}"),
+            ));
+        }
+        if patch.get("metadata").is_some_and(|m| !m.is_object()) {
+            return Err(ApiError::new(
+                422,
+                "Invalid",
+                "metadata in the patch must be an object",
+            ));
+        }
         let mut g = self.lock();
         let key = (def.plural, ns.unwrap_or("").to_string(), name.to_string());
         let cur = g
@@ -614,6 +631,20 @@ impl ApiServer {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(def.plural, name))?;
+        for k in ["kind", "apiVersion"] {
+            if let Some(v) = patch.get(k)
+                && Some(v) != cur.get(k)
+            {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "{k} cannot be changed by a patch (is {}, patch says {v})",
+                        cur[k]
+                    ),
+                ));
+            }
+        }
         if let Some(rv) = patch["metadata"]["resourceVersion"].as_str()
             && rv != cur["metadata"]["resourceVersion"].as_str().unwrap_or("")
         {
@@ -639,6 +670,13 @@ impl ApiServer {
         }
         let mut next = cur.clone();
         match sub {
+            Some("status") if patch.get("status").is_some_and(|s| !s.is_object()) => {
+                return Err(ApiError::new(
+                    422,
+                    "Invalid",
+                    "status in the patch must be an object",
+                ));
+            }
             Some("status") => merge_patch(&mut next["status"], &patch["status"]),
             Some(other) => {
                 return Err(ApiError::new(
@@ -1044,6 +1082,39 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_767_225_600_000), "2026-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn a_patch_that_is_not_an_object_or_changes_the_kind_is_refused_and_changes_nothing() {
+        // Found by the apiserver_patch fuzz target: a patch of `0` replaced the whole object
+        // and the next line indexed its metadata (a panic in the handler).
+        let api = ApiServer::new(1, || 0);
+        api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}))
+            .unwrap();
+        let before = api.get("namespaces", "", "a").unwrap();
+        for patch in [
+            json!(0),
+            json!(null),
+            json!([1]),
+            json!("x"),
+            json!({"metadata": 5}),
+            json!({"metadata": null}),
+            json!({"kind": "Pod"}),
+            json!({"apiVersion": "v2"}),
+        ] {
+            let e = api
+                .patch("namespaces", "", "a", &patch)
+                .expect_err(&patch.to_string());
+            assert!(!e.is_empty());
+            assert_eq!(api.get("namespaces", "", "a").unwrap(), before, "{patch}");
+        }
+        api.patch(
+            "namespaces",
+            "",
+            "a",
+            &json!({"metadata": {"labels": {"x": "1"}}}),
+        )
+        .unwrap();
     }
 
     #[test]
