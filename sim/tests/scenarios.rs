@@ -136,6 +136,12 @@ const BAD: &[(&str, u64, &str)] = &[
         3,
         "nowhere.yaml",
     ),
+    // A device is not a manifest: reading /dev/zero would never end.
+    (
+        "name: x\nsteps:\n  - apply_file: /dev/zero\n",
+        3,
+        "/dev/zero: not a regular file",
+    ),
     (
         "name: x\ncluster: {nodes: 2, subnet_prefix: 12}\nsteps: []\n",
         2,

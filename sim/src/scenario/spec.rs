@@ -468,8 +468,35 @@ fn yaml_error(ctx: &Ctx<'_>, e: &serde_saphyr::Error, line_offset: u64) -> Scena
 /// Loads and validates one scenario file.
 pub fn load(file: &Path) -> Result<Scenario, ScenarioError> {
     let ctx = Ctx { file };
-    let text = std::fs::read_to_string(file).map_err(|e| ctx.err(None, e.to_string()))?;
+    let text = read_text_file(file).map_err(|e| ctx.err(None, e))?;
     parse(file, &text)
+}
+
+/// The largest scenario or manifest file read.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// A scenario or manifest file: a regular file of at most [`MAX_FILE_BYTES`] (never a device
+/// or a FIFO, which `apply_file: /dev/zero` would read forever), in UTF-8.
+fn read_text_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "{} bytes; files are read up to {MAX_FILE_BYTES}",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!("longer than {MAX_FILE_BYTES} bytes"));
+    }
+    Ok(text)
 }
 
 /// Validates scenario text as if it were `file` (which `apply_file` resolves against).
@@ -649,7 +676,7 @@ fn step(
                 .parent()
                 .unwrap_or_else(|| Path::new("."))
                 .join(&rel);
-            let text = std::fs::read_to_string(&path)
+            let text = read_text_file(&path)
                 .map_err(|e| err(format!("apply_file {}: {e}", path.display())))?;
             let sub = Ctx { file: &path };
             StepKind::Apply(manifests(&sub, &text, 0)?)
