@@ -160,7 +160,7 @@ impl<S: PodSwitch + Send, P: PodSource> AgentService<S, P> {
 /// One request on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireRequest {
-    pub command: String,
+    pub command: Command,
     pub container_id: String,
     pub netns: String,
     pub ifname: String,
@@ -194,7 +194,7 @@ pub enum WireResponse {
 impl WireRequest {
     pub fn from_env(env: &Env, keep: &[Attachment]) -> Self {
         Self {
-            command: format!("{:?}", env.command).to_uppercase(),
+            command: env.command,
             container_id: env.container_id.clone(),
             netns: env.netns.clone(),
             ifname: env.ifname.clone(),
@@ -209,20 +209,7 @@ impl WireRequest {
 
 impl<S: PodSwitch + Send, P: PodSource> AgentService<S, P> {
     async fn answer(&self, req: WireRequest) -> WireResponse {
-        let command = match req.command.as_str() {
-            "ADD" => Command::Add,
-            "DEL" => Command::Del,
-            "CHECK" => Command::Check,
-            "STATUS" => Command::Status,
-            "GC" => Command::Gc,
-            other => {
-                return WireResponse::Error {
-                    code: code::INVALID_ENV,
-                    msg: format!("unknown command {other:?}"),
-                    details: String::new(),
-                };
-            }
-        };
+        let command = req.command;
         let env = Env {
             command,
             container_id: req.container_id,
@@ -261,7 +248,12 @@ impl<S: PodSwitch + Send, P: PodSource> AgentService<S, P> {
                     .collect();
                 self.gc(&keep).await.map(|()| WireResponse::Done)
             }
-            Command::Version => Ok(WireResponse::Done),
+            // The plugin answers VERSION itself; the agent has nothing to add.
+            Command::Version => Err(CniError::new(
+                code::INVALID_ENV,
+                "VERSION is answered by the plugin, not the agent",
+                "",
+            )),
         };
         r.unwrap_or_else(|e| WireResponse::Error {
             code: e.code,

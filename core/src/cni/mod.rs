@@ -57,7 +57,10 @@ impl CniError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A CNI command. The names are the spec's (`CNI_COMMAND`), and the same names travel on the
+/// agent's wire (serde), so the plugin and the agent share one vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Command {
     Add,
     Del,
@@ -65,6 +68,33 @@ pub enum Command {
     Version,
     Status,
     Gc,
+}
+
+impl Command {
+    pub const ALL: [Command; 6] = [
+        Command::Add,
+        Command::Del,
+        Command::Check,
+        Command::Version,
+        Command::Status,
+        Command::Gc,
+    ];
+
+    /// The name in `CNI_COMMAND` and on the agent's wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Command> {
+        Command::ALL.into_iter().find(|c| c.name() == name)
+    }
 }
 
 /// The environment, validated for its command.
@@ -98,14 +128,9 @@ impl Env {
         let get = |k: &str| vars.get(k).cloned().unwrap_or_default();
         let bad = |msg: String| CniError::new(code::INVALID_ENV, msg, "");
         let command = match get("CNI_COMMAND").as_str() {
-            "ADD" => Command::Add,
-            "DEL" => Command::Del,
-            "CHECK" => Command::Check,
-            "VERSION" => Command::Version,
-            "STATUS" => Command::Status,
-            "GC" => Command::Gc,
             "" => return Err(bad("CNI_COMMAND is not set".into())),
-            other => return Err(bad(format!("CNI_COMMAND {other:?} is not a CNI command"))),
+            name => Command::from_name(name)
+                .ok_or_else(|| bad(format!("CNI_COMMAND {name:?} is not a CNI command")))?,
         };
         let needs_container = matches!(command, Command::Add | Command::Del | Command::Check);
         let container_id = get("CNI_CONTAINERID");
@@ -416,6 +441,18 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn command_names_are_the_same_in_the_environment_and_on_the_wire() {
+        for c in Command::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), json!(c.name()));
+            assert_eq!(Command::from_name(c.name()), Some(c));
+            let wire: Command = serde_json::from_value(json!(c.name())).unwrap();
+            assert_eq!(wire, c);
+        }
+        assert_eq!(Command::from_name("add"), None);
+        assert!(serde_json::from_value::<Command>(json!("Add")).is_err());
     }
 
     #[test]

@@ -411,3 +411,68 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nsx_core::agent::server::PodSource;
+
+    struct NoPods;
+
+    impl PodSource for NoPods {
+        async fn annotation(&self, _: &str, _: &str) -> Option<String> {
+            None
+        }
+    }
+
+    /// The agent's wire speaks the spec's command names, typed: a line naming a command the
+    /// agent does not know is a decode error (6), VERSION is the plugin's to answer (4), and a
+    /// known command is served.
+    #[tokio::test]
+    async fn the_wire_carries_typed_commands() {
+        let service = AgentService {
+            agent: Mutex::new(Agent::new(AgentConfig { uplink: UPLINK })),
+            switch: Arc::new(Mutex::new(Bridge::new("br-int"))),
+            pods: NoPods,
+            wait: WaitConfig::default(),
+        };
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let server = async move {
+            let _ = service.serve(theirs).await;
+        };
+        let client = async move {
+            let (r, mut w) = tokio::io::split(ours);
+            let mut lines = BufReader::new(r).lines();
+            let mut ask = async |line: String| -> WireResponse {
+                w.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+                let answer = lines.next_line().await.unwrap().unwrap();
+                serde_json::from_str(&answer).unwrap()
+            };
+            let req = |command: &str| {
+                json!({"command": command, "container_id": "c1", "netns": "/x", "ifname": "eth0",
+                       "args": {}})
+                .to_string()
+            };
+            let code = |a: &WireResponse| match a {
+                WireResponse::Error { code, .. } => Some(*code),
+                _ => None,
+            };
+            assert_eq!(code(&ask(req("FROB")).await), Some(6));
+            assert_eq!(code(&ask(req("add")).await), Some(6));
+            assert_eq!(code(&ask(req("VERSION")).await), Some(4));
+            assert_eq!(ask(req("DEL")).await, WireResponse::Done);
+            // What the plugin sends is what the agent reads.
+            let env = nsx_core::cni::Env {
+                command: nsx_core::cni::Command::Status,
+                container_id: String::new(),
+                netns: String::new(),
+                ifname: String::new(),
+                args: BTreeMap::new(),
+            };
+            let line = serde_json::to_string(&WireRequest::from_env(&env, &[])).unwrap();
+            assert!(line.contains(r#""command":"STATUS""#), "{line}");
+            assert_eq!(ask(line).await, WireResponse::Done);
+        };
+        tokio::join!(server, client);
+    }
+}
