@@ -99,23 +99,7 @@ async fn session_login_gives_cookie_and_xsrf_and_an_expired_session_answers_98()
         )
         .await;
     assert_eq!(bad.status, 403);
-    let login = c
-        .raw(
-            "POST",
-            "/api/session/create",
-            b"j_username=admin&j_password=admin",
-            &[],
-        )
-        .await
-        .expect(200);
-    let cookie = login.headers["set-cookie"]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let xsrf = login.headers["x-xsrf-token"].to_str().unwrap().to_string();
+    let (cookie, xsrf) = c.session().await;
     s.extra = vec![("cookie".into(), cookie), ("x-xsrf-token".into(), xsrf)];
     s.get("logical-switches").await.expect(200);
     c.nsx.expire_sessions();

@@ -175,15 +175,7 @@ fn a_partitioned_leader_is_fenced_before_the_other_replica_takes_over() {
     let holder =
         api.get("leases", "kube-system", "ncp-k8s-a").unwrap()["spec"]["holderIdentity"].clone();
     assert_eq!(holder, Value::String(other.to_string()));
-    let ports = nsx.with_store(|s| {
-        s.objects()
-            .filter(|(_, o)| {
-                o.doc
-                    .get("tags")
-                    .is_some_and(|t| t.to_string().contains("ncp/pod_uid"))
-            })
-            .count()
-    });
+    let ports = pod_ports(&nsx);
     assert_eq!(ports, 1, "repaired once, by the new leader");
     // Healed: the old leader stays a follower and never writes again.
     sim.repair(leader.as_str(), "apiserver");
@@ -217,6 +209,19 @@ fn elect(sim: &mut turmoil::Sim<'_>, api: &ApiServer, log: &Log) -> (String, Str
     let leader = leaders[0].clone();
     let other = if leader == "ncp-0" { "ncp-1" } else { "ncp-0" };
     (leader, other.to_string())
+}
+
+/// How many pod ports NSX holds (tagged `ncp/pod_uid`).
+fn pod_ports(nsx: &FakeNsxManager) -> usize {
+    nsx.with_store(|s| {
+        s.objects()
+            .filter(|(_, o)| {
+                o.doc
+                    .get("tags")
+                    .is_some_and(|t| t.to_string().contains("ncp/pod_uid"))
+            })
+            .count()
+    })
 }
 
 /// The pod's logical port, deleted behind NCP's back (detached), as drift NCP repairs.
@@ -337,15 +342,7 @@ fn a_write_held_and_retried_across_a_takeover_never_lands_after_the_new_leaders_
         new_first >= last_renewal + 18_000,
         "taken over before the Lease expired"
     );
-    let ports = nsx.with_store(|s| {
-        s.objects()
-            .filter(|(_, o)| {
-                o.doc
-                    .get("tags")
-                    .is_some_and(|t| t.to_string().contains("ncp/pod_uid"))
-            })
-            .count()
-    });
+    let ports = pod_ports(&nsx);
     assert_eq!(ports, 1, "repaired once, by the new leader");
     nsx.with_store(|s| s.check_invariants()).unwrap();
 }
