@@ -20,7 +20,7 @@ use fake_ovs::real::Sandbox;
 use nsx_adapters::ovs::{OvsBridge, OvsTools, find_tool};
 use nsx_core::agent::PodSwitch;
 use nsx_core::agent::wiring::port_name;
-use nsx_core::proxy::compile::cookie;
+use nsx_core::ovs::pipeline::{self, Cookie};
 use nsx_sim::apiserver::ApiServer;
 use serde_json::{Value, json};
 
@@ -419,15 +419,15 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     );
 
     // nsx-kube-proxy restarts: round 2 replaces round 1 in one bundle, traffic goes on.
-    let before = cookie::previous_round(sw.bridge().cookies().unwrap());
+    let before = pipeline::previous_round(sw.bridge().cookies().unwrap());
     assert_eq!(before, Some(1));
     drop(proxy);
     proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &["kube-proxy"]);
     let cookies = sw.bridge().cookies().unwrap();
     let rounds: std::collections::BTreeSet<u64> = cookies
         .iter()
-        .filter(|c| cookie::previous_round([**c]).is_some())
-        .map(|c| (c & cookie::ROUND_MASK) >> cookie::ROUND_SHIFT)
+        .filter(|c| pipeline::previous_round([**c]).is_some())
+        .map(|c| (c & Cookie::ROUND_MASK) >> Cookie::ROUND_SHIFT)
         .collect();
     assert_eq!(rounds, [2].into(), "only the new round's flows remain");
     assert_eq!(get(&pods[0], "http://10.96.0.10/"), "200 pod-b");

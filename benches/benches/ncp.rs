@@ -14,9 +14,10 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::collections::BTreeSet;
 
 use nsx_core::k8s::ViewChanges;
-use nsx_core::ncp::desired::{Key, desired};
+use nsx_core::ncp::desired::desired;
 use nsx_core::ncp::desired_cache::DesiredCache;
 use nsx_core::ncp::plan::{Op, plan, plan_changes};
+use nsx_core::ncp::vocab::Key;
 
 fn ncp(c: &mut Criterion) {
     let mut group = c.benchmark_group("ncp");

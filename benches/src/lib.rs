@@ -119,9 +119,11 @@ pub fn converged_observation(
 ) -> nsx_core::ncp::observe::Observed {
     use std::collections::BTreeMap;
 
-    use nsx_core::ncp::desired::{Key, desired};
+    use nsx_core::ncp::desired::desired;
     use nsx_core::ncp::observe::Observed;
-    use nsx_core::ncp::plan::{Op, plan, render};
+    use nsx_core::ncp::plan::{Op, plan};
+    use nsx_core::ncp::render::render;
+    use nsx_core::ncp::vocab::Key;
 
     let want = desired(view, "k8s-a", 24);
     let creation = plan(&want, &Observed::default(), infra);

@@ -1,8 +1,20 @@
-//! A fixed, fast hash for lookup tables keyed by what this system makes itself (endpoints,
+//! Two fixed hashes. [`stable_hash`] names things (NSX display names, OVS cookies, watch
+//! jitter seeds): its value is part of what the system writes, so it must not change with the
+//! compiler or the platform. [`WordHasher`] is a fixed, fast hash for lookup tables keyed by what this system makes itself (endpoints,
 //! service port keys, classifier keys): multiplicative, a word at a time. SipHash's DoS
 //! resistance buys little for keys from the cluster's own objects, and these tables take a
 //! lookup per endpoint and per flow. Fixed, not seeded: no map hashed with it may be iterated
 //! into output (the determinism rules in the README), and a fixed hash keeps even an accident of order reproducible.
+
+/// FNV-1a 64: stable across builds and platforms (names must not change with the compiler).
+pub fn stable_hash(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
 
 /// Builds [`WordHasher`]s.
 pub type WordBuild = std::hash::BuildHasherDefault<WordHasher>;

@@ -404,6 +404,27 @@ impl ApiServer {
             .collect()
     }
 
+    /// Visits every stored object of a resource in key order, without copying them (the
+    /// harness's checks read the whole cluster often); stops at the first error.
+    pub fn try_each<E>(
+        &self,
+        plural: &str,
+        mut f: impl FnMut(&Value) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(def) = RESOURCES.iter().find(|r| r.plural == plural) else {
+            return Ok(());
+        };
+        let g = self.lock();
+        let from = (def.plural, String::new(), String::new());
+        for ((p, _, _), v) in g.objects.range(from..) {
+            if *p != def.plural {
+                break;
+            }
+            f(v)?;
+        }
+        Ok(())
+    }
+
     pub fn get(&self, plural: &str, namespace: &str, name: &str) -> Option<Value> {
         let def = RESOURCES.iter().find(|r| r.plural == plural)?;
         self.lock()

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{World, view, view_with_uids};
 use nsx_core::k8s::fixture;
-use nsx_core::ncp::desired::Key;
+use nsx_core::ncp::vocab::Key;
 use serde_json::Value;
 
 fn tag<'a>(d: &'a Value, scope: &str) -> Option<&'a str> {

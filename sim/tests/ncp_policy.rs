@@ -22,7 +22,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nsx_core::k8s::{ClusterView, fixture};
-use nsx_core::ncp::desired::Key;
+use nsx_core::ncp::vocab::Key;
 use proptest::prelude::*;
 
 fn labels(kv: &[(&str, &str)]) -> Option<BTreeMap<String, String>> {

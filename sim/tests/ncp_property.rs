@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 
 use common::World;
 use nsx_core::k8s::{ClusterView, annotation, fixture};
-use nsx_core::ncp::desired::{Key, desired};
+use nsx_core::ncp::desired::desired;
+use nsx_core::ncp::vocab::Key;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -217,7 +218,7 @@ fn expected_counts(view: &ClusterView, node_vifs: usize) -> BTreeMap<Key, usize>
     want.objects
         .into_iter()
         .filter(|(k, spec)| match &spec.detail {
-            nsx_core::ncp::desired::Detail::PodPort { node, .. } => {
+            nsx_core::ncp::vocab::Detail::PodPort { node, .. } => {
                 let n: usize = node.trim_start_matches("node-").parse().unwrap_or(99);
                 let _ = k;
                 n <= node_vifs

@@ -27,7 +27,7 @@ use nsx_core::agent::server::{AgentService, WaitConfig};
 use nsx_core::agent::wiring::AGENT_STATIC_COOKIE;
 use nsx_core::agent::{Agent, AgentConfig};
 use nsx_core::cni::DEFAULT_AGENT_SOCKET;
-use nsx_core::proxy::compile::cookie;
+use nsx_core::ovs::pipeline::{self, Category, Cookie};
 use nsx_core::proxy::run::{ProxySignals, Synced, Timing};
 use nsx_core::proxy::{Proxy, ProxyConfig};
 use tokio::sync::Mutex;
@@ -275,13 +275,14 @@ async fn run_proxy(
     let bridge = OvsBridge::new(&args.bridge, tools);
     // What a previous proxy left: its round (deleted after the first sync of the next one)
     // and its groups (ids this proxy must not reuse blindly).
-    let previous = cookie::previous_round(bridge.cookies().context("reading the bridge's flows")?);
+    let previous =
+        pipeline::previous_round(bridge.cookies().context("reading the bridge's flows")?);
     let groups = bridge
         .group_ids()
         .context("reading the bridge's groups")?
         .into_iter()
         .collect();
-    let round = cookie::next_round(previous);
+    let round = pipeline::next_round(previous);
     tracing::info!(bridge = %args.bridge, round, previous = ?previous, "nsx-kube-proxy starting");
     let kube = kube_client::client(args.kubeconfig.as_deref()).await?;
     let proxy = Proxy::new(
@@ -296,7 +297,7 @@ async fn run_proxy(
     let signals = ProxySignals::default();
     let watcher = bridge.clone();
     let shared = Arc::new(Mutex::new(bridge));
-    let sentinel = cookie::make(round, cookie::KIND_STATIC, 0);
+    let sentinel = Cookie::new(round, Category::ProxyStatic, 0).value();
     let m = metrics.clone();
     let mut last = Instant::now();
     let on_sync = move |s: Synced<'_>| {

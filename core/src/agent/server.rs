@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::Mutex;
 
 use super::wiring::{Agent, AgentError, PodNetwork, PodRequest, PodSwitch};
+use crate::cni::wire::{WireRequest, WireResponse};
 use crate::cni::{Attachment, CniError, Command, Env, PodAddress, code};
 use crate::k8s::annotation;
 
@@ -154,56 +154,6 @@ impl<S: PodSwitch + Send, P: PodSource> AgentService<S, P> {
             agent.remove(&mut *switch, &c).map_err(agent_error)?;
         }
         Ok(())
-    }
-}
-
-/// One request on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WireRequest {
-    pub command: Command,
-    pub container_id: String,
-    pub netns: String,
-    pub ifname: String,
-    pub args: std::collections::BTreeMap<String, String>,
-    #[serde(default)]
-    pub keep: Vec<(String, String)>,
-}
-
-/// One answer on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum WireResponse {
-    Added {
-        ip: String,
-        gateway: String,
-        mac: String,
-    },
-    Checked {
-        ip: Option<String>,
-        gateway: String,
-        mac: String,
-    },
-    Done,
-    Error {
-        code: u32,
-        msg: String,
-        details: String,
-    },
-}
-
-impl WireRequest {
-    pub fn from_env(env: &Env, keep: &[Attachment]) -> Self {
-        Self {
-            command: env.command,
-            container_id: env.container_id.clone(),
-            netns: env.netns.clone(),
-            ifname: env.ifname.clone(),
-            args: env.args.clone(),
-            keep: keep
-                .iter()
-                .map(|a| (a.container_id.clone(), a.ifname.clone()))
-                .collect(),
-        }
     }
 }
 

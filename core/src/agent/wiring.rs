@@ -7,7 +7,7 @@ use serde::Deserialize;
 use crate::ovs::bridge::{BridgeError, OfOp, OpenFlowBridge};
 use crate::ovs::field::Field;
 use crate::ovs::flow::{Action, Flow, Match, Subfield};
-use crate::proxy::compile::table;
+use crate::ovs::pipeline::{Category, Cookie, ct_state, match_bits, priority, reg, table};
 
 /// External id keys on a pod's OVS port (the agent's memory, on the switch).
 pub mod external_id {
@@ -150,17 +150,14 @@ pub struct Agent {
     static_installed: bool,
 }
 
-const COOKIE_KIND_POD: u64 = 4 << 40;
-const COOKIE_KIND_AGENT: u64 = 5 << 40;
-
 /// The cookie of the agent's own (pod-independent) flows: while one is on the bridge,
 /// ovs-vswitchd has not restarted since the agent last installed them.
-pub const AGENT_STATIC_COOKIE: u64 = COOKIE_KIND_AGENT;
+pub const AGENT_STATIC_COOKIE: u64 = (Category::AgentStatic as u64) << Cookie::CATEGORY_SHIFT;
 
 /// The cookie of a pod's flows: from its container id (not its port number, which OVS
 /// may hand to another pod later).
 pub fn pod_cookie(container_id: &str) -> u64 {
-    COOKIE_KIND_POD | (crate::ncp::naming::stable_hash(container_id) & ((1 << 40) - 1))
+    Cookie::new(0, Category::Pod, crate::hash::stable_hash(container_id)).value()
 }
 
 /// The port name: `nsx` and 11 hex digits of a hash of the container id (interface names
@@ -168,12 +165,8 @@ pub fn pod_cookie(container_id: &str) -> u64 {
 pub fn port_name(container_id: &str) -> String {
     format!(
         "nsx{:011x}",
-        crate::ncp::naming::stable_hash(container_id) & 0xfff_ffff_ffff
+        crate::hash::stable_hash(container_id) & 0xfff_ffff_ffff
     )
-}
-
-fn reg(n: u8) -> Subfield {
-    Subfield::whole(Field::Reg(n))
 }
 
 /// The source address a pod sees on a connection to itself through a Service (hairpin):
@@ -227,16 +220,16 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
     let mut from_uplink_ip = from_uplink.clone();
     from_uplink_ip.exact(Field::EthType, 0x0800);
     let mut to_pod = Match::default();
-    to_pod.exact(Field::Reg(7), u128::from(ofport));
+    match_bits(&mut to_pod, reg::TO_POD, u128::from(ofport));
     let mut out_of_pod = Match::default();
-    out_of_pod.exact(Field::Reg(5), u128::from(ofport));
+    match_bits(&mut out_of_pod, reg::FROM_POD, u128::from(ofport));
     let mut to_itself = out_of_pod.clone();
     to_itself.exact(Field::EthType, 0x0800);
     to_itself.exact(Field::IpDst, u128::from(ip));
     // +trk-rpl: the pod's own packets of the connection (the replies, +rpl, keep the source
     // the proxy's un-DNAT gave them).
     let mut to_itself_request = to_itself.clone();
-    to_itself_request.set(Field::CtState, 0x20, 0x28);
+    to_itself_request.set(Field::CtState, ct_state::TRK, ct_state::TRK | ct_state::RPL);
     let tag = vec![
         Action::PushVlan(0x8100),
         Action::SetField {
@@ -253,16 +246,16 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
         actions,
         ..Flow::default()
     };
-    // Into the proxy's tables, with the pod's port in `marker` (reg5: from the pod, reg7: to
-    // it) and as the conntrack zone.
-    let to_proxy = |marker: u8| {
+    // Into the proxy's tables, with the pod's port in `marker` (from the pod, or to it) and
+    // as the conntrack zone.
+    let to_proxy = |marker: Subfield| {
         [
             Action::Load {
-                dst: reg(marker),
+                dst: marker,
                 value: u128::from(ofport),
             },
             Action::Load {
-                dst: crate::proxy::compile::ZONE_FIELD,
+                dst: reg::ZONE,
                 value: u128::from(ofport),
             },
             Action::Resubmit {
@@ -271,7 +264,7 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
             },
         ]
     };
-    let from_pod_actions = to_proxy(5);
+    let from_pod_actions = to_proxy(reg::FROM_POD);
     let mut hairpin_back = vec![Action::SetField {
         field: Field::IpDst,
         value: u128::from(ip),
@@ -282,29 +275,33 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
         value: u128::from(HAIRPIN_SOURCE),
     }];
     hairpin_request.extend(hairpin_turn(mac));
+    use {priority as p, table::CLASSIFIER as IN, table::FORWARD as OUT};
     vec![
-        flow(0, 200, from_pod_ip, from_pod_actions.to_vec()),
+        flow(IN, p::POD_IP, from_pod_ip, from_pod_actions.to_vec()),
         // A reply to the hairpin address: to the pod itself, as the connection was.
-        flow(0, 210, hairpin_reply, hairpin_back),
+        flow(IN, p::HAIRPIN_REPLY, hairpin_reply, hairpin_back),
         // Any other source address from this pod: SpoofGuard.
-        flow(0, 150, spoofed, vec![]),
-        flow(0, 100, from_pod, tag.clone()),
+        flow(IN, p::SPOOFED, spoofed, vec![]),
+        flow(IN, p::POD_OTHER, from_pod, tag.clone()),
         flow(
-            0,
-            200,
+            IN,
+            p::POD_IP,
             from_uplink_ip,
-            [Action::PopVlan].into_iter().chain(to_proxy(7)).collect(),
+            [Action::PopVlan]
+                .into_iter()
+                .chain(to_proxy(reg::TO_POD))
+                .collect(),
         ),
         flow(
-            0,
-            100,
+            IN,
+            p::POD_OTHER,
             from_uplink,
             vec![Action::PopVlan, Action::Output(ofport)],
         ),
-        flow(table::FORWARD, 200, to_pod, vec![Action::Output(ofport)]),
-        flow(table::FORWARD, 210, to_itself_request, hairpin_request),
-        flow(table::FORWARD, 205, to_itself, hairpin_turn(mac).to_vec()),
-        flow(table::FORWARD, 100, out_of_pod, tag),
+        flow(OUT, p::TO_POD, to_pod, vec![Action::Output(ofport)]),
+        flow(OUT, p::HAIRPIN_REQUEST, to_itself_request, hairpin_request),
+        flow(OUT, p::TO_ITSELF, to_itself, hairpin_turn(mac).to_vec()),
+        flow(OUT, p::OUT_OF_POD, out_of_pod, tag),
     ]
 }
 
@@ -340,14 +337,14 @@ impl Agent {
     fn static_flows(&self) -> Vec<OfOp> {
         // Anything else in table 0 and table 40 is dropped. Until the proxy's tables are in
         // (or after an OVS restart, before it replays), pod traffic skips them.
-        let c = COOKIE_KIND_AGENT;
-        let mut ops: Vec<OfOp> = [0u8, table::FORWARD]
+        let c = AGENT_STATIC_COOKIE;
+        let mut ops: Vec<OfOp> = [table::CLASSIFIER, table::FORWARD]
             .into_iter()
             .map(|t| {
                 OfOp::AddFlow(Flow {
                     cookie: c,
                     table: t,
-                    priority: 0,
+                    priority: priority::MISS,
                     ..Flow::default()
                 })
             })
@@ -355,7 +352,7 @@ impl Agent {
         ops.push(OfOp::AddFlow(Flow {
             cookie: c,
             table: table::CT_ZONE,
-            priority: 0,
+            priority: priority::MISS,
             actions: vec![Action::Resubmit {
                 port: None,
                 table: Some(table::FORWARD),

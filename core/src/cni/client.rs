@@ -3,8 +3,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 
+use super::wire::{WireRequest, WireResponse};
 use super::{AgentClient, Attachment, CniError, Env, PodAddress, code};
-use crate::agent::server::{WireRequest, WireResponse};
 
 pub struct StreamAgent<T: Read + Write> {
     stream: BufReader<T>,

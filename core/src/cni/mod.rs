@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 pub mod client;
+pub mod wire;
 
 use serde::Deserialize;
 use serde_json::{Value, json};

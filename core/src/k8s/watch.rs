@@ -96,7 +96,7 @@ where
 {
     let (reader, writer) = reflector::store();
     // Seeded jitter: kube-runtime's default backoff draws from the OS.
-    let seed = crate::ncp::naming::stable_hash(std::any::type_name::<K>());
+    let seed = crate::hash::stable_hash(std::any::type_name::<K>());
     let stream = reflector::reflector(
         writer,
         watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::new(seed)),

@@ -21,11 +21,12 @@ use http::Method;
 use hyper_util::client::legacy::connect::Connect;
 use serde_json::{Value, json};
 
-use super::desired::{Collection, Detail, Key, Spec};
 use super::infra::Infra;
 use super::naming::scope;
 use super::observe::Observed;
-use super::plan::{ADVERTISED, Missing, Op, Plan, advertised_tag, render, tag_of};
+use super::plan::{Op, Plan, tag_of};
+use super::render::{ADVERTISED, Missing, advertised_tag, render};
+use super::vocab::{Collection, Detail, Key, Spec};
 use crate::nsx::{NsxClient, NsxError};
 
 #[derive(Debug, thiserror::Error)]

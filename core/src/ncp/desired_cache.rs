@@ -23,10 +23,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::desired::{
-    Desired, Key, LiveNamespaces, Spec, lb_objects, namespace_objects, pod_objects,
-    service_objects, slice_service, virtual_servers,
+    lb_objects, namespace_objects, pod_objects, service_objects, slice_service, virtual_servers,
 };
-use super::policy::{PodScope, Problem, marker_objects, policy_objects, sort_problems};
+use super::policy::{PodScope, marker_objects, policy_objects, sort_problems};
+use super::vocab::{Desired, Key, LiveNamespaces, Problem, Spec};
 use crate::k8s::{ClusterView, ViewChanges};
 
 /// What a fragment of the desired state is computed from.
@@ -539,7 +539,7 @@ mod tests {
             if self.0 == 0 {
                 return None;
             }
-            let h = crate::ncp::naming::stable_hash(&format!("{key:?}/{}", self.0));
+            let h = crate::hash::stable_hash(&format!("{key:?}/{}", self.0));
             h.is_multiple_of(10).then_some(h & 0x100 != 0)
         }
     }
@@ -550,13 +550,14 @@ mod tests {
     /// Returns whether anything was refused.
     fn play(
         plan: &crate::ncp::plan::Plan,
-        desired: &crate::ncp::desired::Desired,
+        desired: &crate::ncp::vocab::Desired,
         o: &mut crate::ncp::observe::Observed,
         infra: &crate::ncp::infra::Infra,
         n: &mut u32,
         refusals: Refusals,
     ) -> bool {
-        use crate::ncp::plan::{Op, render};
+        use crate::ncp::plan::Op;
+        use crate::ncp::render::render;
         let mut failed: BTreeSet<Key> = BTreeSet::new();
         let mut delete_refused = false;
         for op in &plan.ops {

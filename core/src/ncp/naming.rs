@@ -34,19 +34,23 @@ pub mod scope {
     /// Which of a namespace's objects this is, where the resource type alone does not say
     /// (the switch port a downlink attaches to). Ours, not NCP's.
     pub const ROLE: &str = "ncp/role";
+    /// The NetworkPolicy a firewall object realizes.
+    pub const POLICY_UID: &str = "ncp/network_policy_uid";
+    /// Which of a policy's (or the cluster's marker) sections this is.
+    pub const FW_SECT_TYPE: &str = "ncp/fw_sect_type";
 }
 
 /// The `ncp/version` tag value this NCP writes.
 pub const VERSION: &str = "2.4.1";
 
-/// FNV-1a 64: stable across builds and platforms (names must not change with the compiler).
-pub fn stable_hash(text: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// The tags every object of a namespace carries.
+pub fn ns_tags(cluster: &str, ns: &k8s_openapi::api::core::v1::Namespace) -> Vec<Tag> {
+    vec![
+        tag(scope::CLUSTER, cluster),
+        tag(scope::VERSION, VERSION),
+        tag(scope::PROJECT, ns.metadata.name.as_deref().unwrap_or("")),
+        tag(scope::PROJECT_UID, ns.metadata.uid.as_deref().unwrap_or("")),
+    ]
 }
 
 /// `text` if it fits in `max` characters, else a prefix, `-`, and a hash of the whole.
@@ -54,7 +58,7 @@ pub fn fit(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         return text.to_string();
     }
-    let suffix = format!("-{:08x}", stable_hash(text) as u32);
+    let suffix = format!("-{:08x}", crate::hash::stable_hash(text) as u32);
     let keep = max.saturating_sub(suffix.len());
     let prefix: String = text.chars().take(keep).collect();
     format!("{prefix}{suffix}")

@@ -18,10 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use hyper_util::client::legacy::connect::Connect;
 use serde_json::Value;
 
-use super::desired::Key;
 use super::infra::{Infra, has_tag};
 use super::naming::scope;
-use super::policy::{FW_SECT_TYPE, POLICY_UID};
+use super::naming::scope::{FW_SECT_TYPE, POLICY_UID};
+use super::vocab::Key;
 use crate::nsx::{NsxClient, NsxError};
 
 /// NCP's objects in NSX, by identity. More than one document under a key is a duplicate (a
@@ -48,7 +48,7 @@ pub struct Observed {
     pub pending: BTreeSet<Key>,
     /// The desired state of that pass, kept by callers that do not track their changes
     /// themselves ([`super::reconcile::reconcile_cached`]), to find them by comparison.
-    pub verified: Option<std::sync::Arc<super::desired::Desired>>,
+    pub verified: Option<std::sync::Arc<super::vocab::Desired>>,
     /// VLANs in use under each parent VIF, by every port document held (kept or duplicate),
     /// with counts: what a new port's VLAN is chosen against, without a pass over all ports.
     vlans: BTreeMap<String, BTreeMap<i64, usize>>,
@@ -259,7 +259,7 @@ impl Observed {
     }
 }
 
-impl super::plan::Resolve for Observed {
+impl super::render::Resolve for Observed {
     fn resolve(&self, key: &Key) -> Option<&Value> {
         self.get(key)
     }

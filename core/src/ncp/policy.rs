@@ -40,10 +40,13 @@ use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::desired::{Detail, Key, LiveNamespaces, Spec, ns_tags, pod_is_wired};
-use super::naming::{self, scope, tag};
+use super::naming::{self, ns_tags, scope, tag};
+use super::vocab::{
+    Detail, Key, LiveNamespaces, Problem, RuleSpec, Selection, ServiceSpec, Spec, pod_is_wired,
+};
 use crate::k8s::{ClusterView, selector};
 use crate::nsx::model::Tag;
+use scope::{FW_SECT_TYPE, POLICY_UID};
 
 /// NSX limits on an NSGroup (2.4): ORed criteria, ANDed expressions in one, static members.
 pub const CRITERIA_MAX: usize = 5;
@@ -51,56 +54,6 @@ pub const EXPRESSIONS_MAX: usize = 5;
 pub const MEMBERS_MAX: usize = 500;
 /// Ports or ranges in one L4 port-set service.
 pub const PORTS_PER_SERVICE: usize = 15;
-
-/// The pods an NSGroup holds.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Selection {
-    /// Tag criteria on logical ports, ORed; each a conjunction of (scope, tag), where a tag of
-    /// `None` matches any value of the scope.
-    Criteria(Vec<selector::Term>),
-    /// Explicit pods, by uid: for selections tags cannot express.
-    Pods(Vec<String>),
-    /// The pods of these namespaces (by uid), as members that are the namespaces' NSGroups.
-    Namespaces(Vec<String>),
-}
-
-/// One firewall service of a rule.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ServiceSpec {
-    /// `L4PortSetNSService`: TCP or UDP, destination ports or ranges (empty: every port).
-    L4 {
-        protocol: String,
-        ports: Vec<String>,
-    },
-    /// `IPProtocolNSService`.
-    Ip { number: u8 },
-}
-
-/// One firewall rule.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct RuleSpec {
-    pub display_name: String,
-    pub action: String,
-    pub direction: String,
-    /// Empty: any.
-    pub sources: Vec<Key>,
-    pub destinations: Vec<Key>,
-    pub services: Vec<ServiceSpec>,
-    pub applied_to: Key,
-}
-
-/// Something a policy asks that NSX cannot do exactly, reported as a Warning Event on it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Problem {
-    pub namespace: String,
-    pub policy: String,
-    pub uid: String,
-    pub message: String,
-}
-
-/// Tag scopes of policy objects.
-pub const POLICY_UID: &str = "ncp/network_policy_uid";
-pub const FW_SECT_TYPE: &str = "ncp/fw_sect_type";
 
 fn wired_pods<'v>(
     view: &'v ClusterView,

@@ -5,10 +5,11 @@ use hyper_util::client::legacy::connect::Connect;
 use super::apply::{Applier, ApplyError, ApplyReport};
 use std::collections::BTreeSet;
 
-use super::desired::{Desired, Key, desired};
+use super::desired::desired;
 use super::infra::Infra;
 use super::observe::{Observed, observe, observe_by_search};
 use super::plan::{Plan, plan, plan_changes};
+use super::vocab::{Desired, Key};
 use crate::k8s::ClusterView;
 use crate::nsx::{NsxClient, NsxError};
 
@@ -20,7 +21,7 @@ pub struct Outcome {
     /// NSX calls spent observing.
     pub observe_calls: usize,
     /// What the cluster asks that NSX cannot do exactly.
-    pub problems: Vec<super::policy::Problem>,
+    pub problems: Vec<super::vocab::Problem>,
     /// The plan covered only the keys that changed ([`plan_changes`]), so only their owners
     /// can need new annotations.
     pub incremental: bool,
@@ -192,7 +193,7 @@ async fn look<C>(
     client: &NsxClient<C>,
     cluster: &str,
     infra: &Infra,
-    want: &super::desired::Desired,
+    want: &super::vocab::Desired,
 ) -> Result<(Observed, Plan, usize), ReconcileError>
 where
     C: Connect + Clone + Send + Sync + 'static,

@@ -10,12 +10,13 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
-use super::desired::{Detail, Key};
 use super::leader::Fence;
 use super::naming;
 use super::observe::Observed;
-use super::plan::{Op, subnet_layout};
+use super::plan::Op;
 use super::reconcile::Outcome;
+use super::render::subnet_layout;
+use super::vocab::{Detail, Key};
 use crate::k8s::{ClusterView, ViewChanges, annotation};
 use crate::nsx::NsxClient;
 

@@ -5,7 +5,9 @@
 //! - [`flow`]: matches, actions, flows, groups, and how OVS 3.1 prints them (`dump-flows` in
 //!   OpenFlow 1.3, `dump-groups` in OpenFlow 1.5, which shows `selection_method`);
 //! - [`parse`]: `add-flow`/`add-group` text and dump lines back into the model, with errors
-//!   that name the offset.
+//!   that name the offset;
+//! - [`pipeline`]: this system's tables, registers, priorities and cookies, which the node
+//!   agent and nsx-kube-proxy share.
 //!
 //! The printing follows OVS's normalizations for flows added over OpenFlow 1.3: `tcp` for
 //! `ip,nw_proto=6`, `dl_vlan=5` for `vlan_tci=0x1005/0x1fff`, `load:0x1->NXM_NX_REG2[4..7]` for
@@ -19,6 +21,7 @@ pub mod bridge;
 pub mod field;
 pub mod flow;
 pub mod parse;
+pub mod pipeline;
 pub mod samples;
 
 pub use field::Field;

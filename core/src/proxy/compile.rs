@@ -1,9 +1,10 @@
 //! Service ports to flows and groups: a pure function, so the incremental proxy and a
 //! from-scratch compile can be compared.
 //!
-//! Tables (the agent owns table 0 and everything from [`table::FORWARD`] on):
+//! Tables (named in [`crate::ovs::pipeline`]; the agent owns table 0 and everything from
+//! [`table::FORWARD`] on):
 //! - [`table::CT_ZONE`]: every IP packet goes through `ct(table=CT_STATE,zone=reg6,nat)` (the
-//!   local pod's zone, [`ZONE_FIELD`]), which also un-NATs replies of load-balanced connections;
+//!   local pod's zone, [`reg::ZONE`]), which also un-NATs replies of load-balanced connections;
 //! - [`table::CT_STATE`]: invalid packets are dropped; established ones skip load balancing;
 //!   new ones go to [`table::SERVICE_LB`];
 //! - [`table::SERVICE_LB`]: one flow per service port (ClusterIP:port, and NodePort on the
@@ -15,7 +16,7 @@
 //!   kube-proxy's nftables mode rejects traffic to a ClusterIP on a port it does not expose
 //!   (without it the packet would be routed out as if the address were outside the cluster);
 //! - the group's buckets (one per endpoint, `selection_method=hash`) load the endpoint into
-//!   `reg0` (address) and `reg1[0..15]` (port) and resubmit to [`table::ENDPOINT_DNAT`], where
+//!   [`reg::ENDPOINT_IP`] and [`reg::ENDPOINT_PORT`] and resubmit to [`table::ENDPOINT_DNAT`], where
 //!   one flow per endpoint, shared by every service that uses it, commits the connection with
 //!   `nat(dst=ip:port)` and goes on to [`table::FORWARD`].
 
@@ -25,66 +26,9 @@ use crate::ovs::field::Field;
 use crate::ovs::flow::{
     Action, Bucket, CtZone, Flow, Group, GroupType, Learn, LearnSpec, Match, Nat, Subfield,
 };
+use crate::ovs::pipeline::{Category, Cookie, ct_state, match_bits, priority, reg, table};
 
 use super::model::{Endpoint, ServicePort};
-
-/// The conntrack zone of service traffic: the local pod's own zone, which the agent loads into
-/// `reg6` (the pod's port number) for packets from the pod and for packets to it. One zone per
-/// pod keeps a client's and a server's view of one connection apart when both are on this
-/// node (every packet between them passes the bridge twice, out and back in through the
-/// uplink): the client's DNAT entry must not un-NAT the server's reply on its way out.
-pub const ZONE_FIELD: Subfield = Subfield {
-    field: Field::Reg(6),
-    ofs: 0,
-    bits: 16,
-};
-
-pub mod table {
-    pub const CT_ZONE: u8 = 10;
-    pub const CT_STATE: u8 = 11;
-    pub const AFFINITY: u8 = 19;
-    pub const SERVICE_LB: u8 = 20;
-    pub const AFFINITY_CHECK: u8 = 21;
-    pub const ENDPOINT_DNAT: u8 = 30;
-    pub const FORWARD: u8 = 40;
-}
-
-/// Cookie layout: round (16 bits) | kind (8 bits) | id (40 bits).
-pub mod cookie {
-    pub const ROUND_SHIFT: u32 = 48;
-    pub const ROUND_MASK: u64 = 0xffff << ROUND_SHIFT;
-    pub const KIND_STATIC: u64 = 1 << 40;
-    pub const KIND_SERVICE: u64 = 2 << 40;
-    pub const KIND_ENDPOINT: u64 = 3 << 40;
-    /// The reject flow of a ClusterIP's unexposed ports (4 and 5 are the agent's).
-    pub const KIND_CLUSTER_IP: u64 = 6 << 40;
-    pub const ID_MASK: u64 = (1 << 40) - 1;
-
-    pub fn make(round: u16, kind: u64, id: u64) -> u64 {
-        (u64::from(round) << ROUND_SHIFT) | kind | (id & ID_MASK)
-    }
-
-    /// The round a previous proxy left on a bridge with flows of these cookies (the highest
-    /// among the proxy's own kinds; the agent's flows do not count).
-    pub fn previous_round(cookies: impl IntoIterator<Item = u64>) -> Option<u16> {
-        cookies
-            .into_iter()
-            .filter(|c| {
-                let kind = c & !ROUND_MASK & !ID_MASK;
-                kind == KIND_STATIC
-                    || kind == KIND_SERVICE
-                    || kind == KIND_ENDPOINT
-                    || kind == KIND_CLUSTER_IP
-            })
-            .map(|c| ((c & ROUND_MASK) >> ROUND_SHIFT) as u16)
-            .max()
-    }
-
-    /// The round a proxy starts with after `previous` (never 0, which means "none").
-    pub fn next_round(previous: Option<u16>) -> u16 {
-        previous.map_or(1, |r| r.wrapping_add(1).max(1))
-    }
-}
 
 fn l4_fields(protocol: u8) -> (&'static str, &'static str) {
     match protocol {
@@ -96,7 +40,7 @@ fn l4_fields(protocol: u8) -> (&'static str, &'static str) {
 
 /// The flows every proxy installs once.
 pub fn static_flows(round: u16) -> Vec<Flow> {
-    let c = cookie::make(round, cookie::KIND_STATIC, 0);
+    let c = Cookie::new(round, Category::ProxyStatic, 0).value();
     let mut ip = Match::default();
     ip.exact(Field::EthType, 0x0800);
     let state = |value: u128, mask: u128| {
@@ -108,12 +52,12 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
         Flow {
             cookie: c,
             table: table::CT_ZONE,
-            priority: 100,
+            priority: priority::CONNTRACK,
             matches: ip.clone(),
             actions: vec![Action::Ct {
                 commit: false,
                 table: Some(table::CT_STATE),
-                zone: Some(CtZone::Field(ZONE_FIELD)),
+                zone: Some(CtZone::Field(reg::ZONE)),
                 exec: vec![],
                 nat: Some(Nat::default()),
             }],
@@ -123,8 +67,8 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
         Flow {
             cookie: c,
             table: table::CT_STATE,
-            priority: 200,
-            matches: state(0x30, 0x30),
+            priority: priority::CT_INVALID,
+            matches: state(ct_state::INV | ct_state::TRK, ct_state::INV | ct_state::TRK),
             actions: vec![],
             ..Flow::default()
         },
@@ -132,8 +76,8 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
         Flow {
             cookie: c,
             table: table::CT_STATE,
-            priority: 190,
-            matches: state(0x20, 0x21),
+            priority: priority::CT_ESTABLISHED,
+            matches: state(ct_state::TRK, ct_state::TRK | ct_state::NEW),
             actions: vec![Action::Resubmit {
                 port: None,
                 table: Some(table::FORWARD),
@@ -143,7 +87,7 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
         Flow {
             cookie: c,
             table: table::CT_STATE,
-            priority: 0,
+            priority: priority::MISS,
             actions: vec![Action::GotoTable(table::SERVICE_LB)],
             ..Flow::default()
         },
@@ -153,14 +97,14 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
         Flow {
             cookie: c,
             table: table::SERVICE_LB,
-            priority: 0,
+            priority: priority::MISS,
             // ct needs an IP match (OFPBAC_MATCH_INCONSISTENT otherwise); only IP gets here.
             matches: ip.clone(),
             actions: vec![
                 Action::Ct {
                     commit: true,
                     table: None,
-                    zone: Some(CtZone::Field(ZONE_FIELD)),
+                    zone: Some(CtZone::Field(reg::ZONE)),
                     exec: vec![],
                     nat: None,
                 },
@@ -189,17 +133,13 @@ pub fn endpoint_id(protocol: u8, e: &Endpoint) -> u64 {
     h
 }
 
-/// Priority of a ClusterIP's reject flow: below every service port's (200) and NodePort's
-/// (190) entry flow.
-pub const CLUSTER_IP_REJECT_PRIORITY: u16 = 100;
-
 /// The flow that rejects traffic to `cluster_ip` that no service port of it takes, shared by
 /// the service's ports (reference counted by the proxy).
 pub fn cluster_ip_flow(round: u16, cluster_ip: u32) -> Flow {
     Flow {
-        cookie: cookie::make(round, cookie::KIND_CLUSTER_IP, u64::from(cluster_ip)),
+        cookie: Cookie::new(round, Category::ClusterIp, u64::from(cluster_ip)).value(),
         table: table::SERVICE_LB,
-        priority: CLUSTER_IP_REJECT_PRIORITY,
+        priority: priority::CLUSTER_IP_REJECT,
         matches: Match::from_constraints(&[
             (Field::EthType, 0x0800, u128::MAX),
             (Field::IpDst, u128::from(cluster_ip), u128::MAX),
@@ -211,21 +151,26 @@ pub fn cluster_ip_flow(round: u16, cluster_ip: u32) -> Flow {
 
 /// The shared DNAT flow of one endpoint.
 pub fn endpoint_flow(round: u16, protocol: u8, e: &Endpoint) -> Flow {
+    let (ip, port) = (reg::ENDPOINT_IP, reg::ENDPOINT_PORT);
+    debug_assert!(
+        ip.ofs == 0 && port.ofs == 0,
+        "constraints below are not shifted"
+    );
     let m = Match::from_constraints(&[
         (Field::EthType, 0x0800, u128::MAX),
         (Field::IpProto, u128::from(protocol), u128::MAX),
-        (Field::Reg(0), u128::from(e.ip), u128::MAX),
-        (Field::Reg(1), u128::from(e.port), 0xffff),
+        (ip.field, u128::from(e.ip), ip.mask()),
+        (port.field, u128::from(e.port), port.mask()),
     ]);
     Flow {
-        cookie: cookie::make(round, cookie::KIND_ENDPOINT, endpoint_id(protocol, e)),
+        cookie: Cookie::new(round, Category::Endpoint, endpoint_id(protocol, e)).value(),
         table: table::ENDPOINT_DNAT,
-        priority: 200,
+        priority: priority::ENDPOINT,
         matches: m,
         actions: vec![Action::Ct {
             commit: true,
             table: Some(table::FORWARD),
-            zone: Some(CtZone::Field(ZONE_FIELD)),
+            zone: Some(CtZone::Field(reg::ZONE)),
             exec: vec![],
             nat: Some(Nat {
                 src: Some(false),
@@ -237,14 +182,6 @@ pub fn endpoint_flow(round: u16, protocol: u8, e: &Endpoint) -> Flow {
             }),
         }],
         ..Flow::default()
-    }
-}
-
-fn reg(n: u8, ofs: u32, bits: u32) -> Subfield {
-    Subfield {
-        field: Field::Reg(n),
-        ofs,
-        bits,
     }
 }
 
@@ -262,11 +199,11 @@ pub fn group(sp: &ServicePort, group_id: u32) -> Group {
         // Exactly sized: a full sync makes 100,000 of these lists.
         let mut actions = Vec::with_capacity(3 + usize::from(sp.affinity_timeout.is_some()));
         actions.push(Action::Load {
-            dst: reg(0, 0, 32),
+            dst: reg::ENDPOINT_IP,
             value: u128::from(e.ip),
         });
         actions.push(Action::Load {
-            dst: reg(1, 0, 16),
+            dst: reg::ENDPOINT_PORT,
             value: u128::from(e.port),
         });
         if let Some(timeout) = sp.affinity_timeout {
@@ -308,7 +245,7 @@ fn affinity_learn(sp: &ServicePort, timeout: u32) -> Action {
     Action::Learn(Box::new(Learn {
         table: table::AFFINITY,
         hard_timeout: timeout.min(65535) as u16,
-        priority: 200,
+        priority: priority::LEARNED,
         cookie: 0,
         specs: vec![
             LearnSpec::MatchImm {
@@ -332,15 +269,15 @@ fn affinity_learn(sp: &ServicePort, timeout: u32) -> Action {
                 src: whole(dst_port),
             },
             LearnSpec::LoadField {
-                dst: reg(0, 0, 32),
-                src: reg(0, 0, 32),
+                dst: reg::ENDPOINT_IP,
+                src: reg::ENDPOINT_IP,
             },
             LearnSpec::LoadField {
-                dst: reg(1, 0, 16),
-                src: reg(1, 0, 16),
+                dst: reg::ENDPOINT_PORT,
+                src: reg::ENDPOINT_PORT,
             },
             LearnSpec::LoadImm {
-                dst: reg(2, 0, 1),
+                dst: reg::AFFINITY_HIT,
                 value: 1,
             },
         ],
@@ -350,7 +287,7 @@ fn affinity_learn(sp: &ServicePort, timeout: u32) -> Action {
 
 /// The flows of one service port (not its endpoints' shared flows).
 pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u32]) -> Vec<Flow> {
-    let c = cookie::make(round, cookie::KIND_SERVICE, u64::from(group_id));
+    let c = Cookie::new(round, Category::Service, u64::from(group_id)).value();
     let entry = |dst_ip: u32, dst_port: u16| {
         Match::from_constraints(&[
             (Field::EthType, 0x0800, u128::MAX),
@@ -360,21 +297,21 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
         ])
     };
     let mut entries = Vec::with_capacity(1 + node_ips.len());
-    entries.push((entry(sp.cluster_ip, sp.port), 200));
+    entries.push((entry(sp.cluster_ip, sp.port), priority::SERVICE_PORT));
     if let Some(np) = sp.node_port {
         for ip in node_ips {
-            entries.push((entry(*ip, np), 190));
+            entries.push((entry(*ip, np), priority::NODE_PORT));
         }
     }
     let per_entry = if sp.affinity_timeout.is_some() { 3 } else { 1 };
     let mut flows = Vec::with_capacity(entries.len() * per_entry);
-    for (m, priority) in entries {
+    for (m, at) in entries {
         if sp.endpoints.is_empty() {
             // No endpoint: reject (the agent answers), never a silent drop.
             flows.push(Flow {
                 cookie: c,
                 table: table::SERVICE_LB,
-                priority,
+                priority: at,
                 matches: m,
                 actions: vec![Action::Controller(65535)],
                 ..Flow::default()
@@ -385,7 +322,7 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
             None => flows.push(Flow {
                 cookie: c,
                 table: table::SERVICE_LB,
-                priority,
+                priority: at,
                 matches: m,
                 actions: vec![Action::Group(group_id)],
                 ..Flow::default()
@@ -394,7 +331,7 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
                 flows.push(Flow {
                     cookie: c,
                     table: table::SERVICE_LB,
-                    priority,
+                    priority: at,
                     matches: m.clone(),
                     actions: vec![
                         Action::Resubmit {
@@ -409,11 +346,11 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
                     ..Flow::default()
                 });
                 let mut known = m.clone();
-                known.set(Field::Reg(2), 1, 1);
+                match_bits(&mut known, reg::AFFINITY_HIT, 1);
                 flows.push(Flow {
                     cookie: c,
                     table: table::AFFINITY_CHECK,
-                    priority: priority + 10,
+                    priority: at + priority::AFFINITY_KNOWN_ABOVE,
                     matches: known,
                     actions: vec![Action::Resubmit {
                         port: None,
@@ -424,7 +361,7 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
                 flows.push(Flow {
                     cookie: c,
                     table: table::AFFINITY_CHECK,
-                    priority,
+                    priority: at,
                     matches: m,
                     actions: vec![Action::Group(group_id)],
                     ..Flow::default()

@@ -12,8 +12,9 @@ use crate::hash::WordMap;
 use crate::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
 use crate::ovs::flow::Group;
 
-use super::compile::{cluster_ip_flow, cookie, endpoint_flow, group, service_flows, static_flows};
+use super::compile::{cluster_ip_flow, endpoint_flow, group, service_flows, static_flows};
 use super::model::{Endpoint, ServicePort, ServicePortKey};
+use crate::ovs::pipeline::Cookie;
 
 /// Bytes an OpenFlow message may carry, and what a group message and a bucket take (a
 /// bucket with two loads and a resubmit; one with a learn is bigger).
@@ -375,8 +376,8 @@ impl Proxy {
         {
             // The last run's flows that this one did not replace.
             tail.push(OfOp::DelFlowsByCookie {
-                cookie: u64::from(prev) << cookie::ROUND_SHIFT,
-                cookie_mask: cookie::ROUND_MASK,
+                cookie: Cookie::of_round(prev).0,
+                cookie_mask: Cookie::of_round(prev).1,
             });
         }
         ops.extend(tail);

@@ -14,42 +14,43 @@ use fake_nsx_manager::FakeNsxManager;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nsx_core::k8s::ClusterView;
-use nsx_core::ncp::desired::{Detail, Key, desired};
+use nsx_core::ncp::desired::desired;
 use nsx_core::ncp::infra::{Infra, has_tag};
 use nsx_core::ncp::naming::scope;
 use nsx_core::ncp::observe::classify_object;
-use nsx_core::ncp::plan::{Missing, render};
+use nsx_core::ncp::render::{Missing, render};
+use nsx_core::ncp::vocab::{Detail, Key};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 use crate::apiserver::ApiServer;
 
-/// The cluster as the apiserver holds it.
+/// The cluster as the apiserver holds it (read in place: this runs at every check).
 pub fn view_from(api: &ApiServer) -> Result<ClusterView, String> {
+    fn each<T: serde::de::DeserializeOwned>(
+        api: &ApiServer,
+        plural: &str,
+        mut add: impl FnMut(T),
+    ) -> Result<(), String> {
+        api.try_each(plural, |o| {
+            T::deserialize(o)
+                .map(&mut add)
+                .map_err(|e| format!("{plural}: {e}"))
+        })
+    }
     let mut v = ClusterView::default();
-    for o in api.list("namespaces") {
-        v.add_namespace(serde_json::from_value::<Namespace>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("pods") {
-        v.add_pod(serde_json::from_value::<Pod>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("nodes") {
-        v.add_node(serde_json::from_value::<Node>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("services") {
-        v.add_service(serde_json::from_value::<Service>(o).map_err(|e| e.to_string())?);
-    }
-    for o in api.list("endpointslices") {
-        v.add_endpoint_slice(
-            serde_json::from_value::<EndpointSlice>(o).map_err(|e| e.to_string())?,
-        );
-    }
-    for o in api.list("networkpolicies") {
-        v.add_network_policy(
-            serde_json::from_value::<k8s_openapi::api::networking::v1::NetworkPolicy>(o)
-                .map_err(|e| e.to_string())?,
-        );
-    }
+    each(api, "namespaces", |o: Namespace| v.add_namespace(o))?;
+    each(api, "pods", |o: Pod| v.add_pod(o))?;
+    each(api, "nodes", |o: Node| v.add_node(o))?;
+    each(api, "services", |o: Service| v.add_service(o))?;
+    each(api, "endpointslices", |o: EndpointSlice| {
+        v.add_endpoint_slice(o)
+    })?;
+    each(
+        api,
+        "networkpolicies",
+        |o: k8s_openapi::api::networking::v1::NetworkPolicy| v.add_network_policy(o),
+    )?;
     Ok(v)
 }
 
@@ -121,7 +122,7 @@ fn check_content(
     boot: &fake_nsx_manager::Bootstrap,
     s: &fake_nsx_manager::store::Store,
     cluster: &str,
-    want: &nsx_core::ncp::desired::Desired,
+    want: &nsx_core::ncp::vocab::Desired,
     ours: &BTreeMap<Key, Vec<&serde_json::Map<String, Value>>>,
 ) -> Result<(), String> {
     let infra = infra_of(boot, s, cluster)?;
@@ -245,7 +246,43 @@ pub fn ncp_converged(
     subnet_prefix: u8,
 ) -> Result<(ClusterView, Realized), String> {
     let view = view_from(api)?;
-    let want = desired(&view, cluster, subnet_prefix);
+    let realized = ncp_converged_in(&view, nsx, cluster, subnet_prefix)?;
+    Ok((view, realized))
+}
+
+/// The pods that want an NSX port and carry no network annotation yet: a necessary condition
+/// of [`ncp_converged_in`] that reads only the view, so that a check made while NCP is still
+/// annotating answers in a fraction of the time of the whole comparison (same verdict; the
+/// message may name this instead of an NSX object still missing).
+pub fn pods_annotated(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Result<(), String> {
+    let want = desired(view, cluster, subnet_prefix);
+    for ((ns, name), pod) in &view.pods {
+        let Some(uid) = pod.metadata.uid.as_ref() else {
+            continue;
+        };
+        if !want.objects.contains_key(&Key::PodPort(uid.clone())) {
+            continue;
+        }
+        let annotated = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(nsx_core::k8s::annotation::POD_NETWORK));
+        if !annotated {
+            return Err(format!("pod {ns}/{name} has no network annotation"));
+        }
+    }
+    Ok(())
+}
+
+/// [`ncp_converged`] on a view already read.
+pub fn ncp_converged_in(
+    view: &ClusterView,
+    nsx: &FakeNsxManager,
+    cluster: &str,
+    subnet_prefix: u8,
+) -> Result<Realized, String> {
+    let want = desired(view, cluster, subnet_prefix);
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
     let (observed, strays) = nsx.with_store(|s| -> Result<(Realized, usize), String> {
         let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
@@ -368,7 +405,7 @@ pub fn ncp_converged(
             .and_then(|u| observed.cidrs.get(u))
             .cloned()
             .unwrap_or_default();
-        let Some((_, gw, _, _, prefix)) = nsx_core::ncp::plan::subnet_layout(&subnet) else {
+        let Some((_, gw, _, _, prefix)) = nsx_core::ncp::render::subnet_layout(&subnet) else {
             return Err(format!("pod {ns}/{name}: its namespace has no subnet"));
         };
         let a = observed.pod_addresses.get(&uid).map(|a| {
@@ -434,5 +471,5 @@ pub fn ncp_converged(
     if strays > 0 {
         return Err(format!("{strays} pod ports not classified"));
     }
-    Ok((view, observed))
+    Ok(observed)
 }

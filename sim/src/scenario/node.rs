@@ -14,9 +14,10 @@ use fake_ovs::Bridge;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
 use nsx_core::agent::kube_pods::KubePods;
-use nsx_core::agent::server::{AgentService, WaitConfig, WireRequest, WireResponse};
+use nsx_core::agent::server::{AgentService, WaitConfig};
 use nsx_core::agent::{Agent, AgentConfig};
 use nsx_core::cni::client::Answered;
+use nsx_core::cni::wire::{WireRequest, WireResponse};
 use nsx_core::proxy::run::{ProxySignals, Synced};
 use nsx_core::proxy::{Proxy, ProxyConfig, ServicePort, ServicePortKey};
 use serde_json::{Value, json};
@@ -84,13 +85,12 @@ impl NodeState {
 
 /// The container id the simulated runtime gives a pod (stable from its uid).
 pub fn container_id(uid: &str) -> String {
-    format!("{:016x}", nsx_core::ncp::naming::stable_hash(uid))
+    format!("{:016x}", nsx_core::hash::stable_hash(uid))
 }
 
 /// The round and group ids a previous proxy left on the bridge.
 fn previous_proxy(b: &Bridge) -> (Option<u16>, BTreeSet<u32>) {
-    use nsx_core::proxy::compile::cookie;
-    let round = cookie::previous_round(b.flows().iter().map(|(f, _)| f.cookie));
+    let round = nsx_core::ovs::pipeline::previous_round(b.flows().iter().map(|(f, _)| f.cookie));
     (round, b.groups().map(|g| g.group_id).collect())
 }
 
@@ -133,7 +133,7 @@ pub async fn host(node: Rc<NodeState>, trace: Trace) -> turmoil::Result {
         });
     }
     // nsx-kube-proxy.
-    let round = nsx_core::proxy::compile::cookie::next_round(previous_round);
+    let round = nsx_core::ovs::pipeline::next_round(previous_round);
     *node.proxy_round.borrow_mut() = round;
     let signals = ProxySignals::default();
     {

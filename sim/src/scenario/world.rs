@@ -11,8 +11,8 @@ use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
 use nsx_core::agent::wiring::{external_id, pod_cookie, port_name};
 use nsx_core::k8s::{ClusterView, annotation};
-use nsx_core::ncp::desired::Key;
 use nsx_core::ncp::observe::classify_object;
+use nsx_core::ncp::vocab::Key;
 use nsx_core::ovs::flow::Action;
 use serde_json::{Value, json};
 
@@ -845,9 +845,10 @@ impl World {
             .into_iter()
             .map(|n| (n["metadata"]["name"].as_str().unwrap_or("").to_string(), n))
             .collect();
-        for p in self.api.list("pods") {
+        // Read in place: every pod, every few seconds.
+        self.api.try_each("pods", |p| -> Result<(), String> {
             let Some(text) = p["metadata"]["annotations"][annotation::POD_NETWORK].as_str() else {
-                continue;
+                return Ok(());
             };
             let ns = p["metadata"]["namespace"].as_str().unwrap_or("");
             let who = format!("{ns}/{}", p["metadata"]["name"].as_str().unwrap_or(""));
@@ -880,7 +881,8 @@ impl World {
                     ));
                 }
             }
-        }
+            Ok(())
+        })?;
         // OVS: a flow naming a group names an existing one.
         for (name, n) in &self.nodes {
             let Ok(b) = n.bridge.try_lock() else { continue };
@@ -902,13 +904,13 @@ impl World {
     /// Realized == desired everywhere: NSX, annotations, every node's OVS (pods wired and
     /// nothing of deleted pods left; the proxy's services as the apiserver has them).
     pub fn converged(&self) -> Result<(), String> {
-        let (view, _) = crate::converge::ncp_converged(
-            &self.api,
-            &self.nsx,
-            &self.sc.cluster.name,
-            self.sc.cluster.subnet_prefix,
-        )?;
-        self.nodes_converged(&view)
+        let (cluster, prefix) = (&self.sc.cluster.name, self.sc.cluster.subnet_prefix);
+        let view = crate::converge::view_from(&self.api)?;
+        // Every part must hold; the cheap ones, which read only the cluster and the nodes,
+        // come first, so that a check made while the system is still busy answers quickly.
+        crate::converge::pods_annotated(&view, cluster, prefix)?;
+        self.nodes_converged(&view)?;
+        crate::converge::ncp_converged_in(&view, &self.nsx, cluster, prefix).map(|_| ())
     }
 
     fn nodes_converged(&self, view: &ClusterView) -> Result<(), String> {
@@ -999,12 +1001,12 @@ impl World {
                     p.external_ids.get(external_id::POD_NAME)
                 ));
             }
-            const KIND_MASK: u64 = 0xff << 40;
-            const KIND_POD: u64 = 4 << 40;
+            use nsx_core::ovs::pipeline::{Category, Cookie};
+            let of_a_pod = |c: u64| Cookie::parse(c).is_some_and(|c| c.category == Category::Pod);
             if let Some((f, _)) = b
                 .flows()
                 .into_iter()
-                .find(|(f, _)| f.cookie & KIND_MASK == KIND_POD && !cookies.contains(&f.cookie))
+                .find(|(f, _)| of_a_pod(f.cookie) && !cookies.contains(&f.cookie))
             {
                 return Err(format!(
                     "{name}: a flow of a pod that is gone: {}",
