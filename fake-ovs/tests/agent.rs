@@ -220,7 +220,9 @@ fn a_malformed_mac_in_the_annotation_is_refused() {
             r#"{{"ip": "10.4.0.5/24", "mac": "{mac}", "gateway": "10.4.0.1", "vlan": 5, "logical_port_id": "lp"}}"#
         );
         match PodNetwork::parse(&text) {
-            Err(AgentError::BadAnnotation(m)) => assert!(m.contains(mac), "{mac}: {m}"),
+            Err(nsx_core::k8s::pod_network::BadPodNetwork(m)) => {
+                assert!(m.contains(mac), "{mac}: {m}")
+            }
             other => panic!("{mac}: {other:?}"),
         }
     }

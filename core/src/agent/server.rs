@@ -97,7 +97,7 @@ impl<S: PodSwitch + Send, P: PodSource> AgentService<S, P> {
                     Ok(n) => break n,
                     Err(e) => {
                         self.agent.lock().await.abort_add(&req.container_id);
-                        return Err(agent_error(e));
+                        return Err(agent_error(e.into()));
                     }
                 }
             }

@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Deserialize;
-
+use crate::k8s::pod_network::BadPodNetwork;
+pub use crate::k8s::pod_network::PodNetwork;
 use crate::ovs::bridge::{BridgeError, OfOp, OpenFlowBridge};
 use crate::ovs::field::Field;
 use crate::ovs::flow::{Action, Flow, Match, Subfield};
@@ -43,65 +43,9 @@ pub trait PodSwitch: OpenFlowBridge {
     }
 }
 
-/// NCP's pod annotation (`ncp/network`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PodNetwork {
-    /// `a.b.c.d/prefix`.
-    pub ip: String,
-    pub mac: String,
-    pub gateway: String,
-    pub vlan: u16,
-    pub logical_port_id: String,
-}
-
-impl PodNetwork {
-    pub fn parse(annotation: &str) -> Result<Self, AgentError> {
-        let n: PodNetwork = serde_json::from_str(annotation)
-            .map_err(|e| AgentError::BadAnnotation(e.to_string()))?;
-        if !(1..=4094).contains(&n.vlan) {
-            return Err(AgentError::BadAnnotation(format!(
-                "vlan {} is not 1-4094",
-                n.vlan
-            )));
-        }
-        n.address()?;
-        n.mac_address()?;
-        Ok(n)
-    }
-
-    /// The pod's MAC as a number (what the hairpin flows write into `eth_dst`).
-    pub fn mac_address(&self) -> Result<u64, AgentError> {
-        let bad = || AgentError::BadAnnotation(format!("mac {:?}", self.mac));
-        let mut v: u64 = 0;
-        let mut n = 0;
-        for part in self.mac.split(':') {
-            if part.len() != 2 {
-                return Err(bad());
-            }
-            v = (v << 8) | u64::from(u8::from_str_radix(part, 16).map_err(|_| bad())?);
-            n += 1;
-        }
-        if n != 6 {
-            return Err(bad());
-        }
-        Ok(v)
-    }
-
-    /// The pod's address and prefix length.
-    pub fn address(&self) -> Result<(u32, u8), AgentError> {
-        let (a, p) = self
-            .ip
-            .split_once('/')
-            .ok_or_else(|| AgentError::BadAnnotation(format!("ip {:?} has no prefix", self.ip)))?;
-        let a = a
-            .parse::<std::net::Ipv4Addr>()
-            .map_err(|_| AgentError::BadAnnotation(format!("ip {:?}", self.ip)))?;
-        let p: u8 = p
-            .parse()
-            .ok()
-            .filter(|p| *p <= 32)
-            .ok_or_else(|| AgentError::BadAnnotation(format!("prefix in {:?}", self.ip)))?;
-        Ok((u32::from(a), p))
+impl From<BadPodNetwork> for AgentError {
+    fn from(e: BadPodNetwork) -> Self {
+        AgentError::BadAnnotation(e.0)
     }
 }
 

@@ -10,6 +10,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 pub mod dirty;
+pub mod pod_network;
 pub mod selector;
 pub mod watch;
 
@@ -31,8 +32,8 @@ pub mod annotation {
     pub const SUBNET: &str = "ncp/subnet-0";
     /// Written on a namespace: its SNAT IP.
     pub const SNAT_IP: &str = "ncp/snat_ip";
-    /// Written on a pod: its network as JSON (`ip`, `mac`, `gateway`, `vlan`,
-    /// `logical_port_id`); the node agent waits for it.
+    /// Written on a pod: its network, a [`super::pod_network::PodNetwork`] as JSON; the node
+    /// agent waits for it.
     pub const POD_NETWORK: &str = "ncp/network";
 }
 

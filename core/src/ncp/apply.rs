@@ -25,8 +25,9 @@ use super::infra::Infra;
 use super::naming::scope;
 use super::observe::Observed;
 use super::plan::{Op, Plan, tag_of};
-use super::render::{ADVERTISED, Missing, advertised_tag, render};
+use super::render::{ADVERTISED, Missing, advertised_tag, pod_network, render};
 use super::vocab::{Collection, Detail, Key, Spec};
+use crate::k8s::pod_network::PodNetwork;
 use crate::nsx::{NsxClient, NsxError};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,22 @@ pub enum ApplyError {
     Fenced,
     #[error("failed to {op}: the external IP pool for it is not configured")]
     NoPool { op: String },
+    /// NSX answered without a field its answer always carries (an id, an address): nothing
+    /// is written on from it (an empty id in a path, an empty address in an annotation).
+    #[error("NSX answered {op} without {field}")]
+    BadAnswer { op: String, field: &'static str },
+}
+
+/// `field` of an NSX answer, which must be there.
+fn required<'a>(
+    doc: &'a Value,
+    field: &'static str,
+    op: impl FnOnce() -> String,
+) -> Result<&'a str, ApplyError> {
+    doc.get(field)
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApplyError::BadAnswer { op: op(), field })
 }
 
 impl ApplyError {
@@ -52,26 +69,21 @@ impl ApplyError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ApplyError::Nsx { source, .. } => source.is_retryable() || source.is_stale_revision(),
-            ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } => true,
+            // A later pass observes what NSX holds and starts from that.
+            ApplyError::Unresolved { .. }
+            | ApplyError::BudgetSpent { .. }
+            | ApplyError::BadAnswer { .. } => true,
             ApplyError::NoPool { .. } | ApplyError::Fenced => false,
         }
     }
-}
-
-/// What a pod's port was given: written into the pod annotation.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct PodNetwork {
-    pub logical_port_id: String,
-    pub ip: String,
-    pub mac: String,
-    pub vlan: u16,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct ApplyReport {
     pub writes: usize,
     pub ops_done: usize,
-    /// Pod UID -> its network, for ports created by this plan.
+    /// Pod UID -> its network annotation, for ports created by this plan whose binding NSX
+    /// had realized.
     pub pod_networks: BTreeMap<String, PodNetwork>,
     /// Objects NSX refused for good (a 4xx that retrying cannot fix: an exhausted pool, a
     /// validation error), and those skipped because they depend on one. The rest of the plan
@@ -116,9 +128,10 @@ fn is_permanent(e: &ApplyError) -> bool {
                 && !source.is_stale_revision()
         }
         ApplyError::NoPool { .. } => true,
-        ApplyError::Unresolved { .. } | ApplyError::BudgetSpent { .. } | ApplyError::Fenced => {
-            false
-        }
+        ApplyError::Unresolved { .. }
+        | ApplyError::BudgetSpent { .. }
+        | ApplyError::Fenced
+        | ApplyError::BadAnswer { .. } => false,
     }
 }
 
@@ -270,7 +283,7 @@ where
     }
 
     async fn delete(&mut self, key: &Key, doc: &Value) -> Result<(), ApplyError> {
-        let id = doc["id"].as_str().unwrap_or_default();
+        let id = required(doc, "id", || format!("{key:?}: the observed document"))?;
         let p = format!(
             "{}/{id}{}",
             path(key.collection(), self.infra),
@@ -351,11 +364,18 @@ where
         match (key, &spec.detail) {
             (Key::Tier1(_) | Key::LbTier1(_), _) => {
                 // Advertisement, then the marker tag: the update path does both.
-                let id = created["id"].as_str().unwrap_or_default().to_string();
+                let id = required(&created, "id", || format!("POST {target}"))?.to_string();
                 self.update(key, &id, spec).await?;
             }
-            (Key::PodPort(pod), Detail::PodPort { vlan, .. }) => {
-                let id = created["id"].as_str().unwrap_or_default().to_string();
+            (
+                Key::PodPort(pod),
+                Detail::PodPort {
+                    vlan,
+                    namespace_uid,
+                    ..
+                },
+            ) => {
+                let id = required(&created, "id", || format!("POST {target}"))?.to_string();
                 let state: Value = self
                     .client
                     .get(&format!("logical-ports/{id}/state"))
@@ -364,16 +384,22 @@ where
                         op: format!("GET logical-ports/{id}/state"),
                         source,
                     })?;
+                // A binding NSX has not realized yet is no error: the write-back reads the
+                // port's state again on a later pass. Never an annotation with an empty field.
                 let b = &state["realized_bindings"][0]["binding"];
-                self.report.pod_networks.insert(
-                    pod.clone(),
-                    PodNetwork {
-                        logical_port_id: id,
-                        ip: b["ip_address"].as_str().unwrap_or_default().to_string(),
-                        mac: b["mac_address"].as_str().unwrap_or_default().to_string(),
-                        vlan: vlan.unwrap_or(0),
-                    },
-                );
+                let cidr = self
+                    .resolved
+                    .get(&Key::Subnet(namespace_uid.clone()))
+                    .and_then(|d| d["cidr"].as_str());
+                if let (Some(ip), Some(mac), Some(cidr), Some(vlan)) = (
+                    b["ip_address"].as_str(),
+                    b["mac_address"].as_str(),
+                    cidr,
+                    *vlan,
+                ) && let Some(n) = pod_network(ip, mac, vlan, cidr, &id)
+                {
+                    self.report.pod_networks.insert(pod.clone(), n);
+                }
             }
             _ => {}
         }
@@ -476,7 +502,10 @@ where
                 Some(body),
             )
             .await?;
-        Ok(a["allocation_id"].as_str().unwrap_or_default().to_string())
+        Ok(required(&a, "allocation_id", || {
+            format!("POST pools/ip-pools/{pool}?action=ALLOCATE")
+        })?
+        .to_string())
     }
 
     /// The VIP of a LoadBalancer service: the one it has, or a new one from the LB pool,
@@ -568,5 +597,29 @@ where
         })?;
         self.resolved.put(key.clone(), updated);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_without_its_id_is_an_error_never_an_empty_string() {
+        let op = || "POST logical-ports".to_string();
+        assert_eq!(
+            required(&json!({"id": "lp-1"}), "id", op).ok(),
+            Some("lp-1")
+        );
+        for answer in [json!({}), json!({"id": ""}), json!({"id": 7}), json!(null)] {
+            match required(&answer, "id", op) {
+                Err(e @ ApplyError::BadAnswer { field: "id", .. }) => {
+                    assert!(e.is_retryable(), "a later pass observes and starts again");
+                    assert!(!is_permanent(&e));
+                    assert_eq!(e.to_string(), "NSX answered POST logical-ports without id");
+                }
+                other => panic!("{answer}: {other:?}"),
+            }
+        }
     }
 }

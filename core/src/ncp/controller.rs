@@ -42,7 +42,6 @@ use super::infra::{Infra, discover};
 use super::leader::{Elector, Fence, LeaderConfig, Leadership, run_elected};
 use super::reconcile::{WriteGate, reconcile_desired};
 use super::vocab::Key;
-pub use super::write_back::pod_network_annotation;
 use super::write_back::{WriteScope, report_failures, write_back};
 use crate::k8s::dirty::{Dirty, KindDirty, refresh_kind};
 use crate::k8s::{ClusterView, ViewChanges};

@@ -546,10 +546,8 @@ fn pod_address(pod: &Pod) -> Option<u32> {
         .annotations
         .as_ref()?
         .get(crate::k8s::annotation::POD_NETWORK)?;
-    let doc: serde_json::Value = serde_json::from_str(text).ok()?;
-    let ip = doc.get("ip")?.as_str()?;
-    let ip = ip.split_once('/').map_or(ip, |(a, _)| a);
-    ip.parse::<std::net::Ipv4Addr>().ok().map(u32::from)
+    let net: crate::k8s::pod_network::PodNetwork = serde_json::from_str(text).ok()?;
+    net.address().ok().map(|(ip, _)| ip)
 }
 
 /// A namespace's NSGroup: every pod port of the namespace (by its `ncp/project_uid` tag).

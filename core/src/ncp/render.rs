@@ -70,6 +70,25 @@ pub fn subnet_layout(cidr: &str) -> Option<(u32, u32, u32, u32, u8)> {
     Some((net, net + 1, net + 2, last - 1, prefix))
 }
 
+/// The `ncp/network` annotation of a pod whose port NSX gave `ip` and `mac`, on the subnet
+/// `cidr`; `None` for a CIDR that is not a namespace subnet.
+pub fn pod_network(
+    ip: &str,
+    mac: &str,
+    vlan: u16,
+    cidr: &str,
+    port_id: &str,
+) -> Option<crate::k8s::pod_network::PodNetwork> {
+    let (_, gw, _, _, prefix) = subnet_layout(cidr)?;
+    Some(crate::k8s::pod_network::PodNetwork {
+        gateway: std::net::Ipv4Addr::from(gw).to_string(),
+        ip: format!("{ip}/{prefix}"),
+        logical_port_id: port_id.to_string(),
+        mac: mac.to_string(),
+        vlan,
+    })
+}
+
 fn ip(n: u32) -> String {
     std::net::Ipv4Addr::from(n).to_string()
 }

@@ -15,25 +15,11 @@ use super::naming;
 use super::observe::Observed;
 use super::plan::Op;
 use super::reconcile::Outcome;
-use super::render::subnet_layout;
+use super::render::pod_network;
 use super::vocab::{Detail, Key};
+use crate::k8s::pod_network::PodNetwork;
 use crate::k8s::{ClusterView, ViewChanges, annotation};
 use crate::nsx::NsxClient;
-
-/// The annotation a pod gets: what the node agent needs to wire it.
-pub fn pod_network_annotation(
-    ip: &str,
-    mac: &str,
-    vlan: u64,
-    cidr: &str,
-    port_id: &str,
-) -> Option<String> {
-    let (_, gw, _, _, prefix) = subnet_layout(cidr)?;
-    Some(
-        json!({"ip": format!("{ip}/{prefix}"), "mac": mac, "gateway": std::net::Ipv4Addr::from(gw).to_string(), "vlan": vlan, "logical_port_id": port_id})
-            .to_string(),
-    )
-}
 
 fn annotations_of(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -225,41 +211,47 @@ where
         else {
             continue;
         };
-        let port_id = port["id"].as_str().unwrap_or_default();
+        let Some(port_id) = port["id"].as_str().filter(|id| !id.is_empty()) else {
+            continue;
+        };
         let current = annotations_of(&pod.metadata)
             .get(annotation::POD_NETWORK)
             .cloned();
         if current
             .as_deref()
-            .and_then(|c| serde_json::from_str::<Value>(c).ok())
-            .is_some_and(|c| c["logical_port_id"] == port_id)
+            .and_then(|c| serde_json::from_str::<PodNetwork>(c).ok())
+            .is_some_and(|c| c.logical_port_id == port_id)
         {
             continue;
         }
-        let vlan = port["attachment"]["context"]["traffic_tag"]
+        let Some(vlan) = port["attachment"]["context"]["traffic_tag"]
             .as_u64()
-            .unwrap_or(0);
-        let (ip, mac) = match outcome.report.pod_networks.get(&uid) {
-            Some(n) => (n.ip.clone(), n.mac.clone()),
-            None => {
+            .and_then(|v| u16::try_from(v).ok())
+            .filter(|v| (1..=4094).contains(v))
+        else {
+            continue;
+        };
+        let net = match outcome.report.pod_networks.get(&uid) {
+            Some(n) if n.logical_port_id == port_id => n.clone(),
+            _ => {
                 // A port created by an earlier pass whose annotation never made it.
                 let state: Value = nsx
                     .get(&format!("logical-ports/{port_id}/state"))
                     .await
                     .map_err(|e| format!("failed to read the state of port {port_id}: {e}"))?;
                 let b = &state["realized_bindings"][0]["binding"];
-                (
-                    b["ip_address"].as_str().unwrap_or_default().to_string(),
-                    b["mac_address"].as_str().unwrap_or_default().to_string(),
-                )
+                // Not realized yet: a later pass reads it again.
+                let (Some(ip), Some(mac)) = (b["ip_address"].as_str(), b["mac_address"].as_str())
+                else {
+                    continue;
+                };
+                let Some(n) = pod_network(ip, mac, vlan, cidr, port_id) else {
+                    continue;
+                };
+                n
             }
         };
-        if ip.is_empty() {
-            continue;
-        }
-        let Some(value) = pod_network_annotation(&ip, &mac, vlan, cidr, port_id) else {
-            continue;
-        };
+        let value = net.to_json();
         if !allowed() {
             return Err("no longer the leader".into());
         }

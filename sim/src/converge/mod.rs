@@ -14,13 +14,14 @@ use fake_nsx_manager::FakeNsxManager;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nsx_core::k8s::ClusterView;
+use nsx_core::k8s::pod_network::PodNetwork;
 use nsx_core::ncp::desired::desired;
 use nsx_core::ncp::infra::{Infra, has_tag};
 use nsx_core::ncp::naming::scope;
 use nsx_core::ncp::observe::classify_object;
 use nsx_core::ncp::render::{Missing, render};
 use nsx_core::ncp::vocab::{Detail, Key};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::BTreeMap;
 
 use crate::apiserver::ApiServer;
@@ -389,13 +390,14 @@ pub fn ncp_converged_in(
         let Some(port) = observed.port_ids.get(&uid) else {
             continue;
         };
-        let net: Value = ann(&pod.metadata, nsx_core::k8s::annotation::POD_NETWORK)
-            .and_then(|s| serde_json::from_str(&s).ok())
+        let text = ann(&pod.metadata, nsx_core::k8s::annotation::POD_NETWORK)
             .ok_or(format!("pod {ns}/{name} has no network annotation"))?;
-        if net["logical_port_id"] != port.as_str() {
+        let net: PodNetwork = serde_json::from_str(&text)
+            .map_err(|e| format!("pod {ns}/{name}: network annotation {text:?}: {e}"))?;
+        if net.logical_port_id != *port {
             return Err(format!(
-                "pod {ns}/{name}: annotation names port {}, NSX has \"{port}\"",
-                net["logical_port_id"]
+                "pod {ns}/{name}: annotation names port \"{}\", NSX has \"{port}\"",
+                net.logical_port_id
             ));
         }
         let subnet = view
@@ -408,20 +410,25 @@ pub fn ncp_converged_in(
         let Some((_, gw, _, _, prefix)) = nsx_core::ncp::render::subnet_layout(&subnet) else {
             return Err(format!("pod {ns}/{name}: its namespace has no subnet"));
         };
-        let a = observed.pod_addresses.get(&uid).map(|a| {
-            json!({"ip": format!("{}/{prefix}", a.ip), "mac": a.mac, "vlan": a.vlan,
-                "gateway": std::net::Ipv4Addr::from(gw).to_string()})
-        });
-        let Some(Value::Object(a)) = a else {
+        let Some(a) = observed.pod_addresses.get(&uid) else {
             return Err(format!(
                 "pod {ns}/{name}: NSX allocated nothing to its port"
             ));
         };
-        for (field, want) in &a {
-            if net.get(field) != Some(want) {
+        let wanted = [
+            ("ip", format!("{}/{prefix}", a.ip), net.ip.clone()),
+            ("mac", a.mac.clone(), net.mac.clone()),
+            ("vlan", a.vlan.to_string(), net.vlan.to_string()),
+            (
+                "gateway",
+                std::net::Ipv4Addr::from(gw).to_string(),
+                net.gateway.clone(),
+            ),
+        ];
+        for (field, want, have) in wanted {
+            if want != have {
                 return Err(format!(
-                    "pod {ns}/{name}: annotation {field} is {}, NSX gave its port {want}",
-                    net.get(field).unwrap_or(&Value::Null)
+                    "pod {ns}/{name}: annotation {field} is {have:?}, NSX gave its port {want:?}"
                 ));
             }
         }

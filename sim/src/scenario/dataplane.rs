@@ -7,8 +7,8 @@ use fake_nsx_manager::store::{Connections, Entry, Packet as NsxPacket, Protocol,
 use fake_ovs::Packet;
 use nsx_core::agent::wiring::port_name;
 use nsx_core::k8s::annotation;
+use nsx_core::k8s::pod_network::PodNetwork;
 use nsx_core::ovs::Field;
-use serde_json::Value;
 
 use super::names::{Endpoint, ip_string};
 use super::node::UPLINK;
@@ -110,18 +110,11 @@ impl World {
             .get("pods", ns, name)
             .ok_or(format!("no pod {ns}/{name}"))?;
         let node = p["spec"]["nodeName"].as_str().unwrap_or("").to_string();
-        let net: Value = p["metadata"]["annotations"][annotation::POD_NETWORK]
+        let net: PodNetwork = p["metadata"]["annotations"][annotation::POD_NETWORK]
             .as_str()
             .and_then(|t| serde_json::from_str(t).ok())
             .ok_or(format!("pod {ns}/{name} has no network from NCP"))?;
-        let ip = super::names::parse_ip(
-            net["ip"]
-                .as_str()
-                .unwrap_or("")
-                .split('/')
-                .next()
-                .unwrap_or(""),
-        )?;
+        let ip = super::names::parse_ip(net.ip.split('/').next().unwrap_or(""))?;
         let n = self
             .nodes
             .get(&node)
@@ -144,7 +137,7 @@ impl World {
             name: name.into(),
             node,
             ip,
-            mac: parse_mac(net["mac"].as_str().unwrap_or("")),
+            mac: parse_mac(&net.mac),
             ofport,
         })
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
 use nsx_core::agent::wiring::{external_id, pod_cookie, port_name};
+use nsx_core::k8s::pod_network::PodNetwork;
 use nsx_core::k8s::{ClusterView, annotation};
 use nsx_core::ncp::observe::classify_object;
 use nsx_core::ncp::vocab::Key;
@@ -852,16 +853,11 @@ impl World {
             };
             let ns = p["metadata"]["namespace"].as_str().unwrap_or("");
             let who = format!("{ns}/{}", p["metadata"]["name"].as_str().unwrap_or(""));
-            let net: Value = serde_json::from_str(text)
-                .map_err(|e| format!("pod {who}: bad annotation: {e}"))?;
-            let ip = net["ip"]
-                .as_str()
-                .unwrap_or("")
-                .split('/')
-                .next()
-                .unwrap_or("")
-                .to_string();
-            let mac = net["mac"].as_str().unwrap_or("").to_string();
+            // What the agent would accept: NCP never writes an annotation it would refuse.
+            let net =
+                PodNetwork::parse(text).map_err(|e| format!("pod {who}: bad annotation: {e}"))?;
+            let ip = net.ip.split('/').next().unwrap_or("").to_string();
+            let mac = net.mac.clone();
             if let Some(other) = ips.insert(ip.clone(), who.clone()) {
                 return Err(format!("pods {other} and {who} both have {ip}"));
             }
@@ -959,17 +955,22 @@ impl World {
                         key.0, key.1
                     ));
                 }
-                let ann = p
+                let Some(ann) = p
                     .metadata
                     .annotations
                     .as_ref()
                     .and_then(|a| a.get(annotation::POD_NETWORK))
-                    .and_then(|t| serde_json::from_str::<Value>(t).ok())
-                    .unwrap_or_default();
-                if ann["ip"].as_str() != Some(kp.ip.as_str()) {
+                    .and_then(|t| PodNetwork::parse(t).ok())
+                else {
+                    return Err(format!(
+                        "pod {}/{}: wired with {}, NCP's annotation is missing or malformed",
+                        key.0, key.1, kp.ip
+                    ));
+                };
+                if ann.ip != kp.ip {
                     return Err(format!(
                         "pod {}/{}: wired with {}, NCP's annotation says {}",
-                        key.0, key.1, kp.ip, ann["ip"]
+                        key.0, key.1, kp.ip, ann.ip
                     ));
                 }
                 let Some(port) = b.port(&port_name(&kp.container_id)) else {
@@ -979,7 +980,7 @@ impl World {
                 // pod's network passes its traffic to the wrong port. (The iface-id is not
                 // compared: the agent does not follow a later annotation change, so a port an
                 // admin deleted and NCP recreated keeps its old id in OVS; a known gap.)
-                let want = ann["vlan"].to_string();
+                let want = ann.vlan.to_string();
                 let held = port.external_ids.get(external_id::VLAN);
                 if held != Some(&want) {
                     return Err(format!(
