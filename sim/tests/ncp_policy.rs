@@ -433,14 +433,27 @@ async fn check_with(
 fn annotated(view: &ClusterView, wiring: &Wiring) -> ClusterView {
     let mut v = view.clone();
     for pod in v.pods.values_mut() {
-        let Some((_, _, _, ip)) = pod.metadata.uid.as_ref().and_then(|u| wiring.ports.get(u))
+        let Some((port, _, vlan, ip)) = pod.metadata.uid.as_ref().and_then(|u| wiring.ports.get(u))
         else {
             continue;
         };
-        let ip = std::net::Ipv4Addr::from(*ip);
+        let net = nsx_core::k8s::pod_network::PodNetwork {
+            gateway: std::net::Ipv4Addr::from((*ip & 0xffff_ff00) | 1).to_string(),
+            ip: format!("{}/24", std::net::Ipv4Addr::from(*ip)),
+            logical_port_id: port.clone(),
+            // Not what NSX allocated: the firewall does not look at it.
+            mac: format!(
+                "02:00:{:02x}:{:02x}:{:02x}:{:02x}",
+                ip >> 24,
+                (ip >> 16) & 0xff,
+                (ip >> 8) & 0xff,
+                ip & 0xff
+            ),
+            vlan: *vlan,
+        };
         pod.metadata.annotations.get_or_insert_default().insert(
             nsx_core::k8s::annotation::POD_NETWORK.to_string(),
-            serde_json::json!({"ip": format!("{ip}/24")}).to_string(),
+            net.to_json(),
         );
     }
     v
