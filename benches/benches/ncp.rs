@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use nsx_core::k8s::ViewChanges;
 use nsx_core::ncp::desired::desired;
 use nsx_core::ncp::desired_cache::DesiredCache;
+use nsx_core::ncp::observe::Known;
 use nsx_core::ncp::plan::{Op, plan, plan_changes};
 use nsx_core::ncp::vocab::Key;
 
@@ -44,8 +45,11 @@ fn ncp(c: &mut Criterion) {
         });
         // A running NCP: its cache is synced with `want`; one pod's labels (its port's tags)
         // change.
-        let mut cached = observed.clone();
-        cached.synced = true;
+        let cached = observed.clone();
+        let known = Known {
+            synced: true,
+            ..Known::default()
+        };
         let mut changed = want.clone();
         let (key, spec) = changed
             .objects
@@ -56,7 +60,7 @@ fn ncp(c: &mut Criterion) {
             .push(nsx_core::nsx::model::Tag::new("app", "changed"));
         let key = key.clone();
         let touched: BTreeSet<Key> = [key.clone()].into();
-        let p = plan_changes(&changed, &cached, &infra, &touched).expect("synced");
+        let p = plan_changes(&changed, &cached, &known, &infra, &touched).expect("synced");
         assert_eq!(p, plan(&changed, &cached, &infra));
         assert_eq!(p.ops.len(), 1, "{:?}", p.ops);
         assert!(
@@ -65,7 +69,7 @@ fn ncp(c: &mut Criterion) {
             p.ops[0]
         );
         group.bench_with_input(BenchmarkId::new("plan_cached", pods), &pods, |b, _| {
-            b.iter(|| plan_changes(&changed, &cached, &infra, &touched))
+            b.iter(|| plan_changes(&changed, &cached, &known, &infra, &touched))
         });
         // The whole of a change: the pod into the view, the desired state updated, the plan.
         let mut view = view;
@@ -81,7 +85,7 @@ fn ncp(c: &mut Criterion) {
         let mut pass = |pod: &k8s_openapi::api::core::v1::Pod| {
             view.pods.insert(pod_key.clone(), pod.clone());
             let touched = tracked.update(&view, &changes);
-            plan_changes(tracked.desired(), &cached, &infra, &touched).expect("synced")
+            plan_changes(tracked.desired(), &cached, &known, &infra, &touched).expect("synced")
         };
         let there = pass(&relabelled);
         assert!(

@@ -184,9 +184,7 @@ where
     /// Takes the observation and updates it in place: what it holds after the plan is what
     /// the next pass plans against (a copy of every document would make each pass cost the
     /// cluster's size).
-    pub fn new(client: &'a NsxClient<C>, infra: &'a Infra, mut observed: Observed) -> Self {
-        observed.synced = false;
-        observed.verified = None;
+    pub fn new(client: &'a NsxClient<C>, infra: &'a Infra, observed: Observed) -> Self {
         Self {
             client,
             infra,

@@ -349,7 +349,7 @@ pub async fn run<C>(
     // name: a change costs the objects it touches, not the cluster.
     let mut tracked: Option<(ClusterView, DesiredCache)> = None;
     // The last pass left NSX matching the desired state but for pod ports still waiting (see
-    // `Observed::synced`) and wrote every annotation: the next pass need only plan what
+    // `Known::synced`) and wrote every annotation: the next pass need only plan what
     // changed, and those ports.
     let mut synced = false;
     // ... and NSX refused nothing: with no change at all, there is nothing to do (a change NCP
@@ -415,7 +415,13 @@ pub async fn run<C>(
         )
         .await;
         let event = match (result, &cache) {
-            (Ok(outcome), Some(realized)) => {
+            (
+                Ok(outcome),
+                Some(super::observe::Cache {
+                    observed: realized,
+                    known,
+                }),
+            ) => {
                 let scope = match (&changes, outcome.incremental) {
                     (Some(c), true) => Some(WriteScope::of(c, &outcome)),
                     _ => None,
@@ -460,7 +466,7 @@ pub async fn run<C>(
                             )
                             .await;
                         }
-                        synced = realized.synced;
+                        synced = known.synced;
                         clean = synced && outcome.report.failed.is_empty();
                         PassEvent::Converged {
                             ops: outcome.plan.len(),

@@ -552,6 +552,7 @@ mod tests {
         plan: &crate::ncp::plan::Plan,
         desired: &crate::ncp::vocab::Desired,
         o: &mut crate::ncp::observe::Observed,
+        known: &mut crate::ncp::observe::Known,
         infra: &crate::ncp::infra::Infra,
         n: &mut u32,
         refusals: Refusals,
@@ -647,7 +648,7 @@ mod tests {
             .map(|u| u.key.clone())
             .chain(failed)
             .collect();
-        crate::ncp::plan::settle(o, desired, left);
+        *known = crate::ncp::plan::settle(o, desired, left);
         refused
     }
 
@@ -695,14 +696,15 @@ mod tests {
             let views = [view(&a), view(&b), view(&c), view(&d)];
             let mut cache = DesiredCache::new(&views[0], "k8s-a", 24);
             let mut o = crate::ncp::observe::Observed::default();
+            let mut k = crate::ncp::observe::Known::default();
             let mut n = 0;
             let first = crate::ncp::plan::plan(cache.desired(), &o, &infra);
-            play(&first, cache.desired(), &mut o, &infra, &mut n, Refusals(refusals[0]));
+            play(&first, cache.desired(), &mut o, &mut k, &infra, &mut n, Refusals(refusals[0]));
             for (pair, r) in views.windows(2).zip(&refusals[1..]) {
                 let touched = cache.update(&pair[1], &ViewChanges::between(&pair[0], &pair[1]));
                 let full = crate::ncp::plan::plan(cache.desired(), &o, &infra);
-                let retrying = o.synced && o.pending.iter().any(|k| !matches!(k, Key::PodPort(_)));
-                if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &infra, &touched) {
+                let retrying = k.synced && k.pending.iter().any(|k| !matches!(k, Key::PodPort(_)));
+                if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &k, &infra, &touched) {
                     prop_assert_eq!(&inc, &full);
                     count(&INCREMENTAL);
                     if retrying {
@@ -710,21 +712,21 @@ mod tests {
                     }
                 }
                 count(&PASSES);
-                let refused = play(&full, cache.desired(), &mut o, &infra, &mut n, Refusals(*r));
+                let refused = play(&full, cache.desired(), &mut o, &mut k, &infra, &mut n, Refusals(*r));
                 let again = crate::ncp::plan::plan(cache.desired(), &o, &infra);
                 if !refused {
                     prop_assert!(again.ops.is_empty(), "not converged: {:?}", again.ops);
                 }
-                if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &infra, &BTreeSet::new()) {
+                if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &k, &infra, &BTreeSet::new()) {
                     prop_assert_eq!(inc, again);
                 }
             }
             // NSX takes everything again: one retry converges, whether planned in full or not.
             let retry = crate::ncp::plan::plan(cache.desired(), &o, &infra);
-            if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &infra, &BTreeSet::new()) {
+            if let Some(inc) = crate::ncp::plan::plan_changes(cache.desired(), &o, &k, &infra, &BTreeSet::new()) {
                 prop_assert_eq!(&inc, &retry);
             }
-            play(&retry, cache.desired(), &mut o, &infra, &mut n, Refusals(0));
+            play(&retry, cache.desired(), &mut o, &mut k, &infra, &mut n, Refusals(0));
             let done = crate::ncp::plan::plan(cache.desired(), &o, &infra);
             prop_assert!(done.ops.is_empty(), "not converged after the retry: {:?}", done.ops);
         }

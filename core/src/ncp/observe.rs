@@ -38,20 +38,33 @@ pub struct Observed {
     /// Read from the search index, which may lag behind writes: good to tell that nothing is to
     /// be done, not to decide what to write.
     pub from_search: bool,
+    /// VLANs in use under each parent VIF, by every port document held (kept or duplicate),
+    /// with counts: what a new port's VLAN is chosen against, without a pass over all ports.
+    vlans: BTreeMap<String, BTreeMap<i64, usize>>,
+}
+
+/// What NCP knows about a cache of NSX's objects beyond the documents: never read from NSX,
+/// only kept by a running NCP between passes ([`Cache`]). The planner reads it to decide how
+/// much to look at; [`super::plan::settle`] computes it after each pass.
+#[derive(Debug, Clone, Default)]
+pub struct Known {
     /// The pass that left these documents realized everything it was asked (nothing refused,
     /// nothing unrealizable): NSX then held exactly that pass's desired state, so the next pass
     /// need only look at the keys whose spec changed since ([`super::plan::plan_changes`]).
-    /// Only a running NCP's cache has it.
     pub synced: bool,
-    /// Pod ports a synced cache still lacks (refused, or unrealizable: a node without a VIF):
-    /// planned again by every incremental pass. Set by [`super::plan::settle`].
+    /// Keys a synced cache still lacks (refused, or unrealizable: a node without a VIF):
+    /// planned again by every incremental pass.
     pub pending: BTreeSet<Key>,
     /// The desired state of that pass, kept by callers that do not track their changes
     /// themselves ([`super::reconcile::reconcile_cached`]), to find them by comparison.
     pub verified: Option<std::sync::Arc<super::vocab::Desired>>,
-    /// VLANs in use under each parent VIF, by every port document held (kept or duplicate),
-    /// with counts: what a new port's VLAN is chosen against, without a pass over all ports.
-    vlans: BTreeMap<String, BTreeMap<i64, usize>>,
+}
+
+/// A running NCP's cache: what NSX held after its last pass, and what it knows about that.
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    pub observed: Observed,
+    pub known: Known,
 }
 
 /// A pod port document's parent VIF and VLAN.

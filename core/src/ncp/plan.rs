@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use super::infra::Infra;
 use super::naming::scope;
-use super::observe::Observed;
+use super::observe::{Known, Observed};
 use super::render::{Resolve, render};
 use super::vocab::{Desired, Detail, Key, Selection, Spec};
 
@@ -383,7 +383,7 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
 }
 
 /// Plans only the keys in `touched`, for a cache NSX is known to match except for them
-/// ([`Observed::synced`]: the previous pass realized everything, and `touched` holds every
+/// ([`Known::synced`]: the previous pass realized everything, and `touched` holds every
 /// key whose spec appeared, changed or went away since). The cost is that of the touched keys,
 /// not the cluster's. The result is the plan [`plan`] would make; `None` when this plan cannot
 /// tell it without looking further (an existing object is to be recreated, so its dependents
@@ -391,15 +391,16 @@ pub fn plan(desired: &Desired, observed: &Observed, infra: &Infra) -> Plan {
 pub fn plan_changes(
     desired: &Desired,
     observed: &Observed,
+    known: &Known,
     infra: &Infra,
     touched: &BTreeSet<Key>,
 ) -> Option<Plan> {
-    if !observed.synced {
+    if !known.synced {
         return None;
     }
     let mut p = Planner::new(desired, observed, infra, true);
     let mut keys: Vec<(&Key, &Spec)> = Vec::new();
-    let pending = observed.pending.iter().filter(|k| !touched.contains(*k));
+    let pending = known.pending.iter().filter(|k| !touched.contains(*k));
     for key in touched.iter().chain(pending) {
         match desired.objects.get(key) {
             Some(spec) => keys.push((key, spec)),
@@ -424,7 +425,7 @@ pub fn plan_changes(
     Some(p.finish(Some(touched)))
 }
 
-/// Records on `observed` (what a pass left) whether NSX now holds `desired` exactly but for
+/// What NCP knows after a pass that left `observed`: whether NSX now holds `desired` exactly but for
 /// `left` (the keys refused or unrealizable, with everything that depends on them, which the
 /// apply refuses in turn): then the next pass need only plan what changes, and those keys
 /// again, so a refusal that lasts (an exhausted SNAT pool, a rule NSX will not take) does not
@@ -437,7 +438,7 @@ pub fn plan_changes(
 ///   markers;
 /// - and no SNAT address is allocated without its rule (an allocation whose rule NSX then
 ///   refused), which only a full plan finds and releases.
-pub fn settle(observed: &mut Observed, desired: &Desired, left: BTreeSet<Key>) {
+pub fn settle(observed: &Observed, desired: &Desired, left: BTreeSet<Key>) -> Known {
     let listed = |key: &Key| {
         let (uid, by_pod) = match key {
             Key::PodPort(u) => (u, true),
@@ -487,13 +488,13 @@ pub fn settle(observed: &mut Observed, desired: &Desired, left: BTreeSet<Key>) {
             .sum::<usize>();
         observed.snat_allocations.len() == rules
     };
-    observed.synced = left.iter().all(retried_alone)
+    let synced = left.iter().all(retried_alone)
         && (!left.iter().any(|k| matches!(k, Key::Snat(_))) || snat_allocations_match_rules());
-    observed.pending = if observed.synced {
-        left
-    } else {
-        BTreeSet::new()
-    };
+    Known {
+        synced,
+        pending: if synced { left } else { BTreeSet::new() },
+        verified: None,
+    }
 }
 
 /// The state of one planning pass.

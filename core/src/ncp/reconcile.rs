@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use super::desired::desired;
 use super::infra::Infra;
-use super::observe::{Observed, observe, observe_by_search};
+use super::observe::{Cache, Observed, observe, observe_by_search};
 use super::plan::{Plan, plan, plan_changes};
 use super::vocab::{Desired, Key};
 use crate::k8s::ClusterView;
@@ -101,7 +101,7 @@ pub async fn reconcile_cached<C>(
     infra: &Infra,
     view: &ClusterView,
     gate: &WriteGate,
-    cache: &mut Option<Observed>,
+    cache: &mut Option<Cache>,
 ) -> Result<Outcome, ReconcileError>
 where
     C: Connect + Clone + Send + Sync + 'static,
@@ -109,12 +109,12 @@ where
     let want = desired(view, cluster, subnet_prefix);
     let touched = cache
         .as_ref()
-        .and_then(|o| o.verified.as_deref())
+        .and_then(|c| c.known.verified.as_deref())
         .map(|before| before.changed_keys(&want));
     let outcome =
         reconcile_desired(client, cluster, infra, &want, touched.as_ref(), gate, cache).await?;
-    if let Some(o) = cache.as_mut().filter(|o| o.synced) {
-        o.verified = Some(std::sync::Arc::new(want));
+    if let Some(c) = cache.as_mut().filter(|c| c.known.synced) {
+        c.known.verified = Some(std::sync::Arc::new(want));
     }
     Ok(outcome)
 }
@@ -128,7 +128,7 @@ pub async fn reconcile_desired<C>(
     want: &Desired,
     touched: Option<&BTreeSet<Key>>,
     gate: &WriteGate,
-    cache: &mut Option<Observed>,
+    cache: &mut Option<Cache>,
 ) -> Result<Outcome, ReconcileError>
 where
     C: Connect + Clone + Send + Sync + 'static,
@@ -136,12 +136,14 @@ where
     let mut incremental = false;
     let mut planned = want.objects.len();
     let (observed, plan, observe_calls) = match cache.take() {
-        Some(o) => {
-            let p = match touched.and_then(|t| plan_changes(want, &o, infra, t)) {
+        // What NCP knew is for the state before this pass: it is computed again after it.
+        Some(Cache { observed: o, known }) => {
+            let p = match touched.and_then(|t| plan_changes(want, &o, &known, infra, t)) {
                 Some(p) => {
                     incremental = true;
                     planned = touched.map_or(0, BTreeSet::len)
-                        + o.pending
+                        + known
+                            .pending
                             .iter()
                             .filter(|k| touched.is_none_or(|t| !t.contains(*k)))
                             .count();
@@ -157,7 +159,7 @@ where
     applier.write_budget = gate.write_budget;
     applier.fence = gate.fence.clone();
     match applier.apply(&plan).await {
-        Ok((report, mut after)) => {
+        Ok((report, after)) => {
             // Everything realized as wanted (but pod ports that wait for something): the next
             // pass need only look at what changes.
             let left = report
@@ -166,8 +168,11 @@ where
                 .chain(plan.unrealizable.iter().map(|u| &u.key))
                 .cloned()
                 .collect();
-            super::plan::settle(&mut after, want, left);
-            *cache = Some(after);
+            let known = super::plan::settle(&after, want, left);
+            *cache = Some(Cache {
+                observed: after,
+                known,
+            });
             Ok(Outcome {
                 plan,
                 report,

@@ -102,7 +102,7 @@ impl World {
         cluster: &str,
         infra: &Infra,
         view: &ClusterView,
-        cache: &mut Option<Observed>,
+        cache: &mut Option<nsx_core::ncp::observe::Cache>,
     ) -> Result<Outcome, ReconcileError> {
         let client = self.client();
         nsx_core::ncp::reconcile::reconcile_cached(

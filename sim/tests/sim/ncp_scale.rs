@@ -1,7 +1,7 @@
 //! Issue 3's scale target: a converged cluster of 1,000 namespaces and 10,000 pods restarts
 //! with zero NSX writes and at most one list or search call per 1,000 objects.
 
-mod common;
+use crate::common;
 
 use common::{World, view};
 

@@ -2,7 +2,7 @@
 //! safety, garbage collection, self-healing, isolation between clusters, and a crash after every
 //! single write of a scenario.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -2,7 +2,7 @@
 //! then objects deleted, renamed, duplicated by an admin and SNAT addresses leaked), one
 //! reconcile pass reaches exactly the desired state, and planning again yields no operation.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

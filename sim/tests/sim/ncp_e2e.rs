@@ -15,7 +15,7 @@ use nsx_sim::apiserver::ApiServer;
 use nsx_sim::net::{TurmoilConnector, kube_client, serve};
 use serde_json::{Value, json};
 
-mod common;
+use crate::common;
 
 const EPOCH_MS: i64 = 1_767_225_600_000;
 

@@ -8,7 +8,7 @@
 //! range and name, protocols, egress, policy types, several policies as a union), then a
 //! property test over random clusters and policies.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -357,7 +357,7 @@ async fn check(w: &World, view: &ClusterView) -> Result<usize, String> {
 async fn check_with(
     w: &World,
     view: &ClusterView,
-    cache: &mut Option<nsx_core::ncp::observe::Observed>,
+    cache: &mut Option<nsx_core::ncp::observe::Cache>,
 ) -> Result<usize, String> {
     let infra = w.infra("k8s-a").await;
     let first = w
