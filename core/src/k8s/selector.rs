@@ -1,4 +1,5 @@
-//! Kubernetes label selectors, evaluated as the apiserver does.
+//! Kubernetes label selectors: matched with kube-core's [`Selector`] (as the apiserver
+//! evaluates them), and expanded into the tag criteria an NSGroup can hold.
 //!
 //! NCP evaluates selectors itself where NSX tag criteria cannot express them (NotIn,
 //! DoesNotExist, namespace selectors joined with pod selectors), and to resolve named ports.
@@ -6,30 +7,32 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::core::{Selector, SelectorExt};
 
-/// Whether `labels` satisfy `selector`. An empty selector selects everything; an operator the
-/// API does not define selects nothing (the apiserver rejects such selectors, so only a
-/// corrupted object can carry one).
+/// A selector ready to match many label sets: kube-core's [`Selector`], built once per
+/// selector rather than once per object it is matched against.
+#[derive(Debug, Clone)]
+pub struct Compiled(Option<Selector>);
+
+impl Compiled {
+    /// `None` inside for a selector the apiserver refuses (an unknown operator, `In` or `NotIn`
+    /// without values): only a corrupted object carries one, and it selects nothing.
+    pub fn new(selector: &LabelSelector) -> Self {
+        Compiled(Selector::try_from(selector.clone()).ok())
+    }
+
+    /// Whether `labels` satisfy the selector. An empty selector selects everything.
+    pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.matches(labels.unwrap_or(&NONE)))
+    }
+}
+
+/// Whether `labels` satisfy `selector` (one match: [`Compiled`] for many).
 pub fn matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
-    let empty = BTreeMap::new();
-    let labels = labels.unwrap_or(&empty);
-    let labels_ok = selector
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
-        let values = e.values.as_deref().unwrap_or(&[]);
-        let have = labels.get(&e.key);
-        match e.operator.as_str() {
-            "In" => have.is_some_and(|v| values.contains(v)),
-            "NotIn" => have.is_none_or(|v| !values.contains(v)),
-            "Exists" => have.is_some(),
-            "DoesNotExist" => have.is_none(),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
+    Compiled::new(selector).matches(labels)
 }
 
 /// A conjunction of label tests: `(key, Some(value))` or `(key, None)` for "key exists".
@@ -131,6 +134,16 @@ mod tests {
             ..Default::default()
         };
         assert!(!matches(&bad, Some(&labels(&[("a", "2")]))));
+        // `In`/`NotIn` without values: refused by the apiserver, so it selects nothing.
+        for op in ["In", "NotIn"] {
+            let bare = LabelSelector {
+                match_expressions: Some(vec![req("a", op, &[])]),
+                ..Default::default()
+            };
+            assert!(!matches(&bare, Some(&labels(&[("b", "1")]))), "{op}");
+        }
+        let once = Compiled::new(&sel);
+        assert!(once.matches(Some(&ok)) && !once.matches(Some(&prod)));
     }
 
     #[test]

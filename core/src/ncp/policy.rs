@@ -60,6 +60,7 @@ fn wired_pods<'v>(
     namespaces: &BTreeSet<&str>,
     sel: Option<&LabelSelector>,
 ) -> Vec<&'v Pod> {
+    let sel = sel.map(selector::Compiled::new);
     // By namespace range: the cost is the selected namespaces' pods, not the cluster's.
     namespaces
         .iter()
@@ -69,7 +70,10 @@ fn wired_pods<'v>(
                 .take_while(move |((n, _), _)| n == ns)
         })
         .filter(|(_, p)| {
-            pod_is_wired(p) && sel.is_none_or(|s| selector::matches(s, p.metadata.labels.as_ref()))
+            pod_is_wired(p)
+                && sel
+                    .as_ref()
+                    .is_none_or(|s| s.matches(p.metadata.labels.as_ref()))
         })
         .map(|(_, p)| p)
         .collect()
@@ -115,9 +119,10 @@ fn select(
 
 /// Namespaces (names) whose labels match `sel`.
 fn namespaces_matching<'a>(live_ns: LiveNamespaces<'a>, sel: &LabelSelector) -> BTreeSet<&'a str> {
+    let sel = selector::Compiled::new(sel);
     live_ns
         .iter()
-        .filter(|(_, ns)| selector::matches(sel, ns.metadata.labels.as_ref()))
+        .filter(|(_, ns)| sel.matches(ns.metadata.labels.as_ref()))
         .map(|(n, _)| n)
         .collect()
 }
