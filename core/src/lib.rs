@@ -5,12 +5,17 @@
 //! connector, a clock through tokio, a seeded random source).
 //!
 //! Layout:
+//! Layout, in layers (a module uses only the layers above it in this list; `tests/layers.rs`
+//! checks it):
+//! - [`hash`]: the fixed hashes (names and cookies; lookup tables); [`rng`]: the small seeded
+//!   random source every component takes instead of OS randomness.
 //! - [`nsx`]: the NSX Manager API model (serde types with the API's exact field names), the
-//!   error body, and the production HTTP client with NSX's retry, auth and pagination rules.
-//! - [`k8s`]: the controller's view of the cluster.
-//! - [`ncp`]: NCP: desired NSX state, observation by tags, planning, applying.
-//! - [`hash`]: the fixed hash of the proxy's and the fake switch's lookup tables.
-//! - [`rng`]: the small seeded random source every component takes instead of OS randomness.
+//!   error body, and the production HTTP client with NSX's retry, auth and pagination rules;
+//!   [`k8s`]: the controller's view of the cluster, watches, label selectors, the pod network
+//!   annotation; [`ovs`]: the OpenFlow model, `ovs-ofctl` text, and the node's pipeline.
+//! - [`cni`]: the CNI plugin's protocol and its wire to the node agent.
+//! - [`ncp`]: NCP: desired NSX state, observation by tags, planning, rendering, applying;
+//!   [`agent`]: the node agent; [`proxy`]: nsx-kube-proxy.
 //!
 //! ```
 //! use nsx_core::nsx::model::{LogicalSwitch, Tag};

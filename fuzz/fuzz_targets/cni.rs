@@ -7,8 +7,8 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 
 use libfuzzer_sys::fuzz_target;
-use nsx_core::cni::wire::WireResponse;
 use nsx_core::cni::client::Answered;
+use nsx_core::cni::wire::WireResponse;
 use nsx_core::cni::{cni_vars, fail_early, run};
 
 fuzz_target!(|data: &[u8]| {

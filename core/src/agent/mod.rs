@@ -4,7 +4,8 @@
 //! VM's NIC, a port of the hypervisor's NSX switch) tagged with the pod's VLAN, where NSX maps
 //! it to the pod's logical port and applies the distributed firewall; traffic arriving on the
 //! uplink with that VLAN is untagged and delivered to the pod. Both directions pass the
-//! proxy's tables first (so ClusterIP traffic is load-balanced, and replies un-NATed):
+//! proxy's tables first (so ClusterIP traffic is load-balanced, and replies un-NATed). The
+//! tables, registers and priorities are named in [`crate::ovs::pipeline`]:
 //!
 //! - table 0, from the pod (IP with the pod's own source address; other addresses are dropped,
 //!   a SpoofGuard): `reg5` = the pod's port, then the proxy (table 10); ARP goes straight out
@@ -22,6 +23,11 @@
 //! identity lives in the OVS ports' external ids, so a restarted agent rebuilds its view from
 //! the switch ([`Agent::recover`]), and after an OVS restart it replays every pod's flows
 //! ([`Agent::replay`]).
+//!
+//! - [`wiring`]: a pod's flows and port, and the agent's record of pods;
+//! - [`server`]: the CNI socket: requests on the [`crate::cni::wire`] protocol, answered after
+//!   NCP's annotation ([`crate::k8s::pod_network::PodNetwork`]) is there;
+//! - [`kube_pods`]: where the annotation is read from on a real cluster.
 
 pub mod kube_pods;
 pub mod server;

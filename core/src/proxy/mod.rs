@@ -5,7 +5,7 @@
 //!   ones, else serving-terminating ones; `internalTrafficPolicy: Local`; named target ports
 //!   as the slices resolve them).
 //! - [`compile`]: a service port to flows and a group (pure), and the shared per-endpoint
-//!   DNAT flows.
+//!   DNAT flows, in the tables and registers of [`crate::ovs::pipeline`].
 //! - [`sync`]: the incremental proxy: per-key caches, one atomic bundle per sync, reference
 //!   counted endpoint flows, groups split past the OpenFlow message size, conntrack flushes,
 //!   rounds in cookies for restarts.
