@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::hash::WordMap;
 
 use crate::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
-use crate::ovs::flow::Group;
+use crate::ovs::flow::{Flow, Group};
 
 use super::compile::{cluster_ip_flow, endpoint_flow, group, service_flows, static_flows};
 use super::model::{Endpoint, ServicePort, ServicePortKey};
@@ -198,188 +198,57 @@ impl Proxy {
             .filter_map(|(_, sp)| *sp)
             .map(|sp| sp.endpoints.len())
             .sum();
-        let mut ops: Vec<OfOp> =
-            Vec::with_capacity(endpoints + keys.len() * (4 + 3 * self.cfg.node_ips.len()));
-        let mut tail: Vec<OfOp> = Vec::new();
-        let mut flush: Vec<ConntrackFilter> = Vec::new();
-        let round = self.round;
-        if !self.static_installed {
-            ops.extend(static_flows(round).into_iter().map(OfOp::AddFlow));
-        }
+        let capacity = endpoints + keys.len() * (4 + 3 * self.cfg.node_ips.len());
         // Endpoint reference changes, kept as a delta and committed after success (a copy of
         // every count would make a sync cost the cluster's size).
         let base = std::mem::take(&mut self.endpoint_refs);
-        let mut refs = RefDelta {
-            base: &base,
-            delta: DeltaMap::default(),
-        };
-        // About one endpoint reference per changed key's endpoint: no rehashing midway.
-        refs.delta.reserve(endpoints);
-        let mut new_installed: Vec<(ServicePortKey, Option<Installed>)> = Vec::new();
-        let mut released: Vec<ServicePortKey> = Vec::new();
-        // ClusterIP reference changes of this sync.
-        let mut ip_delta: BTreeMap<u32, i64> = BTreeMap::new();
+        // A copy of a few addresses, so that group ids can be allocated meanwhile.
+        let node_ips = self.cfg.node_ips.clone();
+        let mut b = Batch::new(self.round, &node_ips, capacity, &base, endpoints);
+        if !self.static_installed {
+            b.ops
+                .extend(static_flows(self.round).into_iter().map(OfOp::AddFlow));
+        }
         for &(key, wanted) in keys {
             let id = wanted.is_some().then(|| self.group_id(key));
             let old = self.installed.get(key);
-            let old_ip = old.filter(|o| o.present).map(|o| o.sp.cluster_ip);
-            let new_ip = wanted.map(|sp| sp.cluster_ip);
-            if old_ip != new_ip {
-                if let Some(ip) = old_ip {
-                    *ip_delta.entry(ip).or_default() -= 1;
-                }
-                if let Some(ip) = new_ip {
-                    *ip_delta.entry(ip).or_default() += 1;
-                }
-            }
-            let node_ips = &self.cfg.node_ips;
-            // What the last sync installed, compiled again (see `Installed`).
-            let (old_flows, old_group) = match old {
-                Some(o) if o.present => (
-                    service_flows(round, &o.sp, o.group_id, node_ips),
-                    (!o.sp.endpoints.is_empty()).then(|| group(&o.sp, o.group_id)),
-                ),
-                _ => (Vec::new(), None),
-            };
+            b.count_cluster_ip(old, wanted);
             match (wanted, id) {
-                (Some(sp), Some(id)) => {
-                    let flows = service_flows(round, sp, id, node_ips);
-                    let g = (!sp.endpoints.is_empty()).then(|| group(sp, id));
-                    // The group first (flows name it), endpoints' flows before the group
-                    // that resubmits to them.
-                    let old_eps = match old {
-                        Some(o) if old_group.is_some() => endpoint_set(&o.sp.endpoints),
-                        _ => std::borrow::Cow::Borrowed(&[][..]),
-                    };
-                    let new_eps = endpoint_set(&sp.endpoints);
-                    let old_proto = old.map_or(sp.protocol, |o| o.sp.protocol);
-                    for e in new_eps
-                        .iter()
-                        .filter(|e| old_eps.binary_search(e).is_err() || old_proto != sp.protocol)
-                    {
-                        if refs.add((sp.protocol, *e), 1) == 1 {
-                            ops.push(OfOp::AddFlow(endpoint_flow(round, sp.protocol, e)));
-                        }
-                    }
-                    let group_changed = old_group != g;
-                    match (&old_group, g) {
-                        (None, Some(g)) if !self.existing_groups.contains(&id) => {
-                            let (first, rest) = chunks(g);
-                            if self.uncertain_groups.contains(&id) {
-                                ops.push(OfOp::DelGroup(id));
-                            }
-                            ops.push(OfOp::AddGroup(first));
-                            ops.extend(rest.into_iter().map(|buckets| OfOp::InsertBuckets {
-                                group_id: id,
-                                buckets,
-                            }));
-                        }
-                        (_, Some(g)) if group_changed => {
-                            self.existing_groups.remove(&id);
-                            let (first, rest) = chunks(g);
-                            ops.push(OfOp::ModGroup(first));
-                            ops.extend(rest.into_iter().map(|buckets| OfOp::InsertBuckets {
-                                group_id: id,
-                                buckets,
-                            }));
-                        }
-                        _ => {}
-                    }
-                    for f in &old_flows {
-                        if !flows.iter().any(|n| {
-                            n.table == f.table && n.priority == f.priority && n.matches == f.matches
-                        }) {
-                            tail.push(OfOp::DelFlowStrict {
-                                table: f.table,
-                                priority: f.priority,
-                                matches: f.matches.clone(),
-                            });
-                        }
-                    }
-                    for f in flows {
-                        if !old_flows.contains(&f) {
-                            ops.push(OfOp::AddFlow(f));
-                        }
-                    }
-                    if old_group.is_some() && sp.endpoints.is_empty() {
-                        tail.push(OfOp::DelGroup(id));
-                    }
-                    for e in old_eps
-                        .iter()
-                        .filter(|e| new_eps.binary_search(e).is_err() || old_proto != sp.protocol)
-                    {
-                        release_endpoint(round, &mut refs, old_proto, e, &mut tail);
-                        if old_proto != 6 {
-                            flush.push(ConntrackFilter {
-                                zone: None,
-                                protocol: old_proto,
-                                ip: e.ip,
-                                port: e.port,
-                            });
-                        }
-                    }
-                    new_installed.push((
-                        key.clone(),
-                        Some(Installed {
-                            sp: sp.clone(),
-                            group_id: id,
-                            present: true,
-                        }),
-                    ));
-                }
+                (Some(sp), Some(id)) => b.port_wanted(
+                    key,
+                    old,
+                    sp,
+                    id,
+                    &mut self.existing_groups,
+                    &self.uncertain_groups,
+                ),
                 _ => {
-                    let Some(old) = old else { continue };
-                    for f in &old_flows {
-                        tail.push(OfOp::DelFlowStrict {
-                            table: f.table,
-                            priority: f.priority,
-                            matches: f.matches.clone(),
-                        });
+                    if let Some(old) = old {
+                        b.port_gone(key, old);
                     }
-                    if old_group.is_some() {
-                        tail.push(OfOp::DelGroup(old.group_id));
-                        for e in &old.sp.endpoints {
-                            release_endpoint(round, &mut refs, old.sp.protocol, e, &mut tail);
-                            if old.sp.protocol != 6 {
-                                flush.push(ConntrackFilter {
-                                    zone: None,
-                                    protocol: old.sp.protocol,
-                                    ip: e.ip,
-                                    port: e.port,
-                                });
-                            }
-                        }
-                    }
-                    new_installed.push((key.clone(), None));
-                    released.push(key.clone());
                 }
             }
         }
-        let mut ip_refs: Vec<(u32, u32)> = Vec::with_capacity(ip_delta.len());
-        for (ip, d) in ip_delta {
-            let before = self.cluster_ip_refs.get(&ip).copied().unwrap_or(0);
-            let after = u32::try_from(i64::from(before) + d).unwrap_or(0);
-            let f = cluster_ip_flow(round, ip);
-            if before == 0 && after > 0 {
-                ops.push(OfOp::AddFlow(f));
-            } else if before > 0 && after == 0 {
-                tail.push(OfOp::DelFlowStrict {
-                    table: f.table,
-                    priority: f.priority,
-                    matches: f.matches,
-                });
-            }
-            ip_refs.push((ip, after));
-        }
+        let ip_refs = b.cluster_ip_flows(&self.cluster_ip_refs);
         if !self.static_installed
-            && let Some(prev) = self.previous_round.filter(|p| *p != round)
+            && let Some(prev) = self.previous_round.filter(|p| *p != self.round)
         {
             // The last run's flows that this one did not replace.
-            tail.push(OfOp::DelFlowsByCookie {
-                cookie: Cookie::of_round(prev).0,
-                cookie_mask: Cookie::of_round(prev).1,
+            let (cookie, cookie_mask) = Cookie::of_round(prev);
+            b.tail.push(OfOp::DelFlowsByCookie {
+                cookie,
+                cookie_mask,
             });
         }
+        let Batch {
+            mut ops,
+            tail,
+            mut flush,
+            refs,
+            installed: new_installed,
+            released,
+            ..
+        } = b;
         ops.extend(tail);
         let n_ops = ops.len();
         let delta = refs.delta;
@@ -446,6 +315,223 @@ impl Proxy {
             keys.sort_by(|a, b| a.0.cmp(b.0));
         }
         self.sync_keys(bridge, &keys)
+    }
+}
+
+/// One sync's operations: `ops` go first (what is added, each before what names it: endpoint
+/// flows, then a group, then the flows that use it), `tail` after (what is deleted, after
+/// whatever named it is gone), in one bundle; and what the caches take once it is in.
+struct Batch<'r> {
+    round: u16,
+    /// The node's addresses (NodePort flows).
+    node_ips: &'r [u32],
+    ops: Vec<OfOp>,
+    tail: Vec<OfOp>,
+    /// Conntrack entries of removed UDP and SCTP endpoints (TCP connections drain).
+    flush: Vec<ConntrackFilter>,
+    refs: RefDelta<'r>,
+    /// ClusterIP reference changes.
+    ip_delta: BTreeMap<u32, i64>,
+    installed: Vec<(ServicePortKey, Option<Installed>)>,
+    /// Service ports gone, whose group ids are free again.
+    released: Vec<ServicePortKey>,
+}
+
+impl<'r> Batch<'r> {
+    fn new(
+        round: u16,
+        node_ips: &'r [u32],
+        capacity: usize,
+        base: &'r RefMap,
+        endpoints: usize,
+    ) -> Self {
+        let mut refs = RefDelta {
+            base,
+            delta: DeltaMap::default(),
+        };
+        // About one endpoint reference per changed key's endpoint: no rehashing midway.
+        refs.delta.reserve(endpoints);
+        Batch {
+            round,
+            node_ips,
+            ops: Vec::with_capacity(capacity),
+            tail: Vec::new(),
+            flush: Vec::new(),
+            refs,
+            ip_delta: BTreeMap::new(),
+            installed: Vec::new(),
+            released: Vec::new(),
+        }
+    }
+
+    fn delete_flow(&mut self, f: &Flow) {
+        self.tail.push(OfOp::DelFlowStrict {
+            table: f.table,
+            priority: f.priority,
+            matches: f.matches.clone(),
+        });
+    }
+
+    /// One service port fewer uses endpoint `e`: its flow goes with the last user, and its
+    /// connections are flushed unless TCP.
+    fn release(&mut self, protocol: u8, e: &Endpoint) {
+        release_endpoint(self.round, &mut self.refs, protocol, e, &mut self.tail);
+        if protocol != 6 {
+            self.flush.push(ConntrackFilter {
+                zone: None,
+                protocol,
+                ip: e.ip,
+                port: e.port,
+            });
+        }
+    }
+
+    /// A service port's ClusterIP changes (or it comes or goes): the reject flow of each
+    /// address is counted.
+    fn count_cluster_ip(&mut self, old: Option<&Installed>, wanted: Option<&ServicePort>) {
+        let old_ip = old.filter(|o| o.present).map(|o| o.sp.cluster_ip);
+        let new_ip = wanted.map(|sp| sp.cluster_ip);
+        if old_ip != new_ip {
+            if let Some(ip) = old_ip {
+                *self.ip_delta.entry(ip).or_default() -= 1;
+            }
+            if let Some(ip) = new_ip {
+                *self.ip_delta.entry(ip).or_default() += 1;
+            }
+        }
+    }
+
+    /// What the last sync installed for a service port, compiled again (see [`Installed`]).
+    fn compiled_before(&self, old: Option<&Installed>) -> (Vec<Flow>, Option<Group>) {
+        match old {
+            Some(o) if o.present => (
+                service_flows(self.round, &o.sp, o.group_id, self.node_ips),
+                (!o.sp.endpoints.is_empty()).then(|| group(&o.sp, o.group_id)),
+            ),
+            _ => (Vec::new(), None),
+        }
+    }
+
+    /// A service port that is wanted: what differs from what is installed, and no more.
+    fn port_wanted(
+        &mut self,
+        key: &ServicePortKey,
+        old: Option<&Installed>,
+        sp: &ServicePort,
+        id: u32,
+        existing_groups: &mut BTreeSet<u32>,
+        uncertain_groups: &BTreeSet<u32>,
+    ) {
+        let round = self.round;
+        let (old_flows, old_group) = self.compiled_before(old);
+        let flows = service_flows(round, sp, id, self.node_ips);
+        let g = (!sp.endpoints.is_empty()).then(|| group(sp, id));
+        // The group first (flows name it), endpoints' flows before the group that resubmits
+        // to them.
+        let old_eps = match old {
+            Some(o) if old_group.is_some() => endpoint_set(&o.sp.endpoints),
+            _ => std::borrow::Cow::Borrowed(&[][..]),
+        };
+        let new_eps = endpoint_set(&sp.endpoints);
+        let old_proto = old.map_or(sp.protocol, |o| o.sp.protocol);
+        for e in new_eps
+            .iter()
+            .filter(|e| old_eps.binary_search(e).is_err() || old_proto != sp.protocol)
+        {
+            if self.refs.add((sp.protocol, *e), 1) == 1 {
+                self.ops
+                    .push(OfOp::AddFlow(endpoint_flow(round, sp.protocol, e)));
+            }
+        }
+        let group_changed = old_group != g;
+        match (&old_group, g) {
+            (None, Some(g)) if !existing_groups.contains(&id) => {
+                let (first, rest) = chunks(g);
+                if uncertain_groups.contains(&id) {
+                    self.ops.push(OfOp::DelGroup(id));
+                }
+                self.ops.push(OfOp::AddGroup(first));
+                self.ops
+                    .extend(rest.into_iter().map(|buckets| OfOp::InsertBuckets {
+                        group_id: id,
+                        buckets,
+                    }));
+            }
+            (_, Some(g)) if group_changed => {
+                existing_groups.remove(&id);
+                let (first, rest) = chunks(g);
+                self.ops.push(OfOp::ModGroup(first));
+                self.ops
+                    .extend(rest.into_iter().map(|buckets| OfOp::InsertBuckets {
+                        group_id: id,
+                        buckets,
+                    }));
+            }
+            _ => {}
+        }
+        for f in &old_flows {
+            if !flows
+                .iter()
+                .any(|n| n.table == f.table && n.priority == f.priority && n.matches == f.matches)
+            {
+                self.delete_flow(f);
+            }
+        }
+        for f in flows {
+            if !old_flows.contains(&f) {
+                self.ops.push(OfOp::AddFlow(f));
+            }
+        }
+        if old_group.is_some() && sp.endpoints.is_empty() {
+            self.tail.push(OfOp::DelGroup(id));
+        }
+        for e in old_eps
+            .iter()
+            .filter(|e| new_eps.binary_search(e).is_err() || old_proto != sp.protocol)
+        {
+            self.release(old_proto, e);
+        }
+        self.installed.push((
+            key.clone(),
+            Some(Installed {
+                sp: sp.clone(),
+                group_id: id,
+                present: true,
+            }),
+        ));
+    }
+
+    /// A service port that is no longer wanted: its flows, group and endpoint references go.
+    fn port_gone(&mut self, key: &ServicePortKey, old: &Installed) {
+        let (old_flows, old_group) = self.compiled_before(Some(old));
+        for f in &old_flows {
+            self.delete_flow(f);
+        }
+        if old_group.is_some() {
+            self.tail.push(OfOp::DelGroup(old.group_id));
+            for e in &old.sp.endpoints {
+                self.release(old.sp.protocol, e);
+            }
+        }
+        self.installed.push((key.clone(), None));
+        self.released.push(key.clone());
+    }
+
+    /// The reject flow of each ClusterIP whose count crosses zero; the counts to commit.
+    fn cluster_ip_flows(&mut self, committed: &BTreeMap<u32, u32>) -> Vec<(u32, u32)> {
+        let mut ip_refs: Vec<(u32, u32)> = Vec::with_capacity(self.ip_delta.len());
+        for (ip, d) in std::mem::take(&mut self.ip_delta) {
+            let before = committed.get(&ip).copied().unwrap_or(0);
+            let after = u32::try_from(i64::from(before) + d).unwrap_or(0);
+            let f = cluster_ip_flow(self.round, ip);
+            if before == 0 && after > 0 {
+                self.ops.push(OfOp::AddFlow(f));
+            } else if before > 0 && after == 0 {
+                self.delete_flow(&f);
+            }
+            ip_refs.push((ip, after));
+        }
+        ip_refs
     }
 }
 
