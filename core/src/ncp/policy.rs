@@ -35,6 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -127,30 +128,23 @@ fn namespaces_matching<'a>(live_ns: LiveNamespaces<'a>, sel: &LabelSelector) -> 
         .collect()
 }
 
-/// CIDR `a.b.c.d/n` as (network, prefix).
+/// CIDR `a.b.c.d/n` (ipnet's parser) as (network, prefix): host bits are cleared, as
+/// Kubernetes reads an ipBlock.
 fn parse_cidr(text: &str) -> Option<(u32, u8)> {
-    let (ip, prefix) = text.split_once('/')?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
-    let ip = u32::from(ip.parse::<std::net::Ipv4Addr>().ok()?);
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
-    };
-    Some((ip & mask, prefix))
+    let net: Ipv4Net = text.parse().ok()?;
+    Some((u32::from(net.network()), net.prefix_len()))
 }
 
-fn cidr_text((net, prefix): (u32, u8)) -> String {
-    format!("{}/{prefix}", std::net::Ipv4Addr::from(net))
+fn net((addr, prefix): (u32, u8)) -> Option<Ipv4Net> {
+    Ipv4Net::new(std::net::Ipv4Addr::from(addr), prefix).ok()
 }
 
-fn contains((net, prefix): (u32, u8), (other, other_prefix): (u32, u8)) -> bool {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
-    };
-    other_prefix >= prefix && other & mask == net
+fn cidr_text(cidr: (u32, u8)) -> String {
+    net(cidr).map(|n| n.trunc().to_string()).unwrap_or_default()
+}
+
+fn contains(outer: (u32, u8), inner: (u32, u8)) -> bool {
+    matches!((net(outer), net(inner)), (Some(a), Some(b)) if a.trunc().contains(&b))
 }
 
 /// `cidr` minus `except`, as a minimal list of CIDRs (splitting halves around each hole).
@@ -862,5 +856,36 @@ pub fn marker_objects(cluster: &str, objects: &mut BTreeMap<Key, Spec>) {
                 detail: Detail::Marker,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_blocks_parse_contain_and_subtract_as_kubernetes_reads_them() {
+        let c = |s: &str| parse_cidr(s).unwrap();
+        assert_eq!(c("10.4.0.0/16"), (0x0a04_0000, 16));
+        assert_eq!(c("10.4.7.9/16"), (0x0a04_0000, 16), "host bits cleared");
+        assert_eq!(c("0.0.0.0/0"), (0, 0));
+        for bad in [
+            "10.4.0.0",
+            "10.4.0.0/33",
+            "10.4.0/16",
+            "a.b.c.d/8",
+            "10.4.0.0/-1",
+        ] {
+            assert_eq!(parse_cidr(bad), None, "{bad}");
+        }
+        assert!(contains(c("10.4.0.0/16"), c("10.4.8.0/24")));
+        assert!(!contains(c("10.4.8.0/24"), c("10.4.0.0/16")));
+        assert!(contains(c("0.0.0.0/0"), c("192.0.2.1/32")));
+        let left: Vec<String> = subtract(c("10.0.0.0/30"), &[c("10.0.0.1/32")])
+            .into_iter()
+            .map(cidr_text)
+            .collect();
+        assert_eq!(left, ["10.0.0.0/32", "10.0.0.2/31"]);
+        assert!(subtract(c("10.0.0.0/24"), &[c("10.0.0.0/16")]).is_empty());
     }
 }

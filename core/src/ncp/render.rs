@@ -63,11 +63,12 @@ fn id<'a, R: Resolve + ?Sized>(resolved: &'a R, key: &Key) -> Result<&'a str, Mi
 
 /// Network, gateway, first and last pool address and prefix of a namespace subnet.
 pub fn subnet_layout(cidr: &str) -> Option<(u32, u32, u32, u32, u8)> {
-    let (ip, prefix) = cidr.split_once('/')?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 30)?;
-    let net = u32::from(ip.parse::<std::net::Ipv4Addr>().ok()?);
-    let last = net | (u32::MAX >> prefix);
-    Some((net, net + 1, net + 2, last - 1, prefix))
+    let subnet: ipnet::Ipv4Net = cidr
+        .parse()
+        .ok()
+        .filter(|n: &ipnet::Ipv4Net| n.prefix_len() <= 30)?;
+    let (net, last) = (u32::from(subnet.network()), u32::from(subnet.broadcast()));
+    Some((net, net + 1, net + 2, last - 1, subnet.prefix_len()))
 }
 
 /// The `ncp/network` annotation of a pod whose port NSX gave `ip` and `mac`, on the subnet

@@ -13,20 +13,15 @@ pub fn is_dns_label(s: &str) -> bool {
 
 /// `a.b.c.d/len` as (network address, length).
 pub fn parse_cidr(s: &str) -> Result<(u32, u8), String> {
-    let (ip, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("`{s}` is not a CIDR (a.b.c.d/len)"))?;
-    let ip = parse_ip(ip).map_err(|_| format!("`{s}` is not a CIDR (a.b.c.d/len)"))?;
-    let len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= 32)
-        .ok_or_else(|| format!("`{s}`: bad prefix length"))?;
-    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-    if ip & !mask != 0 {
+    let Some((ip, _)) = s.split_once('/') else {
+        return Err(format!("`{s}` is not a CIDR (a.b.c.d/len)"));
+    };
+    parse_ip(ip).map_err(|_| format!("`{s}` is not a CIDR (a.b.c.d/len)"))?;
+    let net: ipnet::Ipv4Net = s.parse().map_err(|_| format!("`{s}`: bad prefix length"))?;
+    if net.trunc() != net {
         return Err(format!("`{s}` has host bits set"));
     }
-    Ok((ip, len))
+    Ok((u32::from(net.network()), net.prefix_len()))
 }
 
 pub fn parse_ip(s: &str) -> Result<u32, String> {
