@@ -30,11 +30,6 @@ impl Compiled {
     }
 }
 
-/// Whether `labels` satisfy `selector` (one match: [`Compiled`] for many).
-pub fn matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
-    Compiled::new(selector).matches(labels)
-}
-
 /// A conjunction of label tests: `(key, Some(value))` or `(key, None)` for "key exists".
 pub type Term = Vec<(String, Option<String>)>;
 
@@ -86,6 +81,10 @@ pub fn positive_dnf(selector: &LabelSelector, max_terms: usize) -> Option<Vec<Te
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn matches(selector: &LabelSelector, labels: Option<&BTreeMap<String, String>>) -> bool {
+        Compiled::new(selector).matches(labels)
+    }
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -20,7 +20,7 @@ use nsx_core::ncp::infra::{Infra, has_tag};
 use nsx_core::ncp::naming::scope;
 use nsx_core::ncp::observe::classify_object;
 use nsx_core::ncp::render::{Missing, render};
-use nsx_core::ncp::vocab::{Detail, Key};
+use nsx_core::ncp::vocab::{Desired, Detail, Key};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -247,7 +247,8 @@ pub fn ncp_converged(
     subnet_prefix: u8,
 ) -> Result<(ClusterView, Realized), String> {
     let view = view_from(api)?;
-    let realized = ncp_converged_in(&view, nsx, cluster, subnet_prefix)?;
+    let want = desired(&view, cluster, subnet_prefix);
+    let realized = ncp_converged_in(&view, &want, nsx, cluster)?;
     Ok((view, realized))
 }
 
@@ -255,8 +256,7 @@ pub fn ncp_converged(
 /// of [`ncp_converged_in`] that reads only the view, so that a check made while NCP is still
 /// annotating answers in a fraction of the time of the whole comparison (same verdict; the
 /// message may name this instead of an NSX object still missing).
-pub fn pods_annotated(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Result<(), String> {
-    let want = desired(view, cluster, subnet_prefix);
+pub fn pods_annotated(view: &ClusterView, want: &Desired) -> Result<(), String> {
     for ((ns, name), pod) in &view.pods {
         let Some(uid) = pod.metadata.uid.as_ref() else {
             continue;
@@ -276,14 +276,13 @@ pub fn pods_annotated(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> R
     Ok(())
 }
 
-/// [`ncp_converged`] on a view already read.
+/// [`ncp_converged`] on a view already read and its desired state (computed from scratch).
 pub fn ncp_converged_in(
     view: &ClusterView,
+    want: &Desired,
     nsx: &FakeNsxManager,
     cluster: &str,
-    subnet_prefix: u8,
 ) -> Result<Realized, String> {
-    let want = desired(view, cluster, subnet_prefix);
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
     let (observed, strays) = nsx.with_store(|s| -> Result<(Realized, usize), String> {
         let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
@@ -312,7 +311,7 @@ pub fn ncp_converged_in(
         if let Some(extra) = ours.keys().find(|k| !want.objects.contains_key(k)) {
             return Err(format!("{extra:?} should be gone"));
         }
-        check_content(&boot, s, cluster, &want, &ours)?;
+        check_content(&boot, s, cluster, want, &ours)?;
         let mut r = Realized::default();
         for (k, docs) in &ours {
             let d = docs[0];

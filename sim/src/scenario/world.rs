@@ -904,9 +904,11 @@ impl World {
         let view = crate::converge::view_from(&self.api)?;
         // Every part must hold; the cheap ones, which read only the cluster and the nodes,
         // come first, so that a check made while the system is still busy answers quickly.
-        crate::converge::pods_annotated(&view, cluster, prefix)?;
+        // The desired state once, from scratch (the slow path, never NCP's cache).
+        let want = nsx_core::ncp::desired::desired(&view, cluster, prefix);
+        crate::converge::pods_annotated(&view, &want)?;
         self.nodes_converged(&view)?;
-        crate::converge::ncp_converged_in(&view, &self.nsx, cluster, prefix).map(|_| ())
+        crate::converge::ncp_converged_in(&view, &want, &self.nsx, cluster).map(|_| ())
     }
 
     fn nodes_converged(&self, view: &ClusterView) -> Result<(), String> {
