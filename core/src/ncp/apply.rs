@@ -25,9 +25,12 @@ use super::infra::Infra;
 use super::naming::scope;
 use super::observe::Observed;
 use super::plan::{Op, Plan, tag_of};
-use super::render::{ADVERTISED, Missing, advertised_tag, pod_network, render};
+use super::render::{ADVERTISED, Missing, advertised_tag, pod_network, render, wire};
 use super::vocab::{Collection, Detail, Key, Spec};
 use crate::k8s::pod_network::PodNetwork;
+use crate::nsx::model::{
+    AdvertisementConfig, AllocationIpAddress, LogicalPortState, RealizedBinding, ResourceMeta, Tag,
+};
 use crate::nsx::{NsxClient, NsxError};
 
 #[derive(Debug, thiserror::Error)]
@@ -353,7 +356,7 @@ where
                 tags.retain(|t| t["scope"] != ADVERTISED.0);
             }
         }
-        let target = match self.section_placement(key, spec) {
+        let target = match self.section_placement(key, spec)? {
             Some(query) => format!("{}{query}", path(collection, self.infra)),
             None => path(collection, self.infra),
         };
@@ -374,7 +377,7 @@ where
                 },
             ) => {
                 let id = required(&created, "id", || format!("POST {target}"))?.to_string();
-                let state: Value = self
+                let state: LogicalPortState = self
                     .client
                     .get(&format!("logical-ports/{id}/state"))
                     .await
@@ -384,17 +387,18 @@ where
                     })?;
                 // A binding NSX has not realized yet is no error: the write-back reads the
                 // port's state again on a later pass. Never an annotation with an empty field.
-                let b = &state["realized_bindings"][0]["binding"];
+                let binding = state
+                    .realized_bindings
+                    .as_deref()
+                    .and_then(<[RealizedBinding]>::first)
+                    .and_then(|b| b.binding.as_ref());
                 let cidr = self
                     .resolved
                     .get(&Key::Subnet(namespace_uid.clone()))
                     .and_then(|d| d["cidr"].as_str());
-                if let (Some(ip), Some(mac), Some(cidr), Some(vlan)) = (
-                    b["ip_address"].as_str(),
-                    b["mac_address"].as_str(),
-                    cidr,
-                    *vlan,
-                ) && let Some(n) = pod_network(ip, mac, vlan, cidr, &id)
+                if let (Some(b), Some(cidr), Some(vlan)) = (binding, cidr, *vlan)
+                    && let (Some(ip), Some(mac)) = (&b.ip_address, &b.mac_address)
+                    && let Some(n) = pod_network(ip, mac, vlan, cidr, &id)
                 {
                     self.report.pod_networks.insert(pod.clone(), n);
                 }
@@ -406,24 +410,29 @@ where
 
     /// Where a new firewall section goes: markers at the top of the firewall (the bottom one
     /// right after the top one), allow sections right after the top marker, isolation sections
-    /// right before the bottom marker. `None` for other objects.
-    fn section_placement(&self, key: &Key, spec: &Spec) -> Option<String> {
-        let id_of = |k: &Key| {
-            self.resolved
-                .get(k)
-                .and_then(|d| d["id"].as_str())
-                .unwrap_or_default()
-                .to_string()
+    /// right before the bottom marker. `None` for other objects. A marker that NCP has not
+    /// observed or created is [`ApplyError::Unresolved`] (the plan orders markers first, so a
+    /// later pass finds it), never a placement next to an empty id.
+    fn section_placement(&self, key: &Key, spec: &Spec) -> Result<Option<String>, ApplyError> {
+        let id_of = |marker: Key| -> Result<String, ApplyError> {
+            match self.resolved.get(&marker) {
+                Some(doc) => required(doc, "id", || format!("{marker:?}: the observed document"))
+                    .map(str::to_string),
+                None => Err(ApplyError::Unresolved {
+                    key: key.clone(),
+                    missing: marker,
+                }),
+            }
         };
         let c = key.owner_uid().to_string();
-        Some(match key {
+        Ok(Some(match key {
             Key::FwMarkerTop(_) => "?operation=insert_top".into(),
             Key::FwMarkerBottom(_) => {
-                format!("?operation=insert_after&id={}", id_of(&Key::FwMarkerTop(c)))
+                format!("?operation=insert_after&id={}", id_of(Key::FwMarkerTop(c))?)
             }
             Key::AllowSection(_) | Key::IsolationSection(_) => {
                 let Detail::Section { marker, .. } = &spec.detail else {
-                    return None;
+                    return Ok(None);
                 };
                 let op = match marker {
                     Key::FwMarkerTop(_) => "insert_after",
@@ -431,11 +440,11 @@ where
                 };
                 format!(
                     "?action=create_with_rules&operation={op}&id={}",
-                    id_of(marker)
+                    id_of(marker.clone())?
                 )
             }
-            _ => return None,
-        })
+            _ => return Ok(None),
+        }))
     }
 
     /// Replaces a section's rules with `want`'s (`update_with_rules`, which needs the section's
@@ -490,9 +499,18 @@ where
         let pool = pool.ok_or_else(|| ApplyError::NoPool {
             op: format!("allocate an address for {key:?}"),
         })?;
-        let body = json!({"allocation_id": null, "display_name": spec.display_name, "tags": [
-            {"scope": scope::CLUSTER, "tag": tag_value(spec, scope::CLUSTER)},
-            {"scope": owner_scope, "tag": owner}]});
+        let body = wire(&AllocationIpAddress {
+            meta: ResourceMeta {
+                display_name: Some(spec.display_name.clone()),
+                tags: Some(vec![
+                    Tag::new(scope::CLUSTER, tag_value(spec, scope::CLUSTER)),
+                    Tag::new(owner_scope, owner),
+                ]),
+                ..Default::default()
+            },
+            // Absent: any free address.
+            allocation_id: None,
+        });
         let a = self
             .write(
                 Method::POST,
@@ -530,6 +548,8 @@ where
     /// Turns on route advertisement of a tier-1 router (connected and NAT routes).
     async fn write_advertisement(&mut self, id: &str) -> Result<(), ApplyError> {
         let adv_path = format!("logical-routers/{id}/routing/advertisement");
+        // Read as raw JSON and only NCP's four fields changed: a field this model does not know
+        // (a later NSX's) goes back as it came.
         let mut adv: Value =
             self.client
                 .get(&adv_path)
@@ -538,10 +558,16 @@ where
                     op: format!("GET {adv_path}"),
                     source,
                 })?;
-        adv["enabled"] = json!(true);
-        adv["advertise_nsx_connected_routes"] = json!(true);
-        adv["advertise_nat_routes"] = json!(true);
-        adv["advertise_lb_vip"] = json!(true);
+        let ours = AdvertisementConfig {
+            enabled: Some(true),
+            advertise_nsx_connected_routes: Some(true),
+            advertise_nat_routes: Some(true),
+            advertise_lb_vip: Some(true),
+            ..Default::default()
+        };
+        if let (Some(doc), Value::Object(fields)) = (adv.as_object_mut(), wire(&ours)) {
+            doc.extend(fields);
+        }
         self.write(Method::PUT, &adv_path, Some(adv))
             .await
             .map(|_| ())

@@ -317,13 +317,13 @@ nsx_resource! {
     }
 }
 
-nsx_struct! {
+nsx_resource! {
     /// The body and answer of `POST /pools/ip-pools/{id}?action=ALLOCATE|RELEASE` and of the
-    /// block-subnet equivalent. On ALLOCATE the request's `allocation_id` is null (any address)
-    /// or the address wanted.
+    /// block-subnet equivalent. On ALLOCATE the request's `allocation_id` is absent or null
+    /// (any address) or the address wanted; a managed resource, so it carries a display name
+    /// and tags (nsxlib's `IpPool.allocate(display_name, tags)`).
     pub struct AllocationIpAddress {
         allocation_id: String,
-        id: String,
     }
 }
 
