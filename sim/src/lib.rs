@@ -6,22 +6,24 @@
 //!   axum apps).
 //! - [`trace`]: the run's event trace and its stable hash.
 //! - [`apiserver`]: a fake kube-apiserver that kube-rs works against unchanged.
-//! - [`ncp_host`]: NCP replicas as hosts (shared by the NCP world and the scenario engine).
-//! - [`ncp_world`]: the whole NCP stack (apiserver, NSX manager, NCP replicas) under faults.
-//! - [`spine`]: the NSX spine: fake manager, a controller host with the production client,
-//!   scheduled faults (partition, hold, latency, manager restart, injected NSX errors).
+//! - [`ncp_host`]: the control plane's hosts (apiserver, NSX manager) and NCP replicas.
+//! - [`converge`]: the from-scratch converge check (NSX content against the desired state).
+//! - [`scenario`]: the one engine: a scenario's world (every node's agent, proxy, kubelet and
+//!   OVS), its steps, faults, expectations, invariants and report.
+//! - [`presets`]: the built-in worlds (`nsx-sim ncp`, `nsx-sim spine`) as generated scenarios.
 //!
 //! ```no_run
-//! let report = nsx_sim::spine::run(&nsx_sim::spine::SpineConfig::new(7));
-//! assert!(report.finished, "{:?}", report.error);
-//! println!("trace hash {:016x}", report.trace_hash);
+//! use nsx_sim::{presets, scenario::run};
+//! let sc = presets::load("ncp", &presets::ncp(1, false)).expect("a valid scenario");
+//! let (report, _world) = run::run(&sc, 7, &run::RunOptions::default());
+//! assert!(report.passed, "{:?}", report.message);
+//! println!("trace hash {}", report.trace_hash);
 //! ```
 
 pub mod apiserver;
 pub mod converge;
 pub mod ncp_host;
-pub mod ncp_world;
 pub mod net;
+pub mod presets;
 pub mod scenario;
-pub mod spine;
 pub mod trace;

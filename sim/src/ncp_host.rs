@@ -11,11 +11,13 @@ use fake_nsx_manager::{FakeNsxManager, User};
 use nsx_core::ncp::config::NcpConfig;
 use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
 use nsx_core::ncp::leader::LeaderConfig;
-use nsx_core::nsx::{Auth, ClientConfig, NsxClient};
+use nsx_core::nsx::{Auth, ClientConfig, ClientStats, NsxClient, StatsHandle};
 
 use crate::net::{TurmoilConnector, kube_client};
-use crate::spine::EPOCH_MS;
 use crate::trace::Trace;
+
+/// Simulated time starts at 2026-01-01T00:00:00Z in every run.
+pub const EPOCH_MS: i64 = 1_767_225_600_000;
 
 thread_local! {
     /// The simulated time the harness last stepped to, for clock reads outside any host.
@@ -89,20 +91,40 @@ pub struct NcpHosts {
     pub seed: u64,
 }
 
-/// Adds hosts `ncp-0..` and their NSX users; every pass is counted in `passes` and traced.
+/// What the harness keeps of the replicas across their crashes: passes run, and the NSX
+/// client counters of every incarnation.
+#[derive(Debug, Clone, Default)]
+pub struct NcpCounters {
+    pub passes: Rc<RefCell<usize>>,
+    pub clients: Rc<RefCell<Vec<StatsHandle>>>,
+}
+
+impl NcpCounters {
+    /// The counters of every NSX client any replica has had, summed.
+    pub fn client_stats(&self) -> ClientStats {
+        let mut sum = ClientStats::default();
+        for h in self.clients.borrow().iter() {
+            sum.add(&h.get());
+        }
+        sum
+    }
+}
+
+/// Adds hosts `ncp-0..` and their NSX users; every pass is counted and traced.
 pub fn spawn(
     sim: &mut turmoil::Sim<'static>,
     nsx: &FakeNsxManager,
     cfg: &NcpHosts,
     trace: &Trace,
-    passes: &Rc<RefCell<usize>>,
+    counters: &NcpCounters,
 ) {
     for i in 0..cfg.replicas {
         let name = replica(i);
         nsx.add_user(User::new(&name, "pw", "enterprise_admin"));
-        let (t, p, cfg) = (trace.clone(), passes.clone(), cfg.clone());
+        let (t, counters, cfg) = (trace.clone(), counters.clone(), cfg.clone());
         sim.host(name.as_str(), move || {
-            let (t, p, cfg, name) = (t.clone(), p.clone(), cfg.clone(), replica(i));
+            let (t, p, cfg, name) = (t.clone(), counters.passes.clone(), cfg.clone(), replica(i));
+            let clients = counters.clients.clone();
             async move {
                 t.record(&name, "started");
                 let kube = kube_client("http://apiserver:6443")?;
@@ -116,6 +138,7 @@ pub fn spawn(
                 cc.seed = cfg.seed.wrapping_add(i as u64);
                 cc.request_timeout_ms = 5_000;
                 let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
+                clients.borrow_mut().push(nsx.stats_handle());
                 let mut config = NcpConfig::for_cluster(&cfg.cluster);
                 config.external_ip_pools = vec![cfg.snat_pool.clone()];
                 config.external_ip_pools_lb = vec![cfg.lb_pool.clone()];

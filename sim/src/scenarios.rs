@@ -97,6 +97,21 @@ fn parse_shard(s: &str) -> anyhow::Result<(usize, usize)> {
 
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let all = load_all(&args.paths)?;
+    run_scenarios(&all, &args, &|s: &Scenario, seed: u64| {
+        format!(
+            "cargo run --release -p nsx-sim -- run {} --seed {seed} --print-trace",
+            s.file.display()
+        )
+    })
+}
+
+/// Runs every (scenario, seed) pair of `all` and prints and writes one report: the engine of
+/// `run` and of the built-in worlds. `replay` is the command that replays one failed pair.
+pub fn run_scenarios(
+    all: &[Scenario],
+    args: &RunArgs,
+    replay: &(dyn Fn(&Scenario, u64) -> String + Sync),
+) -> anyhow::Result<bool> {
     let shard = args.shard.as_deref().map(parse_shard).transpose()?;
     let mut pairs: Vec<(usize, u64)> = Vec::new();
     for (i, s) in all.iter().enumerate() {
@@ -204,11 +219,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<bool> {
                     r.failed_step.as_deref().unwrap_or("?"),
                     r.message.as_deref().unwrap_or("")
                 );
-                println!(
-                    "  replay: cargo run --release -p nsx-sim -- run {} --seed {} --print-trace",
-                    s.file.display(),
-                    r.seed
-                );
+                println!("  replay: {}", replay(s, r.seed));
             }
         }
         println!("{passed} passed, {failed} failed");

@@ -191,6 +191,32 @@ pub trait WriteFence: Send + Sync {
     fn writes_until(&self) -> Option<Instant>;
 }
 
+/// A shared view of one client's [`ClientStats`].
+#[derive(Debug, Clone, Default)]
+pub struct StatsHandle(Arc<Mutex<ClientStats>>);
+
+impl StatsHandle {
+    pub fn get(&self) -> ClientStats {
+        lock(&self.0).clone()
+    }
+}
+
+impl ClientStats {
+    /// Adds `other`'s counts to these (the clients of several replicas or incarnations).
+    pub fn add(&mut self, other: &ClientStats) {
+        self.requests += other.requests;
+        self.writes += other.writes;
+        self.retries += other.retries;
+        for (status, n) in &other.by_status {
+            *self.by_status.entry(*status).or_default() += n;
+        }
+        self.transport_errors += other.transport_errors;
+        self.sessions_created += other.sessions_created;
+        self.failovers += other.failovers;
+        self.fenced += other.fenced;
+    }
+}
+
 /// What the client has sent, for reports and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ClientStats {
@@ -256,7 +282,7 @@ pub struct NsxClient<C> {
     rng: Mutex<SeededRng>,
     limiter: Mutex<Option<RateLimiter>>,
     in_flight: Arc<Semaphore>,
-    stats: Mutex<ClientStats>,
+    stats: Arc<Mutex<ClientStats>>,
     /// Index into `[base_url] + standby_urls` of the manager in use.
     current: std::sync::atomic::AtomicUsize,
     /// Checked before every attempt of a write (any method but GET).
@@ -282,7 +308,7 @@ where
             )),
             in_flight: Arc::new(Semaphore::new(config.max_concurrent_requests.max(1))),
             session: Mutex::new(None),
-            stats: Mutex::new(ClientStats::default()),
+            stats: Arc::default(),
             current: std::sync::atomic::AtomicUsize::new(0),
             fence: Mutex::new(None),
             config,
@@ -317,6 +343,12 @@ where
 
     pub fn stats(&self) -> ClientStats {
         lock(&self.stats).clone()
+    }
+
+    /// The client's counters, readable after the client is gone: a controller that crashes
+    /// drops its client, and a harness still reports what it sent.
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(self.stats.clone())
     }
 
     /// `GET` a path under `/api/v1` (or an absolute `/api/...` path) as `T`.

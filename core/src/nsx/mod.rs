@@ -11,5 +11,5 @@ pub mod error;
 pub mod model;
 pub mod search;
 
-pub use client::{Auth, ClientConfig, ClientStats, NsxClient, NsxError};
+pub use client::{Auth, ClientConfig, ClientStats, NsxClient, NsxError, StatsHandle};
 pub use error::ErrorBody;

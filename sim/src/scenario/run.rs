@@ -20,6 +20,9 @@ pub struct SeedReport {
     pub sim_time_ms: u64,
     pub wall_ms: u64,
     pub nsx_requests: NsxRequests,
+    /// What NCP's NSX clients counted (every replica and incarnation): requests, retries,
+    /// transport errors, sessions created.
+    pub ncp_client: nsx_core::nsx::ClientStats,
     /// NSX requests counted at each `expect` with `api_calls` (and at the end).
     pub marks: Vec<Mark>,
     pub pods: usize,
@@ -58,6 +61,7 @@ const INVARIANTS_EVERY_MS: u64 = 5_000;
 
 struct Runner {
     w: World,
+    seed: u64,
     next_controllers: u64,
     next_invariants: u64,
     /// NSX counters at the previous expect.
@@ -160,7 +164,16 @@ impl Runner {
                     .delete(&r.kind, r.namespace.as_deref().unwrap_or(""), &r.name)?;
                 self.advance(10)
             }
-            StepKind::Wait(ms) => self.advance(*ms),
+            StepKind::Wait { min, max } => {
+                // A stream of its own per step, so a range drawn here moves nothing else.
+                let ms = if min == max {
+                    *min
+                } else {
+                    nsx_core::rng::SeededRng::new(self.seed ^ line.rotate_left(32))
+                        .range_u64(*min, *max)
+                };
+                self.advance(ms)
+            }
             StepKind::Converge(within) => self.converge(*within),
             StepKind::Fault(f) => {
                 self.w.fault(f)?;
@@ -446,6 +459,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
                     sim_time_ms: 0,
                     wall_ms: started.elapsed().as_millis() as u64,
                     nsx_requests: NsxRequests::default(),
+                    ncp_client: Default::default(),
                     marks: Vec::new(),
                     pods: 0,
                     trace_hash: String::new(),
@@ -458,6 +472,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
     w.record(format!("scenario {} seed {seed}", sc.name));
     let mut r = Runner {
         w,
+        seed,
         next_controllers: 0,
         next_invariants: 0,
         mark: (0, 0),
@@ -493,9 +508,9 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
     let w = r.w;
     for line in w.api.request_log() {
         if let Some((ms, rest)) = line.split_once(' ') {
-            let ms: i64 = ms.parse().unwrap_or(crate::spine::EPOCH_MS);
+            let ms: i64 = ms.parse().unwrap_or(crate::ncp_host::EPOCH_MS);
             w.trace.record_at(
-                (ms - crate::spine::EPOCH_MS).max(0) as u128,
+                (ms - crate::ncp_host::EPOCH_MS).max(0) as u128,
                 "apiserver",
                 rest,
             );
@@ -503,7 +518,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
     }
     for e in w.nsx.requests_since(0) {
         w.trace.record_at(
-            (e.time_ms - crate::spine::EPOCH_MS).max(0) as u128,
+            (e.time_ms - crate::ncp_host::EPOCH_MS).max(0) as u128,
             "nsx-manager",
             format!("{} {} {} -> {}", e.user, e.method, e.path, e.status),
         );
@@ -522,6 +537,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
             writes: c.writes,
             by_status: c.by_status,
         },
+        ncp_client: w.ncp.client_stats(),
         marks: r.marks,
         pods: w.api.list("pods").len(),
         trace_hash: format!("{:016x}", crate::trace::hash_lines(&lines)),

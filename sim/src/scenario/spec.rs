@@ -65,7 +65,12 @@ pub enum StepKind {
     /// Manifests, parsed and checked.
     Apply(Vec<Value>),
     Delete(ObjectRef),
-    Wait(u64),
+    /// Advance simulated time by a duration in `min..=max` (equal for a fixed wait), drawn
+    /// from the seed and the step's line.
+    Wait {
+        min: u64,
+        max: u64,
+    },
     Converge(u64),
     Fault(Fault),
     /// `None`: heal everything.
@@ -80,7 +85,7 @@ impl StepKind {
         match self {
             StepKind::Apply(_) => "apply",
             StepKind::Delete(_) => "delete",
-            StepKind::Wait(_) => "wait",
+            StepKind::Wait { .. } => "wait",
             StepKind::Converge(_) => "converge",
             StepKind::Fault(_) => "fault",
             StepKind::Heal(_) => "heal",
@@ -381,7 +386,7 @@ enum StepDoc {
     Apply(String),
     ApplyFile(String),
     Delete(ObjectRef),
-    Wait(#[serde(deserialize_with = "duration")] u64),
+    Wait(#[serde(deserialize_with = "wait_range")] (u64, u64)),
     Converge(ConvergeDoc),
     Fault(Fault),
     Heal(HealDoc),
@@ -433,6 +438,27 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match DurationDoc::deserialize(d)? {
         DurationDoc::Millis(ms) => Ok(ms),
         DurationDoc::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+/// `5s` (a fixed wait) or `1s..3s` (a wait the seed chooses, both ends included).
+pub fn parse_wait(text: &str) -> Result<(u64, u64), String> {
+    match text.split_once("..") {
+        None => parse_duration(text).map(|ms| (ms, ms)),
+        Some((a, b)) => {
+            let (min, max) = (parse_duration(a)?, parse_duration(b)?);
+            if min > max {
+                return Err(format!("`{text}`: the range runs backwards"));
+            }
+            Ok((min, max))
+        }
+    }
+}
+
+fn wait_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(u64, u64), D::Error> {
+    match DurationDoc::deserialize(d)? {
+        DurationDoc::Millis(ms) => Ok((ms, ms)),
+        DurationDoc::Text(t) => parse_wait(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -699,7 +725,7 @@ fn step(
             }
             StepKind::Delete(r)
         }
-        StepDoc::Wait(ms) => StepKind::Wait(ms),
+        StepDoc::Wait((min, max)) => StepKind::Wait { min, max },
         StepDoc::Converge(c) => StepKind::Converge(c.within),
         StepDoc::Fault(f) => {
             check_fault(cluster, &f).map_err(err)?;

@@ -2,7 +2,6 @@
 //! the harness playing Kubernetes (ClusterIPs, placement, the endpoints controller); faults;
 //! the standing invariants and the convergence check.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
@@ -56,7 +55,8 @@ pub struct World {
     /// kubectl keeps in `last-applied-configuration`, so that an annotation dropped from the
     /// manifest is removed while those others wrote stay.
     applied_annotations: BTreeMap<(String, String, String), BTreeSet<String>>,
-    pub passes: Rc<RefCell<usize>>,
+    /// NCP's passes and NSX client counters, summed over replicas and restarts.
+    pub ncp: crate::ncp_host::NcpCounters,
     /// The next ephemeral source port for a connectivity check (fresh for every connection,
     /// as a client's stack would pick, so old conntrack entries are not reused).
     pub next_sport: std::cell::Cell<u16>,
@@ -132,7 +132,7 @@ impl World {
                 .collect::<BTreeMap<_, _>>()
         });
         let mut sim = crate::ncp_host::control_plane(seed, TICK_MS, &api, &nsx, &trace);
-        let passes: Rc<RefCell<usize>> = Rc::default();
+        let ncp = crate::ncp_host::NcpCounters::default();
         crate::ncp_host::spawn(
             &mut sim,
             &nsx,
@@ -145,7 +145,7 @@ impl World {
                 seed,
             },
             &trace,
-            &passes,
+            &ncp,
         );
         let mut nodes = BTreeMap::new();
         for (i, n) in c.nodes.iter().enumerate() {
@@ -178,7 +178,7 @@ impl World {
             next_node_port: 30000,
             next_node: 0,
             applied_annotations: BTreeMap::new(),
-            passes,
+            ncp,
             next_sport: std::cell::Cell::new(32768),
             endpoints_seen: std::cell::Cell::new(0),
         };

@@ -398,3 +398,46 @@ fn check_accepts_the_suite() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).lines().count() >= 14);
 }
+
+/// A built-in world is a scenario: its printed text, run from a file, gives the same trace as
+/// the command, and the command's report has the same shape as `run`'s.
+#[test]
+fn a_built_in_world_printed_and_run_from_a_file_replays_the_same_trace() {
+    let dir = std::env::temp_dir().join(format!("nsx-sim-preset-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ncp-storm.yaml");
+    let text = bin()
+        .args(["ncp", "--replicas", "2", "--print-scenario"])
+        .output()
+        .unwrap();
+    assert!(text.status.success());
+    std::fs::write(&file, &text.stdout).unwrap();
+    let hash = |out: std::process::Output| -> String {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let seed = &v["scenarios"][0]["seeds"][0];
+        assert!(
+            seed["ncp_client"]["requests"].as_u64().unwrap() > 0,
+            "{seed}"
+        );
+        seed["trace_hash"].as_str().unwrap().to_string()
+    };
+    let from_command = hash(
+        bin()
+            .args(["ncp", "--replicas", "2", "--seed", "3", "--json"])
+            .output()
+            .unwrap(),
+    );
+    let from_file = hash(
+        bin()
+            .args(["run", file.to_str().unwrap(), "--seed", "3", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(from_command, from_file);
+    std::fs::remove_dir_all(&dir).ok();
+}
