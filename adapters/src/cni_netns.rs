@@ -8,8 +8,8 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use nsx_core::agent::wiring::port_name;
 use nsx_core::cni::{AgentClient, Attachment, CniError, Env, PodAddress, code};
+use nsx_core::ovs::interface::port_name;
 
 use crate::netns;
 

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use nsx_core::agent::wiring::port_name;
+use nsx_core::ovs::interface::port_name;
 use serde_json::{Value, json};
 
 mod common;

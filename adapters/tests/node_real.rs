@@ -19,7 +19,7 @@ use std::time::Duration;
 use fake_ovs::real::Sandbox;
 use nsx_adapters::ovs::{OvsBridge, OvsTools, find_tool};
 use nsx_core::agent::PodSwitch;
-use nsx_core::agent::wiring::port_name;
+use nsx_core::ovs::interface::port_name;
 use nsx_core::ovs::pipeline::{self, Cookie};
 use nsx_sim::apiserver::ApiServer;
 use serde_json::{Value, json};

@@ -7,6 +7,8 @@
 //! - [`dispatch`]: routes `(method, path, query, body)` to the store (also used by `/batch`).
 //! - [`server`]: the HTTP face: authentication (basic and session), users and roles, rate and
 //!   concurrency limits, injected faults and latency, the request log, the admin API.
+//! - [`inspect`]: what a harness reads (a read-only view, typed objects, the dataplane model's
+//!   verdicts) and the admin's requests it makes.
 //! - [`bootstrap`]: what an NSX admin creates before NCP starts.
 //! - [`tls`]: TLS for the standalone binary.
 //! - [`search`], [`ipam`], [`kind`], [`error`]: the query language and index, IPv4
@@ -27,6 +29,7 @@
 pub mod bootstrap;
 pub mod dispatch;
 pub mod error;
+pub mod inspect;
 pub mod ipam;
 pub mod kind;
 pub mod listen;
@@ -36,4 +39,5 @@ pub mod store;
 pub mod tls;
 
 pub use bootstrap::{Bootstrap, BootstrapConfig};
+pub use inspect::{AdminAnswer, Held, Inspection};
 pub use server::{Clock, FakeNsxManager, FaultRule, ManagerConfig, RequestLogEntry, User};

@@ -209,6 +209,14 @@ impl Bridge {
         self.by_name.get(name).and_then(|n| self.ports.get(n))
     }
 
+    /// The first port (by port number) whose external id `key` is `value`, as `ovs-vsctl find
+    /// Interface external_ids:key=value` answers.
+    pub fn port_with(&self, key: &str, value: &str) -> Option<&Port> {
+        self.ports
+            .values()
+            .find(|p| p.external_ids.get(key).is_some_and(|v| v == value))
+    }
+
     pub fn ports(&self) -> impl Iterator<Item = &Port> {
         self.ports.values()
     }

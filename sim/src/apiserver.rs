@@ -970,9 +970,11 @@ async fn handle(State(api): State<ApiServer>, req: Request) -> Response {
 async fn serve_request(api: &ApiServer, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    let q = Query(fake_nsx_manager::dispatch::parse_query(
-        parts.uri.query().unwrap_or(""),
-    ));
+    let q = Query(
+        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect(),
+    );
     let bytes = match to_bytes(body, 16 << 20).await {
         Ok(b) => b,
         Err(e) => {

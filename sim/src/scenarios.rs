@@ -287,9 +287,9 @@ pub fn dump(
             print!("{}", b.dump_groups());
         }
         (true, None) => {
-            let docs: Vec<serde_json::Value> = w.nsx.with_store(|s| {
+            let docs: Vec<serde_json::Value> = w.nsx.inspect(|s| {
                 s.objects()
-                    .map(|(_, o)| serde_json::Value::Object(o.doc.clone()))
+                    .map(|o| serde_json::Value::Object(o.doc.clone()))
                     .collect()
             });
             println!("{}", serde_json::to_string_pretty(&docs)?);

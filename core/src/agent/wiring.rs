@@ -7,18 +7,8 @@ pub use crate::k8s::pod_network::PodNetwork;
 use crate::ovs::bridge::{BridgeError, OfOp, OpenFlowBridge};
 use crate::ovs::field::Field;
 use crate::ovs::flow::{Action, Flow, Match, Subfield};
+pub use crate::ovs::interface::{external_id, port_name};
 use crate::ovs::pipeline::{Category, Cookie, ct_state, match_bits, priority, reg, table};
-
-/// External id keys on a pod's OVS port (the agent's memory, on the switch).
-pub mod external_id {
-    pub const CONTAINER_ID: &str = "container-id";
-    pub const POD_NAME: &str = "k8s-pod-name";
-    pub const POD_NAMESPACE: &str = "k8s-pod-namespace";
-    pub const IFACE_ID: &str = "iface-id";
-    pub const ATTACHED_MAC: &str = "attached-mac";
-    pub const IP: &str = "ip-address";
-    pub const VLAN: &str = "vlan";
-}
 
 /// A switch port as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,19 +88,9 @@ pub struct Agent {
 /// ovs-vswitchd has not restarted since the agent last installed them.
 pub const AGENT_STATIC_COOKIE: u64 = (Category::AgentStatic as u64) << Cookie::CATEGORY_SHIFT;
 
-/// The cookie of a pod's flows: from its container id (not its port number, which OVS
-/// may hand to another pod later).
-pub fn pod_cookie(container_id: &str) -> u64 {
-    Cookie::new(0, Category::Pod, crate::hash::stable_hash(container_id)).value()
-}
-
-/// The port name: `nsx` and 11 hex digits of a hash of the container id (interface names
-/// are at most 15 characters).
-pub fn port_name(container_id: &str) -> String {
-    format!(
-        "nsx{:011x}",
-        crate::hash::stable_hash(container_id) & 0xfff_ffff_ffff
-    )
+/// The cookie of a pod's flows.
+fn pod_cookie(container_id: &str) -> u64 {
+    Cookie::of_pod(container_id).value()
 }
 
 /// The source address a pod sees on a connection to itself through a Service (hairpin):

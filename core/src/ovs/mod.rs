@@ -6,6 +6,7 @@
 //!   OpenFlow 1.3, `dump-groups` in OpenFlow 1.5, which shows `selection_method`);
 //! - [`parse`]: `add-flow`/`add-group` text and dump lines back into the model, with errors
 //!   that name the offset;
+//! - [`interface`]: a pod's OVS interface: its name and the external ids the agent records;
 //! - [`pipeline`]: this system's tables, registers, priorities and cookies, which the node
 //!   agent and nsx-kube-proxy share.
 //!
@@ -20,6 +21,7 @@
 pub mod bridge;
 pub mod field;
 pub mod flow;
+pub mod interface;
 pub mod parse;
 pub mod pipeline;
 pub mod samples;

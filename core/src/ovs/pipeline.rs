@@ -199,6 +199,13 @@ impl Cookie {
         }
     }
 
+    /// The cookie of a pod's flows: from its container id (not its port number, which OVS
+    /// may hand to another pod later), so whoever reads a bridge can tell a live pod's flows
+    /// from a gone one's.
+    pub fn of_pod(container_id: &str) -> Self {
+        Cookie::new(0, Category::Pod, crate::hash::stable_hash(container_id))
+    }
+
     /// The 64-bit value on the flow.
     pub fn value(self) -> u64 {
         debug_assert!(self.id <= Self::ID_MASK, "a cookie id has 40 bits");

@@ -325,6 +325,11 @@ impl Store {
         self.objects.get(id)
     }
 
+    /// The object and its id as stored.
+    pub fn object_entry(&self, id: &str) -> Option<(&String, &Obj)> {
+        self.objects.get_key_value(id)
+    }
+
     /// Objects of one kind, in id order.
     pub fn ids_of(&self, kind: Kind) -> impl Iterator<Item = &String> {
         self.by_kind.get(&kind).into_iter().flatten()

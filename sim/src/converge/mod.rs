@@ -82,7 +82,7 @@ struct PortAddress {
 /// discovery would find them).
 fn infra_of(
     boot: &fake_nsx_manager::Bootstrap,
-    s: &fake_nsx_manager::store::Store,
+    s: &fake_nsx_manager::Inspection<'_>,
     cluster: &str,
 ) -> Result<Infra, String> {
     let c = boot
@@ -91,8 +91,8 @@ fn infra_of(
         .ok_or("cluster not bootstrapped")?;
     let profile = |rt: &str| {
         s.objects()
-            .find(|(_, o)| o.resource_type() == rt)
-            .map(|(id, _)| id.clone())
+            .find(|o| o.resource_type() == rt)
+            .map(|o| o.id.to_string())
     };
     Ok(Infra {
         transport_zone: boot.transport_zone.clone(),
@@ -121,7 +121,7 @@ fn text(d: &serde_json::Map<String, Value>, field: &str) -> String {
 /// references to the objects NSX holds.
 fn check_content(
     boot: &fake_nsx_manager::Bootstrap,
-    s: &fake_nsx_manager::store::Store,
+    s: &fake_nsx_manager::Inspection<'_>,
     cluster: &str,
     want: &nsx_core::ncp::vocab::Desired,
     ours: &BTreeMap<Key, Vec<&serde_json::Map<String, Value>>>,
@@ -180,12 +180,7 @@ fn check_content(
         let mismatch = if let Key::AllowSection(_) | Key::IsolationSection(_) = key {
             let mut with_rules = have.clone();
             let id = text(have, "id");
-            let rules: Vec<Value> = s
-                .rules_of(&id)
-                .iter()
-                .filter_map(|r| s.object(r))
-                .map(|o| Value::Object(o.doc.clone()))
-                .collect();
+            let rules: Vec<Value> = s.rules(&id).map(|o| Value::Object(o.doc.clone())).collect();
             with_rules.insert("rules".into(), Value::Array(rules));
             content::compare(&body, &with_rules)
         } else {
@@ -196,19 +191,21 @@ fn check_content(
         }
         if let Key::Tier1(_) | Key::LbTier1(_) = key {
             let adv = s
-                .advertisement_get(&text(have, "id"))
-                .map_err(|e| format!("{}: advertisement: {e:?}", name()))?;
-            for f in [
-                "enabled",
-                "advertise_nsx_connected_routes",
-                "advertise_nat_routes",
-                "advertise_lb_vip",
+                .advertisement(&text(have, "id"))
+                .ok_or_else(|| format!("{}: no route advertisement", name()))?;
+            for (f, v) in [
+                ("enabled", adv.enabled),
+                (
+                    "advertise_nsx_connected_routes",
+                    adv.advertise_nsx_connected_routes,
+                ),
+                ("advertise_nat_routes", adv.advertise_nat_routes),
+                ("advertise_lb_vip", adv.advertise_lb_vip),
             ] {
-                if adv.get(f) != Some(&Value::Bool(true)) {
+                if v != Some(true) {
                     return Err(format!(
-                        "{}: route advertisement {f}: wanted true, NSX holds {}",
-                        name(),
-                        adv.get(f).unwrap_or(&Value::Null)
+                        "{}: route advertisement {f}: wanted true, NSX holds {v:?}",
+                        name()
                     ));
                 }
             }
@@ -219,13 +216,13 @@ fn check_content(
 
 /// The allocations in `pool` tagged with the cluster, by address.
 fn allocations(nsx: &FakeNsxManager, pool: &str, cluster: &str) -> BTreeMap<String, Value> {
-    let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-        method: "GET",
-        path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
-        query: &[],
-        body: b"",
-    });
-    r.body.unwrap_or_default()["results"]
+    let r = nsx.as_admin(
+        "GET",
+        &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
+        &[],
+        None,
+    );
+    r.body["results"]
         .as_array()
         .into_iter()
         .flatten()
@@ -284,13 +281,13 @@ pub fn ncp_converged_in(
     cluster: &str,
 ) -> Result<Realized, String> {
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
-    let (observed, strays) = nsx.with_store(|s| -> Result<(Realized, usize), String> {
+    let (observed, strays) = nsx.inspect(|s| -> Result<(Realized, usize), String> {
         let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
         // Pod ports (tagged with a pod uid) that NCP would not recognise as its own.
         let mut strays = 0;
-        for (_, o) in s.objects() {
-            match classify_object(&o.doc, cluster) {
-                Some(k) => ours.entry(k).or_default().push(&o.doc),
+        for o in s.objects() {
+            match classify_object(o.doc, cluster) {
+                Some(k) => ours.entry(k).or_default().push(o.doc),
                 None => {
                     strays += usize::from(
                         o.doc
@@ -318,15 +315,12 @@ pub fn ncp_converged_in(
             match k {
                 Key::PodPort(uid) => {
                     let id = text(d, "id");
-                    let alloc = s.port_allocation(&id);
+                    let binding = s.port_binding(&id).unwrap_or_default();
                     r.pod_addresses.insert(
                         uid.clone(),
                         PortAddress {
-                            ip: alloc
-                                .and_then(|a| a.ip)
-                                .map(fake_nsx_manager::ipam::ip_to_string)
-                                .unwrap_or_default(),
-                            mac: alloc.and_then(|a| a.mac.clone()).unwrap_or_default(),
+                            ip: binding.ip_address.unwrap_or_default(),
+                            mac: binding.mac_address.unwrap_or_default(),
                             vlan: d
                                 .get("attachment")
                                 .and_then(|a| a.get("context"))
@@ -473,7 +467,7 @@ pub fn ncp_converged_in(
             ));
         }
     }
-    nsx.with_store(|s| s.check_invariants())?;
+    nsx.inspect(|s| s.check_invariants())?;
     if strays > 0 {
         return Err(format!("{strays} pod ports not classified"));
     }

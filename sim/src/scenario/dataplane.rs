@@ -5,10 +5,10 @@
 
 use fake_nsx_manager::store::{Connections, Entry, Packet as NsxPacket, Protocol, Verdict};
 use fake_ovs::Packet;
-use nsx_core::agent::wiring::port_name;
 use nsx_core::k8s::annotation;
 use nsx_core::k8s::pod_network::PodNetwork;
 use nsx_core::ovs::Field;
+use nsx_core::ovs::interface::external_id;
 
 use super::names::{Endpoint, ip_string};
 use super::node::UPLINK;
@@ -129,7 +129,7 @@ impl World {
             .bridge
             .try_lock()
             .map_err(|_| "bridge busy".to_string())?
-            .port(&port_name(&cid))
+            .port_with(external_id::CONTAINER_ID, &cid)
             .map(|p| p.ofport)
             .ok_or(format!("pod {ns}/{name} has no OVS port on {node}"))?;
         Ok(PodAt {
@@ -172,7 +172,7 @@ impl World {
         n.kubelet
             .borrow()
             .iter()
-            .find(|(_, kp)| port_name(&kp.container_id) == p.name)
+            .find(|(_, kp)| p.external_ids.get(external_id::CONTAINER_ID) == Some(&kp.container_id))
             .map(|(k, _)| k.clone())
     }
 
@@ -191,7 +191,7 @@ impl World {
         pkt: NsxPacket,
         path: &mut Vec<String>,
     ) -> Result<(Option<Arrival>, Reached), String> {
-        let t = self.nsx.with_store(|s| s.trace_with(conns, &entry, &pkt));
+        let t = self.nsx.inspect(|s| s.trace(conns, &entry, &pkt));
         for h in &t.hops {
             path.push(format!("nsx: {h}"));
         }
@@ -390,8 +390,8 @@ impl World {
                 match self.ovs(&node, r, &mut path) {
                     OvsOut::Uplink(vlan, out) => {
                         let vif = self.nodes[&node].vif_id.clone();
-                        let t = self.nsx.with_store(|s| {
-                            s.trace_with(
+                        let t = self.nsx.inspect(|s| {
+                            s.trace(
                                 &mut conns,
                                 &Entry::Vif {
                                     parent_vif_id: vif,

@@ -222,9 +222,9 @@ impl Runner {
             let cluster = self.w.sc.cluster.name.clone();
             // NCP's own objects (what it would find by tag), not the admin's bootstrap
             // objects that also carry the cluster's tag.
-            let docs: Vec<serde_json::Value> = self.w.nsx.with_store(|s| {
+            let docs: Vec<serde_json::Value> = self.w.nsx.inspect(|s| {
                 s.objects()
-                    .map(|(_, o)| serde_json::Value::Object(o.doc.clone()))
+                    .map(|o| serde_json::Value::Object(o.doc.clone()))
                     .collect()
             });
             let observed = nsx_core::ncp::observe::Observed::from_docs(docs, &cluster);
@@ -246,11 +246,10 @@ impl Runner {
             if n.untouched.is_some() {
                 for id in &self.w.preloaded {
                     let before = self.w.foreign.get(id).cloned().unwrap_or_default();
-                    let now = self.w.nsx.with_store(|s| {
-                        s.objects()
-                            .find(|(i, _)| *i == id)
-                            .map(|(_, o)| serde_json::Value::Object(o.doc.clone()))
-                    });
+                    let now = self
+                        .w
+                        .nsx
+                        .inspect(|s| s.get(id).map(|o| serde_json::Value::Object(o.doc.clone())));
                     match now {
                         None => return Err(format!("preloaded {id} was deleted")),
                         Some(d) if d != before => {

@@ -133,9 +133,9 @@ fn redact(s: &str) -> String {
 /// The redacted state, one line per object, flow and group, sorted.
 pub fn render(w: &World) -> String {
     let cluster = w.sc.cluster.name.clone();
-    let mut nsx: Vec<String> = w.nsx.with_store(|s| {
+    let mut nsx: Vec<String> = w.nsx.inspect(|s| {
         s.objects()
-            .filter(|(_, o)| {
+            .filter(|o| {
                 o.doc
                     .get("tags")
                     .and_then(Value::as_array)
@@ -144,7 +144,7 @@ pub fn render(w: &World) -> String {
                             .any(|t| t["scope"] == "ncp/cluster" && t["tag"] == cluster.as_str())
                     })
             })
-            .map(|(_, o)| {
+            .map(|o| {
                 let mut tags: Vec<String> = o
                     .doc
                     .get("tags")

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
-use nsx_core::agent::wiring::{external_id, pod_cookie, port_name};
 use nsx_core::k8s::pod_network::PodNetwork;
 use nsx_core::k8s::{ClusterView, annotation};
 use nsx_core::ncp::observe::classify_object;
 use nsx_core::ncp::vocab::Key;
 use nsx_core::ovs::flow::Action;
+use nsx_core::ovs::interface::external_id;
+use nsx_core::ovs::pipeline::Cookie;
 use serde_json::{Value, json};
 
 use super::names::{self, ip_string};
@@ -106,29 +107,20 @@ impl World {
                 .replace("{{transport_zone}}", &boot.transport_zone);
             let rt = o["resource_type"].as_str().unwrap_or_default();
             let path = names::collection_of(rt).ok_or(format!("preload[{i}]: {rt}"))?;
-            let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-                method: "POST",
-                path,
-                query: &[],
-                body: text.as_bytes(),
-            });
-            if r.status >= 300 {
+            let body: Value =
+                serde_json::from_str(&text).map_err(|e| format!("nsx.preload[{i}] ({rt}): {e}"))?;
+            let r = nsx.as_admin("POST", path, &[], Some(&body));
+            if !r.is_success() {
                 return Err(format!(
                     "nsx.preload[{i}] ({rt}) was refused by NSX ({}): {}",
-                    r.status,
-                    r.body.unwrap_or_default()
+                    r.status, r.body
                 ));
             }
-            preloaded.push(
-                r.body.unwrap_or_default()["id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            );
+            preloaded.push(r.body["id"].as_str().unwrap_or_default().to_string());
         }
-        let foreign = nsx.with_store(|s| {
+        let foreign = nsx.inspect(|s| {
             s.objects()
-                .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
+                .map(|o| (o.id.to_string(), Value::Object(o.doc.clone())))
                 .collect::<BTreeMap<_, _>>()
         });
         let mut sim = crate::ncp_host::control_plane(seed, TICK_MS, &api, &nsx, &trace);
@@ -689,9 +681,9 @@ impl World {
 
     fn admin_edit(&mut self, a: &super::spec::AdminEdit) -> Result<(), String> {
         let cluster = self.sc.cluster.name.clone();
-        let target = self.nsx.with_store(|s| {
+        let target = self.nsx.inspect(|s| {
             s.objects()
-                .filter(|(_, o)| {
+                .filter(|o| {
                     o.doc.get("resource_type").and_then(Value::as_str)
                         == Some(a.resource_type.as_str())
                         && o.doc
@@ -702,7 +694,7 @@ impl World {
                             .to_string()
                             .contains(&format!("\"{cluster}\""))
                 })
-                .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
+                .map(|o| (o.id.to_string(), Value::Object(o.doc.clone())))
                 .next()
         });
         let (id, doc) = target.ok_or(format!(
@@ -712,43 +704,23 @@ impl World {
         let base = names::collection_of(&a.resource_type).unwrap_or("/api/v1");
         let path = format!("{base}/{id}");
         let r = if a.delete {
-            let q = [("cascade".to_string(), "true".to_string())];
-            let query: &[(String, String)] = if a.resource_type == "FirewallSection" {
-                &q
-            } else {
-                &[]
+            // As an admin would pass: a section goes with its rules, a port with its
+            // attachment.
+            let query: &[(&str, &str)] = match a.resource_type.as_str() {
+                "FirewallSection" => &[("cascade", "true")],
+                "LogicalPort" => &[("detach", "true")],
+                _ => &[],
             };
-            // Logical ports with attachments need detach=true, as an admin would pass.
-            let d = [("detach".to_string(), "true".to_string())];
-            let query = if a.resource_type == "LogicalPort" {
-                &d[..]
-            } else {
-                query
-            };
-            self.nsx
-                .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-                    method: "DELETE",
-                    path: &path,
-                    query,
-                    body: b"",
-                })
+            self.nsx.as_admin("DELETE", &path, query, None)
         } else {
             let mut d = doc;
             crate::apiserver::merge_patch(&mut d, a.set.as_ref().unwrap_or(&Value::Null));
-            let body = d.to_string();
-            self.nsx
-                .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-                    method: "PUT",
-                    path: &path,
-                    query: &[],
-                    body: body.as_bytes(),
-                })
+            self.nsx.as_admin("PUT", &path, &[], Some(&d))
         };
-        if r.status >= 300 {
+        if !r.is_success() {
             return Err(format!(
                 "admin_edit of {id} was refused by NSX ({}): {}",
-                r.status,
-                r.body.unwrap_or_default()
+                r.status, r.body
             ));
         }
         self.edited.insert(id);
@@ -761,28 +733,26 @@ impl World {
     pub fn invariants(&self) -> Result<(), String> {
         let cluster = &self.sc.cluster.name;
         self.nsx
-            .with_store(|s| s.check_invariants())
+            .inspect(|s| s.check_invariants())
             .map_err(|e| format!("NSX store: {e}"))?;
         // Objects not of this cluster: unchanged, not deleted.
-        let changed = self.nsx.with_store(|s| {
+        let changed = self.nsx.inspect(|s| {
             self.foreign.iter().find_map(|(id, before)| {
                 if self.edited.contains(id) {
                     return None;
                 }
-                match s.objects().find(|(i, _)| *i == id) {
+                match s.get(id) {
                     None => Some(format!(
                         "{} {id} ({}) not of this cluster was deleted",
                         before["resource_type"].as_str().unwrap_or("?"),
                         before["display_name"].as_str().unwrap_or("")
                     )),
-                    Some((_, o)) if o.doc.get("_revision") != before.get("_revision") => {
-                        Some(format!(
-                            "{} {id} ({}) not of this cluster was modified (by {:?})",
-                            before["resource_type"].as_str().unwrap_or("?"),
-                            before["display_name"].as_str().unwrap_or(""),
-                            o.doc.get("_last_modified_user")
-                        ))
-                    }
+                    Some(o) if o.doc.get("_revision") != before.get("_revision") => Some(format!(
+                        "{} {id} ({}) not of this cluster was modified (by {:?})",
+                        before["resource_type"].as_str().unwrap_or("?"),
+                        before["display_name"].as_str().unwrap_or(""),
+                        o.doc.get("_last_modified_user")
+                    )),
                     _ => None,
                 }
             })
@@ -792,11 +762,11 @@ impl World {
         }
         // NCP's objects, one per key, and no VLAN twice under one VIF (read in place: the
         // store's documents are many, and this runs every few seconds).
-        self.nsx.with_store(|s| -> Result<(), String> {
+        self.nsx.inspect(|s| -> Result<(), String> {
             let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
-            for (_, o) in s.objects() {
-                if let Some(k) = classify_object(&o.doc, cluster) {
-                    ours.entry(k).or_default().push(&o.doc);
+            for o in s.objects() {
+                if let Some(k) = classify_object(o.doc, cluster) {
+                    ours.entry(k).or_default().push(o.doc);
                 }
             }
             let id = |d: &serde_json::Map<String, Value>| {
@@ -975,7 +945,7 @@ impl World {
                         key.0, key.1, kp.ip, ann.ip
                     ));
                 }
-                let Some(port) = b.port(&port_name(&kp.container_id)) else {
+                let Some(port) = b.port_with(external_id::CONTAINER_ID, &kp.container_id) else {
                     return Err(format!("pod {}/{}: no OVS port on {name}", key.0, key.1));
                 };
                 // Wired on the VLAN NCP annotated (what NSX holds): a pod wired with another
@@ -990,7 +960,7 @@ impl World {
                         key.0, key.1
                     ));
                 }
-                cookies.insert(pod_cookie(&kp.container_id));
+                cookies.insert(Cookie::of_pod(&kp.container_id).value());
                 containers.insert(kp.container_id.clone());
             }
             if let Some(p) = b.ports().find(|p| {
@@ -1004,7 +974,7 @@ impl World {
                     p.external_ids.get(external_id::POD_NAME)
                 ));
             }
-            use nsx_core::ovs::pipeline::{Category, Cookie};
+            use nsx_core::ovs::pipeline::Category;
             let of_a_pod = |c: u64| Cookie::parse(c).is_some_and(|c| c.category == Category::Pod);
             if let Some((f, _)) = b
                 .flows()

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use fake_nsx_manager::dispatch::ApiRequest;
 use nsx_sim::scenario::run::{RunOptions, run};
 use nsx_sim::scenario::spec::parse;
 use nsx_sim::scenario::world::World;
@@ -53,15 +52,9 @@ fn converged_world() -> World {
 }
 
 fn call(w: &World, method: &str, path: &str, body: Option<&Value>) -> Value {
-    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-    let r = w.nsx.call_as_admin(ApiRequest {
-        method,
-        path,
-        query: &[],
-        body: bytes.as_bytes(),
-    });
-    assert!(r.status < 300, "{method} {path}: {} {:?}", r.status, r.body);
-    r.body.unwrap_or_default()
+    let r = w.nsx.as_admin(method, path, &[], body);
+    assert!(r.is_success(), "{method} {path}: {} {}", r.status, r.body);
+    r.body
 }
 
 /// Runs the simulation past NCP's periodic resync (300 s), which repairs what others changed.
@@ -132,13 +125,13 @@ fn one_reordered_rule_fails_converge() {
     rules.reverse();
     let mut body = section.clone();
     body["rules"] = Value::Array(rules);
-    let r = w.nsx.call_as_admin(ApiRequest {
-        method: "POST",
-        path: &format!("/api/v1/firewall/sections/{id}"),
-        query: &[("action".into(), "update_with_rules".into())],
-        body: body.to_string().as_bytes(),
-    });
-    assert!(r.status < 300, "{} {:?}", r.status, r.body);
+    let r = w.nsx.as_admin(
+        "POST",
+        &format!("/api/v1/firewall/sections/{id}"),
+        &[("action", "update_with_rules")],
+        Some(&body),
+    );
+    assert!(r.is_success(), "{} {}", r.status, r.body);
     let e = w
         .converged()
         .expect_err("a reordered rule is not converged");

@@ -100,16 +100,11 @@ async fn namespaces_and_pods_become_linked_nsx_objects() {
             dsp["attachment"]["id"], downlink["id"],
             "the downlink attaches the switch port"
         );
-        let adv = w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-            method: "GET",
-            path: &format!(
-                "/api/v1/logical-routers/{}/routing/advertisement",
-                t1["id"].as_str().unwrap()
-            ),
-            query: &[],
-            body: b"",
-        });
-        assert_eq!(adv.body.unwrap()["advertise_nsx_connected_routes"], true);
+        let adv = w
+            .nsx
+            .inspect(|s| s.advertisement(t1["id"].as_str().unwrap()))
+            .unwrap();
+        assert_eq!(adv.advertise_nsx_connected_routes, Some(true));
         let snat = o.get(&Key::Snat(u.clone())).unwrap();
         assert_eq!(snat["match_source_network"], cidr);
         let ip = snat["translated_network"].as_str().unwrap();
@@ -174,7 +169,7 @@ async fn a_restart_never_writes_on_what_a_lagging_search_index_shows() {
     w.nsx.set_search_lag_ms(3_600_000);
     let v = view(3, 4);
     let total = w.reconcile("k8s-a", &v, None).await.unwrap().report.writes;
-    let objects = w.nsx.with_store(|s| s.len());
+    let objects = w.nsx.inspect(|s| s.len());
     for budget in [1, total / 3, total / 2, total - 1] {
         let fresh = World::new(&["k8s-a"]).await;
         fresh.nsx.set_search_lag_ms(3_600_000);
@@ -186,7 +181,7 @@ async fn a_restart_never_writes_on_what_a_lagging_search_index_shows() {
         assert!(restart.observe_calls > 2, "{}", restart.observe_calls);
         assert!(restart.plan.unrealizable.is_empty());
         assert_eq!(
-            fresh.nsx.with_store(|s| s.len()),
+            fresh.nsx.inspect(|s| s.len()),
             objects,
             "budget {budget}: nothing created twice, nothing left out"
         );
@@ -201,7 +196,7 @@ async fn a_restart_never_writes_on_what_a_lagging_search_index_shows() {
     assert_eq!(w.nsx.counters().writes, before);
     assert!(restart.observe_calls > 2);
     // Once the index has caught up, the restart costs the search alone.
-    w.nsx.with_store_mut(|s, _| s.catch_up_index());
+    w.nsx.settle_search();
     let restart = w.reconcile("k8s-a", &v, None).await.unwrap();
     assert_eq!(restart.observe_calls, 2);
 }
@@ -258,38 +253,43 @@ async fn objects_changed_or_deleted_by_an_admin_are_put_back() {
         .to_string();
     let switch = o.get(&Key::Switch("uid-ns-0".into())).unwrap().clone();
     let snat = o.get(&Key::Snat("uid-ns-0".into())).unwrap().clone();
-    w.nsx.with_store_mut(|s, ctx| {
-        s.delete(
-            ctx,
-            fake_nsx_manager::kind::Kind::LogicalPort,
-            &port,
-            fake_nsx_manager::store::DeleteFlags {
-                detach: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut doc = switch.clone();
-        doc["display_name"] = "renamed-by-admin".into();
-        doc["tags"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|t| t["scope"] != "ncp/version");
-        s.update(
-            ctx,
-            fake_nsx_manager::kind::Kind::LogicalSwitch,
-            switch["id"].as_str().unwrap(),
-            &doc,
-        )
-        .unwrap();
-        s.delete(
-            ctx,
-            fake_nsx_manager::kind::Kind::NatRule,
-            snat["id"].as_str().unwrap(),
-            Default::default(),
-        )
-        .unwrap();
-    });
+    // An admin, through the API: the pod's port deleted (detached), the switch renamed and
+    // stripped of a tag, the SNAT rule deleted.
+    let admin = |method: &str, path: String, query: &[(&str, &str)], body: Option<&Value>| {
+        let r = w.nsx.as_admin(method, &path, query, body);
+        assert!(r.is_success(), "{method} {path}: {} {}", r.status, r.body);
+    };
+    admin(
+        "DELETE",
+        format!("/api/v1/logical-ports/{port}"),
+        &[("detach", "true")],
+        None,
+    );
+    let mut doc = switch.clone();
+    doc["display_name"] = "renamed-by-admin".into();
+    doc["tags"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|t| t["scope"] != "ncp/version");
+    admin(
+        "PUT",
+        format!(
+            "/api/v1/logical-switches/{}",
+            switch["id"].as_str().unwrap()
+        ),
+        &[],
+        Some(&doc),
+    );
+    admin(
+        "DELETE",
+        format!(
+            "/api/v1/logical-routers/{}/nat/rules/{}",
+            snat["logical_router_id"].as_str().unwrap(),
+            snat["id"].as_str().unwrap()
+        ),
+        &[],
+        None,
+    );
     let out = w.reconcile("k8s-a", &v, None).await.unwrap();
     assert_eq!(out.plan.ops.len(), 4, "{:#?}", out.plan.ops);
     let o = w.observe("k8s-a").await;

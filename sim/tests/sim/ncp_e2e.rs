@@ -120,9 +120,9 @@ impl World {
     }
 
     fn ncp_objects(&self) -> usize {
-        self.nsx.with_store(|s| {
+        self.nsx.inspect(|s| {
             s.objects()
-                .filter(|(_, o)| {
+                .filter(|o| {
                     nsx_core::ncp::observe::classify(&Value::Object(o.doc.clone()), "k8s-a")
                         .is_some()
                 })
@@ -223,7 +223,7 @@ fn pods_get_their_network_and_a_restarted_ncp_writes_nothing() {
     w.api.delete("namespaces", "", "db").unwrap();
     w.run_for(3_000);
     assert_eq!(w.ncp_objects(), 10 + 3, "{:?}", w.passes.borrow().last());
-    w.nsx.with_store(|s| s.check_invariants()).unwrap();
+    w.nsx.inspect(|s| s.check_invariants()).unwrap();
 }
 
 #[test]
@@ -257,12 +257,12 @@ fn what_nsx_refuses_is_reported_as_a_warning_event_once() {
     let pool = boot.clusters["k8s-a"].snat_pool.clone();
     // Another team holds every address of the SNAT pool.
     loop {
-        let r = w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-            method: "POST",
-            path: &format!("/api/v1/pools/ip-pools/{pool}"),
-            query: &[("action".into(), "ALLOCATE".into())],
-            body: b"{}",
-        });
+        let r = w.nsx.as_admin(
+            "POST",
+            &format!("/api/v1/pools/ip-pools/{pool}"),
+            &[("action", "ALLOCATE")],
+            Some(&json!({})),
+        );
         if r.status != 200 {
             break;
         }
@@ -302,11 +302,9 @@ fn network_policies_are_watched_realized_reported_and_removed() {
                 "ports": [{"protocol": "TCP", "port": 80}, {"protocol": "SCTP", "port": 9}]}]}}));
     w.run_for(8_000);
     let sections = |w: &World| -> Vec<String> {
-        w.nsx.with_store(|s| {
-            s.section_order()
-                .iter()
-                .filter_map(|id| s.objects().find(|(i, _)| *i == id))
-                .map(|(_, o)| o.str("display_name").unwrap_or("").to_string())
+        w.nsx.inspect(|s| {
+            s.sections()
+                .map(|o| o.doc["display_name"].as_str().unwrap_or("").to_string())
                 .collect()
         })
     };
@@ -422,7 +420,7 @@ fn a_change_plans_what_it_touches_whatever_the_size_of_the_cluster() {
                 "{what}: {passes:?}"
             );
         }
-        w.nsx.with_store(|s| s.check_invariants()).unwrap();
+        w.nsx.inspect(|s| s.check_invariants()).unwrap();
         seen.push((added, relabelled, namespace_labelled));
     }
     assert_eq!(seen[0], seen[1], "the same passes at both sizes");
@@ -491,7 +489,7 @@ fn a_pod_refused_for_a_full_subnet_is_wired_once_another_leaves() {
     // The waiting port and the leaving one: a delete and a create.
     assert_eq!(after.iter().map(|p| p.2).sum::<usize>(), 2, "{after:?}");
     assert_eq!(w.ncp_objects(), 10 + 13);
-    w.nsx.with_store(|s| s.check_invariants()).unwrap();
+    w.nsx.inspect(|s| s.check_invariants()).unwrap();
 }
 
 /// A namespace whose SNAT rule NSX refuses (someone else took every address of the SNAT pool)
@@ -572,5 +570,5 @@ fn a_namespace_refused_a_snat_address_waits_without_making_passes_full() {
     assert_eq!(healed.iter().map(|p| p.2).sum::<usize>(), 1, "{healed:?}");
     // Four namespaces (ten objects each), 14 pods.
     assert_eq!(w.ncp_objects(), 4 * 10 + 14);
-    w.nsx.with_store(|s| s.check_invariants()).unwrap();
+    w.nsx.inspect(|s| s.check_invariants()).unwrap();
 }

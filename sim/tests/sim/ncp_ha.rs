@@ -185,7 +185,7 @@ fn a_partitioned_leader_is_fenced_before_the_other_replica_takes_over() {
         writers(healed_ms).iter().filter(|u| **u == leader).count(),
         0
     );
-    nsx.with_store(|s| s.check_invariants()).unwrap();
+    nsx.inspect(|s| s.check_invariants()).unwrap();
 }
 
 /// Applies the cluster, runs until one replica leads; `(leader, other)`.
@@ -213,9 +213,9 @@ fn elect(sim: &mut turmoil::Sim<'_>, api: &ApiServer, log: &Log) -> (String, Str
 
 /// How many pod ports NSX holds (tagged `ncp/pod_uid`).
 fn pod_ports(nsx: &FakeNsxManager) -> usize {
-    nsx.with_store(|s| {
+    nsx.inspect(|s| {
         s.objects()
-            .filter(|(_, o)| {
+            .filter(|o| {
                 o.doc
                     .get("tags")
                     .is_some_and(|t| t.to_string().contains("ncp/pod_uid"))
@@ -226,28 +226,19 @@ fn pod_ports(nsx: &FakeNsxManager) -> usize {
 
 /// The pod's logical port, deleted behind NCP's back (detached), as drift NCP repairs.
 fn delete_the_pod_port(nsx: &FakeNsxManager) {
-    let port = nsx.with_store(|s| {
+    let port = nsx.inspect(|s| {
         s.objects()
-            .find(|(_, o)| {
-                o.doc
-                    .get("tags")
-                    .is_some_and(|t| t.to_string().contains("ncp/pod_uid"))
-            })
-            .map(|(id, _)| id.clone())
+            .find(|o| o.tag("ncp/pod_uid").is_some())
+            .map(|o| o.id.to_string())
             .unwrap()
     });
-    nsx.with_store_mut(|s, ctx| {
-        s.delete(
-            ctx,
-            fake_nsx_manager::kind::Kind::LogicalPort,
-            &port,
-            fake_nsx_manager::store::DeleteFlags {
-                detach: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    });
+    let r = nsx.as_admin(
+        "DELETE",
+        &format!("/api/v1/logical-ports/{port}"),
+        &[("detach", "true")],
+        None,
+    );
+    assert!(r.is_success(), "{} {}", r.status, r.body);
 }
 
 /// The fence test with production's client (30 s per attempt, 10 attempts with backoff).
@@ -344,7 +335,7 @@ fn a_write_held_and_retried_across_a_takeover_never_lands_after_the_new_leaders_
     );
     let ports = pod_ports(&nsx);
     assert_eq!(ports, 1, "repaired once, by the new leader");
-    nsx.with_store(|s| s.check_invariants()).unwrap();
+    nsx.inspect(|s| s.check_invariants()).unwrap();
 }
 
 /// A write fence that falls at a fixed instant.

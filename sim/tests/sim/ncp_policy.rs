@@ -267,7 +267,7 @@ struct Wiring {
 
 async fn wiring(w: &World) -> Wiring {
     let o = w.observe("k8s-a").await;
-    let addrs = w.nsx.with_store(|s| s.port_addresses());
+    let addrs = w.nsx.inspect(|s| s.port_addresses());
     let mut ports = BTreeMap::new();
     for (k, docs) in &o.objects {
         if let Key::PodPort(uid) = k {
@@ -314,7 +314,7 @@ fn model(
         parent_vif_id: c.1.clone(),
         vlan: c.2,
     };
-    let (fwd, reply) = w.nsx.with_store(|st| st.trace_connection(&entry, &packet));
+    let (fwd, reply) = w.nsx.inspect(|st| st.trace_connection(&entry, &packet));
     match &fwd.verdict {
         Verdict::Delivered { logical_port, .. } => {
             assert_eq!(logical_port, &s.0, "{fwd:?}");
@@ -766,34 +766,24 @@ async fn a_tampered_rule_is_put_back_and_an_admin_section_is_left_alone() {
     ));
     let want = check(&w, &v).await.unwrap();
     // An admin disables NCP's isolation rule, and adds a section of their own.
-    let (section, rule) = w.nsx.with_store(|s| {
+    let (section, rule) = w.nsx.inspect(|s| {
         let sec = s
-            .section_order()
-            .iter()
-            .find(|id| {
-                s.objects()
-                    .any(|(i, o)| i == *id && o.str("display_name") == Some("is-k8s-a-x-deny"))
-            })
-            .cloned()
+            .sections()
+            .find(|o| o.doc["display_name"] == "is-k8s-a-x-deny")
             .unwrap();
-        let rule = s.rules_of(&sec)[0].clone();
-        (sec, rule)
+        let rule = s.rules(sec.id).next().unwrap();
+        (sec.id.to_string(), rule.id.to_string())
     });
     let admin = |method: &'static str, path: String, body: serde_json::Value| {
-        let body = serde_json::to_vec(&body).unwrap();
-        w.nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-            method,
-            path: &path,
-            query: &[],
-            body: &body,
-        })
+        let body = (method != "GET").then_some(body);
+        w.nsx.as_admin(method, &path, &[], body.as_ref())
     };
     let r = admin(
         "GET",
         format!("/api/v1/firewall/sections/{section}/rules/{rule}"),
         serde_json::json!({}),
     );
-    let mut doc = r.body.unwrap();
+    let mut doc = r.body;
     doc["disabled"] = serde_json::json!(true);
     let r = admin(
         "PUT",

@@ -106,8 +106,28 @@ fn ncp_docs(w: &World) -> Vec<Value> {
         .collect()
 }
 
+/// Where an admin reads and writes NCP's object `doc` in the API.
+fn path_of(doc: &Value) -> String {
+    let id = doc["id"].as_str().unwrap_or("");
+    match doc["resource_type"].as_str().unwrap_or("") {
+        "NatRule" => format!(
+            "/api/v1/logical-routers/{}/nat/rules/{id}",
+            doc["logical_router_id"].as_str().unwrap_or("")
+        ),
+        "IpBlockSubnet" => format!("/api/v1/pools/ip-subnets/{id}"),
+        "IpPool" => format!("/api/v1/pools/ip-pools/{id}"),
+        "LogicalSwitch" => format!("/api/v1/logical-switches/{id}"),
+        "LogicalRouter" => format!("/api/v1/logical-routers/{id}"),
+        "LogicalPort" => format!("/api/v1/logical-ports/{id}"),
+        "NSGroup" => format!("/api/v1/ns-groups/{id}"),
+        "IPSet" => format!("/api/v1/ip-sets/{id}"),
+        "FirewallSection" => format!("/api/v1/firewall/sections/{id}"),
+        _ => format!("/api/v1/logical-router-ports/{id}"),
+    }
+}
+
+/// Damage done as an admin does it, through the API (some of it NSX refuses, which is fine).
 fn apply_damage(w: &World, damage: &[Damage], snat_pool: &str) {
-    use fake_nsx_manager::dispatch::ApiRequest;
     for d in damage {
         let docs = ncp_docs(w);
         if docs.is_empty() && !matches!(d, Damage::LeakSnatIp { .. }) {
@@ -116,46 +136,13 @@ fn apply_damage(w: &World, damage: &[Damage], snat_pool: &str) {
         match d {
             Damage::DeleteOne(i) => {
                 let doc = &docs[i % docs.len()];
-                let rt = doc["resource_type"].as_str().unwrap_or("");
-                let id = doc["id"].as_str().unwrap_or("");
-                let path = match rt {
-                    "NatRule" => format!(
-                        "/api/v1/logical-routers/{}/nat/rules/{id}",
-                        doc["logical_router_id"].as_str().unwrap_or("")
-                    ),
-                    "IpBlockSubnet" => format!("/api/v1/pools/ip-subnets/{id}"),
-                    "IpPool" => format!("/api/v1/pools/ip-pools/{id}"),
-                    "LogicalSwitch" => format!("/api/v1/logical-switches/{id}"),
-                    "LogicalRouter" => format!("/api/v1/logical-routers/{id}"),
-                    "LogicalPort" => format!("/api/v1/logical-ports/{id}"),
-                    "NSGroup" => format!("/api/v1/ns-groups/{id}"),
-                    "IPSet" => format!("/api/v1/ip-sets/{id}"),
-                    "FirewallSection" => format!("/api/v1/firewall/sections/{id}"),
-                    _ => format!("/api/v1/logical-router-ports/{id}"),
-                };
-                // An admin deleting by hand: some deletes are refused by NSX, which is fine.
-                let q = [
-                    ("detach".to_string(), "true".to_string()),
-                    ("cascade".to_string(), "true".to_string()),
-                    ("force".to_string(), "true".to_string()),
-                ];
-                w.nsx.call_as_admin(ApiRequest {
-                    method: "DELETE",
-                    path: &path,
-                    query: &q,
-                    body: b"",
-                });
+                let q = [("detach", "true"), ("cascade", "true"), ("force", "true")];
+                w.nsx.as_admin("DELETE", &path_of(doc), &q, None);
             }
             Damage::Rename(i) => {
-                let doc = &docs[i % docs.len()];
-                w.nsx.with_store_mut(|s, ctx| {
-                    if let Some(o) = s.object(doc["id"].as_str().unwrap_or("")) {
-                        let kind = o.kind;
-                        let mut body = Value::Object(o.doc.clone());
-                        body["display_name"] = json!("renamed by admin");
-                        let _ = s.update(ctx, kind, doc["id"].as_str().unwrap_or(""), &body);
-                    }
-                });
+                let mut doc = docs[i % docs.len()].clone();
+                doc["display_name"] = json!("renamed by admin");
+                w.nsx.as_admin("PUT", &path_of(&doc), &[], Some(&doc));
             }
             Damage::DuplicatePort(i) => {
                 let ports: Vec<&Value> = docs
@@ -184,30 +171,19 @@ fn apply_damage(w: &World, damage: &[Damage], snat_pool: &str) {
                         "{}-dup",
                         p["attachment"]["id"].as_str().unwrap_or("")
                     ));
-                    let body = serde_json::to_vec(&copy).unwrap();
-                    w.nsx.call_as_admin(ApiRequest {
-                        method: "POST",
-                        path: "/api/v1/logical-ports",
-                        query: &[],
-                        body: &body,
-                    });
+                    w.nsx
+                        .as_admin("POST", "/api/v1/logical-ports", &[], Some(&copy));
                 }
             }
             Damage::LeakSnatIp { ncp } => {
                 let path = format!("/api/v1/pools/ip-pools/{snat_pool}");
-                let q = [("action".to_string(), "ALLOCATE".to_string())];
                 let body = if *ncp {
                     json!({"allocation_id": null, "tags": [{"scope": "ncp/cluster", "tag": "k8s-a"}, {"scope": "ncp/project_uid", "tag": "gone"}]})
                 } else {
                     json!({"allocation_id": null})
                 };
-                let bytes = serde_json::to_vec(&body).unwrap();
-                w.nsx.call_as_admin(ApiRequest {
-                    method: "POST",
-                    path: &path,
-                    query: &q,
-                    body: &bytes,
-                });
+                w.nsx
+                    .as_admin("POST", &path, &[("action", "ALLOCATE")], Some(&body));
             }
         }
     }
@@ -287,7 +263,7 @@ fn run_case(
             "someone else's allocation was released"
         );
         w.nsx
-            .with_store(|s| s.check_invariants())
+            .inspect(|s| s.check_invariants())
             .map_err(TestCaseError::fail)?;
         let again = w
             .reconcile("k8s-a", &target_view, None)

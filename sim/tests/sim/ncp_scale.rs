@@ -11,7 +11,7 @@ async fn a_converged_cluster_of_10000_pods_restarts_with_zero_writes_and_few_lis
     let v = view(1000, 10);
     let first = w.reconcile("k8s-a", &v, None).await.unwrap();
     assert!(first.plan.unrealizable.is_empty());
-    let objects = w.nsx.with_store(|s| s.len());
+    let objects = w.nsx.inspect(|s| s.len());
     assert!(objects > 19_000, "{objects}");
     let writes = w.nsx.counters().writes;
     let restart = w.reconcile("k8s-a", &v, None).await.unwrap();

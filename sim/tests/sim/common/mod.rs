@@ -125,29 +125,27 @@ impl World {
 
     pub fn invariants(&self) {
         self.nsx
-            .with_store(|s| s.check_invariants())
+            .inspect(|s| s.check_invariants())
             .unwrap_or_else(|e| panic!("fake NSX invariant: {e}"));
     }
 
     /// Every document of the store, by id.
     pub fn docs(&self) -> BTreeMap<String, Value> {
-        self.nsx.with_store(|s| {
+        self.nsx.inspect(|s| {
             s.objects()
-                .map(|(id, o)| (id.clone(), Value::Object(o.doc.clone())))
+                .map(|o| (o.id.to_string(), Value::Object(o.doc.clone())))
                 .collect()
         })
     }
 
     pub fn allocations(&self, pool: &str) -> Vec<String> {
-        let r = self
-            .nsx
-            .call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-                method: "GET",
-                path: &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
-                query: &[],
-                body: b"",
-            });
-        r.body.unwrap()["results"]
+        let r = self.nsx.as_admin(
+            "GET",
+            &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
+            &[],
+            None,
+        );
+        r.body["results"]
             .as_array()
             .unwrap()
             .iter()
@@ -188,13 +186,13 @@ pub fn view_with_uids(prefix: &str, namespaces: usize, pods: usize) -> ClusterVi
 pub fn take_every_address(nsx: &FakeNsxManager, pool: &str) -> Vec<String> {
     let mut taken = Vec::new();
     loop {
-        let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-            method: "POST",
-            path: &format!("/api/v1/pools/ip-pools/{pool}"),
-            query: &[("action".into(), "ALLOCATE".into())],
-            body: b"{}",
-        });
-        match r.body.as_ref().and_then(|b| b["allocation_id"].as_str()) {
+        let r = nsx.as_admin(
+            "POST",
+            &format!("/api/v1/pools/ip-pools/{pool}"),
+            &[("action", "ALLOCATE")],
+            Some(&Value::Object(Default::default())),
+        );
+        match r.body["allocation_id"].as_str() {
             Some(ip) if r.status == 200 => taken.push(ip.to_string()),
             _ => return taken,
         }
@@ -203,11 +201,11 @@ pub fn take_every_address(nsx: &FakeNsxManager, pool: &str) -> Vec<String> {
 
 /// Gives an address taken by [`take_every_address`] back to `pool`.
 pub fn give_back(nsx: &FakeNsxManager, pool: &str, ip: &str) {
-    let r = nsx.call_as_admin(fake_nsx_manager::dispatch::ApiRequest {
-        method: "POST",
-        path: &format!("/api/v1/pools/ip-pools/{pool}"),
-        query: &[("action".into(), "RELEASE".into())],
-        body: format!("{{\"allocation_id\": \"{ip}\"}}").as_bytes(),
-    });
+    let r = nsx.as_admin(
+        "POST",
+        &format!("/api/v1/pools/ip-pools/{pool}"),
+        &[("action", "RELEASE")],
+        Some(&serde_json::json!({ "allocation_id": ip })),
+    );
     assert_eq!(r.status, 200, "release {ip}: {:?}", r.body);
 }
