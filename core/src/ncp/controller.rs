@@ -327,10 +327,63 @@ pub async fn run<C>(
     let changed = Arc::new(Notify::new());
     let stores = start_watches(kube.clone(), changed.clone(), timing.progress.clone());
     stores.ready().await;
+    let infra = discover_until_found(&nsx, &config, &timing, &mut on_pass).await;
+    let mut l = Loop {
+        kube,
+        nsx,
+        config,
+        infra,
+        fence,
+        backoff: timing.backoff_min,
+        timing,
+        reported: BTreeMap::new(),
+        reported_problems: BTreeMap::new(),
+        cache: None,
+        next_full: tokio::time::Instant::now(),
+        tracked: None,
+        synced: false,
+        clean: false,
+    };
+    loop {
+        // What the stores hold from here on is taken in (reconciled, or skipped as a change
+        // NCP does not read).
+        l.timing.progress.take();
+        let dirty = stores.take_dirty();
+        let started = tokio::time::Instant::now();
+        let changes = l
+            .tracked
+            .as_mut()
+            .map(|(view, _)| stores.refresh(view, dirty));
+        if l.idle(changes.as_ref()) {
+            let until_resync = l
+                .next_full
+                .saturating_duration_since(tokio::time::Instant::now());
+            l.wait_for_change(&changed, until_resync).await;
+            continue;
+        }
+        let event = l.pass(&stores, changes, started).await;
+        on_pass(&event);
+        match l.wait_after(&event) {
+            Wait::Sleep(d) => tokio::time::sleep(d).await,
+            Wait::UntilChange(d) => l.wait_for_change(&changed, d).await,
+        }
+    }
+}
+
+/// Finds the admin's infrastructure in NSX, retrying with backoff until it is there.
+async fn discover_until_found<C>(
+    nsx: &NsxClient<C>,
+    config: &NcpConfig,
+    timing: &LoopConfig,
+    on_pass: &mut impl FnMut(&PassEvent),
+) -> Infra
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     let mut backoff = timing.backoff_min;
-    let infra: Infra = loop {
-        match discover(&nsx, &config).await {
-            Ok(i) => break i,
+    loop {
+        match discover(nsx, config).await {
+            Ok(i) => return i,
             Err(e) => {
                 on_pass(&PassEvent::Failed {
                     error: format!("{e}"),
@@ -339,186 +392,237 @@ pub async fn run<C>(
                 backoff = (backoff * 2).min(timing.backoff_max);
             }
         }
-    };
-    backoff = timing.backoff_min;
-    let mut reported = BTreeMap::new();
-    let mut reported_problems = BTreeMap::new();
-    let mut cache = None;
-    let mut next_full = tokio::time::Instant::now();
-    // The view and its desired state, kept between passes and updated by what the watches
-    // name: a change costs the objects it touches, not the cluster.
-    let mut tracked: Option<(ClusterView, DesiredCache)> = None;
-    // The last pass left NSX matching the desired state but for pod ports still waiting (see
-    // `Known::synced`) and wrote every annotation: the next pass need only plan what
-    // changed, and those ports.
-    let mut synced = false;
-    // ... and NSX refused nothing: with no change at all, there is nothing to do (a change NCP
-    // does not read, such as a pod's status, costs no pass). Refused objects are retried on
-    // backoff.
-    let mut clean = false;
-    loop {
-        // What the stores hold from here on is taken in (reconciled, or skipped as a change
-        // NCP does not read).
-        timing.progress.take();
-        let dirty = stores.take_dirty();
-        let started = tokio::time::Instant::now();
-        let changes = tracked
-            .as_mut()
-            .map(|(view, _)| stores.refresh(view, dirty));
-        if clean
-            && cache.is_some()
-            && changes.as_ref().is_some_and(ViewChanges::is_empty)
-            && tokio::time::Instant::now() < next_full
-        {
-            tokio::select! {
+    }
+}
+
+/// What the loop does after a pass.
+enum Wait {
+    /// Backoff after a failure: a change does not cut it short.
+    Sleep(Duration),
+    /// Until a change, or this long at most.
+    UntilChange(Duration),
+}
+
+/// The reconcile loop's state between passes.
+struct Loop<C> {
+    kube: kube::Client,
+    nsx: Arc<NsxClient<C>>,
+    config: NcpConfig,
+    timing: LoopConfig,
+    infra: Infra,
+    fence: Option<Arc<Fence>>,
+    backoff: Duration,
+    /// Events already reported, by object, so that a refusal that lasts is reported once.
+    reported: BTreeMap<Key, String>,
+    reported_problems: BTreeMap<Key, String>,
+    /// What NSX held after the previous pass by NCP's own account; `None`: observe NSX.
+    cache: Option<super::observe::Cache>,
+    /// When the periodic full resync is due.
+    next_full: tokio::time::Instant,
+    /// The view and its desired state, kept between passes and updated by what the watches
+    /// name: a change costs the objects it touches, not the cluster.
+    tracked: Option<(ClusterView, DesiredCache)>,
+    /// The last pass left NSX matching the desired state but for pod ports still waiting (see
+    /// `Known::synced`) and wrote every annotation: the next pass need only plan what
+    /// changed, and those ports.
+    synced: bool,
+    /// ... and NSX refused nothing: with no change at all, there is nothing to do (a change
+    /// NCP does not read, such as a pod's status, costs no pass). Refused objects are retried
+    /// on backoff.
+    clean: bool,
+}
+
+impl<C> Loop<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    /// Nothing to do: the last pass was clean, nothing NCP reads changed, no resync is due.
+    fn idle(&self, changes: Option<&ViewChanges>) -> bool {
+        self.clean
+            && self.cache.is_some()
+            && changes.is_some_and(ViewChanges::is_empty)
+            && tokio::time::Instant::now() < self.next_full
+    }
+
+    /// Sleeps until the watches signal a change (then the debounce, to fold a burst) or `wait`
+    /// has passed.
+    async fn wait_for_change(&self, changed: &Notify, wait: Duration) {
+        tokio::select! {
             biased;
-                _ = changed.notified() => tokio::time::sleep(timing.debounce).await,
-                _ = tokio::time::sleep(next_full.saturating_duration_since(tokio::time::Instant::now())) => {}
-            }
-            continue;
+            _ = changed.notified() => tokio::time::sleep(self.timing.debounce).await,
+            _ = tokio::time::sleep(wait) => {}
         }
-        let touched = match (&mut tracked, &changes) {
+    }
+
+    /// How long to wait after a pass: the backoff after a failure; after a pass with refused
+    /// objects, the backoff or a change (an exhausted pool may free up); otherwise a change or
+    /// the periodic resync.
+    fn wait_after(&mut self, event: &PassEvent) -> Wait {
+        let current = self.backoff;
+        match event {
+            PassEvent::Failed { .. } | PassEvent::Leadership(_) => {
+                self.backoff = (current * 2).min(self.timing.backoff_max);
+                Wait::Sleep(current)
+            }
+            PassEvent::Converged { failed, .. } if *failed > 0 => {
+                self.backoff = (current * 2).min(self.timing.backoff_max);
+                Wait::UntilChange(current)
+            }
+            PassEvent::Converged { .. } => {
+                self.backoff = self.timing.backoff_min;
+                Wait::UntilChange(
+                    self.next_full
+                        .saturating_duration_since(tokio::time::Instant::now()),
+                )
+            }
+        }
+    }
+
+    /// One pass: the desired state brought up to date with `changes` (or built from the
+    /// stores), planned and applied, then written back to Kubernetes.
+    async fn pass(
+        &mut self,
+        stores: &Stores,
+        changes: Option<ViewChanges>,
+        started: tokio::time::Instant,
+    ) -> PassEvent {
+        let touched = match (&mut self.tracked, &changes) {
             (Some((view, want)), Some(c)) => Some(want.update(view, c)),
             _ => {
                 let view = stores.view();
-                let want = DesiredCache::new(&view, &config.cluster, config.subnet_prefix);
-                tracked = Some((view, want));
+                let want =
+                    DesiredCache::new(&view, &self.config.cluster, self.config.subnet_prefix);
+                self.tracked = Some((view, want));
                 None
             }
         };
-        let Some((view, want)) = &tracked else {
-            continue;
+        // The periodic full resync: read NSX again instead of trusting the cache (finds what
+        // others changed, deleted or added under our tags).
+        if tokio::time::Instant::now() >= self.next_full {
+            self.cache = None;
+        }
+        if self.cache.is_none() {
+            self.next_full = tokio::time::Instant::now() + self.timing.resync;
+        }
+        // Only a synced previous pass leaves nothing but `touched` to look at.
+        let touched = touched.filter(|_| self.synced);
+        (self.synced, self.clean) = (false, false);
+        let event = self.reconcile(changes.as_ref(), touched, started).await;
+        if matches!(event, PassEvent::Failed { .. }) {
+            // Nothing is assumed about how far the pass got: observe NSX next time.
+            self.cache = None;
+        }
+        event
+    }
+
+    async fn reconcile(
+        &mut self,
+        changes: Option<&ViewChanges>,
+        touched: Option<std::collections::BTreeSet<Key>>,
+        started: tokio::time::Instant,
+    ) -> PassEvent {
+        let Some((view, want)) = &self.tracked else {
+            return PassEvent::Failed {
+                error: "no view of the cluster".into(),
+            };
         };
         let gate = WriteGate {
             write_budget: None,
-            fence: fence.clone(),
+            fence: self.fence.clone(),
         };
-        // The periodic full resync: read NSX again instead of trusting the cache (finds what
-        // others changed, deleted or added under our tags).
-        if tokio::time::Instant::now() >= next_full {
-            cache = None;
-        }
-        if cache.is_none() {
-            next_full = tokio::time::Instant::now() + timing.resync;
-        }
-        // Only a synced previous pass leaves nothing but `touched` to look at.
-        let touched = touched.filter(|_| synced);
-        (synced, clean) = (false, false);
         let result = reconcile_desired(
-            &nsx,
-            &config.cluster,
-            &infra,
+            &self.nsx,
+            &self.config.cluster,
+            &self.infra,
             want.desired(),
             touched.as_ref(),
             &gate,
-            &mut cache,
+            &mut self.cache,
         )
         .await;
-        let event = match (result, &cache) {
-            (
-                Ok(outcome),
-                Some(super::observe::Cache {
-                    observed: realized,
-                    known,
-                }),
-            ) => {
-                let scope = match (&changes, outcome.incremental) {
-                    (Some(c), true) => Some(WriteScope::of(c, &outcome)),
-                    _ => None,
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                return PassEvent::Failed {
+                    error: format!(
+                        "{e}: {:?}",
+                        std::error::Error::source(&e).map(|s| s.to_string())
+                    ),
                 };
-                match write_back(
-                    &kube,
-                    &nsx,
-                    view,
-                    realized,
-                    &outcome,
-                    scope.as_ref(),
-                    fence.as_deref(),
-                )
-                .await
-                {
-                    Ok(annotations) => {
-                        if fence.as_deref().is_none_or(Fence::allows_writes) {
-                            report_failures(
-                                &kube,
-                                view,
-                                &outcome.report.failed,
-                                &mut reported,
-                                "NSXRealizationFailed",
-                            )
-                            .await;
-                            let mut problems: BTreeMap<Key, String> = BTreeMap::new();
-                            for p in &outcome.problems {
-                                let m = problems
-                                    .entry(Key::AllowSection(p.uid.clone()))
-                                    .or_default();
-                                if !m.is_empty() {
-                                    m.push_str("; ");
-                                }
-                                m.push_str(&p.message);
-                            }
-                            report_failures(
-                                &kube,
-                                view,
-                                &problems,
-                                &mut reported_problems,
-                                "NetworkPolicyNotExact",
-                            )
-                            .await;
-                        }
-                        synced = known.synced;
-                        clean = synced && outcome.report.failed.is_empty();
-                        PassEvent::Converged {
-                            ops: outcome.plan.len(),
-                            writes: outcome.report.writes,
-                            annotations,
-                            failed: outcome.report.failed.len(),
-                            took_ms: started.elapsed().as_millis() as u64,
-                            planned: outcome.planned,
-                            incremental: outcome.incremental,
-                        }
-                    }
-                    Err(error) => PassEvent::Failed { error },
-                }
             }
-            (Ok(_), None) => PassEvent::Failed {
-                error: "the pass left no record of what NSX holds".into(),
-            },
-            (Err(e), _) => PassEvent::Failed {
-                error: format!(
-                    "{e}: {:?}",
-                    std::error::Error::source(&e).map(|s| s.to_string())
-                ),
-            },
         };
-        if matches!(event, PassEvent::Failed { .. }) {
-            // Nothing is assumed about how far the pass got: observe NSX next time.
-            cache = None;
+        let Some(cache) = &self.cache else {
+            return PassEvent::Failed {
+                error: "the pass left no record of what NSX holds".into(),
+            };
+        };
+        let scope = match (changes, outcome.incremental) {
+            (Some(c), true) => Some(WriteScope::of(c, &outcome)),
+            _ => None,
+        };
+        let annotations = match write_back(
+            &self.kube,
+            &self.nsx,
+            view,
+            &cache.observed,
+            &outcome,
+            scope.as_ref(),
+            self.fence.as_deref(),
+        )
+        .await
+        {
+            Ok(n) => n,
+            Err(error) => return PassEvent::Failed { error },
+        };
+        if self.fence.as_deref().is_none_or(Fence::allows_writes) {
+            self.report(&outcome).await;
         }
-        on_pass(&event);
-        match event {
-            PassEvent::Failed { .. } | PassEvent::Leadership(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(timing.backoff_max);
-            }
-            PassEvent::Converged { failed, .. } => {
-                // Refused objects are retried on backoff (an exhausted pool may free up);
-                // otherwise wait for a change or the periodic resync.
-                let wait = if failed > 0 {
-                    let w = backoff;
-                    backoff = (backoff * 2).min(timing.backoff_max);
-                    w
-                } else {
-                    backoff = timing.backoff_min;
-                    next_full.saturating_duration_since(tokio::time::Instant::now())
-                };
-                tokio::select! {
-                biased;
-                    _ = changed.notified() => tokio::time::sleep(timing.debounce).await,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            }
+        let synced = self.cache.as_ref().is_some_and(|c| c.known.synced);
+        self.synced = synced;
+        self.clean = synced && outcome.report.failed.is_empty();
+        PassEvent::Converged {
+            ops: outcome.plan.len(),
+            writes: outcome.report.writes,
+            annotations,
+            failed: outcome.report.failed.len(),
+            took_ms: started.elapsed().as_millis() as u64,
+            planned: outcome.planned,
+            incremental: outcome.incremental,
         }
+    }
+
+    /// Warning Events: objects NSX refused, and policies NSX cannot express exactly (one
+    /// message per policy).
+    async fn report(&mut self, outcome: &super::reconcile::Outcome) {
+        let Some((view, _)) = &self.tracked else {
+            return;
+        };
+        report_failures(
+            &self.kube,
+            view,
+            &outcome.report.failed,
+            &mut self.reported,
+            "NSXRealizationFailed",
+        )
+        .await;
+        let mut problems: BTreeMap<Key, String> = BTreeMap::new();
+        for p in &outcome.problems {
+            let m = problems
+                .entry(Key::AllowSection(p.uid.clone()))
+                .or_default();
+            if !m.is_empty() {
+                m.push_str("; ");
+            }
+            m.push_str(&p.message);
+        }
+        report_failures(
+            &self.kube,
+            view,
+            &problems,
+            &mut self.reported_problems,
+            "NetworkPolicyNotExact",
+        )
+        .await;
     }
 }
 

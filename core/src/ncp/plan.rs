@@ -608,6 +608,8 @@ impl<'a> Planner<'a> {
             };
             match chosen {
                 Some(t) => {
+                    // 0 is untagged and 4095 reserved; the agent refuses either.
+                    debug_assert!((1..=4093).contains(&t), "VLAN {t} for {key:?}");
                     let t = Some(t as u16);
                     if !matches!(&spec.detail, Detail::PodPort { vlan, .. } if *vlan == t)
                         && let Detail::PodPort { vlan, .. } = &mut spec.to_mut().detail
@@ -677,162 +679,30 @@ impl<'a> Planner<'a> {
 
     /// Orders the operations, and adds the releases and LB service updates they call for.
     /// `touched`: the keys an incremental plan looked at (`None`: all of them).
+    /// The plan in the order it must run: deletes children first (with the SNAT addresses
+    /// and VIPs they free, and the LB service's list updated around its virtual servers),
+    /// then creates and updates, then the deletes of groups and IPSets something may still
+    /// name until its update.
     fn finish(self, touched: Option<&BTreeSet<Key>>) -> Plan {
         let Planner {
             desired,
             observed,
             infra,
             kept,
-            mut deletes,
+            deletes,
             mut upserts,
             unrealizable,
             ..
         } = self;
-        let mut ops: Vec<Op> = Vec::new();
-        deletes.sort_by(|a, b| {
-            (std::cmp::Reverse(a.0.rank()), &a.0, a.1["id"].as_str()).cmp(&(
-                std::cmp::Reverse(b.0.rank()),
-                &b.0,
-                b.1["id"].as_str(),
-            ))
-        });
-        let mut released: BTreeSet<String> = BTreeSet::new();
-        for (key, doc) in deletes {
-            if matches!(key, Key::Snat(_))
-                && let Some(ip) = tag_of(&doc, scope::SNAT_IP)
-            {
-                released.insert(ip.to_string());
-            }
-            ops.push(Op::Delete { key, doc });
-        }
-        // SNAT addresses no kept rule carries. A synced cache has none beyond those of the
-        // rules deleted here (released with them), so an incremental plan need not look.
+        let mut ops = ordered_deletes(deletes);
+        // A synced cache has no SNAT address beyond those of the rules deleted here (released
+        // with them), so an incremental plan need not look.
         if let (Some(pool), None) = (&infra.snat_pool, touched) {
-            let doomed: BTreeSet<&str> = ops
-                .iter()
-                .filter_map(|o| match o {
-                    Op::Delete {
-                        key: Key::Snat(_),
-                        doc,
-                    } => doc["id"].as_str(),
-                    _ => None,
-                })
-                .collect();
-            let in_use: BTreeSet<&str> = kept
-                .iter()
-                .filter(|(k, d)| {
-                    matches!(k, Key::Snat(_))
-                        && !d["id"].as_str().is_some_and(|id| doomed.contains(id))
-                })
-                .filter_map(|(_, d)| tag_of(d, scope::SNAT_IP))
-                .collect();
-            for a in &observed.snat_allocations {
-                if !in_use.contains(a.as_str()) && !released.contains(a) {
-                    ops.push(Op::ReleaseIp {
-                        pool: pool.clone(),
-                        ip: a.clone(),
-                    });
-                }
-            }
+            ops.extend(stray_snat_addresses(&ops, &kept, observed, pool));
         }
-        // The LB service lists its virtual servers: it must drop the doomed ones before they
-        // are deleted, and take the new ones after they are created. There is one per cluster.
-        let lb = observed
-            .objects
-            .range(Key::LbService(String::new())..)
-            .take_while(|(k, _)| matches!(k, Key::LbService(_)))
-            .find_map(|(k, _)| kept.get(k).map(|d| (k, d)));
-        if let Some((lb_key, lb_doc)) = lb {
-            let lb_id = lb_doc["id"].as_str().unwrap_or_default().to_string();
-            let spec = desired.objects[lb_key].clone();
-            let vs_deleted = ops.iter().any(|o| {
-                matches!(
-                    o,
-                    Op::Delete {
-                        key: Key::LbVirtualServer(_),
-                        ..
-                    }
-                )
-            });
-            let vs_created = upserts.iter().any(|o| {
-                matches!(
-                    o,
-                    Op::Create {
-                        key: Key::LbVirtualServer(_),
-                        ..
-                    }
-                )
-            });
-            let already = upserts.iter().any(|o| {
-                matches!(
-                    o,
-                    Op::Update {
-                        key: Key::LbService(_),
-                        ..
-                    } | Op::Create {
-                        key: Key::LbService(_),
-                        ..
-                    }
-                )
-            });
-            if vs_deleted {
-                ops.insert(
-                    0,
-                    Op::Update {
-                        key: lb_key.clone(),
-                        id: lb_id.clone(),
-                        spec: spec.clone(),
-                    },
-                );
-            }
-            if vs_created && !already {
-                upserts.push(Op::Update {
-                    key: lb_key.clone(),
-                    id: lb_id,
-                    spec,
-                });
-            }
-        }
-        // VIPs of services that no longer need one (virtual server keys are
-        // `<service uid>/<port>`). An incremental plan looks at the services it touched.
+        relist_lb_service(desired, observed, &kept, &mut ops, &mut upserts);
         if let Some(pool) = &infra.lb_pool {
-            let serves = |svc: &str| {
-                let prefix = format!("{svc}/");
-                desired
-                    .objects
-                    .range(Key::LbVirtualServer(prefix.clone())..)
-                    .next()
-                    .is_some_and(
-                        |(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&prefix)),
-                    )
-            };
-            let candidates: Vec<(&String, &String)> = match touched {
-                None => observed.lb_vips.iter().collect(),
-                Some(t) => {
-                    let svcs: BTreeSet<&str> = t
-                        .iter()
-                        .filter_map(|k| match k {
-                            Key::LbVirtualServer(v) | Key::LbPool(v) => {
-                                v.split_once('/').map(|(svc, _)| svc)
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    observed
-                        .lb_vips
-                        .iter()
-                        .filter(|(svc, _)| svcs.contains(svc.as_str()))
-                        .collect()
-                }
-            };
-            for (svc, ip) in candidates {
-                if !serves(svc) {
-                    ops.push(Op::ReleaseIp {
-                        pool: pool.clone(),
-                        ip: ip.clone(),
-                    });
-                }
-            }
+            ops.extend(unneeded_vips(desired, observed, touched, pool));
         }
         // Groups and IPSets go last: a section or group that stays may still name one until
         // its update (among the upserts) drops the reference, and NSX refuses to delete a
@@ -848,6 +718,173 @@ impl<'a> Planner<'a> {
         });
         ops.extend(upserts);
         ops.extend(late);
+        debug_assert!(
+            {
+                let mut created = BTreeSet::new();
+                ops.iter().all(|o| match o {
+                    Op::Create { key, .. } => created.insert(key),
+                    _ => true,
+                })
+            },
+            "a plan creates one object per key"
+        );
         Plan { ops, unrealizable }
     }
+}
+
+/// Deletes, children before parents (by rank, then key and id for a stable order), each SNAT
+/// rule's address released right after it.
+fn ordered_deletes(mut deletes: Vec<(Key, Value)>) -> Vec<Op> {
+    deletes.sort_by(|a, b| {
+        (std::cmp::Reverse(a.0.rank()), &a.0, a.1["id"].as_str()).cmp(&(
+            std::cmp::Reverse(b.0.rank()),
+            &b.0,
+            b.1["id"].as_str(),
+        ))
+    });
+    deletes
+        .into_iter()
+        .map(|(key, doc)| Op::Delete { key, doc })
+        .collect()
+}
+
+/// SNAT addresses NCP allocated that no kept rule carries (a crash between allocating and
+/// creating the rule leaves one), but for those of rules deleted in `ops`, whose delete
+/// releases them.
+fn stray_snat_addresses(ops: &[Op], kept: &Kept<'_>, observed: &Observed, pool: &str) -> Vec<Op> {
+    let mut doomed: BTreeSet<&str> = BTreeSet::new();
+    let mut released: BTreeSet<&str> = BTreeSet::new();
+    for o in ops {
+        if let Op::Delete {
+            key: Key::Snat(_),
+            doc,
+        } = o
+        {
+            doomed.extend(doc["id"].as_str());
+            released.extend(tag_of(doc, scope::SNAT_IP));
+        }
+    }
+    let in_use: BTreeSet<&str> = kept
+        .iter()
+        .filter(|(k, d)| {
+            matches!(k, Key::Snat(_)) && !d["id"].as_str().is_some_and(|id| doomed.contains(id))
+        })
+        .filter_map(|(_, d)| tag_of(d, scope::SNAT_IP))
+        .collect();
+    observed
+        .snat_allocations
+        .iter()
+        .filter(|a| !in_use.contains(a.as_str()) && !released.contains(a.as_str()))
+        .map(|a| Op::ReleaseIp {
+            pool: pool.to_string(),
+            ip: a.clone(),
+        })
+        .collect()
+}
+
+/// The LB service lists its virtual servers: it must drop the doomed ones before they are
+/// deleted (an update first), and take the new ones after they are created (an update after
+/// the creates, unless the service is updated or created anyway). There is one per cluster.
+fn relist_lb_service(
+    desired: &Desired,
+    observed: &Observed,
+    kept: &Kept<'_>,
+    ops: &mut Vec<Op>,
+    upserts: &mut Vec<Op>,
+) {
+    let lb = observed
+        .objects
+        .range(Key::LbService(String::new())..)
+        .take_while(|(k, _)| matches!(k, Key::LbService(_)))
+        .find_map(|(k, _)| kept.get(k).map(|d| (k, d)));
+    let Some((lb_key, lb_doc)) = lb else {
+        return;
+    };
+    let Some(spec) = desired.objects.get(lb_key) else {
+        return;
+    };
+    let lb_id = lb_doc["id"].as_str().unwrap_or_default().to_string();
+    let vs_deleted = ops.iter().any(|o| {
+        matches!(
+            o,
+            Op::Delete {
+                key: Key::LbVirtualServer(_),
+                ..
+            }
+        )
+    });
+    let vs_created = upserts.iter().any(|o| {
+        matches!(
+            o,
+            Op::Create {
+                key: Key::LbVirtualServer(_),
+                ..
+            }
+        )
+    });
+    let already = upserts.iter().any(|o| {
+        matches!(
+            o,
+            Op::Update {
+                key: Key::LbService(_),
+                ..
+            } | Op::Create {
+                key: Key::LbService(_),
+                ..
+            }
+        )
+    });
+    if vs_deleted {
+        ops.insert(
+            0,
+            Op::Update {
+                key: lb_key.clone(),
+                id: lb_id.clone(),
+                spec: spec.clone(),
+            },
+        );
+    }
+    if vs_created && !already {
+        upserts.push(Op::Update {
+            key: lb_key.clone(),
+            id: lb_id,
+            spec: spec.clone(),
+        });
+    }
+}
+
+/// VIPs of services that no longer need one (virtual server keys are `<service
+/// uid>/<port>`). An incremental plan looks at the services it touched.
+fn unneeded_vips(
+    desired: &Desired,
+    observed: &Observed,
+    touched: Option<&BTreeSet<Key>>,
+    pool: &str,
+) -> Vec<Op> {
+    let serves = |svc: &str| {
+        let prefix = format!("{svc}/");
+        desired
+            .objects
+            .range(Key::LbVirtualServer(prefix.clone())..)
+            .next()
+            .is_some_and(|(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&prefix)))
+    };
+    let svcs: Option<BTreeSet<&str>> = touched.map(|t| {
+        t.iter()
+            .filter_map(|k| match k {
+                Key::LbVirtualServer(v) | Key::LbPool(v) => v.split_once('/').map(|(svc, _)| svc),
+                _ => None,
+            })
+            .collect()
+    });
+    observed
+        .lb_vips
+        .iter()
+        .filter(|(svc, _)| svcs.as_ref().is_none_or(|s| s.contains(svc.as_str())))
+        .filter(|(svc, _)| !serves(svc))
+        .map(|(_, ip)| Op::ReleaseIp {
+            pool: pool.to_string(),
+            ip: ip.clone(),
+        })
+        .collect()
 }

@@ -679,16 +679,7 @@ pub fn policy_objects(
         uid: uid.clone(),
         problems: Vec::new(),
     };
-    let types: BTreeSet<String> = match &spec.policy_types {
-        Some(t) if !t.is_empty() => t.iter().cloned().collect(),
-        _ => {
-            let mut t: BTreeSet<String> = ["Ingress".to_string()].into();
-            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
-                t.insert("Egress".into());
-            }
-            t
-        }
-    };
+    let types = policy_types(spec);
     let own: BTreeSet<&str> = [ns_name].into();
     let applied = Key::PolicyGroup(format!("{uid}/applied"));
     let pod_selector = spec.pod_selector.clone().unwrap_or_default();
@@ -705,19 +696,58 @@ pub fn policy_objects(
     );
     let mut rules = Vec::new();
     if types.contains("Ingress") {
+        rules.extend(cx.ingress_rules(spec, &selected, &applied, objects));
+    }
+    if types.contains("Egress") {
+        rules.extend(cx.egress_rules(spec, &applied, objects));
+    }
+    cx.sections(&types, rules, &applied, objects);
+    Some(PolicyOutcome {
+        problems: cx.problems,
+        scope: pod_scope(spec),
+    })
+}
+
+/// The directions a policy isolates: `policyTypes`, or by default Ingress, and Egress when it
+/// has egress rules.
+fn policy_types(spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec) -> BTreeSet<String> {
+    match &spec.policy_types {
+        Some(t) if !t.is_empty() => t.iter().cloned().collect(),
+        _ => {
+            let mut t: BTreeSet<String> = ["Ingress".to_string()].into();
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                t.insert("Egress".into());
+            }
+            t
+        }
+    }
+}
+
+impl<'a> PolicyCtx<'a> {
+    /// The ALLOW rules of the policy's ingress rules, into the pods it selects.
+    fn ingress_rules(
+        &mut self,
+        spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec,
+        selected: &[&'a Pod],
+        applied: &Key,
+        objects: &mut BTreeMap<Key, Spec>,
+    ) -> Vec<RuleSpec> {
+        let (cluster, ns_name, name) = (self.cluster, self.ns_name, self.name);
+        let mut rules = Vec::new();
         for (i, r) in spec.ingress.iter().flatten().enumerate() {
             let mut sources = Vec::new();
             let peers = r.from.as_ref().filter(|f| !f.is_empty());
             for (j, p) in peers.into_iter().flatten().enumerate() {
-                if let Some((k, _)) = cx.peer(p, &format!("in{i}-{j}"), objects) {
+                if let Some((k, _)) = self.peer(p, &format!("in{i}-{j}"), objects) {
                     sources.push(k);
                 }
             }
+            // Peers given, none valid: the rule allows nothing.
             if peers.is_some() && sources.is_empty() {
                 continue;
             }
             let role = format!("in{i}");
-            let parts = cx.rule_parts(r.ports.as_ref(), &selected, Reach::Peers, &role, objects);
+            let parts = self.rule_parts(r.ports.as_ref(), selected, Reach::Peers, &role, objects);
             for (k, (target, services)) in parts.into_iter().enumerate() {
                 rules.push(RuleSpec {
                     display_name: rule_name("ir", cluster, ns_name, name, i, k),
@@ -730,8 +760,19 @@ pub fn policy_objects(
                 });
             }
         }
+        rules
     }
-    if types.contains("Egress") {
+
+    /// The ALLOW rules of the policy's egress rules, from the pods it selects.
+    fn egress_rules(
+        &mut self,
+        spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec,
+        applied: &Key,
+        objects: &mut BTreeMap<Key, Spec>,
+    ) -> Vec<RuleSpec> {
+        let (view, live_ns) = (self.view, self.live_ns);
+        let (cluster, ns_name, name) = (self.cluster, self.ns_name, self.name);
+        let mut rules = Vec::new();
         for (i, r) in spec.egress.iter().flatten().enumerate() {
             let mut destinations = Vec::new();
             let mut receivers: Vec<&Pod> = Vec::new();
@@ -741,7 +782,7 @@ pub fn policy_objects(
             // a port: finding those an ipBlock holds, or every pod, costs the cluster.
             let named = names_a_port(r.ports.as_ref());
             for (j, p) in peers.into_iter().flatten().enumerate() {
-                if let Some((k, pods)) = cx.peer(p, &format!("eg{i}-{j}"), objects) {
+                if let Some((k, pods)) = self.peer(p, &format!("eg{i}-{j}"), objects) {
                     destinations.push(k);
                     receivers.extend(pods);
                     if let Some(block) = &p.ip_block {
@@ -767,7 +808,7 @@ pub fn policy_objects(
                 (Some(_), false) => Reach::Peers,
             };
             let role = format!("eg{i}");
-            let parts = cx.rule_parts(r.ports.as_ref(), &receivers, reach, &role, objects);
+            let parts = self.rule_parts(r.ports.as_ref(), &receivers, reach, &role, objects);
             for (k, (target, services)) in parts.into_iter().enumerate() {
                 rules.push(RuleSpec {
                     display_name: rule_name("er", cluster, ns_name, name, i, k),
@@ -783,11 +824,23 @@ pub fn policy_objects(
                 });
             }
         }
+        rules
     }
-    let mut isolation = Vec::new();
-    for (t, dir) in [("Ingress", "IN"), ("Egress", "OUT")] {
-        if types.contains(t) {
-            isolation.push(RuleSpec {
+
+    /// The policy's two firewall sections: its ALLOW rules below the top marker, and below
+    /// every policy's allows (above the bottom marker) a DROP for each direction it isolates.
+    fn sections(
+        &self,
+        types: &BTreeSet<String>,
+        rules: Vec<RuleSpec>,
+        applied: &Key,
+        objects: &mut BTreeMap<Key, Spec>,
+    ) {
+        let (cluster, ns_name, name) = (self.cluster, self.ns_name, self.name);
+        let isolation = [("Ingress", "IN"), ("Egress", "OUT")]
+            .into_iter()
+            .filter(|(t, _)| types.contains(*t))
+            .map(|(_, dir)| RuleSpec {
                 display_name: naming::fit(
                     &format!("is-{cluster}-{ns_name}-{name}-{}", dir.to_lowercase()),
                     naming::DISPLAY_NAME_MAX,
@@ -798,43 +851,39 @@ pub fn policy_objects(
                 destinations: vec![],
                 services: vec![],
                 applied_to: applied.clone(),
-            });
-        }
+            })
+            .collect();
+        let c = cluster.to_string();
+        let mut allow_tags = self.tags("allow");
+        allow_tags.push(tag(FW_SECT_TYPE, "allow"));
+        objects.insert(
+            Key::AllowSection(self.uid.clone()),
+            Spec {
+                display_name: naming::name(cluster, &[ns_name, name]),
+                tags: allow_tags,
+                detail: Detail::Section {
+                    marker: Key::FwMarkerTop(c.clone()),
+                    rules,
+                },
+            },
+        );
+        let mut isol_tags = self.tags("isolation");
+        isol_tags.push(tag(FW_SECT_TYPE, "isolation"));
+        objects.insert(
+            Key::IsolationSection(self.uid.clone()),
+            Spec {
+                display_name: naming::fit(
+                    &format!("is-{}", naming::name(cluster, &[ns_name, name])),
+                    naming::DISPLAY_NAME_MAX,
+                ),
+                tags: isol_tags,
+                detail: Detail::Section {
+                    marker: Key::FwMarkerBottom(c),
+                    rules: isolation,
+                },
+            },
+        );
     }
-    let c = cluster.to_string();
-    let mut allow_tags = cx.tags("allow");
-    allow_tags.push(tag(FW_SECT_TYPE, "allow"));
-    objects.insert(
-        Key::AllowSection(uid.clone()),
-        Spec {
-            display_name: naming::name(cluster, &[ns_name, name]),
-            tags: allow_tags,
-            detail: Detail::Section {
-                marker: Key::FwMarkerTop(c.clone()),
-                rules,
-            },
-        },
-    );
-    let mut isol_tags = cx.tags("isolation");
-    isol_tags.push(tag(FW_SECT_TYPE, "isolation"));
-    objects.insert(
-        Key::IsolationSection(uid.clone()),
-        Spec {
-            display_name: naming::fit(
-                &format!("is-{}", naming::name(cluster, &[ns_name, name])),
-                naming::DISPLAY_NAME_MAX,
-            ),
-            tags: isol_tags,
-            detail: Detail::Section {
-                marker: Key::FwMarkerBottom(c),
-                rules: isolation,
-            },
-        },
-    );
-    Some(PolicyOutcome {
-        problems: cx.problems,
-        scope: pod_scope(spec),
-    })
 }
 
 /// The cluster's two marker sections (there while any policy is).
