@@ -1,8 +1,13 @@
-//! Golden snapshots of the realized state (insta-style files next to the scenario): NSX
-//! objects of the cluster and every node's OVS flows and groups, with what varies from seed
-//! to seed (ids, addresses, cookies, port numbers, revisions) redacted, so one file holds
-//! for every seed. A missing or different snapshot fails the step unless snapshots are being
-//! updated (`nsx-sim run --update-snapshots`).
+//! Golden snapshots of the realized state: NSX objects of the cluster and every node's OVS
+//! flows and groups, with what varies from seed to seed (ids, addresses, cookies, port
+//! numbers, revisions) redacted, so one file holds for every seed. A missing or different
+//! snapshot fails the step unless snapshots are being updated (`nsx-sim run
+//! --update-snapshots`).
+//!
+//! The files are insta's (`snapshots/<scenario>__<label>.snap`: a YAML header between `---`
+//! lines, then the snapshot), so the bundled suite's snapshots are also checked by an insta
+//! test (`sim/tests/sim/scenarios.rs`) and `cargo insta review` works on them; `nsx-sim`
+//! compares the part after the header, which is all insta compares too.
 
 use std::path::PathBuf;
 
@@ -211,19 +216,47 @@ pub fn render(w: &World) -> String {
     out
 }
 
+/// The snapshot in an insta file: what follows the header (a file without one is all
+/// snapshot), without the trailing newlines insta ignores.
+pub fn contents(file: &str) -> &str {
+    let body = file
+        .strip_prefix("---\n")
+        .and_then(|rest| rest.split_once("\n---\n"))
+        .map_or(file, |(_, body)| body);
+    body.trim_end_matches('\n')
+}
+
+/// An insta file holding `snapshot`.
+pub fn file_text(w: &World, label: &str, snapshot: &str) -> String {
+    format!(
+        "---\nsource: {}\nexpression: snapshot {label}\n---\n{}\n",
+        w.sc.file.display(),
+        snapshot.trim_end_matches('\n')
+    )
+}
+
 /// Compares (or writes) the snapshot.
 pub fn check(w: &World, label: &str, update: bool) -> Result<(), String> {
     let p = path(w, label);
     let now = render(w);
-    let old = std::fs::read_to_string(&p).ok();
-    if old.as_deref() == Some(now.as_str()) {
+    let file = std::fs::read_to_string(&p).ok();
+    let old = file.as_deref().map(contents);
+    // Lines before the snapshot (insta's header), for a message that names the file's line.
+    let header_lines = match (&file, old) {
+        (Some(f), Some(body)) => f[..body.as_ptr() as usize - f.as_ptr() as usize]
+            .lines()
+            .count(),
+        _ => 0,
+    };
+    if old == Some(now.trim_end_matches('\n')) {
         return Ok(());
     }
     if update {
         if let Some(dir) = p.parent() {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        return std::fs::write(&p, now).map_err(|e| format!("{}: {e}", p.display()));
+        return std::fs::write(&p, file_text(w, label, &now))
+            .map_err(|e| format!("{}: {e}", p.display()));
     }
     match old {
         None => Err(format!(
@@ -240,7 +273,7 @@ pub fn check(w: &World, label: &str, update: bool) -> Result<(), String> {
             Err(format!(
                 "snapshot {} differs at line {}: expected {:?}, got {:?}",
                 p.display(),
-                first + 1,
+                header_lines + first + 1,
                 a.get(first).copied().unwrap_or("<end>"),
                 b.get(first).copied().unwrap_or("<end>")
             ))

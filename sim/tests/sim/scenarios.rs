@@ -441,3 +441,92 @@ fn a_built_in_world_printed_and_run_from_a_file_replays_the_same_trace() {
     assert_eq!(from_command, from_file);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The bundled suite's golden snapshots, checked by insta: every `snapshot` step of every
+/// bundled scenario, run to that step with the scenario's seed, renders what its file holds.
+/// (`nsx-sim run` checks the same files; `cargo insta review` accepts a changed one.)
+#[test]
+fn the_bundled_snapshots_hold_under_insta() {
+    use nsx_sim::scenario::spec::StepKind;
+    let mut checked = 0;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(suite())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        let sc = load(&f).unwrap();
+        for (i, step) in sc.steps.iter().enumerate() {
+            let StepKind::Snapshot(label) = &step.kind else {
+                continue;
+            };
+            let (r, w) = run(
+                &sc,
+                sc.seed.unwrap_or(1),
+                &RunOptions {
+                    stop_after: Some(i + 1),
+                    update_snapshots: false,
+                },
+            );
+            assert!(r.passed, "{}: {:?}", sc.name, r.message);
+            let rendered = nsx_sim::scenario::snapshot::render(&w.expect("a world"));
+            insta::with_settings!({
+                snapshot_path => suite().join("snapshots"),
+                prepend_module_to_snapshot => false,
+            }, {
+                insta::assert_snapshot!(format!("{}__{label}", sc.name), rendered);
+            });
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "the suite has snapshot steps: {checked}");
+}
+
+/// `--update-snapshots` writes an insta file (header, then the snapshot); a run without it
+/// then passes, and a changed snapshot fails naming the file's line.
+#[test]
+fn update_snapshots_writes_insta_files_that_later_runs_check() {
+    let dir = std::env::temp_dir().join(format!("nsx-sim-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("snap.yaml");
+    std::fs::write(
+        &file,
+        "name: snap\nsteps:\n  - apply: |\n      apiVersion: v1\n      kind: Namespace\n      metadata: {name: a}\n  - converge: {within: 60s}\n  - snapshot: one\n",
+    )
+    .unwrap();
+    let run_it = |update: bool| {
+        let mut c = bin();
+        c.args(["run", file.to_str().unwrap(), "--seed", "2"]);
+        if update {
+            c.arg("--update-snapshots");
+        }
+        c.output().unwrap()
+    };
+    let missing = run_it(false);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stdout).contains("does not exist"));
+    assert!(run_it(true).status.success());
+    let snap = dir.join("snapshots/snap__one.snap");
+    let text = std::fs::read_to_string(&snap).unwrap();
+    assert!(
+        text.starts_with("---\nsource: ") && text.contains("\nexpression: snapshot one\n---\n# "),
+        "{text}"
+    );
+    assert!(run_it(false).status.success());
+    std::fs::write(
+        &snap,
+        text.replacen("LogicalSwitch", "LogicalSwitcheroo", 1),
+    )
+    .unwrap();
+    let changed = run_it(false);
+    assert_eq!(changed.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&changed.stdout);
+    let line = text
+        .lines()
+        .position(|l| l.contains("LogicalSwitch"))
+        .unwrap()
+        + 1;
+    assert!(out.contains(&format!("differs at line {line}:")), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}
