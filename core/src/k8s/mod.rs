@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-pub mod dirty;
+pub(crate) mod dirty;
 pub mod pod_network;
 pub mod selector;
 pub mod watch;

@@ -18,7 +18,7 @@
 //! - [`infra`]: the admin-created objects NCP builds on (transport zone, tier-0, block, pools,
 //!   node VIFs), found by config or tag.
 
-pub mod apply;
+mod apply;
 pub mod config;
 pub mod controller;
 pub mod desired;
@@ -32,4 +32,6 @@ pub mod policy;
 pub mod reconcile;
 pub mod render;
 pub mod vocab;
-pub mod write_back;
+mod write_back;
+
+pub use apply::{ApplyError, ApplyReport};

@@ -7,7 +7,7 @@
 //! - [`client`]: the production HTTP client, generic over its connector.
 
 pub mod client;
-pub mod error;
+mod error;
 pub mod model;
 pub mod search;
 

@@ -12,9 +12,9 @@
 //! - [`run`]: the loop over Service and EndpointSlice watches that drives the sync.
 
 pub mod compile;
-pub mod model;
+mod model;
 pub mod run;
-pub mod sync;
+mod sync;
 
 pub use model::{Endpoint, ServicePort, ServicePortKey, all_service_ports, service_ports};
 pub use sync::{Proxy, ProxyConfig, SyncReport};
