@@ -23,8 +23,9 @@ fn pods(out: &mut String, ns: &str, first: usize, count: usize) {
     }
 }
 
-/// Namespaces `ns-0..` with `per_namespace` pods each, as an apply step.
-fn workload(namespaces: usize, per_namespace: usize) -> String {
+/// Namespaces `ns-0..` with `per_namespace` pods each, as an apply step (the spine's workload
+/// is `workload(namespaces, ports)`).
+pub fn workload(namespaces: usize, per_namespace: usize) -> String {
     let mut out = String::from("  - apply: |\n");
     for n in 0..namespaces {
         let _ = write!(
@@ -120,11 +121,6 @@ pub fn spine_with(steps: &str) -> String {
     format!(
         "name: nsx-spine\ndescription: the built-in NSX spine (nsx-sim spine)\ncluster:\n  nodes: 2\nsteps:\n{steps}  - converge: {{within: 180s}}\n  - expect: {{converged: true, invariants: true}}\n"
     )
-}
-
-/// The spine's workload of `namespaces` namespaces with `ports` pods each, as a step.
-pub fn spine_workload(namespaces: usize, ports: usize) -> String {
-    workload(namespaces, ports)
 }
 
 /// A preset's text as a scenario; `name` stands for the file in messages.

@@ -556,6 +556,7 @@ where
                 error: "the pass left no record of what NSX holds".into(),
             };
         };
+        let synced = cache.known.synced;
         let scope = match (changes, outcome.incremental) {
             (Some(c), true) => Some(WriteScope::of(c, &outcome)),
             _ => None,
@@ -577,7 +578,6 @@ where
         if self.fence.as_deref().is_none_or(Fence::allows_writes) {
             self.report(&outcome).await;
         }
-        let synced = self.cache.as_ref().is_some_and(|c| c.known.synced);
         self.synced = synced;
         self.clean = synced && outcome.report.failed.is_empty();
         PassEvent::Converged {

@@ -136,10 +136,10 @@ pub fn render<R: Resolve + ?Sized>(
             .ok_or(Missing(k))
     };
     let mut tags = spec.tags.clone();
-    let mut resource_type = "";
-    let mut meta = |rt: &'static str| {
-        resource_type = rt;
-        ResourceMeta::default()
+    // Each body names its type; the fields every kind shares are added below.
+    let meta = |rt: &str| ResourceMeta {
+        resource_type: Some(rt.to_string()),
+        ..Default::default()
     };
     let body = match &spec.detail {
         Detail::Group { selection } => wire(&render_group(selection, resolved, meta("NSGroup"))),
@@ -366,7 +366,6 @@ pub fn render<R: Resolve + ?Sized>(
         }
     };
     let common = wire(&ResourceMeta {
-        resource_type: Some(resource_type.to_string()),
         display_name: Some(spec.display_name.clone()),
         tags: Some(tags),
         ..Default::default()

@@ -216,14 +216,14 @@ pub fn render(w: &World) -> String {
     out
 }
 
-/// The snapshot in an insta file: what follows the header (a file without one is all
-/// snapshot), without the trailing newlines insta ignores.
-pub fn contents(file: &str) -> &str {
-    let body = file
+/// An insta file as (the lines of its header, the snapshot): a file without a header is all
+/// snapshot; the trailing newlines insta ignores are left out.
+pub fn split(file: &str) -> (usize, &str) {
+    let (header_lines, body) = file
         .strip_prefix("---\n")
         .and_then(|rest| rest.split_once("\n---\n"))
-        .map_or(file, |(_, body)| body);
-    body.trim_end_matches('\n')
+        .map_or((0, file), |(meta, body)| (meta.lines().count() + 2, body));
+    (header_lines, body.trim_end_matches('\n'))
 }
 
 /// An insta file holding `snapshot`.
@@ -240,13 +240,10 @@ pub fn check(w: &World, label: &str, update: bool) -> Result<(), String> {
     let p = path(w, label);
     let now = render(w);
     let file = std::fs::read_to_string(&p).ok();
-    let old = file.as_deref().map(contents);
-    // Lines before the snapshot (insta's header), for a message that names the file's line.
-    let header_lines = match (&file, old) {
-        (Some(f), Some(body)) => f[..body.as_ptr() as usize - f.as_ptr() as usize]
-            .lines()
-            .count(),
-        _ => 0,
+    // The header's lines count in a message that names the file's line.
+    let (header_lines, old) = match file.as_deref().map(split) {
+        Some((h, body)) => (h, Some(body)),
+        None => (0, None),
     };
     if old == Some(now.trim_end_matches('\n')) {
         return Ok(());

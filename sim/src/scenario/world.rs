@@ -905,6 +905,12 @@ impl World {
                 })
                 .collect();
             let kubelet = n.kubelet.borrow();
+            // The node's pod ports by container id, read once (a lookup per pod would scan
+            // every port: quadratic in the node's pods on every check).
+            let ports: BTreeMap<&str, &fake_ovs::bridge::Port> = b
+                .ports()
+                .filter_map(|p| Some((p.external_ids.get(external_id::CONTAINER_ID)?.as_str(), p)))
+                .collect();
             let mut cookies = BTreeSet::new();
             let mut containers = BTreeSet::new();
             for (key, p) in &live {
@@ -945,7 +951,7 @@ impl World {
                         key.0, key.1, kp.ip, ann.ip
                     ));
                 }
-                let Some(port) = b.port_with(external_id::CONTAINER_ID, &kp.container_id) else {
+                let Some(port) = ports.get(kp.container_id.as_str()) else {
                     return Err(format!("pod {}/{}: no OVS port on {name}", key.0, key.1));
                 };
                 // Wired on the VLAN NCP annotated (what NSX holds): a pod wired with another

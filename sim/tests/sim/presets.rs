@@ -138,7 +138,7 @@ fn the_spine_storm_converges_and_its_calm_run_takes_no_retry() {
 fn a_partition_stops_every_request_until_healed_then_ncp_converges() {
     let steps = format!(
         "{}  - wait: 30ms\n  - fault: {{partition: [ncp, nsx-manager]}}\n  - wait: 30s\n  - heal: {{partition: [ncp, nsx-manager]}}\n",
-        presets::spine_workload(2, 3)
+        presets::workload(2, 3)
     );
     let r = run_text(&presets::spine_with(&steps), 5);
     assert_passed(&r);
@@ -153,7 +153,7 @@ fn held_messages_are_answered_after_the_release_and_lose_nothing() {
     // Shorter than NCP's request timeout (5 s): held requests wait, none fails.
     let steps = format!(
         "{}  - wait: 30ms\n  - fault: {{hold: [ncp, nsx-manager]}}\n  - wait: 3s\n  - heal: {{hold: [ncp, nsx-manager]}}\n",
-        presets::spine_workload(2, 3)
+        presets::workload(2, 3)
     );
     let r = run_text(&presets::spine_with(&steps), 6);
     assert_passed(&r);
@@ -168,7 +168,7 @@ fn held_messages_are_answered_after_the_release_and_lose_nothing() {
 
 #[test]
 fn latency_on_the_link_stretches_every_round_trip() {
-    let workload = presets::spine_workload(2, 3);
+    let workload = presets::workload(2, 3);
     let base = run_text(&presets::spine_with(&workload), 7);
     let steps = format!(
         "  - fault: {{latency: {{between: [ncp, nsx-manager], min: 100ms, max: 100ms}}}}\n{workload}"
@@ -196,7 +196,7 @@ fn a_manager_restart_keeps_its_data_and_ncp_logs_in_again() {
     let steps = format!(
         // NCP has logged in (about 125 ms) and is writing.
         "{}  - wait: 500ms\n  - fault: {{restart: nsx-manager}}\n",
-        presets::spine_workload(2, 3)
+        presets::workload(2, 3)
     );
     let r = run_text(&presets::spine_with(&steps), 8);
     assert_passed(&r);
@@ -214,7 +214,7 @@ fn a_manager_restart_keeps_its_data_and_ncp_logs_in_again() {
 fn a_crashed_manager_refuses_connections_until_it_starts_again() {
     let steps = format!(
         "{}  - wait: 60ms\n  - fault: {{crash: nsx-manager}}\n  - wait: 8s\n  - heal: {{crash: nsx-manager}}\n",
-        presets::spine_workload(2, 3)
+        presets::workload(2, 3)
     );
     let r = run_text(&presets::spine_with(&steps), 9);
     assert_passed(&r);
@@ -226,7 +226,7 @@ fn a_crashed_manager_refuses_connections_until_it_starts_again() {
 fn nsx_503_storms_are_retried_and_leave_no_duplicates() {
     let steps = format!(
         "  - fault: {{nsx_errors: {{status: 503, rate: 0.5}}}}\n{}  - wait: 10s\n  - heal: all\n",
-        presets::spine_workload(2, 3)
+        presets::workload(2, 3)
     );
     let r = run_text(&presets::spine_with(&steps), 11);
     // Converged means one NSX object per Kubernetes object: nothing duplicated.
