@@ -40,4 +40,6 @@ pub mod tls;
 
 pub use bootstrap::{Bootstrap, BootstrapConfig};
 pub use inspect::{AdminAnswer, Held, Inspection};
-pub use server::{Clock, FakeNsxManager, FaultRule, ManagerConfig, RequestLogEntry, User};
+pub use server::{
+    Clock, FakeNsxManager, FaultRule, ManagerConfig, RequestLogEntry, RequestSpan, User,
+};

@@ -160,6 +160,15 @@ pub struct RequestLogEntry {
     pub status: u16,
 }
 
+/// See [`FakeNsxManager::request_span`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestSpan {
+    pub count: u64,
+    pub first_ms: Option<i64>,
+    pub last_ms: Option<i64>,
+    pub last_seq: u64,
+}
+
 /// Totals since start (or the last reset).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
@@ -440,6 +449,38 @@ impl FakeNsxManager {
 
     pub fn counters(&self) -> Counters {
         self.lock().counters.clone()
+    }
+
+    /// The requests logged after sequence number `since`: how many, when the first and the
+    /// last came (server clock, ms), and the last one's sequence number (`since` when none).
+    /// Reads the log from its end, so it costs the requests it counts.
+    pub fn request_span(&self, since: u64) -> RequestSpan {
+        let g = self.lock();
+        let mut span = RequestSpan {
+            count: 0,
+            first_ms: None,
+            last_ms: None,
+            last_seq: since,
+        };
+        for e in g.log.iter().rev().take_while(|e| e.seq > since) {
+            if span.count == 0 {
+                span.last_ms = Some(e.time_ms);
+                span.last_seq = e.seq;
+            }
+            span.first_ms = Some(e.time_ms);
+            span.count += 1;
+        }
+        span
+    }
+
+    /// The sequence number of the last request logged.
+    pub fn request_seq(&self) -> u64 {
+        self.lock().log_seq
+    }
+
+    /// `client_api_rate_limit` now (0: none).
+    pub fn rate_limit(&self) -> u32 {
+        self.lock().store.config.api_service.client_api_rate_limit
     }
 
     /// The full JSON dump of the database (the admin API's `/fake-admin/state`).

@@ -47,6 +47,9 @@ pub fn replica(i: usize) -> String {
     format!("ncp-{i}")
 }
 
+/// Connections a simulated server holds waiting for accept, and messages a socket buffers.
+pub const TCP_CAPACITY: usize = 8192;
+
 /// A simulation with the control plane's servers on it: `apiserver` (port 6443) and
 /// `nsx-manager` (port 80; a restart keeps its data, like a real manager's database).
 pub fn control_plane(
@@ -62,6 +65,10 @@ pub fn control_plane(
         .tick_duration(Duration::from_millis(tick_ms))
         .simulation_duration(Duration::from_secs(24 * 3600))
         .max_message_latency(Duration::from_millis(3))
+        // turmoil's accept backlog and socket buffers (64 by default, and a panic beyond):
+        // every kubelet pod worker of a node connects to its agent at once, as every client
+        // of a large world connects to the apiserver.
+        .tcp_capacity(TCP_CAPACITY)
         .build();
     let a = api.clone();
     sim.host("apiserver", move || {
@@ -137,9 +144,10 @@ pub fn spawn(
                 );
                 cc.seed = cfg.seed.wrapping_add(i as u64);
                 cc.request_timeout_ms = 5_000;
+                let mut config = NcpConfig::for_cluster(&cfg.cluster);
+                cc.max_concurrent_requests = config.concurrent_connections;
                 let nsx = Arc::new(NsxClient::new(TurmoilConnector, cc));
                 clients.borrow_mut().push(nsx.stats_handle());
-                let mut config = NcpConfig::for_cluster(&cfg.cluster);
                 config.external_ip_pools = vec![cfg.snat_pool.clone()];
                 config.external_ip_pools_lb = vec![cfg.lb_pool.clone()];
                 config.subnet_prefix = cfg.subnet_prefix;

@@ -180,6 +180,8 @@ async fn main() -> anyhow::Result<()> {
     let mut cc = ClientConfig::new(base, auth);
     cc.standby_urls = standby_urls;
     cc.seed = std::process::id().into();
+    // nsxlib's pool: `concurrent_connections` requests in flight to the manager at most.
+    cc.max_concurrent_requests = config.concurrent_connections;
     let nsx = Arc::new(NsxClient::new(connector, cc));
     let kube = kube_client(&config, args.kubeconfig.as_ref()).await?;
 

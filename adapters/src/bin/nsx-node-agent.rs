@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 use nsx_adapters::kube_client;
 use nsx_adapters::metrics::{NodeMetrics, exposition_router};
 use nsx_adapters::ovs::{OvsBridge, OvsTools};
-use nsx_core::agent::kube_pods::KubePods;
+use nsx_core::agent::kube_pods::WatchedPods;
 use nsx_core::agent::server::{AgentService, WaitConfig};
 use nsx_core::agent::wiring::AGENT_STATIC_COOKIE;
 use nsx_core::agent::{Agent, AgentConfig};
@@ -160,6 +160,7 @@ fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
 
 async fn run_agent(
     args: &Args,
+    node_name: &str,
     uplink: &str,
     socket: &Path,
     timeout: Duration,
@@ -193,7 +194,7 @@ async fn run_agent(
     let service = Arc::new(AgentService {
         agent: Mutex::new(agent),
         switch: Arc::new(Mutex::new(bridge)),
-        pods: KubePods(kube),
+        pods: WatchedPods::start(kube, node_name),
         wait: WaitConfig {
             timeout,
             poll: Duration::from_millis(250),
@@ -375,8 +376,15 @@ async fn main() -> anyhow::Result<()> {
             cni_socket,
             annotation_timeout_seconds,
         } => {
+            let Some(node) = args.node_name.clone() else {
+                bail!(
+                    "the agent needs --node-name (or NODE_NAME): it watches the pods scheduled \
+                     to its node"
+                );
+            };
             run_agent(
                 &args,
+                &node,
                 uplink,
                 cni_socket,
                 Duration::from_secs(*annotation_timeout_seconds),

@@ -73,6 +73,29 @@ impl WatchProgress {
     }
 }
 
+/// What a watch can keep in a store: a Kubernetes kind known at compile time.
+pub trait Watchable:
+    kube::Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watchable for K where
+    K: kube::Resource<DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Starts watching `api` into a store; every event notifies `changed` (and counts in
 /// `progress`, when given), and `on_event` sees it once the store holds it: how a consumer
 /// learns which objects changed rather than comparing whole stores. The task runs until
@@ -81,25 +104,33 @@ pub fn watch<K, F>(
     api: Api<K>,
     changed: Arc<Notify>,
     progress: Option<Arc<WatchProgress>>,
+    on_event: F,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
+where
+    F: FnMut(&watcher::Event<K>) + Send + 'static,
+    K: Watchable,
+{
+    watch_with(api, watcher::Config::default(), changed, progress, on_event)
+}
+
+/// [`watch`] with the watch's own settings (a field or label selector).
+pub fn watch_with<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: Arc<Notify>,
+    progress: Option<Arc<WatchProgress>>,
     mut on_event: F,
 ) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     F: FnMut(&watcher::Event<K>) + Send + 'static,
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    K: Watchable,
 {
     let (reader, writer) = reflector::store();
     // Seeded jitter: kube-runtime's default backoff draws from the OS.
     let seed = crate::hash::stable_hash(std::any::type_name::<K>());
     let stream = reflector::reflector(
         writer,
-        watcher::watcher(api, watcher::Config::default()).backoff(WatchBackoff::new(seed)),
+        watcher::watcher(api, config).backoff(WatchBackoff::new(seed)),
     );
     let handle = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

@@ -15,7 +15,10 @@
 //! to crash NCP after every write of a scenario.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::StreamExt;
 
 use http::Method;
 use hyper_util::client::legacy::connect::Connect;
@@ -101,9 +104,83 @@ pub struct Applier<'a, C> {
     pub write_budget: Option<usize>,
     /// Checked before every write: a replica that lost the lease stops at once.
     pub fence: Option<Arc<super::leader::Fence>>,
+    /// Operations in flight at most (at least one).
+    pub concurrency: usize,
+    /// What the operations in flight share. Held only between awaits, never across one.
+    state: Mutex<Shared>,
+    /// Set by the first error that stops the plan: no lane starts another operation.
+    stopped: AtomicBool,
+}
+
+struct Shared {
     /// NCP's objects, allocations and VIPs: observed, then kept up to date write by write.
     resolved: Observed,
     report: ApplyReport,
+    /// Writes left; a write takes its share before it is sent.
+    budget: Option<usize>,
+}
+
+/// Which operations of one phase must not overlap: they run one after another, in plan order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Lane<'p> {
+    Object(&'p Key),
+    /// The virtual servers of one service share its VIP: the first allocates it.
+    ServiceVip(&'p str),
+    /// Sections are inserted next to markers and each other; NSX keeps their order.
+    Firewall,
+    Address(&'p str),
+}
+
+fn lane(op: &Op) -> Lane<'_> {
+    match op {
+        Op::ReleaseIp { ip, .. } => Lane::Address(ip),
+        Op::Create {
+            spec:
+                Spec {
+                    detail: Detail::LbVirtualServer { service_uid, .. },
+                    ..
+                },
+            ..
+        } => Lane::ServiceVip(service_uid),
+        Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => match key {
+            Key::FwMarkerTop(_)
+            | Key::FwMarkerBottom(_)
+            | Key::AllowSection(_)
+            | Key::IsolationSection(_) => Lane::Firewall,
+            _ => Lane::Object(key),
+        },
+    }
+}
+
+/// Where the plan's order matters. Deletes come children first, creates parents first, both
+/// by rank ([`Key::rank`]), and a key depends only on keys of a lower rank; so consecutive
+/// operations of the same kind (delete, release, create or update) and rank are independent
+/// of each other, and every dependency crosses from one phase into a later one. Returns the
+/// phases in order, each as its lanes.
+pub(crate) fn phases(ops: &[Op]) -> Vec<Vec<Vec<&Op>>> {
+    let class = |op: &Op| match op {
+        Op::Delete { key, .. } => (0, key.rank()),
+        Op::ReleaseIp { .. } => (1, 0),
+        Op::Create { key, .. } | Op::Update { key, .. } => (2, key.rank()),
+    };
+    let mut out: Vec<Vec<Vec<&Op>>> = Vec::new();
+    let mut lanes: BTreeMap<Lane<'_>, usize> = BTreeMap::new();
+    let mut current = None;
+    for op in ops {
+        let c = class(op);
+        if current != Some(c) {
+            current = Some(c);
+            lanes.clear();
+            out.push(Vec::new());
+        }
+        let phase = out.last_mut().expect("pushed above");
+        let at = *lanes.entry(lane(op)).or_insert_with(|| {
+            phase.push(Vec::new());
+            phase.len() - 1
+        });
+        phase[at].push(op);
+    }
+    out
 }
 
 fn tag_value<'s>(spec: &'s Spec, scope_name: &str) -> &'s str {
@@ -193,47 +270,117 @@ where
             infra,
             write_budget: None,
             fence: None,
-            resolved: observed,
-            report: ApplyReport::default(),
+            concurrency: 1,
+            state: Mutex::new(Shared {
+                resolved: observed,
+                report: ApplyReport::default(),
+                budget: None,
+            }),
+            stopped: AtomicBool::new(false),
         }
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding it cannot leave half an update: every critical section is a
+        // few map operations.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs the plan to its end or to the first error. On success, also what NSX holds now by
     /// NCP's account: observed, plus created, minus deleted, with allocations and VIPs.
+    ///
+    /// After an error no operation starts, but those in flight finish (a crash would cut them
+    /// anywhere, and the next plan repairs either way), so that the report counts every write
+    /// that reached NSX.
     pub async fn apply(
-        mut self,
+        self,
         plan: &Plan,
     ) -> Result<(ApplyReport, Observed), (ApplyError, ApplyReport)> {
-        for op in &plan.ops {
+        self.shared().budget = self.write_budget;
+        let width = self.concurrency.max(1);
+        let mut first_error = None;
+        for phase in phases(&plan.ops) {
+            let mut lanes = futures::stream::iter(phase.into_iter().map(|l| self.lane(l)))
+                .buffer_unordered(width);
+            while let Some(r) = lanes.next().await {
+                if let (Err(e), None) = (r, &first_error) {
+                    first_error = Some(e);
+                }
+            }
+            if first_error.is_some() {
+                break;
+            }
+        }
+        let Shared {
+            resolved, report, ..
+        } = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        match first_error {
+            Some(e) => Err((e, report)),
+            None => Ok((report, resolved)),
+        }
+    }
+
+    /// One lane's operations in order, until one fails or another lane's error stops them.
+    async fn lane(&self, ops: Vec<&Op>) -> Result<(), ApplyError> {
+        for op in ops {
+            if self.stopped.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             if let Some(key) = op_key(op) {
                 let detail = match op {
                     Op::Create { spec, .. } | Op::Update { spec, .. } => Some(&spec.detail),
                     _ => None,
                 };
+                let mut shared = self.shared();
                 if let Some(dep) = key
                     .deps(detail)
                     .into_iter()
-                    .find(|d| self.report.failed.contains_key(d))
+                    .find(|d| shared.report.failed.contains_key(d))
                 {
-                    self.report
+                    shared
+                        .report
                         .failed
                         .insert(key.clone(), format!("depends on {dep:?}, which failed"));
                     continue;
                 }
             }
             match self.run(op).await {
-                Ok(()) => self.report.ops_done += 1,
+                Ok(()) => self.shared().report.ops_done += 1,
                 Err(e) if is_permanent(&e) && op_key(op).is_some() => {
                     let key = op_key(op).cloned().expect("checked above");
                     tracing::warn!(?key, error = %e, "NSX refused an object; going on with the rest");
-                    self.report
+                    self.shared()
+                        .report
                         .failed
                         .insert(key, format!("{e}: {}", source_text(&e)));
                 }
-                Err(e) => return Err((e, self.report)),
+                Err(e) => {
+                    self.stopped.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
             }
         }
-        Ok((self.report, self.resolved))
+        Ok(())
+    }
+
+    /// Takes one write from the budget, or says it is spent.
+    fn take_write(&self) -> Result<(), ApplyError> {
+        self.check_fence()?;
+        let mut shared = self.shared();
+        match &mut shared.budget {
+            Some(0) => Err(ApplyError::BudgetSpent {
+                writes: shared.report.writes,
+            }),
+            Some(b) => {
+                *b -= 1;
+                shared.report.writes += 1;
+                Ok(())
+            }
+            None => {
+                shared.report.writes += 1;
+                Ok(())
+            }
+        }
     }
 
     fn check_fence(&self) -> Result<(), ApplyError> {
@@ -244,29 +391,22 @@ where
     }
 
     async fn write(
-        &mut self,
+        &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ApplyError> {
-        self.check_fence()?;
-        if self.write_budget == Some(0) {
-            return Err(ApplyError::BudgetSpent {
-                writes: self.report.writes,
-            });
-        }
+        // A write counts once it is sent, whatever the answer.
+        self.take_write()?;
         let op = format!("{method} {path}");
-        let r = self.client.call(method, path, body).await;
-        // A write that reached the server counts, whatever the answer.
-        self.report.writes += 1;
-        if let Some(b) = &mut self.write_budget {
-            *b -= 1;
-        }
-        r.map_err(|source| ApplyError::Nsx { op, source })
+        self.client
+            .call(method, path, body)
+            .await
+            .map_err(|source| ApplyError::Nsx { op, source })
     }
 
     fn render(&self, key: &Key, spec: &Spec, address: Option<&str>) -> Result<Value, ApplyError> {
-        render(key, spec, self.infra, &self.resolved, address).map_err(|Missing(m)| {
+        render(key, spec, self.infra, &self.shared().resolved, address).map_err(|Missing(m)| {
             ApplyError::Unresolved {
                 key: key.clone(),
                 missing: m,
@@ -274,7 +414,7 @@ where
         })
     }
 
-    async fn run(&mut self, op: &Op) -> Result<(), ApplyError> {
+    async fn run(&self, op: &Op) -> Result<(), ApplyError> {
         match op {
             Op::Delete { key, doc } => self.delete(key, doc).await,
             Op::ReleaseIp { pool, ip } => self.release(pool, ip).await,
@@ -283,7 +423,7 @@ where
         }
     }
 
-    async fn delete(&mut self, key: &Key, doc: &Value) -> Result<(), ApplyError> {
+    async fn delete(&self, key: &Key, doc: &Value) -> Result<(), ApplyError> {
         let id = required(doc, "id", || format!("{key:?}: the observed document"))?;
         let p = format!(
             "{}/{id}{}",
@@ -298,7 +438,7 @@ where
                         && source.status() == Some(400)) => {}
             Err(e) => return Err(e),
         }
-        self.resolved.remove(key, id);
+        self.shared().resolved.remove(key, id);
         if let (Key::Snat(_), Some(ip), Some(pool)) = (
             key,
             tag_of(doc, scope::SNAT_IP),
@@ -310,7 +450,7 @@ where
         Ok(())
     }
 
-    async fn release(&mut self, pool: &str, ip: &str) -> Result<(), ApplyError> {
+    async fn release(&self, pool: &str, ip: &str) -> Result<(), ApplyError> {
         let p = format!("pools/ip-pools/{pool}?action=RELEASE");
         match self
             .write(Method::POST, &p, Some(json!({"allocation_id": ip})))
@@ -323,15 +463,15 @@ where
             Ok(_) => {}
         }
         if self.infra.snat_pool.as_deref() == Some(pool) {
-            self.resolved.snat_allocations.remove(ip);
+            self.shared().resolved.snat_allocations.remove(ip);
         }
         if self.infra.lb_pool.as_deref() == Some(pool) {
-            self.resolved.lb_vips.retain(|_, v| v != ip);
+            self.shared().resolved.lb_vips.retain(|_, v| v != ip);
         }
         Ok(())
     }
 
-    async fn create(&mut self, key: &Key, spec: &Spec) -> Result<(), ApplyError> {
+    async fn create(&self, key: &Key, spec: &Spec) -> Result<(), ApplyError> {
         let collection = key.collection();
         let mut address = None;
         if let Key::Snat(_) = key {
@@ -341,7 +481,7 @@ where
             let ip = self
                 .allocate_tagged(pool, key, spec, scope::PROJECT_UID, key.owner_uid())
                 .await?;
-            self.resolved.snat_allocations.insert(ip.clone());
+            self.shared().resolved.snat_allocations.insert(ip.clone());
             address = Some(ip);
         }
         if let (Key::LbVirtualServer(_), Detail::LbVirtualServer { service_uid, .. }) =
@@ -361,7 +501,7 @@ where
             None => path(collection, self.infra),
         };
         let created = self.write(Method::POST, &target, Some(body)).await?;
-        self.resolved.put(key.clone(), created.clone());
+        self.shared().resolved.put(key.clone(), created.clone());
         match (key, &spec.detail) {
             (Key::Tier1(_) | Key::LbTier1(_), _) => {
                 // Advertisement, then the marker tag: the update path does both.
@@ -393,14 +533,15 @@ where
                     .and_then(<[RealizedBinding]>::first)
                     .and_then(|b| b.binding.as_ref());
                 let cidr = self
+                    .shared()
                     .resolved
                     .get(&Key::Subnet(namespace_uid.clone()))
-                    .and_then(|d| d["cidr"].as_str());
+                    .and_then(|d| d["cidr"].as_str().map(str::to_string));
                 if let (Some(b), Some(cidr), Some(vlan)) = (binding, cidr, *vlan)
                     && let (Some(ip), Some(mac)) = (&b.ip_address, &b.mac_address)
-                    && let Some(n) = pod_network(ip, mac, vlan, cidr, &id)
+                    && let Some(n) = pod_network(ip, mac, vlan, &cidr, &id)
                 {
-                    self.report.pod_networks.insert(pod.clone(), n);
+                    self.shared().report.pod_networks.insert(pod.clone(), n);
                 }
             }
             _ => {}
@@ -415,7 +556,7 @@ where
     /// later pass finds it), never a placement next to an empty id.
     fn section_placement(&self, key: &Key, spec: &Spec) -> Result<Option<String>, ApplyError> {
         let id_of = |marker: Key| -> Result<String, ApplyError> {
-            match self.resolved.get(&marker) {
+            match self.shared().resolved.get(&marker) {
                 Some(doc) => required(doc, "id", || format!("{marker:?}: the observed document"))
                     .map(str::to_string),
                 None => Err(ApplyError::Unresolved {
@@ -450,7 +591,7 @@ where
     /// Replaces a section's rules with `want`'s (`update_with_rules`, which needs the section's
     /// current `_revision`; a concurrent change of the section answers 409 or 412, and the read
     /// and write are repeated).
-    async fn update_section(&mut self, key: &Key, id: &str, want: Value) -> Result<(), ApplyError> {
+    async fn update_section(&self, key: &Key, id: &str, want: Value) -> Result<(), ApplyError> {
         let p = format!("firewall/sections/{id}");
         let mut tries = 0;
         loop {
@@ -475,7 +616,7 @@ where
                 .await
             {
                 Ok(updated) => {
-                    self.resolved.put(key.clone(), updated);
+                    self.shared().resolved.put(key.clone(), updated);
                     return Ok(());
                 }
                 Err(ApplyError::Nsx { source, .. })
@@ -489,7 +630,7 @@ where
     /// Allocates an address from `pool`, tagged with the cluster and its owner (`owner_scope`
     /// = `owner`), so that only NCP's own allocations are ever found and released as leaks.
     async fn allocate_tagged(
-        &mut self,
+        &self,
         pool: Option<String>,
         key: &Key,
         spec: &Spec,
@@ -526,27 +667,23 @@ where
 
     /// The VIP of a LoadBalancer service: the one it has, or a new one from the LB pool,
     /// tagged so that it is found (and released) by service.
-    async fn vip(
-        &mut self,
-        key: &Key,
-        spec: &Spec,
-        service_uid: &str,
-    ) -> Result<String, ApplyError> {
-        if let Some(ip) = self.resolved.lb_vips.get(service_uid) {
+    async fn vip(&self, key: &Key, spec: &Spec, service_uid: &str) -> Result<String, ApplyError> {
+        if let Some(ip) = self.shared().resolved.lb_vips.get(service_uid) {
             return Ok(ip.clone());
         }
         let pool = self.infra.lb_pool.clone();
         let ip = self
             .allocate_tagged(pool, key, spec, scope::SERVICE_UID, service_uid)
             .await?;
-        self.resolved
+        self.shared()
+            .resolved
             .lb_vips
             .insert(service_uid.to_string(), ip.clone());
         Ok(ip)
     }
 
     /// Turns on route advertisement of a tier-1 router (connected and NAT routes).
-    async fn write_advertisement(&mut self, id: &str) -> Result<(), ApplyError> {
+    async fn write_advertisement(&self, id: &str) -> Result<(), ApplyError> {
         let adv_path = format!("logical-routers/{id}/routing/advertisement");
         // Read as raw JSON and only NCP's four fields changed: a field this model does not know
         // (a later NSX's) goes back as it came.
@@ -573,9 +710,9 @@ where
             .map(|_| ())
     }
 
-    async fn update(&mut self, key: &Key, id: &str, spec: &Spec) -> Result<(), ApplyError> {
+    async fn update(&self, key: &Key, id: &str, spec: &Spec) -> Result<(), ApplyError> {
         let p = format!("{}/{id}", path(key.collection(), self.infra));
-        let current = self.resolved.get(key).cloned();
+        let current = self.shared().resolved.get(key).cloned();
         if let Some((scope_name, value)) = advertised_tag(key)
             && current
                 .as_ref()
@@ -595,12 +732,7 @@ where
         if let Key::AllowSection(_) | Key::IsolationSection(_) = key {
             return self.update_section(key, id, want).await;
         }
-        if self.write_budget == Some(0) {
-            return Err(ApplyError::BudgetSpent {
-                writes: self.report.writes,
-            });
-        }
-        self.check_fence()?;
+        self.take_write()?;
         let r = self
             .client
             .update_with::<Value, _>(&p, |doc| {
@@ -611,15 +743,11 @@ where
                 }
             })
             .await;
-        self.report.writes += 1;
-        if let Some(b) = &mut self.write_budget {
-            *b -= 1;
-        }
         let updated = r.map_err(|source| ApplyError::Nsx {
             op: format!("PUT {p}"),
             source,
         })?;
-        self.resolved.put(key.clone(), updated);
+        self.shared().resolved.put(key.clone(), updated);
         Ok(())
     }
 }
@@ -627,6 +755,136 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn create(key: Key, detail: Detail) -> Op {
+        Op::Create {
+            key,
+            spec: Spec {
+                display_name: String::new(),
+                tags: Vec::new(),
+                detail,
+            },
+        }
+    }
+
+    fn delete(key: Key) -> Op {
+        Op::Delete {
+            key,
+            doc: json!({"id": "x"}),
+        }
+    }
+
+    fn vs(service: &str, port: i32) -> Op {
+        create(
+            Key::LbVirtualServer(format!("{service}/{port}")),
+            Detail::LbVirtualServer {
+                service_uid: service.into(),
+                port,
+                protocol: "TCP".into(),
+            },
+        )
+    }
+
+    fn section(key: Key) -> Op {
+        create(
+            key,
+            Detail::Section {
+                marker: Key::FwMarkerTop("c".into()),
+                rules: Vec::new(),
+            },
+        )
+    }
+
+    /// Names each phase's lanes by their operations' keys.
+    fn shape(ops: &[Op]) -> Vec<Vec<Vec<String>>> {
+        phases(ops)
+            .into_iter()
+            .map(|phase| {
+                phase
+                    .into_iter()
+                    .map(|lane| {
+                        lane.into_iter()
+                            .map(|op| match op {
+                                Op::ReleaseIp { ip, .. } => format!("release {ip}"),
+                                Op::Delete { key, .. } => format!("delete {key:?}"),
+                                Op::Create { key, .. } | Op::Update { key, .. } => {
+                                    format!("{key:?}")
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn phases_keep_dependencies_apart_and_lanes_keep_shared_things_in_order() {
+        let ns = |k: fn(String) -> Key, u: &str| k(u.to_string());
+        let pod = |uid: &str| {
+            create(
+                Key::PodPort(uid.into()),
+                Detail::PodPort {
+                    namespace_uid: "a".into(),
+                    node: "n".into(),
+                    app_id: String::new(),
+                    attachment_id: String::new(),
+                    vlan: None,
+                },
+            )
+        };
+        let ops = vec![
+            delete(Key::PodPort("old".into())),
+            delete(ns(Key::Switch, "gone")),
+            Op::ReleaseIp {
+                pool: "p".into(),
+                ip: "192.0.2.9".into(),
+            },
+            create(ns(Key::Subnet, "a"), Detail::Subnet { size: 256 }),
+            create(ns(Key::Tier1, "a"), Detail::Tier1),
+            create(ns(Key::Subnet, "b"), Detail::Subnet { size: 256 }),
+            create(ns(Key::Pool, "a"), Detail::Pool),
+            vs("svc", 80),
+            vs("svc", 443),
+            vs("other", 80),
+            create(ns(Key::Switch, "a"), Detail::Switch),
+            pod("p1"),
+            pod("p2"),
+            section(Key::AllowSection("pol".into())),
+            section(Key::IsolationSection("pol".into())),
+            delete(Key::PolicyGroup("g".into())),
+        ];
+        let s = |v: &[&[&str]]| -> Vec<Vec<String>> {
+            v.iter()
+                .map(|l| l.iter().map(|x| x.to_string()).collect())
+                .collect()
+        };
+        assert_eq!(
+            shape(&ops),
+            vec![
+                // Children deleted before their parents, in phases of their own.
+                s(&[&["delete PodPort(\"old\")"]]),
+                s(&[&["delete Switch(\"gone\")"]]),
+                s(&[&["release 192.0.2.9"]]),
+                // Independent roots at once.
+                s(&[&["Subnet(\"a\")"], &["Tier1(\"a\")"], &["Subnet(\"b\")"]]),
+                // One service's virtual servers share its VIP: one lane.
+                s(&[
+                    &["Pool(\"a\")"],
+                    &[
+                        "LbVirtualServer(\"svc/80\")",
+                        "LbVirtualServer(\"svc/443\")"
+                    ],
+                    &["LbVirtualServer(\"other/80\")"],
+                ]),
+                s(&[&["Switch(\"a\")"]]),
+                s(&[&["PodPort(\"p1\")"], &["PodPort(\"p2\")"]]),
+                // The firewall's sections go one at a time, in plan order.
+                s(&[&["AllowSection(\"pol\")", "IsolationSection(\"pol\")"]]),
+                s(&[&["delete PolicyGroup(\"g\")"]]),
+            ]
+        );
+    }
 
     #[test]
     fn an_answer_without_its_id_is_an_error_never_an_empty_string() {

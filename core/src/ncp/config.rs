@@ -60,7 +60,13 @@ pub struct NcpConfig {
     pub ha_master_timeout_s: u64,
     pub ha_heartbeat_period_s: u64,
     pub ha_update_timeout_s: u64,
+    /// `[nsx_v3] concurrent_connections`: NSX requests in flight at most, as nsxlib's pool
+    /// per manager. NCP applies that many independent operations of a plan at once.
+    pub concurrent_connections: usize,
 }
+
+/// nsxlib's default for `concurrent_connections`.
+pub const DEFAULT_CONCURRENT_CONNECTIONS: usize = 10;
 
 /// A parsed config and the warnings it produced (unknown keys), each with its line.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +145,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "top_tier_router",
             "overlay_tz",
             "subnet_prefix",
+            "concurrent_connections",
         ],
     ),
     (
@@ -276,6 +283,21 @@ impl NcpConfig {
                 "a namespace subnet prefix must be 16-30",
             ));
         }
+        let concurrent = number(
+            "nsx_v3",
+            "concurrent_connections",
+            DEFAULT_CONCURRENT_CONNECTIONS as u64,
+            100,
+        )?;
+        if concurrent == 0 {
+            let e = get("nsx_v3", "concurrent_connections").expect("0 is not the default");
+            return Err(invalid(
+                "nsx_v3",
+                "concurrent_connections",
+                e,
+                "at least one connection is needed",
+            ));
+        }
         let port =
             match get("k8s", "apiserver_host_port") {
                 None => None,
@@ -306,6 +328,7 @@ impl NcpConfig {
             ha_master_timeout_s: number("ha", "master_timeout", 18, 3600)?,
             ha_heartbeat_period_s: number("ha", "heartbeat_period", 6, 3600)?,
             ha_update_timeout_s: number("ha", "update_timeout", 12, 3600)?,
+            concurrent_connections: concurrent as usize,
         };
         if let Some(u) = &overrides.user {
             config.nsx_api_user = Some(u.clone());
@@ -357,6 +380,7 @@ impl NcpConfig {
             ha_master_timeout_s: 18,
             ha_heartbeat_period_s: 6,
             ha_update_timeout_s: 12,
+            concurrent_connections: DEFAULT_CONCURRENT_CONNECTIONS,
         }
     }
 }
@@ -470,5 +494,28 @@ x = 1
         ));
         let e = NcpConfig::parse("[coe]\ncluster = bad name!\n").unwrap_err();
         assert!(e.to_string().contains("cluster"));
+    }
+
+    #[test]
+    fn concurrent_connections_defaults_to_nsxlibs_and_refuses_zero() {
+        let base = "[coe]\ncluster = a\n[nsx_v3]\nnsx_api_managers = m\nnsx_api_user = u\nnsx_api_password = p\n";
+        assert_eq!(
+            NcpConfig::parse(base)
+                .unwrap()
+                .config
+                .concurrent_connections,
+            10
+        );
+        let four = NcpConfig::parse(&format!("{base}concurrent_connections = 4\n")).unwrap();
+        assert_eq!(four.config.concurrent_connections, 4);
+        assert!(four.warnings.is_empty(), "{:?}", four.warnings);
+        for bad in ["0", "many", "101"] {
+            let e =
+                NcpConfig::parse(&format!("{base}concurrent_connections = {bad}\n")).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { key, line: 7, .. } if key == "concurrent_connections"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -234,14 +234,7 @@ pub fn start_watches(
         kind: fn(&mut Dirty) -> &mut KindDirty,
     ) -> Store<K>
     where
-        K: kube::Resource
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug
-            + Send
-            + Sync
-            + 'static,
-        K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+        K: crate::k8s::watch::Watchable,
     {
         let dirty = dirty.clone();
         let (reader, handle) =
@@ -529,6 +522,7 @@ where
         let gate = WriteGate {
             write_budget: None,
             fence: self.fence.clone(),
+            concurrency: self.config.concurrent_connections,
         };
         let result = reconcile_desired(
             &self.nsx,
@@ -568,7 +562,7 @@ where
             &cache.observed,
             &outcome,
             scope.as_ref(),
-            self.fence.as_deref(),
+            &gate,
         )
         .await
         {

@@ -561,7 +561,13 @@ mod tests {
         use crate::ncp::render::render;
         let mut failed: BTreeSet<Key> = BTreeSet::new();
         let mut delete_refused = false;
-        for op in &plan.ops {
+        // The applier runs a phase's lanes concurrently, in any order: played here in the
+        // reverse of the plan's, so that a body rendered from an object of its own phase
+        // (created later in plan order) panics below.
+        let reordered = crate::ncp::apply::phases(&plan.ops)
+            .into_iter()
+            .flat_map(|phase| phase.into_iter().rev().flatten());
+        for op in reordered {
             *n += 1;
             match op {
                 Op::Create { key, spec } | Op::Update { key, spec, .. } => {

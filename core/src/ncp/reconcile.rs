@@ -52,19 +52,31 @@ impl ReconcileError {
 }
 
 /// How a pass may write.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WriteGate {
     /// Stop after this many writes, as a crash would (tests).
     pub write_budget: Option<usize>,
     /// Stop as soon as this replica is no longer the leader.
     pub fence: Option<std::sync::Arc<super::leader::Fence>>,
+    /// Operations in flight at most (`[nsx_v3] concurrent_connections`).
+    pub concurrency: usize,
+}
+
+impl Default for WriteGate {
+    fn default() -> Self {
+        Self {
+            write_budget: None,
+            fence: None,
+            concurrency: super::config::DEFAULT_CONCURRENT_CONNECTIONS,
+        }
+    }
 }
 
 impl WriteGate {
     pub fn budget(writes: Option<usize>) -> Self {
         Self {
             write_budget: writes,
-            fence: None,
+            ..Self::default()
         }
     }
 }
@@ -158,6 +170,7 @@ where
     let mut applier = Applier::new(client, infra, observed);
     applier.write_budget = gate.write_budget;
     applier.fence = gate.fence.clone();
+    applier.concurrency = gate.concurrency;
     match applier.apply(&plan).await {
         Ok((report, after)) => {
             // Everything realized as wanted (but pod ports that wait for something): the next

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::StreamExt;
 use hyper_util::client::legacy::connect::Connect;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{Api, Patch, PatchParams};
@@ -14,7 +15,7 @@ use super::leader::Fence;
 use super::naming;
 use super::observe::Observed;
 use super::plan::Op;
-use super::reconcile::Outcome;
+use super::reconcile::{Outcome, WriteGate};
 use super::render::pod_network;
 use super::vocab::{Detail, Key};
 use crate::k8s::pod_network::PodNetwork;
@@ -96,12 +97,13 @@ pub(super) async fn write_back<C>(
     realized: &Observed,
     outcome: &Outcome,
     scope: Option<&WriteScope>,
-    fence: Option<&Fence>,
+    gate: &WriteGate,
 ) -> Result<usize, String>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
     let mut patched = 0;
+    let fence = gate.fence.as_deref();
     let allowed = || fence.is_none_or(Fence::allows_writes);
     let namespaces = in_scope(&view.namespaces, scope.map(|s| &s.namespaces));
     let services = in_scope(&view.services, scope.map(|s| &s.services));
@@ -191,6 +193,9 @@ where
             }
         }
     }
+    // Pods are the many: their patches go `concurrency` at a time (what each needs is decided
+    // first, in order; a port's state is read from NSX only when this pass did not create it).
+    let mut jobs = Vec::new();
     for ((ns_name, pod_name), pod) in pods {
         let Some(uid) = pod.metadata.uid.clone() else {
             continue;
@@ -231,51 +236,95 @@ where
         else {
             continue;
         };
-        let net = match outcome.report.pod_networks.get(&uid) {
-            Some(n) if n.logical_port_id == port_id => n.clone(),
-            _ => {
-                // A port created by an earlier pass whose annotation never made it.
-                let state: Value = nsx
-                    .get(&format!("logical-ports/{port_id}/state"))
-                    .await
-                    .map_err(|e| format!("failed to read the state of port {port_id}: {e}"))?;
-                let b = &state["realized_bindings"][0]["binding"];
-                // Not realized yet: a later pass reads it again.
-                let (Some(ip), Some(mac)) = (b["ip_address"].as_str(), b["mac_address"].as_str())
-                else {
-                    continue;
-                };
-                let Some(n) = pod_network(ip, mac, vlan, cidr, port_id) else {
-                    continue;
-                };
-                n
+        let known = outcome
+            .report
+            .pod_networks
+            .get(&uid)
+            .filter(|n| n.logical_port_id == port_id)
+            .cloned();
+        jobs.push(annotate_pod(
+            kube, nsx, ns_name, pod_name, uid, port_id, cidr, vlan, known, &allowed,
+        ));
+    }
+    let mut results = futures::stream::iter(jobs).buffer_unordered(gate.concurrency.max(1));
+    let mut first_error = None;
+    while let Some(r) = results.next().await {
+        match r {
+            Ok(true) => patched += 1,
+            Ok(false) => {}
+            Err(e) => {
+                first_error.get_or_insert(e);
             }
-        };
-        let value = net.to_json();
-        if !allowed() {
-            return Err("no longer the leader".into());
-        }
-        let api: Api<Pod> = Api::namespaced(kube.clone(), ns_name);
-        match api
-            .patch(
-                pod_name,
-                &PatchParams::default(),
-                // The uid is a precondition: if the pod was deleted and recreated under its
-                // name meanwhile, the old pod's network must not land on the new one (its
-                // node agent would wire it with the old port's VLAN).
-                &Patch::Merge(
-                    json!({"metadata": {"uid": uid, "annotations": {annotation::POD_NETWORK: value}}}),
-                ),
-            )
-            .await
-        {
-            Ok(_) => patched += 1,
-            // The pod went away meanwhile (or was replaced): the next pass cleans up its port.
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-            Err(e) => return Err(format!("failed to annotate pod {ns_name}/{pod_name}: {e}")),
         }
     }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
     Ok(patched)
+}
+
+/// Writes one pod's network annotation: `known` when this pass created its port, else read
+/// from the port's realized state. `Ok(false)` when there is nothing to write yet (NSX has not
+/// realized the binding) or the pod is gone.
+#[allow(clippy::too_many_arguments)]
+async fn annotate_pod<C>(
+    kube: &kube::Client,
+    nsx: &NsxClient<C>,
+    ns_name: &str,
+    pod_name: &str,
+    uid: String,
+    port_id: &str,
+    cidr: &str,
+    vlan: u16,
+    known: Option<PodNetwork>,
+    allowed: &dyn Fn() -> bool,
+) -> Result<bool, String>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let net = match known {
+        Some(n) => n,
+        None => {
+            // A port created by an earlier pass whose annotation never made it.
+            let state: Value = nsx
+                .get(&format!("logical-ports/{port_id}/state"))
+                .await
+                .map_err(|e| format!("failed to read the state of port {port_id}: {e}"))?;
+            let b = &state["realized_bindings"][0]["binding"];
+            // Not realized yet: a later pass reads it again.
+            let (Some(ip), Some(mac)) = (b["ip_address"].as_str(), b["mac_address"].as_str())
+            else {
+                return Ok(false);
+            };
+            let Some(n) = pod_network(ip, mac, vlan, cidr, port_id) else {
+                return Ok(false);
+            };
+            n
+        }
+    };
+    let value = net.to_json();
+    if !allowed() {
+        return Err("no longer the leader".into());
+    }
+    let api: Api<Pod> = Api::namespaced(kube.clone(), ns_name);
+    match api
+        .patch(
+            pod_name,
+            &PatchParams::default(),
+            // The uid is a precondition: if the pod was deleted and recreated under its name
+            // meanwhile, the old pod's network must not land on the new one (its node agent
+            // would wire it with the old port's VLAN).
+            &Patch::Merge(
+                json!({"metadata": {"uid": uid, "annotations": {annotation::POD_NETWORK: value}}}),
+            ),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        // The pod went away meanwhile (or was replaced): the next pass cleans up its port.
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+        Err(e) => Err(format!("failed to annotate pod {ns_name}/{pod_name}: {e}")),
+    }
 }
 
 /// Posts a Warning Event on the Kubernetes owner of each object NSX refused, once per distinct

@@ -13,7 +13,7 @@ use std::time::Duration;
 use fake_ovs::Bridge;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
-use nsx_core::agent::kube_pods::KubePods;
+use nsx_core::agent::kube_pods::WatchedPods;
 use nsx_core::agent::server::{AgentService, WaitConfig};
 use nsx_core::agent::{Agent, AgentConfig};
 use nsx_core::cni::client::Answered;
@@ -114,7 +114,7 @@ pub async fn host(node: Rc<NodeState>, trace: Trace) -> turmoil::Result {
     let service = Arc::new(AgentService {
         agent: Mutex::new(agent),
         switch: node.bridge.clone(),
-        pods: KubePods(kube.clone()),
+        pods: WatchedPods::start(kube.clone(), &node.name),
         wait: WaitConfig {
             timeout: Duration::from_secs(20),
             poll: Duration::from_millis(200),
@@ -284,6 +284,8 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
     let (pods, _h) =
         nsx_core::k8s::watch::watch(Api::<Pod>::all(kube.clone()), changed.clone(), None, |_| {});
     let _ = pods.wait_until_ready().await;
+    // Pods whose worker is running.
+    let in_flight: Rc<RefCell<BTreeSet<(String, String)>>> = Rc::default();
     loop {
         node.events.set(node.events.get() + 1);
         let mine: BTreeMap<(String, String), Arc<Pod>> = pods
@@ -319,6 +321,11 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (key, kp) in stale {
+            if in_flight.borrow().contains(&key) {
+                // Its worker is still at it: the next round looks again.
+                retry = true;
+                continue;
+            }
             let mut p = Pod::default();
             p.metadata.namespace = Some(key.0.clone());
             p.metadata.name = Some(key.1.clone());
@@ -336,70 +343,38 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
                 }
             }
         }
+        // Each pod has its own worker, as in the real kubelet: one pod waiting for its network
+        // does not hold up the others.
         for (key, pod) in &mine {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
-            let known = node.kubelet.borrow().get(key).cloned();
-            let kp = match known {
-                Some(kp) if kp.uid == uid => kp,
-                _ => {
-                    let cid = container_id(&uid);
-                    match cni(&node, "ADD", pod, &cid).await {
-                        Ok(result) => {
-                            let ip = result["ips"][0]["address"]
-                                .as_str()
-                                .unwrap_or("")
-                                .to_string();
-                            let mac = result["interfaces"][0]["mac"]
-                                .as_str()
-                                .unwrap_or("")
-                                .to_string();
-                            trace.record(
-                                &node.name,
-                                format!("kubelet: CNI ADD {}/{} -> {ip}", key.0, key.1),
-                            );
-                            node.cni_errors.borrow_mut().remove(key);
-                            let kp = KubeletPod {
-                                uid: uid.clone(),
-                                container_id: cid,
-                                ip,
-                                mac,
-                                reported: false,
-                            };
-                            node.kubelet.borrow_mut().insert(key.clone(), kp.clone());
-                            kp
-                        }
-                        Err(e) => {
-                            let first = !node.cni_errors.borrow().contains_key(key);
-                            if first {
-                                trace.record(
-                                    &node.name,
-                                    format!("kubelet: CNI ADD {}/{} failed: {e}", key.0, key.1),
-                                );
-                            }
-                            node.cni_errors.borrow_mut().insert(key.clone(), e);
-                            retry = true;
-                            continue;
-                        }
-                    }
-                }
-            };
-            if !kp.reported {
-                let ip = kp.ip.split('/').next().unwrap_or("").to_string();
-                let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": crate::scenario::names::ip_string(node.node_ip),
-                    "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}});
-                let api: Api<Pod> = Api::namespaced(kube.clone(), &key.0);
-                match api
-                    .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&status))
-                    .await
-                {
-                    Ok(_) => {
-                        if let Some(k) = node.kubelet.borrow_mut().get_mut(key) {
-                            k.reported = true;
-                        }
-                    }
-                    Err(_) => retry = true,
-                }
+            let done = node
+                .kubelet
+                .borrow()
+                .get(key)
+                .is_some_and(|kp| kp.uid == uid && kp.reported);
+            if done || !in_flight.borrow_mut().insert(key.clone()) {
+                continue;
             }
+            let (n, k, t, f, c) = (
+                node.clone(),
+                kube.clone(),
+                trace.clone(),
+                in_flight.clone(),
+                changed.clone(),
+            );
+            let (key, pod) = (key.clone(), pod.clone());
+            tokio::task::spawn_local(async move {
+                let ok = pod_worker(&n, &k, &t, &key, &pod).await;
+                // What the kubelet holds changed: the harness's cached checks look again.
+                n.events.set(n.events.get() + 1);
+                if !ok {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                f.borrow_mut().remove(&key);
+                if !ok {
+                    c.notify_one();
+                }
+            });
         }
         if retry {
             tokio::select! {
@@ -409,6 +384,81 @@ async fn kubelet(node: Rc<NodeState>, kube: kube::Client, trace: Trace) {
         } else {
             changed.notified().await;
         }
+    }
+}
+
+/// One pod's worker: CNI ADD unless done for this pod (uid), then the status (ready, with the
+/// address the plugin returned). `false` when something failed and the pod needs another try.
+async fn pod_worker(
+    node: &NodeState,
+    kube: &kube::Client,
+    trace: &Trace,
+    key: &(String, String),
+    pod: &Pod,
+) -> bool {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let known = node.kubelet.borrow().get(key).cloned();
+    let kp = match known {
+        Some(kp) if kp.uid == uid => kp,
+        _ => {
+            let cid = container_id(&uid);
+            match cni(node, "ADD", pod, &cid).await {
+                Ok(result) => {
+                    let ip = result["ips"][0]["address"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string();
+                    let mac = result["interfaces"][0]["mac"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string();
+                    trace.record(
+                        &node.name,
+                        format!("kubelet: CNI ADD {}/{} -> {ip}", key.0, key.1),
+                    );
+                    node.cni_errors.borrow_mut().remove(key);
+                    let kp = KubeletPod {
+                        uid: uid.clone(),
+                        container_id: cid,
+                        ip,
+                        mac,
+                        reported: false,
+                    };
+                    node.kubelet.borrow_mut().insert(key.clone(), kp.clone());
+                    kp
+                }
+                Err(e) => {
+                    let first = !node.cni_errors.borrow().contains_key(key);
+                    if first {
+                        trace.record(
+                            &node.name,
+                            format!("kubelet: CNI ADD {}/{} failed: {e}", key.0, key.1),
+                        );
+                    }
+                    node.cni_errors.borrow_mut().insert(key.clone(), e);
+                    return false;
+                }
+            }
+        }
+    };
+    if kp.reported {
+        return true;
+    }
+    let ip = kp.ip.split('/').next().unwrap_or("").to_string();
+    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": crate::scenario::names::ip_string(node.node_ip),
+        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}});
+    let api: Api<Pod> = Api::namespaced(kube.clone(), &key.0);
+    match api
+        .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+    {
+        Ok(_) => {
+            if let Some(k) = node.kubelet.borrow_mut().get_mut(key) {
+                k.reported = true;
+            }
+            true
+        }
+        Err(_) => false,
     }
 }
 

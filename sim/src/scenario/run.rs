@@ -38,11 +38,23 @@ pub struct NsxRequests {
     pub by_status: BTreeMap<u16, u64>,
 }
 
+/// The NSX requests between two `expect`s with `api_calls` (or the start), and how fast they
+/// went against NSX's rate limit.
 #[derive(Debug, Clone, Serialize)]
 pub struct Mark {
     pub line: u64,
     pub total: u64,
     pub writes: u64,
+    /// Simulated time since the previous mark.
+    pub sim_ms: u64,
+    /// From the first request of the interval to its last.
+    pub busy_ms: u64,
+    /// `total` over `busy_ms`.
+    pub nsx_requests_per_s: f64,
+    /// NSX's `client_api_rate_limit` (0: none), and the least time it allows for `total`
+    /// requests: `total / rate_limit`.
+    pub rate_limit: u32,
+    pub rate_bound_ms: u64,
 }
 
 /// Options of a run.
@@ -64,8 +76,11 @@ struct Runner {
     seed: u64,
     next_controllers: u64,
     next_invariants: u64,
-    /// NSX counters at the previous expect.
+    /// NSX counters at the previous expect, the request log's sequence number then, and the
+    /// simulated time.
     mark: (u64, u64),
+    mark_seq: u64,
+    mark_ms: u64,
     marks: Vec<Mark>,
     /// The token of the last periodic invariant check that passed, and of the last failed
     /// convergence check with its answer: unchanged tokens within a step skip the work.
@@ -263,10 +278,29 @@ impl Runner {
         let (total, writes) = self.counters();
         if let Some(a) = &e.api_calls {
             let (t, w) = (total - self.mark.0, writes - self.mark.1);
+            let span = self.w.nsx.request_span(self.mark_seq);
+            let busy_ms = match (span.first_ms, span.last_ms) {
+                (Some(a), Some(b)) => (b - a).max(0) as u64,
+                _ => 0,
+            };
+            let rate_limit = self.w.nsx.rate_limit();
+            let rate_bound_ms = (t * 1000)
+                .checked_div(u64::from(rate_limit))
+                .unwrap_or_default();
+            let now = self.w.now_ms();
             self.marks.push(super::run::Mark {
                 line,
                 total: t,
                 writes: w,
+                sim_ms: now - self.mark_ms,
+                busy_ms,
+                nsx_requests_per_s: if busy_ms == 0 {
+                    0.0
+                } else {
+                    (t as f64 * 1000.0 / busy_ms as f64 * 10.0).round() / 10.0
+                },
+                rate_limit,
+                rate_bound_ms,
             });
             if let Some(max) = a.max
                 && t > max
@@ -282,8 +316,25 @@ impl Runner {
                     "{w} NSX writes since the previous expect, at most {max} expected"
                 ));
             }
+            if let Some(factor) = a.rate_bound_factor_max {
+                if rate_limit == 0 {
+                    return Err(
+                        "api_calls.rate_bound_factor_max needs NSX's rate limit (nsx.rate_limit)"
+                            .into(),
+                    );
+                }
+                if busy_ms as f64 > factor * rate_bound_ms as f64 {
+                    return Err(format!(
+                        "{t} NSX requests took {busy_ms} ms from the first to the last; NSX's rate \
+                         limit of {rate_limit}/s allows them in {rate_bound_ms} ms, and at most \
+                         {factor} times that was expected"
+                    ));
+                }
+            }
         }
         self.mark = (total, writes);
+        self.mark_seq = self.w.nsx.request_seq();
+        self.mark_ms = self.w.now_ms();
         for c in &e.connectivity {
             self.connectivity(c)?;
         }
@@ -475,6 +526,8 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         next_controllers: 0,
         next_invariants: 0,
         mark: (0, 0),
+        mark_seq: 0,
+        mark_ms: 0,
         marks: Vec::new(),
         invariants_ok_at: None,
         not_converged_at: None,

@@ -201,13 +201,18 @@ pub struct NsxExpect {
     pub untouched: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiCalls {
     #[serde(default)]
     pub max: Option<u64>,
     #[serde(default)]
     pub writes_max: Option<u64>,
+    /// The requests since the previous expect went from the first to the last within this
+    /// many times what NSX's rate limit allows for them (count / `nsx.rate_limit`): how well
+    /// NCP uses its request budget. Needs a rate limit.
+    #[serde(default)]
+    pub rate_bound_factor_max: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -426,11 +426,12 @@ fn a_change_plans_what_it_touches_whatever_the_size_of_the_cluster() {
     assert_eq!(seen[0], seen[1], "the same passes at both sizes");
 }
 
-/// With no change for 5 s, the one refused object is retried on backoff: each pass plans that
-/// key alone, incrementally, and tries one create.
+/// With no change for 20 s, the one refused object is retried on backoff: each pass plans that
+/// key alone, incrementally, and tries one create. (The backoff doubles from 0.5 s after each
+/// refusal; 20 s covers the step after 8 s, where the passes of the first 10 s leave it.)
 fn retried_alone(w: &mut World) {
     let mark = w.passes.borrow().len();
-    w.run_for(5_000);
+    w.run_for(20_000);
     let retries = passes_since(w, mark);
     assert!(!retries.is_empty(), "no retry");
     assert!(

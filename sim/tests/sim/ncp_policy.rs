@@ -1151,10 +1151,17 @@ async fn a_crash_after_any_write_of_a_policy_converges_to_exactly_the_policy() {
             w.reconcile("k8s-a", &to, Some(n)).await.is_err(),
             "budget {n} of {total}"
         );
+        // Every pod pair and port against the Kubernetes oracle. (Not the count of allowed
+        // pairs against the clean run's: NCP creates namespaces' subnets concurrently, so which
+        // namespace gets which subnet, and so which pods the ipBlock's `except` holds, depends
+        // on the order the creates reach NSX.)
         let got = check(&w, &to)
             .await
             .unwrap_or_else(|e| panic!("after a crash at write {n}: {e}"));
-        assert_eq!(got, want, "after a crash at write {n}");
+        assert!(
+            got > 0 && want > 0,
+            "after a crash at write {n}: nothing allowed"
+        );
         let o = w.observe("k8s-a").await;
         let dups: Vec<&Key> = o
             .objects
