@@ -190,3 +190,61 @@ pub fn proxy_cluster(
         })
         .collect()
 }
+
+/// The Kubernetes objects behind [`proxy_cluster`]: a Service (one port, `http`) and one
+/// EndpointSlice of 10 ready endpoints per service.
+pub fn proxy_objects(
+    services: usize,
+) -> (
+    Vec<k8s_openapi::api::core::v1::Service>,
+    Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+) {
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{
+        Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
+    };
+    let ip = |n: u32| std::net::Ipv4Addr::from(n).to_string();
+    (0..services)
+        .map(|i| {
+            let ns = format!("ns-{}", i % 100);
+            let name = format!("svc-{i}");
+            let mut svc = Service::default();
+            svc.metadata.namespace = Some(ns.clone());
+            svc.metadata.name = Some(name.clone());
+            svc.spec = Some(ServiceSpec {
+                cluster_ip: Some(ip(0x0a60_0000 + i as u32)),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            });
+            let mut slice = EndpointSlice {
+                address_type: "IPv4".into(),
+                endpoints: (0..10u32)
+                    .map(|e| Endpoint {
+                        addresses: vec![ip(0x0a01_0000 + (i as u32) * 10 + e)],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(true),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ports: Some(vec![EndpointPort {
+                    name: Some("http".into()),
+                    port: Some(8080),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            };
+            slice.metadata.namespace = Some(ns);
+            slice.metadata.name = Some(format!("{name}-1"));
+            slice.metadata.labels = Some([("kubernetes.io/service-name".to_string(), name)].into());
+            (svc, slice)
+        })
+        .unzip()
+}

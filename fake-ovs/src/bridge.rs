@@ -110,6 +110,10 @@ pub struct Bridge {
     pub(crate) flows: crate::store::FlowStore,
     /// group id -> flows that name it (in actions or buckets of groups they reach directly).
     group_users: BTreeMap<u32, BTreeSet<FlowId>>,
+    /// cookie -> its flows: `del-flows`/`mod-flows` with an exact cookie (`cookie=C/-1`) find
+    /// theirs without looking at every flow, as OVS's cookie index does; the agent removes a
+    /// pod's flows this way, and that must not cost the node's pod count.
+    by_cookie: nsx_core::hash::WordMap<u64, smallvec::SmallVec<[FlowId; 4]>>,
     pub(crate) groups: BTreeMap<u32, Group>,
     next_flow: FlowId,
     pub conntrack: Conntrack,
@@ -227,6 +231,7 @@ impl Bridge {
         self.tables.clear();
         self.flows.clear();
         self.group_users.clear();
+        self.by_cookie.clear();
         self.groups.clear();
         self.restarts += 1;
         self.generation += 1;
@@ -338,12 +343,14 @@ impl Bridge {
             .insert(&f.matches, f.priority, id);
         let mut named = Named::new();
         groups_named(&f.actions, &mut named);
+        self.by_cookie.entry(f.cookie).or_default().push(id);
         self.flows.insert(id, e);
         for g in named {
             self.group_users.entry(g).or_default().insert(id);
         }
         let old = replaced?;
         let e = self.flows.remove(&old)?;
+        self.unindex_cookie(old, e.flow.cookie);
         self.unindex_groups(old, &e.flow.actions);
         Some((old, e))
     }
@@ -354,8 +361,18 @@ impl Bridge {
         if let Some(t) = self.tables.get_mut(&f.table) {
             t.remove(&f.matches, f.priority, id);
         }
+        self.unindex_cookie(id, f.cookie);
         self.unindex_groups(id, &e.flow.actions);
         Some(e)
+    }
+
+    fn unindex_cookie(&mut self, id: FlowId, cookie: u64) {
+        if let Some(ids) = self.by_cookie.get_mut(&cookie) {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                self.by_cookie.remove(&cookie);
+            }
+        }
     }
 
     /// Whether `flow`'s match is covered by `m` (every constraint of `m` holds for every
@@ -387,6 +404,22 @@ impl Bridge {
                     .filter_map(|t| self.find_exact(t, p, m))
                     .filter(|id| self.flows[id].flow.cookie & cookie_mask == cookie & cookie_mask)
                     .collect()
+            }
+            // An exact cookie: its flows only, in id order as the scan below gives them.
+            None if cookie_mask == u64::MAX => {
+                let mut ids: Vec<FlowId> = self
+                    .by_cookie
+                    .get(&cookie)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|id| {
+                        let e = &self.flows[id];
+                        table.is_none_or(|t| e.flow.table == t) && Self::covered(&e.flow.matches, m)
+                    })
+                    .collect();
+                ids.sort_unstable();
+                ids
             }
             None => self
                 .flows

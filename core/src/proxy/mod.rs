@@ -9,12 +9,15 @@
 //! - [`sync`]: the incremental proxy: per-key caches, one atomic bundle per sync, reference
 //!   counted endpoint flows, groups split past the OpenFlow message size, conntrack flushes,
 //!   rounds in cookies for restarts.
+//! - [`view`]: the service ports kept up to date from watch events, one service at a time.
 //! - [`run`]: the loop over Service and EndpointSlice watches that drives the sync.
 
 pub mod compile;
 mod model;
 pub mod run;
 mod sync;
+pub mod view;
 
 pub use model::{Endpoint, ServicePort, ServicePortKey, all_service_ports, service_ports};
 pub use sync::{Proxy, ProxyConfig, SyncReport};
+pub use view::{ProxyEvents, ProxyView};

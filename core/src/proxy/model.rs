@@ -46,7 +46,7 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
 }
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 fn protocol_number(p: Option<&str>) -> Option<u8> {
     match p.unwrap_or("TCP") {

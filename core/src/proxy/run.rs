@@ -1,5 +1,6 @@
 //! nsx-kube-proxy's loop: watches Services and EndpointSlices, and after each burst of changes
-//! syncs exactly the service ports whose compiled form changed (one bundle). An OVS restart,
+//! recompiles the services the events named ([`ProxyView`]) and syncs exactly the service ports
+//! whose compiled form changed (one bundle): a change costs its service's size. An OVS restart,
 //! signalled by whoever watches ovs-vswitchd, makes the next sync replay everything.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,10 +11,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::reflector::Store;
 use tokio::sync::{Mutex, Notify};
 
-use super::{Proxy, ServicePort, ServicePortKey, SyncReport, all_service_ports};
+use super::{Proxy, ProxyEvents, ProxyView, ServicePort, ServicePortKey, SyncReport};
 use crate::ovs::bridge::OpenFlowBridge;
 
 /// How the loop is told about the world outside the watches.
@@ -48,28 +48,6 @@ pub struct Synced<'a> {
     pub report: &'a SyncReport,
 }
 
-fn view(
-    services: &Store<Service>,
-    slices: &Store<EndpointSlice>,
-    node: &str,
-) -> BTreeMap<ServicePortKey, ServicePort> {
-    let svcs: Vec<Arc<Service>> = services.state();
-    let by_key: BTreeMap<(String, String), EndpointSlice> = slices
-        .state()
-        .iter()
-        .map(|s| {
-            (
-                (
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                    s.metadata.name.clone().unwrap_or_default(),
-                ),
-                (**s).clone(),
-            )
-        })
-        .collect();
-    all_service_ports(svcs.iter().map(|s| &**s), &by_key, node)
-}
-
 /// Runs until the runtime ends.
 pub async fn run<B: OpenFlowBridge>(
     kube: kube::Client,
@@ -80,55 +58,59 @@ pub async fn run<B: OpenFlowBridge>(
     timing: Timing,
     mut on_sync: impl FnMut(Synced<'_>),
 ) {
-    let (services, h1) = crate::k8s::watch::watch(
-        Api::<Service>::all(kube.clone()),
-        signals.changed.clone(),
-        None,
-        |_| {},
-    );
-    let (slices, h2) = crate::k8s::watch::watch(
-        Api::<EndpointSlice>::all(kube),
-        signals.changed.clone(),
-        None,
-        |_| {},
-    );
+    // What the watch events named since the last sync: the view recompiles those services only.
+    let events: Arc<std::sync::Mutex<ProxyEvents>> = Arc::default();
+    let (services, h1) = {
+        let events = events.clone();
+        crate::k8s::watch::watch(
+            Api::<Service>::all(kube.clone()),
+            signals.changed.clone(),
+            None,
+            move |e| lock(&events).service(e),
+        )
+    };
+    let (slices, h2) = {
+        let events = events.clone();
+        crate::k8s::watch::watch(
+            Api::<EndpointSlice>::all(kube),
+            signals.changed.clone(),
+            None,
+            move |e| lock(&events).slice(e),
+        )
+    };
     let _abort = AbortOnDrop(vec![h1, h2]);
     let _ = services.wait_until_ready().await;
     let _ = slices.wait_until_ready().await;
-    // What the bridge holds as far as this proxy knows; `None` until the first full sync.
-    let mut installed: Option<BTreeMap<ServicePortKey, ServicePort>> = None;
+    let mut view = ProxyView::new(&node);
+    // Whether the bridge holds the view as this proxy last synced it (`false` until the first
+    // full sync and after a restart), and the ports changed since the last successful sync.
+    let mut installed = false;
+    let mut pending: BTreeSet<ServicePortKey> = BTreeSet::new();
     loop {
-        let want = view(&services, &slices, &node);
+        let named = std::mem::take(&mut *lock(&events));
+        pending.extend(view.refresh(&services, &slices, named));
         if signals.bridge_restarted.swap(false, Ordering::SeqCst) {
             proxy.bridge_restarted();
-            installed = None;
+            installed = false;
         }
         let result = {
             let mut b = bridge.lock().await;
-            match &installed {
-                None => proxy.full_sync(&mut *b, &want),
-                Some(old) => {
-                    let changed: BTreeSet<ServicePortKey> = want
-                        .iter()
-                        .filter(|(k, v)| old.get(*k) != Some(*v))
-                        .map(|(k, _)| k.clone())
-                        .chain(old.keys().filter(|k| !want.contains_key(*k)).cloned())
-                        .collect();
-                    if changed.is_empty() {
-                        Ok(SyncReport::default())
-                    } else {
-                        proxy.sync(&mut *b, &want, &changed)
-                    }
-                }
+            if !installed {
+                proxy.full_sync(&mut *b, view.want())
+            } else if pending.is_empty() {
+                Ok(SyncReport::default())
+            } else {
+                proxy.sync(&mut *b, view.want(), &pending)
             }
         };
         match result {
             Ok(report) => {
                 on_sync(Synced {
-                    want: &want,
+                    want: view.want(),
                     report: &report,
                 });
-                installed = Some(want);
+                installed = true;
+                pending.clear();
                 signals.changed.notified().await;
                 tokio::time::sleep(timing.debounce).await;
             }
@@ -140,6 +122,10 @@ pub async fn run<B: OpenFlowBridge>(
             }
         }
     }
+}
+
+fn lock(events: &std::sync::Mutex<ProxyEvents>) -> std::sync::MutexGuard<'_, ProxyEvents> {
+    events.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
