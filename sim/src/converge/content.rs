@@ -64,6 +64,10 @@ fn compare_object(
     path: &str,
 ) -> Option<Mismatch> {
     for (field, w) in want {
+        // Equal as JSON (the common case once converged): nothing to look into, no path built.
+        if have.get(field) == Some(w) {
+            continue;
+        }
         let at = join(path, field);
         let Some(h) = have.get(field) else {
             return Some(Mismatch {
