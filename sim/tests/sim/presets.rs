@@ -238,3 +238,29 @@ fn nsx_503_storms_are_retried_and_leave_no_duplicates() {
     assert!(r.ncp_client.retries > 10, "{:?}", r.ncp_client);
     assert!(r.nsx_requests.by_status.get(&503).copied().unwrap_or(0) > 10);
 }
+
+/// A burst of 400 pods in 20 namespaces against NSX's default rate limit (100 requests/s): NCP
+/// keeps `concurrent_connections` requests in flight under its own rate limiter, so the burst's
+/// requests go from the first to the last within 1.5 times what the limit allows for them, and
+/// NSX never answers 429 (no retry at all). One request at a time, the same burst ran at about
+/// a fifth of the limit.
+#[test]
+fn a_burst_uses_the_rate_limit_and_never_meets_it() {
+    let text = format!(
+        "name: burst\ndescription: a burst of pods\ncluster:\n  nodes: 3\nnsx:\n  rate_limit: 100\nsteps:\n{}  - converge: {{within: 120s}}\n  - expect: {{converged: true, api_calls: {{max: 100000}}}}\n{}  - converge: {{within: 300s}}\n  - expect: {{converged: true, api_calls: {{rate_bound_factor_max: 1.5}}}}\n",
+        presets::workload(20, 0),
+        presets::workload(20, 20),
+    );
+    let r = run_text(&text, 3);
+    assert_passed(&r);
+    let burst = r.marks.last().expect("the burst's mark");
+    assert!(burst.total >= 800, "{burst:?}");
+    assert_eq!(burst.rate_limit, 100);
+    assert!(burst.busy_ms * 2 <= burst.rate_bound_ms * 3, "{burst:?}");
+    assert!(
+        !r.nsx_requests.by_status.contains_key(&429),
+        "{:?}",
+        r.nsx_requests.by_status
+    );
+    assert_eq!(r.ncp_client.retries, 0, "{:?}", r.ncp_client);
+}
