@@ -48,6 +48,7 @@ impl PodSource for KubePods {
 /// The pods scheduled to one node, from a watch (`fieldSelector=spec.nodeName=NODE`).
 pub struct WatchedPods {
     client: kube::Client,
+    node: String,
     store: Store<Pod>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -65,6 +66,7 @@ impl WatchedPods {
         );
         Self {
             client,
+            node: node.to_string(),
             store,
             task,
         }
@@ -84,8 +86,25 @@ impl PodSource for WatchedPods {
             // patch causes.
             Some(p) => network_of(&p),
             // Not shown yet (the pod is newer than the watch's last event, or the watch is
-            // still listing): ask.
-            None => get(&self.client, namespace, name).await,
+            // still listing): ask, and take the answer only for a pod scheduled here. A pod
+            // deleted while its ADD waited may have come back under its name on another node;
+            // that pod's network (its VLAN under the other node's VIF) must not be wired here.
+            None => {
+                let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+                match api.get_opt(name).await {
+                    Ok(Some(p))
+                        if p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some(self.node.as_str()) =>
+                    {
+                        network_of(&p)
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::debug!(error = %e, namespace, name, "reading the pod failed; will retry");
+                        None
+                    }
+                }
+            }
         }
     }
 }
