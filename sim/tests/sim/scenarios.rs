@@ -530,3 +530,16 @@ fn update_snapshots_writes_insta_files_that_later_runs_check() {
     assert!(out.contains(&format!("differs at line {line}:")), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A case the scenario state machine found (`cases/pod-back-on-another-node.yaml`): a pod
+/// deleted while one node's kubelet waited on its ADD comes back under its name on another
+/// node. The waiting agent must not wire the new pod's network (another node's VLAN) on its
+/// node, where it replaced a neighbour's uplink flow and cut that pod off.
+#[test]
+fn a_pod_back_on_another_node_is_not_wired_on_the_old_one() {
+    let f =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sim/cases/pod-back-on-another-node.yaml");
+    let sc = load(&f).unwrap_or_else(|e| panic!("{e}"));
+    let (r, _) = run(&sc, 555_397, &RunOptions::default());
+    assert!(r.passed, "{:?}: {:?}", r.failed_step, r.message);
+}
