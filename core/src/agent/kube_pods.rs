@@ -24,11 +24,11 @@ fn network_of(p: &Pod) -> Option<String> {
         .and_then(|a| a.get(annotation::POD_NETWORK).cloned())
 }
 
-async fn get(client: &kube::Client, namespace: &str, name: &str) -> Option<String> {
+/// The pod as the apiserver has it now (`None` when gone or unreadable; the caller polls again).
+async fn read(client: &kube::Client, namespace: &str, name: &str) -> Option<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     match api.get_opt(name).await {
-        Ok(Some(p)) => network_of(&p),
-        Ok(None) => None,
+        Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, namespace, name, "reading the pod failed; will retry");
             None
@@ -41,7 +41,10 @@ pub struct KubePods(pub kube::Client);
 
 impl PodSource for KubePods {
     async fn annotation(&self, namespace: &str, name: &str) -> Option<String> {
-        get(&self.0, namespace, name).await
+        read(&self.0, namespace, name)
+            .await
+            .as_ref()
+            .and_then(network_of)
     }
 }
 
@@ -89,22 +92,13 @@ impl PodSource for WatchedPods {
             // still listing): ask, and take the answer only for a pod scheduled here. A pod
             // deleted while its ADD waited may have come back under its name on another node;
             // that pod's network (its VLAN under the other node's VIF) must not be wired here.
-            None => {
-                let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-                match api.get_opt(name).await {
-                    Ok(Some(p))
-                        if p.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                            == Some(self.node.as_str()) =>
-                    {
-                        network_of(&p)
-                    }
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::debug!(error = %e, namespace, name, "reading the pod failed; will retry");
-                        None
-                    }
-                }
-            }
+            None => read(&self.client, namespace, name)
+                .await
+                .filter(|p| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(self.node.as_str())
+                })
+                .as_ref()
+                .and_then(network_of),
         }
     }
 }

@@ -35,13 +35,6 @@ impl ProxyEvents {
     pub fn slice(&mut self, event: &watcher::Event<EndpointSlice>) {
         self.slices.record(event);
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.services.keys.is_empty()
-            && self.slices.keys.is_empty()
-            && !self.services.relisted
-            && !self.slices.relisted
-    }
 }
 
 /// Every service port this node programs, with the indexes that find what an event touches.
