@@ -202,6 +202,6 @@ impl FakeNsxManager {
     /// Lets the search index catch up with every write now, as it eventually does: for tests
     /// that want what a client sees once the search lag has passed.
     pub fn settle_search(&self) {
-        self.with_store_mut(|s, _| s.catch_up_index());
+        self.catch_up_index();
     }
 }

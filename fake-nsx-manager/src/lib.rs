@@ -35,6 +35,7 @@ pub mod kind;
 pub mod listen;
 pub mod search;
 pub mod server;
+mod state_file;
 pub mod store;
 pub mod tls;
 

@@ -15,7 +15,7 @@
 //!    (atomically) after a successful write, log the request.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use serde_json::{Value, json};
 use crate::bootstrap::{self, Bootstrap, BootstrapConfig};
 use crate::dispatch::{self, ApiRequest, ApiResponse, changes_state, parse_query};
 use crate::error;
+use crate::state_file::{self, Entry, SnapshotRef, StateFile};
 use crate::store::{Ctx, Store, StoreConfig};
 
 /// The largest body of one API request. NSX objects are small (an IP set's 4,000 addresses
@@ -214,15 +215,6 @@ struct Session {
     last_used_ms: i64,
 }
 
-/// What the state file holds.
-#[derive(Debug, Serialize, Deserialize)]
-struct Persisted {
-    version: u32,
-    store: Store,
-    users: BTreeMap<String, User>,
-    bootstrap: Option<Bootstrap>,
-}
-
 struct Inner {
     store: Store,
     bootstrap: Option<Bootstrap>,
@@ -241,7 +233,8 @@ struct Inner {
     counters: Counters,
     rng: SeededRng,
     clock: Clock,
-    state_file: Option<PathBuf>,
+    /// `--state FILE`: the snapshot and journal every write goes through.
+    state: Option<StateFile>,
     initial: ManagerConfig,
 }
 
@@ -273,33 +266,62 @@ impl FakeNsxManager {
         Ok(Self::from_parts(config, store, bootstrap))
     }
 
-    /// Loads the state file if it exists (the data of a previous run), else starts fresh and
-    /// writes it.
+    /// Loads the state file if it exists (the data of a previous run: its snapshot, then the
+    /// writes its journal holds, replayed in order), else starts fresh and writes it.
     pub fn open(config: ManagerConfig) -> Result<Self, String> {
         let Some(path) = config.state_file.clone() else {
             return Self::try_new(config);
         };
-        if path.exists() {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
-            let mut p: Persisted = serde_json::from_str(&text)
-                .map_err(|e| format!("failed to parse state file {}: {e}", path.display()))?;
-            if p.version != 1 {
-                return Err(format!(
-                    "state file {} has version {}, expected 1",
-                    path.display(),
-                    p.version
-                ));
-            }
-            p.store.rebuild_index(config.clock.now_ms());
-            let m = Self::from_parts(config, p.store, p.bootstrap);
-            m.lock().users = p.users;
+        let Some(loaded) = StateFile::load(&path)? else {
+            let m = Self::try_new(config)?;
+            let mut g = m.lock();
+            g.state = Some(StateFile::create(&path)?);
+            g.snapshot()
+                .map_err(|e| format!("failed to write state file: {e}"))?;
+            drop(g);
             return Ok(m);
+        };
+        let state_file::Loaded {
+            file,
+            snapshot,
+            entries,
+            dropped_torn_entry,
+        } = loaded;
+        let mut store = snapshot.store;
+        let replayed = entries.len();
+        // Replay as the requests were first served: on a store whose derived indexes (the VIF
+        // uniqueness index above all) are whole, indexing after each request.
+        store.rebuild_index(entries.first().map_or(0, |e| e.now_ms));
+        for e in &entries {
+            let body = e.body_bytes()?;
+            dispatch::dispatch(
+                &mut store,
+                &e.ctx(),
+                &ApiRequest {
+                    method: &e.method,
+                    path: &e.path,
+                    query: &e.query,
+                    body: &body,
+                },
+            );
+            store.flush_index(e.now_ms);
         }
-        let m = Self::try_new(config)?;
-        m.lock()
-            .save()
-            .map_err(|e| format!("failed to write state file: {e}"))?;
+        store.rebuild_index(config.clock.now_ms());
+        let m = Self::from_parts(config, store, snapshot.bootstrap);
+        let mut g = m.lock();
+        g.users = snapshot.users;
+        g.state = Some(file);
+        if replayed > 0 || dropped_torn_entry || snapshot.version < state_file::VERSION {
+            tracing::info!(
+                file = %path.display(),
+                replayed,
+                dropped_torn_entry,
+                "state file loaded; folding its journal into a new snapshot"
+            );
+            g.snapshot()
+                .map_err(|e| format!("failed to write state file: {e}"))?;
+        }
+        drop(g);
         Ok(m)
     }
 
@@ -325,7 +347,7 @@ impl FakeNsxManager {
             log_seq: 0,
             counters: Counters::default(),
             clock: config.clock.clone(),
-            state_file: config.state_file.clone(),
+            state: None,
             initial: config,
         };
         Self {
@@ -336,6 +358,19 @@ impl FakeNsxManager {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every critical section below leaves the data consistent before anything can panic.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps this manager's database in `path` from now on, as if it had been opened with it
+    /// (a world set up in memory, then persisted): writes the snapshot now, replacing any file
+    /// there, and journals every later write.
+    pub fn persist_to(&self, path: &std::path::Path) -> Result<(), String> {
+        let mut g = self.lock();
+        let previous = g.state.replace(StateFile::create(path)?);
+        if let Err(e) = g.snapshot() {
+            g.state = previous;
+            return Err(format!("failed to write state file: {e}"));
+        }
+        Ok(())
     }
 
     /// The axum app serving the NSX API and the admin API.
@@ -353,23 +388,33 @@ impl FakeNsxManager {
         f(&self.lock().store)
     }
 
-    /// Changes the store directly, as an admin in the UI would (the change is indexed).
+    /// Changes the store directly, as an admin in the UI would (the change is indexed). With a
+    /// state file the whole store is saved afterwards (a change that is not a request cannot
+    /// be journaled): this is for tests and tools, not for a hot path.
     pub fn with_store_mut<R>(&self, f: impl FnOnce(&mut Store, &Ctx) -> R) -> R {
         let mut g = self.lock();
         let now = g.clock.now_ms();
         let ctx = Ctx::admin(now);
         let r = f(&mut g.store, &ctx);
         g.store.flush_index(now);
+        if let Err(e) = g.snapshot() {
+            tracing::error!(error = %e, "failed to save the state file after a direct change");
+        }
         r
     }
 
-    /// Serves one API request as `admin`, without HTTP, limits or faults.
+    /// Lets the search index catch up with every write (derived state: nothing to save).
+    pub(crate) fn catch_up_index(&self) {
+        self.lock().store.catch_up_index();
+    }
+
+    /// Serves one API request as `admin`, without HTTP, limits or faults (a write is journaled
+    /// to the state file as any other).
     pub fn call_as_admin(&self, req: ApiRequest<'_>) -> ApiResponse {
         let mut g = self.lock();
         let now = g.clock.now_ms();
-        let r = dispatch::dispatch(&mut g.store, &Ctx::admin(now), &req);
-        g.store.flush_index(now);
-        r
+        let write = changes_state(req.method, req.path, req.body);
+        g.serve(&Ctx::admin(now), &req, write)
     }
 
     /// The manager process restarts: sessions, in-flight counts and rate buckets are gone; the
@@ -515,7 +560,7 @@ impl FakeNsxManager {
                 g.sessions.clear();
                 g.log.clear();
                 g.counters = Counters::default();
-                g.save().map_err(|e| (500, e))?;
+                g.snapshot().map_err(|e| (500, e))?;
                 Ok(json!({"reset": true}))
             }
             ("POST", "/fake-admin/restart") => {
@@ -568,6 +613,7 @@ impl FakeNsxManager {
                 }
                 {
                     let mut g = self.lock();
+                    let (config, latency) = (g.store.config.clone(), g.latency_ms);
                     let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
                     for (k, n) in checked {
                         let api = &mut g.store.config.api_service;
@@ -582,6 +628,13 @@ impl FakeNsxManager {
                             "search_lag_ms" => g.store.config.search_lag_ms = n as i64,
                             _ => g.store.config.stale_revision_error_code = n as i64,
                         }
+                    }
+                    // The settings are part of the store: a restart keeps them, or nothing
+                    // changes.
+                    if let Err(e) = g.snapshot() {
+                        g.store.config = config;
+                        g.latency_ms = latency;
+                        return Err((500, format!("failed to persist: {e}")));
                     }
                 }
                 Ok(self.admin_config())
@@ -676,20 +729,51 @@ fn fresh_store(config: &ManagerConfig) -> Result<(Store, Option<Bootstrap>), Str
 }
 
 impl Inner {
-    /// Writes the state file atomically: a temporary file, fsync, rename, fsync of the folder.
-    /// A crash at any point leaves either the old or the new state.
-    fn save(&self) -> Result<(), String> {
-        let Some(path) = &self.state_file else {
+    /// With a state file, replaces its snapshot with the whole database (atomically: a crash
+    /// leaves the old or the new one) and empties the journal.
+    fn snapshot(&mut self) -> Result<(), String> {
+        let Some(state) = self.state.as_mut() else {
             return Ok(());
         };
-        let p = Persisted {
-            version: 1,
-            store: self.store.clone(),
-            users: self.users.clone(),
-            bootstrap: self.bootstrap.clone(),
-        };
-        let text = serde_json::to_vec(&p).map_err(|e| e.to_string())?;
-        write_atomically(path, &text).map_err(|e| format!("{}: {e}", path.display()))
+        state.write_snapshot(&SnapshotRef {
+            version: state_file::VERSION,
+            journal_seq: state.covered(),
+            store: &self.store,
+            users: &self.users,
+            bootstrap: &self.bootstrap,
+        })
+    }
+
+    /// Serves a request on the store. With a state file a write is journaled before the store
+    /// is touched, so an answered write is on disk and one that could not be saved is a 500
+    /// that changed nothing (a client retrying it does not create twice what a restart would
+    /// then lose).
+    /// `write`: [`changes_state`] of the request.
+    fn serve(&mut self, ctx: &Ctx, req: &ApiRequest<'_>, write: bool) -> ApiResponse {
+        if write && self.state.is_some() {
+            let journaled = if self.state.as_ref().is_some_and(StateFile::needs_snapshot) {
+                self.snapshot()
+            } else {
+                Ok(())
+            }
+            .and_then(|()| {
+                let mut entry = Entry::new(ctx, req.method, req.path, req.query, req.body);
+                self.state.as_mut().map_or(Ok(()), |s| s.append(&mut entry))
+            });
+            if let Err(e) = journaled {
+                tracing::error!(error = %e, "failed to save a write to the state file; it is refused");
+                return persist_failed(&e);
+            }
+        }
+        let r = dispatch::dispatch(&mut self.store, ctx, req);
+        self.store.flush_index(ctx.now_ms);
+        if write && self.state.as_ref().is_some_and(StateFile::wants_snapshot) {
+            // The write is safe in the journal already: a failed snapshot only delays folding.
+            if let Err(e) = self.snapshot() {
+                tracing::warn!(error = %e, "failed to fold the journal into a new snapshot");
+            }
+        }
+        r
     }
 
     /// `write`: whether the request asked to change state ([`dispatch::changes_state`]).
@@ -764,26 +848,18 @@ impl Inner {
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+/// The answer to a write that could not be saved: NSX's internal error.
+fn persist_failed(e: &str) -> ApiResponse {
+    ApiResponse {
+        status: 500,
+        body: serde_json::to_value(ErrorBody::new(
+            500,
+            error::INTERNAL,
+            "common-services",
+            format!("failed to persist: {e}"),
+        ))
+        .ok(),
     }
-    std::fs::rename(&tmp, path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// The authenticated caller.
@@ -1035,7 +1111,7 @@ impl FakeNsxManager {
                 match name {
                     Some(n) => {
                         let removed = g.users.remove(&n);
-                        match g.save() {
+                        match g.snapshot() {
                             Ok(()) => (200, Value::Null),
                             Err(e) => {
                                 if let Some(u) = removed {
@@ -1142,7 +1218,7 @@ impl FakeNsxManager {
             ..User::new(&name, "", &role)
         };
         let previous = g.users.insert(name.clone(), user);
-        if let Err(e) = g.save() {
+        if let Err(e) = g.snapshot() {
             match previous {
                 Some(p) => g.users.insert(name, p),
                 None => g.users.remove(&name),
@@ -1312,10 +1388,6 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
     let resp = {
         let mut g = nsx.lock();
         let now = g.clock.now_ms();
-        // With a state file, a write is kept only once it is saved: a failed save answers 500
-        // and puts the store back, so a client retrying the 500 does not create twice what a
-        // restart would then lose.
-        let before = (write && g.state_file.is_some()).then(|| g.store.clone());
         let ctx = Ctx {
             user: principal.user.clone(),
             superuser: principal.role == "enterprise_admin",
@@ -1323,8 +1395,7 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
             allow_overwrite,
             now_ms: now,
         };
-        let r = dispatch::dispatch(
-            &mut g.store,
+        let r = g.serve(
             &ctx,
             &ApiRequest {
                 method: &method,
@@ -1332,30 +1403,10 @@ async fn handle(State(nsx): State<FakeNsxManager>, req: Request) -> Response {
                 query: &query,
                 body: &bytes,
             },
+            write,
         );
-        g.store.flush_index(now);
         if write && let Some(left) = g.freeze.get_mut(&principal.user) {
             *left = left.saturating_sub(1);
-        }
-        let mut r = r;
-        if write
-            && r.status < 400
-            && let Err(e) = g.save()
-        {
-            tracing::error!(error = %e, "failed to save the state file; the write is undone");
-            if let Some(before) = before {
-                g.store = before;
-            }
-            r = ApiResponse {
-                status: 500,
-                body: serde_json::to_value(ErrorBody::new(
-                    500,
-                    error::INTERNAL,
-                    "common-services",
-                    format!("failed to persist: {e}"),
-                ))
-                .ok(),
-            };
         }
         g.log(&principal.user, &method, &full_path, r.status, write);
         r

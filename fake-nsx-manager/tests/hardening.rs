@@ -68,9 +68,15 @@ async fn a_write_that_cannot_be_saved_is_a_500_and_is_undone() {
     let c = Client::on(FakeNsxManager::open(config()).unwrap());
     let tz = c.boot().transport_zone;
     let before = c.get("logical-switches").await.expect(200).body["result_count"].clone();
-    // The temporary file of the atomic save cannot be created: it is a directory.
+    // The disk refuses both ways a write is saved: the journal cannot be opened for append and
+    // the snapshot's temporary file cannot be created (each path is a directory). The journal
+    // is empty here (just folded into the snapshot on open), so nothing already saved is lost.
     let tmp = dir.join(".nsx.json.tmp");
     std::fs::create_dir(&tmp).unwrap();
+    let journal = dir.join("nsx.json.journal");
+    assert_eq!(std::fs::read(&journal).unwrap(), b"");
+    std::fs::remove_file(&journal).unwrap();
+    std::fs::create_dir(&journal).unwrap();
     let body = json!({"transport_zone_id": tz, "admin_state": "UP", "display_name": "once"});
     let failed = c.post("logical-switches", body.clone()).await.expect(500);
     assert_eq!(failed.code(), Some(100), "{}", failed.body);
@@ -99,6 +105,7 @@ async fn a_write_that_cannot_be_saved_is_a_500_and_is_undone() {
     );
     // The client retries once the disk is back: exactly one object, and it survives a restart.
     std::fs::remove_dir(&tmp).unwrap();
+    std::fs::remove_dir(&journal).unwrap();
     let id = c.post("logical-switches", body).await.expect(201).id();
     c.post(path, pi).await.expect(201);
     drop(c);

@@ -1,8 +1,9 @@
 //! The standalone binary over TLS: a client that trusts the CA gets answers, one that does not
 //! fails the handshake, and bad certificate files are refused with the file named.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -40,19 +41,8 @@ fn pki(name: &str) -> Pki {
 }
 
 fn start(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fake-nsx-manager"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit("://").next().unwrap().to_string();
-    assert!(line.starts_with("listening on https://"), "{line}");
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let (child, addr) = common::start_binary(&args);
     (child, addr)
 }
 

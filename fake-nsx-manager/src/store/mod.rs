@@ -297,9 +297,11 @@ impl Store {
         }
     }
 
-    /// After loading from a state file: rebuild the search index, immediately visible.
+    /// After loading from a state file (and replaying its journal): rebuild the search index,
+    /// immediately visible.
     pub fn rebuild_index(&mut self, now_ms: i64) {
         self.index = SearchIndex::default();
+        self.dirty.clear();
         self.vif_index = self
             .objects
             .iter()

@@ -201,3 +201,22 @@ impl Client {
         (ls, pool)
     }
 }
+
+/// Starts the standalone binary on a free port with `args`; the child and its `host:port`.
+pub fn start_binary(args: &[&std::ffi::OsStr]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fake-nsx-manager"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening on http"), "{line}");
+    let addr = line.trim().rsplit("://").next().unwrap().to_string();
+    (child, addr)
+}
