@@ -10,6 +10,10 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fake_ovs::Bridge;
 use nsx_core::agent::{Agent, AgentConfig, PodNetwork, PodRequest};
 
+/// The allocator the binaries ship with (`ncp`, `nsx-node-agent`, `fake-nsx-manager`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn request(i: usize) -> (PodRequest, PodNetwork) {
     let (hi, lo) = (i / 250, i % 250 + 2);
     (

@@ -9,6 +9,10 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fake_ovs::{Bridge, Packet};
 use nsx_core::ovs::parse_flow;
 
+/// The allocator the binaries ship with (`ncp`, `nsx-node-agent`, `fake-nsx-manager`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn bridge(flows: usize) -> Bridge {
     let mut b = Bridge::new("br-int");
     for i in 0..flows {

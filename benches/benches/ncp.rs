@@ -20,6 +20,10 @@ use nsx_core::ncp::observe::Known;
 use nsx_core::ncp::plan::{Op, plan, plan_changes};
 use nsx_core::ncp::vocab::Key;
 
+/// The allocator the binaries ship with (`ncp`, `nsx-node-agent`, `fake-nsx-manager`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn ncp(c: &mut Criterion) {
     let mut group = c.benchmark_group("ncp");
     group

@@ -13,6 +13,10 @@ use benches::{manager_with_ports, port_body};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fake_nsx_manager::dispatch::ApiRequest;
 
+/// The allocator the binaries ship with (`ncp`, `nsx-node-agent`, `fake-nsx-manager`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn nsx_manager(c: &mut Criterion) {
     let mut group = c.benchmark_group("nsx_manager");
     group

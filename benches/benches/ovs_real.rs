@@ -13,6 +13,10 @@ use nsx_adapters::ovs::{OvsBridge, OvsTools, find_tool};
 use nsx_core::ovs::bridge::{OfOp, OpenFlowBridge};
 use nsx_core::ovs::{Flow, parse_flow};
 
+/// The allocator the binaries ship with (`ncp`, `nsx-node-agent`, `fake-nsx-manager`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn flows(n: usize) -> Vec<Flow> {
     (0..n)
         .map(|i| {

@@ -17,6 +17,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{reflector, watcher};
 use nsx_core::proxy::{Endpoint, Proxy, ProxyConfig, ProxyEvents, ProxyView, ServicePortKey};
 
+/// The allocator the binaries ship with (`ncp`, `nsx-node-agent`, `fake-nsx-manager`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn config() -> ProxyConfig {
     ProxyConfig {
         node_name: "node-1".into(),
