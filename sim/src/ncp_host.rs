@@ -10,6 +10,7 @@ use std::time::Duration;
 use fake_nsx_manager::{FakeNsxManager, User};
 use nsx_core::ncp::config::NcpConfig;
 use nsx_core::ncp::controller::{self, LoopConfig, PassEvent};
+use nsx_core::ncp::desired::NetworkSettings;
 use nsx_core::ncp::leader::LeaderConfig;
 use nsx_core::nsx::{Auth, ClientConfig, ClientStats, NsxClient, StatsHandle};
 
@@ -93,7 +94,7 @@ pub struct NcpHosts {
     pub cluster: String,
     pub snat_pool: String,
     pub lb_pool: String,
-    pub subnet_prefix: u8,
+    pub net: NetworkSettings,
     pub replicas: usize,
     pub seed: u64,
 }
@@ -150,7 +151,8 @@ pub fn spawn(
                 clients.borrow_mut().push(nsx.stats_handle());
                 config.external_ip_pools = vec![cfg.snat_pool.clone()];
                 config.external_ip_pools_lb = vec![cfg.lb_pool.clone()];
-                config.subnet_prefix = cfg.subnet_prefix;
+                config.subnet_prefix = cfg.net.subnet_prefix;
+                config.enable_snat = cfg.net.enable_snat;
                 let timing = LoopConfig {
                     resync: Duration::from_secs(30),
                     ..LoopConfig::default()

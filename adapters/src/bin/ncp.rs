@@ -125,7 +125,6 @@ async fn pick_manager(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    nsx_adapters::logs::init(args.log_json);
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
     let overrides = CredentialOverrides {
@@ -134,6 +133,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let parsed = NcpConfig::parse_with(&text, &overrides)
         .with_context(|| format!("{}", args.config.display()))?;
+    // The config's log levels apply from here on (a config that does not parse says so on
+    // stderr through the error above).
+    nsx_adapters::logs::init_with(args.log_json, &parsed.config.log_filter());
     for w in &parsed.warnings {
         tracing::warn!("{}: {w}", args.config.display());
     }

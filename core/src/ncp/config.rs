@@ -63,6 +63,60 @@ pub struct NcpConfig {
     /// `[nsx_v3] concurrent_connections`: NSX requests in flight at most, as nsxlib's pool
     /// per manager. NCP applies that many independent operations of a plan at once.
     pub concurrent_connections: usize,
+    /// `[coe] enable_snat` (default true): whether namespaces get a SNAT rule and address; when
+    /// false, pods leave with their own addresses (the container block must be routable).
+    pub enable_snat: bool,
+    /// `[coe] loglevel`: NCP's log level, unless `RUST_LOG` says otherwise.
+    pub loglevel: Option<LogLevel>,
+    /// `[k8s] loglevel`: the level of the Kubernetes client's logs.
+    pub k8s_loglevel: Option<LogLevel>,
+}
+
+/// A log level as `ncp.ini` spells it (Python's logging names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+impl LogLevel {
+    fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "DEBUG" => Some(Self::Debug),
+            "INFO" => Some(Self::Info),
+            "WARNING" | "WARN" => Some(Self::Warning),
+            "ERROR" | "CRITICAL" => Some(Self::Error),
+            _ => None,
+        }
+    }
+
+    /// The level as a `tracing` filter directive.
+    pub fn directive(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warning => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl NcpConfig {
+    /// The log filter `ncp.ini` asks for (`[coe] loglevel` for NCP, `[k8s] loglevel` for the
+    /// Kubernetes client), for when `RUST_LOG` is not set.
+    pub fn log_filter(&self) -> String {
+        let mut f = self
+            .loglevel
+            .unwrap_or(LogLevel::Info)
+            .directive()
+            .to_string();
+        if let Some(k) = self.k8s_loglevel {
+            f.push_str(&format!(",kube={0},nsx_core::k8s={0}", k.directive()));
+        }
+        f
+    }
 }
 
 /// nsxlib's default for `concurrent_connections`.
@@ -298,6 +352,34 @@ impl NcpConfig {
                 "at least one connection is needed",
             ));
         }
+        // Keys whose only supported value is the one this NCP implements: anything else is
+        // refused by name rather than accepted and ignored.
+        let only = |s: &str, k: &str, allowed: &str, why: &str| -> Result<(), ConfigError> {
+            match get(s, k) {
+                Some(e) if !e.value.eq_ignore_ascii_case(allowed) => Err(invalid(s, k, e, why)),
+                _ => Ok(()),
+            }
+        };
+        only(
+            "coe",
+            "adaptor",
+            "kubernetes",
+            "only kubernetes is supported (NCP's openshift4 and pcf adaptors are not)",
+        )?;
+        only(
+            "coe",
+            "node_type",
+            "HOSTVM",
+            "only HOSTVM is supported (pods in VMs, VLAN-tagged under the node's VIF); BAREMETAL is not",
+        )?;
+        let level = |s: &str| -> Result<Option<LogLevel>, ConfigError> {
+            match get(s, "loglevel") {
+                None => Ok(None),
+                Some(e) => LogLevel::parse(&e.value).map(Some).ok_or_else(|| {
+                    invalid(s, "loglevel", e, "expected DEBUG, INFO, WARNING or ERROR")
+                }),
+            }
+        };
         let port =
             match get("k8s", "apiserver_host_port") {
                 None => None,
@@ -329,6 +411,9 @@ impl NcpConfig {
             ha_heartbeat_period_s: number("ha", "heartbeat_period", 6, 3600)?,
             ha_update_timeout_s: number("ha", "update_timeout", 12, 3600)?,
             concurrent_connections: concurrent as usize,
+            enable_snat: boolean("coe", "enable_snat", true)?,
+            loglevel: level("coe")?,
+            k8s_loglevel: level("k8s")?,
         };
         if let Some(u) = &overrides.user {
             config.nsx_api_user = Some(u.clone());
@@ -381,6 +466,9 @@ impl NcpConfig {
             ha_heartbeat_period_s: 6,
             ha_update_timeout_s: 12,
             concurrent_connections: DEFAULT_CONCURRENT_CONNECTIONS,
+            enable_snat: true,
+            loglevel: None,
+            k8s_loglevel: None,
         }
     }
 }
@@ -433,6 +521,49 @@ x = 1
                 .any(|w| w.starts_with("line 14:") && w.contains("frobnicate")),
             "{:?}",
             p.warnings
+        );
+    }
+
+    #[test]
+    fn every_coe_key_read_has_an_effect_or_is_refused_by_name() {
+        let with = |extra: &str| {
+            NcpConfig::parse(&GOOD.replace(
+                "adaptor = kubernetes\n",
+                &format!("adaptor = kubernetes\n{extra}\n"),
+            ))
+        };
+        // enable_snat: read, default true.
+        assert!(NcpConfig::parse(GOOD).unwrap().config.enable_snat);
+        assert!(!with("enable_snat = False").unwrap().config.enable_snat);
+        assert!(matches!(
+            with("enable_snat = maybe"),
+            Err(ConfigError::Invalid { ref key, line: 5, .. }) if key == "enable_snat"
+        ));
+        // What this NCP does not implement is an error naming the key, not a silent default.
+        let err = NcpConfig::parse(&GOOD.replace("adaptor = kubernetes", "adaptor = openshift4"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 4: [coe] adaptor") && err.contains("openshift4"),
+            "{err}"
+        );
+        let err = with("node_type = BAREMETAL").unwrap_err().to_string();
+        assert!(
+            err.contains("[coe] node_type") && err.contains("BAREMETAL"),
+            "{err}"
+        );
+        assert!(with("node_type = HOSTVM").is_ok());
+        // Log levels become the log filter (RUST_LOG still wins in the binary).
+        let c = with("loglevel = WARNING").unwrap().config;
+        assert_eq!(c.log_filter(), "warn");
+        let c = NcpConfig::parse(&GOOD.replace("[k8s]\n", "[k8s]\nloglevel = DEBUG\n"))
+            .unwrap()
+            .config;
+        assert_eq!(c.log_filter(), "info,kube=debug,nsx_core::k8s=debug");
+        let err = with("loglevel = LOUD").unwrap_err().to_string();
+        assert!(
+            err.contains("[coe] loglevel") && err.contains("LOUD"),
+            "{err}"
         );
     }
 

@@ -37,6 +37,7 @@ use kube::runtime::reflector::Store;
 use tokio::sync::Notify;
 
 use super::config::NcpConfig;
+use super::desired::NetworkSettings;
 use super::desired_cache::DesiredCache;
 use super::infra::{Infra, discover};
 use super::leader::{Elector, Fence, LeaderConfig, Leadership, run_elected};
@@ -483,8 +484,11 @@ where
             (Some((view, want)), Some(c)) => Some(want.update(view, c)),
             _ => {
                 let view = stores.view();
-                let want =
-                    DesiredCache::new(&view, &self.config.cluster, self.config.subnet_prefix);
+                let want = DesiredCache::new(
+                    &view,
+                    &self.config.cluster,
+                    NetworkSettings::of(&self.config),
+                );
                 self.tracked = Some((view, want));
                 None
             }

@@ -9,8 +9,9 @@
 //! Per namespace (not being deleted): a block subnet carved from the container IP block, an IP
 //! pool over it, a logical switch using the pool, a tier-1 router linked to the tier-0 (a link
 //! port on each side), a switch port and a downlink router port joining switch and router, and,
-//! unless the namespace opts out with `ncp/no_snat: "true"`, a SNAT rule on the tier-0 that
-//! translates the namespace subnet to an address from the external pool.
+//! unless the namespace opts out with `ncp/no_snat: "true"` or the cluster does with `[coe]
+//! enable_snat = False`, a SNAT rule on the tier-0 that translates the namespace subnet to an
+//! address from the external pool.
 //!
 //! Per pod (scheduled, not host-network, not finished, not being deleted): a logical port on
 //! its namespace's switch, attached as a CHILD VIF of its node's VIF with a VLAN unique under
@@ -26,17 +27,46 @@ use super::vocab::{Desired, Detail, Key, LiveNamespaces, Spec, pod_is_wired};
 use crate::k8s::{ClusterView, annotation};
 use crate::nsx::model::Tag;
 
+/// What NCP's configuration decides about every namespace's network: the size of its subnet,
+/// and whether its pods leave through a SNAT address (`[coe] enable_snat`; without it they leave
+/// with their own, routable addresses, as a namespace annotated `ncp/no_snat` does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetworkSettings {
+    pub subnet_prefix: u8,
+    pub enable_snat: bool,
+}
+
+impl NetworkSettings {
+    pub fn of(config: &super::config::NcpConfig) -> Self {
+        Self {
+            subnet_prefix: config.subnet_prefix,
+            enable_snat: config.enable_snat,
+        }
+    }
+}
+
+/// A subnet prefix alone: NCP's default of SNAT for every namespace.
+impl From<u8> for NetworkSettings {
+    fn from(subnet_prefix: u8) -> Self {
+        Self {
+            subnet_prefix,
+            enable_snat: true,
+        }
+    }
+}
+
 /// The size of a namespace subnet of this prefix length.
 fn subnet_size(subnet_prefix: u8) -> u64 {
     1u64 << (32 - u32::from(subnet_prefix.min(32)))
 }
 
 /// The desired state of the cluster's NSX objects.
-pub fn desired(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Desired {
+pub fn desired(view: &ClusterView, cluster: &str, net: impl Into<NetworkSettings>) -> Desired {
+    let net = net.into();
     let mut objects = BTreeMap::new();
     let live = LiveNamespaces(&view.namespaces);
     for (name, ns) in live.iter() {
-        namespace_objects(cluster, subnet_prefix, name, ns, &mut objects);
+        namespace_objects(cluster, net, name, ns, &mut objects);
     }
     for ((ns_name, pod_name), pod) in &view.pods {
         pod_objects(cluster, live, ns_name, pod_name, pod, &mut objects);
@@ -54,10 +84,10 @@ pub fn desired(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Desired 
 }
 
 /// A live namespace's objects: subnet, pool, switch, tier-1 with its links and downlink, the
-/// SNAT rule unless opted out, and its NSGroup.
+/// SNAT rule unless opted out (or the cluster has no SNAT), and its NSGroup.
 pub fn namespace_objects(
     cluster: &str,
-    subnet_prefix: u8,
+    net: NetworkSettings,
     name: &str,
     ns: &Namespace,
     objects: &mut BTreeMap<Key, Spec>,
@@ -65,7 +95,7 @@ pub fn namespace_objects(
     let Some(uid) = ns.metadata.uid.as_deref() else {
         return;
     };
-    let size = subnet_size(subnet_prefix);
+    let size = subnet_size(net.subnet_prefix);
     let tags = ns_tags(cluster, ns);
     let dn = naming::name(cluster, &[name]);
     let spec = |detail: Detail, tags: Vec<Tag>, dn: String| Spec {
@@ -124,12 +154,13 @@ pub fn namespace_objects(
             naming::name(cluster, &[name, "downlink"]),
         ),
     );
-    let no_snat = ns
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotation::NO_SNAT))
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let no_snat = !net.enable_snat
+        || ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(annotation::NO_SNAT))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
     if !no_snat {
         objects.insert(
             Key::Snat(u),

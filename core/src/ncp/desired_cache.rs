@@ -23,7 +23,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::desired::{
-    lb_objects, namespace_objects, pod_objects, service_objects, slice_service, virtual_servers,
+    NetworkSettings, lb_objects, namespace_objects, pod_objects, service_objects, slice_service,
+    virtual_servers,
 };
 use super::policy::{PodScope, marker_objects, policy_objects, sort_problems};
 use super::vocab::{Desired, Key, LiveNamespaces, Problem, Spec};
@@ -44,7 +45,7 @@ enum Owner {
 #[derive(Debug, Clone)]
 pub struct DesiredCache {
     cluster: String,
-    subnet_prefix: u8,
+    net: NetworkSettings,
     desired: Desired,
     /// The keys each owner's fragment holds.
     owned: BTreeMap<Owner, Vec<Key>>,
@@ -58,10 +59,10 @@ pub struct DesiredCache {
 
 impl DesiredCache {
     /// The desired state of `view`, fragment by fragment.
-    pub fn new(view: &ClusterView, cluster: &str, subnet_prefix: u8) -> Self {
+    pub fn new(view: &ClusterView, cluster: &str, net: impl Into<NetworkSettings>) -> Self {
         let mut cache = Self {
             cluster: cluster.to_string(),
-            subnet_prefix,
+            net: net.into(),
             desired: Desired::default(),
             owned: BTreeMap::new(),
             policies: BTreeMap::new(),
@@ -245,7 +246,7 @@ impl DesiredCache {
         match owner {
             Owner::Namespace(name) => {
                 if let Some(ns) = live.get(name) {
-                    namespace_objects(cluster, self.subnet_prefix, name, ns, &mut fragment);
+                    namespace_objects(cluster, self.net, name, ns, &mut fragment);
                 }
             }
             Owner::Pod(ns, name) => {

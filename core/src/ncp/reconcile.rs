@@ -5,7 +5,7 @@ use hyper_util::client::legacy::connect::Connect;
 use super::apply::{Applier, ApplyError, ApplyReport};
 use std::collections::BTreeSet;
 
-use super::desired::desired;
+use super::desired::{NetworkSettings, desired};
 use super::infra::Infra;
 use super::observe::{Cache, Observed, observe, observe_by_search};
 use super::plan::{Plan, plan, plan_changes};
@@ -85,7 +85,7 @@ impl WriteGate {
 pub async fn reconcile_once<C>(
     client: &NsxClient<C>,
     cluster: &str,
-    subnet_prefix: u8,
+    net: impl Into<NetworkSettings>,
     infra: &Infra,
     view: &ClusterView,
     gate: &WriteGate,
@@ -93,7 +93,7 @@ pub async fn reconcile_once<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    let want = desired(view, cluster, subnet_prefix);
+    let want = desired(view, cluster, net);
     reconcile_desired(client, cluster, infra, &want, None, gate, &mut None).await
 }
 
@@ -109,7 +109,7 @@ where
 pub async fn reconcile_cached<C>(
     client: &NsxClient<C>,
     cluster: &str,
-    subnet_prefix: u8,
+    net: impl Into<NetworkSettings>,
     infra: &Infra,
     view: &ClusterView,
     gate: &WriteGate,
@@ -118,7 +118,7 @@ pub async fn reconcile_cached<C>(
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    let want = desired(view, cluster, subnet_prefix);
+    let want = desired(view, cluster, net);
     let touched = cache
         .as_ref()
         .and_then(|c| c.known.verified.as_deref())

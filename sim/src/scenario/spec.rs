@@ -37,6 +37,8 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     pub ip_block: String,
     pub subnet_prefix: u8,
+    /// NCP's `[coe] enable_snat`: false gives no namespace a SNAT rule.
+    pub enable_snat: bool,
     pub snat_pool: String,
     pub lb_pool: String,
     pub service_cidr: String,
@@ -323,6 +325,8 @@ struct ClusterDoc {
     ip_block: String,
     #[serde(default = "default_prefix")]
     subnet_prefix: u8,
+    #[serde(default = "default_enable_snat")]
+    enable_snat: bool,
     #[serde(default = "default_snat")]
     snat_pool: String,
     #[serde(default = "default_lb")]
@@ -341,6 +345,9 @@ fn default_block() -> String {
 }
 fn default_prefix() -> u8 {
     24
+}
+fn default_enable_snat() -> bool {
+    true
 }
 fn default_snat() -> String {
     "192.0.2.0/24".into()
@@ -362,6 +369,7 @@ impl Default for ClusterDoc {
             nodes: None,
             ip_block: default_block(),
             subnet_prefix: default_prefix(),
+            enable_snat: default_enable_snat(),
             snat_pool: default_snat(),
             lb_pool: default_lb(),
             service_cidr: default_service_cidr(),
@@ -591,6 +599,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
         nodes,
         ip_block: c.ip_block,
         subnet_prefix: c.subnet_prefix,
+        enable_snat: c.enable_snat,
         snat_pool: c.snat_pool,
         lb_pool: c.lb_pool,
         service_cidr: c.service_cidr,

@@ -10,6 +10,7 @@ use fake_nsx_manager::{Clock, FakeNsxManager, FaultRule, ManagerConfig};
 use k8s_openapi::api::core::v1::Pod;
 use nsx_core::k8s::pod_network::PodNetwork;
 use nsx_core::k8s::{ClusterView, annotation};
+use nsx_core::ncp::desired::NetworkSettings;
 use nsx_core::ncp::observe::classify_object;
 use nsx_core::ncp::vocab::Key;
 use nsx_core::ovs::flow::Action;
@@ -132,7 +133,10 @@ impl World {
                 cluster: c.name.clone(),
                 snat_pool: ids.snat_pool.clone(),
                 lb_pool: ids.lb_pool.clone(),
-                subnet_prefix: c.subnet_prefix,
+                net: NetworkSettings {
+                    subnet_prefix: c.subnet_prefix,
+                    enable_snat: c.enable_snat,
+                },
                 replicas: c.ncp_replicas,
                 seed,
             },
@@ -870,12 +874,16 @@ impl World {
     /// Realized == desired everywhere: NSX, annotations, every node's OVS (pods wired and
     /// nothing of deleted pods left; the proxy's services as the apiserver has them).
     pub fn converged(&self) -> Result<(), String> {
-        let (cluster, prefix) = (&self.sc.cluster.name, self.sc.cluster.subnet_prefix);
+        let cluster = &self.sc.cluster.name;
+        let net = NetworkSettings {
+            subnet_prefix: self.sc.cluster.subnet_prefix,
+            enable_snat: self.sc.cluster.enable_snat,
+        };
         let view = crate::converge::view_from(&self.api)?;
         // Every part must hold; the cheap ones, which read only the cluster and the nodes,
         // come first, so that a check made while the system is still busy answers quickly.
         // The desired state once, from scratch (the slow path, never NCP's cache).
-        let want = nsx_core::ncp::desired::desired(&view, cluster, prefix);
+        let want = nsx_core::ncp::desired::desired(&view, cluster, net);
         crate::converge::pods_annotated(&view, &want)?;
         self.nodes_converged(&view)?;
         crate::converge::ncp_converged_in(&view, &want, &self.nsx, cluster).map(|_| ())
