@@ -9,3 +9,4 @@ pub mod netns;
 pub mod nsx_tls;
 pub mod openflow;
 pub mod ovs;
+pub mod reject;

@@ -301,6 +301,8 @@ pub struct NodeMetrics {
     pub proxy_service_ports: AtomicU64,
     pub proxy_conntrack_flushed: AtomicU64,
     pub proxy_last_sync_ms: AtomicU64,
+    /// Rejected packets answered (TCP RST, ICMP port unreachable), by the packet-in handler.
+    pub proxy_rejects: AtomicU64,
 }
 
 /// Name, type, help, samples.
@@ -311,7 +313,7 @@ impl Exposition for NodeMetrics {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let one = |a: &AtomicU64| vec![(String::new(), load(a))];
         let mut out = String::new();
-        let families: [Family; 7] = [
+        let families: [Family; 8] = [
             (
                 "nsx_node_pods_wired",
                 "gauge",
@@ -350,6 +352,12 @@ impl Exposition for NodeMetrics {
                 "counter",
                 "Conntrack flushes for removed endpoints.",
                 one(&self.proxy_conntrack_flushed),
+            ),
+            (
+                "nsx_kube_proxy_rejects_total",
+                "counter",
+                "Packets to a service port without endpoints answered with a TCP RST or an ICMP port unreachable.",
+                one(&self.proxy_rejects),
             ),
             (
                 "nsx_kube_proxy_last_sync_milliseconds",

@@ -287,6 +287,30 @@ fn get(pod: &Pod, url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// From `pod`: a TCP connect to `ip:tcp` and a UDP datagram to `ip:udp`, each "refused" (with
+/// the seconds the TCP refusal took) or what happened instead.
+fn try_closed_ports(pod: &Pod, ip: &str, tcp: u16, udp: u16) -> String {
+    let py = format!(
+        "import socket,time\n\
+         t = time.time()\n\
+         try:\n\
+         \x20   socket.create_connection(('{ip}', {tcp}), timeout=3); print('tcp connected')\n\
+         except ConnectionRefusedError: print('tcp refused %.1f' % (time.time() - t))\n\
+         except Exception as e: print('tcp', type(e).__name__)\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)\n\
+         u.connect(('{ip}', {udp})); u.send(b'x')\n\
+         try:\n\
+         \x20   u.recv(100); print('udp answered')\n\
+         except ConnectionRefusedError: print('udp refused')\n\
+         except Exception as e: print('udp', type(e).__name__)\n"
+    );
+    let out = in_netns(&pod.netns, &["python3", "-c", &py]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[test]
 fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     // The node gets a network namespace of its own (this thread, and so every thread and
@@ -334,6 +358,14 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     for o in service("web", "10.96.0.10", 80, pods[1].ip) {
         k.api.apply(o).unwrap();
     }
+    // A Service whose pods are all gone: no EndpointSlice has an endpoint for it.
+    k.api
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "shop", "name": "empty"},
+            "spec": {"clusterIP": "10.96.0.12", "ports": [
+                {"name": "t", "port": 7070, "protocol": "TCP"},
+                {"name": "u", "port": 7071, "protocol": "UDP"}]}}))
+        .unwrap();
 
     let socket = sw.sb.dir().join("cni.sock");
     let (agent_port, proxy_port) = (free_port(), free_port());
@@ -385,7 +417,24 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         let got = get(&pods[0], url);
         assert_eq!(got, "200 pod-b", "GET {what} from a\n{}", sw.dump());
     }
-    assert_eq!(metric(proxy_port, "nsx_kube_proxy_service_ports"), Some(1));
+    assert_eq!(metric(proxy_port, "nsx_kube_proxy_service_ports"), Some(3));
+    // The Service without endpoints refuses at once, as kube-proxy's REJECT does: the flow
+    // sends the packet to the controller and the proxy answers a TCP RST or an ICMP port
+    // unreachable out of the pod's port (a real OVS alone would drop it: a 3 s timeout). So
+    // does a port the ClusterIP of `web` does not serve.
+    let refused = |ip: &str, tcp: u16, udp: u16| try_closed_ports(&pods[0], ip, tcp, udp);
+    let got = refused("10.96.0.12", 7070, 7071);
+    assert!(
+        got.starts_with("tcp refused 0.") && got.ends_with("udp refused"),
+        "{got}\n{}",
+        sw.dump()
+    );
+    let got = refused("10.96.0.10", 81, 82);
+    assert!(
+        got.starts_with("tcp refused 0.") && got.ends_with("udp refused"),
+        "{got}"
+    );
+    assert!(metric(proxy_port, "nsx_kube_proxy_rejects_total") >= Some(4));
     // b reaches itself through its own ClusterIP (hairpin): the node turns the connection
     // around with the hairpin source address; "NSX" has no flow that would send b's packets
     // back to b, and b's kernel would drop a packet from its own address.
@@ -410,6 +459,13 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     sw.play_nsx(&pods);
     let got = get(&pods[0], "http://10.96.0.10/");
     assert_eq!(got, "200 pod-b", "after the OVS restart\n{}", sw.dump());
+    // The packet-in connection came back with ovs-vswitchd (a SYN sent before it did is
+    // dropped, and its retransmission a second later refused: not a timeout).
+    let got = refused("10.96.0.12", 7070, 7071);
+    assert!(
+        got.starts_with("tcp refused") && got.ends_with("udp refused"),
+        "after the OVS restart: {got}"
+    );
     let got = get(&pods[1], "http://10.96.0.10/");
     assert_eq!(
         got,
@@ -437,7 +493,7 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         k.api.apply(o).unwrap();
     }
     wait_for("the proxy to install web2", Duration::from_secs(10), || {
-        (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(2)).then_some(())
+        (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(4)).then_some(())
     });
     assert_eq!(get(&pods[0], "http://10.96.0.11:9090/"), "200 pod-b");
 

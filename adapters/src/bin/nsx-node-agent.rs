@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use nsx_adapters::kube_client;
 use nsx_adapters::metrics::{NodeMetrics, exposition_router};
+use nsx_adapters::openflow::Session;
 use nsx_adapters::ovs::{OvsBridge, OvsTools};
 use nsx_core::agent::kube_pods::WatchedPods;
 use nsx_core::agent::server::{AgentService, WaitConfig};
@@ -270,6 +271,45 @@ async fn run_agent(
     Ok(())
 }
 
+/// Answers, on a thread of its own, the packets the proxy's flows send to the controller
+/// (a service port without endpoints, a port a ClusterIP does not serve) with what kube-proxy's
+/// REJECT sends: a real Open vSwitch has no action for it, and would drop them silently. It
+/// connects again whenever the connection ends (ovs-vswitchd restarted).
+fn answer_rejects(mgmt: PathBuf, metrics: Arc<NodeMetrics>) {
+    let spawned = std::thread::Builder::new()
+        .name("packet-in".into())
+        .spawn(move || {
+            loop {
+                let served = Session::connect(&mgmt)
+                    .map_err(|e| e.message)
+                    .and_then(|s| {
+                        s.serve_packet_ins(|cookie, frame| {
+                            let category =
+                                (cookie & Cookie::CATEGORY_MASK) >> Cookie::CATEGORY_SHIFT;
+                            let ours = [Category::Service, Category::ClusterIp]
+                                .iter()
+                                .any(|c| *c as u64 == category);
+                            let reply = ours.then(|| nsx_adapters::reject::reply(frame)).flatten();
+                            if reply.is_some() {
+                                metrics.proxy_rejects.fetch_add(1, Ordering::Relaxed);
+                            }
+                            reply
+                        })
+                        .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "packet-in connection ended; connecting again");
+                }
+                // Soon: while it is away, rejected packets are dropped (a client then waits
+                // for its SYN's retransmission).
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "no packet-in thread: rejected packets will be dropped");
+    }
+}
+
 async fn run_proxy(
     args: &Args,
     node: String,
@@ -300,6 +340,7 @@ async fn run_proxy(
         previous,
         groups,
     );
+    answer_rejects(bridge.mgmt_socket(), metrics.clone());
     let signals = ProxySignals::default();
     let watcher = bridge.clone();
     let shared = Arc::new(Mutex::new(bridge));
