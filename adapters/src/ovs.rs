@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 
 use nsx_core::agent::wiring::{PodSwitch, PortInfo};
 use nsx_core::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
+use nsx_core::ovs::flow::Flow;
 
 /// Where the tools are and how to reach the daemons.
 #[derive(Debug, Clone)]
@@ -247,19 +248,26 @@ impl OvsBridge {
     /// look for one of their own flows to learn that ovs-vswitchd restarted (or that
     /// someone deleted their flows), and replay.
     pub fn has_flow_with_cookie(&self, cookie: u64, mask: u64) -> Result<bool, OvsError> {
+        Ok(!self.dump_flows_with_cookie(cookie, mask)?.is_empty())
+    }
+
+    /// The flows (dump-flows lines) whose cookie matches `cookie` under `mask`.
+    pub fn dump_flows_with_cookie(&self, cookie: u64, mask: u64) -> Result<Vec<String>, OvsError> {
         let filter = format!("cookie={cookie:#x}/{mask:#x}");
-        let out = self.tools.ofctl(
-            &[
-                "-O",
-                "OpenFlow15",
-                "--no-stats",
-                "dump-flows",
-                &self.name,
-                &filter,
-            ],
-            None,
-        )?;
-        Ok(out.lines().any(|l| l.contains("actions=")))
+        let args = [
+            "-O",
+            "OpenFlow15",
+            "--no-stats",
+            "dump-flows",
+            &self.name,
+            &filter,
+        ];
+        let out = self.tools.ofctl(&args, None)?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains("actions="))
+            .map(|l| l.trim().to_string())
+            .collect())
     }
 
     /// The OpenFlow number of `port` on this bridge; an error that says how to attach it
@@ -368,27 +376,50 @@ impl OpenFlowBridge for OvsBridge {
     }
 
     fn flush_conntrack(&mut self, f: ConntrackFilter) -> usize {
-        // Connections NATed to the endpoint: their reply comes from it.
+        // Two flushes, as the filter means: connections NATed to (or from) `ip:port`, whose
+        // reply comes from it; and connections addressed to it (a service address).
         let ip = std::net::Ipv4Addr::from(f.ip);
-        let reply = format!(
-            "ct_nw_src={ip},ct_nw_proto={},ct_tp_src={}",
-            f.protocol, f.port
-        );
-        let orig = format!("ct_nw_proto={}", f.protocol);
-        let mut args = vec!["dpctl/flush-conntrack".to_string()];
-        if let Some(z) = f.zone {
-            args.push(format!("zone={z}"));
-        }
-        args.push(orig);
-        args.push(reply);
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        match self.tools.appctl(&a) {
-            Ok(_) => 1,
-            Err(e) => {
-                tracing::warn!(error = %e, "flushing conntrack failed");
-                0
+        let p = f.protocol;
+        let tuples = [
+            (
+                format!("ct_nw_proto={p}"),
+                Some(format!(
+                    "ct_nw_src={ip},ct_nw_proto={p},ct_tp_src={}",
+                    f.port
+                )),
+            ),
+            (
+                format!("ct_nw_dst={ip},ct_nw_proto={p},ct_tp_dst={}", f.port),
+                None,
+            ),
+        ];
+        let mut done = 0;
+        for (orig, reply) in tuples {
+            let mut args = vec!["dpctl/flush-conntrack".to_string()];
+            if let Some(z) = f.zone {
+                args.push(format!("zone={z}"));
+            }
+            args.push(orig);
+            args.extend(reply);
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            match self.tools.appctl(&a) {
+                Ok(_) => done += 1,
+                Err(e) => tracing::warn!(error = %e, "flushing conntrack failed"),
             }
         }
+        done
+    }
+
+    fn flows_with_cookie(&mut self, cookie: u64, mask: u64) -> Result<Vec<Flow>, BridgeError> {
+        let refused = |message: String| BridgeError { index: 0, message };
+        self.dump_flows_with_cookie(cookie, mask)
+            .map_err(|e| refused(e.to_string()))?
+            .iter()
+            .map(|l| {
+                nsx_core::ovs::parse::parse_flow(l)
+                    .map_err(|e| refused(format!("reading back {l:?}: {e}")))
+            })
+            .collect()
     }
 }
 

@@ -258,8 +258,13 @@ fn serve_http(pod: &Pod) -> Running {
          \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\npod-{}\\n'); c.close()\n",
         pod.ip, pod.name
     );
+    serve_py(pod, &py)
+}
+
+/// Runs the Python server `py` in `pod`'s namespace, once it prints "listening".
+fn serve_py(pod: &Pod, py: &str) -> Running {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "python3", "-c", &py])
+        .args(["netns", "exec", &pod.netns, "python3", "-c", py])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -285,6 +290,67 @@ fn get(pod: &Pod, url: &str) -> String {
     );
     let out = in_netns(&pod.netns, &["python3", "-c", &client]);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A UDP Service `dns` on 10.96.0.13:`port` with `endpoint` (or none) at port 5353.
+fn udp_service(port: u16, endpoint: Option<&str>) -> [Value; 2] {
+    let endpoints: Vec<Value> = endpoint
+        .into_iter()
+        .map(|e| json!({"addresses": [e], "conditions": {"ready": true}, "nodeName": "node-1"}))
+        .collect();
+    [
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"namespace": "shop", "name": "dns"},
+               "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.13", "clusterIPs": ["10.96.0.13"],
+                        "ports": [{"name": "dns", "port": port, "protocol": "UDP", "targetPort": 5353}]}}),
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"namespace": "shop", "name": "dns-1",
+                            "labels": {"kubernetes.io/service-name": "dns"}},
+               "addressType": "IPv4", "endpoints": endpoints,
+               "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}]}),
+    ]
+}
+
+/// A UDP echo server on `pod`'s port 5353.
+fn serve_udp(pod: &Pod) -> Running {
+    let py = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{}', 5353))\n\
+         print('listening', flush=True)\n\
+         while True:\n\
+         \x20   d, a = s.recvfrom(100); s.sendto(b'pong', a)\n",
+        pod.ip
+    );
+    serve_py(pod, &py)
+}
+
+/// From `pod`'s port 40001, a datagram to 10.96.0.13:`port`: "pong" or what happened.
+fn ask_udp(pod: &Pod, port: u16) -> String {
+    let py = format!(
+        "import socket\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)\n\
+         u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); u.bind(('{}', 40001))\n\
+         u.connect(('10.96.0.13', {port})); u.send(b'ping')\n\
+         try:\n\
+         \x20   print(u.recv(100).decode())\n\
+         except Exception as e: print(type(e).__name__)\n",
+        pod.ip
+    );
+    let out = in_netns(&pod.netns, &["python3", "-c", &py]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The connections OVS tracks to 10.96.0.13 on UDP `port` (`dpctl/dump-conntrack`).
+fn tracked_to_dns(sw: &Switch, port: u16) -> usize {
+    let dump = sw
+        .tools
+        .appctl(&["dpctl/dump-conntrack"])
+        .unwrap_or_default();
+    dump.lines()
+        .filter(|l| {
+            l.starts_with("udp,") && l.contains(&format!("dst=10.96.0.13,sport=40001,dport={port}"))
+        })
+        .count()
 }
 
 /// From `pod`: a TCP connect to `ip:tcp` and a UDP datagram to `ip:udp`, each "refused" (with
@@ -474,11 +540,61 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         sw.dump()
     );
 
+    // Stale UDP connections on the real switch's conntrack, as kube-proxy clears them: a UDP
+    // Service's connections go when its endpoint goes (the Service staying), when its port
+    // changes, and when the endpoint went while no proxy ran.
+    let _udp = serve_udp(&pods[1]);
+    let apply = |objs: [Value; 2]| {
+        for o in objs {
+            k.api.apply(o).unwrap();
+        }
+    };
+    let answered_and_tracked = |port: u16| {
+        wait_for(
+            &format!("dns:{port} to answer"),
+            Duration::from_secs(10),
+            || (ask_udp(&pods[0], port) == "pong").then_some(()),
+        );
+        assert_eq!(
+            tracked_to_dns(&sw, port),
+            1,
+            "{}",
+            sw.tools
+                .appctl(&["dpctl/dump-conntrack"])
+                .unwrap_or_default()
+        );
+    };
+    let forgotten = |port: u16, what: &str| {
+        wait_for(what, Duration::from_secs(10), || {
+            (tracked_to_dns(&sw, port) == 0).then_some(())
+        })
+    };
+    apply(udp_service(53, Some(pods[1].ip)));
+    answered_and_tracked(53);
+    apply(udp_service(53, None));
+    forgotten(53, "the connection to a removed endpoint to be forgotten");
+    apply(udp_service(53, Some(pods[1].ip)));
+    answered_and_tracked(53);
+    apply(udp_service(54, Some(pods[1].ip)));
+    forgotten(
+        53,
+        "the connection to the Service's old port to be forgotten",
+    );
+    answered_and_tracked(54);
+
     // nsx-kube-proxy restarts: round 2 replaces round 1 in one bundle, traffic goes on.
     let before = pipeline::previous_round(sw.bridge().cookies().unwrap());
     assert_eq!(before, Some(1));
     drop(proxy);
+    // While no proxy runs, dns loses its endpoint: the new one finds it in the old round's
+    // flows and forgets its connections.
+    apply(udp_service(54, None));
+    assert_eq!(tracked_to_dns(&sw, 54), 1);
     proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &["kube-proxy"]);
+    forgotten(
+        54,
+        "a restarted proxy to forget the connection to an endpoint gone meanwhile",
+    );
     let cookies = sw.bridge().cookies().unwrap();
     let rounds: std::collections::BTreeSet<u64> = cookies
         .iter()
@@ -493,7 +609,7 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         k.api.apply(o).unwrap();
     }
     wait_for("the proxy to install web2", Duration::from_secs(10), || {
-        (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(4)).then_some(())
+        (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(5)).then_some(())
     });
     assert_eq!(get(&pods[0], "http://10.96.0.11:9090/"), "200 pod-b");
 

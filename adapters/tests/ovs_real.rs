@@ -30,6 +30,14 @@ impl OpenFlowBridge for Both {
     fn flush_conntrack(&mut self, f: nsx_core::ovs::bridge::ConntrackFilter) -> usize {
         self.real.flush_conntrack(f)
     }
+
+    fn flows_with_cookie(
+        &mut self,
+        cookie: u64,
+        mask: u64,
+    ) -> Result<Vec<nsx_core::ovs::flow::Flow>, nsx_core::ovs::bridge::BridgeError> {
+        self.real.flows_with_cookie(cookie, mask)
+    }
 }
 
 impl PodSwitch for Both {

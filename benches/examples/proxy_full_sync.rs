@@ -58,6 +58,21 @@ impl OpenFlowBridge for Keep {
     fn flush_conntrack(&mut self, _: ConntrackFilter) -> usize {
         0
     }
+
+    fn flows_with_cookie(
+        &mut self,
+        cookie: u64,
+        mask: u64,
+    ) -> Result<Vec<nsx_core::ovs::flow::Flow>, BridgeError> {
+        Ok(self
+            .0
+            .iter()
+            .filter_map(|op| match op {
+                OfOp::AddFlow(f) if f.cookie & mask == cookie & mask => Some(f.clone()),
+                _ => None,
+            })
+            .collect())
+    }
 }
 
 fn proxy() -> Proxy {

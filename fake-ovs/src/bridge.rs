@@ -717,6 +717,19 @@ impl nsx_core::ovs::bridge::OpenFlowBridge for Bridge {
         self.conntrack
             .flush_endpoint(f.zone, f.protocol, f.ip, f.port)
     }
+
+    fn flows_with_cookie(
+        &mut self,
+        cookie: u64,
+        mask: u64,
+    ) -> Result<Vec<Flow>, nsx_core::ovs::bridge::BridgeError> {
+        Ok(self
+            .flows()
+            .into_iter()
+            .filter(|(f, _)| f.cookie & mask == cookie & mask)
+            .map(|(f, _)| f.clone())
+            .collect())
+    }
 }
 
 impl nsx_core::agent::PodSwitch for Bridge {

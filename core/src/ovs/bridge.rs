@@ -31,8 +31,9 @@ pub enum OfOp {
     DelGroup(u32),
 }
 
-/// The connections to forget (`dpctl/flush-conntrack`): those in `zone` whose traffic was
-/// NATed to (or comes from) `ip:port` over `protocol`.
+/// The connections to forget (`dpctl/flush-conntrack`): those in `zone` over `protocol` whose
+/// traffic was NATed to (or comes from) `ip:port`, or was addressed to it (a service address
+/// that goes or changes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ConntrackFilter {
     /// `None`: every zone.
@@ -55,6 +56,9 @@ pub trait OpenFlowBridge {
     fn bundle(&mut self, ops: Vec<OfOp>) -> Result<(), BridgeError>;
     /// Forgets the matching connections; returns how many.
     fn flush_conntrack(&mut self, filter: ConntrackFilter) -> usize;
+    /// The flows whose cookie matches `cookie` under `mask`: what a restarted proxy reads of
+    /// its previous run (the endpoints it had, whose connections may need forgetting).
+    fn flows_with_cookie(&mut self, cookie: u64, mask: u64) -> Result<Vec<Flow>, BridgeError>;
 }
 
 impl OfOp {

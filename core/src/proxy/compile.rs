@@ -185,6 +185,29 @@ pub fn endpoint_flow(round: u16, protocol: u8, e: &Endpoint) -> Flow {
     }
 }
 
+/// The endpoint an [`endpoint_flow`] DNATs to, with its protocol: how a restarted proxy
+/// learns from the bridge which endpoints its previous run served. `None` for any other flow.
+pub fn endpoint_of_flow(f: &Flow) -> Option<(u8, Endpoint)> {
+    if f.table != table::ENDPOINT_DNAT || f.priority != priority::ENDPOINT {
+        return None;
+    }
+    let exact = |field: Field, mask: u128| {
+        f.matches
+            .get(field)
+            .filter(|(_, m)| *m == mask & field.full_mask())
+            .map(|(v, _)| v)
+    };
+    let (ip, port) = (reg::ENDPOINT_IP, reg::ENDPOINT_PORT);
+    let protocol = u8::try_from(exact(Field::IpProto, u128::MAX)?).ok()?;
+    Some((
+        protocol,
+        Endpoint {
+            ip: u32::try_from(exact(ip.field, ip.mask())?).ok()?,
+            port: u16::try_from(exact(port.field, port.mask())?).ok()?,
+        },
+    ))
+}
+
 /// The select group of a service port. Bucket ids come from the endpoints, so a change of
 /// endpoints does not move the connections of the others (highest-random-weight hashing).
 pub fn group(sp: &ServicePort, group_id: u32) -> Group {

@@ -12,9 +12,11 @@ use crate::hash::WordMap;
 use crate::ovs::bridge::{BridgeError, ConntrackFilter, OfOp, OpenFlowBridge};
 use crate::ovs::flow::{Flow, Group};
 
-use super::compile::{cluster_ip_flow, endpoint_flow, group, service_flows, static_flows};
+use super::compile::{
+    cluster_ip_flow, endpoint_flow, endpoint_of_flow, group, service_flows, static_flows,
+};
 use super::model::{Endpoint, ServicePort, ServicePortKey};
-use crate::ovs::pipeline::Cookie;
+use crate::ovs::pipeline::{Category, Cookie};
 
 /// Bytes an OpenFlow message may carry, and what a group message and a bucket take (a
 /// bucket with two loads and a resubmit; one with a learn is bigger).
@@ -230,9 +232,20 @@ impl Proxy {
             }
         }
         let ip_refs = b.cluster_ip_flows(&self.cluster_ip_refs);
+        // The endpoints a previous run served (read before its flows are deleted below): those
+        // no service port has any more went while no proxy watched, and their connections are
+        // forgotten as if this run had removed them.
+        let mut previous_endpoints = Vec::new();
         if !self.static_installed
             && let Some(prev) = self.previous_round.filter(|p| *p != self.round)
         {
+            let (round, round_mask) = Cookie::of_round(prev);
+            let category = (Category::Endpoint as u64) << Cookie::CATEGORY_SHIFT;
+            previous_endpoints = bridge
+                .flows_with_cookie(round | category, round_mask | Cookie::CATEGORY_MASK)?
+                .iter()
+                .filter_map(endpoint_of_flow)
+                .collect();
             // The last run's flows that this one did not replace.
             let (cookie, cookie_mask) = Cookie::of_round(prev);
             b.tail.push(OfOp::DelFlowsByCookie {
@@ -281,6 +294,16 @@ impl Proxy {
         for k in released {
             if let Some(id) = self.group_ids.remove(&k) {
                 self.free_ids.insert(id);
+            }
+        }
+        for (protocol, e) in previous_endpoints {
+            if protocol != 6 && !self.endpoint_refs.contains_key(&(protocol, e)) {
+                flush.push(ConntrackFilter {
+                    zone: None,
+                    protocol,
+                    ip: e.ip,
+                    port: e.port,
+                });
             }
         }
         let mut flushed = 0;
@@ -372,6 +395,36 @@ impl<'r> Batch<'r> {
         });
     }
 
+    /// A UDP or SCTP service port's addresses that it no longer has (all of them when it goes):
+    /// the connections addressed to them are forgotten, as kube-proxy clears a UDP service's
+    /// conntrack entries, so that a client does not keep reaching the old backend through an
+    /// address that no longer means it. TCP connections drain.
+    fn forget_addresses(&mut self, old: &ServicePort, new: Option<&ServicePort>) {
+        if old.protocol == 6 {
+            return;
+        }
+        let same_protocol = new.is_some_and(|n| n.protocol == old.protocol);
+        let mut gone = Vec::with_capacity(1 + self.node_ips.len());
+        if !(same_protocol
+            && new.is_some_and(|n| (n.cluster_ip, n.port) == (old.cluster_ip, old.port)))
+        {
+            gone.push((old.cluster_ip, old.port));
+        }
+        if let Some(np) = old.node_port
+            && !(same_protocol && new.is_some_and(|n| n.node_port == Some(np)))
+        {
+            gone.extend(self.node_ips.iter().map(|ip| (*ip, np)));
+        }
+        for (ip, port) in gone {
+            self.flush.push(ConntrackFilter {
+                zone: None,
+                protocol: old.protocol,
+                ip,
+                port,
+            });
+        }
+    }
+
     /// One service port fewer uses endpoint `e`: its flow goes with the last user, and its
     /// connections are flushed unless TCP.
     fn release(&mut self, protocol: u8, e: &Endpoint) {
@@ -423,6 +476,9 @@ impl<'r> Batch<'r> {
         uncertain_groups: &BTreeSet<u32>,
     ) {
         let round = self.round;
+        if let Some(o) = old {
+            self.forget_addresses(&o.sp, Some(sp));
+        }
         let (old_flows, old_group) = self.compiled_before(old);
         let flows = service_flows(round, sp, id, self.node_ips);
         let g = (!sp.endpoints.is_empty()).then(|| group(sp, id));
@@ -503,6 +559,7 @@ impl<'r> Batch<'r> {
 
     /// A service port that is no longer wanted: its flows, group and endpoint references go.
     fn port_gone(&mut self, key: &ServicePortKey, old: &Installed) {
+        self.forget_addresses(&old.sp, None);
         let (old_flows, old_group) = self.compiled_before(Some(old));
         for f in &old_flows {
             self.delete_flow(f);
