@@ -11,8 +11,9 @@
 //!    requests in flight and everyone's (503), then the injected fault rules.
 //! 6. Latency: the configured delay, on tokio time (simulated under turmoil), holding the
 //!    in-flight slot as a slow real manager would.
-//! 7. The store, under one lock: dispatch, flush to the search index, save the state file
-//!    (atomically) after a successful write, log the request.
+//! 7. The store, under one lock: a write is journaled to the state file first (a write that
+//!    cannot be is a 500 and changes nothing), then dispatch, flush to the search index, log
+//!    the request.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -289,9 +290,11 @@ impl FakeNsxManager {
         } = loaded;
         let mut store = snapshot.store;
         let replayed = entries.len();
+        let now = config.clock.now_ms();
         // Replay as the requests were first served: on a store whose derived indexes (the VIF
-        // uniqueness index above all) are whole, indexing after each request.
-        store.rebuild_index(entries.first().map_or(0, |e| e.now_ms));
+        // uniqueness index above all) are whole, indexing after each request; then every write
+        // is visible to search at once, as after any restart.
+        store.rebuild_index(entries.first().map_or(now, |e| e.now_ms));
         for e in &entries {
             let body = e.body_bytes()?;
             dispatch::dispatch(
@@ -306,7 +309,7 @@ impl FakeNsxManager {
             );
             store.flush_index(e.now_ms);
         }
-        store.rebuild_index(config.clock.now_ms());
+        store.catch_up_index();
         let m = Self::from_parts(config, store, snapshot.bootstrap);
         let mut g = m.lock();
         g.users = snapshot.users;
@@ -750,20 +753,9 @@ impl Inner {
     /// then lose).
     /// `write`: [`changes_state`] of the request.
     fn serve(&mut self, ctx: &Ctx, req: &ApiRequest<'_>, write: bool) -> ApiResponse {
-        if write && self.state.is_some() {
-            let journaled = if self.state.as_ref().is_some_and(StateFile::needs_snapshot) {
-                self.snapshot()
-            } else {
-                Ok(())
-            }
-            .and_then(|()| {
-                let mut entry = Entry::new(ctx, req.method, req.path, req.query, req.body);
-                self.state.as_mut().map_or(Ok(()), |s| s.append(&mut entry))
-            });
-            if let Err(e) = journaled {
-                tracing::error!(error = %e, "failed to save a write to the state file; it is refused");
-                return persist_failed(&e);
-            }
+        if write && let Err(e) = self.journal(ctx, req) {
+            tracing::error!(error = %e, "failed to save a write to the state file; it is refused");
+            return persist_failed(&e);
         }
         let r = dispatch::dispatch(&mut self.store, ctx, req);
         self.store.flush_index(ctx.now_ms);
@@ -774,6 +766,20 @@ impl Inner {
             }
         }
         r
+    }
+
+    /// Appends `req` to the state file's journal (nothing without one), after the snapshot a
+    /// torn journal waits for.
+    fn journal(&mut self, ctx: &Ctx, req: &ApiRequest<'_>) -> Result<(), String> {
+        if self.state.as_ref().is_some_and(StateFile::needs_snapshot) {
+            self.snapshot()?;
+        }
+        let Some(state) = self.state.as_mut() else {
+            return Ok(());
+        };
+        state.append(&mut Entry::new(
+            ctx, req.method, req.path, req.query, req.body,
+        ))
     }
 
     /// `write`: whether the request asked to change state ([`dispatch::changes_state`]).

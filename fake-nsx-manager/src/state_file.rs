@@ -21,7 +21,7 @@
 //!
 //! Layout: the snapshot at `FILE` (JSON, version 2; version 1 files, which had no journal, load
 //! as they are), the journal at `FILE.journal`, one entry per line: 16 hex digits of the FNV-1a
-//! hash of the JSON that follows, a space, the JSON.
+//! hash (`nsx_core::hash::stable_hash`) of the JSON that follows, a space, the JSON.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -29,6 +29,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+use nsx_core::hash::stable_hash;
 use serde::{Deserialize, Serialize};
 
 use crate::bootstrap::Bootstrap;
@@ -272,7 +273,7 @@ impl StateFile {
         entry.seq = self.next_seq;
         self.next_seq += 1;
         let json = serde_json::to_string(entry).map_err(|e| e.to_string())?;
-        let line = format!("{:016x} {json}\n", fnv1a(json.as_bytes()));
+        let line = format!("{:016x} {json}\n", stable_hash(&json));
         let written = OpenOptions::new()
             .create(true)
             .append(true)
@@ -380,17 +381,11 @@ fn parse_line(line: &[u8]) -> Result<Entry<'static>, String> {
         .ok()
         .and_then(|s| u64::from_str_radix(s, 16).ok())
         .ok_or("a checksum that is not hex")?;
-    if sum != fnv1a(json) {
+    let json = std::str::from_utf8(json).map_err(|_| "not UTF-8")?;
+    if sum != stable_hash(json) {
         return Err("checksum mismatch".into());
     }
-    serde_json::from_slice(json).map_err(|e| e.to_string())
-}
-
-/// FNV-1a, 64 bits: enough to tell a torn or damaged line from a whole one.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    serde_json::from_str(json).map_err(|e| e.to_string())
 }
 
 /// Writes a file atomically: a temporary file, fsync, rename, fsync of the folder. Returns the
@@ -432,7 +427,7 @@ mod tests {
         let json = format!(
             r#"{{"seq":{seq},"user":"admin","superuser":true,"protected_principal":false,"allow_overwrite":false,"now_ms":5,"method":"POST","path":"/api/v1/x"}}"#
         );
-        format!("{:016x} {json}\n", fnv1a(json.as_bytes()))
+        format!("{:016x} {json}\n", stable_hash(&json))
     }
 
     #[test]

@@ -284,11 +284,9 @@ fn answer_rejects(mgmt: PathBuf, metrics: Arc<NodeMetrics>) {
                     .map_err(|e| e.message)
                     .and_then(|s| {
                         s.serve_packet_ins(|cookie, frame| {
-                            let category =
-                                (cookie & Cookie::CATEGORY_MASK) >> Cookie::CATEGORY_SHIFT;
-                            let ours = [Category::Service, Category::ClusterIp]
-                                .iter()
-                                .any(|c| *c as u64 == category);
+                            let ours = Cookie::parse(cookie).is_some_and(|c| {
+                                matches!(c.category, Category::Service | Category::ClusterIp)
+                            });
                             let reply = ours.then(|| nsx_adapters::reject::reply(frame)).flatten();
                             if reply.is_some() {
                                 metrics.proxy_rejects.fetch_add(1, Ordering::Relaxed);

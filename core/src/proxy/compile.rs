@@ -394,3 +394,28 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
     }
     flows
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_flow_reads_back_as_its_endpoint_and_no_other_flow_does() {
+        let e = Endpoint {
+            ip: 0x0a04_000b,
+            port: 5353,
+        };
+        for protocol in [6, 17, 132] {
+            assert_eq!(
+                endpoint_of_flow(&endpoint_flow(7, protocol, &e)),
+                Some((protocol, e))
+            );
+        }
+        assert_eq!(endpoint_of_flow(&cluster_ip_flow(7, 0x0a60_000d)), None);
+        assert!(
+            static_flows(7)
+                .iter()
+                .all(|f| endpoint_of_flow(f).is_none())
+        );
+    }
+}

@@ -239,15 +239,16 @@ impl Proxy {
         if !self.static_installed
             && let Some(prev) = self.previous_round.filter(|p| *p != self.round)
         {
-            let (round, round_mask) = Cookie::of_round(prev);
-            let category = (Category::Endpoint as u64) << Cookie::CATEGORY_SHIFT;
+            let (cookie, cookie_mask) = Cookie::of_round(prev);
             previous_endpoints = bridge
-                .flows_with_cookie(round | category, round_mask | Cookie::CATEGORY_MASK)?
+                .flows_with_cookie(
+                    Cookie::new(prev, Category::Endpoint, 0).value(),
+                    cookie_mask | Cookie::CATEGORY_MASK,
+                )?
                 .iter()
                 .filter_map(endpoint_of_flow)
                 .collect();
             // The last run's flows that this one did not replace.
-            let (cookie, cookie_mask) = Cookie::of_round(prev);
             b.tail.push(OfOp::DelFlowsByCookie {
                 cookie,
                 cookie_mask,
@@ -403,25 +404,22 @@ impl<'r> Batch<'r> {
         if old.protocol == 6 {
             return;
         }
-        let same_protocol = new.is_some_and(|n| n.protocol == old.protocol);
-        let mut gone = Vec::with_capacity(1 + self.node_ips.len());
-        if !(same_protocol
-            && new.is_some_and(|n| (n.cluster_ip, n.port) == (old.cluster_ip, old.port)))
-        {
-            gone.push((old.cluster_ip, old.port));
+        // What the port still is, if it stays with the same protocol.
+        let kept = new.filter(|n| n.protocol == old.protocol);
+        let forget = |ip: u32, port: u16| ConntrackFilter {
+            zone: None,
+            protocol: old.protocol,
+            ip,
+            port,
+        };
+        if kept.is_none_or(|n| (n.cluster_ip, n.port) != (old.cluster_ip, old.port)) {
+            self.flush.push(forget(old.cluster_ip, old.port));
         }
         if let Some(np) = old.node_port
-            && !(same_protocol && new.is_some_and(|n| n.node_port == Some(np)))
+            && kept.is_none_or(|n| n.node_port != Some(np))
         {
-            gone.extend(self.node_ips.iter().map(|ip| (*ip, np)));
-        }
-        for (ip, port) in gone {
-            self.flush.push(ConntrackFilter {
-                zone: None,
-                protocol: old.protocol,
-                ip,
-                port,
-            });
+            self.flush
+                .extend(self.node_ips.iter().map(|ip| forget(*ip, np)));
         }
     }
 
