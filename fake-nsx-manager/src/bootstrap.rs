@@ -111,6 +111,65 @@ fn pool_body(name: &str, cidr: &str, tag_pairs: &[(&str, &str)]) -> Result<Value
     }))
 }
 
+/// The node network's router, as an admin sets it up: a tier-1 linked to the tier-0, with a
+/// downlink on the node switch (the network's first address is the nodes' gateway) and its
+/// connected routes advertised, so that nodes reach the pods (the kubelet's probes) and the
+/// outside reaches the nodes. Not tagged for any cluster: NCP neither owns nor touches it.
+fn node_router(
+    store: &mut Store,
+    ctx: &Ctx,
+    cluster: &str,
+    switch: &str,
+    net: &Cidr,
+    tier0: &str,
+) -> Result<(), crate::error::ApiError> {
+    use crate::kind::Kind;
+    let mut create =
+        |kind: Kind, body: Value| store.create(ctx, kind, &body, None).map(|v| created_id(&v));
+    let t1 = create(
+        Kind::LogicalRouter,
+        json!({"display_name": format!("{cluster}-nodes-t1"), "router_type": "TIER1"}),
+    )?;
+    let switch_port = create(
+        Kind::LogicalPort,
+        json!({"display_name": format!("{cluster}-nodes-gateway"), "logical_switch_id": switch, "admin_state": "UP"}),
+    )?;
+    create(
+        Kind::LogicalRouterPort,
+        json!({
+            "resource_type": "LogicalRouterDownLinkPort",
+            "display_name": format!("{cluster}-nodes-downlink"),
+            "logical_router_id": t1,
+            "linked_logical_switch_port_id": {"target_id": switch_port, "target_type": "LogicalPort"},
+            "subnets": [{"ip_addresses": [ipam::ip_to_string(net.first() + 1)], "prefix_length": net.prefix}],
+        }),
+    )?;
+    let on_t0 = create(
+        Kind::LogicalRouterPort,
+        json!({"resource_type": "LogicalRouterLinkPortOnTIER0", "display_name": format!("{cluster}-nodes-t0-link"), "logical_router_id": tier0}),
+    )?;
+    create(
+        Kind::LogicalRouterPort,
+        json!({
+            "resource_type": "LogicalRouterLinkPortOnTIER1",
+            "display_name": format!("{cluster}-nodes-t1-link"),
+            "logical_router_id": t1,
+            "linked_logical_router_port_id": {"target_id": on_t0, "target_type": "LogicalRouterLinkPortOnTIER0"},
+        }),
+    )?;
+    let current = store.advertisement_get(&t1)?;
+    let revision = current
+        .get("_revision")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    store.advertisement_put(
+        ctx,
+        &t1,
+        &json!({"enabled": true, "advertise_nsx_connected_routes": true, "_revision": revision}),
+    )?;
+    Ok(())
+}
+
 /// The system objects every manager has from the start.
 pub fn system_objects(store: &mut Store, ctx: &Ctx) -> String {
     let section = store.create_default_section(ctx);
@@ -197,6 +256,8 @@ pub fn run(
             )
             .map_err(|e| err("the node switch", e))?;
         let ls = created_id(&ls);
+        node_router(store, ctx, name, &ls, &node_net, &t0)
+            .map_err(|e| err("the node router", e))?;
         let mut node_ports = BTreeMap::new();
         for (i, node) in c.nodes.iter().enumerate() {
             let ip = node_net.first() + 10 + i as u32;

@@ -321,6 +321,7 @@ pub fn trace(
                 .ip
         }
         Endpoint::External(ip) => *ip,
+        Endpoint::Node(name) => w.nodes.get(name).context("no such node")?.node_ip,
         Endpoint::Service { namespace, name } => {
             let s = w
                 .api

@@ -113,10 +113,13 @@ pub mod fingerprint {
         h.finish()
     }
 
+    /// A node's spec and addresses (NCP's node access section lists them), not the rest of
+    /// its status: its conditions' heartbeats change every few seconds and mean nothing here.
     pub fn node(n: &Node) -> u64 {
         let mut h = start(2);
         hash_meta(&mut h, &n.metadata);
         hash_json(&mut h, &n.spec);
+        hash_json(&mut h, &n.status.as_ref().map(|s| &s.addresses));
         h.finish()
     }
 

@@ -146,7 +146,8 @@ fn lane(op: &Op) -> Lane<'_> {
             Key::FwMarkerTop(_)
             | Key::FwMarkerBottom(_)
             | Key::AllowSection(_)
-            | Key::IsolationSection(_) => Lane::Firewall,
+            | Key::IsolationSection(_)
+            | Key::NodeSection(_) => Lane::Firewall,
             _ => Lane::Object(key),
         },
     }
@@ -571,7 +572,7 @@ where
             Key::FwMarkerBottom(_) => {
                 format!("?operation=insert_after&id={}", id_of(Key::FwMarkerTop(c))?)
             }
-            Key::AllowSection(_) | Key::IsolationSection(_) => {
+            Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) => {
                 let Detail::Section { marker, .. } = &spec.detail else {
                     return Ok(None);
                 };
@@ -729,7 +730,7 @@ where
             })
             .map(str::to_string);
         let want = self.render(key, spec, address.as_deref())?;
-        if let Key::AllowSection(_) | Key::IsolationSection(_) = key {
+        if let Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) = key {
             return self.update_section(key, id, want).await;
         }
         self.take_write()?;

@@ -15,7 +15,7 @@
 //! | service | the service, the load balancer |
 //! | endpoint slice | the services it belonged to and belongs to, the load balancer |
 //! | policy | the policy, the markers |
-//! | node | nothing (a node's VIF comes from NSX) |
+//! | node | the markers (the node access section lists the nodes' addresses) |
 //!
 //! A property test (`tests::updates_match_a_fresh_computation`) checks that the result is
 //! exactly `desired` of the new view, and that every key whose spec changed is reported.
@@ -92,7 +92,7 @@ impl DesiredCache {
             }
         }
         let mut touched = BTreeSet::new();
-        cache.recompute(view, owners, &mut touched);
+        cache.recompute(view, owners, false, &mut touched);
         cache
     }
 
@@ -189,7 +189,7 @@ impl DesiredCache {
             owners.insert(Owner::Policy(ns.clone(), np.clone()));
         }
         let mut touched = BTreeSet::new();
-        self.recompute(view, owners, &mut touched);
+        self.recompute(view, owners, !changes.nodes.is_empty(), &mut touched);
         touched
     }
 
@@ -200,17 +200,19 @@ impl DesiredCache {
         &mut self,
         view: &ClusterView,
         owners: BTreeSet<Owner>,
+        nodes_changed: bool,
         touched: &mut BTreeSet<Key>,
     ) {
         let lb = owners.iter().any(|o| matches!(o, Owner::Service(..)));
-        let markers = owners.iter().any(|o| matches!(o, Owner::Policy(..)));
+        let policies = owners.iter().any(|o| matches!(o, Owner::Policy(..)));
+        let markers = policies || nodes_changed;
         self.batch(view, owners, touched);
         let global = [
             lb.then_some(Owner::LoadBalancer),
             markers.then_some(Owner::Markers),
         ];
         self.batch(view, global.into_iter().flatten(), touched);
-        if markers {
+        if policies {
             let mut problems: Vec<Problem> = self
                 .policies
                 .values()
@@ -288,7 +290,7 @@ impl DesiredCache {
             }
             Owner::Markers => {
                 if !self.policies.is_empty() {
-                    marker_objects(cluster, &mut fragment);
+                    marker_objects(cluster, view, &mut fragment);
                 }
             }
         }
@@ -347,6 +349,8 @@ mod tests {
         slices: Vec<(u8, u8, u8, bool)>,
         /// Per policy slot: (namespace, shape: absent, own, namespace selector, named egress).
         policies: Vec<(u8, u8)>,
+        /// Per node slot: absent, or which of two addresses it reports.
+        nodes: Vec<u8>,
     }
 
     fn clusters() -> impl Strategy<Value = Gen> {
@@ -375,14 +379,18 @@ mod tests {
             proptest::collection::vec((0u8..3, 0u8..3, 1u8..3), 3),
             proptest::collection::vec((0u8..3, 0u8..3, 0u8..3, any::<bool>()), 3),
             proptest::collection::vec((0u8..3, 0u8..4), 3),
+            proptest::collection::vec(0u8..3, 2),
         )
-            .prop_map(|(namespaces, pods, services, slices, policies)| Gen {
-                namespaces,
-                pods,
-                services,
-                slices,
-                policies,
-            })
+            .prop_map(
+                |(namespaces, pods, services, slices, policies, nodes)| Gen {
+                    namespaces,
+                    pods,
+                    services,
+                    slices,
+                    policies,
+                    nodes,
+                },
+            )
     }
 
     fn view(g: &Gen) -> ClusterView {
@@ -486,6 +494,17 @@ mod tests {
             v.add_network_policy(
                 serde_json::from_value(json!({"metadata": {"name": format!("np-{i}"), "namespace": format!("ns-{ns}"), "uid": format!("uid-np-{i}")},
                     "spec": spec}))
+                .unwrap(),
+            );
+        }
+        for (i, address) in g.nodes.iter().enumerate() {
+            if *address == 0 {
+                continue;
+            }
+            v.add_node(
+                serde_json::from_value(json!({"metadata": {"name": format!("node-{i}"), "uid": format!("uid-node-{i}")},
+                    "status": {"addresses": [{"type": "InternalIP", "address": format!("172.16.0.{}", 10 * i + usize::from(*address))},
+                        {"type": "Hostname", "address": format!("node-{i}")}]}}))
                 .unwrap(),
             );
         }
@@ -776,6 +795,68 @@ mod tests {
             ..Default::default()
         });
         g.add_pod(pod);
+        assert!(ViewChanges::between(&before, &g).is_empty());
+    }
+
+    /// A node's address is what the node access section lets through: a node that joins,
+    /// changes address or goes updates the IPSet, and nothing else; a heartbeat is no change.
+    #[test]
+    fn a_node_change_recomputes_the_node_access_set_only() {
+        let node = |name: &str, ip: &str, heartbeat: &str| -> k8s_openapi::api::core::v1::Node {
+            serde_json::from_value(json!({"metadata": {"name": name},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+                    "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]}}))
+            .unwrap()
+        };
+        let mut g = ClusterView::default();
+        g.add_namespace(fixture::namespace("ns-0", "uid-ns-0"));
+        g.add_pod(fixture::pod(
+            "ns-0",
+            "pod-0",
+            "uid-pod-0",
+            "node-1",
+            &[("app", "web")],
+        ));
+        g.add_network_policy(
+            serde_json::from_value(
+                json!({"metadata": {"name": "deny", "namespace": "ns-0", "uid": "uid-np"},
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}),
+            )
+            .unwrap(),
+        );
+        g.add_node(node("node-1", "172.16.0.11", "2026-01-01T00:00:00Z"));
+        let mut cache = DesiredCache::new(&g, "k8s-a", 24);
+        let ipset = Key::NodeIpSet("k8s-a".into());
+        let addresses = |c: &DesiredCache| match &c.desired().objects[&ipset].detail {
+            crate::ncp::vocab::Detail::IpSet { addresses } => addresses.clone(),
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(addresses(&cache), ["172.16.0.11"]);
+        for (change, want) in [
+            (
+                Some(node("node-2", "172.16.0.12", "2026-01-01T00:00:00Z")),
+                vec!["172.16.0.11", "172.16.0.12"],
+            ),
+            (
+                Some(node("node-1", "172.16.0.21", "2026-01-01T00:00:00Z")),
+                vec!["172.16.0.12", "172.16.0.21"],
+            ),
+            (None, vec!["172.16.0.21"]),
+        ] {
+            let before = g.clone();
+            match change {
+                Some(n) => g.add_node(n),
+                None => {
+                    g.nodes.remove("node-2");
+                }
+            }
+            let touched = cache.update(&g, &ViewChanges::between(&before, &g));
+            assert_eq!(touched, [ipset.clone()].into());
+            assert_eq!(addresses(&cache), want);
+            assert_eq!(cache.desired(), &desired(&g, "k8s-a", 24));
+        }
+        let before = g.clone();
+        g.add_node(node("node-1", "172.16.0.21", "2026-01-01T00:00:10Z"));
         assert!(ViewChanges::between(&before, &g).is_empty());
     }
 }

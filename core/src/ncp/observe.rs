@@ -135,6 +135,7 @@ pub fn classify_object(doc: &serde_json::Map<String, Value>, cluster: &str) -> O
         return match (tag_value(FW_SECT_TYPE)?, policy) {
             ("marker_top", _) => Some(Key::FwMarkerTop(c)),
             ("marker_bottom", _) => Some(Key::FwMarkerBottom(c)),
+            ("nodes", _) => Some(Key::NodeSection(c)),
             ("allow", Some(p)) => Some(Key::AllowSection(p)),
             ("isolation", Some(p)) => Some(Key::IsolationSection(p)),
             _ => None,
@@ -147,6 +148,11 @@ pub fn classify_object(doc: &serde_json::Map<String, Value>, cluster: &str) -> O
             "IPSet" => Some(Key::PolicyIpSet(k)),
             _ => None,
         };
+    }
+    match (rt, tag_value(scope::ROLE)) {
+        ("IPSet", Some("nodes")) => return Some(Key::NodeIpSet(cluster.to_string())),
+        ("NSGroup", Some("cluster_pods")) => return Some(Key::PodsGroup(cluster.to_string())),
+        _ => {}
     }
     if let Some(pod) = tag_value(scope::POD_UID) {
         return (rt == "LogicalPort").then(|| Key::PodPort(pod.to_string()));
@@ -368,7 +374,7 @@ where
         if d["resource_type"] == "FirewallSection"
             && matches!(
                 classify(d, cluster),
-                Some(Key::AllowSection(_) | Key::IsolationSection(_))
+                Some(Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_))
             )
         {
             let id = d["id"].as_str().unwrap_or_default().to_string();

@@ -193,8 +193,12 @@ fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
         | Key::PolicyGroup(_)
         | Key::PolicyIpSet(_)
         | Key::FwMarkerTop(_)
-        | Key::FwMarkerBottom(_) => (&[], &[]),
-        Key::AllowSection(_) | Key::IsolationSection(_) => (&[], &["stateful", "section_type"]),
+        | Key::FwMarkerBottom(_)
+        | Key::NodeIpSet(_)
+        | Key::PodsGroup(_) => (&[], &[]),
+        Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) => {
+            (&[], &["stateful", "section_type"])
+        }
         Key::LbTier1(_) => (&[], &["router_type"]),
         Key::LbT0Link(_) => (&[], &["logical_router_id"]),
         Key::LbT1Link(_) => (
@@ -307,7 +311,7 @@ pub fn drift(key: &Key, want: &Value, have: &Value) -> Drift {
         Key::LbService(_) => {
             set_of(want, "virtual_server_ids", &plain) != set_of(have, "virtual_server_ids", &plain)
         }
-        Key::NsGroup(_) | Key::PolicyGroup(_) => {
+        Key::NsGroup(_) | Key::PolicyGroup(_) | Key::PodsGroup(_) => {
             let member = |m: &Value| {
                 format!(
                     "{}:{}",
@@ -319,10 +323,10 @@ pub fn drift(key: &Key, want: &Value, have: &Value) -> Drift {
                 || set_of(want, "membership_criteria", &criterion_digest)
                     != set_of(have, "membership_criteria", &criterion_digest)
         }
-        Key::PolicyIpSet(_) => {
+        Key::PolicyIpSet(_) | Key::NodeIpSet(_) => {
             set_of(want, "ip_addresses", &plain) != set_of(have, "ip_addresses", &plain)
         }
-        Key::AllowSection(_) | Key::IsolationSection(_) => {
+        Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) => {
             // Observed sections carry their rules (read with the section), in the order NSX
             // evaluates them: a reordered rule is drift.
             let digests = |v: &Value| -> Vec<String> {
@@ -477,6 +481,9 @@ pub fn settle(observed: &Observed, desired: &Desired, left: BTreeSet<Key>) -> Kn
                 | Key::PolicyIpSet(_)
                 | Key::AllowSection(_)
                 | Key::IsolationSection(_)
+                | Key::NodeIpSet(_)
+                | Key::PodsGroup(_)
+                | Key::NodeSection(_)
         ) && !listed(key)
     };
     let snat_allocations_match_rules = || {

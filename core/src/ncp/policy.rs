@@ -636,7 +636,7 @@ pub fn policies(
         }
     }
     if any {
-        marker_objects(cluster, objects);
+        marker_objects(cluster, view, objects);
     }
     sort_problems(&mut problems);
     problems
@@ -886,8 +886,17 @@ impl<'a> PolicyCtx<'a> {
     }
 }
 
-/// The cluster's two marker sections (there while any policy is).
-pub fn marker_objects(cluster: &str, objects: &mut BTreeMap<Key, Spec>) {
+/// The cluster's two marker sections, and the node access section with its IPSet and group
+/// (there while any policy is).
+///
+/// Kubernetes requires that a node can always reach its own pods (the kubelet's probes come
+/// from the node's address), whatever the NetworkPolicies; on NSX the probes cross the
+/// distributed firewall like any traffic, so an isolated pod would fail them. The node access
+/// section allows, IN, from the IPSet of every node's InternalIP addresses to the NSGroup of
+/// every pod port of the cluster (tags `ncp/cluster` and `ncp/pod_uid`), and sits with the
+/// allow sections, above every isolation section. It reaches the cluster's pods only: nothing
+/// else on the node network, and never the other way.
+pub fn marker_objects(cluster: &str, view: &ClusterView, objects: &mut BTreeMap<Key, Spec>) {
     for (key, which) in [
         (Key::FwMarkerTop(cluster.to_string()), "top"),
         (Key::FwMarkerBottom(cluster.to_string()), "bottom"),
@@ -906,6 +915,80 @@ pub fn marker_objects(cluster: &str, objects: &mut BTreeMap<Key, Spec>) {
             },
         );
     }
+    let c = cluster.to_string();
+    let role_tags = |role: &str| {
+        vec![
+            tag(scope::CLUSTER, cluster),
+            tag(scope::VERSION, naming::VERSION),
+            tag(scope::ROLE, role),
+        ]
+    };
+    objects.insert(
+        Key::NodeIpSet(c.clone()),
+        Spec {
+            display_name: naming::name(cluster, &["node-access", "nodes"]),
+            tags: role_tags("nodes"),
+            detail: Detail::IpSet {
+                addresses: node_addresses(view),
+            },
+        },
+    );
+    objects.insert(
+        Key::PodsGroup(c.clone()),
+        Spec {
+            display_name: naming::name(cluster, &["node-access", "pods"]),
+            tags: role_tags("cluster_pods"),
+            detail: Detail::Group {
+                selection: Selection::Criteria(vec![vec![
+                    (scope::CLUSTER.to_string(), Some(c.clone())),
+                    (scope::POD_UID.to_string(), None),
+                ]]),
+            },
+        },
+    );
+    let mut section_tags = vec![
+        tag(scope::CLUSTER, cluster),
+        tag(scope::VERSION, naming::VERSION),
+    ];
+    section_tags.push(tag(FW_SECT_TYPE, "nodes"));
+    objects.insert(
+        Key::NodeSection(c.clone()),
+        Spec {
+            display_name: naming::name(cluster, &["node-access"]),
+            tags: section_tags,
+            detail: Detail::Section {
+                marker: Key::FwMarkerTop(c.clone()),
+                rules: vec![RuleSpec {
+                    display_name: naming::name(cluster, &["node-to-pods"]),
+                    action: "ALLOW".into(),
+                    direction: "IN".into(),
+                    sources: vec![Key::NodeIpSet(c.clone())],
+                    destinations: vec![Key::PodsGroup(c.clone())],
+                    services: vec![],
+                    applied_to: Key::PodsGroup(c),
+                }],
+            },
+        },
+    );
+}
+
+/// Every node's InternalIP addresses (IPv4), sorted and without duplicates.
+fn node_addresses(view: &ClusterView) -> Vec<String> {
+    let mut out: BTreeSet<String> = BTreeSet::new();
+    for node in view.nodes.values() {
+        for a in node
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if a.type_ == "InternalIP" && a.address.parse::<std::net::Ipv4Addr>().is_ok() {
+                out.insert(a.address.clone());
+            }
+        }
+    }
+    out.into_iter().collect()
 }
 
 #[cfg(test)]

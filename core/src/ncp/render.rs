@@ -383,7 +383,7 @@ fn merge(mut body: Value, meta: Value) -> Value {
 
 fn target_type(key: &Key) -> &'static str {
     match key {
-        Key::PolicyIpSet(_) => "IPSet",
+        Key::PolicyIpSet(_) | Key::NodeIpSet(_) => "IPSet",
         _ => "NSGroup",
     }
 }

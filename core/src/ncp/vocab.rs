@@ -49,6 +49,14 @@ pub enum Key {
     /// isolation sections right above the bottom one, so every allow precedes every drop.
     FwMarkerTop(String),
     FwMarkerBottom(String),
+    /// Kubernetes lets a node reach its own pods whatever the policies (the kubelet's probes):
+    /// the IPSet of the cluster's node addresses, the NSGroup of every pod port of the
+    /// cluster, and the section that allows the first to the second, placed with the allow
+    /// sections (above every isolation); owned by the cluster name, there while the markers
+    /// are.
+    NodeIpSet(String),
+    PodsGroup(String),
+    NodeSection(String),
 }
 
 /// The NSX collections NCP's objects live in.
@@ -94,7 +102,10 @@ impl Key {
             | Key::AllowSection(u)
             | Key::IsolationSection(u)
             | Key::FwMarkerTop(u)
-            | Key::FwMarkerBottom(u) => u,
+            | Key::FwMarkerBottom(u)
+            | Key::NodeIpSet(u)
+            | Key::PodsGroup(u)
+            | Key::NodeSection(u) => u,
         }
     }
 
@@ -112,10 +123,11 @@ impl Key {
             Key::LbService(_) => Collection::LbService,
             Key::LbPool(_) => Collection::LbPool,
             Key::LbVirtualServer(_) => Collection::LbVirtualServer,
-            Key::NsGroup(_) | Key::PolicyGroup(_) => Collection::NsGroup,
-            Key::PolicyIpSet(_) => Collection::IpSet,
+            Key::NsGroup(_) | Key::PolicyGroup(_) | Key::PodsGroup(_) => Collection::NsGroup,
+            Key::PolicyIpSet(_) | Key::NodeIpSet(_) => Collection::IpSet,
             Key::AllowSection(_)
             | Key::IsolationSection(_)
+            | Key::NodeSection(_)
             | Key::FwMarkerTop(_)
             | Key::FwMarkerBottom(_) => Collection::FirewallSection,
         }
@@ -135,10 +147,10 @@ impl Key {
             Key::LbService(_) => 5,
             // Groups after the ports they may list; sections after everything they name, and
             // deleted before it.
-            Key::PolicyIpSet(_) | Key::NsGroup(_) => 0,
-            Key::PolicyGroup(_) | Key::FwMarkerTop(_) => 6,
+            Key::PolicyIpSet(_) | Key::NsGroup(_) | Key::NodeIpSet(_) => 0,
+            Key::PolicyGroup(_) | Key::PodsGroup(_) | Key::FwMarkerTop(_) => 6,
             Key::FwMarkerBottom(_) => 7,
-            Key::AllowSection(_) | Key::IsolationSection(_) => 8,
+            Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) => 8,
         }
     }
 
@@ -169,11 +181,14 @@ impl Key {
             Key::LbT1Link(c) => vec![Key::LbTier1(ns(c)), Key::LbT0Link(ns(c))],
             Key::LbVirtualServer(k) => vec![Key::LbPool(ns(k))],
             Key::LbService(c) => vec![Key::LbTier1(ns(c))],
-            Key::NsGroup(_) | Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::FwMarkerTop(_) => {
-                vec![]
-            }
+            Key::NsGroup(_)
+            | Key::PolicyGroup(_)
+            | Key::PolicyIpSet(_)
+            | Key::FwMarkerTop(_)
+            | Key::NodeIpSet(_)
+            | Key::PodsGroup(_) => vec![],
             Key::FwMarkerBottom(c) => vec![Key::FwMarkerTop(ns(c))],
-            Key::AllowSection(_) | Key::IsolationSection(_) => match detail {
+            Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) => match detail {
                 Some(Detail::Section { marker, rules, .. }) => {
                     let mut d: Vec<Key> = vec![marker.clone()];
                     for r in rules {

@@ -177,15 +177,17 @@ fn check_content(
         let Value::Object(body) = body else {
             return Err(format!("{}: rendered as a non-object", name()));
         };
-        let mismatch = if let Key::AllowSection(_) | Key::IsolationSection(_) = key {
-            let mut with_rules = have.clone();
-            let id = text(have, "id");
-            let rules: Vec<Value> = s.rules(&id).map(|o| Value::Object(o.doc.clone())).collect();
-            with_rules.insert("rules".into(), Value::Array(rules));
-            content::compare(&body, &with_rules)
-        } else {
-            content::compare(&body, have)
-        };
+        let mismatch =
+            if let Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) = key {
+                let mut with_rules = have.clone();
+                let id = text(have, "id");
+                let rules: Vec<Value> =
+                    s.rules(&id).map(|o| Value::Object(o.doc.clone())).collect();
+                with_rules.insert("rules".into(), Value::Array(rules));
+                content::compare(&body, &with_rules)
+            } else {
+                content::compare(&body, have)
+            };
         if let Some(m) = mismatch {
             return Err(format!("{}: {m}", name()));
         }

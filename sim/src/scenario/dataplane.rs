@@ -36,6 +36,17 @@ pub enum Reached {
     External {
         src: u32,
     },
+    /// A node's own address (its host).
+    Node {
+        name: String,
+    },
+    /// Reached the pod, which listens on no such port: refused (TCP RST, ICMP port
+    /// unreachable for UDP), as its host's stack would.
+    Refused {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
     Dropped(String),
 }
 
@@ -48,9 +59,25 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The connection is established: it got there, something answered, and the answer came
+    /// back.
     pub fn works(&self) -> bool {
+        self.reply_ok && !matches!(self.reached, Reached::Dropped(_) | Reached::Refused { .. })
+    }
+
+    /// The network carried it both ways, whether or not anything listened at the far end:
+    /// what a NetworkPolicy decides (a refusal is the destination's answer, after the
+    /// firewall let the connection in).
+    pub fn admitted(&self) -> bool {
         self.reply_ok && !matches!(self.reached, Reached::Dropped(_))
     }
+}
+
+/// Where a connection starts, as the reply must find it again.
+enum Source {
+    Pod(PodAt),
+    Node { name: String, port_id: String },
+    External,
 }
 
 fn proto(p: u8) -> Protocol {
@@ -176,6 +203,51 @@ impl World {
             .map(|(k, _)| k.clone())
     }
 
+    /// The node whose VIF's logical port this is.
+    fn node_of_port(&self, port: &str) -> Option<String> {
+        self.nodes
+            .iter()
+            .find(|(_, n)| n.port_id == port)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// Whether the pod listens on `protocol`/`port`: on the ports its containers declare
+    /// (`containerPort`, protocol TCP unless given), or on every port when a container declares
+    /// none. `Err` says why not.
+    pub fn listens(&self, ns: &str, name: &str, protocol: u8, port: u16) -> Result<(), String> {
+        let Some(pod) = self.api.get("pods", ns, name) else {
+            return Err(format!("no pod {ns}/{name}"));
+        };
+        let mut declared = Vec::new();
+        for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+            let ports = c["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            if ports.is_empty() {
+                return Ok(());
+            }
+            for p in ports {
+                let proto = p["protocol"].as_str().unwrap_or("TCP");
+                let number = p["containerPort"].as_u64().unwrap_or(0);
+                if super::names::protocol(proto) == Ok(protocol) && number == u64::from(port) {
+                    return Ok(());
+                }
+                declared.push(format!("{proto} {number}"));
+            }
+        }
+        if declared.is_empty() {
+            // No container at all: nothing could listen, but nothing declares it either.
+            return Ok(());
+        }
+        Err(format!(
+            "{ns}/{name} listens on {} only: {} {port} refused",
+            declared.join(", "),
+            match protocol {
+                17 => "UDP",
+                132 => "SCTP",
+                _ => "TCP",
+            }
+        ))
+    }
+
     fn node_of_vif(&self, vif: &str) -> Option<String> {
         self.nodes
             .iter()
@@ -210,6 +282,12 @@ impl World {
                 )),
                 None => Ok((None, Reached::External { src: packet.src_ip })),
             },
+            Verdict::Delivered { logical_port, .. }
+                if self.node_of_port(&logical_port).is_some() =>
+            {
+                let name = self.node_of_port(&logical_port).unwrap_or_default();
+                Ok((None, Reached::Node { name }))
+            }
             Verdict::Delivered {
                 parent_vif_id,
                 vlan,
@@ -220,15 +298,7 @@ impl World {
                     .as_deref()
                     .and_then(|v| self.node_of_vif(v))
                     .ok_or("NSX delivered to a port that is not a pod's on a node")?;
-                let mut p = Packet::default();
-                p.set(Field::InPort, u128::from(UPLINK));
-                p.set(Field::VlanTci, 0x1000 | u128::from(vlan.unwrap_or(0)));
-                p.set(Field::EthType, 0x0800);
-                p.set(Field::IpSrc, u128::from(packet.src_ip));
-                p.set(Field::IpDst, u128::from(packet.dst_ip));
-                p.set(Field::IpProto, u128::from(protocol_number(packet.protocol)));
-                p.set(Field::TpSrc, u128::from(packet.src_port));
-                p.set(Field::TpDst, u128::from(packet.dst_port));
+                let p = from_uplink(vlan, &packet);
                 match self.ovs(&node, p, path) {
                     OvsOut::Port(port, out) => match self.pod_by_port(&node, port) {
                         Some((ns, name)) => Ok((
@@ -296,7 +366,7 @@ impl World {
     ) -> Result<Outcome, String> {
         let mut path = Vec::new();
         let mut conns = Connections::default();
-        let (first, src_ip, src_pod) = match from {
+        let (first, src_ip, source) = match from {
             Endpoint::Pod { namespace, name } => {
                 let pod = self.pod_at(namespace, name)?;
                 let mut p = Packet::default();
@@ -313,11 +383,15 @@ impl World {
                     // Hairpin: the proxy chose the pod itself; the node turns it around.
                     OvsOut::Port(port, out) if port == pod.ofport => {
                         let reply_ok = self.hairpin_reply(&pod, &out, dst_ip, dport, &mut path);
+                        let reached = self.refused_or_reached(
+                            &pod.namespace,
+                            &pod.name,
+                            protocol,
+                            out.get(Field::TpDst) as u16,
+                            &mut path,
+                        );
                         return Ok(Outcome {
-                            reached: Reached::Pod {
-                                namespace: pod.namespace,
-                                name: pod.name,
-                            },
+                            reached,
                             reply_ok,
                             path,
                         });
@@ -354,7 +428,31 @@ impl World {
                         &mut path,
                     )?,
                     ip,
-                    Some(pod),
+                    Source::Pod(pod),
+                )
+            }
+            Endpoint::Node(name) => {
+                let n = self.nodes.get(name).ok_or(format!("no node {name}"))?;
+                let pkt = NsxPacket {
+                    src_ip: n.node_ip,
+                    dst_ip,
+                    protocol: proto(protocol),
+                    src_port: sport,
+                    dst_port: dport,
+                };
+                path.push(format!("{name}: from the host's own address"));
+                (
+                    self.through_nsx(
+                        &mut conns,
+                        Entry::LogicalPort(n.port_id.clone()),
+                        pkt,
+                        &mut path,
+                    )?,
+                    n.node_ip,
+                    Source::Node {
+                        name: name.clone(),
+                        port_id: n.port_id.clone(),
+                    },
                 )
             }
             Endpoint::External(ip) => {
@@ -368,12 +466,16 @@ impl World {
                 (
                     self.through_nsx(&mut conns, Entry::External, pkt, &mut path)?,
                     *ip,
-                    None,
+                    Source::External,
                 )
             }
             _ => return Err(format!("{from} cannot be a source")),
         };
         let (arrived, reached) = first;
+        // The port it arrived on at the pod, after any DNAT on the way.
+        let arrived_port = arrived
+            .as_ref()
+            .map_or(dport, |(_, _, p)| p.get(Field::TpDst) as u16);
         // The reply, from where the packet arrived, to where it came from.
         let reply_ok = match (&reached, arrived) {
             (Reached::Pod { .. }, Some((node, port, delivered))) => {
@@ -390,64 +492,41 @@ impl World {
                 match self.ovs(&node, r, &mut path) {
                     OvsOut::Uplink(vlan, out) => {
                         let vif = self.nodes[&node].vif_id.clone();
-                        let t = self.nsx.inspect(|s| {
-                            s.trace(
-                                &mut conns,
-                                &Entry::Vif {
-                                    parent_vif_id: vif,
-                                    vlan,
-                                },
-                                &nsx_packet(&out, protocol),
-                            )
-                        });
-                        for h in &t.hops {
-                            path.push(format!("nsx: {h}"));
-                        }
-                        match (t.verdict, &src_pod) {
-                            (Verdict::External { packet }, None) => {
-                                packet.dst_ip == src_ip
-                                    && packet.src_ip == dst_ip
-                                    && packet.src_port == dport
-                            }
-                            (
-                                Verdict::Delivered {
-                                    parent_vif_id,
-                                    vlan,
-                                    packet,
-                                    ..
-                                },
-                                Some(pod),
-                            ) => {
-                                let node_ok =
-                                    parent_vif_id.as_deref().and_then(|v| self.node_of_vif(v))
-                                        == Some(pod.node.clone());
-                                let mut p = Packet::default();
-                                p.set(Field::InPort, u128::from(UPLINK));
-                                p.set(Field::VlanTci, 0x1000 | u128::from(vlan.unwrap_or(0)));
-                                p.set(Field::EthType, 0x0800);
-                                p.set(Field::IpSrc, u128::from(packet.src_ip));
-                                p.set(Field::IpDst, u128::from(packet.dst_ip));
-                                p.set(Field::IpProto, u128::from(protocol));
-                                p.set(Field::TpSrc, u128::from(packet.src_port));
-                                p.set(Field::TpDst, u128::from(packet.dst_port));
-                                node_ok
-                                    && match self.ovs(&pod.node, p, &mut path) {
-                                        OvsOut::Port(port, out) => {
-                                            port == pod.ofport
-                                                && out.get(Field::IpSrc) == u128::from(dst_ip)
-                                                && out.get(Field::TpSrc) == u128::from(dport)
-                                        }
-                                        _ => false,
-                                    }
-                            }
-                            (v, _) => {
-                                path.push(format!("reply ended: {v:?}"));
-                                false
-                            }
-                        }
+                        let entry = Entry::Vif {
+                            parent_vif_id: vif,
+                            vlan,
+                        };
+                        self.reply_home(
+                            &mut conns,
+                            &entry,
+                            &nsx_packet(&out, protocol),
+                            &source,
+                            (src_ip, dst_ip, dport),
+                            &mut path,
+                        )
                     }
                     _ => false,
                 }
+            }
+            (Reached::Node { name }, _) => {
+                // The host answers from the address it was reached at.
+                let entry = Entry::LogicalPort(self.nodes[name].port_id.clone());
+                let back = NsxPacket {
+                    src_ip: dst_ip,
+                    dst_ip: src_ip,
+                    protocol: proto(protocol),
+                    src_port: dport,
+                    dst_port: sport,
+                };
+                path.push(format!("reply from {name}:"));
+                self.reply_home(
+                    &mut conns,
+                    &entry,
+                    &back,
+                    &source,
+                    (src_ip, dst_ip, dport),
+                    &mut path,
+                )
             }
             (Reached::External { src }, _) => {
                 // The far end answers to the address it saw; NSX un-SNATs it back.
@@ -464,23 +543,119 @@ impl World {
                     ip_string(*src)
                 ));
                 match self.through_nsx(&mut conns, Entry::External, back, &mut path)? {
-                    (Some((_, _, out)), Reached::Pod { namespace, name }) => {
-                        src_pod.as_ref().is_some_and(|p| {
+                    (Some((_, _, out)), Reached::Pod { namespace, name }) => match &source {
+                        Source::Pod(p) => {
                             p.namespace == namespace
                                 && p.name == name
                                 && out.get(Field::IpSrc) == u128::from(dst_ip)
-                        })
+                        }
+                        _ => false,
+                    },
+                    (None, Reached::Node { name }) => {
+                        matches!(&source, Source::Node { name: n, .. } if *n == name)
                     }
                     _ => false,
                 }
             }
             _ => false,
         };
+        let reached = match reached {
+            Reached::Pod { namespace, name } => {
+                self.refused_or_reached(&namespace, &name, protocol, arrived_port, &mut path)
+            }
+            other => other,
+        };
         Ok(Outcome {
             reached,
             reply_ok,
             path,
         })
+    }
+
+    /// A pod reached on `port`: still `Pod` if it listens there, else `Refused`.
+    fn refused_or_reached(
+        &self,
+        ns: &str,
+        name: &str,
+        protocol: u8,
+        port: u16,
+        path: &mut Vec<String>,
+    ) -> Reached {
+        match self.listens(ns, name, protocol, port) {
+            Ok(()) => Reached::Pod {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+            },
+            Err(reason) => {
+                path.push(format!("refused: {reason}"));
+                Reached::Refused {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    reason,
+                }
+            }
+        }
+    }
+
+    /// A reply entering NSX at `entry` as `pkt`: whether it comes back to `source` from the
+    /// address and port the source dialled (`(src_ip, dst_ip, dport)` of the first packet).
+    fn reply_home(
+        &self,
+        conns: &mut Connections,
+        entry: &Entry,
+        pkt: &NsxPacket,
+        source: &Source,
+        (src_ip, dst_ip, dport): (u32, u32, u16),
+        path: &mut Vec<String>,
+    ) -> bool {
+        let t = self.nsx.inspect(|s| s.trace(conns, entry, pkt));
+        for h in &t.hops {
+            path.push(format!("nsx: {h}"));
+        }
+        match (t.verdict, source) {
+            (Verdict::External { packet }, Source::External) => {
+                packet.dst_ip == src_ip && packet.src_ip == dst_ip && packet.src_port == dport
+            }
+            (
+                Verdict::Delivered {
+                    logical_port,
+                    packet,
+                    ..
+                },
+                Source::Node { port_id, .. },
+            ) => {
+                logical_port == *port_id
+                    && packet.dst_ip == src_ip
+                    && packet.src_ip == dst_ip
+                    && packet.src_port == dport
+            }
+            (
+                Verdict::Delivered {
+                    parent_vif_id,
+                    vlan,
+                    packet,
+                    ..
+                },
+                Source::Pod(pod),
+            ) => {
+                let node_ok = parent_vif_id.as_deref().and_then(|v| self.node_of_vif(v))
+                    == Some(pod.node.clone());
+                let p = from_uplink(vlan, &packet);
+                node_ok
+                    && match self.ovs(&pod.node, p, path) {
+                        OvsOut::Port(port, out) => {
+                            port == pod.ofport
+                                && out.get(Field::IpSrc) == u128::from(dst_ip)
+                                && out.get(Field::TpSrc) == u128::from(dport)
+                        }
+                        _ => false,
+                    }
+            }
+            (v, _) => {
+                path.push(format!("reply ended: {v:?}"));
+                false
+            }
+        }
     }
 }
 
@@ -491,6 +666,20 @@ fn protocol_number(p: Protocol) -> u8 {
         Protocol::Sctp => 132,
         Protocol::Icmp => 1,
     }
+}
+
+/// A packet NSX delivered on a node's VIF, as it enters the node's bridge on the uplink.
+fn from_uplink(vlan: Option<u16>, packet: &NsxPacket) -> Packet {
+    let mut p = Packet::default();
+    p.set(Field::InPort, u128::from(UPLINK));
+    p.set(Field::VlanTci, 0x1000 | u128::from(vlan.unwrap_or(0)));
+    p.set(Field::EthType, 0x0800);
+    p.set(Field::IpSrc, u128::from(packet.src_ip));
+    p.set(Field::IpDst, u128::from(packet.dst_ip));
+    p.set(Field::IpProto, u128::from(protocol_number(packet.protocol)));
+    p.set(Field::TpSrc, u128::from(packet.src_port));
+    p.set(Field::TpDst, u128::from(packet.dst_port));
+    p
 }
 
 fn nsx_packet(p: &Packet, protocol: u8) -> NsxPacket {

@@ -62,15 +62,19 @@ pub enum Endpoint {
         name: String,
     },
     External(u32),
+    /// A node's own address (its host, outside the bridge): where the kubelet's probes come
+    /// from.
+    Node(String),
 }
 
 impl Endpoint {
-    /// `ns/pod`, `svc/ns/name`, `lb/ns/name` or `external/a.b.c.d`; a source must be a pod or
-    /// external.
+    /// `ns/pod`, `svc/ns/name`, `lb/ns/name`, `node/name` or `external/a.b.c.d`; a source
+    /// must be a pod, a node or external.
     pub fn parse(s: &str, source: bool) -> Result<Endpoint, String> {
         let parts: Vec<&str> = s.split('/').collect();
         let e = match parts.as_slice() {
             ["external", ip] => Endpoint::External(parse_ip(ip)?),
+            ["node", name] if is_dns_label(name) => Endpoint::Node(name.to_string()),
             ["svc", ns, name] => Endpoint::Service {
                 namespace: ns.to_string(),
                 name: name.to_string(),
@@ -85,12 +89,20 @@ impl Endpoint {
             },
             _ => {
                 return Err(format!(
-                    "`{s}` is not ns/pod, svc/ns/name, lb/ns/name or external/a.b.c.d"
+                    "`{s}` is not ns/pod, svc/ns/name, lb/ns/name, node/name or external/a.b.c.d"
                 ));
             }
         };
         if source && matches!(e, Endpoint::Service { .. } | Endpoint::Lb { .. }) {
-            return Err(format!("`{s}` cannot be a source (a pod or external/IP)"));
+            return Err(format!(
+                "`{s}` cannot be a source (a pod, node/name or external/IP)"
+            ));
+        }
+        if !source && matches!(e, Endpoint::Node(_)) {
+            return Err(format!(
+                "`{s}`: a node is a source only (its own traffic, as the kubelet's probes); \
+                 NodePort access to a node is not modelled yet"
+            ));
         }
         Ok(e)
     }
@@ -103,6 +115,7 @@ impl std::fmt::Display for Endpoint {
             Endpoint::Service { namespace, name } => write!(f, "svc/{namespace}/{name}"),
             Endpoint::Lb { namespace, name } => write!(f, "lb/{namespace}/{name}"),
             Endpoint::External(ip) => write!(f, "external/{}", ip_string(*ip)),
+            Endpoint::Node(name) => write!(f, "node/{name}"),
         }
     }
 }

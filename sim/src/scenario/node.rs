@@ -48,6 +48,8 @@ pub struct KubeletPod {
 pub struct NodeState {
     pub name: String,
     pub vif_id: String,
+    /// The node VIF's logical port: where the node's own traffic enters NSX.
+    pub port_id: String,
     pub node_ip: u32,
     pub bridge: Arc<Mutex<Bridge>>,
     pub kubelet: RefCell<BTreeMap<(String, String), KubeletPod>>,
@@ -64,13 +66,14 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    pub fn new(name: &str, vif_id: &str, node_ip: u32) -> Rc<Self> {
+    pub fn new(name: &str, vif_id: &str, port_id: &str, node_ip: u32) -> Rc<Self> {
         let mut b = Bridge::new("br-int");
         // The uplink exists before any pod (it is the node VM's NIC).
         let _ = b.add_port("eth1", None, BTreeMap::new());
         Rc::new(Self {
             name: name.to_string(),
             vif_id: vif_id.to_string(),
+            port_id: port_id.to_string(),
             node_ip,
             bridge: Arc::new(Mutex::new(b)),
             kubelet: RefCell::default(),
@@ -445,8 +448,15 @@ async fn pod_worker(
         return true;
     }
     let ip = kp.ip.split('/').next().unwrap_or("").to_string();
+    // Ready at once, unless a readiness probe must pass first (the harness's prober runs it
+    // through the dataplane and reports what it finds).
+    let ready = if crate::scenario::probes::has_readiness_probe(pod) {
+        "False"
+    } else {
+        "True"
+    };
     let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": crate::scenario::names::ip_string(node.node_ip),
-        "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}]}});
+        "conditions": [{"type": "Ready", "status": ready}, {"type": "ContainersReady", "status": ready}]}});
     let api: Api<Pod> = Api::namespaced(kube.clone(), &key.0);
     match api
         .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&status))

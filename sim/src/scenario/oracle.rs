@@ -351,9 +351,11 @@ impl super::world::World {
                         namespace: src.namespace.clone(),
                         name: src.name.clone(),
                     };
+                    // What the firewall decided: a port the pod does not listen on is
+                    // refused by the pod, after the network let the connection in.
                     let got = self
                         .connect(&from, dst.ip, proto, self.ephemeral_port(), port)?
-                        .works();
+                        .admitted();
                     if got != want {
                         wrong
                             .entry((port, protocol.clone()))

@@ -110,6 +110,7 @@ impl Runner {
             let now = self.w.now_ms();
             if now >= self.next_controllers {
                 self.next_controllers = now + CONTROLLER_EVERY_MS;
+                self.w.kubelet_probes();
                 self.w.endpoints_controller();
             }
             if now >= self.next_invariants {
@@ -213,6 +214,45 @@ impl Runner {
         }
         if e.converged == Some(false) && self.w.converged().is_ok() {
             return Err("expected not converged, but everything is realized".into());
+        }
+        for p in &e.pods {
+            let (ns, name) = p.pod.split_once('/').unwrap_or_default();
+            let doc = self
+                .w
+                .api
+                .get("pods", ns, name)
+                .ok_or(format!("expect.pods: no pod {}", p.pod))?;
+            let ready = doc["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let restarts: u64 = doc["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["restartCount"].as_u64())
+                .sum();
+            if let Some(want) = p.ready
+                && want != ready
+            {
+                return Err(format!(
+                    "pod {}: expected {}, it is {}",
+                    p.pod,
+                    if want { "Ready" } else { "not ready" },
+                    if ready { "Ready" } else { "not ready" }
+                ));
+            }
+            if p.min_restarts.is_some_and(|m| restarts < u64::from(m))
+                || p.max_restarts.is_some_and(|m| restarts > u64::from(m))
+            {
+                return Err(format!(
+                    "pod {}: {restarts} container restarts, expected {}..={}",
+                    p.pod,
+                    p.min_restarts.unwrap_or(0),
+                    p.max_restarts.map_or("any".to_string(), |m| m.to_string())
+                ));
+            }
         }
         match e.policy_oracle {
             Some(true) => self.w.check_policy_oracle()?,
@@ -382,6 +422,14 @@ impl Runner {
         let (dst_ip, service) = match &to {
             Endpoint::Pod { namespace, name } => (self.w.pod_at(namespace, name)?.ip, false),
             Endpoint::External(ip) => (*ip, false),
+            Endpoint::Node(name) => (
+                self.w
+                    .nodes
+                    .get(name)
+                    .ok_or(format!("no node {name}"))?
+                    .node_ip,
+                false,
+            ),
             Endpoint::Service { namespace, name } => {
                 let s = self
                     .w
@@ -438,7 +486,9 @@ impl Runner {
                             }
                         }
                     }
-                    super::dataplane::Reached::Dropped(_) => {}
+                    super::dataplane::Reached::Node { .. }
+                    | super::dataplane::Reached::Refused { .. }
+                    | super::dataplane::Reached::Dropped(_) => {}
                 }
             } else if sample.is_none() {
                 sample = Some(o);

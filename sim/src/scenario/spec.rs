@@ -192,6 +192,23 @@ pub struct Expect {
     /// says (`true`), checked against the traced dataplane.
     #[serde(default)]
     pub policy_oracle: Option<bool>,
+    /// What the kubelet reports of pods (readiness, container restarts).
+    #[serde(default)]
+    pub pods: Vec<PodExpect>,
+}
+
+/// `{pod: ns/name, ready: true, min_restarts: 1, max_restarts: 0}`: the pod's `Ready`
+/// condition, and the sum of its containers' `restartCount`, as the pod's status says.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodExpect {
+    pub pod: String,
+    #[serde(default)]
+    pub ready: Option<bool>,
+    #[serde(default)]
+    pub min_restarts: Option<u32>,
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -900,6 +917,20 @@ fn check_expect(e: &Expect) -> Result<(), String> {
         {
             return Err(format!(
                 "expect.nsx.untouched: `{u}` (only `preload` is known)"
+            ));
+        }
+    }
+    for p in &e.pods {
+        match crate::scenario::names::Endpoint::parse(&p.pod, false)? {
+            crate::scenario::names::Endpoint::Pod { .. } => {}
+            _ => return Err(format!("expect.pods: `{}` is not a pod (ns/name)", p.pod)),
+        }
+        if let (Some(lo), Some(hi)) = (p.min_restarts, p.max_restarts)
+            && lo > hi
+        {
+            return Err(format!(
+                "expect.pods: `{}`: min_restarts {lo} is above max_restarts {hi}",
+                p.pod
             ));
         }
     }

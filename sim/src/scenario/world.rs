@@ -65,6 +65,9 @@ pub struct World {
     /// The apiserver revision the endpoints controller last worked from (its own writes
     /// included, so the run after a write settles).
     endpoints_seen: std::cell::Cell<u64>,
+    /// The pods the kubelets probe, and the apiserver revision they were last looked for at.
+    pub(super) probes: std::cell::RefCell<BTreeMap<(String, String), super::probes::PodProbes>>,
+    pub(super) probes_seen: std::cell::Cell<u64>,
 }
 
 impl World {
@@ -150,7 +153,7 @@ impl World {
                 .get(n)
                 .ok_or(format!("node {n} has no VIF in NSX"))?;
             let node_ip = names::parse_ip(&port.ip_address).unwrap_or(0xac10_0000 + i as u32 + 1);
-            let st = NodeState::new(n, &port.vif_id, node_ip);
+            let st = NodeState::new(n, &port.vif_id, &port.logical_port_id, node_ip);
             nodes.insert(n.clone(), st.clone());
             let t = trace.clone();
             sim.host(n.as_str(), move || node::host(st.clone(), t.clone()));
@@ -177,6 +180,8 @@ impl World {
             ncp,
             next_sport: std::cell::Cell::new(32768),
             endpoints_seen: std::cell::Cell::new(0),
+            probes: Default::default(),
+            probes_seen: std::cell::Cell::new(0),
         };
         // The namespaces every cluster has (NCP realizes them like any other; its Lease is in
         // kube-system).
@@ -185,8 +190,14 @@ impl World {
                 json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
             )?;
         }
-        for n in &c.nodes {
-            w.apply_raw(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n}}))?;
+        for (n, st) in &w.nodes {
+            // Its address as the kubelet reports it (NCP lets the nodes reach their pods).
+            w.apply_raw(
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": names::ip_string(st.node_ip)},
+                    {"type": "Hostname", "address": n}]}}),
+            )?;
         }
         Ok(w)
     }

@@ -308,12 +308,14 @@ fn network_policies_are_watched_realized_reported_and_removed() {
                 .collect()
         })
     };
-    // Markers around the allow and isolation sections, above the admin's default section.
+    // Markers around the node access, allow and isolation sections, above the admin's
+    // default section.
     let names = sections(&w);
     assert_eq!(
-        &names[..4],
+        &names[..5],
         [
             "k8s-a-marker-top",
+            "k8s-a-node-access",
             "k8s-a-shop-web",
             "is-k8s-a-shop-web",
             "k8s-a-marker-bottom"

@@ -98,6 +98,26 @@ fn a_failure_names_its_step_and_replays_to_the_same_failure() {
 
 /// (scenario text, the line the error must name, text the message must contain)
 const BAD: &[(&str, u64, &str)] = &[
+    (
+        "name: x\nsteps:\n  - expect:\n      pods: [{pod: svc/a/b, ready: true}]\n",
+        3,
+        "`svc/a/b` is not a pod",
+    ),
+    (
+        "name: x\nsteps:\n  - expect:\n      pods: [{pod: a/b, min_restarts: 2, max_restarts: 1}]\n",
+        3,
+        "min_restarts 2 is above max_restarts 1",
+    ),
+    (
+        "name: x\nsteps:\n  - expect:\n      pods: [{pod: a/b, restarts: 1}]\n",
+        0,
+        "restarts",
+    ),
+    (
+        "name: x\nsteps:\n  - expect:\n      connectivity: [{from: a/b, to: node/node-1, port: 80, allowed: true}]\n",
+        3,
+        "a node is a source only",
+    ),
     ("name: x\nstepz: []\n", 2, "stepz"),
     ("name: x\nsteps:\n  - wait: 5 parsecs\n", 3, "parsecs"),
     ("name: x\nsteps:\n  - frobnicate: 1\n", 3, "frobnicate"),
