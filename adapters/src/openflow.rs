@@ -1163,6 +1163,7 @@ mod tests {
             port: 80,
             protocol,
             node_port,
+            no_local_endpoints: false,
             affinity_timeout: affinity,
             endpoints: vec![
                 Endpoint {

@@ -432,6 +432,23 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
                 {"name": "t", "port": 7070, "protocol": "TCP"},
                 {"name": "u", "port": 7071, "protocol": "UDP"}]}}))
         .unwrap();
+    // A Service for local clients only (internalTrafficPolicy: Local) whose one endpoint is on
+    // another node: dropped here, not rejected, as kube-proxy does.
+    k.api
+        .apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "shop", "name": "elsewhere"},
+            "spec": {"clusterIP": "10.96.0.14", "internalTrafficPolicy": "Local", "ports": [
+                {"name": "t", "port": 7072, "protocol": "TCP"},
+                {"name": "u", "port": 7073, "protocol": "UDP"}]}}))
+        .unwrap();
+    k.api
+        .apply(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "shop", "name": "elsewhere-1",
+                         "labels": {"kubernetes.io/service-name": "elsewhere"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.4.0.99"], "conditions": {"ready": true}, "nodeName": "node-2"}],
+            "ports": [{"name": "t", "port": 7072, "protocol": "TCP"}, {"name": "u", "port": 7073, "protocol": "UDP"}]}))
+        .unwrap();
 
     let socket = sw.sb.dir().join("cni.sock");
     let (agent_port, proxy_port) = (free_port(), free_port());
@@ -483,7 +500,7 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         let got = get(&pods[0], url);
         assert_eq!(got, "200 pod-b", "GET {what} from a\n{}", sw.dump());
     }
-    assert_eq!(metric(proxy_port, "nsx_kube_proxy_service_ports"), Some(3));
+    assert_eq!(metric(proxy_port, "nsx_kube_proxy_service_ports"), Some(5));
     // The Service without endpoints refuses at once, as kube-proxy's REJECT does: the flow
     // sends the packet to the controller and the proxy answers a TCP RST or an ICMP port
     // unreachable out of the pod's port (a real OVS alone would drop it: a 3 s timeout). So
@@ -501,6 +518,11 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         "{got}"
     );
     assert!(metric(proxy_port, "nsx_kube_proxy_rejects_total") >= Some(4));
+    // No endpoint on this node for a local-only Service: silence (a 3 s timeout), no RST.
+    let rejects = metric(proxy_port, "nsx_kube_proxy_rejects_total");
+    let got = refused("10.96.0.14", 7072, 7073);
+    assert_eq!(got, "tcp TimeoutError udp TimeoutError", "{}", sw.dump());
+    assert_eq!(metric(proxy_port, "nsx_kube_proxy_rejects_total"), rejects);
     // b reaches itself through its own ClusterIP (hairpin): the node turns the connection
     // around with the hairpin source address; "NSX" has no flow that would send b's packets
     // back to b, and b's kernel would drop a packet from its own address.
@@ -609,7 +631,7 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         k.api.apply(o).unwrap();
     }
     wait_for("the proxy to install web2", Duration::from_secs(10), || {
-        (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(5)).then_some(())
+        (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(7)).then_some(())
     });
     assert_eq!(get(&pods[0], "http://10.96.0.11:9090/"), "200 pod-b");
 

@@ -183,6 +183,7 @@ pub fn proxy_cluster(
                 port: 80,
                 protocol: 6,
                 node_port: None,
+                no_local_endpoints: false,
                 affinity_timeout: None,
                 endpoints,
             };

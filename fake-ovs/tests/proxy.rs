@@ -290,6 +290,64 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready_and_local_policy_filte
     );
 }
 
+/// kube-proxy rejects traffic to a service without any endpoint, but drops traffic that
+/// `internalTrafficPolicy: Local` leaves no endpoint on this node (its "has no local
+/// endpoints" rule): a client must not be told "refused" for a service that works elsewhere.
+#[test]
+fn a_local_policy_without_a_local_endpoint_drops_where_no_endpoint_at_all_rejects() {
+    let mut w = World::new();
+    let local = json!({"internalTrafficPolicy": "Local"});
+    w.services.push(service("far", "10.96.0.50", local.clone()));
+    w.add_slice(slice(
+        "far",
+        "http",
+        8080,
+        "TCP",
+        &[("10.1.0.8", true, false, "node-2")],
+    ));
+    w.services.push(service("gone", "10.96.0.51", local));
+    w.add_slice(slice(
+        "gone",
+        "http",
+        8080,
+        "TCP",
+        &[("10.1.0.9", false, false, "node-2")],
+    ));
+    w.sync();
+    let far = w.bridge.trace(client(1, "10.96.0.50", 80));
+    assert!(
+        far.outputs.is_empty() && far.controller == 0,
+        "dropped: {:?}",
+        far.lines
+    );
+    // Endpoints elsewhere, but none ready: nothing serves anywhere, so it is rejected.
+    let gone = w.bridge.trace(client(2, "10.96.0.51", 80));
+    assert!(
+        gone.outputs.is_empty() && gone.controller == 1,
+        "rejected: {:?}",
+        gone.lines
+    );
+    // A local endpoint appears: served by it.
+    w.add_slice(slice(
+        "far",
+        "http",
+        8080,
+        "TCP",
+        &[
+            ("10.1.0.8", true, false, "node-2"),
+            ("10.1.0.7", true, false, "node-1"),
+        ],
+    ));
+    w.sync();
+    let t = w.bridge.trace(client(3, "10.96.0.50", 80));
+    assert_eq!(
+        t.outputs[0].packet.get(Field::IpDst),
+        u128::from(ip("10.1.0.7")),
+        "{:?}",
+        t.lines
+    );
+}
+
 #[test]
 fn shared_endpoint_flows_are_reference_counted_and_stale_udp_is_flushed() {
     let mut w = World::new();

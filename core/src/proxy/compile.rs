@@ -9,7 +9,9 @@
 //!   new ones go to [`table::SERVICE_LB`];
 //! - [`table::SERVICE_LB`]: one flow per service port (ClusterIP:port, and NodePort on the
 //!   node's addresses) to its select group, or to the controller when it has no endpoint (the
-//!   agent rejects: TCP RST / ICMP unreachable); with session affinity, first the learned flows
+//!   agent rejects: TCP RST / ICMP unreachable), or nowhere (a drop) when
+//!   `internalTrafficPolicy: Local` leaves this node none of its endpoints; with session
+//!   affinity, first the learned flows
 //!   of [`table::AFFINITY`], then [`table::AFFINITY_CHECK`];
 //! - [`table::SERVICE_LB`] also holds one flow per ClusterIP, below its ports' flows: any
 //!   other port or protocol to that address goes to the controller and is rejected, as
@@ -330,13 +332,20 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
     let mut flows = Vec::with_capacity(entries.len() * per_entry);
     for (m, at) in entries {
         if sp.endpoints.is_empty() {
-            // No endpoint: reject (the agent answers), never a silent drop.
+            // No endpoint: reject (the agent answers), never a silent drop; but endpoints
+            // elsewhere that internalTrafficPolicy: Local keeps from this node: drop, as
+            // kube-proxy does.
+            let actions = if sp.no_local_endpoints {
+                vec![]
+            } else {
+                vec![Action::Controller(65535)]
+            };
             flows.push(Flow {
                 cookie: c,
                 table: table::SERVICE_LB,
                 priority: at,
                 matches: m,
-                actions: vec![Action::Controller(65535)],
+                actions,
                 ..Flow::default()
             });
             continue;

@@ -42,8 +42,13 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     /// `sessionAffinity: ClientIP` timeout in seconds.
     pub affinity_timeout: Option<u32>,
-    /// The endpoints traffic goes to, sorted (empty: the service rejects).
+    /// The endpoints traffic goes to, sorted (empty: the service rejects, or drops when
+    /// `no_local_endpoints`).
     pub endpoints: Vec<Endpoint>,
+    /// `internalTrafficPolicy: Local` and the service has usable endpoints, but none on this
+    /// node: kube-proxy drops such traffic (its "has no local endpoints" rule) where a service
+    /// without any endpoint is rejected.
+    pub no_local_endpoints: bool,
 }
 
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -112,6 +117,8 @@ pub fn service_ports<'a>(
         let port_name = p.name.clone().unwrap_or_default();
         let mut ready: Vec<Endpoint> = Vec::new();
         let mut terminating: Vec<Endpoint> = Vec::new();
+        // Usable endpoints elsewhere, left out by internalTrafficPolicy: Local.
+        let mut elsewhere = false;
         for s in &slices {
             let Some(target) = s.ports.iter().flatten().find(|sp| {
                 sp.name.clone().unwrap_or_default() == port_name
@@ -123,13 +130,15 @@ pub fn service_ports<'a>(
                 continue;
             };
             for e in &s.endpoints {
-                if local && e.node_name.as_deref() != Some(node) {
-                    continue;
-                }
                 let c = e.conditions.as_ref();
                 let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
                 let is_serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
                 let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                if local && e.node_name.as_deref() != Some(node) {
+                    elsewhere |= !e.addresses.is_empty()
+                        && ((is_ready && !is_terminating) || (is_serving && is_terminating));
+                    continue;
+                }
                 for a in &e.addresses {
                     let Some(ip) = ipv4(a) else { continue };
                     let ep = Endpoint { ip, port: tport };
@@ -144,6 +153,7 @@ pub fn service_ports<'a>(
         let mut endpoints = if ready.is_empty() { terminating } else { ready };
         endpoints.sort();
         endpoints.dedup();
+        let no_local_endpoints = endpoints.is_empty() && elsewhere;
         out.push(ServicePort {
             key: ServicePortKey {
                 namespace: ns.into(),
@@ -160,6 +170,7 @@ pub fn service_ports<'a>(
             node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
             affinity_timeout: affinity,
             endpoints,
+            no_local_endpoints,
         });
     }
     out

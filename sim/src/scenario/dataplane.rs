@@ -184,6 +184,12 @@ impl World {
             t.datapath_actions()
         ));
         match t.outputs.first() {
+            // Sent to the controller: the agent answers with a TCP RST or an ICMP port
+            // unreachable (kube-proxy's REJECT); nothing else answers.
+            None if t.controller > 0 => OvsOut::Dropped(format!(
+                "{node}: rejected by nsx-kube-proxy (to the controller: TCP RST / ICMP port \
+                 unreachable)"
+            )),
             None => OvsOut::Dropped(format!("{node}: OVS dropped it")),
             Some(o) if o.port == UPLINK => {
                 OvsOut::Uplink((o.packet.get(Field::VlanTci) & 0xfff) as u16, o.packet)
