@@ -105,6 +105,7 @@ pub fn infra() -> nsx_core::ncp::infra::Infra {
         lb_pool: Some("lb".into()),
         lb_tcp_profile: Some("tcp".into()),
         lb_udp_profile: Some("udp".into()),
+        edge_cluster: Some("edges".into()),
         node_vifs: (1..=3)
             .map(|i| (format!("node-{i}"), format!("vif-{i}")))
             .collect(),

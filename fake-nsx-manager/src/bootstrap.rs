@@ -73,6 +73,9 @@ pub struct ClusterIds {
 /// Ids of everything bootstrap created, for configuring NCP and for tests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bootstrap {
+    /// The edge cluster of the tier-0 (NCP puts its load balancer's tier-1 there).
+    #[serde(default)]
+    pub edge_cluster: String,
     pub transport_zone: String,
     pub tier0_router: String,
     pub default_section: String,
@@ -207,11 +210,21 @@ pub fn run(
         )
         .map_err(|e| err("the transport zone", e))?;
     let tz = created_id(&tz);
+    let edges = store
+        .create(
+            ctx,
+            crate::kind::Kind::EdgeCluster,
+            &json!({"display_name": "edge-cluster-1", "deployment_type": "VIRTUAL_MACHINE", "member_node_type": "EDGE_NODE",
+                "members": [{"member_index": 0, "transport_node_id": "edge-node-1"}, {"member_index": 1, "transport_node_id": "edge-node-2"}]}),
+            None,
+        )
+        .map_err(|e| err("the edge cluster", e))?;
+    let edges = created_id(&edges);
     let t0 = store
         .create(
             ctx,
             crate::kind::Kind::LogicalRouter,
-            &json!({"display_name": "t0", "router_type": "TIER0", "high_availability_mode": "ACTIVE_STANDBY", "edge_cluster_id": "edge-cluster-1", "tags": tags(&cluster_tags)}),
+            &json!({"display_name": "t0", "router_type": "TIER0", "high_availability_mode": "ACTIVE_STANDBY", "edge_cluster_id": edges, "tags": tags(&cluster_tags)}),
             None,
         )
         .map_err(|e| err("the tier-0 router", e))?;
@@ -310,6 +323,7 @@ pub fn run(
         );
     }
     Ok(Bootstrap {
+        edge_cluster: edges,
         transport_zone: tz,
         tier0_router: t0,
         default_section,

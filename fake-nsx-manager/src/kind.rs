@@ -10,6 +10,7 @@ use crate::error::{ApiError, ApiResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
+    EdgeCluster,
     TransportZone,
     LogicalSwitch,
     LogicalPort,
@@ -34,6 +35,7 @@ pub enum Kind {
 /// Top-level collections: (path under `/api/v1/`, kind). Nested ones (NAT rules, firewall
 /// rules) are routed by `dispatch`.
 pub const COLLECTIONS: &[(&str, Kind)] = &[
+    ("edge-clusters", Kind::EdgeCluster),
     ("transport-zones", Kind::TransportZone),
     ("logical-switches", Kind::LogicalSwitch),
     ("logical-ports", Kind::LogicalPort),
@@ -60,6 +62,7 @@ impl Kind {
     /// Accepted `resource_type` values; the first is the default when a body has none.
     pub fn resource_types(self) -> &'static [&'static str] {
         match self {
+            Kind::EdgeCluster => &["EdgeCluster"],
             Kind::TransportZone => &["TransportZone"],
             Kind::LogicalSwitch => &["LogicalSwitch"],
             Kind::LogicalPort => &["LogicalPort"],
@@ -99,6 +102,7 @@ impl Kind {
     /// Fields a create (and a full PUT) must carry.
     pub fn required(self, resource_type: &str) -> &'static [&'static str] {
         match self {
+            Kind::EdgeCluster => &[],
             Kind::TransportZone => &["transport_type", "host_switch_name"],
             Kind::LogicalSwitch => &["transport_zone_id", "admin_state"],
             Kind::LogicalPort => &["logical_switch_id", "admin_state"],
@@ -262,6 +266,7 @@ impl Kind {
 
     pub fn module(self) -> &'static str {
         match self {
+            Kind::EdgeCluster => "edge-cluster",
             Kind::TransportZone | Kind::LogicalSwitch | Kind::LogicalPort => "switching",
             Kind::LogicalRouter | Kind::LogicalRouterPort | Kind::NatRule => "routing",
             Kind::IpBlock | Kind::IpBlockSubnet | Kind::IpPool => "id-allocation-service",
@@ -299,6 +304,7 @@ impl Kind {
             }
         };
         let mut canonical = match self {
+            Kind::EdgeCluster => typed::<model::EdgeCluster>(body)?,
             Kind::TransportZone => typed::<model::TransportZone>(body)?,
             Kind::LogicalSwitch => typed::<model::LogicalSwitch>(body)?,
             Kind::LogicalPort => typed::<model::LogicalPort>(body)?,

@@ -1168,11 +1168,54 @@ async fn load_balancer_objects_reference_each_other_and_guard_deletes() {
         .await
         .expect(201)
         .id();
+    // A load balancer runs on its tier-1's edges: none, no LB service.
+    let e = c
+        .post("loadbalancer/services", json!({"attachment": {"target_type": "LogicalRouter", "target_id": t1}, "virtual_server_ids": [vs]}))
+        .await
+        .expect(400)
+        .body;
+    assert!(
+        e["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("no edge cluster"),
+        "{e}"
+    );
+    // The edge clusters answer; a router names one that exists.
+    let edges = c.get("edge-clusters").await.expect(200).body;
+    let edge = c.boot().edge_cluster;
+    assert_eq!(edges["results"][0]["id"], edge.as_str());
+    assert_eq!(edges["results"][0]["resource_type"], "EdgeCluster");
+    c.get(&format!("edge-clusters/{edge}")).await.expect(200);
+    let mut router = c
+        .get(&format!("logical-routers/{t1}"))
+        .await
+        .expect(200)
+        .body;
+    router["edge_cluster_id"] = json!("no-such-edges");
+    c.put(&format!("logical-routers/{t1}"), router.clone())
+        .await
+        .expect(400);
+    router["edge_cluster_id"] = json!(edge);
+    c.put(&format!("logical-routers/{t1}"), router)
+        .await
+        .expect(200);
     let lb = c
         .post("loadbalancer/services", json!({"attachment": {"target_type": "LogicalRouter", "target_id": t1}, "virtual_server_ids": [vs]}))
         .await
         .expect(201)
         .body;
+    // Neither the edge cluster nor the tier-1's hold on it goes while in use.
+    c.delete(&format!("edge-clusters/{edge}")).await.expect(400);
+    let mut router = c
+        .get(&format!("logical-routers/{t1}"))
+        .await
+        .expect(200)
+        .body;
+    router.as_object_mut().unwrap().remove("edge_cluster_id");
+    c.put(&format!("logical-routers/{t1}"), router)
+        .await
+        .expect(400);
     assert_eq!(lb["size"], "SMALL");
     c.post(
         "loadbalancer/services",

@@ -23,7 +23,7 @@ async fn net(c: &Client, cidr: &str, advertise: bool) -> Net {
     let tier1 = c
         .post(
             "logical-routers",
-            json!({"router_type": "TIER1", "display_name": cidr}),
+            json!({"router_type": "TIER1", "display_name": cidr, "edge_cluster_id": c.boot().edge_cluster}),
         )
         .await
         .expect(201)

@@ -49,6 +49,9 @@ pub struct NcpConfig {
     pub top_tier_router: Option<String>,
     /// `overlay_tz`: the overlay transport zone id or name; empty = discover by tag.
     pub overlay_tz: Option<String>,
+    /// `edge_cluster`: the edge cluster (id or name) of the load balancer's tier-1, which NSX
+    /// requires for a tier-1 with a load balancer; empty = the tier-0's.
+    pub edge_cluster: Option<String>,
     /// `subnet_prefix`: prefix length of each namespace's subnet (default 24).
     pub subnet_prefix: u8,
     /// `[k8s] apiserver_host_ip` / `apiserver_host_port`; absent = in-cluster config.
@@ -198,6 +201,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "external_ip_pools_lb",
             "top_tier_router",
             "overlay_tz",
+            "edge_cluster",
             "subnet_prefix",
             "concurrent_connections",
         ],
@@ -402,6 +406,7 @@ impl NcpConfig {
             external_ip_pools_lb: list("nsx_v3", "external_ip_pools_lb"),
             top_tier_router: text_of("nsx_v3", "top_tier_router"),
             overlay_tz: text_of("nsx_v3", "overlay_tz"),
+            edge_cluster: text_of("nsx_v3", "edge_cluster"),
             subnet_prefix: prefix as u8,
             apiserver_host_ip: text_of("k8s", "apiserver_host_ip"),
             apiserver_host_port: port,
@@ -457,6 +462,7 @@ impl NcpConfig {
             external_ip_pools_lb: Vec::new(),
             top_tier_router: None,
             overlay_tz: None,
+            edge_cluster: None,
             subnet_prefix: 24,
             apiserver_host_ip: None,
             apiserver_host_port: None,

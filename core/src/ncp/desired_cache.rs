@@ -543,6 +543,7 @@ mod tests {
             lb_pool: Some("lb".into()),
             lb_tcp_profile: Some("tcp".into()),
             lb_udp_profile: Some("udp".into()),
+            edge_cluster: Some("edges".into()),
             // node-1 has no VIF: its pods cannot be realized.
             node_vifs: [("node-0".to_string(), "vif-0".to_string())].into(),
         }

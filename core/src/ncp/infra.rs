@@ -22,6 +22,9 @@ pub struct Infra {
     /// The default fast TCP and UDP application profiles virtual servers use.
     pub lb_tcp_profile: Option<String>,
     pub lb_udp_profile: Option<String>,
+    /// The edge cluster of the load balancer's tier-1 (`edge_cluster`, else the tier-0's);
+    /// `None`: the tier-0 has none and none is configured (NSX refuses the LB service).
+    pub edge_cluster: Option<String>,
     /// Node name -> the VIF id of the node VM's port (the parent of its pods' CHILD VIFs).
     pub node_vifs: BTreeMap<String, String>,
 }
@@ -113,6 +116,17 @@ where
         cluster,
         |_| true,
     )?;
+    let edge_cluster = match cfg.edge_cluster.as_deref() {
+        Some(w) => {
+            let clusters = list("edge cluster", "edge-clusters").await?;
+            Some(pick("edge cluster", &clusters, Some(w), cluster, |_| true)?)
+        }
+        None => routers
+            .iter()
+            .find(|r| r["id"] == tier0.as_str())
+            .and_then(|r| r["edge_cluster_id"].as_str())
+            .map(str::to_string),
+    };
     let blocks = list("IP block", "pools/ip-blocks").await?;
     let ip_block = pick(
         "container IP block",
@@ -175,6 +189,7 @@ where
         lb_pool,
         lb_tcp_profile: profile("LbFastTcpProfile"),
         lb_udp_profile: profile("LbFastUdpProfile"),
+        edge_cluster,
         node_vifs,
     })
 }

@@ -199,7 +199,7 @@ fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
         Key::AllowSection(_) | Key::IsolationSection(_) | Key::NodeSection(_) => {
             (&[], &["stateful", "section_type"])
         }
-        Key::LbTier1(_) => (&[], &["router_type"]),
+        Key::LbTier1(_) => (&["edge_cluster_id"], &["router_type"]),
         Key::LbT0Link(_) => (&[], &["logical_router_id"]),
         Key::LbT1Link(_) => (
             &[],

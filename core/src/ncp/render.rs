@@ -176,6 +176,12 @@ pub fn render<R: Resolve + ?Sized>(
             wire(&LogicalRouter {
                 meta: meta("LogicalRouter"),
                 router_type: Some("TIER1".into()),
+                // A load balancer runs on its tier-1's edges.
+                edge_cluster_id: if matches!(spec.detail, Detail::LbTier1) {
+                    infra.edge_cluster.clone()
+                } else {
+                    None
+                },
                 ..Default::default()
             })
         }
@@ -519,6 +525,7 @@ mod tests {
             lb_pool: None,
             lb_tcp_profile: None,
             lb_udp_profile: None,
+            edge_cluster: None,
             node_vifs: [("node-a".to_string(), "vif-a".to_string())].into(),
         }
     }

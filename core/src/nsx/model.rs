@@ -110,6 +110,17 @@ impl ResourceMeta {
 }
 
 nsx_resource! {
+    /// `/edge-clusters`: the edges that host tier-0s and tier-1s with services (a load
+    /// balancer needs its tier-1 on one); NCP finds the configured one by id or name.
+    pub struct EdgeCluster {
+        deployment_type: String,
+        member_node_type: String,
+        members: Vec<Value>,
+        cluster_profile_bindings: Vec<Value>,
+    }
+}
+
+nsx_resource! {
     /// `/transport-zones`: pre-created by the admin; NCP finds the overlay one by tag.
     pub struct TransportZone {
         transport_type: String,

@@ -100,6 +100,14 @@ impl Store {
                     "a load balancer service attaches to a TIER1 router",
                 ));
             }
+            // The load balancer runs on the router's edges: a tier-1 without an edge cluster
+            // has none.
+            if r.str("edge_cluster_id").is_none() {
+                return Err(ApiError::validation(format!(
+                    "logical router {router} has no edge cluster: a load balancer service needs \
+                     its TIER1 router on an edge cluster"
+                )));
+            }
             if let Some(other) = self.ids_of(Kind::LbService).find(|l| {
                 Some(l.as_str()) != own
                     && self.objects[*l]

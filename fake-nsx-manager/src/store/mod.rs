@@ -818,10 +818,10 @@ impl Store {
         parent: Option<&str>,
     ) -> ApiResult<()> {
         match kind {
-            Kind::TransportZone => Ok(()),
+            Kind::EdgeCluster | Kind::TransportZone => Ok(()),
             Kind::LogicalSwitch => self.switch_create(doc),
             Kind::LogicalPort => self.port_create(id, doc),
-            Kind::LogicalRouter => Ok(()),
+            Kind::LogicalRouter => self.router_edge_check(doc),
             Kind::LogicalRouterPort => self.router_port_create(id, doc),
             Kind::NatRule => self.nat_create(doc, parent),
             Kind::IpBlock => self.block_write(None, doc),
@@ -870,7 +870,10 @@ impl Store {
             Kind::LbVirtualServer => self.lb_vs_write(doc),
             Kind::LbPool => lb::lb_pool_check(doc),
             Kind::LogicalRouter => self.router_update_check(id, current, doc),
-            Kind::TransportZone | Kind::LbAppProfile | Kind::LbPersistenceProfile => Ok(()),
+            Kind::EdgeCluster
+            | Kind::TransportZone
+            | Kind::LbAppProfile
+            | Kind::LbPersistenceProfile => Ok(()),
         }
     }
 
@@ -883,6 +886,7 @@ impl Store {
         flags: DeleteFlags,
     ) -> ApiResult<()> {
         match kind {
+            Kind::EdgeCluster => self.edge_cluster_delete(id),
             Kind::TransportZone => self.transport_zone_delete(id),
             Kind::LogicalSwitch => self.switch_delete(ctx, id, flags),
             Kind::LogicalPort => self.port_delete(id, current, flags),

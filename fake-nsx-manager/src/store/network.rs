@@ -424,10 +424,44 @@ impl Store {
 
     pub(super) fn router_update_check(
         &mut self,
-        _id: &str,
+        id: &str,
         _current: &Obj,
-        _doc: &mut Map<String, Value>,
+        doc: &mut Map<String, Value>,
     ) -> ApiResult<()> {
+        self.router_edge_check(doc)?;
+        // A tier-1 with a load balancer keeps an edge cluster.
+        if doc.get("edge_cluster_id").is_none_or(Value::is_null)
+            && let Some(lb) = self
+                .ids_of(Kind::LbService)
+                .find(|l| str_at(&self.objects[*l].doc, &["attachment", "target_id"]) == Some(id))
+        {
+            return Err(ApiError::validation(format!(
+                "logical router {id} has load balancer service {lb}: it needs an edge cluster"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A router's `edge_cluster_id`, when given, names an edge cluster that exists.
+    pub(super) fn router_edge_check(&self, doc: &Map<String, Value>) -> ApiResult<()> {
+        if let Some(e) = doc.get("edge_cluster_id").and_then(Value::as_str) {
+            self.expect_ref("edge_cluster_id", e, &[Kind::EdgeCluster])?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn edge_cluster_delete(&mut self, id: &str) -> ApiResult<()> {
+        let users = self
+            .ids_of(Kind::LogicalRouter)
+            .filter(|r| self.objects[*r].str("edge_cluster_id") == Some(id))
+            .count();
+        if users > 0 {
+            return Err(ApiError::in_use(
+                "edge-cluster",
+                format!("Edge cluster {id} is used by {users} logical router(s)."),
+            ));
+        }
+        self.remove(id);
         Ok(())
     }
 

@@ -190,7 +190,12 @@ def test_nsgroups_ipsets_and_firewall_sections_with_rules(nsxlib):
 
 
 def test_load_balancer_service_virtual_server_and_pool(nsxlib):
-    t1 = nsxlib.logical_router.create("k8s-a-lb", CLUSTER_TAG)
+    # A load balancer needs its tier-1 on an edge cluster, found as NCP finds it.
+    edges = nsxlib.edge_cluster.get_id_by_name_or_id("edge-cluster-1")
+    assert nsxlib.edge_cluster.get_transport_nodes(edges) == ["edge-node-1", "edge-node-2"]
+    bare = nsxlib.logical_router.create("k8s-a-no-edges", CLUSTER_TAG)
+    t1 = nsxlib.logical_router.create("k8s-a-lb", CLUSTER_TAG, edge_cluster_uuid=edges)
+    assert t1["edge_cluster_id"] == edges
     profiles = nsxlib.load_balancer.application_profile.list()["results"]
     tcp = [p for p in profiles if p["resource_type"] == "LbFastTcpProfile"][0]["id"]
     pool = nsxlib.load_balancer.pool.create(display_name="k8s-a-shop-web", tags=CLUSTER_TAG, members=[{"ip_address": "10.4.0.10", "port": "8080"}])
@@ -202,6 +207,12 @@ def test_load_balancer_service_virtual_server_and_pool(nsxlib):
         display_name="k8s-a-shop-web-80", tags=CLUSTER_TAG, ip_address="198.51.100.5", port="80",
         ip_protocol="TCP", application_profile_id=tcp, pool_id=pool["id"],
     )
+    with pytest.raises(exceptions.ManagerError):
+        nsxlib.load_balancer.service.create(
+            display_name="k8s-a-lb", tags=CLUSTER_TAG, size="SMALL",
+            attachment={"target_type": "LogicalRouter", "target_id": bare["id"]}, virtual_server_ids=[vs["id"]],
+        )
+    nsxlib.logical_router.delete(bare["id"])
     svc = nsxlib.load_balancer.service.create(
         display_name="k8s-a-lb", tags=CLUSTER_TAG, size="SMALL",
         attachment={"target_type": "LogicalRouter", "target_id": t1["id"]}, virtual_server_ids=[vs["id"]],

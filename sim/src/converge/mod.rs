@@ -102,6 +102,8 @@ fn infra_of(
         lb_pool: Some(c.lb_pool.clone()),
         lb_tcp_profile: profile("LbFastTcpProfile"),
         lb_udp_profile: profile("LbFastUdpProfile"),
+        // NCP is not told one: the tier-0's, as the bootstrap made it.
+        edge_cluster: Some(boot.edge_cluster.clone()),
         node_vifs: c
             .node_ports
             .iter()

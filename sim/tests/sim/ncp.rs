@@ -678,3 +678,49 @@ async fn a_crash_after_any_write_of_a_load_balancer_change_converges_without_lea
         }
     }
 }
+
+/// The load balancer's tier-1 goes on an edge cluster, as NSX requires: the one `[nsx_v3]
+/// edge_cluster` names (by id or display name), else the tier-0's; a name that matches none
+/// stops NCP with a message that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_cluster_is_the_configured_one_or_the_tier0s() {
+    let w = World::new(&["k8s-a"]).await;
+    let boot = w.nsx.bootstrap().unwrap();
+    assert!(!boot.edge_cluster.is_empty());
+    assert_eq!(
+        w.infra("k8s-a").await.edge_cluster.as_deref(),
+        Some(boot.edge_cluster.as_str()),
+        "the tier-0's by default"
+    );
+    let other = w
+        .client()
+        .create::<_, Value>(
+            "edge-clusters",
+            &serde_json::json!({"display_name": "edges-for-lb", "deployment_type": "VIRTUAL_MACHINE"}),
+        )
+        .await
+        .unwrap();
+    let other = other["id"].as_str().unwrap().to_string();
+    for wanted in [other.as_str(), "edges-for-lb"] {
+        let mut cfg = w.ncp_config("k8s-a");
+        cfg.edge_cluster = Some(wanted.to_string());
+        let infra = nsx_core::ncp::infra::discover(&w.client(), &cfg)
+            .await
+            .unwrap();
+        assert_eq!(
+            infra.edge_cluster.as_deref(),
+            Some(other.as_str()),
+            "{wanted}"
+        );
+    }
+    let mut cfg = w.ncp_config("k8s-a");
+    cfg.edge_cluster = Some("no-such-edges".into());
+    let e = nsx_core::ncp::infra::discover(&w.client(), &cfg)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("edge cluster") && e.contains("no-such-edges"),
+        "{e}"
+    );
+}
