@@ -434,6 +434,70 @@ async fn the_load_balancer_dnats_to_members_and_replies_come_from_the_vip() {
     assert_eq!(seen.len(), 2, "both members get connections");
     // Another port of the VIP is not load-balanced: the address is nobody's.
     assert!(!send(&c, &client, "198.51.100.10", Protocol::Tcp, 81).delivered());
+
+    // Source translation: transparent so far (a member saw the client); automap gives the
+    // load balancer's transit address (its tier-1's side of the link to the tier-0), an IP
+    // pool its first address; replies still come back from the VIP.
+    let transit = c.get("logical-router-ports").await.expect(200).body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["resource_type"] == "LogicalRouterLinkPortOnTIER1"
+                && p["logical_router_id"] == n.tier1.as_str()
+        })
+        .unwrap()["subnets"][0]["ip_addresses"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(transit.starts_with("100.64."), "{transit}");
+    let seen_source = |c: &Client| {
+        let p = Packet::new(&client.ip, "198.51.100.10", Protocol::Tcp, 41000, 80);
+        let (fwd, reply) = c
+            .nsx
+            .with_store(|s| s.trace_connection(&Entry::LogicalPort(client.port.clone()), &p));
+        let Verdict::Delivered { packet, .. } = fwd.verdict else {
+            panic!("{fwd:?}")
+        };
+        let reply = reply.unwrap();
+        let Verdict::Delivered { packet: back, .. } = &reply.verdict else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(
+            (back.src_ip, back.dst_ip),
+            (p.dst_ip, p.src_ip),
+            "{reply:?}"
+        );
+        packet.src_ip
+    };
+    assert_eq!(
+        seen_source(&c),
+        Packet::new(&client.ip, "0.0.0.0", Protocol::Tcp, 0, 0).src_ip
+    );
+    let path = format!("loadbalancer/pools/{pool}");
+    for (t, want) in [
+        (json!({"type": "LbSnatAutoMap"}), transit.as_str()),
+        (
+            json!({"type": "LbSnatIpPool", "ip_addresses": [{"ip_address": "192.0.2.7-192.0.2.9"}]}),
+            "192.0.2.7",
+        ),
+    ] {
+        let mut doc = c.get(&path).await.expect(200).body;
+        doc["snat_translation"] = t;
+        c.put(&path, doc).await.expect(200);
+        assert_eq!(
+            seen_source(&c),
+            Packet::new(want, "0.0.0.0", Protocol::Tcp, 0, 0).src_ip
+        );
+    }
+    for bad in [
+        json!({"type": "LbSnatNowhere"}),
+        json!({"type": "LbSnatIpPool"}),
+    ] {
+        let mut doc = c.get(&path).await.expect(200).body;
+        doc["snat_translation"] = bad;
+        c.put(&path, doc).await.expect(400);
+    }
 }
 
 #[tokio::test]

@@ -209,7 +209,7 @@ fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
             ],
         ),
         Key::LbService(_) => (&["enabled"], &["attachment.target_id"]),
-        Key::LbPool(_) => (&["algorithm"], &[]),
+        Key::LbPool(_) => (&["algorithm", "snat_translation"], &[]),
         Key::LbVirtualServer(_) => (
             &[
                 "port",

@@ -229,6 +229,9 @@ pub fn render<R: Resolve + ?Sized>(
         Detail::LbPool { members } => wire(&LbPool {
             meta: meta("LbPool"),
             algorithm: Some("ROUND_ROBIN".into()),
+            // Automap, as NCP sets its pools: the load balancer translates the client's
+            // source to its own uplink address, so that replies come back through it.
+            snat_translation: Some(serde_json::json!({"type": "LbSnatAutoMap"})),
             members: Some(
                 members
                     .iter()

@@ -10,7 +10,10 @@
 //! 2. **Distributed firewall, OUT** at the source port (see below).
 //! 3. **Load balancer**: a destination that is an enabled virtual server's VIP and port, on a
 //!    tier-1 with an enabled LB service, is DNATed to a pool member chosen by a hash of the
-//!    source address and port (deterministic, like a real LB's persistence-free hash).
+//!    source address and port (deterministic, like a real LB's persistence-free hash), and
+//!    its source translated as the pool's `snat_translation` says: automap to the LB tier-1's
+//!    transit address (100.64.x.y, assigned when the tier-1 links to the tier-0), an IP pool to
+//!    its first address, none when absent (transparent). Replies are translated back.
 //! 4. **Switching and routing**: same switch, then the source switch's tier-1 (through its
 //!    downlink), then the tier-0 (through the link ports), then the tier-1 whose downlink
 //!    subnet holds the destination. The tier-0 knows a tier-1's subnets only when that tier-1
@@ -629,13 +632,56 @@ impl Store {
                 "lb virtual server {vs}: member {}:{mport} of pool {pool}",
                 ipam::ip_to_string(mip)
             ));
-            return Ok(Some(Packet {
+            let mut out = Packet {
                 dst_ip: mip,
                 dst_port: mport,
                 ..*p
-            }));
+            };
+            if let Some(src) = self.lb_snat(pool, vs) {
+                hops.push(format!(
+                    "lb SNAT: source {} -> {}",
+                    ipam::ip_to_string(p.src_ip),
+                    ipam::ip_to_string(src)
+                ));
+                out.src_ip = src;
+            }
+            return Ok(Some(out));
         }
         Ok(None)
+    }
+
+    /// The source a pool's `snat_translation` gives a load-balanced connection: automap, the
+    /// load balancer's uplink address (its tier-1's transit address towards the tier-0); an IP
+    /// pool, its first address. `None`: transparent (the client's address stays).
+    fn lb_snat(&self, pool: &str, vs: &str) -> Option<u32> {
+        let t = self.objects.get(pool)?.doc.get("snat_translation")?;
+        match t.get("type").and_then(Value::as_str)? {
+            "LbSnatAutoMap" => {
+                let tier1 = self.ids_of(Kind::LbService).find_map(|s| {
+                    let d = &self.objects[s].doc;
+                    Self::field_list(d, "virtual_server_ids")
+                        .iter()
+                        .any(|v| v.as_str() == Some(vs))
+                        .then(|| d.get("attachment")?.get("target_id")?.as_str())
+                        .flatten()
+                })?;
+                self.ids_of(Kind::LogicalRouterPort).find_map(|rp| {
+                    let o = &self.objects[rp];
+                    if o.resource_type() != "LogicalRouterLinkPortOnTIER1"
+                        || o.str("logical_router_id") != Some(tier1)
+                    {
+                        return None;
+                    }
+                    let ip = o.doc.get("subnets")?[0]["ip_addresses"][0].as_str()?;
+                    ipam::parse_ip(ip).ok()
+                })
+            }
+            "LbSnatIpPool" => {
+                let first = t.get("ip_addresses")?.get(0)?.get("ip_address")?.as_str()?;
+                ipam::parse_ip_element(first).ok().map(|r| r.start)
+            }
+            _ => None,
+        }
     }
 
     fn snat(&self, tier0: &str, p: &Packet) -> Option<(String, u32)> {

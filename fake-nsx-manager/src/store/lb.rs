@@ -76,6 +76,31 @@ pub(super) fn lb_pool_check(doc: &mut Map<String, Value>) -> ApiResult<()> {
     if doc.contains_key("members") {
         doc.insert("members".into(), Value::Array(members));
     }
+    // Transparent when absent; automap (the load balancer's uplink address) or an IP pool.
+    if let Some(t) = doc.get("snat_translation").filter(|t| !t.is_null()) {
+        match t.get("type").and_then(Value::as_str) {
+            Some("LbSnatAutoMap") => {}
+            Some("LbSnatIpPool") => {
+                let addrs = t.get("ip_addresses").and_then(Value::as_array);
+                if addrs.is_none_or(Vec::is_empty) {
+                    return Err(ApiError::validation(
+                        "snat_translation.ip_addresses: required for LbSnatIpPool",
+                    ));
+                }
+                for a in addrs.into_iter().flatten() {
+                    let text = a.get("ip_address").and_then(Value::as_str).unwrap_or("");
+                    ipam::parse_ip_element(text).map_err(|e| {
+                        ApiError::validation(format!("snat_translation.ip_addresses: {e}"))
+                    })?;
+                }
+            }
+            other => {
+                return Err(ApiError::validation(format!(
+                    "snat_translation.type {other:?} is not LbSnatAutoMap or LbSnatIpPool"
+                )));
+            }
+        }
+    }
     doc.entry("algorithm").or_insert(json!("ROUND_ROBIN"));
     Ok(())
 }

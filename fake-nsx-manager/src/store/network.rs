@@ -45,6 +45,9 @@ fn str_at<'a>(doc: &'a Map<String, Value>, path: &[&str]) -> Option<&'a str> {
     v.as_str()
 }
 
+/// 100.64.0.0: where the tier-0/tier-1 transit subnets come from.
+const TRANSIT_BASE: u32 = 0x6440_0000;
+
 impl Store {
     pub(super) fn switch_create(&mut self, doc: &mut Map<String, Value>) -> ApiResult<()> {
         let tz_id = str_at(doc, &["transport_zone_id"])
@@ -534,6 +537,7 @@ impl Store {
             "LogicalRouterLinkPortOnTIER0" => {
                 // Read-only: filled in when a TIER1 port links here.
                 doc.remove("linked_logical_router_port_id");
+                doc.remove("subnets");
             }
             "LogicalRouterLinkPortOnTIER1" => {
                 let target = self.check_tier1_link(&router_id, doc, None)?;
@@ -541,9 +545,15 @@ impl Store {
                     "linked_logical_router_port_id".into(),
                     json!({"target_id": target, "target_type": "LogicalRouterLinkPortOnTIER0", "is_valid": true}),
                 );
+                // The link's transit subnet, as NSX assigns it: a /31 of 100.64.0.0/16, the
+                // tier-0's side even, the tier-1's odd.
+                let pair = self.free_transit_pair();
+                let subnet = |ip: u32| json!([{"ip_addresses": [ipam::ip_to_string(ip)], "prefix_length": 31}]);
+                doc.insert("subnets".into(), subnet(pair + 1));
                 if let Some(t0) = self.objects.get_mut(&target) {
                     t0.doc
                         .insert("linked_logical_router_port_id".into(), json!(id));
+                    t0.doc.insert("subnets".into(), subnet(pair));
                 }
                 self.dirty.insert(target);
             }
@@ -702,11 +712,34 @@ impl Store {
         Ok(())
     }
 
+    /// The lowest /31 of the transit range no tier-0 link port holds.
+    fn free_transit_pair(&self) -> u32 {
+        let used: std::collections::BTreeSet<u32> = self
+            .ids_of(Kind::LogicalRouterPort)
+            .filter(|p| self.objects[*p].resource_type() == "LogicalRouterLinkPortOnTIER0")
+            .filter_map(|p| {
+                let s = self.objects[p].doc.get("subnets")?;
+                ipam::parse_ip(s[0]["ip_addresses"][0].as_str()?).ok()
+            })
+            .collect();
+        (0..32768u32)
+            .map(|k| TRANSIT_BASE + 2 * k)
+            .find(|ip| !used.contains(ip))
+            .unwrap_or(TRANSIT_BASE)
+    }
+
     pub(super) fn router_port_update(
         &mut self,
         current: &Obj,
         doc: &mut Map<String, Value>,
     ) -> ApiResult<()> {
+        // A link port's transit subnet is the manager's: kept whatever a PUT says.
+        if current.resource_type() != "LogicalRouterDownLinkPort" {
+            match current.doc.get("subnets") {
+                Some(v) => doc.insert("subnets".into(), v.clone()),
+                None => doc.remove("subnets"),
+            };
+        }
         let id = current.str("id").unwrap_or_default().to_string();
         let router_id = current
             .str("logical_router_id")
