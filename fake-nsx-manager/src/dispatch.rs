@@ -254,6 +254,9 @@ fn collection(
         [id, "state"] if kind == Kind::LogicalPort && m == "GET" => {
             store.port_state(id).map(ApiResponse::ok)
         }
+        [id, "status"] if kind == Kind::LbService && m == "GET" => {
+            store.lb_service_status(id).map(ApiResponse::ok)
+        }
         [id, "allocations"] if kind == Kind::IpPool && m == "GET" => {
             store.allocations(kind, id).map(ApiResponse::ok)
         }

@@ -1205,6 +1205,27 @@ async fn load_balancer_objects_reference_each_other_and_guard_deletes() {
         .await
         .expect(201)
         .body;
+    // Its status, as the manager reports it without health monitors: every enabled member is
+    // UP, on the edge cluster's first member (the second standing by).
+    let status = c
+        .get(&format!(
+            "loadbalancer/services/{}/status",
+            lb["id"].as_str().unwrap()
+        ))
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(status["service_status"], "UP", "{status}");
+    assert_eq!(
+        status["virtual_servers"][0]["virtual_server_id"],
+        vs.as_str()
+    );
+    assert_eq!(status["virtual_servers"][0]["status"], "UP");
+    assert_eq!(status["pools"][0]["pool_id"], pool.as_str());
+    assert_eq!(status["pools"][0]["members"][0]["status"], "UP");
+    assert_eq!(status["active_transport_nodes"], json!(["edge-node-1"]));
+    assert_eq!(status["standby_transport_nodes"], json!(["edge-node-2"]));
+    c.get("loadbalancer/services/nope/status").await.expect(404);
     // Neither the edge cluster nor the tier-1's hold on it goes while in use.
     c.delete(&format!("edge-clusters/{edge}")).await.expect(400);
     let mut router = c

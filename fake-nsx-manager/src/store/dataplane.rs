@@ -382,7 +382,10 @@ impl Store {
         }
     }
 
-    fn field_list<'a>(doc: &'a serde_json::Map<String, Value>, field: &str) -> &'a [Value] {
+    pub(super) fn field_list<'a>(
+        doc: &'a serde_json::Map<String, Value>,
+        field: &str,
+    ) -> &'a [Value] {
         doc.get(field)
             .and_then(Value::as_array)
             .map_or(&[], Vec::as_slice)

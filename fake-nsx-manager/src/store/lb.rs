@@ -217,6 +217,90 @@ impl Store {
         Ok(())
     }
 
+    /// `GET /loadbalancer/services/{id}/status`, as the manager reports it with no health
+    /// monitor: an enabled member is UP; a pool is UP with all its enabled members up, DOWN
+    /// with none; a virtual server has its pool's status (DISABLED when disabled); the service
+    /// is DETACHED without a tier-1, DOWN when disabled, else UP on its tier-1's edges (the
+    /// edge cluster's first member active, the second standby).
+    pub fn lb_service_status(&self, id: &str) -> ApiResult<Value> {
+        let svc = self.get(Kind::LbService, id)?;
+        let enabled = |d: &Value| d.get("enabled").and_then(Value::as_bool) != Some(false);
+        let tier1 = svc["attachment"]["target_id"]
+            .as_str()
+            .and_then(|r| self.objects.get(r));
+        let edges: Vec<String> = tier1
+            .and_then(|r| r.str("edge_cluster_id"))
+            .and_then(|e| self.objects.get(e))
+            .map(|e| {
+                Self::field_list(&e.doc, "members")
+                    .iter()
+                    .filter_map(|m| m["transport_node_id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let service_status = if tier1.is_none() {
+            "DETACHED"
+        } else if !enabled(&svc) {
+            "DOWN"
+        } else {
+            "UP"
+        };
+        let mut pools: Vec<Value> = Vec::new();
+        let mut servers: Vec<Value> = Vec::new();
+        for vs_id in svc["virtual_server_ids"].as_array().into_iter().flatten() {
+            let Some(vs) = vs_id.as_str().and_then(|v| self.objects.get(v)) else {
+                continue;
+            };
+            let pool = vs.str("pool_id").and_then(|p| self.objects.get(p));
+            let pool_status = match pool {
+                None => "DOWN",
+                Some(p) => {
+                    let members = Self::field_list(&p.doc, "members");
+                    let up = members
+                        .iter()
+                        .filter(|m| m["admin_state"].as_str().unwrap_or("ENABLED") == "ENABLED")
+                        .count();
+                    match (up, members.len()) {
+                        (0, _) => "DOWN",
+                        (u, n) if u == n => "UP",
+                        _ => "PARTIALLY_UP",
+                    }
+                }
+            };
+            if let Some(p) = pool
+                && !pools.iter().any(|x| x["pool_id"].as_str() == p.str("id"))
+            {
+                let members: Vec<Value> = Self::field_list(&p.doc, "members")
+                    .iter()
+                    .map(|m| {
+                        let state = m["admin_state"].as_str().unwrap_or("ENABLED");
+                        json!({"ip_address": m["ip_address"], "port": m["port"],
+                            "status": if state == "ENABLED" { "UP" } else { state }})
+                    })
+                    .collect();
+                pools.push(
+                    json!({"pool_id": p.str("id"), "status": pool_status, "members": members}),
+                );
+            }
+            let status = if !enabled(&Value::Object(vs.doc.clone())) {
+                "DISABLED"
+            } else if service_status != "UP" {
+                service_status
+            } else {
+                pool_status
+            };
+            servers.push(json!({"virtual_server_id": vs.str("id"), "status": status}));
+        }
+        Ok(json!({
+            "service_id": id,
+            "service_status": service_status,
+            "active_transport_nodes": edges.first().into_iter().collect::<Vec<_>>(),
+            "standby_transport_nodes": edges.get(1).into_iter().collect::<Vec<_>>(),
+            "pools": pools,
+            "virtual_servers": servers,
+        }))
+    }
+
     pub(super) fn lb_delete(&mut self, id: &str) -> ApiResult<()> {
         self.delete_unless_referenced(id, "LoadBalancer", false)
     }

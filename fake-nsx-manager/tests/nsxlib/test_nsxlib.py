@@ -218,6 +218,10 @@ def test_load_balancer_service_virtual_server_and_pool(nsxlib):
         attachment={"target_type": "LogicalRouter", "target_id": t1["id"]}, virtual_server_ids=[vs["id"]],
     )
     assert svc["virtual_server_ids"] == [vs["id"]]
+    status = nsxlib.load_balancer.service.get_status(svc["id"])
+    assert status["service_status"] == "UP"
+    assert [v["status"] for v in status["virtual_servers"]] == ["UP"]
+    assert sorted(m["status"] for m in status["pools"][0]["members"]) == ["UP", "UP"]
     with pytest.raises(exceptions.ManagerError):
         nsxlib.load_balancer.pool.delete(pool["id"])
     nsxlib.load_balancer.service.delete(svc["id"])
