@@ -451,6 +451,29 @@ async fn the_load_balancer_dnats_to_members_and_replies_come_from_the_vip() {
         .unwrap()
         .to_string();
     assert!(transit.starts_with("100.64."), "{transit}");
+    // The transit subnet is the manager's: a PUT that leaves it out (or says another) keeps it.
+    let link = c.get("logical-router-ports").await.expect(200).body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["resource_type"] == "LogicalRouterLinkPortOnTIER1"
+                && p["logical_router_id"] == n.tier1.as_str()
+        })
+        .unwrap()
+        .clone();
+    let link_path = format!("logical-router-ports/{}", link["id"].as_str().unwrap());
+    let mut body = link.clone();
+    body.as_object_mut().unwrap().remove("subnets");
+    c.put(&link_path, body).await.expect(200);
+    let mut body = c.get(&link_path).await.expect(200).body;
+    assert_eq!(body["subnets"], link["subnets"]);
+    body["subnets"] = json!([{"ip_addresses": ["100.64.99.1"], "prefix_length": 31}]);
+    c.put(&link_path, body).await.expect(200);
+    assert_eq!(
+        c.get(&link_path).await.expect(200).body["subnets"],
+        link["subnets"]
+    );
     let seen_source = |c: &Client| {
         let p = Packet::new(&client.ip, "198.51.100.10", Protocol::Tcp, 41000, 80);
         let (fwd, reply) = c

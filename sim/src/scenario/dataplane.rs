@@ -288,18 +288,16 @@ impl World {
                 )),
                 None => Ok((None, Reached::External { src: packet.src_ip })),
             },
-            Verdict::Delivered { logical_port, .. }
-                if self.node_of_port(&logical_port).is_some() =>
-            {
-                let name = self.node_of_port(&logical_port).unwrap_or_default();
-                Ok((None, Reached::Node { name }))
-            }
             Verdict::Delivered {
+                logical_port,
                 parent_vif_id,
                 vlan,
                 packet,
-                ..
             } => {
+                // A node's own port: its host answers, outside the bridge.
+                if let Some(name) = self.node_of_port(&logical_port) {
+                    return Ok((None, Reached::Node { name }));
+                }
                 let node = parent_vif_id
                     .as_deref()
                     .and_then(|v| self.node_of_vif(v))

@@ -300,13 +300,13 @@ impl World {
         let was_ready = pod.ready();
         let mut restarted = Vec::new();
         let mut changed = false;
-        for i in 0..pod.containers.len() {
-            let c = pod.containers[i].clone();
-            if let Some(p) = &c.liveness
+        let node = pod.node.as_str();
+        for c in pod.containers.iter_mut() {
+            // The probe is copied out: a restart resets the container it belongs to.
+            if let Some(p) = c.liveness.clone()
                 && c.next_liveness_ms <= now
             {
-                let ok = self.probe_passes(key, &pod.node, &c, p);
-                let c = &mut pod.containers[i];
+                let ok = self.probe_passes(key, node, c, &p);
                 c.next_liveness_ms = now + p.period_ms;
                 if ok {
                     c.liveness_failures = 0;
@@ -321,12 +321,10 @@ impl World {
                     }
                 }
             }
-            let c = pod.containers[i].clone();
-            if let Some(p) = &c.readiness
+            if let Some(p) = c.readiness.clone()
                 && c.next_readiness_ms <= now
             {
-                let ok = self.probe_passes(key, &pod.node, &c, p);
-                let c = &mut pod.containers[i];
+                let ok = self.probe_passes(key, node, c, &p);
                 c.next_readiness_ms = now + p.period_ms;
                 if ok {
                     c.passes += 1;
