@@ -35,6 +35,9 @@ pub mod annotation {
     /// Written on a pod: its network, a [`super::pod_network::PodNetwork`] as JSON; the node
     /// agent waits for it.
     pub const POD_NETWORK: &str = "ncp/network";
+    /// Written on a LoadBalancer service that has no VIP: why (`IP_ALREADY_ALLOCATED`, ...);
+    /// removed once it has one.
+    pub const LB_ERROR: &str = "ncp/error.loadbalancer";
 }
 
 /// The objects NCP reconciles, keyed by name (and namespace).

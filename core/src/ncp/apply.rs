@@ -56,6 +56,14 @@ pub enum ApplyError {
     /// is written on from it (an empty id in a path, an empty address in an annotation).
     #[error("NSX answered {op} without {field}")]
     BadAnswer { op: String, field: &'static str },
+    /// A LoadBalancer service's VIP cannot be had as asked (`code` is what NCP writes in the
+    /// service's `ncp/error.loadbalancer` annotation).
+    #[error("no VIP for service {service}: {code}: {reason}")]
+    Vip {
+        service: String,
+        code: &'static str,
+        reason: String,
+    },
 }
 
 /// `field` of an NSX answer, which must be there.
@@ -79,7 +87,7 @@ impl ApplyError {
             ApplyError::Unresolved { .. }
             | ApplyError::BudgetSpent { .. }
             | ApplyError::BadAnswer { .. } => true,
-            ApplyError::NoPool { .. } | ApplyError::Fenced => false,
+            ApplyError::NoPool { .. } | ApplyError::Fenced | ApplyError::Vip { .. } => false,
         }
     }
 }
@@ -95,6 +103,9 @@ pub struct ApplyReport {
     /// validation error), and those skipped because they depend on one. The rest of the plan
     /// went ahead: one bad namespace must not hold up the others.
     pub failed: BTreeMap<Key, String>,
+    /// Service UID -> why it has no VIP (the `ncp/error.loadbalancer` value), for services
+    /// whose VIP this plan could not have.
+    pub lb_errors: BTreeMap<String, &'static str>,
 }
 
 pub struct Applier<'a, C> {
@@ -208,13 +219,18 @@ fn is_permanent(e: &ApplyError) -> bool {
                 && !source.is_retryable()
                 && !source.is_stale_revision()
         }
-        ApplyError::NoPool { .. } => true,
+        ApplyError::NoPool { .. } | ApplyError::Vip { .. } => true,
         ApplyError::Unresolved { .. }
         | ApplyError::BudgetSpent { .. }
         | ApplyError::Fenced
         | ApplyError::BadAnswer { .. } => false,
     }
 }
+
+/// NSX's error codes for an address that cannot be allocated from an IP pool.
+const NSX_POOL_EXHAUSTED: i64 = 5109;
+const NSX_NOT_IN_POOL: i64 = 5110;
+const NSX_ALREADY_ALLOCATED: i64 = 5141;
 
 fn source_text(e: &ApplyError) -> String {
     std::error::Error::source(e)
@@ -333,6 +349,11 @@ where
                     _ => None,
                 };
                 let mut shared = self.shared();
+                // A replacement whose old object NSX would not delete: creating it anyway
+                // would leave two.
+                if matches!(op, Op::Create { .. }) && shared.report.failed.contains_key(key) {
+                    continue;
+                }
                 if let Some(dep) = key
                     .deps(detail)
                     .into_iter()
@@ -350,10 +371,15 @@ where
                 Err(e) if is_permanent(&e) && op_key(op).is_some() => {
                     let key = op_key(op).cloned().expect("checked above");
                     tracing::warn!(?key, error = %e, "NSX refused an object; going on with the rest");
-                    self.shared()
-                        .report
-                        .failed
-                        .insert(key, format!("{e}: {}", source_text(&e)));
+                    let mut shared = self.shared();
+                    if let ApplyError::Vip { service, code, .. } = &e {
+                        shared.report.lb_errors.insert(service.clone(), code);
+                    }
+                    let text = match source_text(&e) {
+                        s if s.is_empty() => e.to_string(),
+                        s => format!("{e}: {s}"),
+                    };
+                    shared.report.failed.insert(key, text);
                 }
                 Err(e) => {
                     self.stopped.store(true, Ordering::SeqCst);
@@ -480,15 +506,24 @@ where
             self.render(key, spec, Some("0.0.0.0"))?;
             let pool = self.infra.snat_pool.clone();
             let ip = self
-                .allocate_tagged(pool, key, spec, scope::PROJECT_UID, key.owner_uid())
+                .allocate_tagged(pool, key, spec, scope::PROJECT_UID, key.owner_uid(), None)
                 .await?;
             self.shared().resolved.snat_allocations.insert(ip.clone());
             address = Some(ip);
         }
-        if let (Key::LbVirtualServer(_), Detail::LbVirtualServer { service_uid, .. }) =
-            (key, &spec.detail)
+        if let (
+            Key::LbVirtualServer(_),
+            Detail::LbVirtualServer {
+                service_uid,
+                requested_ip,
+                ..
+            },
+        ) = (key, &spec.detail)
         {
-            address = Some(self.vip(key, spec, service_uid).await?);
+            address = Some(
+                self.vip(key, spec, service_uid, requested_ip.as_deref())
+                    .await?,
+            );
         }
         let mut body = self.render(key, spec, address.as_deref())?;
         if let Key::Tier1(_) | Key::LbTier1(_) = key {
@@ -637,6 +672,7 @@ where
         spec: &Spec,
         owner_scope: &str,
         owner: &str,
+        wanted: Option<&str>,
     ) -> Result<String, ApplyError> {
         let pool = pool.ok_or_else(|| ApplyError::NoPool {
             op: format!("allocate an address for {key:?}"),
@@ -651,7 +687,7 @@ where
                 ..Default::default()
             },
             // Absent: any free address.
-            allocation_id: None,
+            allocation_id: wanted.map(str::to_string),
         });
         let a = self
             .write(
@@ -666,16 +702,82 @@ where
         .to_string())
     }
 
-    /// The VIP of a LoadBalancer service: the one it has, or a new one from the LB pool,
-    /// tagged so that it is found (and released) by service.
-    async fn vip(&self, key: &Key, spec: &Spec, service_uid: &str) -> Result<String, ApplyError> {
-        if let Some(ip) = self.shared().resolved.lb_vips.get(service_uid) {
+    /// The VIP of a LoadBalancer service: the one it has, or a new one from the LB pool (the
+    /// address `spec.loadBalancerIP` asks for, when it does), tagged so that it is found (and
+    /// released) by service. A service that asks for another address than it holds gives
+    /// the old one back first.
+    async fn vip(
+        &self,
+        key: &Key,
+        spec: &Spec,
+        service_uid: &str,
+        requested: Option<&str>,
+    ) -> Result<String, ApplyError> {
+        let held = self.shared().resolved.lb_vips.get(service_uid).cloned();
+        if let Some(ip) = &held
+            && requested.is_none_or(|r| r == ip)
+        {
             return Ok(ip.clone());
         }
+        let refuse = |code: &'static str, reason: String| ApplyError::Vip {
+            service: service_uid.to_string(),
+            code,
+            reason,
+        };
+        let requested = match requested {
+            None => None,
+            Some(r) => match r.parse::<std::net::Ipv4Addr>() {
+                Ok(ip) => Some(ip.to_string()),
+                Err(_) => {
+                    return Err(refuse(
+                        "INVALID_LOADBALANCER_IP",
+                        format!(
+                            "loadBalancerIP {r:?} is not an IPv4 address (naming an IP pool \
+                             there is not supported)"
+                        ),
+                    ));
+                }
+            },
+        };
         let pool = self.infra.lb_pool.clone();
-        let ip = self
-            .allocate_tagged(pool, key, spec, scope::SERVICE_UID, service_uid)
-            .await?;
+        if let (Some(old), Some(p)) = (&held, &pool) {
+            self.release(p, old).await?;
+        }
+        let allocated = self
+            .allocate_tagged(
+                pool.clone(),
+                key,
+                spec,
+                scope::SERVICE_UID,
+                service_uid,
+                requested.as_deref(),
+            )
+            .await;
+        let ip = match allocated {
+            Ok(ip) => ip,
+            Err(ApplyError::Nsx { source, .. })
+                if source.status() == Some(400) && requested.is_some() =>
+            {
+                let asked = requested.as_deref().unwrap_or_default();
+                let pool = pool.unwrap_or_default();
+                let (code, why) = match source.error_code() {
+                    Some(NSX_NOT_IN_POOL) => ("IP_NOT_IN_POOL", "is not in"),
+                    Some(NSX_ALREADY_ALLOCATED) => ("IP_ALREADY_ALLOCATED", "is already taken in"),
+                    _ => ("IP_POOL_EXHAUSTED", "cannot be allocated from"),
+                };
+                return Err(refuse(
+                    code,
+                    format!("loadBalancerIP {asked} {why} the LB pool {pool}: {source}"),
+                ));
+            }
+            Err(ApplyError::Nsx { source, .. })
+                if source.status() == Some(400)
+                    && source.error_code() == Some(NSX_POOL_EXHAUSTED) =>
+            {
+                return Err(refuse("IP_POOL_EXHAUSTED", source.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
         self.shared()
             .resolved
             .lb_vips
@@ -782,6 +884,7 @@ mod tests {
                 service_uid: service.into(),
                 port,
                 protocol: "TCP".into(),
+                requested_ip: None,
             },
         )
     }

@@ -258,6 +258,12 @@ pub fn service_objects(
     let Some(svc_uid) = svc.metadata.uid.clone() else {
         return false;
     };
+    let requested_ip = spec
+        .load_balancer_ip
+        .as_deref()
+        .map(str::trim)
+        .filter(|ip| !ip.is_empty())
+        .map(str::to_string);
     // The namespace's slices, by range: a service costs its namespace's slices, not the
     // cluster's.
     let slices: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> = view
@@ -319,6 +325,7 @@ pub fn service_objects(
                     service_uid: svc_uid.clone(),
                     port: port.port,
                     protocol,
+                    requested_ip: requested_ip.clone(),
                 },
             },
         );

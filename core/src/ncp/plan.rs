@@ -665,7 +665,19 @@ impl<'a> Planner<'a> {
                     _ => doc["translated_network"].as_str(),
                 }
                 .filter(|s| !s.is_empty());
+                // A service that asks for another VIP than its virtual server has: a new
+                // virtual server on the address asked for (the applier swaps the VIPs).
+                let moved = match &spec.detail {
+                    Detail::LbVirtualServer {
+                        requested_ip: Some(r),
+                        ..
+                    } => r
+                        .parse::<std::net::Ipv4Addr>()
+                        .is_ok_and(|r| address.is_some_and(|a| a != r.to_string())),
+                    _ => false,
+                };
                 let d = match render(key, &spec, self.infra, &self.kept, address) {
+                    Ok(_) if moved => Drift::Replace,
                     Ok(want) => drift(key, &want, doc),
                     // A dependency exists but lacks what we need (a subnet without a cidr).
                     Err(_) => Drift::Replace,
@@ -842,12 +854,28 @@ fn relist_lb_service(
         )
     });
     if vs_deleted {
+        // Without the virtual servers deleted here, those replaced too (they are desired, and
+        // exist until their delete): NSX refuses to delete one the LB service still lists.
+        let gone: BTreeSet<&Key> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Delete {
+                    key: k @ Key::LbVirtualServer(_),
+                    ..
+                } => Some(k),
+                _ => None,
+            })
+            .collect();
+        let mut before = spec.clone();
+        if let Detail::LbService { virtual_servers } = &mut before.detail {
+            virtual_servers.retain(|k| !gone.contains(k));
+        }
         ops.insert(
             0,
             Op::Update {
                 key: lb_key.clone(),
                 id: lb_id.clone(),
-                spec: spec.clone(),
+                spec: before,
             },
         );
     }

@@ -250,6 +250,8 @@ pub enum Detail {
         service_uid: String,
         port: i32,
         protocol: String,
+        /// `spec.loadBalancerIP`: the VIP the service asks for (every port shares it).
+        requested_ip: Option<String>,
     },
     /// An NSGroup (a namespace's or a policy's).
     Group {

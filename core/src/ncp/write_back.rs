@@ -167,6 +167,48 @@ where
             .filter(|(k, _)| matches!(k, Key::LbVirtualServer(v) if v.starts_with(&prefix)))
             .and_then(|(_, d)| d.first())
             .and_then(|d| d["ip_address"].as_str());
+        let error = annotations_of(&svc.metadata)
+            .get(annotation::LB_ERROR)
+            .cloned();
+        // The error annotation: set while the service cannot have its VIP, gone once it has.
+        let is_lb = svc
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer"));
+        let want_error = match vip {
+            Some(_) => None,
+            None if !is_lb => None,
+            None => outcome
+                .report
+                .lb_errors
+                .get(&uid)
+                .map(|c| c.to_string())
+                .or(error.clone()),
+        };
+        if want_error != error {
+            if !allowed() {
+                return Err("no longer the leader".into());
+            }
+            let api: Api<Service> = Api::namespaced(kube.clone(), ns_name);
+            match api
+                .patch(
+                    svc_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"metadata": {"annotations": {annotation::LB_ERROR: want_error}}}),
+                    ),
+                )
+                .await
+            {
+                Ok(_) => patched += 1,
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                Err(e) => {
+                    return Err(format!(
+                        "failed to annotate service {ns_name}/{svc_name}: {e}"
+                    ));
+                }
+            }
+        }
         let Some(vip) = vip else { continue };
         let current = crate::k8s::lb_ingress_ip(svc);
         if current.as_deref() == Some(vip) {

@@ -68,6 +68,27 @@ pub struct Realized {
     snat: BTreeMap<String, String>,
     /// What NSX allocated to each pod's port, by pod uid.
     pod_addresses: BTreeMap<String, PortAddress>,
+    /// Services refused the VIP they ask for, by uid, with their `ns/name`.
+    pub refused_vips: BTreeMap<String, String>,
+}
+
+/// NCP has said why each refused service has no VIP: a Warning Event on it.
+pub fn vip_refusals_reported(api: &ApiServer, realized: &Realized) -> Result<(), String> {
+    for (uid, name) in &realized.refused_vips {
+        let mut warned = false;
+        api.try_each("events", |ev| {
+            warned |= ev["type"] == "Warning"
+                && ev["involvedObject"]["kind"] == "Service"
+                && ev["involvedObject"]["uid"] == uid.as_str();
+            Ok::<(), String>(())
+        })?;
+        if !warned {
+            return Err(format!(
+                "service {name} has no VIP and no Warning Event says why"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The addresses and VLAN NSX gave a pod's port.
@@ -240,6 +261,98 @@ fn allocations(nsx: &FakeNsxManager, pool: &str, cluster: &str) -> BTreeMap<Stri
         .collect()
 }
 
+/// LoadBalancer services whose `spec.loadBalancerIP` NCP cannot give them, each with the
+/// `ncp/error.loadbalancer` value it must carry: decided here from the LB pool's ranges and
+/// allocations as NSX reports them (not from NCP's code): an address that is not IPv4, is
+/// outside the pool, or is held by anything but the service itself.
+pub fn refused_vips(
+    view: &ClusterView,
+    nsx: &FakeNsxManager,
+    cluster: &str,
+) -> Result<BTreeMap<String, &'static str>, String> {
+    let mut refused = BTreeMap::new();
+    let asking: Vec<(String, String)> = view
+        .services
+        .values()
+        .filter(|s| {
+            s.spec
+                .as_ref()
+                .is_some_and(|s| s.type_.as_deref() == Some("LoadBalancer"))
+        })
+        .filter_map(|s| {
+            let ip = s.spec.as_ref()?.load_balancer_ip.as_deref()?.trim();
+            (!ip.is_empty()).then(|| (s.metadata.uid.clone().unwrap_or_default(), ip.to_string()))
+        })
+        .collect();
+    if asking.is_empty() {
+        return Ok(refused);
+    }
+    let boot = nsx.bootstrap().ok_or("no bootstrap")?;
+    let pool = &boot
+        .clusters
+        .get(cluster)
+        .ok_or("cluster not bootstrapped")?
+        .lb_pool;
+    let doc = nsx
+        .as_admin("GET", &format!("/api/v1/pools/ip-pools/{pool}"), &[], None)
+        .body;
+    let ranges: Vec<(u32, u32)> = doc["subnets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["allocation_ranges"].as_array().into_iter().flatten())
+        .filter_map(|r| {
+            let a: std::net::Ipv4Addr = r["start"].as_str()?.parse().ok()?;
+            let b: std::net::Ipv4Addr = r["end"].as_str()?.parse().ok()?;
+            Some((u32::from(a), u32::from(b)))
+        })
+        .collect();
+    let held = nsx
+        .as_admin(
+            "GET",
+            &format!("/api/v1/pools/ip-pools/{pool}/allocations"),
+            &[],
+            None,
+        )
+        .body;
+    let holder = |ip: &str| -> Option<String> {
+        held["results"]
+            .as_array()?
+            .iter()
+            .find(|a| a["allocation_id"].as_str() == Some(ip))
+            .map(|a| {
+                a["tags"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|t| t["scope"] == scope::SERVICE_UID)
+                    .and_then(|t| t["tag"].as_str())
+                    .unwrap_or("someone else")
+                    .to_string()
+            })
+    };
+    for (uid, text) in asking {
+        let code = match text.parse::<std::net::Ipv4Addr>() {
+            Err(_) => Some("INVALID_LOADBALANCER_IP"),
+            Ok(ip)
+                if !ranges
+                    .iter()
+                    .any(|(a, b)| (*a..=*b).contains(&u32::from(ip))) =>
+            {
+                Some("IP_NOT_IN_POOL")
+            }
+            Ok(ip) => match holder(&ip.to_string()) {
+                Some(h) if h != uid => Some("IP_ALREADY_ALLOCATED"),
+                _ => None,
+            },
+        };
+        if let Some(code) = code {
+            refused.insert(uid, code);
+        }
+    }
+    Ok(refused)
+}
+
 /// `Err` says the first thing that is not there yet.
 pub fn ncp_converged(
     api: &ApiServer,
@@ -250,6 +363,7 @@ pub fn ncp_converged(
     let view = view_from(api)?;
     let want = desired(&view, cluster, subnet_prefix);
     let realized = ncp_converged_in(&view, &want, nsx, cluster)?;
+    vip_refusals_reported(api, &realized)?;
     Ok((view, realized))
 }
 
@@ -285,7 +399,21 @@ pub fn ncp_converged_in(
     cluster: &str,
 ) -> Result<Realized, String> {
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
-    let (observed, strays) = nsx.inspect(|s| -> Result<(Realized, usize), String> {
+    // A service refused the VIP it asks for has no virtual servers.
+    let refused = refused_vips(view, nsx, cluster)?;
+    let filtered;
+    let want = if refused.is_empty() {
+        want
+    } else {
+        let mut w = want.clone();
+        w.objects.retain(|k, _| match k {
+            Key::LbVirtualServer(v) => !refused.contains_key(v.split('/').next().unwrap_or("")),
+            _ => true,
+        });
+        filtered = w;
+        &filtered
+    };
+    let (mut observed, strays) = nsx.inspect(|s| -> Result<(Realized, usize), String> {
         let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
         // Pod ports (tagged with a pod uid) that NCP would not recognise as its own.
         let mut strays = 0;
@@ -432,9 +560,34 @@ pub fn ncp_converged_in(
     }
     for ((ns, name), svc) in &view.services {
         let uid = svc.metadata.uid.clone().unwrap_or_default();
+        let error = ann(&svc.metadata, nsx_core::k8s::annotation::LB_ERROR);
+        let want_error = refused.get(&uid).map(|c| c.to_string());
+        if want_error.is_some() {
+            observed
+                .refused_vips
+                .insert(uid.clone(), format!("{ns}/{name}"));
+        }
+        if error != want_error {
+            return Err(format!(
+                "service {ns}/{name}: {} is {error:?}, expected {want_error:?}",
+                nsx_core::k8s::annotation::LB_ERROR
+            ));
+        }
         let Some(vip) = observed.vips.get(&uid) else {
             continue;
         };
+        if let Some(asked) = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.load_balancer_ip.as_deref())
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            && asked != vip
+        {
+            return Err(format!(
+                "service {ns}/{name}: loadBalancerIP {asked}, its VIP is \"{vip}\""
+            ));
+        }
         let ingress = nsx_core::k8s::lb_ingress_ip(svc);
         if ingress.as_deref() != Some(vip.as_str()) {
             return Err(format!(
@@ -461,6 +614,20 @@ pub fn ncp_converged_in(
     }
     // Every VIP is allocated from the LB pool for its service.
     let lb = allocations(nsx, &ids.lb_pool, cluster);
+    // ... and nothing else is: a VIP outlives neither its service nor its virtual servers.
+    if let Some((ip, _)) = lb.iter().find(|(ip, a)| {
+        a["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["scope"] == scope::SERVICE_UID)
+            .and_then(|t| t["tag"].as_str())
+            .is_none_or(|svc| observed.vips.get(svc) != Some(*ip))
+    }) {
+        return Err(format!(
+            "VIP {ip} is still allocated in the LB pool, for no virtual server"
+        ));
+    }
     for (svc, vip) in &observed.vips {
         let for_it = lb
             .get(vip)

@@ -158,6 +158,59 @@ impl Runner {
         }
     }
 
+    /// One `expect.services` entry against the apiserver's service and its Events.
+    fn expect_service(&self, sv: &super::spec::ServiceExpect) -> Result<(), String> {
+        let (ns, name) = sv.service.split_once('/').unwrap_or_default();
+        let doc = self
+            .w
+            .api
+            .get("services", ns, name)
+            .ok_or(format!("expect.services: no service {}", sv.service))?;
+        let ingress = doc["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .map(str::to_string);
+        if let Some(want) = &sv.ingress
+            && *want != ingress
+        {
+            return Err(format!(
+                "service {}: ingress {ingress:?}, expected {want:?}",
+                sv.service
+            ));
+        }
+        let error = doc["metadata"]["annotations"][nsx_core::k8s::annotation::LB_ERROR]
+            .as_str()
+            .map(str::to_string);
+        if let Some(want) = &sv.lb_error
+            && *want != error
+        {
+            return Err(format!(
+                "service {}: {} is {error:?}, expected {want:?}",
+                sv.service,
+                nsx_core::k8s::annotation::LB_ERROR
+            ));
+        }
+        if let Some(text) = &sv.warning {
+            let uid = doc["metadata"]["uid"].as_str().unwrap_or_default();
+            let mut messages = Vec::new();
+            self.w.api.try_each("events", |ev| {
+                if ev["type"] == "Warning"
+                    && ev["involvedObject"]["kind"] == "Service"
+                    && ev["involvedObject"]["uid"] == uid
+                {
+                    messages.push(ev["message"].as_str().unwrap_or_default().to_string());
+                }
+                Ok::<(), String>(())
+            })?;
+            if !messages.iter().any(|m| m.contains(text.as_str())) {
+                return Err(format!(
+                    "service {}: no Warning Event says {text:?} (Warnings: {messages:?})",
+                    sv.service
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn counters(&self) -> (u64, u64) {
         let c = self.w.nsx.counters();
         (c.total, c.writes)
@@ -253,6 +306,9 @@ impl Runner {
                     p.max_restarts.map_or("any".to_string(), |m| m.to_string())
                 ));
             }
+        }
+        for sv in &e.services {
+            self.expect_service(sv)?;
         }
         match e.policy_oracle {
             Some(true) => self.w.check_policy_oracle()?,

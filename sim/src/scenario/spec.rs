@@ -195,6 +195,30 @@ pub struct Expect {
     /// What the kubelet reports of pods (readiness, container restarts).
     #[serde(default)]
     pub pods: Vec<PodExpect>,
+    /// What NCP wrote on services (the VIP in the status, the error annotation, Events).
+    #[serde(default)]
+    pub services: Vec<ServiceExpect>,
+}
+
+/// `{service: ns/name, ingress: IP | null, lb_error: CODE | null, warning: TEXT}`: the
+/// service's `status.loadBalancer.ingress[0].ip` (null: none), its `ncp/error.loadbalancer`
+/// annotation (null: none), and a Warning Event on it whose message contains `warning`. A
+/// key left out is not checked.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceExpect {
+    pub service: String,
+    #[serde(default, deserialize_with = "present")]
+    pub ingress: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub lb_error: Option<Option<String>>,
+    #[serde(default)]
+    pub warning: Option<String>,
+}
+
+/// A key that is there, null or not (`Some(None)` for null); `None` when left out.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 /// `{pod: ns/name, ready: true, min_restarts: 1, max_restarts: 0}`: the pod's `Ready`
@@ -931,6 +955,25 @@ fn check_expect(e: &Expect) -> Result<(), String> {
             return Err(format!(
                 "expect.pods: `{}`: min_restarts {lo} is above max_restarts {hi}",
                 p.pod
+            ));
+        }
+    }
+    for sv in &e.services {
+        match crate::scenario::names::Endpoint::parse(&sv.service, false)? {
+            crate::scenario::names::Endpoint::Pod { .. } => {}
+            _ => {
+                return Err(format!(
+                    "expect.services: `{}` is not a service (ns/name)",
+                    sv.service
+                ));
+            }
+        }
+        if let Some(Some(ip)) = &sv.ingress
+            && ip.parse::<std::net::Ipv4Addr>().is_err()
+        {
+            return Err(format!(
+                "expect.services: `{}`: ingress `{ip}` is not an IPv4 address",
+                sv.service
             ));
         }
     }

@@ -897,7 +897,8 @@ impl World {
         let want = nsx_core::ncp::desired::desired(&view, cluster, net);
         crate::converge::pods_annotated(&view, &want)?;
         self.nodes_converged(&view)?;
-        crate::converge::ncp_converged_in(&view, &want, &self.nsx, cluster).map(|_| ())
+        let realized = crate::converge::ncp_converged_in(&view, &want, &self.nsx, cluster)?;
+        crate::converge::vip_refusals_reported(&self.api, &realized)
     }
 
     fn nodes_converged(&self, view: &ClusterView) -> Result<(), String> {
