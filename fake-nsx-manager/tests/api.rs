@@ -1792,3 +1792,80 @@ async fn principal_identities_are_created_with_a_certificate_listed_read_and_del
         .await
         .expect(404);
 }
+
+#[tokio::test]
+async fn source_ip_persistence_profiles_get_defaults_refuse_bad_values_and_guard_deletes() {
+    let c = Client::new();
+    let p = c
+        .post(
+            "loadbalancer/persistence-profiles",
+            json!({"resource_type": "LbSourceIpPersistenceProfile", "display_name": "p"}),
+        )
+        .await
+        .expect(201)
+        .body;
+    assert_eq!(p["timeout"], 300, "NSX's default timeout: {p}");
+    assert_eq!(p["purge"], "FULL");
+    assert_eq!(p["persistence_shared"], false);
+    let id = p["id"].as_str().unwrap().to_string();
+    for bad in [
+        json!({"resource_type": "LbSourceIpPersistenceProfile", "timeout": 0}),
+        json!({"resource_type": "LbSourceIpPersistenceProfile", "timeout": "600"}),
+        json!({"resource_type": "LbSourceIpPersistenceProfile", "purge": "SOMETIMES"}),
+    ] {
+        let e = c
+            .post("loadbalancer/persistence-profiles", bad.clone())
+            .await
+            .expect(400)
+            .body;
+        assert!(e["error_message"].is_string(), "{bad}: {e}");
+    }
+    // An update is checked the same way and leaves the profile as it was when refused.
+    let mut doc = c
+        .get(&format!("loadbalancer/persistence-profiles/{id}"))
+        .await
+        .expect(200)
+        .body;
+    doc["timeout"] = json!(-5);
+    c.put(&format!("loadbalancer/persistence-profiles/{id}"), doc)
+        .await
+        .expect(400);
+    let kept = c
+        .get(&format!("loadbalancer/persistence-profiles/{id}"))
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(kept["timeout"], 300);
+    let tcp = c
+        .get("loadbalancer/application-profiles")
+        .await
+        .expect(200)
+        .body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["resource_type"] == "LbFastTcpProfile")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vs = c
+        .post("loadbalancer/virtual-servers", json!({"ip_address": "198.51.100.10", "port": "80", "application_profile_id": tcp, "persistence_profile_id": id}))
+        .await
+        .expect(201)
+        .id();
+    c.post("loadbalancer/virtual-servers", json!({"ip_address": "198.51.100.11", "port": "80", "application_profile_id": tcp, "persistence_profile_id": "nope"}))
+        .await
+        .expect(400);
+    // In use: NSX refuses the delete until the virtual server lets go of it.
+    c.delete(&format!("loadbalancer/persistence-profiles/{id}"))
+        .await
+        .expect(400);
+    c.delete(&format!("loadbalancer/virtual-servers/{vs}"))
+        .await
+        .expect(200);
+    c.delete(&format!("loadbalancer/persistence-profiles/{id}"))
+        .await
+        .expect(200);
+    c.invariants();
+}

@@ -153,6 +153,7 @@ pub fn spawn(
                 config.external_ip_pools_lb = vec![cfg.lb_pool.clone()];
                 config.subnet_prefix = cfg.net.subnet_prefix;
                 config.enable_snat = cfg.net.enable_snat;
+                config.lb = cfg.net.lb;
                 let timing = LoopConfig {
                     resync: Duration::from_secs(30),
                     ..LoopConfig::default()

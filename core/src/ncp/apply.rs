@@ -250,6 +250,7 @@ fn path(collection: Collection, infra: &Infra) -> String {
         Collection::LbService => "loadbalancer/services".into(),
         Collection::LbVirtualServer => "loadbalancer/virtual-servers".into(),
         Collection::LbPool => "loadbalancer/pools".into(),
+        Collection::LbPersistenceProfile => "loadbalancer/persistence-profiles".into(),
         Collection::NsGroup => "ns-groups".into(),
         Collection::IpSet => "ip-sets".into(),
         Collection::FirewallSection => "firewall/sections".into(),
@@ -270,7 +271,8 @@ fn delete_query(collection: Collection) -> &'static str {
         | Collection::NatRule
         | Collection::LbService
         | Collection::LbVirtualServer
-        | Collection::LbPool => "",
+        | Collection::LbPool
+        | Collection::LbPersistenceProfile => "",
     }
 }
 
@@ -844,6 +846,15 @@ where
                         doc[k] = v.clone();
                     }
                 }
+                // A field NCP owns and no longer sets goes (a virtual server's persistence
+                // profile once the service drops its affinity).
+                if let Some(fields) = doc.as_object_mut() {
+                    for f in super::plan::owned(key).0 {
+                        if !f.contains('.') && want.get(*f).is_none() {
+                            fields.remove(*f);
+                        }
+                    }
+                }
             })
             .await;
         let updated = r.map_err(|source| ApplyError::Nsx {
@@ -885,6 +896,7 @@ mod tests {
                 port,
                 protocol: "TCP".into(),
                 requested_ip: None,
+                persistence: None,
             },
         )
     }

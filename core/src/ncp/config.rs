@@ -73,6 +73,94 @@ pub struct NcpConfig {
     pub loglevel: Option<LogLevel>,
     /// `[k8s] loglevel`: the level of the Kubernetes client's logs.
     pub k8s_loglevel: Option<LogLevel>,
+    /// `[nsx_v3] pool_algorithm`, `service_size`, `l4_persistence`.
+    pub lb: LbSettings,
+}
+
+/// How NCP's load balancer is configured (`[nsx_v3] pool_algorithm`, `service_size`,
+/// `l4_persistence`): what every pool, the LB service and every virtual server are written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LbSettings {
+    pub algorithm: PoolAlgorithm,
+    pub size: LbSize,
+    /// `l4_persistence = source_ip`: every virtual server keeps a client on one member (a
+    /// service's `sessionAffinity` then only sets the timeout); unset, only services with
+    /// `sessionAffinity: ClientIP` get persistence.
+    pub l4_persistence: bool,
+}
+
+/// An LB pool's algorithm, as NSX names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolAlgorithm {
+    #[default]
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConnection,
+    WeightedLeastConnection,
+    IpHash,
+}
+
+impl PoolAlgorithm {
+    pub const ALL: [Self; 5] = [
+        Self::RoundRobin,
+        Self::WeightedRoundRobin,
+        Self::LeastConnection,
+        Self::WeightedLeastConnection,
+        Self::IpHash,
+    ];
+
+    pub fn nsx_name(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "ROUND_ROBIN",
+            Self::WeightedRoundRobin => "WEIGHTED_ROUND_ROBIN",
+            Self::LeastConnection => "LEAST_CONNECTION",
+            Self::WeightedLeastConnection => "WEIGHTED_LEAST_CONNECTION",
+            Self::IpHash => "IP_HASH",
+        }
+    }
+
+    /// `ROUND_ROBIN` etc., in any case.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.nsx_name().eq_ignore_ascii_case(text.trim()))
+    }
+}
+
+/// An LB service's size, which bounds its virtual servers (NSX-T 2.4's limits: 20, 100, 1,000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LbSize {
+    #[default]
+    Small,
+    Medium,
+    Large,
+}
+
+impl LbSize {
+    pub const ALL: [Self; 3] = [Self::Small, Self::Medium, Self::Large];
+
+    pub fn nsx_name(self) -> &'static str {
+        match self {
+            Self::Small => "SMALL",
+            Self::Medium => "MEDIUM",
+            Self::Large => "LARGE",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.nsx_name().eq_ignore_ascii_case(text.trim()))
+    }
+
+    /// Virtual servers an LB service of this size holds at most.
+    pub fn virtual_servers(self) -> usize {
+        match self {
+            Self::Small => 20,
+            Self::Medium => 100,
+            Self::Large => 1000,
+        }
+    }
 }
 
 /// A log level as `ncp.ini` spells it (Python's logging names).
@@ -204,6 +292,9 @@ const KNOWN: &[(&str, &[&str])] = &[
             "edge_cluster",
             "subnet_prefix",
             "concurrent_connections",
+            "pool_algorithm",
+            "service_size",
+            "l4_persistence",
         ],
     ),
     (
@@ -419,6 +510,46 @@ impl NcpConfig {
             enable_snat: boolean("coe", "enable_snat", true)?,
             loglevel: level("coe")?,
             k8s_loglevel: level("k8s")?,
+            lb: LbSettings {
+                algorithm: match get("nsx_v3", "pool_algorithm") {
+                    None => Default::default(),
+                    Some(e) => PoolAlgorithm::parse(&e.value).ok_or_else(|| {
+                        invalid(
+                            "nsx_v3",
+                            "pool_algorithm",
+                            e,
+                            "expected ROUND_ROBIN, WEIGHTED_ROUND_ROBIN, LEAST_CONNECTION, \
+                             WEIGHTED_LEAST_CONNECTION or IP_HASH",
+                        )
+                    })?,
+                },
+                size: match get("nsx_v3", "service_size") {
+                    None => Default::default(),
+                    Some(e) => LbSize::parse(&e.value).ok_or_else(|| {
+                        invalid(
+                            "nsx_v3",
+                            "service_size",
+                            e,
+                            "expected SMALL, MEDIUM or LARGE",
+                        )
+                    })?,
+                },
+                l4_persistence: match get("nsx_v3", "l4_persistence") {
+                    None => false,
+                    Some(e) => match e.value.trim().to_ascii_lowercase().as_str() {
+                        "" | "none" => false,
+                        "source_ip" => true,
+                        _ => {
+                            return Err(invalid(
+                                "nsx_v3",
+                                "l4_persistence",
+                                e,
+                                "expected source_ip (or nothing)",
+                            ));
+                        }
+                    },
+                },
+            },
         };
         if let Some(u) = &overrides.user {
             config.nsx_api_user = Some(u.clone());
@@ -475,6 +606,7 @@ impl NcpConfig {
             enable_snat: true,
             loglevel: None,
             k8s_loglevel: None,
+            lb: Default::default(),
         }
     }
 }
@@ -506,6 +638,36 @@ apiserver_host_port = 6443
 [dhcp]
 x = 1
 ";
+
+    #[test]
+    fn the_load_balancer_keys_are_read_and_bad_values_refused_by_line() {
+        let base = "[coe]\ncluster = a\n[nsx_v3]\nnsx_api_managers = m\nnsx_api_user = u\nnsx_api_password = p\n";
+        let c = NcpConfig::parse(base).unwrap().config;
+        assert_eq!(c.lb, LbSettings::default());
+        assert_eq!(c.lb.algorithm.nsx_name(), "ROUND_ROBIN");
+        assert_eq!(c.lb.size.nsx_name(), "SMALL");
+        assert!(!c.lb.l4_persistence);
+        let p = NcpConfig::parse(&format!(
+            "{base}pool_algorithm = least_connection\nservice_size = MEDIUM\nl4_persistence = source_ip\n"
+        ))
+        .unwrap();
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.config.lb.algorithm, PoolAlgorithm::LeastConnection);
+        assert_eq!(p.config.lb.size, LbSize::Medium);
+        assert_eq!(p.config.lb.size.virtual_servers(), 100);
+        assert!(p.config.lb.l4_persistence);
+        for (line, key) in [
+            ("pool_algorithm = FASTEST", "pool_algorithm"),
+            ("service_size = HUGE", "service_size"),
+            ("l4_persistence = cookie", "l4_persistence"),
+        ] {
+            let e = NcpConfig::parse(&format!("{base}{line}\n")).unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::Invalid { key: k, line: 7, .. } if k == key),
+                "{line}: {e:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_full_config_parses_with_warnings_for_unknown_keys() {

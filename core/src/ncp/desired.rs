@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
+pub use super::config::{LbSettings, LbSize, PoolAlgorithm};
 use super::naming::{self, VERSION, ns_tags, scope, tag};
 use super::vocab::{Desired, Detail, Key, LiveNamespaces, Spec, pod_is_wired};
 use crate::k8s::{ClusterView, annotation};
@@ -34,6 +35,7 @@ use crate::nsx::model::Tag;
 pub struct NetworkSettings {
     pub subnet_prefix: u8,
     pub enable_snat: bool,
+    pub lb: LbSettings,
 }
 
 impl NetworkSettings {
@@ -41,18 +43,45 @@ impl NetworkSettings {
         Self {
             subnet_prefix: config.subnet_prefix,
             enable_snat: config.enable_snat,
+            lb: config.lb,
         }
     }
 }
 
-/// A subnet prefix alone: NCP's default of SNAT for every namespace.
+/// A subnet prefix alone: NCP's defaults otherwise (SNAT for every namespace, the default
+/// load balancer settings).
 impl From<u8> for NetworkSettings {
     fn from(subnet_prefix: u8) -> Self {
         Self {
             subnet_prefix,
             enable_snat: true,
+            lb: LbSettings::default(),
         }
     }
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`, and NCP's L4
+/// persistence timeout: services with it share one persistence profile.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: i64 = 10_800;
+
+/// The persistence a LoadBalancer service's virtual servers get, as NCP decides it: `None`, or
+/// the timeout in seconds.
+pub fn persistence_timeout(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    lb: LbSettings,
+) -> Option<i64> {
+    let affinity = spec.session_affinity.as_deref() == Some("ClientIP");
+    if !affinity && !lb.l4_persistence {
+        return None;
+    }
+    let asked = spec
+        .session_affinity_config
+        .as_ref()
+        .and_then(|c| c.client_ip.as_ref())
+        .and_then(|c| c.timeout_seconds)
+        .filter(|_| affinity)
+        .map(i64::from);
+    Some(asked.unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S))
 }
 
 /// The size of a namespace subnet of this prefix length.
@@ -73,11 +102,21 @@ pub fn desired(view: &ClusterView, cluster: &str, net: impl Into<NetworkSettings
     }
     let mut any_lb = false;
     for ((ns_name, svc_name), svc) in &view.services {
-        any_lb |= service_objects(view, cluster, live, ns_name, svc_name, svc, &mut objects);
+        any_lb |= service_objects(
+            view,
+            cluster,
+            net.lb,
+            live,
+            ns_name,
+            svc_name,
+            svc,
+            &mut objects,
+        );
     }
     if any_lb {
         let servers = virtual_servers(&objects);
-        lb_objects(cluster, servers, &mut objects);
+        let shared = uses_shared_persistence(&objects, cluster);
+        lb_objects(cluster, net.lb, servers, shared, &mut objects);
     }
     let problems = super::policy::policies(view, cluster, live, &mut objects);
     Desired { objects, problems }
@@ -237,9 +276,11 @@ pub fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> 
 /// A LoadBalancer service's objects: per port a pool of the service's ready endpoints and a
 /// virtual server on the service VIP. Returns whether the service needs the cluster's load
 /// balancer at all.
+#[allow(clippy::too_many_arguments)]
 pub fn service_objects(
     view: &ClusterView,
     cluster: &str,
+    lb: LbSettings,
     live: LiveNamespaces<'_>,
     ns_name: &str,
     svc_name: &str,
@@ -264,6 +305,26 @@ pub fn service_objects(
         .map(str::trim)
         .filter(|ip| !ip.is_empty())
         .map(str::to_string);
+    // Persistence: the cluster's shared profile for the default timeout, else the service's own.
+    let persistence = persistence_timeout(spec, lb).map(|timeout| {
+        if timeout == DEFAULT_AFFINITY_TIMEOUT_S {
+            Key::LbPersistence(cluster.to_string())
+        } else {
+            let mut tags = ns_tags(cluster, ns);
+            tags.push(tag(scope::SERVICE, &format!("{ns_name}/{svc_name}")));
+            tags.push(tag(scope::SERVICE_UID, &svc_uid));
+            let key = Key::LbPersistence(svc_uid.clone());
+            objects.insert(
+                key.clone(),
+                Spec {
+                    display_name: naming::name(cluster, &[ns_name, svc_name, "persistence"]),
+                    tags,
+                    detail: Detail::LbPersistence { timeout },
+                },
+            );
+            key
+        }
+    });
     // The namespace's slices, by range: a service costs its namespace's slices, not the
     // cluster's.
     let slices: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> = view
@@ -313,7 +374,10 @@ pub fn service_objects(
             Spec {
                 display_name: dn.clone(),
                 tags: tags.clone(),
-                detail: Detail::LbPool { members },
+                detail: Detail::LbPool {
+                    members,
+                    algorithm: lb.algorithm.nsx_name().to_string(),
+                },
             },
         );
         objects.insert(
@@ -326,6 +390,7 @@ pub fn service_objects(
                     port: port.port,
                     protocol,
                     requested_ip: requested_ip.clone(),
+                    persistence: persistence.clone(),
                 },
             },
         );
@@ -342,9 +407,25 @@ pub fn virtual_servers(objects: &BTreeMap<Key, Spec>) -> Vec<Key> {
         .collect()
 }
 
+/// Whether a virtual server among `objects` uses the cluster's shared persistence profile.
+pub fn uses_shared_persistence(objects: &BTreeMap<Key, Spec>, cluster: &str) -> bool {
+    objects
+        .range(Key::LbVirtualServer(String::new())..)
+        .take_while(|(k, _)| matches!(k, Key::LbVirtualServer(_)))
+        .any(|(_, s)| {
+            matches!(&s.detail, Detail::LbVirtualServer { persistence: Some(Key::LbPersistence(c)), .. } if c == cluster)
+        })
+}
+
 /// The cluster's load balancer: one LB tier-1 with its links and one LB service listing
-/// `virtual_servers`.
-pub fn lb_objects(cluster: &str, virtual_servers: Vec<Key>, objects: &mut BTreeMap<Key, Spec>) {
+/// `virtual_servers`, and the shared persistence profile when a virtual server uses it.
+pub fn lb_objects(
+    cluster: &str,
+    lb: LbSettings,
+    virtual_servers: Vec<Key>,
+    shared_persistence: bool,
+    objects: &mut BTreeMap<Key, Spec>,
+) {
     let cluster_tags = vec![
         tag(scope::CLUSTER, cluster),
         tag(scope::VERSION, VERSION),
@@ -359,9 +440,26 @@ pub fn lb_objects(cluster: &str, virtual_servers: Vec<Key>, objects: &mut BTreeM
     objects.insert(Key::LbTier1(c.clone()), spec(Detail::LbTier1, "t1"));
     objects.insert(Key::LbT0Link(c.clone()), spec(Detail::LbT0Link, "t0-link"));
     objects.insert(Key::LbT1Link(c.clone()), spec(Detail::LbT1Link, "t1-link"));
+    if shared_persistence {
+        objects.insert(
+            Key::LbPersistence(c.clone()),
+            spec(
+                Detail::LbPersistence {
+                    timeout: DEFAULT_AFFINITY_TIMEOUT_S,
+                },
+                "persistence",
+            ),
+        );
+    }
     objects.insert(
         Key::LbService(c),
-        spec(Detail::LbService { virtual_servers }, "service"),
+        spec(
+            Detail::LbService {
+                virtual_servers,
+                size: lb.size.nsx_name().to_string(),
+            },
+            "service",
+        ),
     );
 }
 

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::desired::{
     NetworkSettings, lb_objects, namespace_objects, pod_objects, service_objects, slice_service,
-    virtual_servers,
+    uses_shared_persistence, virtual_servers,
 };
 use super::policy::{PodScope, marker_objects, policy_objects, sort_problems};
 use super::vocab::{Desired, Key, LiveNamespaces, Problem, Spec};
@@ -259,7 +259,16 @@ impl DesiredCache {
             Owner::Service(ns, name) => {
                 let key = (ns.clone(), name.clone());
                 let uses_lb = view.services.get(&key).is_some_and(|svc| {
-                    service_objects(view, cluster, live, ns, name, svc, &mut fragment)
+                    service_objects(
+                        view,
+                        cluster,
+                        self.net.lb,
+                        live,
+                        ns,
+                        name,
+                        svc,
+                        &mut fragment,
+                    )
                 });
                 if uses_lb {
                     self.lb_users.insert(key);
@@ -285,7 +294,8 @@ impl DesiredCache {
                 if !self.lb_users.is_empty() {
                     // The services' virtual servers are in place: the LB service lists them.
                     let servers = virtual_servers(&self.desired.objects);
-                    lb_objects(cluster, servers, &mut fragment);
+                    let shared = uses_shared_persistence(&self.desired.objects, cluster);
+                    lb_objects(cluster, self.net.lb, servers, shared, &mut fragment);
                 }
             }
             Owner::Markers => {

@@ -115,8 +115,14 @@ pub fn classify_object(doc: &serde_json::Map<String, Value>, cluster: &str) -> O
             "LogicalRouterLinkPortOnTIER0" => Some(Key::LbT0Link(c)),
             "LogicalRouterLinkPortOnTIER1" => Some(Key::LbT1Link(c)),
             "LbService" => Some(Key::LbService(c)),
+            "LbSourceIpPersistenceProfile" => Some(Key::LbPersistence(c)),
             _ => None,
         };
+    }
+    if rt == "LbSourceIpPersistenceProfile"
+        && let Some(svc) = tag_value(scope::SERVICE_UID)
+    {
+        return Some(Key::LbPersistence(svc.to_string()));
     }
     if let (Some(svc), Some(port)) = (
         tag_value(scope::SERVICE_UID),
@@ -306,6 +312,7 @@ where
         "loadbalancer/services".to_string(),
         "loadbalancer/virtual-servers".to_string(),
         "loadbalancer/pools".to_string(),
+        "loadbalancer/persistence-profiles".to_string(),
         "ns-groups".to_string(),
         "ip-sets".to_string(),
         "firewall/sections".to_string(),

@@ -187,7 +187,7 @@ fn criterion_digest(c: &Value) -> String {
 }
 
 /// Fields NCP owns beyond name and tags: (changeable, immutable), as dotted paths.
-fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
+pub(super) fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
     match key {
         Key::NsGroup(_)
         | Key::PolicyGroup(_)
@@ -208,7 +208,8 @@ fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
                 "linked_logical_router_port_id.target_id",
             ],
         ),
-        Key::LbService(_) => (&["enabled"], &["attachment.target_id"]),
+        Key::LbService(_) => (&["enabled", "size"], &["attachment.target_id"]),
+        Key::LbPersistence(_) => (&["timeout", "purge", "persistence_shared"], &[]),
         Key::LbPool(_) => (&["algorithm", "snat_translation"], &[]),
         Key::LbVirtualServer(_) => (
             &[
@@ -216,6 +217,7 @@ fn owned(key: &Key) -> (&'static [&'static str], &'static [&'static str]) {
                 "ip_protocol",
                 "pool_id",
                 "application_profile_id",
+                "persistence_profile_id",
                 "enabled",
             ],
             &[],
@@ -730,7 +732,10 @@ impl<'a> Planner<'a> {
             matches!(
                 o,
                 Op::Delete {
-                    key: Key::PolicyGroup(_) | Key::PolicyIpSet(_) | Key::NsGroup(_),
+                    key: Key::PolicyGroup(_)
+                        | Key::PolicyIpSet(_)
+                        | Key::NsGroup(_)
+                        | Key::LbPersistence(_),
                     ..
                 }
             )
@@ -867,7 +872,10 @@ fn relist_lb_service(
             })
             .collect();
         let mut before = spec.clone();
-        if let Detail::LbService { virtual_servers } = &mut before.detail {
+        if let Detail::LbService {
+            virtual_servers, ..
+        } = &mut before.detail
+        {
             virtual_servers.retain(|k| !gone.contains(k));
         }
         ops.insert(

@@ -12,9 +12,10 @@ use super::naming::{self, scope};
 use super::vocab::{Detail, Key, RuleSpec, Selection, ServiceSpec, Spec};
 use crate::nsx::model::{
     AttachmentContext, FirewallRule, FirewallSection, FirewallService, IpBlockSubnet, IpPool,
-    IpPoolRange, IpPoolSubnet, IpSet, IpSubnet, LbPool, LbService, LbVirtualServer, LogicalPort,
-    LogicalPortAttachment, LogicalRouter, LogicalRouterPort, LogicalSwitch, NatRule, NsGroup,
-    NsGroupExpression, NsServiceElement, PoolMember, ResourceMeta, ResourceReference, Tag,
+    IpPoolRange, IpPoolSubnet, IpSet, IpSubnet, LbPersistenceProfile, LbPool, LbService,
+    LbVirtualServer, LogicalPort, LogicalPortAttachment, LogicalRouter, LogicalRouterPort,
+    LogicalSwitch, NatRule, NsGroup, NsGroupExpression, NsServiceElement, PoolMember, ResourceMeta,
+    ResourceReference, Tag,
 };
 
 /// Tag marking a tier-1 router whose route advertisement NCP has configured. A router is
@@ -206,7 +207,10 @@ pub fn render<R: Resolve + ?Sized>(
                 ..Default::default()
             })
         }
-        Detail::LbService { virtual_servers } => {
+        Detail::LbService {
+            virtual_servers,
+            size,
+        } => {
             // Only the virtual servers that exist now: before new ones are created and after
             // old ones are gone, the applier updates the list again.
             let ids = virtual_servers
@@ -221,14 +225,14 @@ pub fn render<R: Resolve + ?Sized>(
                     Some("LogicalRouter"),
                 )),
                 virtual_server_ids: Some(ids),
-                size: Some("SMALL".into()),
+                size: Some(size.clone()),
                 enabled: Some(true),
                 ..Default::default()
             })
         }
-        Detail::LbPool { members } => wire(&LbPool {
+        Detail::LbPool { members, algorithm } => wire(&LbPool {
             meta: meta("LbPool"),
-            algorithm: Some("ROUND_ROBIN".into()),
+            algorithm: Some(algorithm.clone()),
             // Automap, as NCP sets its pools: the load balancer translates the client's
             // source to its own uplink address, so that replies come back through it.
             snat_translation: Some(serde_json::json!({"type": "LbSnatAutoMap"})),
@@ -244,7 +248,19 @@ pub fn render<R: Resolve + ?Sized>(
             ),
             ..Default::default()
         }),
-        Detail::LbVirtualServer { port, protocol, .. } => {
+        Detail::LbPersistence { timeout } => wire(&LbPersistenceProfile {
+            meta: meta("LbSourceIpPersistenceProfile"),
+            persistence_shared: Some(false),
+            timeout: Some(*timeout),
+            purge: Some("FULL".into()),
+            ..Default::default()
+        }),
+        Detail::LbVirtualServer {
+            port,
+            protocol,
+            persistence,
+            ..
+        } => {
             let profile = if protocol == "UDP" {
                 &infra.lb_udp_profile
             } else {
@@ -259,6 +275,10 @@ pub fn render<R: Resolve + ?Sized>(
                 ip_protocol: Some(protocol.clone()),
                 application_profile_id: Some(profile.to_string()),
                 pool_id: Some(id(resolved, &Key::LbPool(ns.clone()))?.to_string()),
+                persistence_profile_id: match persistence {
+                    Some(p) => Some(id(resolved, p)?.to_string()),
+                    None => None,
+                },
                 enabled: Some(true),
                 ..Default::default()
             })

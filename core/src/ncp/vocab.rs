@@ -35,6 +35,9 @@ pub enum Key {
     /// Per LoadBalancer service port: `<service uid>/<port name or number>`.
     LbPool(String),
     LbVirtualServer(String),
+    /// A source-IP persistence profile: the cluster's shared one (owner: the cluster name;
+    /// Kubernetes' default timeout) or a service's own (owner: the service uid).
+    LbPersistence(String),
     /// A namespace's NSGroup: every pod port of the namespace.
     NsGroup(String),
     /// NetworkPolicy objects, owned by `<policy uid>/<role>`: `applied` (the pods the policy
@@ -72,6 +75,7 @@ pub enum Collection {
     LbService,
     LbVirtualServer,
     LbPool,
+    LbPersistenceProfile,
     NsGroup,
     IpSet,
     FirewallSection,
@@ -96,6 +100,7 @@ impl Key {
             | Key::LbService(u)
             | Key::LbPool(u)
             | Key::LbVirtualServer(u)
+            | Key::LbPersistence(u)
             | Key::NsGroup(u)
             | Key::PolicyGroup(u)
             | Key::PolicyIpSet(u)
@@ -123,6 +128,7 @@ impl Key {
             Key::LbService(_) => Collection::LbService,
             Key::LbPool(_) => Collection::LbPool,
             Key::LbVirtualServer(_) => Collection::LbVirtualServer,
+            Key::LbPersistence(_) => Collection::LbPersistenceProfile,
             Key::NsGroup(_) | Key::PolicyGroup(_) | Key::PodsGroup(_) => Collection::NsGroup,
             Key::PolicyIpSet(_) | Key::NodeIpSet(_) => Collection::IpSet,
             Key::AllowSection(_)
@@ -141,7 +147,7 @@ impl Key {
             Key::Switch(_) => 2,
             Key::DownlinkSwitchPort(_) | Key::PodPort(_) => 3,
             Key::Downlink(_) => 4,
-            Key::LbTier1(_) | Key::LbT0Link(_) | Key::LbPool(_) => 0,
+            Key::LbTier1(_) | Key::LbT0Link(_) | Key::LbPool(_) | Key::LbPersistence(_) => 0,
             Key::LbT1Link(_) | Key::LbVirtualServer(_) => 1,
             // After its virtual servers; deleted first, so nothing it names is gone before it.
             Key::LbService(_) => 5,
@@ -177,9 +183,21 @@ impl Key {
             Key::PodPort(_) => pod_namespace_uid
                 .map(|u| vec![Key::Switch(u.to_string())])
                 .unwrap_or_default(),
-            Key::LbTier1(_) | Key::LbT0Link(_) | Key::LbPool(_) => vec![],
+            Key::LbTier1(_) | Key::LbT0Link(_) | Key::LbPool(_) | Key::LbPersistence(_) => {
+                vec![]
+            }
             Key::LbT1Link(c) => vec![Key::LbTier1(ns(c)), Key::LbT0Link(ns(c))],
-            Key::LbVirtualServer(k) => vec![Key::LbPool(ns(k))],
+            Key::LbVirtualServer(k) => {
+                let mut d = vec![Key::LbPool(ns(k))];
+                if let Some(Detail::LbVirtualServer {
+                    persistence: Some(p),
+                    ..
+                }) = detail
+                {
+                    d.push(p.clone());
+                }
+                d
+            }
             Key::LbService(c) => vec![Key::LbTier1(ns(c))],
             Key::NsGroup(_)
             | Key::PolicyGroup(_)
@@ -241,10 +259,17 @@ pub enum Detail {
     LbT1Link,
     LbService {
         virtual_servers: Vec<Key>,
+        /// `SMALL`, `MEDIUM` or `LARGE`.
+        size: String,
     },
     /// Members as (address, port), sorted.
     LbPool {
         members: Vec<(String, i32)>,
+        algorithm: String,
+    },
+    /// A source-IP persistence profile.
+    LbPersistence {
+        timeout: i64,
     },
     LbVirtualServer {
         service_uid: String,
@@ -252,6 +277,8 @@ pub enum Detail {
         protocol: String,
         /// `spec.loadBalancerIP`: the VIP the service asks for (every port shares it).
         requested_ip: Option<String>,
+        /// Its persistence profile, if it keeps clients on one member.
+        persistence: Option<Key>,
     },
     /// An NSGroup (a namespace's or a policy's).
     Group {

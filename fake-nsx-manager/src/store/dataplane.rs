@@ -629,11 +629,27 @@ impl Store {
             if members.is_empty() {
                 return Err(format!("pool {pool} of virtual server {vs} has no member"));
             }
-            let h = u64::from(p.src_ip) * 31 + u64::from(p.src_port);
+            // Source-IP persistence keeps a client on one member (while the members stay):
+            // the pick hashes the client's address alone.
+            let sticky = d
+                .get("persistence_profile_id")
+                .and_then(Value::as_str)
+                .and_then(|id| self.objects.get(id))
+                .is_some_and(|o| o.resource_type() == "LbSourceIpPersistenceProfile");
+            let h = if sticky {
+                u64::from(p.src_ip) * 31
+            } else {
+                u64::from(p.src_ip) * 31 + u64::from(p.src_port)
+            };
             let (mip, mport) = members[(h % members.len() as u64) as usize];
             hops.push(format!(
-                "lb virtual server {vs}: member {}:{mport} of pool {pool}",
-                ipam::ip_to_string(mip)
+                "lb virtual server {vs}: member {}:{mport} of pool {pool}{}",
+                ipam::ip_to_string(mip),
+                if sticky {
+                    " (source-IP persistence)"
+                } else {
+                    ""
+                }
             ));
             let mut out = Packet {
                 dst_ip: mip,

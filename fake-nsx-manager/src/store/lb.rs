@@ -395,3 +395,38 @@ impl Store {
         }
     }
 }
+
+/// A persistence profile's fields as NSX checks them, with its defaults filled in: a source-IP
+/// profile's `timeout` (seconds, at least 1; 300 when absent), `purge` (`FULL` or `NO_PURGE`),
+/// `persistence_shared` (false when absent).
+pub(super) fn persistence_check(doc: &mut Map<String, Value>) -> ApiResult<()> {
+    if doc.get("resource_type").and_then(Value::as_str) != Some("LbSourceIpPersistenceProfile") {
+        return Ok(());
+    }
+    match doc.get("timeout") {
+        None | Some(Value::Null) => {
+            doc.insert("timeout".into(), json!(300));
+        }
+        Some(t) if t.as_i64().is_some_and(|t| t >= 1) => {}
+        Some(t) => {
+            return Err(ApiError::validation(format!(
+                "timeout {t} is invalid: a persistence timeout is at least 1 second"
+            )));
+        }
+    }
+    match doc.get("purge").and_then(Value::as_str) {
+        None => {
+            doc.insert("purge".into(), json!("FULL"));
+        }
+        Some("FULL" | "NO_PURGE") => {}
+        Some(p) => {
+            return Err(ApiError::validation(format!(
+                "purge {p:?} is invalid: FULL or NO_PURGE"
+            )));
+        }
+    }
+    if doc.get("persistence_shared").is_none_or(Value::is_null) {
+        doc.insert("persistence_shared".into(), json!(false));
+    }
+    Ok(())
+}

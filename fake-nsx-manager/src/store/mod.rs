@@ -835,7 +835,8 @@ impl Store {
             Kind::LbService => self.lb_service_write(None, doc),
             Kind::LbVirtualServer => self.lb_vs_write(doc),
             Kind::LbPool => lb::lb_pool_check(doc),
-            Kind::LbAppProfile | Kind::LbPersistenceProfile => {
+            Kind::LbPersistenceProfile => lb::persistence_check(doc),
+            Kind::LbAppProfile => {
                 let _ = ctx;
                 Ok(())
             }
@@ -870,10 +871,8 @@ impl Store {
             Kind::LbVirtualServer => self.lb_vs_write(doc),
             Kind::LbPool => lb::lb_pool_check(doc),
             Kind::LogicalRouter => self.router_update_check(id, current, doc),
-            Kind::EdgeCluster
-            | Kind::TransportZone
-            | Kind::LbAppProfile
-            | Kind::LbPersistenceProfile => Ok(()),
+            Kind::LbPersistenceProfile => lb::persistence_check(doc),
+            Kind::EdgeCluster | Kind::TransportZone | Kind::LbAppProfile => Ok(()),
         }
     }
 

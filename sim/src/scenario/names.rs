@@ -132,6 +132,10 @@ const COLLECTIONS: &[(&str, &str)] = &[
     ("LbService", "/api/v1/loadbalancer/services"),
     ("LbVirtualServer", "/api/v1/loadbalancer/virtual-servers"),
     ("LbPool", "/api/v1/loadbalancer/pools"),
+    (
+        "LbSourceIpPersistenceProfile",
+        "/api/v1/loadbalancer/persistence-profiles",
+    ),
 ];
 
 pub const PRELOADABLE: &[&str] = &[
@@ -164,7 +168,13 @@ pub const COUNTABLE: &[&str] = &[
     "LbService",
     "LbVirtualServer",
     "LbPool",
+    "LbSourceIpPersistenceProfile",
 ];
+
+/// The resource types `admin_edit` takes.
+pub fn editable() -> Vec<&'static str> {
+    COLLECTIONS.iter().map(|(r, _)| *r).collect()
+}
 
 pub fn collection_of(resource_type: &str) -> Option<&'static str> {
     COLLECTIONS

@@ -39,6 +39,8 @@ pub struct Cluster {
     pub subnet_prefix: u8,
     /// NCP's `[coe] enable_snat`: false gives no namespace a SNAT rule.
     pub enable_snat: bool,
+    /// NCP's `[nsx_v3] pool_algorithm`, `service_size` and `l4_persistence`.
+    pub lb: nsx_core::ncp::desired::LbSettings,
     pub snat_pool: String,
     pub lb_pool: String,
     pub service_cidr: String,
@@ -368,6 +370,12 @@ struct ClusterDoc {
     subnet_prefix: u8,
     #[serde(default = "default_enable_snat")]
     enable_snat: bool,
+    #[serde(default)]
+    pool_algorithm: Option<String>,
+    #[serde(default)]
+    service_size: Option<String>,
+    #[serde(default)]
+    l4_persistence: Option<String>,
     #[serde(default = "default_snat")]
     snat_pool: String,
     #[serde(default = "default_lb")]
@@ -411,6 +419,9 @@ impl Default for ClusterDoc {
             ip_block: default_block(),
             subnet_prefix: default_prefix(),
             enable_snat: default_enable_snat(),
+            pool_algorithm: None,
+            service_size: None,
+            l4_persistence: None,
             snat_pool: default_snat(),
             lb_pool: default_lb(),
             service_cidr: default_service_cidr(),
@@ -635,12 +646,45 @@ pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
     if !(1..=3).contains(&c.ncp_replicas) {
         return Err(ctx.err(at("ncp_replicas"), "cluster.ncp_replicas must be 1, 2 or 3"));
     }
+    use nsx_core::ncp::desired::{LbSettings, LbSize, PoolAlgorithm};
+    let lb = LbSettings {
+        algorithm: match &c.pool_algorithm {
+            None => PoolAlgorithm::default(),
+            Some(a) => PoolAlgorithm::parse(a).ok_or_else(|| {
+                ctx.err(
+                    at("pool_algorithm"),
+                    "cluster.pool_algorithm must be ROUND_ROBIN, WEIGHTED_ROUND_ROBIN, \
+                     LEAST_CONNECTION, WEIGHTED_LEAST_CONNECTION or IP_HASH",
+                )
+            })?,
+        },
+        size: match &c.service_size {
+            None => LbSize::default(),
+            Some(a) => LbSize::parse(a).ok_or_else(|| {
+                ctx.err(
+                    at("service_size"),
+                    "cluster.service_size must be SMALL, MEDIUM or LARGE",
+                )
+            })?,
+        },
+        l4_persistence: match c.l4_persistence.as_deref() {
+            None => false,
+            Some("source_ip") => true,
+            Some(_) => {
+                return Err(ctx.err(
+                    at("l4_persistence"),
+                    "cluster.l4_persistence must be source_ip (or left out)",
+                ));
+            }
+        },
+    };
     let cluster = Cluster {
         name: c.name,
         nodes,
         ip_block: c.ip_block,
         subnet_prefix: c.subnet_prefix,
         enable_snat: c.enable_snat,
+        lb,
         snat_pool: c.snat_pool,
         lb_pool: c.lb_pool,
         service_cidr: c.service_cidr,
@@ -912,7 +956,7 @@ fn check_fault(cluster: &Cluster, f: &Fault) -> Result<(), String> {
                 return Err(format!(
                     "admin_edit.resource_type `{}` is not one of {}",
                     a.resource_type,
-                    crate::scenario::names::PRELOADABLE.join(", ")
+                    crate::scenario::names::editable().join(", ")
                 ));
             }
             if a.delete == a.set.is_some() {
@@ -981,9 +1025,15 @@ fn check_expect(e: &Expect) -> Result<(), String> {
         crate::scenario::names::protocol(&c.protocol)?;
         crate::scenario::names::Endpoint::parse(&c.from, true)?;
         let to = crate::scenario::names::Endpoint::parse(&c.to, false)?;
-        if c.sticky && !matches!(to, crate::scenario::names::Endpoint::Service { .. }) {
+        if c.sticky
+            && !matches!(
+                to,
+                crate::scenario::names::Endpoint::Service { .. }
+                    | crate::scenario::names::Endpoint::Lb { .. }
+            )
+        {
             return Err(format!(
-                "connectivity to {}: `sticky` is for svc/ targets",
+                "connectivity to {}: `sticky` is for svc/ and lb/ targets",
                 c.to
             ));
         }

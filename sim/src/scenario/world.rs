@@ -139,6 +139,7 @@ impl World {
                 net: NetworkSettings {
                     subnet_prefix: c.subnet_prefix,
                     enable_snat: c.enable_snat,
+                    lb: c.lb,
                 },
                 replicas: c.ncp_replicas,
                 seed,
@@ -889,6 +890,7 @@ impl World {
         let net = NetworkSettings {
             subnet_prefix: self.sc.cluster.subnet_prefix,
             enable_snat: self.sc.cluster.enable_snat,
+            lb: self.sc.cluster.lb,
         };
         let view = crate::converge::view_from(&self.api)?;
         // Every part must hold; the cheap ones, which read only the cluster and the nodes,
