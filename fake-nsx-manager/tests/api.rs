@@ -1836,19 +1836,7 @@ async fn source_ip_persistence_profiles_get_defaults_refuse_bad_values_and_guard
         .expect(200)
         .body;
     assert_eq!(kept["timeout"], 300);
-    let tcp = c
-        .get("loadbalancer/application-profiles")
-        .await
-        .expect(200)
-        .body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["resource_type"] == "LbFastTcpProfile")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let tcp = c.app_profile("LbFastTcpProfile").await;
     let vs = c
         .post("loadbalancer/virtual-servers", json!({"ip_address": "198.51.100.10", "port": "80", "application_profile_id": tcp, "persistence_profile_id": id}))
         .await

@@ -357,19 +357,7 @@ async fn the_load_balancer_dnats_to_members_and_replies_come_from_the_vip() {
     let client = pod(&c, &n, "node-1", 1).await;
     let m1 = pod(&c, &n, "node-2", 1).await;
     let m2 = pod(&c, &n, "node-3", 1).await;
-    let profile = c
-        .get("loadbalancer/application-profiles")
-        .await
-        .expect(200)
-        .body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["resource_type"] == "LbFastTcpProfile")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let profile = c.app_profile("LbFastTcpProfile").await;
     let pool = c
         .post("loadbalancer/pools", json!({"members": [{"ip_address": m1.ip, "port": "8080"}, {"ip_address": m2.ip, "port": "8080"}]}))
         .await

@@ -148,6 +148,21 @@ impl Client {
         self.call("DELETE", path, None).await
     }
 
+    /// The id of the default LB application profile of `resource_type` (`LbFastTcpProfile`...).
+    pub async fn app_profile(&self, resource_type: &str) -> String {
+        self.get("loadbalancer/application-profiles")
+            .await
+            .expect(200)
+            .body["results"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|p| p["resource_type"] == resource_type)
+            .and_then(|p| p["id"].as_str())
+            .unwrap_or_else(|| panic!("no default {resource_type}"))
+            .to_string()
+    }
+
     /// Logs in as admin with a session: `(cookie, xsrf token)`.
     pub async fn session(&self) -> (String, String) {
         let login = self
