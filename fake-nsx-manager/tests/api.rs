@@ -1857,3 +1857,75 @@ async fn source_ip_persistence_profiles_get_defaults_refuse_bad_values_and_guard
         .expect(200);
     c.invariants();
 }
+
+#[tokio::test]
+async fn an_lb_service_holds_as_many_virtual_servers_as_its_size_allows() {
+    let c = Client::new();
+    let tcp = c.app_profile("LbFastTcpProfile").await;
+    let edge = c.boot().edge_cluster;
+    let t1 = c
+        .post(
+            "logical-routers",
+            json!({"router_type": "TIER1", "edge_cluster_id": edge}),
+        )
+        .await
+        .expect(201)
+        .id();
+    let mut servers = Vec::new();
+    for i in 0..21 {
+        let vs = c
+            .post("loadbalancer/virtual-servers", json!({"ip_address": "198.51.100.10", "port": (1000 + i).to_string(), "application_profile_id": tcp}))
+            .await
+            .expect(201)
+            .id();
+        servers.push(json!(vs));
+    }
+    let attach = json!({"target_type": "LogicalRouter", "target_id": t1});
+    // SMALL (the default): 20 virtual servers; 21 are refused and nothing is created.
+    let e = c
+        .post(
+            "loadbalancer/services",
+            json!({"attachment": attach, "virtual_server_ids": servers[..21]}),
+        )
+        .await
+        .expect(400)
+        .body;
+    assert!(
+        e["error_message"].as_str().unwrap().contains("at most 20"),
+        "{e}"
+    );
+    c.post(
+        "loadbalancer/services",
+        json!({"attachment": attach, "virtual_server_ids": servers[..1], "size": "HUGE"}),
+    )
+    .await
+    .expect(400);
+    let lb = c
+        .post(
+            "loadbalancer/services",
+            json!({"attachment": attach, "virtual_server_ids": servers[..20]}),
+        )
+        .await
+        .expect(201)
+        .body;
+    assert_eq!(lb["size"], "SMALL");
+    let id = lb["id"].as_str().unwrap().to_string();
+    // An update beyond the size is refused and leaves the service as it was; a larger size
+    // takes more.
+    let mut doc = lb.clone();
+    doc["virtual_server_ids"] = json!(servers[..21]);
+    c.put(&format!("loadbalancer/services/{id}"), doc.clone())
+        .await
+        .expect(400);
+    let kept = c
+        .get(&format!("loadbalancer/services/{id}"))
+        .await
+        .expect(200)
+        .body;
+    assert_eq!(kept["virtual_server_ids"].as_array().unwrap().len(), 20);
+    doc["size"] = json!("MEDIUM");
+    c.put(&format!("loadbalancer/services/{id}"), doc)
+        .await
+        .expect(200);
+    c.invariants();
+}

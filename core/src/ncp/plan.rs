@@ -66,6 +66,9 @@ pub struct Unrealizable {
 pub struct Plan {
     pub ops: Vec<Op>,
     pub unrealizable: Vec<Unrealizable>,
+    /// LoadBalancer services (by uid) whose virtual servers the load balancer has no room
+    /// for, with why: they are among `unrealizable`.
+    pub lb_full: BTreeMap<String, String>,
 }
 
 impl Plan {
@@ -522,8 +525,62 @@ struct Planner<'a> {
     deletes: Vec<(Key, Value)>,
     upserts: Vec<Op>,
     unrealizable: Vec<Unrealizable>,
+    /// Services the load balancer has no room for (see [`lb_full`]).
+    lb_full: BTreeMap<String, String>,
     /// An object that exists is to be recreated.
     recreated: bool,
+}
+
+/// The LoadBalancer services whose virtual servers do not fit in the LB service's size: the
+/// virtual servers that exist keep their place; the services that need new ones are taken in
+/// key order while they fit whole, the others wait (all their virtual servers or none).
+fn lb_full(desired: &Desired, kept: &Kept<'_>) -> BTreeMap<String, String> {
+    let mut full = BTreeMap::new();
+    let Some(size) = desired
+        .objects
+        .range(Key::LbService(String::new())..)
+        .take_while(|(k, _)| matches!(k, Key::LbService(_)))
+        .find_map(|(_, s)| match &s.detail {
+            Detail::LbService { size, .. } => Some(size.clone()),
+            _ => None,
+        })
+    else {
+        return full;
+    };
+    let limit = super::config::LbSize::parse(&size).map_or(usize::MAX, |s| s.virtual_servers());
+    // By service: its virtual servers, and how many of them exist.
+    let mut by_service: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for (k, _) in desired
+        .objects
+        .range(Key::LbVirtualServer(String::new())..)
+        .take_while(|(k, _)| matches!(k, Key::LbVirtualServer(_)))
+    {
+        let Key::LbVirtualServer(v) = k else { continue };
+        let e = by_service
+            .entry(v.split('/').next().unwrap_or_default())
+            .or_default();
+        e.0 += 1;
+        e.1 += usize::from(kept.get(k).is_some());
+    }
+    let mut used: usize = by_service.values().map(|(_, existing)| existing).sum();
+    for (svc, (total, existing)) in by_service {
+        let need = total - existing;
+        if need == 0 {
+            continue;
+        }
+        if used + need <= limit {
+            used += need;
+        } else {
+            full.insert(
+                svc.to_string(),
+                format!(
+                    "the {size} load balancer holds {limit} virtual servers and {used} are in \
+                     use: no room for this service's {need}"
+                ),
+            );
+        }
+    }
+    full
 }
 
 impl<'a> Planner<'a> {
@@ -545,6 +602,7 @@ impl<'a> Planner<'a> {
             deletes: Vec::new(),
             upserts: Vec::new(),
             unrealizable: Vec::new(),
+            lb_full: lb_full(desired, &Kept { observed, desired }),
             recreated: false,
         }
     }
@@ -569,6 +627,13 @@ impl<'a> Planner<'a> {
 
     /// Decides one desired key: create, update, replace, nothing, or unrealizable.
     fn key(&mut self, key: &Key, wanted: &Spec) {
+        if let Key::LbVirtualServer(v) = key
+            && let Some(why) = self.lb_full.get(v.split('/').next().unwrap_or_default())
+        {
+            let why = why.clone();
+            self.unrealizable(key, why);
+            return;
+        }
         // Borrowed until an operation needs it: most keys of a pass need none.
         let mut spec = std::borrow::Cow::Borrowed(wanted);
         let deps = key.deps(Some(&spec.detail));
@@ -713,6 +778,7 @@ impl<'a> Planner<'a> {
             deletes,
             mut upserts,
             unrealizable,
+            lb_full,
             ..
         } = self;
         let mut ops = ordered_deletes(deletes);
@@ -752,7 +818,11 @@ impl<'a> Planner<'a> {
             },
             "a plan creates one object per key"
         );
-        Plan { ops, unrealizable }
+        Plan {
+            ops,
+            unrealizable,
+            lb_full,
+        }
     }
 }
 

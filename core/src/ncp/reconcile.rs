@@ -172,7 +172,18 @@ where
     applier.fence = gate.fence.clone();
     applier.concurrency = gate.concurrency;
     match applier.apply(&plan).await {
-        Ok((report, after)) => {
+        Ok((mut report, after)) => {
+            // A service the load balancer has no room for: its Warning Event and annotation,
+            // as for a VIP it cannot have.
+            for u in &plan.unrealizable {
+                if let Key::LbVirtualServer(v) = &u.key
+                    && let Some(svc) = v.split('/').next()
+                    && plan.lb_full.contains_key(svc)
+                {
+                    report.lb_errors.insert(svc.to_string(), "LB_SERVICE_FULL");
+                    report.failed.insert(u.key.clone(), u.reason.clone());
+                }
+            }
             // Everything realized as wanted (but pod ports that wait for something): the next
             // pass need only look at what changes.
             let left = report

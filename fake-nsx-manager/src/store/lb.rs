@@ -170,6 +170,28 @@ impl Store {
         }
         doc.entry("size").or_insert(json!("SMALL"));
         doc.entry("enabled").or_insert(json!(true));
+        // What a load balancer of each size holds (NSX-T 2.4's published limits).
+        let size = doc.get("size").and_then(Value::as_str).unwrap_or("");
+        let limit = match size {
+            "SMALL" => 20,
+            "MEDIUM" => 100,
+            "LARGE" => 1000,
+            other => {
+                return Err(ApiError::validation(format!(
+                    "size {other:?} is invalid: SMALL, MEDIUM or LARGE"
+                )));
+            }
+        };
+        let servers = doc
+            .get("virtual_server_ids")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        if servers > limit {
+            return Err(ApiError::validation(format!(
+                "a {size} load balancer service holds at most {limit} virtual servers, \
+                 {servers} given"
+            )));
+        }
         Ok(())
     }
 

@@ -353,6 +353,77 @@ pub fn refused_vips(
     Ok(refused)
 }
 
+/// Adds to `refused` the LoadBalancer services the load balancer has no room for: a service
+/// none of whose virtual servers exists is one only if they would not fit beside those that
+/// exist (the LB service's size bounds them: SMALL 20, MEDIUM 100, LARGE 1,000); a service
+/// with some but not all of them is an error, as is a load balancer over its size.
+fn lb_full(
+    want: &Desired,
+    nsx: &FakeNsxManager,
+    cluster: &str,
+    refused: &mut BTreeMap<String, &'static str>,
+) -> Result<(), String> {
+    let size = want.objects.iter().find_map(|(_, s)| match &s.detail {
+        Detail::LbService { size, .. } => Some(size.clone()),
+        _ => None,
+    });
+    let Some(size) = size else {
+        return Ok(());
+    };
+    let limit = match size.as_str() {
+        "SMALL" => 20,
+        "MEDIUM" => 100,
+        "LARGE" => 1000,
+        other => return Err(format!("the LB service's size {other:?} is not NSX's")),
+    };
+    let realized: std::collections::BTreeSet<Key> = nsx.inspect(|s| {
+        s.objects()
+            .filter(|o| {
+                o.doc.get("resource_type").and_then(Value::as_str) == Some("LbVirtualServer")
+            })
+            .filter_map(|o| classify_object(o.doc, cluster))
+            .collect()
+    });
+    if realized.len() > limit {
+        return Err(format!(
+            "the {size} load balancer has {} virtual servers, at most {limit} fit",
+            realized.len()
+        ));
+    }
+    let mut by_service: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for k in want.objects.keys() {
+        if let Key::LbVirtualServer(v) = k {
+            let svc = v.split('/').next().unwrap_or_default();
+            if refused.contains_key(svc) {
+                continue;
+            }
+            let e = by_service.entry(svc).or_default();
+            e.0 += 1;
+            e.1 += usize::from(realized.contains(k));
+        }
+    }
+    let mut full = Vec::new();
+    for (svc, (total, existing)) in by_service {
+        if existing == total {
+            continue;
+        }
+        if existing > 0 {
+            return Err(format!(
+                "service {svc} has {existing} of its {total} virtual servers"
+            ));
+        }
+        if realized.len() + total <= limit {
+            // It fits: its virtual servers are simply missing (yet).
+            continue;
+        }
+        full.push(svc.to_string());
+    }
+    for svc in full {
+        refused.insert(svc, "LB_SERVICE_FULL");
+    }
+    Ok(())
+}
+
 /// `Err` says the first thing that is not there yet.
 pub fn ncp_converged(
     api: &ApiServer,
@@ -400,7 +471,8 @@ pub fn ncp_converged_in(
 ) -> Result<Realized, String> {
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
     // A service refused the VIP it asks for has no virtual servers.
-    let refused = refused_vips(view, nsx, cluster)?;
+    let mut refused = refused_vips(view, nsx, cluster)?;
+    lb_full(want, nsx, cluster, &mut refused)?;
     let filtered;
     let want = if refused.is_empty() {
         want
