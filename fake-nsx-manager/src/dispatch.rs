@@ -62,10 +62,14 @@ pub fn is_write(method: &str) -> bool {
     !matches!(method, "GET" | "HEAD")
 }
 
-/// Whether a request asks to change state: a write method, except a batch whose requests all
-/// read (a read-only batch changes nothing, whatever method carries it).
+/// Whether a request asks to change state: a write method, except a query pipeline and a batch
+/// whose requests all read (they change nothing, whatever method carries them).
 pub fn changes_state(method: &str, path: &str, body: &[u8]) -> bool {
     if !is_write(method) {
+        return false;
+    }
+    // A query pipeline reads, whatever method carries it.
+    if method == "POST" && path.trim_end_matches('/') == "/api/v1/search/querypipeline" {
         return false;
     }
     if method != "POST" || path.trim_end_matches('/') != "/api/v1/batch" {
@@ -162,6 +166,29 @@ fn route(store: &mut Store, ctx: &Ctx, req: &ApiRequest<'_>) -> ApiResult<ApiRes
             return Ok(ApiResponse::ok(json!({"healthy": true})));
         }
         ("GET", ["spec", "vmware", "types", t]) => return spec_type(store, t).map(ApiResponse::ok),
+        // The query pipeline (nsxlib's `search_resource_by_attribute_values` posts one):
+        // `{"query_pipeline": [{"query": ...}]}`, one stage, answered like a search.
+        ("POST", ["search", "querypipeline"]) => {
+            let body = parse_body(req.body)?;
+            let stages = body
+                .get("query_pipeline")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    ApiError::validation("required property query_pipeline is missing")
+                })?;
+            let q = match stages.as_slice() {
+                [one] => one.get("query").and_then(Value::as_str).ok_or_else(|| {
+                    ApiError::validation("query_pipeline[0]: required property query is missing")
+                })?,
+                _ => {
+                    return Err(ApiError::validation(format!(
+                        "query_pipeline has {} stages; this manager answers one",
+                        stages.len()
+                    )));
+                }
+            };
+            return store.search(q, &p.page()?, ctx.now_ms).map(ApiResponse::ok);
+        }
         ("GET", ["search"]) | ("GET", ["search", "query"]) => {
             let q = p
                 .get("query")
@@ -169,6 +196,20 @@ fn route(store: &mut Store, ctx: &Ctx, req: &ApiRequest<'_>) -> ApiResult<ApiRes
             return store.search(q, &p.page()?, ctx.now_ms).map(ApiResponse::ok);
         }
         ("POST", ["batch"]) => return batch(store, ctx, &p, &parse_body(req.body)?),
+        ("GET", ["firewall", "excludelist"]) => return Ok(ApiResponse::ok(store.exclude_list())),
+        ("POST", ["firewall", "excludelist"]) => {
+            let mut body = if req.body.is_empty() {
+                json!({})
+            } else {
+                parse_body(req.body)?
+            };
+            if let (Some(id), Some(b)) = (p.get("object_id"), body.as_object_mut()) {
+                b.insert("object_id".into(), json!(id));
+            }
+            return store
+                .exclude_list_action(ctx, p.get("action"), &body)
+                .map(ApiResponse::ok);
+        }
         ("GET", ["cluster", "api-service"]) => {
             return Ok(ApiResponse::ok(
                 serde_json::to_value(&store.config.api_service).unwrap_or_default(),

@@ -441,12 +441,23 @@ where
                 Some(c) => with_query(path, "cursor", c),
             };
             let page: ListResult = self.get(&url).await?;
-            for item in page.results.unwrap_or_default() {
+            let results = page.results.unwrap_or_default();
+            let empty = results.is_empty();
+            for item in results {
                 out.push(decode(&format!("GET {url}"), item)?);
             }
+            // Search answers carry a cursor on every page, on the last one the result count
+            // (nsxlib stops there); lists leave it out on the last page.
+            let at_end = |c: &str| {
+                empty
+                    || c.parse::<i64>()
+                        .is_ok_and(|c| page.result_count.is_some_and(|n| c >= n))
+            };
             match page.cursor {
                 // nsxlib treats a cursor starting with "0000" as "no more pages"; so do we.
-                Some(c) if !c.is_empty() && !c.starts_with("0000") => cursor = Some(c),
+                Some(c) if !c.is_empty() && !c.starts_with("0000") && !at_end(&c) => {
+                    cursor = Some(c)
+                }
                 _ => return Ok(out),
             }
         }

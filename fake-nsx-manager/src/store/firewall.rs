@@ -621,3 +621,85 @@ impl Store {
         Ok(())
     }
 }
+
+/// The kinds the distributed firewall's exclude list takes members of.
+const EXCLUDABLE: &[(&str, Kind)] = &[
+    ("LogicalPort", Kind::LogicalPort),
+    ("LogicalSwitch", Kind::LogicalSwitch),
+    ("NSGroup", Kind::NsGroup),
+];
+
+impl Store {
+    /// `GET /firewall/excludelist`: the objects the distributed firewall skips.
+    pub fn exclude_list(&self) -> Value {
+        json!({
+            "resource_type": "ExcludeList",
+            "id": "excludelist",
+            "display_name": "excludelist",
+            "members": self.exclude_list.0,
+            "_revision": self.exclude_list.1,
+        })
+    }
+
+    /// `POST /firewall/excludelist?action=add_member` (body: a reference to a logical port,
+    /// switch or NSGroup), `?action=remove_member&object_id=` (given as the body's
+    /// `object_id` by the dispatcher) and `?action=check_if_member`.
+    pub fn exclude_list_action(
+        &mut self,
+        ctx: &Ctx,
+        action: Option<&str>,
+        body: &Value,
+    ) -> ApiResult<Value> {
+        let _ = ctx;
+        match action {
+            Some("add_member") => {
+                let id = body.get("target_id").and_then(Value::as_str).unwrap_or("");
+                let ty = body
+                    .get("target_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let kind = EXCLUDABLE
+                    .iter()
+                    .find(|(t, _)| *t == ty)
+                    .map(|(_, k)| *k)
+                    .ok_or_else(|| {
+                        ApiError::validation(format!(
+                            "target_type {ty:?} is invalid: LogicalPort, LogicalSwitch or NSGroup"
+                        ))
+                    })?;
+                let o = self.expect_ref("target_id", id, &[kind])?;
+                let member = json!({
+                    "target_id": id,
+                    "target_type": ty,
+                    "target_display_name": o.str("display_name").unwrap_or(id),
+                    "is_valid": true,
+                });
+                if self.exclude_list.0.iter().any(|m| m["target_id"] == id) {
+                    return Err(ApiError::validation(format!(
+                        "{id} is already a member of the exclude list"
+                    )));
+                }
+                self.exclude_list.0.push(member.clone());
+                self.exclude_list.1 += 1;
+                Ok(member)
+            }
+            Some("remove_member") => {
+                let id = body.get("object_id").and_then(Value::as_str).unwrap_or("");
+                let before = self.exclude_list.0.len();
+                self.exclude_list.0.retain(|m| m["target_id"] != id);
+                if self.exclude_list.0.len() == before {
+                    return Err(ApiError::not_found(id));
+                }
+                self.exclude_list.1 += 1;
+                Ok(json!({}))
+            }
+            Some("check_if_member") => {
+                let id = body.get("object_id").and_then(Value::as_str).unwrap_or("");
+                Ok(json!({"result": self.exclude_list.0.iter().any(|m| m["target_id"] == id)}))
+            }
+            other => Err(ApiError::validation(format!(
+                "action {other:?} is invalid: add_member, remove_member or check_if_member"
+            ))),
+        }
+    }
+}

@@ -260,6 +260,9 @@ pub struct Store {
     /// `display_name` and `tags` an API allocation was made with, per pool and address.
     #[serde(default)]
     alloc_meta: BTreeMap<String, BTreeMap<u32, Value>>,
+    /// The distributed firewall's exclude list: its members (references) and revision.
+    #[serde(default)]
+    exclude_list: (Vec<Value>, i64),
     /// VIF attachment id -> logical port: the uniqueness check without a scan of every port.
     #[serde(skip)]
     vif_index: BTreeMap<String, String>,
@@ -288,6 +291,7 @@ impl Store {
             advertisement: BTreeMap::new(),
             ip_hint: BTreeMap::new(),
             alloc_meta: BTreeMap::new(),
+            exclude_list: (Vec::new(), 0),
             vif_index: BTreeMap::new(),
             next_mac: 1,
             next_vni: 67_584,
@@ -601,7 +605,19 @@ impl Store {
             .into_iter()
             .map(|(_, d)| (*d).clone())
             .collect();
-        paginate(docs, page, 1000)
+        let mut answer = paginate(docs, page, 1000)?;
+        // Search answers always carry the cursor (on the last page, the result count):
+        // nsxlib's `search_all_*` read it on every page and stop once it reaches the count.
+        if let Some(out) = answer.as_object_mut()
+            && !out.contains_key("cursor")
+        {
+            let count = out.get("result_count").cloned().unwrap_or(json!(0));
+            out.insert(
+                "cursor".into(),
+                json!(count.as_u64().unwrap_or(0).to_string()),
+            );
+        }
+        Ok(answer)
     }
 
     /// Makes every write visible to search now, as if the lag had passed (tests).

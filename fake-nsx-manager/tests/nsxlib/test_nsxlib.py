@@ -228,3 +228,31 @@ def test_load_balancer_service_virtual_server_and_pool(nsxlib):
     nsxlib.load_balancer.virtual_server.delete(vs["id"])
     nsxlib.load_balancer.pool.delete(pool["id"])
     nsxlib.logical_router.delete(t1["id"])
+
+
+def test_search_all_query_pipeline_and_firewall_exclude_list(nsxlib):
+    tz = by_tag(nsxlib, "TransportZone")[0]["id"]
+    tags = [{"scope": "test", "tag": "paging"}]
+    made = [nsxlib.logical_switch.create("page-%d" % i, tz, tags)["id"] for i in range(5)]
+    # search_all_* read the cursor of every page and stop once it reaches the count.
+    found = nsxlib.search_all_by_tags(tags=tags, resource_type="LogicalSwitch")
+    assert sorted(r["id"] for r in found) == sorted(made)
+    one = nsxlib.search_all_resource_by_attributes("LogicalSwitch", display_name="page-1")
+    assert [r["id"] for r in one] == [made[1]]
+    # The query pipeline (POST search/querypipeline), as nsxlib builds it.
+    two = nsxlib.search_resource_by_attribute_values("LogicalSwitch", "display_name", ["page-2", "page-3"])
+    assert sorted(r["display_name"] for r in two["results"]) == ["page-2", "page-3"]
+    assert int(two["cursor"]) >= two["result_count"] == 2
+    every = nsxlib.search_all_resource_by_attribute_values("LogicalSwitch", "display_name", ["page-4"])
+    assert [r["id"] for r in every] == [made[4]]
+    # The distributed firewall's exclude list: empty, a port added, removed.
+    fw = nsxlib.firewall_section
+    assert fw.get_excludelist()["members"] == []
+    port = nsxlib.logical_port.create(made[0], "vif-excluded", tags=CLUSTER_TAG)["id"]
+    fw.add_member_to_fw_exclude_list(port, "LogicalPort")
+    members = fw.get_excludelist()["members"]
+    assert [(m["target_id"], m["target_type"]) for m in members] == [(port, "LogicalPort")]
+    with pytest.raises(exceptions.ManagerError):
+        fw.add_member_to_fw_exclude_list("no-such-port", "LogicalPort")
+    fw.remove_member_from_fw_exclude_list(port, "LogicalPort")
+    assert fw.get_excludelist()["members"] == []
