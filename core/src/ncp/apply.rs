@@ -755,28 +755,26 @@ where
                 requested.as_deref(),
             )
             .await;
+        // NSX's refusals of the address are the service's errors; anything else is NSX's.
         let ip = match allocated {
             Ok(ip) => ip,
-            Err(ApplyError::Nsx { source, .. })
-                if source.status() == Some(400) && requested.is_some() =>
-            {
-                let asked = requested.as_deref().unwrap_or_default();
-                let pool = pool.unwrap_or_default();
-                let (code, why) = match source.error_code() {
+            Err(ApplyError::Nsx { op, source }) => {
+                let (code, why) = match source.error_code().filter(|_| source.status() == Some(400))
+                {
                     Some(NSX_NOT_IN_POOL) => ("IP_NOT_IN_POOL", "is not in"),
                     Some(NSX_ALREADY_ALLOCATED) => ("IP_ALREADY_ALLOCATED", "is already taken in"),
-                    _ => ("IP_POOL_EXHAUSTED", "cannot be allocated from"),
+                    Some(NSX_POOL_EXHAUSTED) => ("IP_POOL_EXHAUSTED", "cannot be allocated from"),
+                    _ => return Err(ApplyError::Nsx { op, source }),
                 };
+                let asked = match &requested {
+                    Some(ip) => format!("loadBalancerIP {ip}"),
+                    None => "an address".into(),
+                };
+                let pool = pool.unwrap_or_default();
                 return Err(refuse(
                     code,
-                    format!("loadBalancerIP {asked} {why} the LB pool {pool}: {source}"),
+                    format!("{asked} {why} the LB pool {pool}: {source}"),
                 ));
-            }
-            Err(ApplyError::Nsx { source, .. })
-                if source.status() == Some(400)
-                    && source.error_code() == Some(NSX_POOL_EXHAUSTED) =>
-            {
-                return Err(refuse("IP_POOL_EXHAUSTED", source.to_string()));
             }
             Err(e) => return Err(e),
         };

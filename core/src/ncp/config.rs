@@ -89,6 +89,37 @@ pub struct LbSettings {
     pub l4_persistence: bool,
 }
 
+impl LbSettings {
+    /// The `[nsx_v3]` keys these settings come from.
+    pub const KEYS: [&str; 3] = ["pool_algorithm", "service_size", "l4_persistence"];
+
+    /// Sets the one of [`Self::KEYS`] that `key` names from its text; `Err` says what is
+    /// expected.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let expected = |names: Vec<&str>| format!("expected one of {}", names.join(", "));
+        match key {
+            "pool_algorithm" => {
+                self.algorithm = PoolAlgorithm::parse(value).ok_or_else(|| {
+                    expected(PoolAlgorithm::ALL.iter().map(|a| a.nsx_name()).collect())
+                })?;
+            }
+            "service_size" => {
+                self.size = LbSize::parse(value)
+                    .ok_or_else(|| expected(LbSize::ALL.iter().map(|a| a.nsx_name()).collect()))?;
+            }
+            "l4_persistence" => {
+                self.l4_persistence = match value.trim().to_ascii_lowercase().as_str() {
+                    "" | "none" => false,
+                    "source_ip" => true,
+                    _ => return Err("expected source_ip (or nothing)".into()),
+                };
+            }
+            other => return Err(format!("{other} is not a load balancer setting")),
+        }
+        Ok(())
+    }
+}
+
 /// An LB pool's algorithm, as NSX names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PoolAlgorithm {
@@ -482,6 +513,13 @@ impl NcpConfig {
                     invalid("k8s", "apiserver_host_port", e, "expected a port number")
                 })?),
             };
+        let mut lb = LbSettings::default();
+        for key in LbSettings::KEYS {
+            if let Some(e) = get("nsx_v3", key) {
+                lb.set(key, &e.value)
+                    .map_err(|reason| invalid("nsx_v3", key, e, &reason))?;
+            }
+        }
         let mut config = NcpConfig {
             cluster,
             nsx_api_managers: managers,
@@ -510,46 +548,7 @@ impl NcpConfig {
             enable_snat: boolean("coe", "enable_snat", true)?,
             loglevel: level("coe")?,
             k8s_loglevel: level("k8s")?,
-            lb: LbSettings {
-                algorithm: match get("nsx_v3", "pool_algorithm") {
-                    None => Default::default(),
-                    Some(e) => PoolAlgorithm::parse(&e.value).ok_or_else(|| {
-                        invalid(
-                            "nsx_v3",
-                            "pool_algorithm",
-                            e,
-                            "expected ROUND_ROBIN, WEIGHTED_ROUND_ROBIN, LEAST_CONNECTION, \
-                             WEIGHTED_LEAST_CONNECTION or IP_HASH",
-                        )
-                    })?,
-                },
-                size: match get("nsx_v3", "service_size") {
-                    None => Default::default(),
-                    Some(e) => LbSize::parse(&e.value).ok_or_else(|| {
-                        invalid(
-                            "nsx_v3",
-                            "service_size",
-                            e,
-                            "expected SMALL, MEDIUM or LARGE",
-                        )
-                    })?,
-                },
-                l4_persistence: match get("nsx_v3", "l4_persistence") {
-                    None => false,
-                    Some(e) => match e.value.trim().to_ascii_lowercase().as_str() {
-                        "" | "none" => false,
-                        "source_ip" => true,
-                        _ => {
-                            return Err(invalid(
-                                "nsx_v3",
-                                "l4_persistence",
-                                e,
-                                "expected source_ip (or nothing)",
-                            ));
-                        }
-                    },
-                },
-            },
+            lb,
         };
         if let Some(u) = &overrides.user {
             config.nsx_api_user = Some(u.clone());

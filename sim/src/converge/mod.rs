@@ -261,6 +261,16 @@ fn allocations(nsx: &FakeNsxManager, pool: &str, cluster: &str) -> BTreeMap<Stri
         .collect()
 }
 
+/// The service an LB-pool allocation was made for (its `ncp/service_uid` tag).
+fn allocated_for(allocation: &Value) -> Option<&str> {
+    allocation["tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["scope"] == scope::SERVICE_UID)?
+        .get("tag")?
+        .as_str()
+}
+
 /// LoadBalancer services whose `spec.loadBalancerIP` NCP cannot give them, each with the
 /// `ncp/error.loadbalancer` value it must carry: decided here from the LB pool's ranges and
 /// allocations as NSX reports them (not from NCP's code): an address that is not IPv4, is
@@ -320,16 +330,7 @@ pub fn refused_vips(
             .as_array()?
             .iter()
             .find(|a| a["allocation_id"].as_str() == Some(ip))
-            .map(|a| {
-                a["tags"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|t| t["scope"] == scope::SERVICE_UID)
-                    .and_then(|t| t["tag"].as_str())
-                    .unwrap_or("someone else")
-                    .to_string()
-            })
+            .map(|a| allocated_for(a).unwrap_or("someone else").to_string())
     };
     for (uid, text) in asking {
         let code = match text.parse::<std::net::Ipv4Addr>() {
@@ -357,10 +358,9 @@ pub fn refused_vips(
 /// none of whose virtual servers exists is one only if they would not fit beside those that
 /// exist (the LB service's size bounds them: SMALL 20, MEDIUM 100, LARGE 1,000); a service
 /// with some but not all of them is an error, as is a load balancer over its size.
-fn lb_full(
+fn lb_full<'k>(
     want: &Desired,
-    nsx: &FakeNsxManager,
-    cluster: &str,
+    realized: impl Iterator<Item = &'k Key>,
     refused: &mut BTreeMap<String, &'static str>,
 ) -> Result<(), String> {
     let size = want.objects.iter().find_map(|(_, s)| match &s.detail {
@@ -376,14 +376,9 @@ fn lb_full(
         "LARGE" => 1000,
         other => return Err(format!("the LB service's size {other:?} is not NSX's")),
     };
-    let realized: std::collections::BTreeSet<Key> = nsx.inspect(|s| {
-        s.objects()
-            .filter(|o| {
-                o.doc.get("resource_type").and_then(Value::as_str) == Some("LbVirtualServer")
-            })
-            .filter_map(|o| classify_object(o.doc, cluster))
-            .collect()
-    });
+    let realized: std::collections::BTreeSet<&Key> = realized
+        .filter(|k| matches!(k, Key::LbVirtualServer(_)))
+        .collect();
     if realized.len() > limit {
         return Err(format!(
             "the {size} load balancer has {} virtual servers, at most {limit} fit",
@@ -470,21 +465,9 @@ pub fn ncp_converged_in(
     cluster: &str,
 ) -> Result<Realized, String> {
     let boot = nsx.bootstrap().ok_or("no bootstrap")?;
-    // A service refused the VIP it asks for has no virtual servers.
+    // A service refused the VIP it asks for, or the room on the load balancer, has no
+    // virtual servers.
     let mut refused = refused_vips(view, nsx, cluster)?;
-    lb_full(want, nsx, cluster, &mut refused)?;
-    let filtered;
-    let want = if refused.is_empty() {
-        want
-    } else {
-        let mut w = want.clone();
-        w.objects.retain(|k, _| match k {
-            Key::LbVirtualServer(v) => !refused.contains_key(v.split('/').next().unwrap_or("")),
-            _ => true,
-        });
-        filtered = w;
-        &filtered
-    };
     let (mut observed, strays) = nsx.inspect(|s| -> Result<(Realized, usize), String> {
         let mut ours: BTreeMap<Key, Vec<&serde_json::Map<String, Value>>> = BTreeMap::new();
         // Pod ports (tagged with a pod uid) that NCP would not recognise as its own.
@@ -502,6 +485,19 @@ pub fn ncp_converged_in(
                 }
             }
         }
+        lb_full(want, ours.keys(), &mut refused)?;
+        let filtered;
+        let want = if refused.is_empty() {
+            want
+        } else {
+            let mut w = want.clone();
+            w.objects.retain(|k, _| match k {
+                Key::LbVirtualServer(v) => !refused.contains_key(v.split('/').next().unwrap_or("")),
+                _ => true,
+            });
+            filtered = w;
+            &filtered
+        };
         for key in want.objects.keys() {
             match ours.get(key).map(Vec::len) {
                 Some(1) => {}
@@ -687,15 +683,10 @@ pub fn ncp_converged_in(
     // Every VIP is allocated from the LB pool for its service.
     let lb = allocations(nsx, &ids.lb_pool, cluster);
     // ... and nothing else is: a VIP outlives neither its service nor its virtual servers.
-    if let Some((ip, _)) = lb.iter().find(|(ip, a)| {
-        a["tags"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|t| t["scope"] == scope::SERVICE_UID)
-            .and_then(|t| t["tag"].as_str())
-            .is_none_or(|svc| observed.vips.get(svc) != Some(*ip))
-    }) {
+    if let Some((ip, _)) = lb
+        .iter()
+        .find(|(ip, a)| allocated_for(a).is_none_or(|svc| observed.vips.get(svc) != Some(*ip)))
+    {
         return Err(format!(
             "VIP {ip} is still allocated in the LB pool, for no virtual server"
         ));

@@ -646,38 +646,17 @@ pub fn parse(file: &Path, text: &str) -> Result<Scenario, ScenarioError> {
     if !(1..=3).contains(&c.ncp_replicas) {
         return Err(ctx.err(at("ncp_replicas"), "cluster.ncp_replicas must be 1, 2 or 3"));
     }
-    use nsx_core::ncp::desired::{LbSettings, LbSize, PoolAlgorithm};
-    let lb = LbSettings {
-        algorithm: match &c.pool_algorithm {
-            None => PoolAlgorithm::default(),
-            Some(a) => PoolAlgorithm::parse(a).ok_or_else(|| {
-                ctx.err(
-                    at("pool_algorithm"),
-                    "cluster.pool_algorithm must be ROUND_ROBIN, WEIGHTED_ROUND_ROBIN, \
-                     LEAST_CONNECTION, WEIGHTED_LEAST_CONNECTION or IP_HASH",
-                )
-            })?,
-        },
-        size: match &c.service_size {
-            None => LbSize::default(),
-            Some(a) => LbSize::parse(a).ok_or_else(|| {
-                ctx.err(
-                    at("service_size"),
-                    "cluster.service_size must be SMALL, MEDIUM or LARGE",
-                )
-            })?,
-        },
-        l4_persistence: match c.l4_persistence.as_deref() {
-            None => false,
-            Some("source_ip") => true,
-            Some(_) => {
-                return Err(ctx.err(
-                    at("l4_persistence"),
-                    "cluster.l4_persistence must be source_ip (or left out)",
-                ));
-            }
-        },
-    };
+    let mut lb = nsx_core::ncp::desired::LbSettings::default();
+    for (key, value) in [
+        ("pool_algorithm", &c.pool_algorithm),
+        ("service_size", &c.service_size),
+        ("l4_persistence", &c.l4_persistence),
+    ] {
+        if let Some(v) = value {
+            lb.set(key, v)
+                .map_err(|reason| ctx.err(at(key), format!("cluster.{key}: {reason}")))?;
+        }
+    }
     let cluster = Cluster {
         name: c.name,
         nodes,
