@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use fake_nsx_manager::dispatch::ApiRequest;
+use fake_nsx_manager::kind::Kind;
+use fake_nsx_manager::store::{Entry, Packet, Protocol};
 use fake_nsx_manager::{Clock, FakeNsxManager, ManagerConfig};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -744,8 +746,72 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 "step {i} {op:?}: invariant broken: {e}"
             )));
         }
+        exercise_dataplane(&nsx);
     }
     Ok(())
+}
+
+/// Traces packets between the ports' addresses, from their VIFs, from outside and to every
+/// virtual server, so that the dataplane's topology index and NSGroup memos are built before
+/// the next request: `check_invariants` after that request proves what is still cached equal
+/// to a rebuild and to the scans it replaces (a change that forgot to drop it fails there).
+fn exercise_dataplane(nsx: &FakeNsxManager) {
+    nsx.with_store(|s| {
+        let addrs = s.port_addresses();
+        let mut dsts: Vec<(String, u16)> = addrs
+            .values()
+            .flatten()
+            .take(6)
+            .map(|ip| (ip.clone(), 80))
+            .collect();
+        let mut entries: Vec<(Entry, String)> = Vec::new();
+        for p in s.ids_of(Kind::LogicalPort).take(6) {
+            let src = addrs
+                .get(p)
+                .and_then(|a| a.first())
+                .cloned()
+                .unwrap_or_else(|| "10.0.0.1".into());
+            entries.push((Entry::LogicalPort(p.clone()), src.clone()));
+            let ctx = s
+                .object(p)
+                .and_then(|o| o.doc.get("attachment"))
+                .and_then(|a| a.get("context"));
+            let vif = ctx
+                .and_then(|c| c.get("parent_vif_id"))
+                .and_then(Value::as_str);
+            let tag = ctx
+                .and_then(|c| c.get("traffic_tag"))
+                .and_then(Value::as_u64);
+            if let (Some(vif), Some(tag)) = (vif, tag.and_then(|t| u16::try_from(t).ok())) {
+                entries.push((
+                    Entry::Vif {
+                        parent_vif_id: vif.to_string(),
+                        vlan: tag,
+                    },
+                    src,
+                ));
+            }
+        }
+        entries.push((Entry::External, "203.0.113.9".into()));
+        for vs in s.ids_of(Kind::LbVirtualServer) {
+            let d = s.object(vs).map(|o| &o.doc);
+            let ip = d.and_then(|d| d.get("ip_address")).and_then(Value::as_str);
+            let port = d
+                .and_then(|d| d.get("port"))
+                .and_then(Value::as_str)
+                .and_then(|p| p.parse().ok());
+            if let (Some(ip), Some(port)) = (ip, port) {
+                dsts.push((ip.to_string(), port));
+            }
+        }
+        for (entry, src) in &entries {
+            for (dst, port) in &dsts {
+                for proto in [Protocol::Tcp, Protocol::Udp] {
+                    s.trace_connection(entry, &Packet::new(src, dst, proto, 40_000, *port));
+                }
+            }
+        }
+    });
 }
 
 proptest! {

@@ -223,7 +223,7 @@ impl Dir {
 
 impl Store {
     /// A port's addresses: its allocation, then its address bindings.
-    fn port_addrs(&self, port: &str) -> impl Iterator<Item = u32> + '_ {
+    pub(super) fn port_addrs(&self, port: &str) -> impl Iterator<Item = u32> + '_ {
         let allocated = self.port_alloc.get(port).and_then(|a| a.ip);
         let bound = self.objects[port]
             .doc
@@ -246,9 +246,7 @@ impl Store {
     }
 
     fn port_for_ip(&self, ip: u32) -> Option<String> {
-        self.ids_of(Kind::LogicalPort)
-            .find(|p| self.port_has_ip(p, ip))
-            .cloned()
+        self.topology().port_for_ip(ip).cloned()
     }
 
     fn entry_port(&self, entry: &Entry) -> Result<String, String> {
@@ -262,20 +260,8 @@ impl Store {
                 parent_vif_id,
                 vlan,
             } => self
-                .ids_of(Kind::LogicalPort)
-                .find(|p| {
-                    let ctx = self.objects[*p]
-                        .doc
-                        .get("attachment")
-                        .and_then(|a| a.get("context"));
-                    ctx.and_then(|c| c.get("parent_vif_id"))
-                        .and_then(Value::as_str)
-                        == Some(parent_vif_id.as_str())
-                        && ctx
-                            .and_then(|c| c.get("traffic_tag"))
-                            .and_then(Value::as_i64)
-                            == Some(i64::from(*vlan))
-                })
+                .topology()
+                .port_by_vif(parent_vif_id, *vlan)
                 .cloned()
                 .ok_or_else(|| format!("no CHILD port with VLAN {vlan} under VIF {parent_vif_id}")),
         }
@@ -288,7 +274,7 @@ impl Store {
             match t.get("target_type").and_then(Value::as_str).unwrap_or("") {
                 "LogicalPort" => id == port,
                 "LogicalSwitch" => self.objects[port].str("logical_switch_id") == Some(id),
-                "NSGroup" => self.nsgroup_holds(id, Kind::LogicalPort, port),
+                "NSGroup" => self.topology().group_holds_port(self, id, port),
                 _ => false,
             }
         })
@@ -314,25 +300,30 @@ impl Store {
             match t.get("target_type").and_then(Value::as_str).unwrap_or("") {
                 "LogicalPort" => self.objects.contains_key(id) && self.port_has_ip(id, ip),
                 "LogicalSwitch" => self
-                    .ids_of(Kind::LogicalPort)
-                    .filter(|p| self.objects[*p].str("logical_switch_id") == Some(id))
-                    .any(|p| self.port_has_ip(p, ip)),
+                    .topology()
+                    .ports_with_ip(ip)
+                    .iter()
+                    .any(|p| self.objects[p].str("logical_switch_id") == Some(id)),
                 "IPSet" => self.ipset_holds(id, ip),
-                "NSGroup" => {
-                    self.ids_of(Kind::LogicalPort)
-                        .filter(|p| self.port_has_ip(p, ip))
-                        .any(|p| self.nsgroup_holds(id, Kind::LogicalPort, p))
-                        || self
-                            .nsgroup_effective(id, Kind::IpSet)
-                            .iter()
-                            .any(|s| self.ipset_holds(s, ip))
-                }
+                "NSGroup" => self.topology().group_holds_ip(self, id, ip),
                 "IPv4Address" => {
                     ipam::parse_ip_element(id).is_ok_and(|r| (r.start..=r.end).contains(&ip))
                 }
                 _ => false,
             }
         })
+    }
+
+    /// Whether NSGroup `id` holds `ip`: a member port has it, or a member IPSet holds it (the
+    /// scan the topology index memoizes).
+    pub(super) fn group_holds_ip_scan(&self, id: &str, ip: u32) -> bool {
+        self.ids_of(Kind::LogicalPort)
+            .filter(|p| self.port_has_ip(p, ip))
+            .any(|p| self.nsgroup_holds(id, Kind::LogicalPort, p))
+            || self
+                .nsgroup_effective(id, Kind::IpSet)
+                .iter()
+                .any(|s| self.ipset_holds(s, ip))
     }
 
     fn service_matches(&self, svc: &Value, p: &Packet) -> bool {
@@ -492,7 +483,7 @@ impl Store {
     }
 
     /// Every downlink: (router port, its switch, its tier-1).
-    fn downlinks(&self) -> impl Iterator<Item = (&String, String, String)> + '_ {
+    pub(super) fn downlinks(&self) -> impl Iterator<Item = (&String, String, String)> + '_ {
         self.ids_of(Kind::LogicalRouterPort).filter_map(|rp| {
             let o = &self.objects[rp];
             if o.resource_type() != "LogicalRouterDownLinkPort" {
@@ -509,13 +500,11 @@ impl Store {
     }
 
     /// The tier-1 that routes for a switch: the router of the downlink attached to it.
-    fn router_of_switch(&self, switch: &str) -> Option<(String, Vec<Cidr>)> {
-        self.downlinks()
-            .find(|(_, sw, _)| sw == switch)
-            .map(|(rp, _, t1)| (t1, self.downlink_subnets(rp)))
+    fn router_of_switch(&self, switch: &str) -> Option<String> {
+        self.topology().router_of_switch(switch).map(str::to_string)
     }
 
-    fn downlink_subnets(&self, rp: &str) -> Vec<Cidr> {
+    pub(super) fn downlink_subnets(&self, rp: &str) -> Vec<Cidr> {
         Self::field_list(&self.objects[rp].doc, "subnets")
             .iter()
             .flat_map(|s| {
@@ -534,25 +523,22 @@ impl Store {
 
     /// The tier-0 a tier-1 is linked to.
     fn tier0_of(&self, tier1: &str) -> Option<String> {
-        self.ids_of(Kind::LogicalRouterPort).find_map(|rp| {
-            let o = &self.objects[rp];
-            if o.resource_type() != "LogicalRouterLinkPortOnTIER1"
-                || o.str("logical_router_id") != Some(tier1)
-            {
-                return None;
-            }
-            let peer = o
-                .doc
-                .get("linked_logical_router_port_id")
-                .and_then(|l| l.get("target_id"))
-                .and_then(Value::as_str)?;
-            Some(
-                self.objects
-                    .get(peer)?
-                    .str("logical_router_id")?
-                    .to_string(),
-            )
-        })
+        self.topology().tier0_of(tier1).map(str::to_string)
+    }
+
+    /// The router at the other end of link port `rp`.
+    pub(super) fn link_peer_router(&self, rp: &str) -> Option<String> {
+        let peer = self.objects[rp]
+            .doc
+            .get("linked_logical_router_port_id")
+            .and_then(|l| l.get("target_id"))
+            .and_then(Value::as_str)?;
+        Some(
+            self.objects
+                .get(peer)?
+                .str("logical_router_id")?
+                .to_string(),
+        )
     }
 
     fn advertises_connected(&self, tier1: &str) -> bool {
@@ -566,30 +552,37 @@ impl Store {
 
     /// The downlink (switch, tier-1) holding `ip`, if any.
     fn switch_holding(&self, ip: u32) -> Option<(String, String)> {
-        self.downlinks()
-            .find(|(rp, _, _)| self.downlink_subnets(rp).iter().any(|c| c.contains(ip)))
-            .map(|(_, sw, t1)| (sw, t1))
+        self.topology()
+            .switch_holding(ip)
+            .map(|(sw, t1)| (sw.to_string(), t1.to_string()))
+    }
+
+    /// Where virtual server `vs` listens: (VIP, port, L4 protocol); `None` when it has no
+    /// parsable address or port (it answers nothing).
+    pub(super) fn virtual_server_key(&self, vs: &str) -> Option<(u32, u16, String)> {
+        let d = &self.objects[vs].doc;
+        let ip = d
+            .get("ip_address")
+            .and_then(Value::as_str)
+            .and_then(|t| ipam::parse_ip(t).ok())?;
+        let port = d
+            .get("port")
+            .and_then(Value::as_str)
+            .and_then(|t| t.parse::<u16>().ok())?;
+        let proto = d
+            .get("ip_protocol")
+            .and_then(Value::as_str)
+            .unwrap_or("TCP");
+        Some((ip, port, proto.to_string()))
     }
 
     /// A virtual server for the packet's destination, and the pool member it picks.
     fn load_balance(&self, p: &Packet, hops: &mut Vec<String>) -> Result<Option<Packet>, String> {
-        for vs in self.ids_of(Kind::LbVirtualServer) {
+        if let Some(vs) = self
+            .topology()
+            .virtual_server(p.dst_ip, p.dst_port, p.protocol.l4_name())
+        {
             let d = &self.objects[vs].doc;
-            let ip = d
-                .get("ip_address")
-                .and_then(Value::as_str)
-                .and_then(|t| ipam::parse_ip(t).ok());
-            let port = d
-                .get("port")
-                .and_then(Value::as_str)
-                .and_then(|t| t.parse::<u16>().ok());
-            let proto = d
-                .get("ip_protocol")
-                .and_then(Value::as_str)
-                .unwrap_or("TCP");
-            if ip != Some(p.dst_ip) || port != Some(p.dst_port) || proto != p.protocol.l4_name() {
-                continue;
-            }
             if d.get("enabled").and_then(Value::as_bool) == Some(false) {
                 return Err(format!("virtual server {vs} is disabled"));
             }
@@ -813,7 +806,7 @@ impl Store {
             .and_then(|d| self.objects[d].str("logical_switch_id"))
             .map(str::to_string);
         if dst_switch.as_deref() != Some(src_switch.as_str()) {
-            let Some((t1, _)) = self.router_of_switch(&src_switch) else {
+            let Some(t1) = self.router_of_switch(&src_switch) else {
                 return drop(format!(
                     "switch {src_switch} has no router and {} is not on it",
                     ipam::ip_to_string(p.dst_ip)

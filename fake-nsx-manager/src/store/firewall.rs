@@ -181,7 +181,7 @@ impl Store {
             let r = s.revision();
             s.doc.insert("_revision".into(), json!(r + 1));
         }
-        self.dirty.insert(section.to_string());
+        self.touch(section.to_string());
     }
 
     fn is_default(&self, id: &str) -> bool {

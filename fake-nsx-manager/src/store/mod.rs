@@ -24,6 +24,7 @@ mod grouping;
 mod lb;
 mod network;
 mod pools;
+mod topology;
 
 pub use dataplane::{Connections, Entry, Packet, Protocol, Trace, Verdict};
 
@@ -274,6 +275,9 @@ pub struct Store {
     index: SearchIndex,
     #[serde(skip)]
     dirty: BTreeSet<String>,
+    /// The dataplane's index of the network (derived, dropped by every change).
+    #[serde(skip)]
+    topology: topology::TopologyCache,
 }
 
 impl Store {
@@ -298,6 +302,7 @@ impl Store {
             next_rule_id: 1_000,
             index: SearchIndex::default(),
             dirty: BTreeSet::new(),
+            topology: topology::TopologyCache::default(),
         }
     }
 
@@ -306,6 +311,7 @@ impl Store {
     pub fn rebuild_index(&mut self, now_ms: i64) {
         self.index = SearchIndex::default();
         self.dirty.clear();
+        self.topology.clear();
         self.vif_index = self
             .objects
             .iter()
@@ -443,9 +449,9 @@ impl Store {
                 .entry(p.to_string())
                 .or_default()
                 .push(id.to_string());
-            self.dirty.insert(p.to_string());
+            self.touch(p.to_string());
         }
-        self.dirty.insert(id.to_string());
+        self.touch(id.to_string());
     }
 
     /// GET one object, rendered with its read-only computed fields.
@@ -514,7 +520,7 @@ impl Store {
                 self.vif_index.insert(k, id.to_string());
             }
         }
-        self.dirty.insert(id.to_string());
+        self.touch(id.to_string());
     }
 
     /// Fields the server owns beyond the common ones: a PUT cannot set them.
@@ -560,10 +566,10 @@ impl Store {
             if let Some(list) = self.children.get_mut(parent) {
                 list.retain(|c| c != id);
             }
-            self.dirty.insert(parent.clone());
+            self.touch(parent.clone());
         }
         self.children.remove(id);
-        self.dirty.insert(id.to_string());
+        self.touch(id.to_string());
         Some(obj)
     }
 
@@ -1006,6 +1012,7 @@ impl Store {
         }
         self.check_firewall_invariants()?;
         self.check_allocation_invariants()?;
+        self.check_topology()?;
         Ok(())
     }
 

@@ -265,6 +265,7 @@ impl Store {
             entry.ip = Some(addr);
             self.ip_hint.insert(pool.clone(), addr.saturating_add(1));
             self.dirty.insert(pool);
+            self.topology.clear();
         }
         if mac {
             let n = self.next_mac;
@@ -286,7 +287,7 @@ impl Store {
                 m.remove(&ip);
             }
             self.lower_hint(&pool, ip);
-            self.dirty.insert(pool);
+            self.touch(pool);
         }
     }
 
@@ -323,7 +324,7 @@ impl Store {
                         m.remove(&ip);
                     }
                     self.lower_hint(pool, ip);
-                    self.dirty.insert(pool.clone());
+                    self.touch(pool.clone());
                 }
                 keep.ip = None;
                 keep.pool_id = None;
@@ -555,7 +556,7 @@ impl Store {
                         .insert("linked_logical_router_port_id".into(), json!(id));
                     t0.doc.insert("subnets".into(), subnet(pair));
                 }
-                self.dirty.insert(target);
+                self.touch(target);
             }
             _ => {
                 self.check_subnets(&router_id, id, doc)?;
@@ -592,7 +593,7 @@ impl Store {
                         json!({"attachment_type": "LOGICALROUTER", "id": id}),
                     );
                 }
-                self.dirty.insert(port_id);
+                self.touch(port_id);
             }
         }
         Ok(())
@@ -826,7 +827,7 @@ impl Store {
                     {
                         r.insert("is_valid".into(), json!(false));
                     }
-                    self.dirty.insert(t1);
+                    self.touch(t1);
                 }
             }
             "LogicalRouterLinkPortOnTIER1" => {
@@ -841,7 +842,7 @@ impl Store {
                     {
                         p.doc.remove("linked_logical_router_port_id");
                     }
-                    self.dirty.insert(t0);
+                    self.touch(t0);
                 }
             }
             _ => {
@@ -856,7 +857,7 @@ impl Store {
                     {
                         p.doc.remove("attachment");
                     }
-                    self.dirty.insert(lp);
+                    self.touch(lp);
                 }
             }
         }

@@ -376,7 +376,7 @@ impl Store {
                 .or_default()
                 .insert(addr, Value::Object(meta));
         }
-        self.dirty.insert(id.to_string());
+        self.touch(id.to_string());
         Ok(json!({"allocation_id": ipam::ip_to_string(addr)}))
     }
 
@@ -407,7 +407,7 @@ impl Store {
                 if let Some(m) = self.alloc_meta.get_mut(id) {
                     m.remove(&ip);
                 }
-                self.dirty.insert(id.to_string());
+                self.touch(id.to_string());
                 Ok(())
             }
         }
