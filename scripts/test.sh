@@ -5,13 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Open vSwitch 3.1 (Debian): the OpenFlow syntax, fake-ovs and the OVS adapter are checked
-# against a real ovs-vswitchd; iproute2 makes the pod network namespaces of the node test.
+# against a real ovs-vswitchd; iproute2 makes the pod network namespaces of the node test;
+# Chromium renders the HTML report.
 missing=()
 if ! command -v ovs-vswitchd >/dev/null 2>&1 && [ ! -x /usr/sbin/ovs-vswitchd ]; then
   missing+=(openvswitch-switch)
 fi
 if ! command -v ip >/dev/null 2>&1 && [ ! -x /usr/sbin/ip ] && [ ! -x /sbin/ip ]; then
   missing+=(iproute2)
+fi
+# Debian's Chromium, headless: the HTML report is opened in a real browser.
+if ! command -v chromium >/dev/null 2>&1; then
+  missing+=(chromium)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

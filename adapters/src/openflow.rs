@@ -236,6 +236,11 @@ fn oxm(
     let h = header(field, proto)?;
     let full = field.full_mask();
     let masked = mask & full != full;
+    let value = if field == Field::InPort {
+        u128::from(ofp11_port(value as u32))
+    } else {
+        value
+    };
     b.u32(h.word(masked));
     b.value(value, h.len);
     if masked {
@@ -289,7 +294,18 @@ fn ofs_nbits(s: &Subfield) -> u16 {
     ((s.ofs as u16) << 6) | (s.bits.saturating_sub(1) as u16 & 0x3f)
 }
 
+/// A port number as OpenFlow 1.1+ carries it: the model numbers reserved ports as OpenFlow
+/// 1.0 and OVS do (`LOCAL` is 0xfffe), the wire as 0xffffff00 and up.
+fn ofp11_port(port: u32) -> u32 {
+    if (0xff00..=0xffff).contains(&port) {
+        port + 0xffff_0000
+    } else {
+        port
+    }
+}
+
 fn output(b: &mut Buf, port: u32, max_len: u16) {
+    let port = ofp11_port(port);
     b.u16(0); // OFPAT_OUTPUT
     b.u16(16);
     b.u32(port);
@@ -1071,7 +1087,7 @@ mod tests {
     use nsx_core::agent::wiring::{PodNetwork, pod_flows};
     use nsx_core::ovs::parse::{parse_flow, parse_group};
     use nsx_core::proxy::compile::{endpoint_flow, group, service_flows, static_flows};
-    use nsx_core::proxy::{Endpoint, ServicePort, ServicePortKey};
+    use nsx_core::proxy::{Endpoint, Scope, ServicePort, ServicePortKey};
 
     use super::*;
 
@@ -1164,6 +1180,7 @@ mod tests {
             protocol,
             node_port,
             no_local_endpoints: false,
+            scope: Default::default(),
             affinity_timeout: affinity,
             endpoints: vec![
                 Endpoint {
@@ -1187,11 +1204,18 @@ mod tests {
             vlan: 7,
             logical_port_id: "lp".into(),
         };
-        let mut flows = static_flows(3);
+        let mut flows = static_flows(3, &[0xac10_000b]);
         flows.extend(pod_flows("c0ffee", 5, &net, 1));
         for protocol in [6, 17, 132] {
             let sp = service(protocol, Some(10_800), Some(30_080));
             flows.extend(service_flows(3, &sp, 9, &[0xac10_000b]));
+            for scope in [Scope::Internal, Scope::ExternalLocal] {
+                let sp = ServicePort {
+                    scope,
+                    ..sp.clone()
+                };
+                flows.extend(service_flows(3, &sp, 10, &[0xac10_000b]));
+            }
             for e in &sp.endpoints {
                 flows.push(endpoint_flow(3, protocol, e));
             }

@@ -29,6 +29,13 @@ use common::{Namespaces, Running, free_port, http_get, in_netns, ok, sh, wait_fo
 
 const GW: &str = "10.4.0.1";
 const GW_MAC: &str = "02:00:0a:04:00:01";
+/// The node's own address (on its VIF: untagged on the uplink), outside the pods' subnet.
+const NODE_IP: &str = "172.16.0.10";
+/// A client outside the cluster, behind "NSX", and its gateway there.
+const CLIENT_IP: &str = "203.0.113.9";
+const CLIENT_GW: &str = "203.0.113.1";
+/// An endpoint on another node, as far as this one can tell: behind "NSX".
+const REMOTE_IP: &str = "10.4.0.99";
 
 struct Pod {
     name: &'static str,
@@ -377,6 +384,224 @@ fn try_closed_ports(pod: &Pod, ip: &str, tcp: u16, udp: u16) -> String {
         .join(" ")
 }
 
+/// A NodePort Service `name` on `node_port` (ClusterIP `ip`) with one endpoint at port 8081 on
+/// `node`, under externalTrafficPolicy `etp`.
+fn nodeport(
+    name: &str,
+    ip: &str,
+    node_port: u16,
+    etp: &str,
+    endpoint: &str,
+    node: &str,
+) -> [Value; 2] {
+    [
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"namespace": "shop", "name": name},
+               "spec": {"type": "NodePort", "clusterIP": ip, "clusterIPs": [ip],
+                        "externalTrafficPolicy": etp,
+                        "ports": [{"name": "peer", "port": 80, "protocol": "TCP", "targetPort": 8081,
+                                   "nodePort": node_port}]}}),
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"namespace": "shop", "name": format!("{name}-1"),
+                            "labels": {"kubernetes.io/service-name": name}},
+               "addressType": "IPv4",
+               "endpoints": [{"addresses": [endpoint], "conditions": {"ready": true}, "nodeName": node}],
+               "ports": [{"name": "peer", "port": 8081, "protocol": "TCP"}]}),
+    ]
+}
+
+/// An HTTP server on `ip`:8081 in namespace `netns` answering the address it was reached from.
+fn serve_peer(netns: &str, ip: &str) -> Running {
+    let py = format!(
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{ip}', 8081)); s.listen(16); print('listening', flush=True)\n\
+         while True:\n\
+         \x20   c, a = s.accept(); c.recv(4096); b = ('from ' + a[0]).encode()\n\
+         \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(b) + b); c.close()\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "python3", "-c", &py])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "listening", "the peer server did not start");
+    Running(child)
+}
+
+/// One GET of `url` from namespace `netns` (3 s): "<status> <body>" or the error's type.
+fn get_once(netns: &str, url: &str) -> String {
+    let py = format!(
+        "import urllib.request\n\
+         try:\n\
+         \x20   r = urllib.request.urlopen('{url}', timeout=3); print(r.status, r.read().decode().strip())\n\
+         except Exception as e: print(type(e).__name__, e)\n"
+    );
+    let out = in_netns(netns, &["python3", "-c", &py]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A namespace behind "NSX" (port `ofport` of its bridge): address `ip`/24 with a default
+/// route via `gw`, whose MAC is pinned (no ARP needed).
+fn behind_nsx(sw: &Switch, netns: &str, host: &str, ofport: u32, ip: &str, mac: &str, gw: &str) {
+    let path = PathBuf::from(format!("/var/run/netns/{netns}"));
+    nsx_adapters::netns::create_pod_link(host, &path, "eth0", 1500).expect("a veth");
+    nsx_adapters::netns::configure_pod_link(
+        &path,
+        "eth0",
+        mac,
+        ip.parse().unwrap(),
+        24,
+        gw.parse().unwrap(),
+        1500,
+    )
+    .expect("the namespace's link");
+    ok(
+        "ip",
+        &[
+            "-n",
+            netns,
+            "neigh",
+            "replace",
+            gw,
+            "lladdr",
+            GW_MAC,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    #[rustfmt::skip]
+    sw.tools.vsctl(&[
+        "add-port", &sw.brnsx, host, "--", "set", "interface", host,
+        &format!("ofport_request={ofport}"),
+    ])
+    .unwrap();
+}
+
+/// NodePort from outside the node, on the node's own address: the client's packets reach the
+/// node's uplink untagged, nsx-kube-proxy DNATs them to the endpoint, masquerades them to the
+/// node's address under externalTrafficPolicy Cluster (an endpoint elsewhere: out of the
+/// uplink again, its replies back through this node), keeps the client's address under Local,
+/// and drops when Local leaves this node no endpoint.
+fn nodeports(sw: &Switch, k: &Api, pods: &[Pod; 2], pid: u32) {
+    let (client_ns, remote_ns) = (format!("nsxc{pid}"), format!("nsxr{pid}"));
+    let _ns = Namespaces::create(vec![client_ns.clone(), remote_ns.clone()]);
+    let (cmac, rmac) = ("02:00:cb:00:71:09", "02:50:56:00:00:99");
+    behind_nsx(
+        sw,
+        &client_ns,
+        &format!("oc{pid}"),
+        10,
+        CLIENT_IP,
+        cmac,
+        CLIENT_GW,
+    );
+    behind_nsx(sw, &remote_ns, &format!("or{pid}"), 11, REMOTE_IP, rmac, GW);
+    // "NSX": the node's address is on its VIF (untagged, the uplink); the client and the
+    // remote endpoint are routed to.
+    let flows = [
+        format!("priority=200,ip,in_port=10,nw_dst={NODE_IP} actions=output:1"),
+        format!("priority=200,ip,in_port=11,nw_dst={NODE_IP} actions=output:1"),
+        format!(
+            "priority=200,ip,in_port=1,vlan_tci=0x0000/0x1fff,nw_dst={CLIENT_IP} actions=mod_dl_dst:{cmac},output:10"
+        ),
+        format!(
+            "priority=200,ip,in_port=1,vlan_tci=0x0000/0x1fff,nw_dst={REMOTE_IP} actions=mod_dl_dst:{rmac},output:11"
+        ),
+    ];
+    let text: String = flows.iter().map(|l| format!("{l}\n")).collect();
+    sw.tools
+        .ofctl(&["add-flows", &sw.brnsx, "-"], Some(&text))
+        .unwrap();
+    let _b = serve_peer(&pods[1].netns, pods[1].ip);
+    let _r = serve_peer(&remote_ns, REMOTE_IP);
+    for (name, ip, np, etp, ep, node) in [
+        (
+            "np-here",
+            "10.96.0.20",
+            30080,
+            "Cluster",
+            pods[1].ip,
+            "node-1",
+        ),
+        (
+            "np-here-local",
+            "10.96.0.21",
+            30081,
+            "Local",
+            pods[1].ip,
+            "node-1",
+        ),
+        (
+            "np-there",
+            "10.96.0.22",
+            30082,
+            "Cluster",
+            REMOTE_IP,
+            "node-2",
+        ),
+        (
+            "np-there-local",
+            "10.96.0.23",
+            30083,
+            "Local",
+            REMOTE_IP,
+            "node-2",
+        ),
+    ] {
+        for o in nodeport(name, ip, np, etp, ep, node) {
+            k.api.apply(o).unwrap();
+        }
+    }
+    let url = |np: u16| format!("http://{NODE_IP}:{np}/");
+    // The endpoint on this node, masqueraded: it sees the node's address.
+    let got = wait_for("NodePort 30080 to answer", Duration::from_secs(10), || {
+        let g = get_once(&client_ns, &url(30080));
+        g.starts_with("200").then_some(g)
+    });
+    assert_eq!(got, format!("200 from {NODE_IP}"), "{}", sw.dump());
+    // Local: the client's own address.
+    let got = get_once(&client_ns, &url(30081));
+    assert_eq!(got, format!("200 from {CLIENT_IP}"), "{}", sw.dump());
+    // The endpoint elsewhere: forwarded out of the uplink, masqueraded, the reply un-NATed on
+    // the way back through this node.
+    let got = get_once(&client_ns, &url(30082));
+    assert_eq!(got, format!("200 from {NODE_IP}"), "{}", sw.dump());
+    // Local with no endpoint here: dropped, not refused.
+    let got = get_once(&client_ns, &url(30083));
+    assert!(
+        got.starts_with("URLError") && got.contains("timed out"),
+        "{got}"
+    );
+    // The node's real conntrack holds both halves of the masquerade: the DNAT in the host
+    // zone and the SNAT in the SNAT zone.
+    let ct = sw
+        .tools
+        .appctl(&["dpctl/dump-conntrack"])
+        .unwrap_or_default();
+    let zone = |z: u16| format!("zone={z}");
+    assert!(
+        ct.lines()
+            .any(|l| l.contains(&format!("dst={NODE_IP},sport="))
+                && l.contains("dport=30082")
+                && l.contains(&zone(pipeline::zone::HOST))),
+        "{ct}"
+    );
+    assert!(
+        ct.lines().any(
+            |l| l.contains(&format!("reply=(src={REMOTE_IP},dst={NODE_IP},sport=8081"))
+                && l.contains(&zone(pipeline::zone::SNAT))
+        ),
+        "{ct}"
+    );
+}
+
 #[test]
 fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     // The node gets a network namespace of its own (this thread, and so every thread and
@@ -457,7 +682,8 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     let socket_text = socket.to_string_lossy().into_owned();
     role.push(&socket_text);
     let mut agent = node_agent(&sw, &k.kubeconfig, agent_port, &role);
-    let mut proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &["kube-proxy"]);
+    let proxy_role = ["kube-proxy", "--node-ip", NODE_IP];
+    let mut proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &proxy_role);
 
     // ADD: the result JSON as the spec says, the pod's namespace configured.
     let mut results = Vec::new();
@@ -612,7 +838,7 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     // flows and forgets its connections.
     apply(udp_service(54, None));
     assert_eq!(tracked_to_dns(&sw, 54), 1);
-    proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &["kube-proxy"]);
+    proxy = node_agent(&sw, &k.kubeconfig, proxy_port, &proxy_role);
     forgotten(
         54,
         "a restarted proxy to forget the connection to an endpoint gone meanwhile",
@@ -634,6 +860,8 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
         (metric(proxy_port, "nsx_kube_proxy_service_ports") == Some(7)).then_some(())
     });
     assert_eq!(get(&pods[0], "http://10.96.0.11:9090/"), "200 pod-b");
+
+    nodeports(&sw, &k, &pods, pid);
 
     // CHECK agrees; after someone changes the pod's MAC it does not.
     let prev = json!({"prevResult": results[0]});

@@ -168,6 +168,7 @@ fn services(n: u32, endpoints: u32) -> BTreeMap<ServicePortKey, ServicePort> {
                 protocol: if i % 3 == 2 { 17 } else { 6 },
                 node_port: (i == 0).then_some(30080),
                 no_local_endpoints: false,
+                scope: Default::default(),
                 affinity_timeout: (i == 1).then_some(600),
                 endpoints: (0..endpoints)
                     .map(|e| Endpoint {

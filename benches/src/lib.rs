@@ -185,6 +185,7 @@ pub fn proxy_cluster(
                 protocol: 6,
                 node_port: None,
                 no_local_endpoints: false,
+                scope: Default::default(),
                 affinity_timeout: None,
                 endpoints,
             };

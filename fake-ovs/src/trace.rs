@@ -247,7 +247,8 @@ impl Bridge {
                     if u128::from(*port) == p.get(Field::InPort) {
                         explain!(ctx, format!("output:{port}: skipping output to input port"));
                     } else {
-                        explain!(ctx, format!("output:{port}"));
+                        // `LOCAL` by name, as OVS prints it.
+                        explain!(ctx, a.to_string());
                         ctx.trace.outputs.push(Output {
                             port: *port,
                             packet: *p,

@@ -72,6 +72,7 @@ fn proxy_with(b: &mut Bridge, vip: u32, ep: (u32, u16)) -> Proxy {
             protocol: 6,
             node_port: None,
             no_local_endpoints: false,
+            scope: Default::default(),
             affinity_timeout: None,
             endpoints: vec![Endpoint {
                 ip: ep.0,

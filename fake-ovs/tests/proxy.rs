@@ -10,7 +10,10 @@ use fake_ovs::{Bridge, Packet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use nsx_core::ovs::{Field, parse_flow};
-use nsx_core::proxy::{Proxy, ProxyConfig, ServicePort, ServicePortKey, all_service_ports};
+use nsx_core::proxy::{
+    EXTERNAL_LOCAL_SUFFIX, NODE_PORT_SUFFIX, Proxy, ProxyConfig, ServicePort, ServicePortKey,
+    all_service_ports,
+};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -188,6 +191,130 @@ fn without_endpoints_the_service_rejects_and_nodeport_works() {
         t.lines
     );
     assert_eq!(t.outputs[0].packet.get(Field::TpDst), 9090);
+}
+
+/// A packet to the node's NodePort from outside: in from the uplink, marked as the node's own
+/// traffic (the agent's table 0 does that on a real bridge).
+fn outside(src_port: u16, dport: u16) -> Packet {
+    Packet::parse(&format!(
+        "in_port=1,tcp,nw_src=203.0.113.9,nw_dst={NODE_IP},tcp_src={src_port},tcp_dst={dport}"
+    ))
+    .unwrap()
+}
+
+/// Where 40 connections from outside (`from_outside`) or from a local pod went: the
+/// endpoints, and the sources they saw; empty when dropped.
+fn nodeport_spread(w: &mut World, from_outside: bool, dport: u16) -> BTreeSet<(String, String)> {
+    let mut seen = BTreeSet::new();
+    for sport in 0..40 {
+        let p = if from_outside {
+            outside(40000 + sport, dport)
+        } else {
+            client(40000 + sport, NODE_IP, dport)
+        };
+        let t = w.bridge.trace(p);
+        assert_eq!(t.controller, 0, "never rejected here: {:?}", t.lines);
+        for o in &t.outputs {
+            let a = |f| std::net::Ipv4Addr::from(o.packet.get(f) as u32).to_string();
+            seen.insert((a(Field::IpDst), a(Field::IpSrc)));
+        }
+    }
+    seen
+}
+
+#[test]
+fn node_port_traffic_follows_the_traffic_policies() {
+    let mut w = World::new();
+    // The agent's part for the node's own traffic: from the uplink, marked, into the proxy.
+    w.bridge
+        .add_flow(
+            parse_flow(&format!(
+                "table=0,priority=20,in_port=1,ip,nw_dst={NODE_IP},actions=load:1->NXM_NX_REG4[0],resubmit(,5)"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+    let both = [
+        ("10.1.0.5", true, false, "node-1"),
+        ("10.1.0.6", true, false, "node-2"),
+    ];
+    let np = |name: &str, vip: &str, node_port: u16, extra: serde_json::Value| {
+        let mut e = json!({"type": "NodePort", "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": node_port}]});
+        for (k, v) in extra.as_object().unwrap() {
+            e[k] = v.clone();
+        }
+        service(name, vip, e)
+    };
+    w.services.push(np("cc", "10.96.0.40", 30040, json!({})));
+    w.services.push(np(
+        "lc",
+        "10.96.0.41",
+        30041,
+        json!({"externalTrafficPolicy": "Local"}),
+    ));
+    w.services.push(np(
+        "cl",
+        "10.96.0.42",
+        30042,
+        json!({"internalTrafficPolicy": "Local"}),
+    ));
+    w.services.push(np(
+        "ll",
+        "10.96.0.43",
+        30043,
+        json!({"externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"}),
+    ));
+    w.services.push(np(
+        "far",
+        "10.96.0.44",
+        30044,
+        json!({"externalTrafficPolicy": "Local"}),
+    ));
+    for name in ["cc", "lc", "cl", "ll"] {
+        w.add_slice(slice(name, "http", 8080, "TCP", &both));
+    }
+    w.add_slice(slice(
+        "far",
+        "http",
+        8080,
+        "TCP",
+        &[("10.1.0.6", true, false, "node-2")],
+    ));
+    w.sync();
+    let pair = |dst: &str, src: &str| (dst.to_string(), src.to_string());
+    let everywhere_masqueraded: BTreeSet<_> =
+        [pair("10.1.0.5", NODE_IP), pair("10.1.0.6", NODE_IP)].into();
+    let here_kept: BTreeSet<_> = [pair("10.1.0.5", "203.0.113.9")].into();
+    let pods_everywhere: BTreeSet<_> =
+        [pair("10.1.0.5", "10.1.9.9"), pair("10.1.0.6", "10.1.9.9")].into();
+    let pods_here: BTreeSet<_> = [pair("10.1.0.5", "10.1.9.9")].into();
+    // externalTrafficPolicy Cluster: every endpoint, masqueraded to the node's address.
+    assert_eq!(nodeport_spread(&mut w, true, 30040), everywhere_masqueraded);
+    assert_eq!(nodeport_spread(&mut w, false, 30040), pods_everywhere);
+    // Local: this node's endpoint, the client's address kept; pods still reach every one.
+    assert_eq!(nodeport_spread(&mut w, true, 30041), here_kept);
+    assert_eq!(nodeport_spread(&mut w, false, 30041), pods_everywhere);
+    // internalTrafficPolicy Local does not narrow the NodePort (Cluster from outside and from
+    // pods), only the ClusterIP.
+    assert_eq!(nodeport_spread(&mut w, true, 30042), everywhere_masqueraded);
+    assert_eq!(nodeport_spread(&mut w, false, 30042), pods_everywhere);
+    let mut to_vip = BTreeSet::new();
+    for sport in 0..40 {
+        let t = w.bridge.trace(client(40000 + sport, "10.96.0.42", 80));
+        to_vip.extend(t.outputs.iter().map(|o| o.packet.get(Field::IpDst)));
+    }
+    assert_eq!(to_vip, [u128::from(ip("10.1.0.5"))].into());
+    // Both Local: outside this node's endpoint with the client's address; pods the internal
+    // (node-local) ones.
+    assert_eq!(nodeport_spread(&mut w, true, 30043), here_kept);
+    assert_eq!(nodeport_spread(&mut w, false, 30043), pods_here);
+    // Local with its only endpoint elsewhere: dropped from outside (not rejected), served to
+    // pods.
+    assert_eq!(nodeport_spread(&mut w, true, 30044), BTreeSet::new());
+    assert_eq!(
+        nodeport_spread(&mut w, false, 30044),
+        [pair("10.1.0.6", "10.1.9.9")].into()
+    );
 }
 
 #[test]
@@ -534,7 +661,8 @@ fn an_ovs_restart_learned_after_a_sync_to_the_new_bridge_still_replays() {
 enum Change {
     /// Service i exists with protocol UDP when true, affinity when `sticky`, nodePort when `np`,
     /// a second port `q` when `two_ports` (both share the ClusterIP and its reject flow), on
-    /// another ClusterIP when `moved`.
+    /// another ClusterIP when `moved`; `policy` bit 0: externalTrafficPolicy Local, bit 1:
+    /// internalTrafficPolicy Local (a NodePort's ports split by who takes which endpoints).
     Service {
         i: u8,
         udp: bool,
@@ -542,6 +670,7 @@ enum Change {
         np: bool,
         two_ports: bool,
         moved: bool,
+        policy: u8,
     },
     DropService(u8),
     /// Slice of service i: endpoints from a pool of 6 addresses (bit set), ready flags.
@@ -560,16 +689,20 @@ fn arb_change() -> impl Strategy<Value = Change> {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
-            any::<bool>()
+            any::<bool>(),
+            0u8..4
         )
-            .prop_map(|(i, udp, sticky, np, two_ports, moved)| Change::Service {
-                i,
-                udp,
-                sticky,
-                np,
-                two_ports,
-                moved
-            }),
+            .prop_map(
+                |(i, udp, sticky, np, two_ports, moved, policy)| Change::Service {
+                    i,
+                    udp,
+                    sticky,
+                    np,
+                    two_ports,
+                    moved,
+                    policy
+                }
+            ),
         (0u8..5).prop_map(Change::DropService),
         (0u8..5, any::<u8>(), any::<u8>()).prop_map(|(i, set, ready)| Change::Endpoints {
             i,
@@ -579,15 +712,22 @@ fn arb_change() -> impl Strategy<Value = Change> {
     ]
 }
 
-/// Applies `c`; returns the service's ports (every one it may have: both are synced).
-fn apply(w: &mut World, c: &Change) -> [ServicePortKey; 2] {
+/// Applies `c`; returns the service's ports (every one it may have, split or not: all are
+/// synced).
+fn apply(w: &mut World, c: &Change) -> Vec<ServicePortKey> {
     let name = |i: u8| format!("svc-{i}");
     let key = |i: u8| {
-        ["p", "q"].map(|port| ServicePortKey {
-            namespace: "default".into(),
-            name: name(i).into(),
-            port: port.into(),
-        })
+        let mut keys = Vec::new();
+        for port in ["p", "q"] {
+            for suffix in ["", EXTERNAL_LOCAL_SUFFIX, NODE_PORT_SUFFIX] {
+                keys.push(ServicePortKey {
+                    namespace: "default".into(),
+                    name: name(i).into(),
+                    port: format!("{port}{suffix}").into(),
+                });
+            }
+        }
+        keys
     };
     match c {
         Change::Service {
@@ -597,6 +737,7 @@ fn apply(w: &mut World, c: &Change) -> [ServicePortKey; 2] {
             np,
             two_ports,
             moved,
+            policy,
         } => {
             let proto = if *udp { "UDP" } else { "TCP" };
             let mut ports = vec![json!({"name": "p", "port": 80, "protocol": proto})];
@@ -612,6 +753,12 @@ fn apply(w: &mut World, c: &Change) -> [ServicePortKey; 2] {
             }
             if *sticky {
                 extra["sessionAffinity"] = json!("ClientIP");
+            }
+            if policy & 1 != 0 {
+                extra["externalTrafficPolicy"] = json!("Local");
+            }
+            if policy & 2 != 0 {
+                extra["internalTrafficPolicy"] = json!("Local");
             }
             w.services
                 .retain(|s| s.metadata.name.as_deref() != Some(&name(*i)));
@@ -656,7 +803,7 @@ fn apply(w: &mut World, c: &Change) -> [ServicePortKey; 2] {
                         a.as_str(),
                         ready & (1 << n) != 0,
                         ready & (1 << n) == 0,
-                        "node-1",
+                        if n % 2 == 0 { "node-1" } else { "node-2" },
                     )
                 })
                 .collect();

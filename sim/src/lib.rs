@@ -22,6 +22,7 @@
 
 pub mod apiserver;
 pub mod converge;
+pub mod html;
 pub mod ncp_host;
 pub mod net;
 pub mod presets;

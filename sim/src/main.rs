@@ -46,6 +46,11 @@ enum Command {
         /// Also write the JSON report to this file.
         #[arg(long)]
         report: Option<std::path::PathBuf>,
+        /// Also write the report as one self-contained HTML page: per scenario its seeds, and
+        /// for the first seed and every failing one a timeline, the NSX topology and the
+        /// checks.
+        #[arg(long)]
+        html: Option<std::path::PathBuf>,
         /// Parallel runs (default: the machine's cores).
         #[arg(long)]
         jobs: Option<usize>,
@@ -145,6 +150,9 @@ struct PresetOutput {
     /// Also write the JSON report to this file.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
+    /// Also write the report as one self-contained HTML page.
+    #[arg(long)]
+    html: Option<std::path::PathBuf>,
     /// Print the event trace of every run.
     #[arg(long)]
     print_trace: bool,
@@ -240,6 +248,7 @@ fn run_preset(
             shard: None,
             json: out.json,
             report: out.report,
+            html: out.html,
             jobs: out.jobs,
             update_snapshots: false,
             print_trace: out.print_trace,
@@ -269,6 +278,7 @@ fn run() -> anyhow::Result<bool> {
             shard,
             json,
             report,
+            html,
             jobs,
             update_snapshots,
             print_trace,
@@ -279,6 +289,7 @@ fn run() -> anyhow::Result<bool> {
             shard,
             json,
             report,
+            html,
             jobs,
             update_snapshots,
             print_trace,

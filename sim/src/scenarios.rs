@@ -18,6 +18,7 @@ pub struct RunArgs {
     pub shard: Option<String>,
     pub json: bool,
     pub report: Option<PathBuf>,
+    pub html: Option<PathBuf>,
     pub jobs: Option<usize>,
     pub update_snapshots: bool,
     pub print_trace: bool,
@@ -143,6 +144,7 @@ pub fn run_scenarios(
     let opts = RunOptions {
         stop_after: None,
         update_snapshots: args.update_snapshots,
+        detail: args.html.is_some(),
     };
     std::thread::scope(|scope| {
         for _ in 0..jobs.min(pairs.len().max(1)) {
@@ -152,7 +154,12 @@ pub fn run_scenarios(
                     let Some((i, seed)) = pairs.get(j).copied() else {
                         break;
                     };
-                    let (r, _) = run_one(&all[i], seed, &opts);
+                    let (mut r, _) = run_one(&all[i], seed, &opts);
+                    // The page details a scenario's first seed and every failing one.
+                    let first = pairs.iter().position(|(k, _)| *k == i) == Some(j);
+                    if r.passed && !first {
+                        r.detail = None;
+                    }
                     if let Ok(mut res) = results.lock() {
                         res[j] = Some(r);
                     }
@@ -237,6 +244,20 @@ pub fn run_scenarios(
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)
             .with_context(|| format!("failed to write {}", path.display()))?;
     }
+    if let Some(path) = &args.html {
+        let runs: Vec<nsx_sim::html::ScenarioRuns<'_>> = all
+            .iter()
+            .zip(&per_scenario)
+            .filter(|(_, rs)| !rs.is_empty())
+            .map(|(s, rs)| nsx_sim::html::ScenarioRuns {
+                name: &s.name,
+                file: s.file.display().to_string(),
+                seeds: rs.iter().map(|r| (*r, replay(s, r.seed))).collect(),
+            })
+            .collect();
+        std::fs::write(path, nsx_sim::html::page("nsx-sim run", &runs))
+            .with_context(|| format!("failed to write {}", path.display()))?;
+    }
     Ok(failed == 0)
 }
 
@@ -253,6 +274,7 @@ fn run_to(
         &RunOptions {
             stop_after: at,
             update_snapshots: false,
+            detail: false,
         },
     );
     if !r.passed {

@@ -6,9 +6,12 @@ use crate::k8s::pod_network::BadPodNetwork;
 pub use crate::k8s::pod_network::PodNetwork;
 use crate::ovs::bridge::{BridgeError, OfOp, OpenFlowBridge};
 use crate::ovs::field::Field;
+use crate::ovs::flow::CtZone;
 use crate::ovs::flow::{Action, Flow, Match, Subfield};
 pub use crate::ovs::interface::{external_id, port_name};
-use crate::ovs::pipeline::{Category, Cookie, ct_state, match_bits, priority, reg, table};
+use crate::ovs::pipeline::{
+    Category, Cookie, LOCAL_PORT, ct_mark, ct_state, match_bits, priority, reg, table,
+};
 
 /// A switch port as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +157,31 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
     // the proxy's un-DNAT gave them).
     let mut to_itself_request = to_itself.clone();
     to_itself_request.set(Field::CtState, ct_state::TRK, ct_state::TRK | ct_state::RPL);
+    // The node's own traffic for this pod (a NodePort connection DNATed to it): delivered by
+    // address, and committed in the pod's zone with the NodePort mark so that the pod's
+    // replies go back through the node's zones (see `pipeline`).
+    let mut host_to_pod = Match::default();
+    match_bits(&mut host_to_pod, reg::HOST, 1);
+    match_bits(&mut host_to_pod, reg::TO_HOST, 0);
+    host_to_pod.exact(Field::EthType, 0x0800);
+    host_to_pod.exact(Field::IpDst, u128::from(ip));
+    let host_to_pod_actions = vec![
+        Action::SetField {
+            field: Field::EthDst,
+            value: u128::from(mac),
+        },
+        Action::Ct {
+            commit: true,
+            table: None,
+            zone: Some(CtZone::Imm(ofport as u16)),
+            exec: vec![Action::Load {
+                dst: ct_mark::NODE_PORT,
+                value: 1,
+            }],
+            nat: None,
+        },
+        Action::Output(ofport),
+    ];
     let tag = vec![
         Action::PushVlan(0x8100),
         Action::SetField {
@@ -223,9 +251,77 @@ pub fn pod_flows(container_id: &str, ofport: u32, net: &PodNetwork, uplink: u32)
             vec![Action::PopVlan, Action::Output(ofport)],
         ),
         flow(OUT, p::TO_POD, to_pod, vec![Action::Output(ofport)]),
+        flow(OUT, p::HOST_TO_POD, host_to_pod, host_to_pod_actions),
         flow(OUT, p::HAIRPIN_REQUEST, to_itself_request, hairpin_request),
         flow(OUT, p::TO_ITSELF, to_itself, hairpin_turn(mac).to_vec()),
         flow(OUT, p::OUT_OF_POD, out_of_pod, tag),
+    ]
+}
+
+/// The agent's part of the node's own traffic (see `pipeline`): IP from the uplink untagged
+/// into the proxy's [`table::HOST_IN`] (whose miss, until a proxy runs, is the host), other
+/// frames between the uplink and the host's `LOCAL` port as they are, and in
+/// [`table::FORWARD`] the host's packets to `LOCAL`, the rest out of the uplink untagged (a
+/// local pod's take precedence, see [`pod_flows`]).
+fn host_flows(uplink: u32) -> Vec<Flow> {
+    let c = AGENT_STATIC_COOKIE;
+    let flow = |table: u8, priority: u16, matches: Match, actions: Vec<Action>| Flow {
+        cookie: c,
+        table,
+        priority,
+        matches,
+        actions,
+        ..Flow::default()
+    };
+    let mut untagged = Match::default();
+    untagged.exact(Field::InPort, u128::from(uplink));
+    untagged.set(Field::VlanTci, 0, 0x1fff);
+    let mut untagged_ip = untagged.clone();
+    untagged_ip.exact(Field::EthType, 0x0800);
+    let mut from_host = Match::default();
+    from_host.exact(Field::InPort, u128::from(LOCAL_PORT));
+    let mut to_host = Match::default();
+    match_bits(&mut to_host, reg::HOST, 1);
+    match_bits(&mut to_host, reg::TO_HOST, 1);
+    let mut host = Match::default();
+    match_bits(&mut host, reg::HOST, 1);
+    // OVS skips an output to the port a packet came in on: back out of the uplink is IN_PORT.
+    let mut host_back = host.clone();
+    host_back.exact(Field::InPort, u128::from(uplink));
+    let resubmit = |t: u8| Action::Resubmit {
+        port: None,
+        table: Some(t),
+    };
+    let load = |dst: Subfield| Action::Load { dst, value: 1 };
+    use {priority as p, table::CLASSIFIER as IN, table::FORWARD as OUT};
+    vec![
+        flow(
+            IN,
+            p::HOST_IP,
+            untagged_ip,
+            vec![load(reg::HOST), resubmit(table::HOST_IN)],
+        ),
+        flow(
+            IN,
+            p::HOST_OTHER,
+            untagged,
+            vec![Action::Output(LOCAL_PORT)],
+        ),
+        flow(IN, p::HOST_OTHER, from_host, vec![Action::Output(uplink)]),
+        flow(
+            table::HOST_IN,
+            p::MISS,
+            Match::default(),
+            vec![load(reg::TO_HOST), resubmit(OUT)],
+        ),
+        flow(
+            OUT,
+            p::HOST_TO_LOCAL,
+            to_host,
+            vec![Action::Output(LOCAL_PORT)],
+        ),
+        flow(OUT, p::HOST_BACK_TO_UPLINK, host_back, vec![Action::InPort]),
+        flow(OUT, p::HOST_TO_UPLINK, host, vec![Action::Output(uplink)]),
     ]
 }
 
@@ -283,6 +379,7 @@ impl Agent {
             }],
             ..Flow::default()
         }));
+        ops.extend(host_flows(self.uplink()).into_iter().map(OfOp::AddFlow));
         ops
     }
 

@@ -4,6 +4,10 @@
 
 use std::fmt::Write;
 
+/// The bridge's `LOCAL` port (OpenFlow's reserved `OFPP_LOCAL`): the host's own stack. OVS
+/// prints it by name, in matches (`in_port=LOCAL`) and actions (`LOCAL`).
+pub const LOCAL_PORT: u32 = 0xfffe;
+
 /// A field. L4 ports are one field per direction whatever the protocol, as in OVS (`tcp_dst`,
 /// `udp_dst` and `tp_dst` name the same bits; the match's protocol says which it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -300,6 +304,10 @@ fn ip(v: u128) -> String {
 
 /// A value of `field` as OVS prints it, without a mask.
 pub fn format_value(field: Field, v: u128) -> String {
+    if field == Field::InPort && v == u128::from(LOCAL_PORT) {
+        // OVS names its reserved ports.
+        return "LOCAL".into();
+    }
     match field.style() {
         Style::Decimal => v.to_string(),
         Style::Hex => format!("{v:#x}"),
@@ -348,6 +356,9 @@ pub fn format_masked(field: Field, v: u128, mask: u128) -> String {
 /// Parses a value of `field`: decimal or 0x-hex numbers, MACs, dotted quads.
 pub fn parse_value(field: Field, text: &str) -> Result<u128, String> {
     let bad = || format!("{text:?} is not a valid value for {}", field.name());
+    if field == Field::InPort && text.eq_ignore_ascii_case("local") {
+        return Ok(u128::from(LOCAL_PORT));
+    }
     let v = match field.style() {
         Style::Mac => {
             let parts: Vec<&str> = text.split(':').collect();

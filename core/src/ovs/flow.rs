@@ -431,6 +431,8 @@ impl Field {
 impl Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // A reserved port prints by name, as `ovs-ofctl dump-flows` does.
+            Action::Output(p) if *p == super::field::LOCAL_PORT => f.write_str("LOCAL"),
             Action::Output(p) => write!(f, "output:{p}"),
             Action::InPort => f.write_str("IN_PORT"),
             Action::Controller(n) => write!(f, "CONTROLLER:{n}"),

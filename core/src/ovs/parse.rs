@@ -448,11 +448,14 @@ pub fn parse_action(offset: usize, text: &str) -> Result<Action, ParseError> {
             let p = need("a port")?;
             if p.eq_ignore_ascii_case("in_port") {
                 Action::InPort
+            } else if p.eq_ignore_ascii_case("local") {
+                Action::Output(super::field::LOCAL_PORT)
             } else {
                 Action::Output(number(aoff, p, "output port")?)
             }
         }
         "in_port" if arg.is_none() => Action::InPort,
+        "local" if arg.is_none() => Action::Output(super::field::LOCAL_PORT),
         "normal" if arg.is_none() => Action::Normal,
         "controller" => match arg {
             None => Action::Controller(65535),

@@ -18,6 +18,19 @@
 //!   that reached itself through a service, and everything else of a pod ([`reg::FROM_POD`])
 //!   tagged with its VLAN to the uplink, where NSX takes over.
 //!
+//! **The node's own traffic.** The node's address lives on its VIF, as the pods' VLANs do:
+//! what NSX delivers to the node arrives on the uplink untagged, and the host stack sits
+//! behind the bridge's `LOCAL` port. The agent marks such packets [`reg::HOST`] and hands them
+//! to [`table::HOST_IN`], whose miss (no proxy yet) is the host. The proxy un-SNATs there (the
+//! [`zone::SNAT`] zone), tracks in [`zone::HOST`] and load-balances NodePorts: DNAT to an
+//! endpoint, then (`externalTrafficPolicy: Cluster`) SNAT to the node's address in
+//! [`table::HOST_OUT`], as kube-proxy masquerades, so that the endpoint's replies come back
+//! through this node; [`table::HOST_ROUTE`] sends a packet for the node's own address to the
+//! host ([`reg::TO_HOST`]) and anything else on: to a local pod (the agent commits it in the
+//! pod's zone with [`ct_mark::NODE_PORT`], so that the pod's replies come back through the
+//! host zones) or out of the uplink untagged. A reply from a local pod with that mark is
+//! turned into [`table::HOST_REPLY`] by [`table::CT_STATE`]: un-SNAT, un-DNAT, out untagged.
+//!
 //! The shape follows Antrea's `pkg/agent/openflow` (fields named once, with their bits; one
 //! cookie allocator with a category and a round).
 
@@ -28,6 +41,12 @@ use super::flow::{Match, Subfield};
 pub mod table {
     /// The agent's entry table: which pod a packet belongs to, SpoofGuard, VLAN tags.
     pub const CLASSIFIER: u8 = 0;
+    /// The node's own IP traffic from the uplink (the proxy's; the agent's miss: the host):
+    /// un-SNAT in [`super::zone::SNAT`], then on to [`CT_ZONE`] in [`super::zone::HOST`].
+    pub const HOST_IN: u8 = 5;
+    /// A local pod's reply on a NodePort connection, after un-SNAT: un-DNAT in
+    /// [`super::zone::HOST`], then [`HOST_ROUTE`].
+    pub const HOST_REPLY: u8 = 6;
     /// Conntrack in the local pod's zone, with NAT (un-DNATs replies of load-balanced
     /// connections).
     pub const CT_ZONE: u8 = 10;
@@ -42,6 +61,13 @@ pub mod table {
     pub const AFFINITY_CHECK: u8 = 21;
     /// One flow per endpoint, shared by every service that uses it: commit with DNAT.
     pub const ENDPOINT_DNAT: u8 = 30;
+    /// The node's own traffic after DNAT: SNAT to the node's address (a new NodePort
+    /// connection with [`super::reg::MASQUERADE`]; established ones through the SNAT zone).
+    /// Everything else goes on to [`FORWARD`].
+    pub const HOST_OUT: u8 = 31;
+    /// Where the node's own traffic goes: its address to the host ([`super::reg::TO_HOST`]),
+    /// the rest to [`FORWARD`] (a local pod, or the uplink untagged).
+    pub const HOST_ROUTE: u8 = 32;
     /// The agent's output table: to a local pod, hairpin, or to the uplink.
     pub const FORWARD: u8 = 40;
 }
@@ -76,7 +102,38 @@ pub mod reg {
     pub const ZONE: Subfield = bits(6, 0, 16);
     /// The OpenFlow port of the local pod a packet from the uplink goes to.
     pub const TO_POD: Subfield = bits(7, 0, 32);
+    /// 1: the node's own traffic (it came from the uplink untagged, or it is a local pod's
+    /// reply on a NodePort connection that came that way).
+    pub const HOST: Subfield = bits(4, 0, 1);
+    /// 1: a new NodePort connection from outside under `externalTrafficPolicy: Cluster`: SNAT
+    /// it to the node's address after DNAT.
+    pub const MASQUERADE: Subfield = bits(4, 1, 1);
+    /// 1: the node's own traffic for the host's stack (the `LOCAL` port).
+    pub const TO_HOST: Subfield = bits(4, 2, 1);
 }
+
+/// Conntrack zones besides the pods' (a pod's zone is its OpenFlow port number).
+pub mod zone {
+    /// The node's own traffic: NodePort DNAT from outside.
+    pub const HOST: u16 = 0xfff0;
+    /// The node's masquerade: SNAT of NodePort connections to the node's address.
+    pub const SNAT: u16 = 0xfff1;
+}
+
+/// `ct_mark` bits.
+pub mod ct_mark {
+    use super::{Field, Subfield};
+
+    /// In a local pod's zone: the connection reached the pod through the node's NodePort
+    /// path, so its replies go back through [`super::table::HOST_REPLY`].
+    pub const NODE_PORT: Subfield = Subfield {
+        field: Field::CtMark,
+        ofs: 0,
+        bits: 1,
+    };
+}
+
+pub use super::field::LOCAL_PORT;
 
 /// `ct_state` bits, as OVS numbers them.
 pub mod ct_state {
@@ -102,6 +159,10 @@ pub mod priority {
     pub const SPOOFED: u16 = 150;
     /// A pod's (or the uplink's) other frames: straight through with the VLAN tag.
     pub const POD_OTHER: u16 = 100;
+    /// The node's own traffic: IP from the uplink untagged to [`super::table::HOST_IN`]; the
+    /// rest between the uplink and the host as it is.
+    pub const HOST_IP: u16 = 90;
+    pub const HOST_OTHER: u16 = 80;
 
     // table::CT_ZONE
     /// Every IP packet through conntrack.
@@ -109,6 +170,10 @@ pub mod priority {
 
     // table::CT_STATE
     pub const CT_INVALID: u16 = 200;
+    /// A local pod's reply on a NodePort connection from the host path: back to it.
+    pub const NODE_PORT_REPLY: u16 = 196;
+    /// The node's own established traffic: through [`super::table::HOST_OUT`].
+    pub const HOST_ESTABLISHED: u16 = 195;
     pub const CT_ESTABLISHED: u16 = 190;
 
     // table::SERVICE_LB (and table::AFFINITY_CHECK)
@@ -116,6 +181,11 @@ pub mod priority {
     pub const SERVICE_PORT: u16 = 200;
     /// A NodePort on one of the node's addresses.
     pub const NODE_PORT: u16 = 190;
+    /// In [`super::table::HOST_OUT`]: a new connection to masquerade; the node's other traffic.
+    pub const MASQUERADE: u16 = 200;
+    pub const HOST_TRAFFIC: u16 = 100;
+    /// In [`super::table::HOST_ROUTE`]: the node's own address.
+    pub const TO_HOST: u16 = 100;
     /// Any other port or protocol to a ClusterIP: rejected, below its ports' flows.
     pub const CLUSTER_IP_REJECT: u16 = 100;
     /// In [`super::table::AFFINITY_CHECK`], the flow taken when affinity found an endpoint
@@ -132,6 +202,12 @@ pub mod priority {
     /// The rest of a pod's traffic to itself (replies): turned around as it is.
     pub const TO_ITSELF: u16 = 205;
     pub const TO_POD: u16 = 200;
+    /// The node's own traffic: to the host's stack; to a local pod by address (between the
+    /// two); out of the uplink untagged.
+    pub const HOST_TO_LOCAL: u16 = 190;
+    pub const HOST_TO_POD: u16 = 180;
+    pub const HOST_BACK_TO_UPLINK: u16 = 175;
+    pub const HOST_TO_UPLINK: u16 = 170;
     pub const OUT_OF_POD: u16 = 100;
 }
 
@@ -247,10 +323,16 @@ pub fn next_round(previous: Option<u16>) -> u16 {
     previous.map_or(1, |r| r.wrapping_add(1).max(1))
 }
 
-/// Matches `value` in the bits of `sf` (what `reg5=3` or `reg1=0x50/0xffff` say).
+/// Matches `value` in the bits of `sf` (what `reg5=3` or `reg1=0x50/0xffff` say), keeping
+/// what the match already asks of the field's other bits (two flags of one register).
 pub fn match_bits(m: &mut Match, sf: Subfield, value: u128) {
     debug_assert!(value < (1u128 << sf.bits), "{value} does not fit {sf:?}");
-    m.set(sf.field, value << sf.ofs, sf.mask());
+    let (v, mask) = m.get(sf.field).unwrap_or((0, 0));
+    m.set(
+        sf.field,
+        (v & !sf.mask()) | (value << sf.ofs),
+        mask | sf.mask(),
+    );
 }
 
 #[cfg(test)]
@@ -294,6 +376,9 @@ mod tests {
             reg::FROM_POD,
             reg::ZONE,
             reg::TO_POD,
+            reg::HOST,
+            reg::MASQUERADE,
+            reg::TO_HOST,
         ];
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
@@ -310,5 +395,9 @@ mod tests {
         let mut m = Match::default();
         match_bits(&mut m, reg::ENDPOINT_PORT, 80);
         assert_eq!(m.get(Field::Reg(1)), Some((80, 0xffff)));
+        // Two flags of one register: both kept.
+        match_bits(&mut m, reg::HOST, 1);
+        match_bits(&mut m, reg::TO_HOST, 0);
+        assert_eq!(m.get(Field::Reg(4)), Some((0x1, 0x5)));
     }
 }

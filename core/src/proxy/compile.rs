@@ -28,7 +28,9 @@ use crate::ovs::field::Field;
 use crate::ovs::flow::{
     Action, Bucket, CtZone, Flow, Group, GroupType, Learn, LearnSpec, Match, Nat, Subfield,
 };
-use crate::ovs::pipeline::{Category, Cookie, ct_state, match_bits, priority, reg, table};
+use crate::ovs::pipeline::{
+    Category, Cookie, ct_mark, ct_state, match_bits, priority, reg, table, zone,
+};
 
 use super::model::{Endpoint, ServicePort};
 
@@ -40,8 +42,146 @@ fn l4_fields(protocol: u8) -> (&'static str, &'static str) {
     }
 }
 
-/// The flows every proxy installs once.
-pub fn static_flows(round: u16) -> Vec<Flow> {
+/// The flows every proxy installs once; `node_ips` are the node's addresses (the host's).
+pub fn static_flows(round: u16, node_ips: &[u32]) -> Vec<Flow> {
+    let mut flows = conntrack_flows(round);
+    flows.extend(host_flows(round, node_ips));
+    flows
+}
+
+/// The node's own traffic (see `crate::ovs::pipeline`): un-SNAT and the host zone on the way
+/// in, a local pod's NodePort replies back through both, SNAT of masqueraded NodePort
+/// connections after DNAT, and the host's address to the host.
+fn host_flows(round: u16, node_ips: &[u32]) -> Vec<Flow> {
+    let c = Cookie::new(round, Category::ProxyStatic, 0).value();
+    let mut ip = Match::default();
+    ip.exact(Field::EthType, 0x0800);
+    let flow = |table: u8, priority: u16, matches: Match, actions: Vec<Action>| Flow {
+        cookie: c,
+        table,
+        priority,
+        matches,
+        actions,
+        ..Flow::default()
+    };
+    let ct = |commit: bool, zone: u16, nat: Nat, table: u8| Action::Ct {
+        commit,
+        table: Some(table),
+        zone: Some(CtZone::Imm(zone)),
+        exec: vec![],
+        nat: Some(nat),
+    };
+    let load = |dst: Subfield, value: u128| Action::Load { dst, value };
+    let resubmit = |t: u8| Action::Resubmit {
+        port: None,
+        table: Some(t),
+    };
+    let with = |sf: Subfield, value: u128| {
+        let mut m = ip.clone();
+        match_bits(&mut m, sf, value);
+        m
+    };
+    let mut pod_reply = with(reg::HOST, 0);
+    match_bits(&mut pod_reply, ct_mark::NODE_PORT, 1);
+    pod_reply.set(
+        Field::CtState,
+        ct_state::TRK | ct_state::RPL,
+        ct_state::TRK | ct_state::RPL,
+    );
+    let mut host_established = with(reg::HOST, 1);
+    host_established.set(Field::CtState, ct_state::TRK, ct_state::TRK | ct_state::NEW);
+    let mut masquerade = with(reg::HOST, 1);
+    match_bits(&mut masquerade, reg::MASQUERADE, 1);
+    let mut flows = vec![
+        // In: replies of masqueraded connections get their client back, then the host zone.
+        flow(
+            table::HOST_IN,
+            priority::CONNTRACK,
+            ip.clone(),
+            vec![
+                load(reg::ZONE, u128::from(zone::HOST)),
+                ct(false, zone::SNAT, Nat::default(), table::CT_ZONE),
+            ],
+        ),
+        // A local pod's reply on a NodePort connection: the node's traffic from here on.
+        flow(
+            table::CT_STATE,
+            priority::NODE_PORT_REPLY,
+            pod_reply,
+            vec![
+                load(reg::HOST, 1),
+                load(reg::FROM_POD, 0),
+                load(reg::ZONE, u128::from(zone::HOST)),
+                ct(false, zone::SNAT, Nat::default(), table::HOST_REPLY),
+            ],
+        ),
+        flow(
+            table::HOST_REPLY,
+            priority::CONNTRACK,
+            ip.clone(),
+            vec![ct(false, zone::HOST, Nat::default(), table::HOST_ROUTE)],
+        ),
+        flow(
+            table::CT_STATE,
+            priority::HOST_ESTABLISHED,
+            host_established,
+            vec![resubmit(table::HOST_OUT)],
+        ),
+        // Out: SNAT a new masqueraded connection; established ones through the SNAT zone.
+        flow(
+            table::HOST_OUT,
+            priority::MASQUERADE,
+            masquerade,
+            match node_ips.first() {
+                Some(&node) => vec![ct(
+                    true,
+                    zone::SNAT,
+                    Nat {
+                        src: Some(true),
+                        ip_min: Some(node),
+                        ip_max: Some(node),
+                        ..Nat::default()
+                    },
+                    table::HOST_ROUTE,
+                )],
+                // No address to masquerade to: the connection cannot come back; drop it.
+                None => vec![],
+            },
+        ),
+        flow(
+            table::HOST_OUT,
+            priority::HOST_TRAFFIC,
+            with(reg::HOST, 1),
+            vec![ct(false, zone::SNAT, Nat::default(), table::HOST_ROUTE)],
+        ),
+        flow(
+            table::HOST_OUT,
+            priority::MISS,
+            Match::default(),
+            vec![resubmit(table::FORWARD)],
+        ),
+        flow(
+            table::HOST_ROUTE,
+            priority::MISS,
+            Match::default(),
+            vec![resubmit(table::FORWARD)],
+        ),
+    ];
+    for &node in node_ips {
+        let mut to_host = ip.clone();
+        to_host.exact(Field::IpDst, u128::from(node));
+        flows.push(flow(
+            table::HOST_ROUTE,
+            priority::TO_HOST,
+            to_host,
+            vec![load(reg::TO_HOST, 1), resubmit(table::FORWARD)],
+        ));
+    }
+    flows
+}
+
+/// Conntrack in the local pod's zone, the state split, and the "not a service" commit.
+fn conntrack_flows(round: u16) -> Vec<Flow> {
     let c = Cookie::new(round, Category::ProxyStatic, 0).value();
     let mut ip = Match::default();
     ip.exact(Field::EthType, 0x0800);
@@ -95,7 +235,8 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
         },
         // Not a service: committed in the pod's zone (so that its replies are established,
         // not invalid: conntrack takes a SYN-ACK without a committed SYN as +inv, in the kernel
-        // and in the userspace datapath alike), then on to forwarding.
+        // and in the userspace datapath alike), then on to forwarding (through the node's
+        // routing when it is the node's own traffic).
         Flow {
             cookie: c,
             table: table::SERVICE_LB,
@@ -112,7 +253,7 @@ pub fn static_flows(round: u16) -> Vec<Flow> {
                 },
                 Action::Resubmit {
                     port: None,
-                    table: Some(table::FORWARD),
+                    table: Some(table::HOST_OUT),
                 },
             ],
             ..Flow::default()
@@ -171,7 +312,7 @@ pub fn endpoint_flow(round: u16, protocol: u8, e: &Endpoint) -> Flow {
         matches: m,
         actions: vec![Action::Ct {
             commit: true,
-            table: Some(table::FORWARD),
+            table: Some(table::HOST_OUT),
             zone: Some(CtZone::Field(reg::ZONE)),
             exec: vec![],
             nat: Some(Nat {
@@ -321,16 +462,33 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
             (Field::TpDst, u128::from(dst_port), u128::MAX),
         ])
     };
-    let mut entries = Vec::with_capacity(1 + node_ips.len());
-    entries.push((entry(sp.cluster_ip, sp.port), priority::SERVICE_PORT));
+    // (match, priority, masquerade): the ClusterIP; the NodePort from pods (not the node's own
+    // traffic) and from outside (the node's own), as the scope takes them.
+    let mut entries = Vec::with_capacity(1 + 2 * node_ips.len());
+    if sp.scope.takes_cluster_ip() {
+        entries.push((entry(sp.cluster_ip, sp.port), priority::SERVICE_PORT, false));
+    }
     if let Some(np) = sp.node_port {
         for ip in node_ips {
-            entries.push((entry(*ip, np), priority::NODE_PORT));
+            if sp.scope.takes_node_port_from_pods() {
+                let mut m = entry(*ip, np);
+                match_bits(&mut m, reg::HOST, 0);
+                entries.push((m, priority::NODE_PORT, false));
+            }
+            if let Some(masquerade) = sp.scope.takes_node_port_from_outside() {
+                let mut m = entry(*ip, np);
+                match_bits(&mut m, reg::HOST, 1);
+                entries.push((m, priority::NODE_PORT, masquerade));
+            }
         }
     }
     let per_entry = if sp.affinity_timeout.is_some() { 3 } else { 1 };
     let mut flows = Vec::with_capacity(entries.len() * per_entry);
-    for (m, at) in entries {
+    for (m, at, masquerade) in entries {
+        let masq = masquerade.then_some(Action::Load {
+            dst: reg::MASQUERADE,
+            value: 1,
+        });
         if sp.endpoints.is_empty() {
             // No endpoint: reject (the agent answers), never a silent drop; but endpoints
             // elsewhere that internalTrafficPolicy: Local keeps from this node: drop, as
@@ -356,7 +514,7 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
                 table: table::SERVICE_LB,
                 priority: at,
                 matches: m,
-                actions: vec![Action::Group(group_id)],
+                actions: masq.into_iter().chain([Action::Group(group_id)]).collect(),
                 ..Flow::default()
             }),
             Some(_) => {
@@ -365,16 +523,19 @@ pub fn service_flows(round: u16, sp: &ServicePort, group_id: u32, node_ips: &[u3
                     table: table::SERVICE_LB,
                     priority: at,
                     matches: m.clone(),
-                    actions: vec![
-                        Action::Resubmit {
-                            port: None,
-                            table: Some(table::AFFINITY),
-                        },
-                        Action::Resubmit {
-                            port: None,
-                            table: Some(table::AFFINITY_CHECK),
-                        },
-                    ],
+                    actions: masq
+                        .into_iter()
+                        .chain([
+                            Action::Resubmit {
+                                port: None,
+                                table: Some(table::AFFINITY),
+                            },
+                            Action::Resubmit {
+                                port: None,
+                                table: Some(table::AFFINITY_CHECK),
+                            },
+                        ])
+                        .collect(),
                     ..Flow::default()
                 });
                 let mut known = m.clone();
@@ -422,7 +583,7 @@ mod tests {
         }
         assert_eq!(endpoint_of_flow(&cluster_ip_flow(7, 0x0a60_000d)), None);
         assert!(
-            static_flows(7)
+            static_flows(7, &[0xac10_000b])
                 .iter()
                 .all(|f| endpoint_of_flow(f).is_none())
         );

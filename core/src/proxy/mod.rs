@@ -18,6 +18,9 @@ pub mod run;
 mod sync;
 pub mod view;
 
-pub use model::{Endpoint, ServicePort, ServicePortKey, all_service_ports, service_ports};
+pub use model::{
+    EXTERNAL_LOCAL_SUFFIX, Endpoint, NODE_PORT_SUFFIX, Scope, ServicePort, ServicePortKey,
+    all_service_ports, service_ports,
+};
 pub use sync::{Proxy, ProxyConfig, SyncReport};
 pub use view::{ProxyEvents, ProxyView};

@@ -31,6 +31,53 @@ pub struct Endpoint {
     pub port: u16,
 }
 
+/// Which traffic a [`ServicePort`] takes. A Service port whose traffic policies give different
+/// kinds of traffic different endpoints is split into several service ports, each with its
+/// own group: the ClusterIP follows `internalTrafficPolicy`, the NodePort from outside
+/// `externalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Everything: the ClusterIP, the NodePort from pods and, from outside (the node's own
+    /// traffic), the NodePort masqueraded to the node's address (both policies Cluster).
+    #[default]
+    Cluster,
+    /// The ClusterIP and the NodePort from pods: `externalTrafficPolicy: Local`, whose traffic
+    /// from outside an [`Scope::ExternalLocal`] port takes.
+    Internal,
+    /// The NodePort from outside under `externalTrafficPolicy: Local`: this node's endpoints
+    /// only, the client's address kept (no masquerade); none here while others exist: dropped.
+    ExternalLocal,
+    /// The ClusterIP alone: `internalTrafficPolicy: Local` with an
+    /// `externalTrafficPolicy: Cluster` NodePort, which a [`Scope::NodePort`] port takes.
+    ClusterIp,
+    /// The NodePort from pods and from outside (masqueraded), over every endpoint.
+    NodePort,
+}
+
+impl Scope {
+    pub fn takes_cluster_ip(self) -> bool {
+        matches!(self, Scope::Cluster | Scope::Internal | Scope::ClusterIp)
+    }
+
+    pub fn takes_node_port_from_pods(self) -> bool {
+        matches!(self, Scope::Cluster | Scope::Internal | Scope::NodePort)
+    }
+
+    /// `Some(masquerade)` when it takes the NodePort from outside.
+    pub fn takes_node_port_from_outside(self) -> Option<bool> {
+        match self {
+            Scope::Cluster | Scope::NodePort => Some(true),
+            Scope::ExternalLocal => Some(false),
+            Scope::Internal | Scope::ClusterIp => None,
+        }
+    }
+}
+
+/// The suffix of the port name in the key of a [`Scope::ExternalLocal`] service port.
+pub const EXTERNAL_LOCAL_SUFFIX: &str = "@external-local";
+/// The suffix of the port name in the key of a [`Scope::NodePort`] service port.
+pub const NODE_PORT_SUFFIX: &str = "@node-port";
+
 /// What the proxy programs for one service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {
@@ -49,6 +96,7 @@ pub struct ServicePort {
     /// node: kube-proxy drops such traffic (its "has no local endpoints" rule) where a service
     /// without any endpoint is rejected.
     pub no_local_endpoints: bool,
+    pub scope: Scope,
 }
 
 pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -68,8 +116,10 @@ fn ipv4(text: &str) -> Option<u32> {
 
 /// The service ports of `svc` with their endpoints from `slices` (those labelled for it), as
 /// seen from node `node`: ready endpoints; if none, the serving ones that are terminating
-/// (KEP-1669); with `internalTrafficPolicy: Local`, only endpoints on `node`. Headless and
-/// ExternalName services, and IPv6, have no service ports here.
+/// (KEP-1669); with `internalTrafficPolicy: Local`, only endpoints on `node`. A NodePort under
+/// `externalTrafficPolicy: Local` gives a second, [`Scope::ExternalLocal`] port (key suffixed
+/// [`EXTERNAL_LOCAL_SUFFIX`]) with the endpoints on `node` alone. Headless and ExternalName
+/// services, and IPv6, have no service ports here.
 pub fn service_ports<'a>(
     svc: &Service,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
@@ -89,6 +139,7 @@ pub fn service_ports<'a>(
         return vec![];
     };
     let local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
             .as_ref()
@@ -115,10 +166,9 @@ pub fn service_ports<'a>(
             continue;
         };
         let port_name = p.name.clone().unwrap_or_default();
-        let mut ready: Vec<Endpoint> = Vec::new();
-        let mut terminating: Vec<Endpoint> = Vec::new();
-        // Usable endpoints elsewhere, left out by internalTrafficPolicy: Local.
-        let mut elsewhere = false;
+        // Every endpoint address of this port: whether it is on this node, ready (and not
+        // terminating), or serving while terminating.
+        let mut candidates: Vec<(Endpoint, bool, bool, bool)> = Vec::new();
         for s in &slices {
             let Some(target) = s.ports.iter().flatten().find(|sp| {
                 sp.name.clone().unwrap_or_default() == port_name
@@ -134,44 +184,75 @@ pub fn service_ports<'a>(
                 let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
                 let is_serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
                 let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                if local && e.node_name.as_deref() != Some(node) {
-                    elsewhere |= !e.addresses.is_empty()
-                        && ((is_ready && !is_terminating) || (is_serving && is_terminating));
-                    continue;
-                }
-                for a in &e.addresses {
-                    let Some(ip) = ipv4(a) else { continue };
-                    let ep = Endpoint { ip, port: tport };
-                    if is_ready && !is_terminating {
-                        ready.push(ep);
-                    } else if is_serving && is_terminating {
-                        terminating.push(ep);
-                    }
+                let here = e.node_name.as_deref() == Some(node);
+                for ip in e.addresses.iter().filter_map(|a| ipv4(a)) {
+                    candidates.push((
+                        Endpoint { ip, port: tport },
+                        here,
+                        is_ready && !is_terminating,
+                        is_serving && is_terminating,
+                    ));
                 }
             }
         }
-        let mut endpoints = if ready.is_empty() { terminating } else { ready };
-        endpoints.sort();
-        endpoints.dedup();
-        let no_local_endpoints = endpoints.is_empty() && elsewhere;
-        out.push(ServicePort {
-            key: ServicePortKey {
-                namespace: ns.into(),
-                name: name.into(),
-                port: if port_name.is_empty() {
-                    p.port.to_string().into()
-                } else {
-                    port_name.into()
+        // The endpoints among those `keep` takes (ready ones; if none, the serving terminating
+        // ones), and whether it took none while usable ones exist elsewhere (a drop, not a
+        // reject).
+        let pick = |local_only: bool| {
+            let usable = |c: &&(Endpoint, bool, bool, bool)| c.2 || c.3;
+            let kept: Vec<&(Endpoint, bool, bool, bool)> =
+                candidates.iter().filter(|c| !local_only || c.1).collect();
+            let ready: Vec<Endpoint> = kept.iter().filter(|c| c.2).map(|c| c.0).collect();
+            let mut eps = if ready.is_empty() {
+                kept.iter().filter(|c| c.3).map(|c| c.0).collect()
+            } else {
+                ready
+            };
+            eps.sort();
+            eps.dedup();
+            let elsewhere = local_only && candidates.iter().filter(usable).any(|c| !c.1);
+            let none_here = eps.is_empty() && elsewhere;
+            (eps, none_here)
+        };
+        let port_key = if port_name.is_empty() {
+            p.port.to_string()
+        } else {
+            port_name
+        };
+        let node_port = p.node_port.and_then(|n| u16::try_from(n).ok());
+        // Who takes which endpoints, as kube-proxy routes them: the ClusterIP the
+        // internalTrafficPolicy's; the NodePort from outside the externalTrafficPolicy's
+        // (Cluster: every endpoint, masqueraded; Local: this node's); the NodePort from pods
+        // every endpoint under Cluster, the internal ones under Local.
+        let parts: Vec<(Scope, bool, &str)> = match (node_port.is_some(), local, external_local) {
+            (false, _, _) | (true, false, false) => vec![(Scope::Cluster, local, "")],
+            (true, _, true) => vec![
+                (Scope::Internal, local, ""),
+                (Scope::ExternalLocal, true, EXTERNAL_LOCAL_SUFFIX),
+            ],
+            (true, true, false) => vec![
+                (Scope::ClusterIp, true, ""),
+                (Scope::NodePort, false, NODE_PORT_SUFFIX),
+            ],
+        };
+        for (scope, local_only, suffix) in parts {
+            let (endpoints, no_local_endpoints) = pick(local_only);
+            out.push(ServicePort {
+                key: ServicePortKey {
+                    namespace: ns.into(),
+                    name: name.into(),
+                    port: format!("{port_key}{suffix}").into(),
                 },
-            },
-            cluster_ip,
-            port: p.port as u16,
-            protocol,
-            node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
-            affinity_timeout: affinity,
-            endpoints,
-            no_local_endpoints,
-        });
+                cluster_ip,
+                port: p.port as u16,
+                protocol,
+                node_port,
+                affinity_timeout: affinity,
+                endpoints,
+                no_local_endpoints,
+                scope,
+            });
+        }
     }
     out
 }

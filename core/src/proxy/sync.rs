@@ -208,8 +208,11 @@ impl Proxy {
         let node_ips = self.cfg.node_ips.clone();
         let mut b = Batch::new(self.round, &node_ips, capacity, &base, endpoints);
         if !self.static_installed {
-            b.ops
-                .extend(static_flows(self.round).into_iter().map(OfOp::AddFlow));
+            b.ops.extend(
+                static_flows(self.round, &node_ips)
+                    .into_iter()
+                    .map(OfOp::AddFlow),
+            );
         }
         for &(key, wanted) in keys {
             let id = wanted.is_some().then(|| self.group_id(key));
@@ -263,6 +266,47 @@ impl Proxy {
             released,
             ..
         } = b;
+        // A flow one service port gives up and another takes in this sync (a port split off
+        // for NodePort traffic, or joined back) is replaced by the taker's add: deleting it
+        // afterwards would remove the new flow. (Only the deletes are hashed, not every add of
+        // a full sync.)
+        let mut tail = tail;
+        let deleted: std::collections::HashSet<(u8, u16, &crate::ovs::flow::Match)> = tail
+            .iter()
+            .filter_map(|op| match op {
+                OfOp::DelFlowStrict {
+                    table,
+                    priority,
+                    matches,
+                } => Some((*table, *priority, matches)),
+                _ => None,
+            })
+            .collect();
+        let retaken: Vec<(u8, u16, crate::ovs::flow::Match)> = if deleted.is_empty() {
+            Vec::new()
+        } else {
+            ops.iter()
+                .filter_map(|op| match op {
+                    OfOp::AddFlow(f) if deleted.contains(&(f.table, f.priority, &f.matches)) => {
+                        Some((f.table, f.priority, f.matches.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        drop(deleted);
+        if !retaken.is_empty() {
+            tail.retain(|op| match op {
+                OfOp::DelFlowStrict {
+                    table,
+                    priority,
+                    matches,
+                } => !retaken
+                    .iter()
+                    .any(|(t, p, m)| t == table && p == priority && m == matches),
+                _ => true,
+            });
+        }
         ops.extend(tail);
         let n_ops = ops.len();
         let delta = refs.delta;
@@ -440,8 +484,12 @@ impl<'r> Batch<'r> {
     /// A service port's ClusterIP changes (or it comes or goes): the reject flow of each
     /// address is counted.
     fn count_cluster_ip(&mut self, old: Option<&Installed>, wanted: Option<&ServicePort>) {
-        let old_ip = old.filter(|o| o.present).map(|o| o.sp.cluster_ip);
-        let new_ip = wanted.map(|sp| sp.cluster_ip);
+        // A port split off for NodePort traffic takes no ClusterIP traffic.
+        let takes = |sp: &ServicePort| sp.scope.takes_cluster_ip();
+        let old_ip = old
+            .filter(|o| o.present && takes(&o.sp))
+            .map(|o| o.sp.cluster_ip);
+        let new_ip = wanted.filter(|sp| takes(sp)).map(|sp| sp.cluster_ip);
         if old_ip != new_ip {
             if let Some(ip) = old_ip {
                 *self.ip_delta.entry(ip).or_default() -= 1;

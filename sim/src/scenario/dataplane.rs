@@ -9,6 +9,7 @@ use nsx_core::k8s::annotation;
 use nsx_core::k8s::pod_network::PodNetwork;
 use nsx_core::ovs::Field;
 use nsx_core::ovs::interface::external_id;
+use nsx_core::ovs::pipeline::LOCAL_PORT;
 
 use super::names::{Endpoint, ip_string};
 use super::node::UPLINK;
@@ -56,6 +57,8 @@ pub struct Outcome {
     /// The reply came back to the source, from the address it sent to.
     pub reply_ok: bool,
     pub path: Vec<String>,
+    /// The source address the destination pod saw (after any SNAT on the way).
+    pub seen_src: Option<u32>,
 }
 
 impl Outcome {
@@ -76,7 +79,7 @@ impl Outcome {
 /// Where a connection starts, as the reply must find it again.
 enum Source {
     Pod(PodAt),
-    Node { name: String, port_id: String },
+    Node { name: String },
     External,
 }
 
@@ -96,13 +99,18 @@ fn parse_mac(m: &str) -> u64 {
 /// OVS.
 type Arrival = (String, u32, Packet);
 
-/// One node-side hop: a packet processed by the bridge; the uplink output (vlan, packet) or
-/// the pod port it reached.
+/// One node-side hop: a packet processed by the bridge; the uplink output (its VLAN, none for
+/// the node's own traffic, and the packet), the pod port it reached, or the host's stack.
 enum OvsOut {
-    Uplink(u16, Packet),
+    Uplink(Option<u16>, Packet),
     Port(u32, Packet),
+    Host(Packet),
     Dropped(String),
 }
+
+/// How many times one packet may pass through nodes' bridges and NSX on its way (a NodePort
+/// connection forwarded to another node's endpoint takes two).
+const MAX_NODE_HOPS: usize = 4;
 
 impl World {
     /// Which of the cluster's own ranges holds `ip` (pods, services, nodes, the SNAT and LB
@@ -192,8 +200,11 @@ impl World {
             )),
             None => OvsOut::Dropped(format!("{node}: OVS dropped it")),
             Some(o) if o.port == UPLINK => {
-                OvsOut::Uplink((o.packet.get(Field::VlanTci) & 0xfff) as u16, o.packet)
+                let tci = o.packet.get(Field::VlanTci);
+                let vlan = (tci & 0x1000 != 0).then_some((tci & 0xfff) as u16);
+                OvsOut::Uplink(vlan, o.packet)
             }
+            Some(o) if o.port == LOCAL_PORT => OvsOut::Host(o.packet),
             Some(o) => OvsOut::Port(o.port, o.packet),
         }
     }
@@ -269,6 +280,17 @@ impl World {
         pkt: NsxPacket,
         path: &mut Vec<String>,
     ) -> Result<(Option<Arrival>, Reached), String> {
+        self.through_nsx_hops(conns, entry, pkt, path, 0)
+    }
+
+    fn through_nsx_hops(
+        &self,
+        conns: &mut Connections,
+        entry: Entry,
+        pkt: NsxPacket,
+        path: &mut Vec<String>,
+        hops: usize,
+    ) -> Result<(Option<Arrival>, Reached), String> {
         let t = self.nsx.inspect(|s| s.trace(conns, &entry, &pkt));
         for h in &t.hops {
             path.push(format!("nsx: {h}"));
@@ -294,15 +316,18 @@ impl World {
                 vlan,
                 packet,
             } => {
-                // A node's own port: its host answers, outside the bridge.
-                if let Some(name) = self.node_of_port(&logical_port) {
-                    return Ok((None, Reached::Node { name }));
-                }
-                let node = parent_vif_id
-                    .as_deref()
-                    .and_then(|v| self.node_of_vif(v))
-                    .ok_or("NSX delivered to a port that is not a pod's on a node")?;
-                let p = from_uplink(vlan, &packet);
+                // A node's own port: into its bridge untagged, where a NodePort is
+                // load-balanced and anything else goes to the host.
+                let (node, p) = match self.node_of_port(&logical_port) {
+                    Some(name) => (name, from_uplink(None, &packet)),
+                    None => (
+                        parent_vif_id
+                            .as_deref()
+                            .and_then(|v| self.node_of_vif(v))
+                            .ok_or("NSX delivered to a port that is not a pod's on a node")?,
+                        from_uplink(vlan, &packet),
+                    ),
+                };
                 match self.ovs(&node, p, path) {
                     OvsOut::Port(port, out) => match self.pod_by_port(&node, port) {
                         Some((ns, name)) => Ok((
@@ -317,10 +342,23 @@ impl World {
                             Reached::Dropped(format!("{node}: out of port {port}, no pod's")),
                         )),
                     },
+                    // The node forwards it (a NodePort's endpoint elsewhere): from its own port.
+                    OvsOut::Uplink(None, out) if hops < MAX_NODE_HOPS => {
+                        let port = self.nodes[&node].port_id.clone();
+                        path.push(format!("{node}: out of its own port"));
+                        self.through_nsx_hops(
+                            conns,
+                            Entry::LogicalPort(port),
+                            nsx_packet(&out, protocol_number(pkt.protocol)),
+                            path,
+                            hops + 1,
+                        )
+                    }
                     OvsOut::Uplink(..) => Ok((
                         None,
                         Reached::Dropped(format!("{node}: sent back to the uplink")),
                     )),
+                    OvsOut::Host(_) => Ok((None, Reached::Node { name: node })),
                     OvsOut::Dropped(r) => Ok((None, Reached::Dropped(r))),
                 }
             }
@@ -382,8 +420,8 @@ impl World {
                 p.set(Field::IpProto, u128::from(protocol));
                 p.set(Field::TpSrc, u128::from(sport));
                 p.set(Field::TpDst, u128::from(dport));
-                let (vlan, out) = match self.ovs(&pod.node, p, &mut path) {
-                    OvsOut::Uplink(v, out) => (v, out),
+                let (entry, out) = match self.ovs(&pod.node, p, &mut path) {
+                    OvsOut::Uplink(v, out) => (self.uplink_entry(&pod.node, v), out),
                     // Hairpin: the proxy chose the pod itself; the node turns it around.
                     OvsOut::Port(port, out) if port == pod.ofport => {
                         let reply_ok = self.hairpin_reply(&pod, &out, dst_ip, dport, &mut path);
@@ -398,6 +436,7 @@ impl World {
                             reached,
                             reply_ok,
                             path,
+                            seen_src: Some(out.get(Field::IpSrc) as u32),
                         });
                     }
                     OvsOut::Port(port, _) => {
@@ -408,6 +447,18 @@ impl World {
                             )),
                             reply_ok: false,
                             path,
+                            seen_src: None,
+                        });
+                    }
+                    OvsOut::Host(_) => {
+                        return Ok(Outcome {
+                            reached: Reached::Dropped(format!(
+                                "{}: a pod's packet went to the host's stack",
+                                pod.node
+                            )),
+                            reply_ok: false,
+                            path,
+                            seen_src: None,
                         });
                     }
                     OvsOut::Dropped(r) => {
@@ -415,22 +466,14 @@ impl World {
                             reached: Reached::Dropped(r),
                             reply_ok: false,
                             path,
+                            seen_src: None,
                         });
                     }
                 };
-                let vif = self.nodes[&pod.node].vif_id.clone();
                 let pkt = nsx_packet(&out, protocol);
                 let ip = pod.ip;
                 (
-                    self.through_nsx(
-                        &mut conns,
-                        Entry::Vif {
-                            parent_vif_id: vif,
-                            vlan,
-                        },
-                        pkt,
-                        &mut path,
-                    )?,
+                    self.through_nsx(&mut conns, entry, pkt, &mut path)?,
                     ip,
                     Source::Pod(pod),
                 )
@@ -453,10 +496,7 @@ impl World {
                         &mut path,
                     )?,
                     n.node_ip,
-                    Source::Node {
-                        name: name.clone(),
-                        port_id: n.port_id.clone(),
-                    },
+                    Source::Node { name: name.clone() },
                 )
             }
             Endpoint::External(ip) => {
@@ -476,10 +516,11 @@ impl World {
             _ => return Err(format!("{from} cannot be a source")),
         };
         let (arrived, reached) = first;
-        // The port it arrived on at the pod, after any DNAT on the way.
+        // The port it arrived on at the pod, after any DNAT on the way, and from whom.
         let arrived_port = arrived
             .as_ref()
             .map_or(dport, |(_, _, p)| p.get(Field::TpDst) as u16);
+        let seen_src = arrived.as_ref().map(|(_, _, p)| p.get(Field::IpSrc) as u32);
         // The reply, from where the packet arrived, to where it came from.
         let reply_ok = match (&reached, arrived) {
             (Reached::Pod { .. }, Some((node, port, delivered))) => {
@@ -495,11 +536,7 @@ impl World {
                 path.push("reply:".into());
                 match self.ovs(&node, r, &mut path) {
                     OvsOut::Uplink(vlan, out) => {
-                        let vif = self.nodes[&node].vif_id.clone();
-                        let entry = Entry::Vif {
-                            parent_vif_id: vif,
-                            vlan,
-                        };
+                        let entry = self.uplink_entry(&node, vlan);
                         self.reply_home(
                             &mut conns,
                             &entry,
@@ -573,7 +610,21 @@ impl World {
             reached,
             reply_ok,
             path,
+            seen_src,
         })
+    }
+
+    /// Where a packet a node sends out of its uplink enters NSX: a pod's (tagged) on the
+    /// CHILD port of its VLAN, the node's own (untagged) on the node's port.
+    fn uplink_entry(&self, node: &str, vlan: Option<u16>) -> Entry {
+        let n = &self.nodes[node];
+        match vlan {
+            Some(vlan) => Entry::Vif {
+                parent_vif_id: n.vif_id.clone(),
+                vlan,
+            },
+            None => Entry::LogicalPort(n.port_id.clone()),
+        }
     }
 
     /// A pod reached on `port`: still `Pod` if it listens there, else `Refused`.
@@ -609,29 +660,73 @@ impl World {
         entry: &Entry,
         pkt: &NsxPacket,
         source: &Source,
+        addrs: (u32, u32, u16),
+        path: &mut Vec<String>,
+    ) -> bool {
+        self.reply_home_hops(conns, entry, pkt, source, addrs, path, 0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reply_home_hops(
+        &self,
+        conns: &mut Connections,
+        entry: &Entry,
+        pkt: &NsxPacket,
+        source: &Source,
         (src_ip, dst_ip, dport): (u32, u32, u16),
         path: &mut Vec<String>,
+        hops: usize,
     ) -> bool {
         let t = self.nsx.inspect(|s| s.trace(conns, entry, pkt));
         for h in &t.hops {
             path.push(format!("nsx: {h}"));
         }
+        // Delivered to a node's own port: through its bridge untagged, which un-NATs the
+        // reply of a NodePort connection it forwarded (and sends it on) or hands it to the
+        // host.
+        if let Verdict::Delivered {
+            logical_port,
+            packet,
+            ..
+        } = &t.verdict
+            && let Some(node) = self.node_of_port(logical_port)
+        {
+            let protocol = protocol_number(packet.protocol);
+            return match self.ovs(&node, from_uplink(None, packet), path) {
+                OvsOut::Uplink(None, out) if hops < MAX_NODE_HOPS => {
+                    path.push(format!("{node}: out of its own port"));
+                    let entry = Entry::LogicalPort(self.nodes[&node].port_id.clone());
+                    self.reply_home_hops(
+                        conns,
+                        &entry,
+                        &nsx_packet(&out, protocol),
+                        source,
+                        (src_ip, dst_ip, dport),
+                        path,
+                        hops + 1,
+                    )
+                }
+                OvsOut::Host(out) => match source {
+                    Source::Node { name, .. } => {
+                        *name == node
+                            && out.get(Field::IpDst) == u128::from(src_ip)
+                            && out.get(Field::IpSrc) == u128::from(dst_ip)
+                            && out.get(Field::TpSrc) == u128::from(dport)
+                    }
+                    _ => {
+                        path.push(format!("reply ended at {node}'s host"));
+                        false
+                    }
+                },
+                _ => {
+                    path.push(format!("reply ended in {node}'s bridge"));
+                    false
+                }
+            };
+        }
         match (t.verdict, source) {
             (Verdict::External { packet }, Source::External) => {
                 packet.dst_ip == src_ip && packet.src_ip == dst_ip && packet.src_port == dport
-            }
-            (
-                Verdict::Delivered {
-                    logical_port,
-                    packet,
-                    ..
-                },
-                Source::Node { port_id, .. },
-            ) => {
-                logical_port == *port_id
-                    && packet.dst_ip == src_ip
-                    && packet.src_ip == dst_ip
-                    && packet.src_port == dport
             }
             (
                 Verdict::Delivered {
@@ -676,7 +771,7 @@ fn protocol_number(p: Protocol) -> u8 {
 fn from_uplink(vlan: Option<u16>, packet: &NsxPacket) -> Packet {
     let mut p = Packet::default();
     p.set(Field::InPort, u128::from(UPLINK));
-    p.set(Field::VlanTci, 0x1000 | u128::from(vlan.unwrap_or(0)));
+    p.set(Field::VlanTci, vlan.map_or(0, |v| 0x1000 | u128::from(v)));
     p.set(Field::EthType, 0x0800);
     p.set(Field::IpSrc, u128::from(packet.src_ip));
     p.set(Field::IpDst, u128::from(packet.dst_ip));

@@ -10,6 +10,7 @@
 //! - [`snapshot`]: golden files of the realized state, redacted.
 
 pub mod dataplane;
+pub mod detail;
 pub mod names;
 pub mod node;
 pub mod oracle;

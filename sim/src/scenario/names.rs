@@ -62,8 +62,8 @@ pub enum Endpoint {
         name: String,
     },
     External(u32),
-    /// A node's own address (its host, outside the bridge): where the kubelet's probes come
-    /// from.
+    /// A node's own address (its VIF on the node switch): where the kubelet's probes come
+    /// from, and as a target the node's NodePorts (or its host).
     Node(String),
 }
 
@@ -96,12 +96,6 @@ impl Endpoint {
         if source && matches!(e, Endpoint::Service { .. } | Endpoint::Lb { .. }) {
             return Err(format!(
                 "`{s}` cannot be a source (a pod, node/name or external/IP)"
-            ));
-        }
-        if !source && matches!(e, Endpoint::Node(_)) {
-            return Err(format!(
-                "`{s}`: a node is a source only (its own traffic, as the kubelet's probes); \
-                 NodePort access to a node is not modelled yet"
             ));
         }
         Ok(e)

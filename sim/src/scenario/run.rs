@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
+use super::detail::{ConnCheck, Detail, MatrixCheck, StepSpan};
 use super::names::{Endpoint, parse_ip, protocol};
 use super::spec::{Connectivity, Expect, Scenario, StepKind};
 use super::world::World;
@@ -29,6 +30,9 @@ pub struct SeedReport {
     pub trace_hash: String,
     #[serde(skip)]
     pub trace: Vec<String>,
+    /// The timeline, topology and checks for `--html` (when asked for).
+    #[serde(skip)]
+    pub detail: Option<Box<Detail>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -64,6 +68,8 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Write snapshots that differ or are missing instead of failing.
     pub update_snapshots: bool,
+    /// Collect the seed's [`Detail`] (for `--html`).
+    pub detail: bool,
 }
 
 const CONTROLLER_EVERY_MS: u64 = 100;
@@ -88,6 +94,8 @@ struct Runner {
     not_converged_at: Option<(u64, String)>,
     /// The scenario applies a NetworkPolicy: every converge also checks the policy oracle.
     policy_oracle: bool,
+    /// What `--html` shows, when asked for.
+    detail: Option<Detail>,
 }
 
 impl Runner {
@@ -438,9 +446,12 @@ impl Runner {
             let m = r.matrix()?;
             let proto = protocol(&r.protocol)?;
             let mut wrong = Vec::new();
+            let mut got_rows = Vec::new();
             for (row, allowed) in &m.rows {
+                let mut got_row = Vec::new();
                 for (col, want) in m.columns.iter().zip(allowed) {
                     if row == col {
+                        got_row.push(true);
                         continue;
                     }
                     let (ns, name) = col.split_once('/').unwrap_or_default();
@@ -449,6 +460,7 @@ impl Runner {
                     let o = self
                         .w
                         .connect(&from, dst, proto, self.w.ephemeral_port(), r.port)?;
+                    got_row.push(o.works());
                     if o.works() != *want {
                         wrong.push(format!(
                             "{row} -> {col}: expected {}, got {} ({:?})",
@@ -458,6 +470,18 @@ impl Runner {
                         ));
                     }
                 }
+                got_rows.push(got_row);
+            }
+            if let Some(d) = self.detail.as_mut() {
+                d.matrices.push(MatrixCheck {
+                    at_ms: self.w.now_ms(),
+                    port: r.port,
+                    protocol: r.protocol.clone(),
+                    rows: m.rows.iter().map(|(r, _)| r.clone()).collect(),
+                    cols: m.columns.clone(),
+                    expected: m.rows.iter().map(|(_, a)| a.clone()).collect(),
+                    got: got_rows,
+                });
             }
             if !wrong.is_empty() {
                 return Err(format!(
@@ -478,13 +502,14 @@ impl Runner {
         let (dst_ip, service) = match &to {
             Endpoint::Pod { namespace, name } => (self.w.pod_at(namespace, name)?.ip, false),
             Endpoint::External(ip) => (*ip, false),
+            // A NodePort is load-balanced like a service.
             Endpoint::Node(name) => (
                 self.w
                     .nodes
                     .get(name)
                     .ok_or(format!("no node {name}"))?
                     .node_ip,
-                false,
+                true,
             ),
             Endpoint::Service { namespace, name } => {
                 let s = self
@@ -523,6 +548,27 @@ impl Runner {
                 match &o.reached {
                     super::dataplane::Reached::Pod { namespace, name } => {
                         reached.insert(format!("{namespace}/{name}"));
+                        if let Some(kept) = c.client_ip_kept {
+                            let client = match &from {
+                                Endpoint::Pod { namespace, name } => {
+                                    self.w.pod_at(namespace, name)?.ip
+                                }
+                                Endpoint::External(ip) => *ip,
+                                Endpoint::Node(n) => {
+                                    self.w.nodes.get(n).ok_or(format!("no node {n}"))?.node_ip
+                                }
+                                _ => 0,
+                            };
+                            if kept != (o.seen_src == Some(client)) {
+                                return Err(format!(
+                                    "{} -> {}: {namespace}/{name} saw the connection from {}, \
+                                     client_ip_kept: {kept} expected",
+                                    c.from,
+                                    c.to,
+                                    o.seen_src.map_or("nothing".into(), super::names::ip_string)
+                                ));
+                            }
+                        }
                     }
                     super::dataplane::Reached::External { src } => {
                         if let Some(snat) = c.snat {
@@ -551,6 +597,18 @@ impl Runner {
             }
         }
         let works = ok > 0;
+        if let Some(d) = self.detail.as_mut() {
+            d.connectivity.push(ConnCheck {
+                at_ms: self.w.now_ms(),
+                from: c.from.clone(),
+                to: c.to.clone(),
+                port: c.port,
+                protocol: c.protocol.clone(),
+                expected: c.allowed,
+                got: works,
+                reached: reached.iter().cloned().collect(),
+            });
+        }
         if works != c.allowed {
             let why = sample
                 .map(|o| format!("{:?}; path: {}", o.reached, o.path.join(" | ")))
@@ -620,6 +678,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
                     pods: 0,
                     trace_hash: String::new(),
                     trace: Vec::new(),
+                    detail: None,
                 },
                 None,
             );
@@ -641,6 +700,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
             StepKind::Apply(docs) => docs.iter().any(|d| d["kind"] == "NetworkPolicy"),
             _ => false,
         }),
+        detail: opts.detail.then(Detail::default),
     };
     let mut failure = None;
     for (i, s) in sc.steps.iter().enumerate() {
@@ -653,10 +713,25 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
             s.line,
             s.kind.name()
         ));
+        let started_ms = r.w.now_ms();
+        if let Some(d) = r.detail.as_mut() {
+            d.fault_step(&s.kind, started_ms);
+        }
         let res = r.step(&s.kind, s.line, opts).and_then(|()| {
             r.w.invariants()
                 .map_err(|e| format!("invariant violated: {e}"))
         });
+        if let Some(d) = r.detail.as_mut() {
+            d.steps.push(StepSpan {
+                n: i + 1,
+                line: s.line,
+                kind: s.kind.name(),
+                what: super::detail::describe(&s.kind),
+                start_ms: started_ms,
+                end_ms: r.w.now_ms(),
+                ok: res.is_ok(),
+            });
+        }
         if let Err(e) = res {
             r.w.record(format!("step {} failed: {e}", i + 1));
             failure = Some((format!("{} (line {}, {})", i + 1, s.line, s.kind.name()), e));
@@ -664,6 +739,11 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         }
     }
     let w = r.w;
+    let detail = r.detail.map(|mut d| {
+        d.requests_from(&w.nsx.requests_since(0), crate::ncp_host::EPOCH_MS);
+        w.nsx.with_store(|s| d.topology_from(s));
+        Box::new(d)
+    });
     for line in w.api.request_log() {
         if let Some((ms, rest)) = line.split_once(' ') {
             let ms: i64 = ms.parse().unwrap_or(crate::ncp_host::EPOCH_MS);
@@ -700,6 +780,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         pods: w.api.list("pods").len(),
         trace_hash: format!("{:016x}", crate::trace::hash_lines(&lines)),
         trace: lines,
+        detail,
     };
     (report, Some(w))
 }

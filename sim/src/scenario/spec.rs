@@ -276,6 +276,10 @@ pub struct Connectivity {
     /// Every connection from this source reaches the same backend (session affinity).
     #[serde(default)]
     pub sticky: bool,
+    /// The pod reached sees the client's own address (`true`), or a translated one (`false`:
+    /// the node's under `externalTrafficPolicy: Cluster`, a load balancer's SNAT).
+    #[serde(default)]
+    pub client_ip_kept: Option<bool>,
 }
 
 fn tcp() -> String {
@@ -1004,27 +1008,28 @@ fn check_expect(e: &Expect) -> Result<(), String> {
         crate::scenario::names::protocol(&c.protocol)?;
         crate::scenario::names::Endpoint::parse(&c.from, true)?;
         let to = crate::scenario::names::Endpoint::parse(&c.to, false)?;
-        if c.sticky
-            && !matches!(
-                to,
-                crate::scenario::names::Endpoint::Service { .. }
-                    | crate::scenario::names::Endpoint::Lb { .. }
-            )
-        {
+        let balanced = matches!(
+            to,
+            crate::scenario::names::Endpoint::Service { .. }
+                | crate::scenario::names::Endpoint::Lb { .. }
+                | crate::scenario::names::Endpoint::Node(_)
+        );
+        if c.sticky && !balanced {
             return Err(format!(
-                "connectivity to {}: `sticky` is for svc/ and lb/ targets",
+                "connectivity to {}: `sticky` is for svc/, lb/ and node/ targets",
                 c.to
             ));
         }
-        if c.backends.is_some()
-            && !matches!(
-                to,
-                crate::scenario::names::Endpoint::Service { .. }
-                    | crate::scenario::names::Endpoint::Lb { .. }
-            )
-        {
+        if c.backends.is_some() && !balanced {
             return Err(format!(
-                "connectivity to {}: `backends` is for svc/ and lb/ targets",
+                "connectivity to {}: `backends` is for svc/, lb/ and node/ targets",
+                c.to
+            ));
+        }
+        if c.client_ip_kept.is_some() && !c.allowed {
+            return Err(format!(
+                "connectivity to {}: `client_ip_kept` needs `allowed: true` (a pod must be \
+                 reached to see a source)",
                 c.to
             ));
         }

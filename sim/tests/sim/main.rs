@@ -15,5 +15,6 @@ mod ncp_property;
 mod ncp_scale;
 mod policy_conformance;
 mod presets;
+mod report_html;
 mod scenario_machine;
 mod scenarios;

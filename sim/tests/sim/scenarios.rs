@@ -114,9 +114,9 @@ const BAD: &[(&str, u64, &str)] = &[
         "restarts",
     ),
     (
-        "name: x\nsteps:\n  - expect:\n      connectivity: [{from: a/b, to: node/node-1, port: 80, allowed: true}]\n",
+        "name: x\nsteps:\n  - expect:\n      connectivity: [{from: a/b, to: node/node-1, port: 30080, allowed: false, client_ip_kept: true}]\n",
         3,
-        "a node is a source only",
+        "`client_ip_kept` needs `allowed: true`",
     ),
     ("name: x\nstepz: []\n", 2, "stepz"),
     ("name: x\nsteps:\n  - wait: 5 parsecs\n", 3, "parsecs"),
@@ -487,6 +487,7 @@ fn the_bundled_snapshots_hold_under_insta() {
                 &RunOptions {
                     stop_after: Some(i + 1),
                     update_snapshots: false,
+                    detail: false,
                 },
             );
             assert!(r.passed, "{}: {:?}", sc.name, r.message);
