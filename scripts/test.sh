@@ -18,6 +18,20 @@ fi
 if ! command -v chromium >/dev/null 2>&1; then
   missing+=(chromium)
 fi
+# A container runtime's CNI library (libcni 1.1, built with Debian's Go) and the reference
+# plugins chained after nsx-cni (portmap needs iptables) in the node test.
+if ! command -v go >/dev/null 2>&1; then
+  missing+=(golang-go)
+fi
+if [ ! -d /usr/share/gocode/src/github.com/containernetworking/cni/libcni ]; then
+  missing+=(golang-github-appc-cni-dev)
+fi
+if [ ! -x /usr/lib/cni/bandwidth ]; then
+  missing+=(containernetworking-plugins)
+fi
+if ! command -v iptables >/dev/null 2>&1 && [ ! -x /usr/sbin/iptables ]; then
+  missing+=(iptables)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

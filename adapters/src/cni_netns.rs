@@ -55,10 +55,15 @@ impl<A: AgentClient> AgentClient for NetnsAgent<A> {
         let result = netns::create_pod_link(&host, ns, &env.ifname, self.mtu)
             .map_err(|e| io("creating the pod's interface failed", e))
             .and_then(|()| {
-                let answer = self.inner.add(env)?;
+                let mut answer = self.inner.add(env)?;
                 let (ip, prefix, gw) = parse_address(&answer)?;
                 netns::configure_pod_link(ns, &env.ifname, &answer.mac, ip, prefix, gw, self.mtu)
                     .map_err(|e| io("configuring the pod's interface failed", e))?;
+                // The host end goes into the result too, for chained plugins (`bandwidth`
+                // shapes it).
+                let host_mac = netns::host_link_mac(&host)
+                    .map_err(|e| io("reading the pod veth's host end failed", e))?;
+                answer.host = Some((host.clone(), host_mac));
                 Ok(answer)
             });
         if result.is_err()

@@ -252,6 +252,28 @@ pub fn inspect_pod_link(netns: &Path, ifname: &str) -> Result<(String, Vec<Strin
     })
 }
 
+/// The MAC of host link `name` (the pod veth's host end, for the CNI result).
+pub fn host_link_mac(name: &str) -> Result<String, NetnsError> {
+    let name = name.to_string();
+    in_netns(None, move |h| async move {
+        let link = link_by_name(&h, &name)
+            .await?
+            .ok_or_else(|| NetnsError::Invalid(format!("no host link {name}")))?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(m) => Some(
+                    m.iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                ),
+                _ => None,
+            })
+            .ok_or_else(|| NetnsError::Invalid(format!("host link {name} has no MAC")))
+    })
+}
+
 /// Deletes the host end (and so the pair). A missing link is not an error (DEL is
 /// idempotent; the namespace may be gone already).
 pub fn delete_host_link(host: &str) -> Result<(), NetnsError> {

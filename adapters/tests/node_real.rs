@@ -602,6 +602,140 @@ fn nodeports(sw: &Switch, k: &Api, pods: &[Pod; 2], pid: u32) {
     );
 }
 
+/// The Go driver of `tests/libcni/driver.go` (libcni 1.1, as containerd 1.7 links it), built
+/// with Debian's Go and Debian's copy of libcni.
+fn libcni_driver() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let out = dir.join("libcni-driver");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/libcni/driver.go");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .env("GO111MODULE", "off")
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GOCACHE", dir.join("go-cache"))
+        .env("GOFLAGS", "")
+        .status()
+        .expect("Debian's golang-go (scripts/test.sh installs it)");
+    assert!(
+        status.success(),
+        "building the libcni driver (needs golang-github-appc-cni-dev)"
+    );
+    out
+}
+
+/// A pod wired by a container runtime's CNI library, through a chain with Debian's reference
+/// plugins after nsx-cni: `tuning` (a sysctl in the pod), `bandwidth` (a tc shaper on the
+/// veth's host end, which it finds in nsx-cni's result) and `portmap` (iptables DNAT of a host
+/// port). The shipped conflist version (1.0.0) is the one libcni 1.1 reads results of.
+fn libcni_chain(sw: &Switch, k: &Api, socket: &Path, pid: u32) {
+    let netns = format!("nsxl{pid}");
+    let _ns = Namespaces::create(vec![netns.clone()]);
+    let (cid, ip, mac) = ("cid-c-0003", "10.4.0.12", "02:50:56:00:00:0c");
+    let net = json!({"ip": format!("{ip}/24"), "mac": mac, "gateway": GW, "vlan": 13,
+                     "logical_port_id": "lp-c"});
+    k.api
+        .apply(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": "shop", "name": "c", "labels": {"app": "c"},
+                         "annotations": {"ncp/network": net.to_string()}},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "c", "image": "x"}]}}))
+        .unwrap();
+    let driver = libcni_driver();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libcni-{pid}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The conflist as deploy/nsx-node-agent.yaml ships it, with the chain after nsx-cni.
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/nsx-node-agent.yaml"),
+    )
+    .unwrap();
+    assert!(
+        shipped.contains("\"cniVersion\": \"1.0.0\""),
+        "the shipped conflist's version"
+    );
+    let conflist = dir.join("10-nsx.conflist");
+    let chain = |portmap: bool| {
+        let mut plugins = vec![
+            json!({"type": "nsx-cni", "agentSocket": socket}),
+            json!({"type": "tuning", "sysctl": {"net.core.somaxconn": "512"}}),
+            json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+        ];
+        if portmap {
+            plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+        }
+        json!({"cniVersion": "1.0.0", "name": "nsx", "plugins": plugins}).to_string()
+    };
+    std::fs::write(&conflist, chain(true)).unwrap();
+    let nsx_cni = Path::new(env!("CARGO_BIN_EXE_nsx-cni"));
+    let cni_path = format!("{}:/usr/lib/cni", nsx_cni.parent().unwrap().display());
+    let netns_path = format!("/var/run/netns/{netns}");
+    let cache = dir.join("cache");
+    let run = |cmd: &str| {
+        let out = Command::new(&driver)
+            .args([
+                cmd,
+                &conflist.to_string_lossy(),
+                &netns_path,
+                cid,
+                "eth0",
+                "shop/c",
+            ])
+            .arg(&cache)
+            .env("CNI_PATH", &cni_path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok_add, stdout, stderr) = run("ADD");
+    assert!(ok_add, "libcni ADD: {stderr}");
+    let result: Value = serde_json::from_str(&stdout).expect("a result");
+    assert_eq!(result["cniVersion"], "1.0.0", "{result}");
+    let host = port_name(cid);
+    let ifaces = result["interfaces"].as_array().expect("interfaces");
+    let at = |name: &str| ifaces.iter().position(|i| i["name"] == name);
+    let (h, p) = (
+        at(&host).expect("the veth's host end is listed"),
+        at("eth0").expect("eth0 is listed"),
+    );
+    assert!(ifaces[h].get("sandbox").is_none(), "{result}");
+    assert_eq!(ifaces[p]["sandbox"], netns_path.as_str(), "{result}");
+    assert_eq!(ifaces[p]["mac"], mac, "{result}");
+    assert_eq!(result["ips"][0]["address"], format!("{ip}/24"), "{result}");
+    assert_eq!(result["ips"][0]["interface"], p, "{result}");
+    // Each chained plugin did its part.
+    let somaxconn = in_netns(&netns, &["sysctl", "-n", "net.core.somaxconn"]);
+    assert_eq!(String::from_utf8_lossy(&somaxconn.stdout).trim(), "512");
+    let tc = ok("tc", &["qdisc", "show", "dev", &host]);
+    assert!(tc.contains("tbf"), "bandwidth shaped the host end: {tc}");
+    let nat = ok("iptables", &["-t", "nat", "-S"]);
+    assert!(nat.contains("--dport 18080"), "portmap's DNAT: {nat}");
+    assert!(sw.bridge().has_port(&host), "the agent added the OVS port");
+    // CHECK through the chain (nsx-cni's against NSX's record and the namespace). Debian's
+    // portmap 1.1.1 cannot CHECK on a host with ip6tables and an IPv4-only pod (it looks for
+    // the IPv6 chain it never made), so CHECK runs the chain without it, on the result libcni
+    // cached from the full ADD.
+    std::fs::write(&conflist, chain(false)).unwrap();
+    let (ok_check, _, stderr) = run("CHECK");
+    assert!(ok_check, "libcni CHECK: {stderr}");
+    std::fs::write(&conflist, chain(true)).unwrap();
+    // DEL undoes every plugin's part; a second DEL succeeds too.
+    for _ in 0..2 {
+        let (ok_del, _, stderr) = run("DEL");
+        assert!(ok_del, "libcni DEL: {stderr}");
+    }
+    assert!(!sw.bridge().has_port(&host));
+    assert!(!sh("ip", &["link", "show", &host]).status.success());
+    let nat = ok("iptables", &["-t", "nat", "-S"]);
+    assert!(
+        !nat.contains("--dport 18080"),
+        "portmap's DNAT stays: {nat}"
+    );
+}
+
 #[test]
 fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     // The node gets a network namespace of its own (this thread, and so every thread and
@@ -862,6 +996,7 @@ fn a_node_wires_pods_serves_cluster_ips_and_survives_restarts() {
     assert_eq!(get(&pods[0], "http://10.96.0.11:9090/"), "200 pod-b");
 
     nodeports(&sw, &k, &pods, pid);
+    libcni_chain(&sw, &k, &socket, pid);
 
     // CHECK agrees; after someone changes the pod's MAC it does not.
     let prev = json!({"prevResult": results[0]});

@@ -66,6 +66,7 @@ fn address(n: &PodNetwork) -> PodAddress {
         ip: n.ip.clone(),
         gateway: n.gateway.clone(),
         mac: n.mac.clone(),
+        host: None,
     }
 }
 

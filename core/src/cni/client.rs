@@ -86,7 +86,12 @@ impl Transport for Answered {
 impl<T: Transport> AgentClient for T {
     fn add(&mut self, env: &Env) -> Result<PodAddress, CniError> {
         match self.call(&WireRequest::from_env(env, &[]))? {
-            WireResponse::Added { ip, gateway, mac } => Ok(PodAddress { ip, gateway, mac }),
+            WireResponse::Added { ip, gateway, mac } => Ok(PodAddress {
+                ip,
+                gateway,
+                mac,
+                host: None,
+            }),
             other => Err(CniError::new(
                 code::IO,
                 "unexpected answer to ADD",
@@ -105,7 +110,12 @@ impl<T: Transport> AgentClient for T {
                 ip: Some(ip),
                 gateway,
                 mac,
-            } => Ok(Some(PodAddress { ip, gateway, mac })),
+            } => Ok(Some(PodAddress {
+                ip,
+                gateway,
+                mac,
+                host: None,
+            })),
             WireResponse::Checked { ip: None, .. } => Ok(None),
             other => Err(CniError::new(
                 code::IO,

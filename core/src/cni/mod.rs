@@ -244,6 +244,9 @@ pub struct PodAddress {
     pub ip: String,
     pub gateway: String,
     pub mac: String,
+    /// The host end of the pod's veth (name, MAC), when the plugin made one: the result lists
+    /// it, as the reference plugins do, so that chained plugins (`bandwidth`) find it.
+    pub host: Option<(String, String)>,
 }
 
 /// The node agent, as the plugin reaches it (a local socket in production, turmoil in the
@@ -300,12 +303,19 @@ impl AgentClient for Unreachable {
     }
 }
 
-/// The ADD result.
+/// The ADD result: the host end of the veth first (no sandbox) when there is one, then the
+/// pod's interface, which the address names by index.
 pub fn result_json(version: &str, env: &Env, a: &PodAddress) -> Value {
+    let mut interfaces = Vec::new();
+    if let Some((name, mac)) = &a.host {
+        interfaces.push(json!({"name": name, "mac": mac}));
+    }
+    let pod = interfaces.len();
+    interfaces.push(json!({"name": env.ifname, "mac": a.mac, "sandbox": env.netns}));
     json!({
         "cniVersion": version,
-        "interfaces": [{"name": env.ifname, "mac": a.mac, "sandbox": env.netns}],
-        "ips": [{"address": a.ip, "gateway": a.gateway, "interface": 0}],
+        "interfaces": interfaces,
+        "ips": [{"address": a.ip, "gateway": a.gateway, "interface": pod}],
         "routes": [{"dst": "0.0.0.0/0", "gw": a.gateway}],
         "dns": {}
     })
