@@ -48,7 +48,7 @@ fn vmware_nsxlib_drives_the_standalone_fake() {
         "nsxlib tests failed:\n{stdout}\n{stderr}"
     );
     assert!(
-        stdout.contains("8 passed"),
-        "expected all 8 nsxlib tests to run:\n{stdout}"
+        stdout.contains("10 passed"),
+        "expected all 10 nsxlib tests to run:\n{stdout}"
     );
 }

@@ -256,3 +256,90 @@ def test_search_all_query_pipeline_and_firewall_exclude_list(nsxlib):
         fw.add_member_to_fw_exclude_list("no-such-port", "LogicalPort")
     fw.remove_member_from_fw_exclude_list(port, "LogicalPort")
     assert fw.get_excludelist()["members"] == []
+
+
+def test_the_calls_ncp_makes_at_start_up(nsxlib):
+    # ncp.ini names the admin's objects by name or id; NCP resolves them and lists what it
+    # owns (every collection below is one NCP lists when it starts).
+    tz = nsxlib.transport_zone.get_id_by_name_or_id("overlay-tz")
+    assert nsxlib.transport_zone.get_transport_type(tz) == "OVERLAY"
+    t0s = nsxlib.logical_router.list(router_type="TIER0")["results"]
+    assert [r["display_name"] for r in t0s] == ["t0"]
+    assert nsxlib.logical_router.get_id_by_name_or_id("t0") == t0s[0]["id"]
+    blocks = [b for b in nsxlib.ip_block.list()["results"] if b["display_name"] == "k8s-a-pods"]
+    assert len(blocks) == 1 and blocks[0]["cidr"] == "10.4.0.0/16"
+    pools = {p["display_name"]: p for p in nsxlib.ip_pool.list()["results"]}
+    assert {"k8s-a-snat", "k8s-a-lb"} <= set(pools)
+    assert nsxlib.ip_pool.get_id_by_name_or_id("k8s-a-snat") == pools["k8s-a-snat"]["id"]
+    for resource in [
+        "logical-switches", "logical-ports", "logical-routers", "logical-router-ports",
+        "ns-groups", "ip-sets", "firewall/sections", "pools/ip-subnets",
+        "loadbalancer/services", "loadbalancer/virtual-servers", "loadbalancer/pools",
+        "loadbalancer/persistence-profiles", "loadbalancer/application-profiles",
+    ]:
+        page = nsxlib.client.list(resource)
+        assert page["result_count"] == len(page["results"]), resource
+    t0_nat = nsxlib.logical_router.list_nat_rules(t0s[0]["id"])
+    assert "results" in t0_nat
+
+
+def test_the_calls_ncp_makes_per_object(nsxlib):
+    tz = nsxlib.transport_zone.get_id_by_name_or_id("overlay-tz")
+    t0 = nsxlib.logical_router.get_id_by_name_or_id("t0")
+    block = nsxlib.ip_block.get_id_by_name_or_id("k8s-a-pods")
+    # A namespace: a subnet carved from the block, a pool on it, a switch, a tier-1 with its
+    # link and downlink, advertisement, SNAT (through one batch call, as NCP sends them).
+    subnet = nsxlib.ip_block_subnet.create(block, 256)
+    assert subnet["cidr"].endswith("/24") and subnet["block_id"] == block
+    assert [s["id"] for s in nsxlib.ip_block_subnet.list(block)["results"]].count(subnet["id"]) == 1
+    pool = nsxlib.ip_pool.create(
+        subnet["cidr"], display_name="k8s-a-ns2", tags=CLUSTER_TAG,
+        allocation_ranges=subnet["allocation_ranges"],
+    )
+    ls = nsxlib.logical_switch.create("k8s-a-ns2", tz, CLUSTER_TAG, ip_pool_id=pool["id"])
+    nsxlib.logical_switch.update(ls["id"], tags=CLUSTER_TAG + [{"scope": "ncp/project", "tag": "ns2"}])
+    t1 = nsxlib.logical_router.create("k8s-a-ns2", CLUSTER_TAG)
+    nsxlib.logical_router.update(t1["id"], tags=CLUSTER_TAG + [{"scope": "ncp/project", "tag": "ns2"}])
+    batch = nsxlib.client.create("batch", {"continue_on_error": False, "atomic": True, "requests": [
+        {"method": "POST", "uri": "/v1/logical-routers/%s/nat/rules" % t0,
+         "body": {"action": "SNAT", "translated_network": "192.0.2.50",
+                  "match_source_network": subnet["cidr"], "tags": CLUSTER_TAG}},
+    ]})
+    assert [r["code"] for r in batch["results"]] == [201], batch
+    rules = [r for r in nsxlib.logical_router.list_nat_rules(t0)["results"] if r.get("translated_network") == "192.0.2.50"]
+    assert len(rules) == 1
+    # A pod's port, updated in place (tags and admin state), as NCP does on a label change.
+    port = nsxlib.logical_port.create(ls["id"], "vif-ns2", tags=CLUSTER_TAG, allocate_addresses="Both")
+    updated = nsxlib.logical_port.update(
+        port["id"], "vif-ns2", tags=CLUSTER_TAG + [{"scope": "ncp/pod", "tag": "p"}], admin_state=False,
+    )
+    assert updated["admin_state"] == "DOWN" and updated["_revision"] == 1
+    # A policy's group, replaced in place; its section's rules replaced in one call.
+    group = nsxlib.ns_group.create("k8s-a-ns2", "pods", CLUSTER_TAG)
+    nsxlib.ns_group.update(group["id"], membership_criteria=[nsxlib.ns_group.get_port_tag_expression("ncp/project", "ns2")])
+    assert len(nsxlib.ns_group.read(group["id"])["membership_criteria"]) == 1
+    section = nsxlib.firewall_section.create_empty("k8s-a-ns2", "np", [group["id"]], tags=CLUSTER_TAG)
+    rule = nsxlib.firewall_section.get_rule_dict("r1", action=nsx_constants.FW_ACTION_ALLOW)
+    replaced = nsxlib.firewall_section.update(section["id"], rules=[rule, dict(rule, display_name="r2")])
+    assert [r["display_name"] for r in replaced["rules"]] == ["r1", "r2"]
+    # Session affinity's persistence profile: created, its timeout changed, deleted.
+    profile = nsxlib.load_balancer.persistence_profile.create(
+        display_name="k8s-a-ns2-web", tags=CLUSTER_TAG, resource_type="LbSourceIpPersistenceProfile", timeout=600,
+    )
+    assert profile["timeout"] == 600
+    nsxlib.load_balancer.persistence_profile.update(
+        profile["id"], resource_type="LbSourceIpPersistenceProfile", timeout=900,
+    )
+    assert nsxlib.load_balancer.persistence_profile.get(profile["id"])["timeout"] == 900
+    nsxlib.load_balancer.persistence_profile.delete(profile["id"])
+    # Everything goes, children first, with the flags NCP sends.
+    nsxlib.firewall_section.delete(section["id"])
+    nsxlib.ns_group.delete(group["id"])
+    nsxlib.logical_port.delete(port["id"])
+    nsxlib.logical_router.delete_nat_rule(t0, rules[0]["id"])
+    nsxlib.logical_router.delete(t1["id"], force=True)
+    nsxlib.logical_switch.delete(ls["id"])
+    nsxlib.ip_pool.delete(pool["id"], force=True)
+    nsxlib.ip_block_subnet.delete(subnet["id"])
+    with pytest.raises(exceptions.ResourceNotFound):
+        nsxlib.ip_block_subnet.get(subnet["id"])
