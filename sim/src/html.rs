@@ -142,8 +142,9 @@ pub fn page(title: &str, runs: &[ScenarioRuns<'_>]) -> String {
             );
         }
         for (s, replay) in &r.seeds {
-            if let Some(d) = &s.detail {
-                seed_section(&mut h, s, replay, d);
+            // A pair that panicked has no detail, but its failure is shown.
+            if s.detail.is_some() || !s.passed {
+                seed_section(&mut h, s, replay, s.detail.as_deref());
             }
         }
     }
@@ -151,7 +152,7 @@ pub fn page(title: &str, runs: &[ScenarioRuns<'_>]) -> String {
     h
 }
 
-fn seed_section(h: &mut String, s: &SeedReport, replay: &str, d: &Detail) {
+fn seed_section(h: &mut String, s: &SeedReport, replay: &str, d: Option<&Detail>) {
     let _ = write!(
         h,
         "<details class=\"seed{}\"{}><summary>seed {} — <span class=\"{}\">{}</span>, {:.1} s simulated, {} NSX requests ({} writes), {} pods</summary>",
@@ -166,14 +167,23 @@ fn seed_section(h: &mut String, s: &SeedReport, replay: &str, d: &Detail) {
         s.pods
     );
     if !s.passed {
+        let how = match s.failure.as_deref() {
+            Some("panic") => " (the pair panicked)",
+            Some("timeout") => " (past --pair-timeout)",
+            _ => "",
+        };
         let _ = write!(
             h,
-            "<h3>Failure at step {}</h3><pre>{}</pre><p>Replay: <code>{}</code></p>",
+            "<h3>Failure at step {}{how}</h3><pre>{}</pre><p>Replay: <code>{}</code></p>",
             esc(s.failed_step.as_deref().unwrap_or("?")),
             esc(s.message.as_deref().unwrap_or("")),
             esc(replay)
         );
     }
+    let Some(d) = d else {
+        h.push_str("</details>");
+        return;
+    };
     h.push_str("<h3>Timeline</h3>");
     timeline(h, d, s.sim_time_ms);
     let converges: Vec<String> = d

@@ -54,6 +54,10 @@ enum Command {
         /// Parallel runs (default: the machine's cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// Wall-clock seconds one (scenario, seed) pair may take; past it the pair is reported
+        /// failed (`failure: "timeout"`) and the others run on.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        pair_timeout: Option<u64>,
         /// Write snapshots that are missing or differ instead of failing.
         #[arg(long)]
         update_snapshots: bool,
@@ -250,6 +254,7 @@ fn run_preset(
             report: out.report,
             html: out.html,
             jobs: out.jobs,
+            pair_timeout: None,
             update_snapshots: false,
             print_trace: out.print_trace,
         },
@@ -280,6 +285,7 @@ fn run() -> anyhow::Result<bool> {
             report,
             html,
             jobs,
+            pair_timeout,
             update_snapshots,
             print_trace,
         } => scenarios::run(scenarios::RunArgs {
@@ -291,6 +297,7 @@ fn run() -> anyhow::Result<bool> {
             report,
             html,
             jobs,
+            pair_timeout,
             update_snapshots,
             print_trace,
         }),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, bail};
 use nsx_sim::scenario::names::{Endpoint, parse_ip, protocol};
-use nsx_sim::scenario::run::{RunOptions, SeedReport, run as run_one};
+use nsx_sim::scenario::run::{Injection, RunOptions, SeedReport, run as run_one, running_step};
 use nsx_sim::scenario::spec::{Scenario, load};
 use serde_json::json;
 
@@ -20,6 +20,8 @@ pub struct RunArgs {
     pub report: Option<PathBuf>,
     pub html: Option<PathBuf>,
     pub jobs: Option<usize>,
+    /// `--pair-timeout SECS`.
+    pub pair_timeout: Option<u64>,
     pub update_snapshots: bool,
     pub print_trace: bool,
 }
@@ -145,7 +147,10 @@ pub fn run_scenarios(
         stop_after: None,
         update_snapshots: args.update_snapshots,
         detail: args.html.is_some(),
+        pair_timeout: args.pair_timeout.map(std::time::Duration::from_secs),
+        inject: None,
     };
+    let injected = injections(all)?;
     std::thread::scope(|scope| {
         for _ in 0..jobs.min(pairs.len().max(1)) {
             scope.spawn(|| {
@@ -154,7 +159,33 @@ pub fn run_scenarios(
                     let Some((i, seed)) = pairs.get(j).copied() else {
                         break;
                     };
-                    let (mut r, _) = run_one(&all[i], seed, &opts);
+                    let pair_opts = RunOptions {
+                        inject: injected
+                            .iter()
+                            .find(|(k, s, _)| *k == i && *s == seed)
+                            .map(|(_, _, what)| *what),
+                        ..opts.clone()
+                    };
+                    let started = std::time::Instant::now();
+                    // A pair that panics is that pair's failure: the others run on and the
+                    // report is written.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_one(&all[i], seed, &pair_opts).0
+                    }));
+                    let mut r = ran.unwrap_or_else(|payload| {
+                        let msg = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic without a message".into());
+                        SeedReport::ended(
+                            seed,
+                            "panic",
+                            running_step(),
+                            format!("panicked: {msg}"),
+                            started.elapsed().as_millis() as u64,
+                        )
+                    });
                     // The page details a scenario's first seed and every failing one.
                     let first = pairs.iter().position(|(k, _)| *k == i) == Some(j);
                     if r.passed && !first {
@@ -220,8 +251,13 @@ pub fn run_scenarios(
                 sim as f64 / wall as f64,
             );
             for r in rs.iter().filter(|r| !r.passed) {
+                let how = match r.failure.as_deref() {
+                    Some("panic") => "panic in ",
+                    Some("timeout") => "timeout in ",
+                    _ => "",
+                };
                 println!(
-                    "  seed {}: step {}: {}",
+                    "  seed {}: {how}step {}: {}",
                     r.seed,
                     r.failed_step.as_deref().unwrap_or("?"),
                     r.message.as_deref().unwrap_or("")
@@ -261,6 +297,34 @@ pub fn run_scenarios(
     Ok(failed == 0)
 }
 
+/// Failures the tests of the runner's isolation inject, from `NSX_SIM_INJECT`
+/// (`panic@SCENARIO#SEED,stall@SCENARIO#SEED`): never set outside those tests.
+fn injections(all: &[Scenario]) -> anyhow::Result<Vec<(usize, u64, Injection)>> {
+    let Ok(text) = std::env::var("NSX_SIM_INJECT") else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for item in text.split(',').filter(|s| !s.is_empty()) {
+        let parsed = item.split_once('@').and_then(|(what, rest)| {
+            let (name, seed) = rest.split_once('#')?;
+            let what = match what {
+                "panic" => Injection::Panic,
+                "stall" => Injection::Stall,
+                _ => return None,
+            };
+            let i = all.iter().position(|s| s.name == name)?;
+            Some((i, seed.parse().ok()?, what))
+        });
+        match parsed {
+            Some(p) => out.push(p),
+            None => bail!(
+                "NSX_SIM_INJECT: `{item}` is not panic|stall@SCENARIO#SEED of a scenario run here"
+            ),
+        }
+    }
+    Ok(out)
+}
+
 fn run_to(
     file: &Path,
     seed: Option<u64>,
@@ -275,6 +339,8 @@ fn run_to(
             stop_after: at,
             update_snapshots: false,
             detail: false,
+            pair_timeout: None,
+            inject: None,
         },
     );
     if !r.passed {

@@ -15,6 +15,10 @@ use super::world::World;
 pub struct SeedReport {
     pub seed: u64,
     pub passed: bool,
+    /// How a failed pair failed: `step` (a step's check), `timeout` (past `--pair-timeout`),
+    /// `panic` (the pair panicked; the others ran on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     /// `N (line L, kind)` of the step that failed.
     pub failed_step: Option<String>,
     pub message: Option<String>,
@@ -70,6 +74,52 @@ pub struct RunOptions {
     pub update_snapshots: bool,
     /// Collect the seed's [`Detail`] (for `--html`).
     pub detail: bool,
+    /// Wall clock the pair may take (`--pair-timeout`); past it the pair stops where it is and
+    /// fails as `timeout`. Read only to stop: it never changes what a pair that finishes does.
+    pub pair_timeout: Option<std::time::Duration>,
+    /// A failure injected by the tests of the runner's isolation (never by a scenario).
+    pub inject: Option<Injection>,
+}
+
+/// What a test of the runner's isolation makes a pair do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injection {
+    /// Panic once the world is built.
+    Panic,
+    /// Advance simulated time without end (until `pair_timeout` stops it).
+    Stall,
+}
+
+thread_local! {
+    /// The step this thread's pair is running (`N (line L, kind)`): what a panic report names.
+    static RUNNING: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// The step the pair on this thread was running (empty before its first step).
+pub fn running_step() -> String {
+    RUNNING.with(|r| r.borrow().clone())
+}
+
+impl SeedReport {
+    /// A pair that ended without a report of its own (it panicked): `failure` says how.
+    pub fn ended(seed: u64, failure: &str, step: String, message: String, wall_ms: u64) -> Self {
+        Self {
+            seed,
+            passed: false,
+            failure: Some(failure.to_string()),
+            failed_step: Some(step),
+            message: Some(message),
+            sim_time_ms: 0,
+            wall_ms,
+            nsx_requests: NsxRequests::default(),
+            ncp_client: Default::default(),
+            marks: Vec::new(),
+            pods: 0,
+            trace_hash: String::new(),
+            trace: Vec::new(),
+            detail: None,
+        }
+    }
 }
 
 const CONTROLLER_EVERY_MS: u64 = 100;
@@ -96,6 +146,9 @@ struct Runner {
     policy_oracle: bool,
     /// What `--html` shows, when asked for.
     detail: Option<Detail>,
+    /// `--pair-timeout` as an instant, and whether the pair ran past it.
+    deadline: Option<std::time::Instant>,
+    timed_out: bool,
 }
 
 impl Runner {
@@ -113,8 +166,15 @@ impl Runner {
 
     /// Runs the simulation `ms` further, with the harness's controllers and the invariants.
     fn advance(&mut self, ms: u64) -> Result<(), String> {
-        let until = self.w.now_ms() + ms;
+        let until = self.w.now_ms().saturating_add(ms);
         while self.w.now_ms() < until {
+            if self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                self.timed_out = true;
+                return Err("ran past --pair-timeout of wall clock".into());
+            }
             let now = self.w.now_ms();
             if now >= self.next_controllers {
                 self.next_controllers = now + CONTROLLER_EVERY_MS;
@@ -668,6 +728,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
                 SeedReport {
                     seed,
                     passed: false,
+                    failure: Some("step".into()),
                     failed_step: Some("setup".into()),
                     message: Some(e),
                     sim_time_ms: 0,
@@ -701,7 +762,13 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
             _ => false,
         }),
         detail: opts.detail.then(Detail::default),
+        deadline: opts.pair_timeout.map(|t| started + t),
+        timed_out: false,
     };
+    if opts.inject == Some(Injection::Panic) {
+        RUNNING.with(|r| *r.borrow_mut() = "setup".into());
+        panic!("injected panic (a test of the runner's isolation)");
+    }
     let mut failure = None;
     for (i, s) in sc.steps.iter().enumerate() {
         if opts.stop_after.is_some_and(|n| i >= n) {
@@ -717,10 +784,20 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         if let Some(d) = r.detail.as_mut() {
             d.fault_step(&s.kind, started_ms);
         }
-        let res = r.step(&s.kind, s.line, opts).and_then(|()| {
-            r.w.invariants()
-                .map_err(|e| format!("invariant violated: {e}"))
+        RUNNING.with(|run| {
+            *run.borrow_mut() = format!("{} (line {}, {})", i + 1, s.line, s.kind.name())
         });
+        let stall = if i == 0 && opts.inject == Some(Injection::Stall) {
+            r.advance(u64::MAX / 4)
+        } else {
+            Ok(())
+        };
+        let res = stall
+            .and_then(|()| r.step(&s.kind, s.line, opts))
+            .and_then(|()| {
+                r.w.invariants()
+                    .map_err(|e| format!("invariant violated: {e}"))
+            });
         if let Some(d) = r.detail.as_mut() {
             d.steps.push(StepSpan {
                 n: i + 1,
@@ -763,9 +840,11 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
     }
     let lines = w.trace.lines();
     let c = w.nsx.counters();
+    let kind = if r.timed_out { "timeout" } else { "step" };
     let report = SeedReport {
         seed,
         passed: failure.is_none(),
+        failure: failure.as_ref().map(|_| kind.to_string()),
         failed_step: failure.as_ref().map(|f| f.0.clone()),
         message: failure.map(|f| f.1),
         sim_time_ms: w.now_ms(),

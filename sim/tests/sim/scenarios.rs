@@ -487,7 +487,7 @@ fn the_bundled_snapshots_hold_under_insta() {
                 &RunOptions {
                     stop_after: Some(i + 1),
                     update_snapshots: false,
-                    detail: false,
+                    ..RunOptions::default()
                 },
             );
             assert!(r.passed, "{}: {:?}", sc.name, r.message);
@@ -563,4 +563,117 @@ fn a_pod_back_on_another_node_is_not_wired_on_the_old_one() {
     let sc = load(&f).unwrap_or_else(|e| panic!("{e}"));
     let (r, _) = run(&sc, 555_397, &RunOptions::default());
     assert!(r.passed, "{:?}: {:?}", r.failed_step, r.message);
+}
+
+/// `(scenario, seed) -> (passed, failure, trace_hash)` of a `--json` report.
+fn verdicts(
+    report: &serde_json::Value,
+) -> std::collections::BTreeMap<(String, u64), (bool, String, String)> {
+    let mut out = std::collections::BTreeMap::new();
+    for s in report["scenarios"].as_array().expect("scenarios") {
+        for r in s["seeds"].as_array().expect("seeds") {
+            out.insert(
+                (
+                    s["name"].as_str().unwrap().to_string(),
+                    r["seed"].as_u64().unwrap(),
+                ),
+                (
+                    r["passed"].as_bool().unwrap(),
+                    r["failure"].as_str().unwrap_or("").to_string(),
+                    r["trace_hash"].as_str().unwrap_or("").to_string(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn a_pair_that_panics_or_overruns_fails_alone_and_the_rest_run_on() {
+    let files = [
+        suite().join("nsx-restart.yaml"),
+        suite().join("snat-disabled.yaml"),
+    ];
+    let run = |inject: Option<&str>, html: Option<&Path>| {
+        let mut c = bin();
+        c.arg("run").args(&files).args([
+            "--seeds",
+            "1..5",
+            "--json",
+            "--jobs",
+            "2",
+            "--pair-timeout",
+            "3",
+        ]);
+        if let Some(h) = html {
+            c.arg("--html").arg(h);
+        }
+        match inject {
+            Some(i) => c.env("NSX_SIM_INJECT", i),
+            None => c.env_remove("NSX_SIM_INJECT"),
+        };
+        let out = c.output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), report)
+    };
+    let (code, clean) = run(None, None);
+    assert_eq!(code, Some(0), "{clean}");
+    let clean = verdicts(&clean);
+    assert_eq!(clean.len(), 8);
+    let page = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("isolation-{}.html", std::process::id()));
+    let (code, hurt) = run(
+        Some("panic@nsx-restart#2,stall@snat-disabled#3"),
+        Some(&page),
+    );
+    assert_eq!(code, Some(1), "a failed pair makes the run exit 1");
+    let got = verdicts(&hurt);
+    for (k, (passed, failure, hash)) in &got {
+        match (k.0.as_str(), k.1) {
+            ("nsx-restart", 2) => assert_eq!((*passed, failure.as_str()), (false, "panic")),
+            ("snat-disabled", 3) => assert_eq!((*passed, failure.as_str()), (false, "timeout")),
+            _ => assert_eq!(
+                (passed, failure, hash),
+                (&clean[k].0, &clean[k].1, &clean[k].2),
+                "{k:?} changed beside the failed pairs"
+            ),
+        }
+    }
+    assert_eq!(got.len(), 8, "every pair is reported");
+    let entry = |name: &str, seed: u64| {
+        hurt["scenarios"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .and_then(|s| {
+                s["seeds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r["seed"] == seed)
+            })
+            .cloned()
+            .unwrap()
+    };
+    let p = entry("nsx-restart", 2);
+    assert!(
+        p["message"].as_str().unwrap().contains("injected panic"),
+        "{p}"
+    );
+    assert_eq!(p["failed_step"], "setup", "{p}");
+    let t = entry("snat-disabled", 3);
+    assert!(
+        t["message"].as_str().unwrap().contains("--pair-timeout"),
+        "{t}"
+    );
+    assert!(
+        t["failed_step"].as_str().unwrap().starts_with("1 (line"),
+        "{t}"
+    );
+    // The page is written too, with both failures and their replay commands.
+    let html = std::fs::read_to_string(&page).expect("the --html page");
+    assert!(html.contains("panicked: injected panic"));
+    assert!(html.contains("snat-disabled.yaml --seed 3 --print-trace"));
 }
