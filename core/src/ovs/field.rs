@@ -383,6 +383,14 @@ pub fn parse_value(field: Field, text: &str) -> Result<u128, String> {
             field.bits()
         ));
     }
+    // OVS refuses a conntrack state with bits no state flag has.
+    let flags = CT_FLAGS.iter().fold(0u128, |m, (_, b)| m | u128::from(*b));
+    if field == Field::CtState && v & !flags != 0 {
+        return Err(format!(
+            "{text}: {:#x} is not a conntrack state flag",
+            v & !flags
+        ));
+    }
     Ok(v)
 }
 
@@ -499,6 +507,16 @@ mod tests {
                 .contains("too big")
         );
         assert!(parse_value(Field::EthSrc, "00:11").is_err());
+        // A numeric conntrack state with bits no flag has (found by the ovs_text fuzzer: it
+        // printed as its flags and parsed back as another state).
+        assert!(
+            parse_value(Field::CtState, "100100")
+                .unwrap_err()
+                .contains("not a conntrack state flag")
+        );
+        assert_eq!(parse_value(Field::CtState, "0x21").unwrap(), 0x21);
+        assert_eq!(parse_value(Field::InPort, "LOCAL").unwrap(), 0xfffe);
+        assert_eq!(format_value(Field::InPort, 0xfffe), "LOCAL");
         assert_eq!(Field::from_name("NXM_NX_REG7"), Some(Field::Reg(7)));
         assert_eq!(Field::from_name("reg16"), None);
     }
