@@ -738,7 +738,7 @@ fn line_of(text: &str, needle: &str) -> Option<u64> {
 }
 
 /// The most nodes a scenario's cluster may have.
-pub const MAX_NODES: usize = 64;
+pub const MAX_NODES: usize = 1000;
 
 /// The line of `cluster.<key>` (the `cluster:` line when the key is written on it, in flow
 /// style, or is absent and defaulted), for errors about the cluster's settings.

@@ -88,6 +88,13 @@ impl World {
         setup.container_block = c.ip_block.clone();
         setup.snat_pool = c.snat_pool.clone();
         setup.lb_pool = c.lb_pool.clone();
+        // The node VMs' network holds every node (the bootstrap keeps the first addresses of
+        // it for itself): a /24 up to 240 nodes, larger beyond.
+        let host_bits = ((c.nodes.len() + 16) as u32)
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(8);
+        setup.node_cidr = format!("172.16.0.0/{}", 32 - host_bits);
         mc.bootstrap = Some(fake_nsx_manager::BootstrapConfig {
             clusters: vec![setup],
         });

@@ -171,12 +171,12 @@ const BAD: &[(&str, u64, &str)] = &[
     (
         "name: x\ncluster: {nodes: 100000000000}\nsteps: []\n",
         2,
-        "1 to 64 nodes, not 100000000000",
+        "1 to 1000 nodes, not 100000000000",
     ),
     (
         "name: x\ncluster:\n  name: k\n  # a comment\n\n  nodes: 0\nsteps: []\n",
         6,
-        "1 to 64 nodes, not 0",
+        "1 to 1000 nodes, not 0",
     ),
     (
         "name: x\ncluster:\n  nodes: [node-1, ncp]\n  ip_block: 10.4.0.0/16\nsteps: []\n",
