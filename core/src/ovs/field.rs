@@ -433,11 +433,18 @@ pub fn parse_masked(field: Field, text: &str) -> Result<(u128, u128), String> {
 /// `+trk+new-est` or a number with an optional mask.
 pub fn parse_ct_state(text: &str) -> Result<(u128, u128), String> {
     if !text.starts_with(['+', '-']) {
+        // A number: every bit must be a state flag (ovs-ofctl refuses others as "unknown
+        // ct_state flag(s)"); without a mask, all the flags are matched.
+        let flags = CT_FLAGS.iter().fold(0u128, |m, (_, b)| m | u128::from(*b));
         let (v, m) = match text.split_once('/') {
             Some((v, m)) => (parse_number(v), parse_number(m)),
-            None => (parse_number(text), Some(0xffff_ffff)),
+            None => (parse_number(text), Some(flags)),
         };
         return match (v, m) {
+            (Some(v), Some(m)) if (v | m) & !flags != 0 => Err(format!(
+                "ct_state {text:?}: {:#x} is not a conntrack state flag",
+                (v | m) & !flags
+            )),
             (Some(v), Some(m)) => Ok((v & m, m)),
             _ => Err(format!("{text:?} is not a ct_state")),
         };
@@ -515,6 +522,14 @@ mod tests {
                 .contains("not a conntrack state flag")
         );
         assert_eq!(parse_value(Field::CtState, "0x21").unwrap(), 0x21);
+        assert!(
+            parse_ct_state("100100")
+                .unwrap_err()
+                .contains("not a conntrack state flag")
+        );
+        assert!(parse_ct_state("0x21/0x100").is_err());
+        assert_eq!(parse_ct_state("0x21").unwrap(), (0x21, 0xff));
+        assert_eq!(parse_ct_state("0x20/0x21").unwrap(), (0x20, 0x21));
         assert_eq!(parse_value(Field::InPort, "LOCAL").unwrap(), 0xfffe);
         assert_eq!(format_value(Field::InPort, 0xfffe), "LOCAL");
         assert_eq!(Field::from_name("NXM_NX_REG7"), Some(Field::Reg(7)));
