@@ -186,11 +186,13 @@ impl World {
         };
         b.now_ms = self.now_ms();
         let t = b.forward(p, 64);
-        path.push(format!(
-            "{node} ovs: {} -> {}",
-            p.describe(),
-            t.datapath_actions()
-        ));
+        if !self.quiet_paths.get() {
+            path.push(format!(
+                "{node} ovs: {} -> {}",
+                p.describe(),
+                t.datapath_actions()
+            ));
+        }
         match t.outputs.first() {
             // Sent to the controller: the agent answers with a TCP RST or an ICMP port
             // unreachable (kube-proxy's REJECT); nothing else answers.
@@ -292,8 +294,10 @@ impl World {
         hops: usize,
     ) -> Result<(Option<Arrival>, Reached), String> {
         let t = self.nsx.inspect(|s| s.trace(conns, &entry, &pkt));
-        for h in &t.hops {
-            path.push(format!("nsx: {h}"));
+        if !self.quiet_paths.get() {
+            for h in &t.hops {
+                path.push(format!("nsx: {h}"));
+            }
         }
         match t.verdict {
             Verdict::Dropped { reason } => Ok((None, Reached::Dropped(format!("NSX: {reason}")))),
@@ -678,8 +682,10 @@ impl World {
         hops: usize,
     ) -> bool {
         let t = self.nsx.inspect(|s| s.trace(conns, entry, pkt));
-        for h in &t.hops {
-            path.push(format!("nsx: {h}"));
+        if !self.quiet_paths.get() {
+            for h in &t.hops {
+                path.push(format!("nsx: {h}"));
+            }
         }
         // Delivered to a node's own port: through its bridge untagged, which un-NATs the
         // reply of a NodePort connection it forwarded (and sends it on) or hands it to the

@@ -46,6 +46,10 @@ pub struct PolicyWorld {
     pub policies: Vec<NetworkPolicy>,
 }
 
+/// (port, protocol) -> (source, destination) -> what the oracle says, for the cells the traced
+/// dataplane gets wrong.
+type WrongCells = BTreeMap<(u16, String), BTreeMap<(usize, usize), bool>>;
+
 impl PolicyWorld {
     /// Reads namespaces (labels) and policies from their JSON documents.
     pub fn from_docs(namespaces: &[Value], policies: &[Value]) -> Result<Self, String> {
@@ -318,27 +322,14 @@ impl super::world::World {
     /// Compares the oracle's verdict with the traced dataplane for every pair of wired pods,
     /// on every port the destination declares and one it does not. `Err` prints the differing
     /// cells as reachability tables, one per port.
-    pub fn check_policy_oracle(&self) -> Result<(), String> {
-        let policy = PolicyWorld::from_docs(
-            &self.api.list("namespaces"),
-            &self.api.list("networkpolicies"),
-        )?;
-        let mut pods: Vec<OraclePod> = Vec::new();
-        for doc in self.api.list("pods") {
-            let (Some(ns), Some(name)) = (
-                doc["metadata"]["namespace"].as_str(),
-                doc["metadata"]["name"].as_str(),
-            ) else {
-                continue;
-            };
-            // Only pods wired on their node (a converged cluster wires every one that needs it).
-            let Ok(at) = self.pod_at(ns, name) else {
-                continue;
-            };
-            pods.extend(oracle_pod(&doc, at.ip));
-        }
-        // (port, protocol) -> (source, destination) -> (oracle, traced), differing cells only.
-        let mut wrong: BTreeMap<(u16, String), BTreeMap<(usize, usize), bool>> = BTreeMap::new();
+    /// The traced verdict of every (source, destination, port) against the oracle's; the
+    /// cells that differ go into `wrong`.
+    fn oracle_cells(
+        &self,
+        policy: &PolicyWorld,
+        pods: &[OraclePod],
+        wrong: &mut WrongCells,
+    ) -> Result<(), String> {
         for (j, dst) in pods.iter().enumerate() {
             for (port, protocol) in ports_to_check(dst) {
                 let proto = super::names::protocol(&protocol)?;
@@ -365,6 +356,35 @@ impl super::world::World {
                 }
             }
         }
+        Ok(())
+    }
+
+    pub fn check_policy_oracle(&self) -> Result<(), String> {
+        let policy = PolicyWorld::from_docs(
+            &self.api.list("namespaces"),
+            &self.api.list("networkpolicies"),
+        )?;
+        let mut pods: Vec<OraclePod> = Vec::new();
+        for doc in self.api.list("pods") {
+            let (Some(ns), Some(name)) = (
+                doc["metadata"]["namespace"].as_str(),
+                doc["metadata"]["name"].as_str(),
+            ) else {
+                continue;
+            };
+            // Only pods wired on their node (a converged cluster wires every one that needs it).
+            let Ok(at) = self.pod_at(ns, name) else {
+                continue;
+            };
+            pods.extend(oracle_pod(&doc, at.ip));
+        }
+        // (port, protocol) -> (source, destination) -> (oracle, traced), differing cells only.
+        let mut wrong: WrongCells = BTreeMap::new();
+        // The verdicts are what is compared; no path of these connections is printed.
+        let was_quiet = self.quiet_paths.replace(true);
+        let result = self.oracle_cells(&policy, &pods, &mut wrong);
+        self.quiet_paths.set(was_quiet);
+        result?;
         if wrong.is_empty() {
             return Ok(());
         }

@@ -62,6 +62,9 @@ pub struct World {
     /// The next ephemeral source port for a connectivity check (fresh for every connection,
     /// as a client's stack would pick, so old conntrack entries are not reused).
     pub next_sport: std::cell::Cell<u16>,
+    /// Connectivity checks whose path nobody reads (the policy oracle's): the per-hop text of
+    /// OVS and NSX is not built. Verdicts are the same either way.
+    pub(super) quiet_paths: std::cell::Cell<bool>,
     /// The apiserver revision the endpoints controller last worked from (its own writes
     /// included, so the run after a write settles).
     endpoints_seen: std::cell::Cell<u64>,
@@ -187,6 +190,7 @@ impl World {
             applied_annotations: BTreeMap::new(),
             ncp,
             next_sport: std::cell::Cell::new(32768),
+            quiet_paths: std::cell::Cell::new(false),
             endpoints_seen: std::cell::Cell::new(0),
             probes: Default::default(),
             probes_seen: std::cell::Cell::new(0),
