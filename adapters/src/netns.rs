@@ -215,6 +215,19 @@ pub fn configure_pod_link(
     })
 }
 
+/// A link's MAC address, `aa:bb:..`.
+fn link_mac(link: &LinkMessage) -> Option<String> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => Some(
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":"),
+        ),
+        _ => None,
+    })
+}
+
 /// What the pod's interface holds, for CNI CHECK: (MAC, addresses with prefix).
 pub fn inspect_pod_link(netns: &Path, ifname: &str) -> Result<(String, Vec<String>), NetnsError> {
     let ifname = ifname.to_string();
@@ -222,19 +235,7 @@ pub fn inspect_pod_link(netns: &Path, ifname: &str) -> Result<(String, Vec<Strin
         let link = link_by_name(&h, &ifname)
             .await?
             .ok_or_else(|| NetnsError::Invalid(format!("no {ifname} in the pod's namespace")))?;
-        let mac = link
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                LinkAttribute::Address(m) => Some(
-                    m.iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":"),
-                ),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let mac = link_mac(&link).unwrap_or_default();
         let mut out = Vec::new();
         let mut addrs = h
             .address()
@@ -259,18 +260,7 @@ pub fn host_link_mac(name: &str) -> Result<String, NetnsError> {
         let link = link_by_name(&h, &name)
             .await?
             .ok_or_else(|| NetnsError::Invalid(format!("no host link {name}")))?;
-        link.attributes
-            .iter()
-            .find_map(|a| match a {
-                LinkAttribute::Address(m) => Some(
-                    m.iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":"),
-                ),
-                _ => None,
-            })
-            .ok_or_else(|| NetnsError::Invalid(format!("host link {name} has no MAC")))
+        link_mac(&link).ok_or_else(|| NetnsError::Invalid(format!("host link {name} has no MAC")))
     })
 }
 

@@ -265,13 +265,13 @@ fn serve_http(pod: &Pod) -> Running {
          \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 6\\r\\n\\r\\npod-{}\\n'); c.close()\n",
         pod.ip, pod.name
     );
-    serve_py(pod, &py)
+    serve_py(&pod.netns, &py)
 }
 
-/// Runs the Python server `py` in `pod`'s namespace, once it prints "listening".
-fn serve_py(pod: &Pod, py: &str) -> Running {
+/// Runs the Python server `py` in namespace `netns`, once it prints "listening".
+fn serve_py(netns: &str, py: &str) -> Running {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "python3", "-c", py])
+        .args(["netns", "exec", netns, "python3", "-c", py])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -328,7 +328,7 @@ fn serve_udp(pod: &Pod) -> Running {
          \x20   d, a = s.recvfrom(100); s.sendto(b'pong', a)\n",
         pod.ip
     );
-    serve_py(pod, &py)
+    serve_py(&pod.netns, &py)
 }
 
 /// From `pod`'s port 40001, a datagram to 10.96.0.13:`port`: "pong" or what happened.
@@ -420,17 +420,7 @@ fn serve_peer(netns: &str, ip: &str) -> Running {
          \x20   c, a = s.accept(); c.recv(4096); b = ('from ' + a[0]).encode()\n\
          \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n' % len(b) + b); c.close()\n"
     );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "python3", "-c", &py])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "listening", "the peer server did not start");
-    Running(child)
+    serve_py(netns, &py)
 }
 
 /// One GET of `url` from namespace `netns` (3 s): "<status> <body>" or the error's type.

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, bail};
 use nsx_sim::scenario::names::{Endpoint, parse_ip, protocol};
-use nsx_sim::scenario::run::{Injection, RunOptions, SeedReport, run as run_one, running_step};
+use nsx_sim::scenario::run::{
+    DetailWhen, Injection, RunOptions, SeedReport, run as run_one, running_step,
+};
 use nsx_sim::scenario::spec::{Scenario, load};
 use serde_json::json;
 
@@ -146,11 +148,16 @@ pub fn run_scenarios(
     let opts = RunOptions {
         stop_after: None,
         update_snapshots: args.update_snapshots,
-        detail: args.html.is_some(),
+        detail: DetailWhen::Never,
         pair_timeout: args.pair_timeout.map(std::time::Duration::from_secs),
         inject: None,
     };
     let injected = injections(all)?;
+    // Each scenario's first pair (its index in `pairs`).
+    let mut first_pair = vec![usize::MAX; all.len()];
+    for (j, (i, _)) in pairs.iter().enumerate().rev() {
+        first_pair[*i] = j;
+    }
     std::thread::scope(|scope| {
         for _ in 0..jobs.min(pairs.len().max(1)) {
             scope.spawn(|| {
@@ -159,7 +166,14 @@ pub fn run_scenarios(
                     let Some((i, seed)) = pairs.get(j).copied() else {
                         break;
                     };
+                    // The page details a scenario's first seed and every failing one.
+                    let detail = match (&args.html, first_pair[i] == j) {
+                        (None, _) => DetailWhen::Never,
+                        (Some(_), true) => DetailWhen::Always,
+                        (Some(_), false) => DetailWhen::Failed,
+                    };
                     let pair_opts = RunOptions {
+                        detail,
                         inject: injected
                             .iter()
                             .find(|(k, s, _)| *k == i && *s == seed)
@@ -172,7 +186,7 @@ pub fn run_scenarios(
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         run_one(&all[i], seed, &pair_opts).0
                     }));
-                    let mut r = ran.unwrap_or_else(|payload| {
+                    let r = ran.unwrap_or_else(|payload| {
                         let msg = payload
                             .downcast_ref::<&str>()
                             .map(|s| s.to_string())
@@ -186,11 +200,6 @@ pub fn run_scenarios(
                             started.elapsed().as_millis() as u64,
                         )
                     });
-                    // The page details a scenario's first seed and every failing one.
-                    let first = pairs.iter().position(|(k, _)| *k == i) == Some(j);
-                    if r.passed && !first {
-                        r.detail = None;
-                    }
                     if let Ok(mut res) = results.lock() {
                         res[j] = Some(r);
                     }
@@ -338,7 +347,7 @@ fn run_to(
         &RunOptions {
             stop_after: at,
             update_snapshots: false,
-            detail: false,
+            detail: DetailWhen::Never,
             pair_timeout: None,
             inject: None,
         },

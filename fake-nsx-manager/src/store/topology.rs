@@ -32,32 +32,22 @@ pub(super) struct Downlink {
 pub(super) struct Topology {
     /// Address -> the logical ports holding it, in id order.
     ports_by_ip: HashMap<u32, Vec<String>>,
-    /// (PARENT VIF, VLAN) -> the first CHILD port with that `traffic_tag` under it.
-    port_by_vif: HashMap<(String, u16), String>,
+    /// PARENT VIF -> VLAN -> the first CHILD port with that `traffic_tag` under it (nested, so
+    /// that a packet's lookup allocates nothing).
+    port_by_vif: HashMap<String, HashMap<u16, String>>,
     /// Every downlink, in router-port id order.
     downlinks: Vec<Downlink>,
     /// Switch -> index in `downlinks` of the first downlink attaching it.
     router_of_switch: HashMap<String, usize>,
     /// Tier-1 -> the tier-0 its first resolvable link port points at.
     tier0_of: HashMap<String, String>,
-    /// (VIP, port, L4 protocol) -> the first virtual server listening there.
-    virtual_servers: HashMap<(u32, u16, String), String>,
-    /// Memo: (NSGroup, logical port) -> whether the group holds the port.
-    group_ports: Mutex<HashMap<(String, String), bool>>,
-    /// Memo: (NSGroup, address) -> whether the group holds the address.
-    group_ips: Mutex<HashMap<(String, u32), bool>>,
-}
-
-impl PartialEq for Topology {
-    /// The derived maps only: the memos are checked answer by answer (see `verify`).
-    fn eq(&self, o: &Self) -> bool {
-        self.ports_by_ip == o.ports_by_ip
-            && self.port_by_vif == o.port_by_vif
-            && self.downlinks == o.downlinks
-            && self.router_of_switch == o.router_of_switch
-            && self.tier0_of == o.tier0_of
-            && self.virtual_servers == o.virtual_servers
-    }
+    /// (VIP, port) -> (L4 protocol, virtual server) in id order: the first of a protocol
+    /// listens there.
+    virtual_servers: HashMap<(u32, u16), Vec<(String, String)>>,
+    /// Memo: NSGroup -> logical port -> whether the group holds the port.
+    group_ports: Mutex<HashMap<String, HashMap<String, bool>>>,
+    /// Memo: NSGroup -> address -> whether the group holds the address.
+    group_ips: Mutex<HashMap<String, HashMap<u32, bool>>>,
 }
 
 /// The store's slot for the index. Cloning (a batch's rollback copy) and deserializing give an
@@ -110,7 +100,9 @@ impl Topology {
                 .and_then(|v| u16::try_from(v).ok());
             if let (Some(vif), Some(tag)) = (vif, tag) {
                 t.port_by_vif
-                    .entry((vif.to_string(), tag))
+                    .entry(vif.to_string())
+                    .or_default()
+                    .entry(tag)
                     .or_insert_with(|| p.clone());
             }
         }
@@ -135,8 +127,11 @@ impl Topology {
             t.tier0_of.entry(t1.to_string()).or_insert(t0);
         }
         for vs in s.ids_of(Kind::LbVirtualServer) {
-            if let Some(key) = s.virtual_server_key(vs) {
-                t.virtual_servers.entry(key).or_insert_with(|| vs.clone());
+            if let Some((ip, port, proto)) = s.virtual_server_key(vs) {
+                t.virtual_servers
+                    .entry((ip, port))
+                    .or_default()
+                    .push((proto, vs.clone()));
             }
         }
         t
@@ -153,7 +148,7 @@ impl Topology {
     }
 
     pub fn port_by_vif(&self, vif: &str, vlan: u16) -> Option<&String> {
-        self.port_by_vif.get(&(vif.to_string(), vlan))
+        self.port_by_vif.get(vif)?.get(&vlan)
     }
 
     /// The tier-1 of the first downlink attaching `switch`.
@@ -176,49 +171,89 @@ impl Topology {
     }
 
     pub fn virtual_server(&self, ip: u32, port: u16, proto: &str) -> Option<&String> {
-        self.virtual_servers.get(&(ip, port, proto.to_string()))
+        self.virtual_servers
+            .get(&(ip, port))?
+            .iter()
+            .find(|(p, _)| p == proto)
+            .map(|(_, vs)| vs)
     }
 
     pub fn group_holds_port(&self, s: &Store, group: &str, port: &str) -> bool {
-        let key = (group.to_string(), port.to_string());
-        if let Some(&hit) = lock(&self.group_ports).get(&key) {
-            return hit;
-        }
-        let hit = s.nsgroup_holds(group, Kind::LogicalPort, port);
-        lock(&self.group_ports).insert(key, hit);
-        hit
+        let known = lock(&self.group_ports)
+            .get(group)
+            .and_then(|m| m.get(port).copied());
+        known.unwrap_or_else(|| {
+            let hit = s.nsgroup_holds(group, Kind::LogicalPort, port);
+            lock(&self.group_ports)
+                .entry(group.to_string())
+                .or_default()
+                .insert(port.to_string(), hit);
+            hit
+        })
     }
 
     pub fn group_holds_ip(&self, s: &Store, group: &str, ip: u32) -> bool {
-        let key = (group.to_string(), ip);
-        if let Some(&hit) = lock(&self.group_ips).get(&key) {
-            return hit;
-        }
-        let hit = s.group_holds_ip_scan(group, ip);
-        lock(&self.group_ips).insert(key, hit);
-        hit
+        let known = lock(&self.group_ips)
+            .get(group)
+            .and_then(|m| m.get(&ip).copied());
+        known.unwrap_or_else(|| {
+            let hit = s.group_holds_ip_scan(group, ip);
+            lock(&self.group_ips)
+                .entry(group.to_string())
+                .or_default()
+                .insert(ip, hit);
+            hit
+        })
     }
 
     /// The index as built equals one built now, and every memoized answer equals the scan.
+    /// The first difference named is the same on every run (the maps are visited sorted), so
+    /// a failure's message, which the simulation's trace records, does not vary.
     fn verify(&self, s: &Store) -> Result<(), String> {
         let fresh = Topology::build(s);
-        if *self != fresh {
+        let parts = [
+            ("ports by address", self.ports_by_ip == fresh.ports_by_ip),
+            ("CHILD ports by VIF", self.port_by_vif == fresh.port_by_vif),
+            ("downlinks", self.downlinks == fresh.downlinks),
+            (
+                "routers of switches",
+                self.router_of_switch == fresh.router_of_switch,
+            ),
+            ("tier-0 links", self.tier0_of == fresh.tier0_of),
+            (
+                "virtual servers",
+                self.virtual_servers == fresh.virtual_servers,
+            ),
+        ];
+        if let Some((part, _)) = parts.iter().find(|(_, same)| !same) {
             return Err(format!(
-                "the dataplane's topology index is stale: cached {self:?}, rebuilt {fresh:?}"
+                "the dataplane's topology index is stale: its {part} differ from a rebuild"
             ));
         }
-        for ((g, p), hit) in lock(&self.group_ports).iter() {
-            if s.nsgroup_holds(g, Kind::LogicalPort, p) != *hit {
+        let ports = lock(&self.group_ports);
+        let mut memo: Vec<(&String, &String, bool)> = ports
+            .iter()
+            .flat_map(|(g, m)| m.iter().map(move |(p, hit)| (g, p, *hit)))
+            .collect();
+        memo.sort();
+        for (g, p, hit) in memo {
+            if s.nsgroup_holds(g, Kind::LogicalPort, p) != hit {
                 return Err(format!(
                     "memoized membership of port {p} in NSGroup {g} is stale ({hit})"
                 ));
             }
         }
-        for ((g, ip), hit) in lock(&self.group_ips).iter() {
-            if s.group_holds_ip_scan(g, *ip) != *hit {
+        let ips = lock(&self.group_ips);
+        let mut memo: Vec<(&String, u32, bool)> = ips
+            .iter()
+            .flat_map(|(g, m)| m.iter().map(move |(ip, hit)| (g, *ip, *hit)))
+            .collect();
+        memo.sort();
+        for (g, ip, hit) in memo {
+            if s.group_holds_ip_scan(g, ip) != hit {
                 return Err(format!(
                     "memoized membership of {} in NSGroup {g} is stale ({hit})",
-                    crate::ipam::ip_to_string(*ip)
+                    crate::ipam::ip_to_string(ip)
                 ));
             }
         }

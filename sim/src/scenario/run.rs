@@ -72,13 +72,24 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Write snapshots that differ or are missing instead of failing.
     pub update_snapshots: bool,
-    /// Collect the seed's [`Detail`] (for `--html`).
-    pub detail: bool,
+    /// Which seeds keep their [`Detail`] (for `--html`).
+    pub detail: DetailWhen,
     /// Wall clock the pair may take (`--pair-timeout`); past it the pair stops where it is and
     /// fails as `timeout`. Read only to stop: it never changes what a pair that finishes does.
     pub pair_timeout: Option<std::time::Duration>,
     /// A failure injected by the tests of the runner's isolation (never by a scenario).
     pub inject: Option<Injection>,
+}
+
+/// When a run keeps its [`Detail`]: the page details a scenario's first seed and every
+/// failing one. The cheap records are kept along the way; the store walk and the request log
+/// are read only for a run that keeps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetailWhen {
+    #[default]
+    Never,
+    Failed,
+    Always,
 }
 
 /// What a test of the runner's isolation makes a pair do.
@@ -101,7 +112,8 @@ pub fn running_step() -> String {
 }
 
 impl SeedReport {
-    /// A pair that ended without a report of its own (it panicked): `failure` says how.
+    /// A pair that ended without a run to report (its world could not be built, or it
+    /// panicked): `failure` says how.
     pub fn ended(seed: u64, failure: &str, step: String, message: String, wall_ms: u64) -> Self {
         Self {
             seed,
@@ -725,22 +737,13 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         Ok(w) => w,
         Err(e) => {
             return (
-                SeedReport {
+                SeedReport::ended(
                     seed,
-                    passed: false,
-                    failure: Some("step".into()),
-                    failed_step: Some("setup".into()),
-                    message: Some(e),
-                    sim_time_ms: 0,
-                    wall_ms: started.elapsed().as_millis() as u64,
-                    nsx_requests: NsxRequests::default(),
-                    ncp_client: Default::default(),
-                    marks: Vec::new(),
-                    pods: 0,
-                    trace_hash: String::new(),
-                    trace: Vec::new(),
-                    detail: None,
-                },
+                    "step",
+                    "setup".into(),
+                    e,
+                    started.elapsed().as_millis() as u64,
+                ),
                 None,
             );
         }
@@ -761,7 +764,7 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
             StepKind::Apply(docs) => docs.iter().any(|d| d["kind"] == "NetworkPolicy"),
             _ => false,
         }),
-        detail: opts.detail.then(Detail::default),
+        detail: (opts.detail != DetailWhen::Never).then(Detail::default),
         deadline: opts.pair_timeout.map(|t| started + t),
         timed_out: false,
     };
@@ -816,7 +819,12 @@ pub fn run(sc: &Scenario, seed: u64, opts: &RunOptions) -> (SeedReport, Option<W
         }
     }
     let w = r.w;
-    let detail = r.detail.map(|mut d| {
+    let keep = match opts.detail {
+        DetailWhen::Always => true,
+        DetailWhen::Failed => failure.is_some(),
+        DetailWhen::Never => false,
+    };
+    let detail = r.detail.filter(|_| keep).map(|mut d| {
         d.requests_from(&w.nsx.requests_since(0), crate::ncp_host::EPOCH_MS);
         w.nsx.with_store(|s| d.topology_from(s));
         Box::new(d)
